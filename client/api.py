@@ -1,0 +1,177 @@
+"""HTTP client of the Renderhive API, standard library only (it must run inside Blender's Python).
+
+Used by the CLI and the Blender add-on. Errors come back as :class:`ApiError` carrying the server's
+explanation (``detail``) or, when the coordinator cannot be reached, what to check.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+CHUNK = 1 << 20
+
+
+class ApiError(RuntimeError):
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+            if progress:
+                progress(len(block))
+    return h.hexdigest()
+
+
+class _ProgressReader:
+    """A file-like body that reports bytes as urllib reads them (upload progress)."""
+
+    def __init__(self, path: Path, progress: Callable[[int], None] | None):
+        self.f = open(path, "rb")
+        self.progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(CHUNK if n is None or n < 0 else n)
+        if data and self.progress:
+            self.progress(len(data))
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class Client:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0):
+        self.url = (url or os.environ.get("RENDERHIVE_URL") or DEFAULT_URL).rstrip("/")
+        self.token = token if token is not None else os.environ.get("RENDERHIVE_TOKEN", "")
+        self.timeout = timeout
+
+    # ------------------------------------------------------------------ plumbing
+    def _open(self, method: str, path: str, body: Any = None, data: Any = None,
+              headers: dict[str, str] | None = None):
+        hdrs = {"Accept": "application/json", **(headers or {})}
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        if body is not None:
+            data = json.dumps(body).encode()
+            hdrs["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read().decode() or "{}").get("detail", exc.reason)
+            except (ValueError, AttributeError):
+                detail = exc.reason
+            if isinstance(detail, list):  # FastAPI validation errors
+                detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+            raise ApiError(f"{method} {path}: {detail} (HTTP {exc.code})", exc.code) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ApiError(f"cannot reach the coordinator at {self.url} ({reason}): is `farm serve` running, "
+                           "and is --url / RENDERHIVE_URL right?") from None
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        with self._open(method, path, body=body) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    # ------------------------------------------------------------------ API
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/api/health")
+
+    def create_user(self, name: str) -> dict[str, Any]:
+        return self.request("POST", "/api/users", {"name": name})
+
+    def missing(self, hashes: list[str]) -> list[str]:
+        return self.request("POST", "/api/blobs/missing", {"hashes": hashes})["missing"]
+
+    def upload_blob(self, path: Path, sha: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        size = Path(path).stat().st_size
+        reader = _ProgressReader(Path(path), progress)
+        try:
+            with self._open("PUT", f"/api/blobs/{sha}", data=reader,
+                            headers={"Content-Type": "application/octet-stream",
+                                     "Content-Length": str(size)}) as resp:
+                return json.loads(resp.read())
+        finally:
+            reader.close()
+
+    def upload_if_missing(self, path: Path, progress: Callable[[int], None] | None = None,
+                          sha: str | None = None) -> tuple[str, int]:
+        """Upload ``path`` unless the coordinator has it. Returns (sha256, bytes uploaded)."""
+        sha = sha or file_sha256(Path(path))
+        if sha not in self.missing([sha]):
+            return sha, 0
+        self.upload_blob(Path(path), sha, progress)
+        return sha, Path(path).stat().st_size
+
+    def submit(self, **job: Any) -> dict[str, Any]:
+        return self.request("POST", "/api/jobs", job)
+
+    def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/jobs" + (f"?status={status}" if status else ""))
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self.request("GET", f"/api/jobs/{int(job_id)}")
+
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        return self.request("POST", f"/api/jobs/{int(job_id)}/cancel")
+
+    def outputs(self, job_id: int) -> list[dict[str, Any]]:
+        return self.request("GET", f"/api/jobs/{int(job_id)}/outputs")
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/workers")
+
+    def download_output(self, job_id: int, name: str, dest: Path) -> Path:
+        """Download one output to ``dest`` (written to a temporary name, then renamed)."""
+        dest = Path(dest)
+        tmp = dest.with_name(dest.name + ".part")
+        with self._open("GET", f"/api/jobs/{int(job_id)}/outputs/{urllib.request.quote(name)}") as resp, \
+                open(tmp, "wb") as f:
+            for block in iter(lambda: resp.read(CHUNK), b""):
+                f.write(block)
+        os.replace(tmp, dest)
+        return dest
+
+    def download_results(self, job_id: int, out_dir: Path,
+                         progress: Callable[[str], None] | None = None) -> list[Path]:
+        """Download every output not already present with the right hash. Returns the local paths."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for o in self.outputs(job_id):
+            name = Path(o["name"]).name  # never trust a path from the network
+            dest = out_dir / name
+            if not (dest.exists() and file_sha256(dest) == o["sha256"]):
+                self.download_output(job_id, o["name"], dest)
+                if file_sha256(dest) != o["sha256"]:
+                    dest.unlink()
+                    raise ApiError(f"{name} arrived corrupted (hash mismatch): run the download again")
+            paths.append(dest)
+            if progress:
+                progress(name)
+        return paths
+
+    def follow(self, job_id: int) -> Iterator[dict[str, Any]]:
+        """Job views from the server-sent event stream until the job is rendered or final."""
+        with self._open("GET", f"/api/jobs/{int(job_id)}/events", headers={"Accept": "text/event-stream"}) as resp:
+            data = []
+            for raw in resp:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("data: "):
+                    data.append(line[6:])
+                elif not line and data:
+                    yield json.loads("\n".join(data))
+                    data = []

@@ -1,0 +1,271 @@
+"""``farm``: the command line of Renderhive (coordinator, worker and creator commands).
+
+Client commands take ``--url``/``--token`` (or RENDERHIVE_URL / RENDERHIVE_TOKEN) and ``--json`` for
+scripts. Long work (hashing, uploads, rendering, downloads) shows rich progress bars.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from client.api import ApiError, Client, file_sha256
+
+FINAL = {"rendered", "approved", "paid", "canceled", "failed", "rejected"}
+
+
+def _console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def _progress():
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=_console(), transient=True)
+
+
+def _out(args, data: Any, human: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=None if isinstance(data, (int, str)) else 2, default=str))
+    else:
+        print(human)
+
+
+# ------------------------------------------------------------------ creator commands
+def upload_scene(client: Client, scene: Path, quiet: bool) -> tuple[str, int]:
+    size = scene.stat().st_size
+    if quiet:
+        return client.upload_if_missing(scene)
+    with _progress() as prog:
+        t = prog.add_task(f"hashing {scene.name}", total=size)
+        sha = file_sha256(scene, lambda n: prog.advance(t, n))
+        missing = client.missing([sha])
+        if not missing:
+            return sha, 0
+        prog.reset(t, description=f"uploading {scene.name}", total=size)
+        client.upload_blob(scene, sha, lambda n: prog.advance(t, n))
+    return sha, size
+
+
+def wait_for_job(client: Client, job_id: int, quiet: bool) -> dict[str, Any]:
+    """Follow a job until it is rendered or final, with a live progress bar of frames."""
+    view = client.job(job_id)
+    if quiet:
+        while view["status"] not in FINAL:
+            time.sleep(0.5)
+            view = client.job(job_id)
+        return view
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[state]}"), console=_console()) as prog:
+        t = prog.add_task(f"job {job_id}", total=view["frames_total"] or 1, state=view["status"])
+        while True:
+            running = view["tasks"].get("running", 0) + view["tasks"].get("assigned", 0)
+            prog.update(t, completed=view["frames_done"], state=f"{view['status']} · {running} rendering")
+            if view["status"] in FINAL:
+                break
+            time.sleep(0.5)
+            view = client.job(job_id)
+    return view
+
+
+def cmd_submit(args, client: Client) -> int:
+    scene = Path(args.scene)
+    if not scene.is_file():
+        raise ApiError(f"{scene} does not exist: give the path of a saved .blend file")
+    sha, sent = upload_scene(client, scene, args.json)
+    job = client.submit(scene_sha256=sha, scene_name=scene.name, frames=args.frames, chunk=args.chunk,
+                        format=args.format, color_depth=args.color_depth, samples=args.samples,
+                        resolution_percent=args.resolution_percent, priority=args.priority,
+                        name=args.name or scene.stem)
+    if not args.json:
+        print(f"job {job['id']} queued: {job['tasks']['total']} tasks, {job['frames_total']} frames "
+              f"({'scene uploaded, ' + str(sent) + ' bytes' if sent else 'scene already on the farm, 0 bytes uploaded'})")
+    if args.wait:
+        job = wait_for_job(client, job["id"], args.json)
+        if not args.json:
+            print(f"job {job['id']} {job['status']}" + (f": {job['error']}" if job["error"] else ""))
+        if args.out and job["status"] == "rendered":
+            paths = client.download_results(job["id"], Path(args.out))
+            if not args.json:
+                print(f"{len(paths)} files in {Path(args.out).resolve()}")
+    if args.json:
+        print(job["id"])
+    return 0 if job["status"] not in ("failed", "canceled") else 1
+
+
+def cmd_status(args, client: Client) -> int:
+    if args.job is not None:
+        job = client.job(args.job)
+        if args.json:
+            _out(args, job, "")
+            return 0
+        from rich.table import Table
+        c = _console()
+        c.print(f"[bold]job {job['id']}[/] {job['name']} — {job['status']}, {job['frames_done']}/"
+                f"{job['frames_total']} frames ({job['progress']:.0%})" + (f"\n[red]{job['error']}[/]" if job["error"] else ""))
+        table = Table("task", "frames", "status", "attempt", "worker", "progress", "error")
+        for t in job["task_list"]:
+            fr = t["frames"] or []
+            table.add_row(str(t["index"]), f"{fr[0]}-{fr[-1]}" if len(fr) > 1 else str(fr[0] if fr else ""),
+                          t["status"], str(t["attempt"]), t["worker_id"] or "", f"{t['progress'][0]}/{t['progress'][1]}",
+                          t["error"][:60])
+        c.print(table)
+        return 0
+    jobs = client.jobs()
+    if args.json:
+        _out(args, jobs, "")
+        return 0
+    from rich.table import Table
+    table = Table("job", "name", "status", "frames", "progress", "created")
+    for j in jobs:
+        table.add_row(str(j["id"]), j["name"], j["status"], f"{j['frames_done']}/{j['frames_total']}",
+                      f"{j['progress']:.0%}", time.strftime("%Y-%m-%d %H:%M", time.localtime(j["created_at"])))
+    _console().print(table)
+    return 0
+
+
+def cmd_results(args, client: Client) -> int:
+    outs = client.outputs(args.job)
+    if args.json:
+        paths = client.download_results(args.job, Path(args.out))
+        _out(args, [str(p) for p in paths], "")
+        return 0
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    with Progress(TextColumn("downloading"), BarColumn(), MofNCompleteColumn(), console=_console()) as prog:
+        t = prog.add_task("", total=len(outs))
+        paths = client.download_results(args.job, Path(args.out), lambda _n: prog.advance(t))
+    print(f"{len(paths)} files in {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_cancel(args, client: Client) -> int:
+    job = client.cancel(args.job)
+    _out(args, job, f"job {job['id']} {job['status']}")
+    return 0
+
+
+def cmd_workers(args, client: Client) -> int:
+    workers = client.workers()
+    if args.json:
+        _out(args, workers, "")
+        return 0
+    from rich.table import Table
+    table = Table("worker", "online", "devices", "slots", "done", "failed", "render s")
+    for w in workers:
+        devs = ", ".join(f"{d.get('type')} {d.get('name', '')}".strip() for d in w["devices"]) or "CPU"
+        table.add_row(w["id"], "yes" if w["online"] else "no", devs, str(w["slots"]), str(w["tasks_done"]),
+                      str(w["tasks_failed"]), f"{w['render_seconds']:.1f}")
+    _console().print(table)
+    return 0
+
+
+def cmd_user(args, client: Client) -> int:
+    user = client.create_user(args.name)
+    _out(args, user, f"user {user['name']} created; token (shown once): {user['token']}")
+    return 0
+
+
+# ------------------------------------------------------------------ daemons
+def cmd_serve(args) -> int:
+    import asyncio
+    import logging
+
+    from farm.server import serve
+    logging.basicConfig(level=os.environ.get("RENDERHIVE_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(Path(args.data), args.db, args.bind, args.http))
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from worker.daemon import main
+    main(args.coordinator, Path(args.cache), args.slots, args.wallet, args.gpus, args.worker_id)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="farm", description="Renderhive render farm")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def client_cmd(name: str, help: str):
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("--url", default=os.environ.get("RENDERHIVE_URL"), help="coordinator API URL")
+        sp.add_argument("--token", default=os.environ.get("RENDERHIVE_TOKEN"), help="API token")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    s = sub.add_parser("serve", help="run the coordinator and the HTTP API")
+    s.add_argument("--db", default=None, help="database URL (default: sqlite in DATA; or DATABASE_URL)")
+    s.add_argument("--bind", default="tcp://127.0.0.1:5555", help="worker plane endpoint (ZeroMQ)")
+    s.add_argument("--http", default="127.0.0.1:8000", help="HTTP API host:port")
+    s.add_argument("--data", default="farm-data", help="data directory (database, blobs, admin token)")
+    s.set_defaults(func=cmd_serve, needs_client=False)
+
+    w = sub.add_parser("worker", help="run a worker daemon on this GPU host")
+    w.add_argument("--coordinator", default="tcp://127.0.0.1:5555")
+    w.add_argument("--slots", type=int, default=1, help="tasks rendered at once")
+    w.add_argument("--cache", default="worker-cache", help="cache directory (blobs, worker id)")
+    w.add_argument("--wallet", default="", help="payout address (0x…)")
+    w.add_argument("--gpus", default="all", help="GPUs for Cycles: all, none, or indices like 0,1")
+    w.add_argument("--worker-id", default=None, help="stable worker id (default: stored in the cache dir)")
+    w.set_defaults(func=cmd_worker, needs_client=False)
+
+    sm = client_cmd("submit", "submit a .blend as a frame job")
+    sm.add_argument("scene")
+    sm.add_argument("--frames", default="1", help="frames like 1-24,30,40-50x2")
+    sm.add_argument("--chunk", type=int, default=1, help="frames per task")
+    sm.add_argument("--format", default="PNG", choices=["PNG", "EXR"])
+    sm.add_argument("--color-depth", default=None, help="8/16 for PNG, 16/32 for EXR")
+    sm.add_argument("--samples", type=int, default=None)
+    sm.add_argument("--resolution-percent", type=int, default=None)
+    sm.add_argument("--priority", type=int, default=0)
+    sm.add_argument("--name", default="")
+    sm.add_argument("--wait", action="store_true", help="follow progress until rendered")
+    sm.add_argument("--out", default=None, help="with --wait: download the frames here")
+    sm.set_defaults(func=cmd_submit)
+
+    st = client_cmd("status", "list jobs, or show one job")
+    st.add_argument("job", nargs="?", type=int)
+    st.set_defaults(func=cmd_status)
+
+    r = client_cmd("results", "download a job's outputs")
+    r.add_argument("job", type=int)
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=cmd_results)
+
+    c = client_cmd("cancel", "cancel a job")
+    c.add_argument("job", type=int)
+    c.set_defaults(func=cmd_cancel)
+
+    wk = client_cmd("workers", "list workers")
+    wk.set_defaults(func=cmd_workers)
+
+    u = client_cmd("user", "create a creator account (admin token needed)")
+    u.add_argument("name")
+    u.set_defaults(func=cmd_user)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "needs_client", True):
+        return args.func(args)
+    client = Client(args.url, args.token)
+    try:
+        return args.func(args, client)
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

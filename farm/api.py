@@ -1,0 +1,224 @@
+"""The creator plane: HTTP JSON API (FastAPI). Thin routes over :mod:`farm.jobs` and the blob store.
+
+Every route but ``/api/health`` needs ``Authorization: Bearer <token>``. Creators see only their own
+jobs (another creator's job is a 404, never a 403 that would confirm it exists). Uploads are
+content-addressed: ask ``POST /api/blobs/missing`` first, then ``PUT /api/blobs/{sha256}`` only those, so
+re-submitting a scene uploads nothing. Operations that change tasks run on the coordinator's thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from sqlmodel import Session, select
+
+from farm import auth, jobs
+from farm.blobs import BlobError, BlobStore, check_sha
+from farm.db import session as new_session
+from farm.models import Blob, Job, User, Worker
+from farm.states import JOB_TERMINAL, JobStatus
+
+
+class MissingRequest(BaseModel):
+    hashes: list[str] = Field(max_length=10000)
+
+
+class UserCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+
+
+class JobCreate(BaseModel):
+    scene_sha256: str
+    frames: str = Field(min_length=1, max_length=2000)
+    chunk: int = Field(1, ge=1, le=10000)
+    format: str = "PNG"
+    color_depth: str | None = None
+    samples: int | None = None
+    resolution_percent: int | None = None
+    priority: int = Field(0, ge=-100, le=100)
+    name: str = Field("", max_length=200)
+    scene_name: str = Field("", max_length=200)
+    client_key: str = Field("", max_length=100, description="idempotency key: a retried submit returns the same job")
+
+
+def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | None = None) -> FastAPI:
+    app = FastAPI(title="Renderhive", version="0.1.0",
+                  description="Submit Blender jobs, upload scenes, follow progress, download results.")
+
+    def get_session():
+        with new_session(engine) as s:
+            yield s
+
+    SessionDep = Annotated[Session, Depends(get_session)]
+
+    def get_user(s: SessionDep, authorization: Annotated[str | None, Header()] = None) -> User:
+        token = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
+        user = auth.user_for_token(s, token)
+        if user is None:
+            raise HTTPException(401, "missing or unknown API token: pass 'Authorization: Bearer <token>' "
+                                     "(farm --token, or RENDERHIVE_TOKEN)")
+        return user
+
+    UserDep = Annotated[User, Depends(get_user)]
+
+    async def serial(fn, *args):
+        """Run on the coordinator thread when a broker is attached (tests may run without one)."""
+        if broker is not None:
+            return await broker.call(fn, *args)
+        return await asyncio.to_thread(fn, *args)
+
+    @app.exception_handler(jobs.JobError)
+    async def _job_error(_request, exc: jobs.JobError):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        return {"ok": True, **(info or {})}
+
+    @app.get("/api/me")
+    def me(user: UserDep) -> dict[str, Any]:
+        return {"id": user.id, "name": user.name, "is_admin": user.is_admin}
+
+    @app.post("/api/users", status_code=201)
+    def create_user(body: UserCreate, user: UserDep, s: SessionDep) -> dict[str, Any]:
+        if not user.is_admin:
+            raise HTTPException(403, "only the admin creates users (use the token in DATA/admin.token)")
+        if s.exec(select(User).where(User.name == body.name)).first():
+            raise HTTPException(409, f"user {body.name!r} exists already: pick another name")
+        new, token = auth.create_user(s, body.name)
+        s.commit()
+        return {"id": new.id, "name": new.name, "token": token}
+
+    # ------------------------------------------------------------------ blobs
+    @app.post("/api/blobs/missing")
+    def missing(body: MissingRequest, user: UserDep) -> dict[str, list[str]]:
+        try:
+            return {"missing": blobs.missing(check_sha(h) for h in body.hashes)}
+        except BlobError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    @app.put("/api/blobs/{sha256}", status_code=201)
+    async def put_blob(sha256: str, request: Request, user: UserDep) -> dict[str, Any]:
+        try:
+            check_sha(sha256)
+        except BlobError as exc:
+            raise HTTPException(422, str(exc)) from None
+        length = request.headers.get("content-length")
+        if length and int(length) > blobs.max_bytes:
+            raise HTTPException(413, f"upload of {length} bytes exceeds the {blobs.max_bytes} byte limit: "
+                                     "reduce the scene (pack fewer or smaller textures)")
+        if blobs.has(sha256):
+            return {"sha256": sha256, "size": blobs.size(sha256), "stored": False}
+        fd, name = tempfile.mkstemp(dir=blobs.root / "tmp", suffix=".upload")
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > blobs.max_bytes:
+                        raise HTTPException(413, f"upload exceeds the {blobs.max_bytes} byte limit")
+                    f.write(chunk)
+            with open(name, "rb") as f:
+                size = await asyncio.to_thread(blobs.write_stream, sha256, iter(lambda: f.read(1 << 20), b""))
+        except BlobError as exc:
+            raise HTTPException(422, str(exc)) from None
+        finally:
+            Path(name).unlink(missing_ok=True)
+        with new_session(engine) as s:
+            if not s.get(Blob, sha256):
+                s.add(Blob(sha256=sha256, size=size, origin="upload"))
+                s.commit()
+        return {"sha256": sha256, "size": size, "stored": True}
+
+    # ------------------------------------------------------------------ jobs
+    @app.post("/api/jobs", status_code=201)
+    async def submit(body: JobCreate, user: UserDep) -> dict[str, Any]:
+        def create():
+            with new_session(engine) as s:
+                job = jobs.create_blender_job(s, user, blobs, body.model_dump())
+                s.commit()
+                return jobs.job_view(s, job)
+        view = await asyncio.to_thread(create)
+        if broker is not None:
+            broker.wake()
+        return view
+
+    @app.get("/api/jobs")
+    def list_jobs(user: UserDep, s: SessionDep, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        q = select(Job).order_by(Job.id.desc()).limit(max(1, min(limit, 500)))
+        if not user.is_admin:
+            q = q.where(Job.owner_id == user.id)
+        if status:
+            q = q.where(Job.status == status)
+        return [jobs.job_view(s, j) for j in s.exec(q)]
+
+    @app.get("/api/jobs/{job_id}")
+    def get_job(job_id: int, user: UserDep, s: SessionDep) -> dict[str, Any]:
+        return jobs.job_view(s, jobs.get_job(s, job_id, user), detail=True)
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    async def cancel(job_id: int, user: UserDep) -> dict[str, Any]:
+        if broker is not None:
+            return await broker.call(broker.coord.cancel_job, job_id, user)
+
+        def direct():
+            with new_session(engine) as s:
+                job = jobs.get_job(s, job_id, user)
+                jobs.cancel_job(s, job)
+                s.commit()
+                return jobs.job_view(s, job)
+        return await asyncio.to_thread(direct)
+
+    @app.get("/api/jobs/{job_id}/outputs")
+    def list_outputs(job_id: int, user: UserDep, s: SessionDep) -> list[dict[str, Any]]:
+        job = jobs.get_job(s, job_id, user)
+        return [{"name": o.name, "frame": o.frame, "sha256": o.sha256, "size": o.size,
+                 "worker_id": o.worker_id, "render_seconds": o.render_seconds} for o in jobs.outputs(s, job)]
+
+    @app.get("/api/jobs/{job_id}/outputs/{name}")
+    def get_output(job_id: int, name: str, user: UserDep, s: SessionDep):
+        job = jobs.get_job(s, job_id, user)
+        for o in jobs.outputs(s, job):
+            if o.name == name:
+                media = "image/x-exr" if name.endswith(".exr") else "image/png"
+                return FileResponse(blobs.path(o.sha256), media_type=media, filename=name)
+        raise HTTPException(404, f"job {job_id} has no output {name!r} (yet): see GET /api/jobs/{job_id}/outputs")
+
+    @app.get("/api/jobs/{job_id}/events")
+    async def follow(job_id: int, user: UserDep) -> StreamingResponse:
+        """Server-sent events: the job's view whenever it changes, until it reaches a final state."""
+        def snapshot():
+            with new_session(engine) as s:
+                return jobs.job_view(s, jobs.get_job(s, job_id, user))
+        first = await asyncio.to_thread(snapshot)  # raises 404 before the stream starts
+
+        async def stream():
+            last, view = None, first
+            while True:
+                data = json.dumps(view, sort_keys=True)
+                if data != last:
+                    yield f"event: job\ndata: {data}\n\n"
+                    last = data
+                if view["status"] in {s.value for s in JOB_TERMINAL} | {JobStatus.rendered.value}:
+                    return
+                await asyncio.sleep(0.5)
+                view = await asyncio.to_thread(snapshot)
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    # ------------------------------------------------------------------ workers
+    @app.get("/api/workers")
+    def list_workers(user: UserDep, s: SessionDep) -> list[dict[str, Any]]:
+        return [{"id": w.id, "online": w.online, "hostname": w.hostname, "slots": w.slots,
+                 "wallet": w.wallet, "devices": w.capabilities.get("devices", []),
+                 "tasks_done": w.tasks_done, "tasks_failed": w.tasks_failed,
+                 "render_seconds": round(w.render_seconds, 3), "last_seen": w.last_seen}
+                for w in s.exec(select(Worker).order_by(Worker.id))]
+
+    return app

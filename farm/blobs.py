@@ -1,0 +1,131 @@
+"""Content-addressed blob store on the coordinator's disk.
+
+A blob lives at ``ROOT/ab/abcdef…`` named by its sha256; it is written to a temporary file first, verified
+by hash, then renamed into place (atomic), so a reader never sees a partial blob. Partial uploads from
+workers (chunked over ZeroMQ) live under ``ROOT/partial/`` until complete, so an upload resumes after a
+reconnect from the bytes already stored.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+from farm.constants import MAX_UPLOAD_BYTES
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BlobError(ValueError):
+    """A blob that cannot be stored: wrong hash, too large, malformed name."""
+
+
+def check_sha(sha: str) -> str:
+    if not isinstance(sha, str) or not SHA256_RE.match(sha):
+        raise BlobError(f"{str(sha)[:80]!r} is not a sha256 hex digest (64 lowercase hex characters)")
+    return sha
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class BlobStore:
+    def __init__(self, root: Path, max_bytes: int = MAX_UPLOAD_BYTES):
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        (self.root / "partial").mkdir(parents=True, exist_ok=True)
+        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha: str) -> Path:
+        check_sha(sha)
+        return self.root / sha[:2] / sha
+
+    def has(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+    def size(self, sha: str) -> int:
+        return self.path(sha).stat().st_size
+
+    def missing(self, hashes: Iterable[str]) -> list[str]:
+        return [h for h in dict.fromkeys(hashes) if not self.has(h)]
+
+    def read(self, sha: str, offset: int, length: int) -> bytes:
+        with open(self.path(sha), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def _commit(self, tmp: Path, sha: str) -> Path:
+        dest = self.path(sha)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+        return dest
+
+    def write_stream(self, sha: str, chunks: Iterable[bytes]) -> int:
+        """Store the bytes of ``chunks`` as blob ``sha``; raise BlobError (storing nothing) if they do
+        not hash to ``sha`` or exceed the size limit. Returns the size."""
+        check_sha(sha)
+        h = hashlib.sha256()
+        size = 0
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp")
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise BlobError(f"blob is larger than the {self.max_bytes} byte limit")
+                    h.update(chunk)
+                    f.write(chunk)
+            if h.hexdigest() != sha:
+                raise BlobError(f"content hashes to {h.hexdigest()}, not {sha}: the upload was corrupted, "
+                                "send it again")
+            self._commit(tmp, sha)
+            return size
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_bytes(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        if not self.has(sha):
+            self.write_stream(sha, [data])
+        return sha
+
+    # ----------------------------------------------------------- chunked uploads from workers
+    def partial_offset(self, sha: str) -> int:
+        p = self.root / "partial" / check_sha(sha)
+        return p.stat().st_size if p.exists() else 0
+
+    def put_chunk(self, sha: str, offset: int, total: int, data: bytes) -> tuple[int, bool, bool]:
+        """Append a chunk at ``offset``. Returns (bytes stored, finished, chunk taken). A chunk at any
+        other offset than the stored size is not taken (the sender resumes from the bytes stored)."""
+        check_sha(sha)
+        if self.has(sha):
+            return total, True, True
+        if not 0 <= total <= self.max_bytes:
+            raise BlobError(f"declared size {total} exceeds the {self.max_bytes} byte limit")
+        part = self.root / "partial" / sha
+        have = part.stat().st_size if part.exists() else 0
+        if offset != have or offset + len(data) > total:
+            return have, False, False
+        with open(part, "ab") as f:
+            f.write(data)
+        have += len(data)
+        if have < total:
+            return have, False, True
+        if file_sha256(part) != sha:
+            part.unlink()
+            raise BlobError(f"uploaded bytes do not hash to {sha}: upload discarded, send it again")
+        self._commit(part, sha)
+        return have, True, True
+
+
+def read_chunks(f: BinaryIO, size: int = 1 << 20) -> Iterable[bytes]:
+    return iter(lambda: f.read(size), b"")

@@ -1,0 +1,437 @@
+"""The coordinator's brain: worker messages in, state changes persisted, replies out.
+
+:meth:`Coordinator.step` takes a batch of raw messages from the ROUTER socket, handles them all in one
+database transaction, hands out leases to free workers, commits, and only then returns the replies to
+send (persist before acknowledging; one commit per batch keeps throughput high). It does no I/O on
+sockets, so tests drive it directly. Invariants:
+
+* every reply about a task carries (task_id, attempt); a message whose pair is not the task's current
+  lease held by the sender is stale and changes nothing (fencing);
+* a lease is only granted to a connected worker with a free slot, and is lost when the worker goes
+  silent for HEARTBEAT_LIVENESS intervals, says BYE, reconnects without it, or lets it expire;
+* a malformed message is answered with ERROR and never raises out of ``step``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+from sqlmodel import Session, select
+
+from farm import constants as C
+from farm import protocol as P
+from farm.blobs import BlobError, BlobStore
+from farm.db import session as new_session
+from farm.models import Attempt, Job, JobWorker, Output, Task, Worker
+from farm.models import Blob as BlobRow
+from farm.scheduler import Conn, Scheduler, fits
+from farm.states import JOB_SCHEDULABLE, TASK_LEASED, JobStatus, TaskStatus, transition
+
+log = logging.getLogger("farm.coordinator")
+
+Outgoing = list[tuple[bytes, Any]]
+LEASED = tuple(s.value for s in TASK_LEASED)
+
+
+class Coordinator:
+    def __init__(self, engine, blobs: BlobStore, scheduler: Scheduler | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.engine = engine
+        self.blobs = blobs
+        self.scheduler = scheduler or Scheduler()
+        self.clock = clock
+        self.conns: dict[bytes, Conn] = {}
+        self.by_worker: dict[str, bytes] = {}
+        self.pending: Outgoing = []      # replies queued from outside step (cancel via the API)
+        self.want_assign = True          # set when work or capacity may have appeared
+        self._last_sweep = 0.0
+        self.stats = defaultdict(int)
+
+    # ------------------------------------------------------------------ entry points
+    def step(self, batch: list[list[bytes]], now: float | None = None) -> Outgoing:
+        """Handle ``batch`` (ROUTER frames: routing id first), assign, sweep if due; commit; return replies."""
+        now = self.clock() if now is None else now
+        out: Outgoing = []
+        try:
+            with new_session(self.engine) as s:
+                for frames in batch:
+                    self._handle(s, frames, now, out)
+                self._maintain(s, now, out)
+                s.commit()
+        except Exception:  # a handler bug must not take the coordinator down: retry one by one
+            log.exception("batch of %d failed; retrying its messages one at a time", len(batch))
+            out = []
+            for frames in batch:
+                one: Outgoing = []
+                try:
+                    with new_session(self.engine) as s:
+                        self._handle(s, frames, now, one)
+                        s.commit()
+                    out += one
+                except Exception:
+                    log.exception("dropping a message that could not be handled")
+                    if frames:
+                        out.append((frames[0], P.Error("internal error handling this message; it was dropped")))
+        out, self.pending = self.pending + out, []
+        return out
+
+    def cancel_job(self, job_id: int, user) -> dict[str, Any]:
+        """Cancel a job for the API. Runs on the coordinator's thread (like ``step``), so task rows are
+        never written by two threads at once. Returns the job's view."""
+        from farm import jobs
+        with new_session(self.engine) as s:
+            job = jobs.get_job(s, job_id, user)
+            leases = jobs.cancel_job(s, job)
+            s.commit()
+            self.revoke(leases, "the job was canceled")
+            return jobs.job_view(s, job)
+
+    def revoke(self, leases: list[tuple[str, int, int]], reason: str) -> None:
+        """Queue CANCEL for leases already ended in the database. Coordinator thread only."""
+        for worker_id, task_id, attempt in leases:
+            ident = self.by_worker.get(worker_id)
+            if ident is not None:
+                self.pending.append((ident, P.Cancel(task_id, attempt, reason)))
+                self.conns[ident].free = min(self.conns[ident].slots, self.conns[ident].free + 1)
+        self.want_assign = True
+
+    def heartbeats(self) -> Outgoing:
+        return [(ident, P.Heartbeat()) for ident in self.conns]
+
+    # ------------------------------------------------------------------ dispatch
+    def _handle(self, s: Session, frames: list[bytes], now: float, out: Outgoing) -> None:
+        if len(frames) < 2:
+            return
+        ident = bytes(frames[0])
+        try:
+            msg = P.decode(frames[1:])
+        except P.ProtocolError as exc:
+            self.stats["malformed"] += 1
+            log.warning("malformed message from %s: %s", ident.hex(), exc)
+            out.append((ident, P.Error(f"malformed message: {exc}")))
+            return
+        if isinstance(msg, P.Hello):
+            self._hello(s, ident, msg, now, out)
+            return
+        conn = self.conns.get(ident)
+        if conn is None:
+            out.append((ident, P.Disconnect("unknown connection: reconnect and send HELLO first")))
+            return
+        conn.last_seen = now
+        handler = getattr(self, f"_on_{type(msg).__name__.lower()}", None)
+        if handler is None:
+            out.append((ident, P.Error(f"{type(msg).__name__} is not a worker message")))
+            return
+        handler(s, conn, msg, now, out)
+
+    def _maintain(self, s: Session, now: float, out: Outgoing) -> None:
+        if now - self._last_sweep >= C.SWEEP_INTERVAL:
+            self._last_sweep = now
+            self._sweep(s, now, out)
+        if self.want_assign:
+            self._assign(s, now, out)
+
+    # ------------------------------------------------------------------ worker lifecycle
+    def _hello(self, s: Session, ident: bytes, msg: P.Hello, now: float, out: Outgoing) -> None:
+        try:
+            running = P.running_pairs(msg.running)
+        except P.ProtocolError as exc:
+            out.append((ident, P.Error(str(exc))))
+            return
+        if not msg.worker_id or len(msg.worker_id) > 100 or not 1 <= msg.slots <= 64:
+            out.append((ident, P.Error("HELLO needs a worker_id of 1-100 characters and 1-64 slots")))
+            return
+        old = self.by_worker.get(msg.worker_id)
+        if old is not None and old != ident:
+            self.conns.pop(old, None)
+            out.append((old, P.Disconnect("this worker id connected again from a new socket")))
+        w = s.get(Worker, msg.worker_id) or Worker(id=msg.worker_id, first_seen=now)
+        w.wallet, w.slots, w.online, w.last_seen = msg.wallet[:100], msg.slots, True, now
+        w.capabilities = msg.capabilities
+        w.hostname = str(msg.capabilities.get("hostname", ""))[:200]
+        s.add(w)
+        conn = Conn(ident, msg.worker_id, msg.slots, msg.capabilities, now,
+                    held_blobs=set(msg.capabilities.get("cached", []) or []))
+        self.conns[ident] = conn
+        self.by_worker[msg.worker_id] = ident
+        kept = 0
+        for task in s.exec(select(Task).where(Task.worker_id == msg.worker_id).where(Task.status.in_(LEASED))):
+            if (task.id, task.attempt) in running:
+                task.lease_expires = now + C.LEASE_SECONDS
+                s.add(task)
+                kept += 1
+            else:
+                self._lose(s, task, now, "the worker reconnected without this task", out)
+        conn.free = 0  # until READY
+        log.info("worker %s connected (%d slots, %d leases kept)", msg.worker_id, msg.slots, kept)
+        out.append((ident, P.Welcome(msg.worker_id, C.HEARTBEAT_INTERVAL, C.HEARTBEAT_LIVENESS,
+                                     C.BLOB_CHUNK_SIZE, C.BLOB_CREDIT)))
+
+    def _drop(self, s: Session, conn: Conn, now: float, reason: str, out: Outgoing) -> None:
+        self.conns.pop(conn.identity, None)
+        if self.by_worker.get(conn.worker_id) == conn.identity:
+            del self.by_worker[conn.worker_id]
+        w = s.get(Worker, conn.worker_id)
+        if w:
+            w.online, w.last_seen = False, now
+            s.add(w)
+        for task in s.exec(select(Task).where(Task.worker_id == conn.worker_id).where(Task.status.in_(LEASED))):
+            self._lose(s, task, now, reason, out)
+        log.info("worker %s gone: %s", conn.worker_id, reason)
+
+    def _on_ready(self, s, conn: Conn, msg: P.Ready, now, out) -> None:
+        conn.free = max(0, min(conn.slots, msg.free_slots))
+        self.want_assign = True
+
+    def _on_heartbeat(self, s, conn: Conn, msg: P.Heartbeat, now, out) -> None:
+        try:
+            pairs = P.running_pairs(msg.running)
+        except P.ProtocolError as exc:
+            out.append((conn.identity, P.Error(str(exc))))
+            return
+        for task_id, attempt in pairs:
+            task = s.get(Task, task_id)
+            if self._holds(task, conn, attempt) and task.lease_expires - now < C.LEASE_SECONDS / 2:
+                task.lease_expires = now + C.LEASE_SECONDS
+                s.add(task)
+            elif not self._holds(task, conn, attempt):
+                out.append((conn.identity, P.Cancel(task_id, attempt, "this lease is no longer yours")))
+
+    def _on_bye(self, s, conn: Conn, msg: P.Bye, now, out) -> None:
+        self._drop(s, conn, now, f"said bye: {msg.reason}"[:200], out)
+
+    # ------------------------------------------------------------------ task messages (fenced)
+    @staticmethod
+    def _holds(task: Task | None, conn: Conn, attempt: int) -> bool:
+        return (task is not None and task.status in LEASED and task.attempt == attempt
+                and task.worker_id == conn.worker_id)
+
+    def _attempt(self, s: Session, task: Task) -> Attempt | None:
+        return s.exec(select(Attempt).where(Attempt.task_id == task.id)
+                      .where(Attempt.attempt == task.attempt)).first()
+
+    def _on_progress(self, s, conn: Conn, msg: P.Progress, now, out) -> None:
+        task = s.get(Task, msg.task_id)
+        if not self._holds(task, conn, msg.attempt):
+            out.append((conn.identity, P.Cancel(msg.task_id, msg.attempt, "stale attempt: stop working on it")))
+            return
+        if task.status == TaskStatus.assigned.value:
+            transition(s, task, TaskStatus.running, worker_id=conn.worker_id, attempt=task.attempt, now=now)
+        task.progress_done = max(0, min(msg.done, task.progress_total or msg.done))
+        task.lease_expires = now + C.LEASE_SECONDS
+        s.add(task)
+
+    def _on_result(self, s, conn: Conn, msg: P.Result, now, out) -> None:
+        task = s.get(Task, msg.task_id)
+        if not self._holds(task, conn, msg.attempt):
+            self.stats["stale"] += 1
+            out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False,
+                                             "stale attempt: this task was re-leased; result discarded")))
+            return
+        problem = self._check_outputs(task, msg.outputs)
+        if problem:
+            self._fail(s, task, conn.worker_id, f"invalid result: {problem}", True, now, out)
+            out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, problem)))
+            return
+        job = s.get(Job, task.job_id)
+        ext = "exr" if task.spec.get("settings", {}).get("format") == "EXR" else "png"
+        for o in msg.outputs:
+            s.add(Output(job_id=task.job_id, task_id=task.id, attempt=task.attempt, frame=o["frame"],
+                         name=f"frame_{o['frame']:04d}.{ext}", sha256=o["sha256"],
+                         size=self.blobs.size(o["sha256"]), worker_id=conn.worker_id,
+                         render_seconds=float(o.get("seconds", 0.0))))
+        att = self._attempt(s, task)
+        if att:
+            att.outcome, att.ended_at, att.render_seconds = "done", now, float(msg.render_seconds)
+            s.add(att)
+        transition(s, task, TaskStatus.done, worker_id=conn.worker_id, attempt=task.attempt, now=now)
+        task.render_seconds, task.progress_done = float(msg.render_seconds), task.progress_total
+        task.worker_id, task.lease_expires = None, None
+        transition(s, task, TaskStatus.accepted, reason="outputs stored", worker_id=conn.worker_id,
+                   attempt=task.attempt, now=now)
+        w = s.get(Worker, conn.worker_id)
+        if w:
+            w.tasks_done += 1
+            w.render_seconds += float(msg.render_seconds)
+            s.add(w)
+        job.tasks_accepted += 1
+        s.add(job)
+        if job.tasks_accepted >= job.tasks_total and job.status == JobStatus.active.value:
+            transition(s, job, JobStatus.rendered, reason="every task accepted", now=now)
+        self.stats["results"] += 1
+        out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
+
+    def _check_outputs(self, task: Task, outputs: list[dict[str, Any]]) -> str:
+        want = sorted(task.spec.get("frames", []))
+        try:
+            got = sorted(int(o["frame"]) for o in outputs)
+            for o in outputs:
+                if not isinstance(o.get("sha256"), str) or not self.blobs.has(o["sha256"]):
+                    return f"output of frame {o.get('frame')} was not uploaded (BLOB_PUT it before RESULT)"
+        except (KeyError, TypeError, ValueError, BlobError) as exc:
+            return f"malformed outputs list ({exc})"
+        if got != want:
+            return f"outputs cover frames {got}, the task asked for {want}"
+        return ""
+
+    def _on_failed(self, s, conn: Conn, msg: P.Failed, now, out) -> None:
+        task = s.get(Task, msg.task_id)
+        if not self._holds(task, conn, msg.attempt):
+            out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, "stale attempt; ignored")))
+            return
+        self._fail(s, task, conn.worker_id, msg.reason[:2000], msg.retryable, now, out)
+        out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
+
+    # ------------------------------------------------------------------ failures and lost leases
+    def _end_attempt(self, s: Session, task: Task, outcome: str, error: str, now: float) -> None:
+        att = self._attempt(s, task)
+        if att and att.outcome == "leased":
+            att.outcome, att.ended_at, att.error = outcome, now, error[:2000]
+            s.add(att)
+
+    def _fail(self, s: Session, task: Task, worker_id: str, reason: str, retryable: bool, now: float,
+              out: Outgoing) -> None:
+        self._end_attempt(s, task, "failed", reason, now)
+        job = s.get(Job, task.job_id)
+        jw = s.get(JobWorker, (task.job_id, worker_id)) or JobWorker(job_id=task.job_id, worker_id=worker_id)
+        jw.failures += 1
+        jw.blocked = jw.failures >= C.JOB_WORKER_FAILURE_LIMIT
+        s.add(jw)
+        w = s.get(Worker, worker_id)
+        if w:
+            w.tasks_failed += 1
+            s.add(w)
+        task.failed_workers = sorted(set(task.failed_workers) | {worker_id})
+        task.error = reason
+        task.worker_id, task.lease_expires = None, None
+        final = (not retryable or task.attempt >= C.TASK_MAX_ATTEMPTS
+                 or len(task.failed_workers) >= C.TASK_DISTINCT_WORKER_FAILURES)
+        if final:
+            transition(s, task, TaskStatus.failed, reason=reason, worker_id=worker_id, attempt=task.attempt, now=now)
+            job.tasks_failed += 1
+            s.add(job)
+            if job.tasks_failed > C.JOB_MAX_FAILED_FRACTION * job.tasks_total:
+                self._fail_job(s, job, f"task {task.index} failed: {reason}", now, out)
+        else:
+            transition(s, task, TaskStatus.queued, reason=f"retry after: {reason}", worker_id=worker_id,
+                       attempt=task.attempt, now=now)
+            self.want_assign = True
+
+    def _fail_job(self, s: Session, job: Job, reason: str, now: float, out: Outgoing) -> None:
+        if job.status not in (JobStatus.queued.value, JobStatus.active.value, JobStatus.rejected.value):
+            return
+        job.error = reason
+        for t in s.exec(select(Task).where(Task.job_id == job.id)
+                        .where(Task.status.in_([TaskStatus.queued.value, *LEASED]))):
+            if t.status in LEASED and t.worker_id in self.by_worker:
+                out.append((self.by_worker[t.worker_id], P.Cancel(t.id, t.attempt, "the job failed")))
+                self._end_attempt(s, t, "canceled", "the job failed", now)
+            t.worker_id, t.lease_expires = None, None
+            transition(s, t, TaskStatus.canceled, reason="the job failed", attempt=t.attempt, now=now)
+        transition(s, job, JobStatus.failed, reason=reason, now=now)
+
+    def _lose(self, s: Session, task: Task, now: float, reason: str, out: Outgoing) -> None:
+        """The lease of ``task`` ended without a result: requeue it (or fail it when out of attempts)."""
+        worker_id = task.worker_id
+        self._end_attempt(s, task, "lost", reason, now)
+        task.worker_id, task.lease_expires = None, None
+        self.stats["lost"] += 1
+        if task.attempt >= C.TASK_MAX_ATTEMPTS:
+            job = s.get(Job, task.job_id)
+            transition(s, task, TaskStatus.failed, reason=f"lost {task.attempt} leases: {reason}",
+                       worker_id=worker_id, attempt=task.attempt, now=now)
+            job.tasks_failed += 1
+            if job.tasks_failed > C.JOB_MAX_FAILED_FRACTION * job.tasks_total:
+                self._fail_job(s, job, f"task {task.index} lost {task.attempt} leases", now, out)
+        else:
+            transition(s, task, TaskStatus.queued, reason=f"lease lost: {reason}", worker_id=worker_id,
+                       attempt=task.attempt, now=now)
+        self.want_assign = True
+
+    def _sweep(self, s: Session, now: float, out: Outgoing) -> None:
+        deadline = now - C.HEARTBEAT_INTERVAL * C.HEARTBEAT_LIVENESS
+        for conn in [c for c in self.conns.values() if c.last_seen < deadline]:
+            self._drop(s, conn, now, "missed heartbeats", out)
+            out.append((conn.identity, P.Disconnect("missed heartbeats: reconnect")))
+        for task in s.exec(select(Task).where(Task.status.in_(LEASED)).where(Task.lease_expires < now)):
+            self._lose(s, task, now, "lease expired", out)
+
+    # ------------------------------------------------------------------ assignment
+    def _assign(self, s: Session, now: float, out: Outgoing) -> None:
+        self.want_assign = False
+        free = [c for c in self.conns.values() if c.free > 0]
+        capacity = sum(c.free for c in free)
+        if not capacity:
+            return
+        rows = s.exec(select(Task, Job).join(Job, Job.id == Task.job_id)
+                      .where(Task.status == TaskStatus.queued.value)
+                      .where(Job.status.in_([x.value for x in JOB_SCHEDULABLE]))
+                      .order_by(Task.priority.desc(), Task.job_id, Task.index)
+                      .limit(capacity * 4 + 16)).all()
+        if not rows:
+            return
+        job_ids = {t.job_id for t, _ in rows}
+        blocked = {(jw.job_id, jw.worker_id) for jw in
+                   s.exec(select(JobWorker).where(JobWorker.job_id.in_(job_ids)).where(JobWorker.blocked))}
+        for task, job in rows:
+            candidates = [c for c in free if c.free > 0 and (job.id, c.worker_id) not in blocked
+                          and c.worker_id not in task.failed_workers and fits(task.kind, c)]
+            if not candidates:
+                candidates = [c for c in free if c.free > 0 and (job.id, c.worker_id) not in blocked
+                              and fits(task.kind, c)]
+            conn = self.scheduler.choose(task.inputs, candidates)
+            if conn is None:
+                continue
+            self._lease(s, task, job, conn, now, out)
+            if not any(c.free for c in free):
+                break
+
+    def _lease(self, s: Session, task: Task, job: Job, conn: Conn, now: float, out: Outgoing) -> None:
+        task.attempt += 1
+        task.worker_id, task.lease_expires = conn.worker_id, now + C.LEASE_SECONDS
+        task.progress_done = 0
+        transition(s, task, TaskStatus.assigned, worker_id=conn.worker_id, attempt=task.attempt, now=now)
+        s.add(Attempt(task_id=task.id, job_id=task.job_id, attempt=task.attempt, worker_id=conn.worker_id,
+                      started_at=now))
+        if job.status in (JobStatus.queued.value, JobStatus.rejected.value):
+            transition(s, job, JobStatus.active, reason="first task leased", now=now)
+        conn.free -= 1
+        conn.held_blobs.update(task.inputs)
+        out.append((conn.identity, P.Task(task.id, task.attempt, task.job_id, C.LEASE_SECONDS, task.kind,
+                                          task.spec, list(task.inputs))))
+
+    # ------------------------------------------------------------------ blobs over the worker plane
+    def _on_blobget(self, s, conn: Conn, msg: P.BlobGet, now, out) -> None:
+        try:
+            total = self.blobs.size(msg.sha256)
+        except (BlobError, OSError):
+            out.append((conn.identity, P.Blob(msg.sha256, msg.offset, 0, b"", error="unknown blob")))
+            return
+        length = max(0, min(msg.length, C.BLOB_CHUNK_SIZE))
+        offset = max(0, msg.offset)
+        data = self.blobs.read(msg.sha256, offset, length) if offset < total else b""
+        self.stats["chunks_out"] += 1
+        out.append((conn.identity, P.Blob(msg.sha256, offset, total, data)))
+
+    def _on_blobput(self, s, conn: Conn, msg: P.BlobPut, now, out) -> None:
+        if not self._leases_of(s, conn):
+            out.append((conn.identity, P.BlobAck(msg.sha256, 0, False, "uploads need a task lease")))
+            return
+        try:
+            stored, done, taken = self.blobs.put_chunk(msg.sha256, msg.offset, msg.total, msg.data)
+        except BlobError as exc:
+            out.append((conn.identity, P.BlobAck(msg.sha256, 0, False, str(exc))))
+            return
+        if done and not s.get(BlobRow, msg.sha256):
+            s.add(BlobRow(sha256=msg.sha256, size=msg.total, origin="worker"))
+        # Acks go to taken chunks and to probes (empty chunks, asking where to resume); an out-of-order
+        # chunk gets none: the sender times out and resumes from its last acked offset.
+        if taken or done or not msg.data:
+            out.append((conn.identity, P.BlobAck(msg.sha256, stored, done)))
+
+    def _leases_of(self, s: Session, conn: Conn) -> list[Task]:
+        return list(s.exec(select(Task).where(Task.worker_id == conn.worker_id).where(Task.status.in_(LEASED))
+                           .limit(1)))
+

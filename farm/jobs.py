@@ -1,0 +1,134 @@
+"""Creator-facing operations on jobs: create (split into tasks), describe, list outputs, cancel.
+
+Used by the HTTP API. Each function works inside the caller's session; the caller commits. Creation is
+idempotent per (owner, client request id) so that a retried submit never queues a job twice.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import Session, select
+
+from farm import splitter
+from farm.blobs import BlobStore, check_sha
+from farm.models import Attempt, Event, Job, Output, Task, User
+from farm.states import TASK_LEASED, JobStatus, TaskStatus, transition
+
+BLEND_MAGIC = (b"BLENDER", b"\x28\xb5\x2f\xfd", b"\x1f\x8b")  # plain, zstd (Blender ≥ 3.0), gzip
+
+
+class JobError(ValueError):
+    """A request about a job that cannot be honoured; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def create_blender_job(session: Session, owner: User, blobs: BlobStore, req: dict[str, Any]) -> Job:
+    """Validate a frame-job request, store the job and its tasks. Raises JobError before writing anything."""
+    scene = req.get("scene_sha256", "")
+    try:
+        check_sha(scene)
+    except ValueError as exc:
+        raise JobError(f"scene_sha256: {exc}") from None
+    if not blobs.has(scene):
+        raise JobError(f"scene blob {scene} is not uploaded: upload it first (POST /api/blobs/missing, "
+                       "then PUT /api/blobs/{sha256})", 409)
+    with open(blobs.path(scene), "rb") as f:
+        head = f.read(8)
+    if not head.startswith(BLEND_MAGIC):
+        raise JobError("the scene is not a .blend file (no Blender, zstd or gzip header): save it from "
+                       "Blender and submit the .blend")
+    client_key = str(req.get("client_key") or "")[:100]
+    if client_key:
+        existing = session.exec(select(Job).where(Job.owner_id == owner.id)
+                                .where(Job.spec["client_key"].as_string() == client_key)).first()
+        if existing:
+            return existing
+    try:
+        settings = splitter.render_settings(req.get("format", "PNG"), req.get("color_depth"),
+                                            req.get("samples"), req.get("resolution_percent"))
+        tasks = splitter.split_blender(str(req.get("frames", "")), int(req.get("chunk", 1)))
+    except (ValueError, TypeError) as exc:
+        raise JobError(str(exc)) from None
+    priority = int(req.get("priority", 0))
+    job = Job(owner_id=owner.id, name=str(req.get("name") or "")[:200], kind="blender", priority=priority,
+              spec={"scene_sha256": scene, "frames": req.get("frames"), "chunk": int(req.get("chunk", 1)),
+                    "settings": settings, "client_key": client_key, "scene_name": str(req.get("scene_name", ""))[:200]},
+              tasks_total=len(tasks))
+    session.add(job)
+    session.flush()
+    for i, t in enumerate(tasks):
+        session.add(Task(job_id=job.id, index=i, kind="render", priority=priority,
+                         spec={**t, "settings": settings, "scene_sha256": scene}, inputs=[scene],
+                         progress_total=len(t["frames"])))
+    session.add(Event(kind="job", job_id=job.id, new=JobStatus.queued.value,
+                      detail=f"{len(tasks)} tasks, frames {req.get('frames')}"))
+    return job
+
+
+def get_job(session: Session, job_id: int, user: User) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or (job.owner_id != user.id and not user.is_admin):
+        raise JobError(f"job {job_id} not found", 404)
+    return job
+
+
+def task_counts(session: Session, job_id: int) -> dict[str, int]:
+    rows = session.exec(select(Task.status, func.count()).where(Task.job_id == job_id).group_by(Task.status))
+    return {status: n for status, n in rows}
+
+
+def job_view(session: Session, job: Job, detail: bool = False) -> dict[str, Any]:
+    counts = task_counts(session, job.id)
+    frames_total = session.exec(select(func.sum(Task.progress_total)).where(Task.job_id == job.id)).one() or 0
+    frames_done = session.exec(select(func.count()).select_from(Output).where(Output.job_id == job.id)).one()
+    partial = session.exec(select(func.sum(Task.progress_done)).where(Task.job_id == job.id)
+                           .where(Task.status.in_([s.value for s in TASK_LEASED]))).one() or 0
+    view = {"id": job.id, "name": job.name, "kind": job.kind, "status": job.status, "priority": job.priority,
+            "created_at": job.created_at, "updated_at": job.updated_at, "error": job.error,
+            "tasks": {"total": job.tasks_total, **counts}, "frames_total": frames_total,
+            "frames_done": frames_done, "progress": (frames_done + partial) / frames_total if frames_total else 0.0,
+            "spec": {k: v for k, v in job.spec.items() if k != "client_key"}}
+    if detail:
+        tasks = session.exec(select(Task).where(Task.job_id == job.id).order_by(Task.index)).all()
+        view["task_list"] = [{"id": t.id, "index": t.index, "status": t.status, "attempt": t.attempt,
+                              "worker_id": t.worker_id, "frames": t.spec.get("frames"), "error": t.error,
+                              "progress": [t.progress_done, t.progress_total]} for t in tasks]
+        events = session.exec(select(Event).where(Event.job_id == job.id).order_by(Event.id.desc()).limit(50)).all()
+        view["events"] = [{"at": e.at, "kind": e.kind, "task_id": e.task_id, "attempt": e.attempt,
+                           "worker_id": e.worker_id, "old": e.old, "new": e.new, "detail": e.detail}
+                          for e in reversed(events)]
+    return view
+
+
+def outputs(session: Session, job: Job) -> list[Output]:
+    return list(session.exec(select(Output).where(Output.job_id == job.id).order_by(Output.frame, Output.name)))
+
+
+def cancel_job(session: Session, job: Job, reason: str = "canceled by the creator") -> list[tuple[str, int, int]]:
+    """Cancel the job and its unfinished tasks. Returns (worker_id, task_id, attempt) of the leases the
+    broker must revoke. Canceling a finished job is a no-op (idempotent)."""
+    if job.status in (JobStatus.canceled.value, JobStatus.failed.value, JobStatus.paid.value,
+                      JobStatus.approved.value):
+        return []
+    now = time.time()
+    revoke = []
+    for task in session.exec(select(Task).where(Task.job_id == job.id)):
+        if task.status in (TaskStatus.queued.value, TaskStatus.assigned.value, TaskStatus.running.value,
+                           TaskStatus.done.value, TaskStatus.verifying.value):
+            if task.worker_id and task.status in (TaskStatus.assigned.value, TaskStatus.running.value):
+                revoke.append((task.worker_id, task.id, task.attempt))
+                att = session.exec(select(Attempt).where(Attempt.task_id == task.id)
+                                   .where(Attempt.attempt == task.attempt)).first()
+                if att:
+                    att.outcome, att.ended_at = "canceled", now
+                    session.add(att)
+            transition(session, task, TaskStatus.canceled, reason=reason, worker_id=task.worker_id,
+                       attempt=task.attempt, now=now)
+            task.worker_id, task.lease_expires = None, None
+    transition(session, job, JobStatus.canceled, reason=reason, now=now)
+    return revoke

@@ -1,0 +1,55 @@
+"""``farm serve``: one process running the coordinator (ZeroMQ worker plane) and the HTTP API.
+
+Start-up order: data dir, database (tables created), blob store, admin token on first start, then the
+broker and uvicorn on one asyncio loop. SIGINT/SIGTERM stop both; state is durable at every commit, so
+a ``kill -9`` loses nothing that was acknowledged.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import uvicorn
+
+from farm import auth
+from farm.api import create_app
+from farm.blobs import BlobStore
+from farm.broker import Broker
+from farm.coordinator import Coordinator
+from farm.db import database_url, make_engine, session
+
+log = logging.getLogger("farm.server")
+
+
+async def serve(data_dir: Path, db_url: str | None, bind: str, http: str) -> None:
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(database_url(data_dir, db_url))
+    blobs = BlobStore(data_dir / "blobs")
+    with session(engine) as s:
+        token = auth.ensure_admin(s, data_dir)
+    if token:
+        print(f"admin token written to {data_dir / 'admin.token'} (mode 600)", flush=True)
+    coord = Coordinator(engine, blobs)
+    broker = Broker(coord, bind)
+    broker_task = asyncio.create_task(broker.run())
+    endpoint = await broker.ready()
+    host, _, port = http.rpartition(":")
+    app = create_app(engine, blobs, broker, info={"worker_endpoint": endpoint})
+    server = uvicorn.Server(uvicorn.Config(app, host=host or "127.0.0.1", port=int(port), log_level="warning",
+                                           lifespan="off"))
+    server.install_signal_handlers = lambda: None  # we own the signals
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: (broker.stop(), setattr(server, "should_exit", True)))
+    print(f"coordinator ready: workers connect to {endpoint}, API on http://{host}:{port}", flush=True)
+    http_task = asyncio.create_task(server.serve())
+    done, _ = await asyncio.wait({broker_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    broker.stop()
+    server.should_exit = True
+    await asyncio.gather(broker_task, http_task, return_exceptions=True)
+    for t in done:
+        if t.exception():
+            raise t.exception()

@@ -1,0 +1,70 @@
+"""Turning a job request into tasks.
+
+Frame specs use the Blender/Deadline style ``1-24,30,40-50x2`` (ranges, single frames, ``xN`` steps).
+Frames are split into chunks of ``chunk`` consecutive frames, one task per chunk. Validation errors are
+:class:`SpecError` with a message that says how to write the spec correctly.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from farm.constants import MAX_FRAMES_PER_JOB, MAX_RESOLUTION, MAX_SAMPLES
+
+_PART = re.compile(r"^\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*(?:x\s*(\d+)\s*)?)?$")
+
+FORMATS = {"PNG": ("8", "16"), "EXR": ("16", "32")}
+
+
+class SpecError(ValueError):
+    """A job request that cannot be split; the message tells the creator what to change."""
+
+
+def parse_frames(spec: str) -> list[int]:
+    """Sorted unique frame numbers of ``spec`` (e.g. ``1-24,30,40-50x2``)."""
+    if not spec or not spec.strip():
+        raise SpecError("frames is empty: give frames like '1-24' or '1-24,30,40-50x2'")
+    frames: set[int] = set()
+    for part in spec.split(","):
+        m = _PART.match(part)
+        if not m:
+            raise SpecError(f"frames part {part.strip()!r} is not N, A-B or A-BxSTEP (example: 1-24,30,40-50x2)")
+        start = int(m.group(1))
+        end = int(m.group(2)) if m.group(2) is not None else start
+        step = int(m.group(3)) if m.group(3) else 1
+        if end < start:
+            raise SpecError(f"frames range {part.strip()!r} ends before it starts: write {end}-{start}")
+        if step < 1:
+            raise SpecError(f"frames step in {part.strip()!r} must be 1 or more")
+        if (end - start) // step + 1 + len(frames) > MAX_FRAMES_PER_JOB:
+            raise SpecError(f"more than {MAX_FRAMES_PER_JOB} frames in one job: split it into several jobs")
+        frames.update(range(start, end + 1, step))
+    return sorted(frames)
+
+
+def chunks(frames: list[int], chunk: int) -> list[list[int]]:
+    if chunk < 1:
+        raise SpecError("chunk must be 1 or more frames per task")
+    return [frames[i:i + chunk] for i in range(0, len(frames), chunk)]
+
+
+def render_settings(fmt: str = "PNG", color_depth: str | None = None, samples: int | None = None,
+                    resolution_percent: int | None = None) -> dict[str, Any]:
+    """Validated render overrides for a Blender job (None: keep the scene's own value)."""
+    fmt = fmt.upper()
+    if fmt not in FORMATS:
+        raise SpecError(f"format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
+    depth = str(color_depth) if color_depth else FORMATS[fmt][0]
+    if depth not in FORMATS[fmt]:
+        raise SpecError(f"color depth {depth} is not available for {fmt}: use one of {', '.join(FORMATS[fmt])}")
+    if samples is not None and not 1 <= samples <= MAX_SAMPLES:
+        raise SpecError(f"samples must be between 1 and {MAX_SAMPLES}")
+    if resolution_percent is not None and not 1 <= resolution_percent <= 1000:
+        raise SpecError("resolution percent must be between 1 and 1000")
+    return {"format": fmt, "color_depth": depth, "samples": samples,
+            "resolution_percent": resolution_percent, "max_resolution": MAX_RESOLUTION}
+
+
+def split_blender(frames_spec: str, chunk: int = 1) -> list[dict[str, Any]]:
+    """Task specs (without the shared render settings) of a frame job: one per chunk of frames."""
+    return [{"frames": c} for c in chunks(parse_frames(frames_spec), chunk)]

@@ -1,0 +1,99 @@
+"""The one state machine of jobs and tasks.
+
+Every status change of a job or a task goes through :func:`transition`, which checks the move against
+:data:`JOB_TRANSITIONS` / :data:`TASK_TRANSITIONS`, updates the row and adds an :class:`~farm.models.Event`
+in the caller's session, so that the row and its event are committed in one transaction. A move that is
+not in the table raises :class:`IllegalTransition`; nothing is written then.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"        # submitted, no task started yet
+    active = "active"        # at least one task leased
+    paused = "paused"        # creator paused it: no new leases
+    rendered = "rendered"    # every task accepted; waiting for the creator's review
+    approved = "approved"    # creator approved; payout pending
+    paid = "paid"            # payout settled on chain
+    rejected = "rejected"    # creator rejected (some) outputs; they are re-rendered
+    canceled = "canceled"
+    failed = "failed"
+
+
+class TaskStatus(str, enum.Enum):
+    queued = "queued"        # waiting for a worker (also after a lost lease or a retryable failure)
+    assigned = "assigned"    # leased to a worker, TASK sent
+    running = "running"      # the worker reported progress
+    done = "done"            # RESULT received, outputs stored
+    verifying = "verifying"  # a spot check is under way
+    accepted = "accepted"    # counted as good work (paid on approval)
+    failed = "failed"        # out of attempts or a fault of the scene
+    canceled = "canceled"
+
+
+J, T = JobStatus, TaskStatus
+
+JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    J.queued: frozenset({J.active, J.paused, J.canceled, J.failed}),
+    J.active: frozenset({J.paused, J.rendered, J.canceled, J.failed}),
+    J.paused: frozenset({J.queued, J.active, J.canceled}),
+    J.rendered: frozenset({J.approved, J.rejected, J.canceled}),
+    J.rejected: frozenset({J.active, J.rendered, J.canceled, J.failed}),
+    J.approved: frozenset({J.paid}),
+    J.paid: frozenset(),
+    J.canceled: frozenset(),
+    J.failed: frozenset(),
+}
+
+TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    T.queued: frozenset({T.assigned, T.canceled, T.failed}),
+    T.assigned: frozenset({T.running, T.done, T.queued, T.failed, T.canceled}),
+    T.running: frozenset({T.done, T.queued, T.failed, T.canceled}),
+    T.done: frozenset({T.verifying, T.accepted, T.queued, T.canceled}),
+    T.verifying: frozenset({T.accepted, T.queued, T.canceled}),
+    T.accepted: frozenset({T.queued}),   # voided by a failed spot check or a creator's rejection
+    T.failed: frozenset({T.queued}),     # an operator retries it
+    T.canceled: frozenset(),
+}
+
+JOB_TERMINAL = frozenset({J.paid, J.canceled, J.failed})
+JOB_SCHEDULABLE = frozenset({J.queued, J.active, J.rejected})
+TASK_LEASED = frozenset({T.assigned, T.running})
+TASK_FINISHED = frozenset({T.accepted, T.failed, T.canceled})
+
+
+class IllegalTransition(ValueError):
+    """A status change that the transition table does not allow."""
+
+
+def can_transition(kind: str, old: str, new: str) -> bool:
+    table: dict[Any, frozenset[Any]] = JOB_TRANSITIONS if kind == "job" else TASK_TRANSITIONS
+    enum_t = JobStatus if kind == "job" else TaskStatus
+    try:
+        return enum_t(new) in table[enum_t(old)]
+    except ValueError:
+        return False
+
+
+def transition(session, row, new: str | enum.Enum, *, reason: str = "", worker_id: str | None = None,
+               attempt: int | None = None, now: float | None = None) -> None:
+    """Move ``row`` (a Job or a Task) to ``new`` and record the event, in ``session`` (not committed)."""
+    from farm.models import Event, Job  # local: models imports this module's enums
+
+    kind = "job" if isinstance(row, Job) else "task"
+    new_s = new.value if isinstance(new, enum.Enum) else str(new)
+    old_s = row.status
+    if not can_transition(kind, old_s, new_s):
+        raise IllegalTransition(f"{kind} {row.id}: {old_s} → {new_s} is not allowed")
+    now = time.time() if now is None else now
+    row.status = new_s
+    row.updated_at = now
+    session.add(row)
+    session.add(Event(
+        at=now, kind=kind, job_id=row.id if kind == "job" else row.job_id,
+        task_id=row.id if kind == "task" else None, attempt=attempt, worker_id=worker_id,
+        old=old_s, new=new_s, detail=reason[:2000]))

@@ -1,0 +1,347 @@
+"""Long-lived Blender child process of the worker daemon.
+
+Responsibility: load untrusted .blend files safely and render frames of them,
+driven by JSON-line requests from the parent (`worker.runtime.RuntimeProcess`).
+This is the only module of the project that imports `bpy`.
+
+    python -m worker.blender_runtime [--gpus all|none|0,1]
+
+Protocol (one JSON object per line; replies on the original stdout):
+    <- {"event":"ready","pid","bpy_version","engines","devices","gpu"}   once, at start
+    -> {"op":"ping","id":N}                  <- {"event":"pong","id":N}
+    -> {"op":"quit"}                         the process exits 0 (so does EOF on stdin)
+    -> {"op":"render","id":N,"scene":ABS,"scene_key":SHA,"frames":[..],"out_dir":ABS,
+        "settings":{"format","color_depth","samples","resolution_percent","resolution","tile"}}
+       <- {"event":"frame","id":N,"frame":F,"path":ABS,"seconds":S}   after each frame
+       <- {"event":"done","id":N,"outputs":[{"frame","path","seconds"}..],
+           "reloaded":bool,"loads":int,"rss_bytes":int}
+       <- {"event":"error","id":N|null,"message":str,"retryable":bool}  instead of done
+
+Invariants:
+- Nothing but protocol lines is written to the protocol fd: fd 1 is pointed at
+  stderr before bpy is imported, so Blender's own prints cannot corrupt it.
+- Scripts embedded in a scene never run: auto-execution is off in the
+  preferences (re-set before every load, preferences survive loads) and every
+  load passes use_scripts=False.
+- A file is opened only when scene_key changes. Right after a load the file's
+  own values of every optional override are recorded, and each task starts
+  from them, so one task's settings never leak into the next.
+- Scene faults (unreadable file, no camera, linked or external data, caps)
+  give retryable=false with a message the creator can act on; a failure of
+  Blender on a scene that passed the checks gives retryable=true.
+- A bad request never kills the process; only "quit", EOF or a crash does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+MAX_RESOLUTION = 16384      # pixels per side, after the percentage
+MAX_SAMPLES = 65536
+GPU_TYPES = ("OPTIX", "CUDA", "HIP", "ONEAPI", "METAL")   # order of preference
+PACK_HINT = "pack it into the .blend (File > External Data > Pack Resources) and submit again"
+# Optional overrides: recorded after each load so a task with null settings
+# renders with the file's own values. Format fields are set on every task and
+# need no record.
+RECORDED = (("render", "resolution_x"), ("render", "resolution_y"),
+            ("render", "resolution_percentage"), ("cycles", "samples"),
+            ("eevee", "taa_render_samples"))
+
+bpy = None  # imported in main(), after the protocol fd is set aside
+
+
+class SceneError(Exception):
+    """The scene or the request is at fault: another worker would fail too."""
+
+
+class RenderFailed(Exception):
+    """Blender failed on a scene that passed the checks: worth a retry."""
+
+
+class Runtime:
+    def __init__(self, proto, gpus: str):
+        self.proto = proto
+        self.scene_key: str | None = None
+        self.loads = 0
+        self.recorded: dict[tuple[str, str], object] = {}
+        self.devices, self.gpu = self._setup_devices(gpus)
+
+    # ---- plumbing -------------------------------------------------------
+    def emit(self, **event) -> None:
+        self.proto.write(json.dumps(event) + "\n")
+        self.proto.flush()
+
+    def serve(self, stdin) -> int:
+        engines = ["BLENDER_EEVEE", "BLENDER_WORKBENCH"] + [
+            c.bl_idname for c in bpy.types.RenderEngine.__subclasses__() if getattr(c, "bl_idname", None)]
+        self.emit(event="ready", pid=os.getpid(), bpy_version=bpy.app.version_string,
+                  engines=engines, devices=self.devices, gpu=self.gpu)
+        while True:
+            line = stdin.readline()
+            if not line:                       # parent gone: nothing left to serve
+                return 0
+            if not line.strip():
+                continue
+            try:
+                req = json.loads(line)
+            except ValueError as e:             # bad JSON or bad UTF-8
+                self.emit(event="error", id=None, message=f"malformed request line: {e}", retryable=False)
+                continue
+            rid = req.get("id") if isinstance(req, dict) else None
+            try:
+                if not isinstance(req, dict):
+                    raise SceneError("request must be a JSON object")
+                op = req.get("op")
+                if op == "quit":
+                    return 0
+                if op == "ping":
+                    self.emit(event="pong", id=rid)
+                elif op == "render":
+                    self.render(rid, req)
+                else:
+                    raise SceneError(f"unknown op {op!r}")
+            except SceneError as e:
+                self.emit(event="error", id=rid, message=str(e), retryable=False)
+            except RenderFailed as e:
+                self.emit(event="error", id=rid, message=str(e), retryable=True)
+            except Exception as e:                  # a bug here, not the scene's fault
+                traceback.print_exc()
+                self.scene_key = None               # state unknown: reload next time
+                self.emit(event="error", id=rid, retryable=True,
+                          message=f"internal error in the Blender runtime: {type(e).__name__}: {e}")
+
+    # ---- devices --------------------------------------------------------
+    def _setup_devices(self, spec: str):
+        cprefs = bpy.context.preferences.addons["cycles"].preferences
+        cpu_name = next((d[0] for d in cprefs.get_device_list("CPU") if d[1] == "CPU"), "CPU")
+        cpu = [{"type": "CPU", "name": cpu_name, "id": "CPU"}]
+        if spec == "none":
+            cprefs.compute_device_type = "NONE"
+            return cpu, False
+        wanted = None if spec == "all" else [int(i) for i in spec.split(",")]
+        for kind in GPU_TYPES:
+            try:
+                cprefs.compute_device_type = kind
+            except TypeError:                   # backend not built for this platform
+                continue
+            gpus = [d for d in cprefs.get_devices_for_type(kind) if d.type == kind]
+            if not gpus:
+                continue
+            chosen = range(len(gpus)) if wanted is None else wanted
+            bad = [i for i in chosen if not 0 <= i < len(gpus)]
+            if bad:
+                raise SystemExit(f"--gpus {spec}: no {kind} device {bad}; there are {len(gpus)}")
+            for d in cprefs.devices:            # includes CPU entries: no hybrid rendering
+                d.use = False
+            for i in chosen:
+                gpus[i].use = True
+            return [{"type": kind, "name": gpus[i].name, "id": gpus[i].id} for i in chosen], True
+        print(f"blender_runtime: --gpus {spec}: no GPU found, rendering on the CPU", file=sys.stderr)
+        cprefs.compute_device_type = "NONE"
+        return cpu, False
+
+    # ---- loading and checks ---------------------------------------------
+    def _load(self, path: str, key: str) -> None:
+        self.scene_key = None                   # until loaded *and* checked
+        bpy.context.preferences.filepaths.use_scripts_auto_execute = False
+        if not os.path.isfile(path):
+            raise SceneError(f"scene file not found on the worker: {path}")
+        try:
+            bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
+        except RuntimeError as e:
+            msg = str(e).strip().removeprefix("Error: ")
+            raise SceneError(f"cannot open the scene as a .blend file ({msg}); "
+                             "save it again with Blender and resubmit") from None
+        self.loads += 1
+        sc = bpy.context.scene
+        self.recorded = {(o, a): getattr(getattr(sc, o), a) for o, a in RECORDED}
+        self._check_scene(sc)
+        self._mute_file_outputs()
+        sc.render.use_persistent_data = True    # keeps BVH/shaders between frames
+        self.scene_key = key
+
+    def _check_scene(self, sc) -> None:
+        if sc.camera is None:
+            raise SceneError(f"scene {sc.name!r} has no active camera; set one in "
+                             "Scene Properties > Camera and resubmit")
+        # Packed libraries and 5.0 "archive" libraries (packed linked data)
+        # are self-contained; anything else reads another .blend from disk.
+        linked = [lib.filepath for lib in bpy.data.libraries
+                  if lib.packed_file is None and not lib.is_archive]
+        if linked:
+            raise SceneError("the scene links data from other .blend files (" + ", ".join(linked)
+                             + "); make it local (Object > Library Override / Make Local) or pack "
+                             "the libraries (File > External Data > Pack Resources) and resubmit")
+        for img in bpy.data.images:
+            if img.source not in {"FILE", "SEQUENCE", "TILED", "MOVIE"} or len(img.packed_files):
+                continue
+            if img.users <= int(img.use_fake_user):   # kept but used nowhere: harmless
+                continue
+            self._external(f"image {img.name!r}", img.filepath, img.library,
+                           movie=img.source in {"SEQUENCE", "MOVIE"})
+        for coll, label in ((bpy.data.fonts, "font"), (bpy.data.volumes, "volume")):
+            for idb in coll:
+                if idb.packed_file is None and idb.filepath and idb.filepath != "<builtin>":
+                    self._external(f"{label} {idb.name!r}", idb.filepath, idb.library)
+        for cf in bpy.data.cache_files:       # Alembic/USD caches cannot be packed
+            self._external(f"cache file {cf.name!r}", cf.filepath, cf.library, movie=True)
+        if sc.render.engine == "CYCLES" and sc.cycles.shading_system:
+            # OSL shaders can read any file of the worker by path (texture()).
+            raise SceneError("Open Shading Language is not allowed on the farm; turn off "
+                             "Render Properties > Open Shading Language and resubmit")
+
+    @staticmethod
+    def _external(what: str, filepath: str, library, movie: bool = False) -> None:
+        """Refuse an unpacked external file, missing or not.
+
+        A missing one renders silently wrong (images come out pink); an
+        existing one is a file of *this* host, which a scene must not be able
+        to read into its output. So both are refused.
+        """
+        path = bpy.path.abspath(filepath, library=library)
+        state = "is missing on the worker" if not os.path.exists(path) else "is not packed"
+        fix = ("this kind of file cannot be packed: convert it (e.g. to packed single images "
+               "or baked geometry)" if movie else PACK_HINT)
+        raise SceneError(f"{what} uses the external file {path!r}, which {state}; {fix}")
+
+    @staticmethod
+    def _mute_file_outputs() -> int:
+        # File Output nodes write wherever the scene says, scripts or not.
+        # In 5.0 every compositor tree (the scene's compositing_node_group,
+        # nested groups, VSE compositor modifiers) is in bpy.data.node_groups.
+        # `mute` is not animatable, so no driver or keyframe can undo this.
+        muted = 0
+        for tree in bpy.data.node_groups:
+            for node in tree.nodes:
+                if node.bl_idname == "CompositorNodeOutputFile":
+                    node.mute = True
+                    muted += 1
+        return muted
+
+    # ---- rendering ------------------------------------------------------
+    def _apply(self, sc, s: dict) -> str:
+        r, im = sc.render, sc.render.image_settings
+        for (o, a), v in self.recorded.items():
+            setattr(getattr(sc, o), a, v)
+        fmt = s.get("format") or "PNG"
+        depth = str(s.get("color_depth") or ("8" if fmt == "PNG" else "16"))
+        if fmt == "PNG" and depth in {"8", "16"}:
+            ext = ".png"
+        elif fmt == "EXR" and depth in {"16", "32"}:
+            ext = ".exr"
+        else:
+            raise SceneError(f"unsupported output format {fmt!r} with color_depth {depth!r} "
+                             "(PNG: 8/16, EXR: 16/32)")
+        im.media_type = "IMAGE"                 # 5.0: a VIDEO media type hides PNG/EXR
+        im.file_format = "PNG" if fmt == "PNG" else "OPEN_EXR"
+        im.color_mode = "RGBA"
+        im.color_depth = depth
+        if fmt == "EXR":
+            im.exr_codec = "ZIP"
+        if s.get("tile") is not None:
+            raise SceneError("tile rendering is not supported by this worker version")
+        samples, pct, res = s.get("samples"), s.get("resolution_percent"), s.get("resolution")
+        if samples is not None:
+            if type(samples) is not int or samples < 1:
+                raise SceneError(f"samples must be a positive integer, got {samples!r}")
+            if samples > MAX_SAMPLES:
+                raise SceneError(f"samples {samples} exceed the farm cap of {MAX_SAMPLES}")
+            sc.cycles.samples = sc.eevee.taa_render_samples = samples
+        if pct is not None:
+            if type(pct) is not int or not 1 <= pct <= 32767:
+                raise SceneError(f"resolution_percent must be an integer 1..32767, got {pct!r}")
+            r.resolution_percentage = pct
+        if res is not None:
+            if (not isinstance(res, list) or len(res) != 2
+                    or any(type(v) is not int or not 4 <= v <= MAX_RESOLUTION for v in res)):
+                raise SceneError(f"resolution must be [width, height], 4..{MAX_RESOLUTION}, got {res!r}")
+            r.resolution_x, r.resolution_y = res
+        # Caps apply to the effective values, the file's own ones included.
+        w, h = (v * r.resolution_percentage // 100 for v in (r.resolution_x, r.resolution_y))
+        if max(w, h) > MAX_RESOLUTION:
+            raise SceneError(f"output size {w}x{h} exceeds the farm cap of {MAX_RESOLUTION} px per side; "
+                             "lower the resolution or its percentage")
+        eng_samples = {"CYCLES": sc.cycles.samples, "BLENDER_EEVEE": sc.eevee.taa_render_samples}
+        if eng_samples.get(r.engine, 0) > MAX_SAMPLES:
+            raise SceneError(f"{eng_samples[r.engine]} samples exceed the farm cap of {MAX_SAMPLES}")
+        sc.cycles.device = "GPU" if self.gpu else "CPU"
+        r.threads_mode = "AUTO"                 # the worker, not the scene, decides threads
+        r.use_stamp_hostname = False            # don't leak the worker's identity in metadata
+        r.use_stamp_filename = False
+        return ext
+
+    def render(self, rid, req: dict) -> None:
+        scene, key, frames, out_dir = (req.get(k) for k in ("scene", "scene_key", "frames", "out_dir"))
+        settings = req.get("settings") or {}
+        if not isinstance(scene, str) or not os.path.isabs(scene):
+            raise SceneError(f"'scene' must be an absolute path, got {scene!r}")
+        if not isinstance(key, str) or not key:
+            raise SceneError("'scene_key' must be a non-empty string")
+        if not isinstance(out_dir, str) or not os.path.isabs(out_dir):
+            raise SceneError(f"'out_dir' must be an absolute path, got {out_dir!r}")
+        if (not isinstance(frames, list) or not frames
+                or any(type(f) is not int for f in frames)):
+            raise SceneError(f"'frames' must be a non-empty list of integers, got {frames!r}")
+        if not isinstance(settings, dict):
+            raise SceneError("'settings' must be an object")
+        reloaded = key != self.scene_key
+        if reloaded:
+            self._load(scene, key)
+        sc = bpy.context.scene
+        ext = self._apply(sc, settings)
+        os.makedirs(out_dir, exist_ok=True)
+        outputs = []
+        for f in frames:
+            sc.frame_set(f)
+            if sc.camera is None:               # camera markers can switch it per frame
+                raise SceneError(f"scene {sc.name!r} has no active camera at frame {f}")
+            path = os.path.join(out_dir, f"frame_{f:04d}{ext}")
+            sc.render.filepath = path           # always ours, never the scene's
+            if os.path.exists(path):            # a stale file must not pass for output
+                os.remove(path)
+            t0 = time.perf_counter()
+            try:
+                bpy.ops.render.render(animation=False, write_still=True)
+            except RuntimeError as e:
+                raise RenderFailed(f"render of frame {f} failed: {str(e).strip()}") from None
+            seconds = round(time.perf_counter() - t0, 4)
+            if not os.path.isfile(path):
+                raise RenderFailed(f"render of frame {f} reported success but wrote no file")
+            outputs.append({"frame": f, "path": path, "seconds": seconds})
+            self.emit(event="frame", id=rid, **outputs[-1])
+        self.emit(event="done", id=rid, outputs=outputs, reloaded=reloaded,
+                  loads=self.loads, rss_bytes=_rss_bytes())
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:                             # not Linux: peak instead of current
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m worker.blender_runtime")
+    ap.add_argument("--gpus", default="all", help="all | none | comma-separated GPU indices")
+    args = ap.parse_args(argv)
+    if args.gpus not in {"all", "none"} and not all(p.isdigit() for p in args.gpus.split(",")):
+        ap.error("--gpus must be all, none or indices like 0,1")
+    # Set the protocol stream aside *before* bpy exists: from here on fd 1
+    # (C printf, Python print) goes to stderr.
+    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    global bpy
+    import bpy as _bpy
+    bpy = _bpy
+    bpy.context.preferences.filepaths.use_scripts_auto_execute = False
+    return Runtime(proto, args.gpus).serve(sys.stdin.buffer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

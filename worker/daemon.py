@@ -1,0 +1,392 @@
+"""``farm worker``: the GPU host's daemon. It never imports bpy or torch.
+
+One asyncio loop owns one DEALER socket to the coordinator. Rendering happens in long-lived runtime child
+processes (one per slot, :mod:`worker.runtime`), so the loop keeps heart-beating while a frame renders.
+Invariants:
+
+* every message about a task carries the (task_id, attempt) of its lease; a CANCEL for it kills the
+  child running it (the child is restarted lazily for the next task);
+* a final RESULT/FAILED stays in the outbox until the coordinator ACKs it, and is re-sent after every
+  reconnect, so a coordinator restart loses no finished work;
+* inputs are fetched into the LRU cache (resumable, hash-verified) and outputs uploaded before RESULT;
+* on silence from the coordinator for HEARTBEAT_LIVENESS intervals, or DISCONNECT, the socket is
+  replaced and HELLO is sent again, with reconnect backoff 1 s → 32 s while the coordinator stays away.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from farm import constants as C
+from farm import protocol as P
+from farm.blobs import file_sha256
+from worker.blobcache import BlobCache
+from worker.runtime import RuntimeCrashed, RuntimeProcess
+
+log = logging.getLogger("worker")
+
+
+class TaskFailure(Exception):
+    def __init__(self, reason: str, retryable: bool):
+        super().__init__(reason)
+        self.retryable = retryable
+
+
+@dataclass
+class Running:
+    msg: P.Task
+    slot: int
+    job: asyncio.Task
+
+
+def gpu_assignment(gpus: str, slots: int) -> list[str]:
+    """The ``--gpus`` argument of each slot's Blender child: one GPU per slot when there are enough
+    listed, else every slot sees the same set ("all", "none" or "0,1")."""
+    ids = [g for g in gpus.split(",") if g.strip().isdigit()] if gpus not in ("all", "none") else []
+    if slots > 1 and len(ids) >= slots:
+        return ids[:slots]
+    return [gpus] * slots
+
+
+class WorkerDaemon:
+    def __init__(self, coordinator: str, cache_dir: Path, slots: int = 1, wallet: str = "",
+                 gpus: str = "all", worker_id: str | None = None, cache_bytes: int = C.WORKER_CACHE_BYTES):
+        self.endpoint = coordinator
+        self.dir = Path(cache_dir).resolve()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cache = BlobCache(self.dir / "blobs", cache_bytes)
+        self.slots = slots
+        self.wallet = wallet
+        self.id = worker_id or self._load_id()
+        self.gpu_args = gpu_assignment(gpus, slots)
+        self.runtimes: list[RuntimeProcess | None] = [None] * slots
+        self.ready_info: dict[str, Any] = {}
+        self.ctx = zmq.asyncio.Context.instance()
+        self.sock: zmq.asyncio.Socket | None = None
+        self.running: dict[tuple[int, int], Running] = {}
+        self.outbox: dict[tuple[int, int], Any] = {}
+        self.inbox: dict[str, asyncio.Queue] = {}   # blob transfers waiting for BLOB / BLOB_ACK
+        self.fetch_locks: dict[str, asyncio.Lock] = {}
+        self.stopping = asyncio.Event()
+        self.stats = {"bytes_downloaded": 0, "bytes_uploaded": 0, "tasks": 0, "reconnects": 0}
+
+    def _load_id(self) -> str:
+        path = self.dir / "worker.id"
+        if path.exists():
+            return path.read_text().strip()
+        wid = f"{socket.gethostname()[:40]}-{uuid.uuid4().hex[:8]}"
+        path.write_text(wid + "\n")
+        return wid
+
+    # ------------------------------------------------------------------ runtimes
+    def _runtime_for(self, slot: int) -> RuntimeProcess:
+        return RuntimeProcess("worker.blender_runtime", ["--gpus", self.gpu_args[slot]],
+                              self.dir / "runtime" / f"slot{slot}")
+
+    async def _runtime(self, slot: int) -> RuntimeProcess:
+        rt = self.runtimes[slot]
+        if rt is None or not rt.alive:
+            rt = self._runtime_for(slot)
+            info = await rt.start()
+            self.ready_info = self.ready_info or info
+            self.runtimes[slot] = rt
+        return rt
+
+    async def start_runtimes(self) -> None:
+        await asyncio.gather(*(self._runtime(i) for i in range(self.slots)))
+        devices = self.ready_info.get("devices", [])
+        print(f"worker {self.id}: Blender {self.ready_info.get('bpy_version')} ready in {self.slots} slot(s); "
+              f"devices: {', '.join(d.get('type', '?') + ' ' + d.get('name', '') for d in devices) or 'CPU'}",
+              flush=True)
+
+    def capabilities(self) -> dict[str, Any]:
+        return {"runtimes": ["blender"], "engines": self.ready_info.get("engines", []),
+                "devices": self.ready_info.get("devices", []), "gpu": bool(self.ready_info.get("gpu")),
+                "bpy": self.ready_info.get("bpy_version", ""), "hostname": socket.gethostname(),
+                "cached": self.cache.hashes()[:1000]}
+
+    # ------------------------------------------------------------------ connection
+    def send(self, msg: Any) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.send_multipart(P.encode(msg), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                log.debug("send queue full, dropped %s", type(msg).__name__)
+
+    def _held(self) -> list[list[int]]:
+        return [list(k) for k in {*self.running, *self.outbox}]
+
+    def free_slots(self) -> int:
+        return self.slots - len(self.running)
+
+    async def run(self) -> None:
+        await self.start_runtimes()
+        backoff = C.RECONNECT_INITIAL
+        try:
+            while not self.stopping.is_set():
+                welcomed = await self._session()
+                if self.stopping.is_set():
+                    break
+                backoff = C.RECONNECT_INITIAL if welcomed else min(backoff * 2, C.RECONNECT_MAX)
+                self.stats["reconnects"] += 1
+                log.warning("lost the coordinator; reconnecting in %.0f s", backoff)
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), backoff)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            await self.shutdown()
+
+    async def _session(self) -> bool:
+        """One socket's life. Returns True if it was welcomed (the coordinator was reachable)."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.connect(self.endpoint)
+        self.sock = sock
+        interval = C.HEARTBEAT_INTERVAL
+        welcomed = False
+        try:
+            self.send(P.Hello(self.id, self.wallet, self.slots, self.capabilities(), self._held()))
+            last_recv = time.monotonic()
+            next_hb = time.monotonic() + interval
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                if now - last_recv > interval * C.HEARTBEAT_LIVENESS:
+                    return welcomed
+                if now >= next_hb:
+                    if welcomed:
+                        self.send(P.Heartbeat(self._held()))
+                    next_hb = now + interval
+                if not await sock.poll(int(max(0.01, min(next_hb - now, interval)) * 1000)):
+                    continue
+                try:
+                    msg = P.decode(await sock.recv_multipart())
+                except P.ProtocolError as exc:
+                    log.warning("malformed message from the coordinator: %s", exc)
+                    continue
+                last_recv = time.monotonic()
+                if isinstance(msg, P.Welcome):
+                    welcomed = True
+                    interval = msg.heartbeat_interval
+                    print(f"worker {self.id}: connected to {self.endpoint}", flush=True)
+                    for final in list(self.outbox.values()):
+                        self.send(final)
+                    self.send(P.Ready(self.free_slots()))
+                elif isinstance(msg, P.Disconnect):
+                    log.warning("coordinator asked to reconnect: %s", msg.reason)
+                    return welcomed
+                else:
+                    self._dispatch(msg)
+            self.send(P.Bye("worker shutting down"))
+            return welcomed
+        finally:
+            self.sock = None
+            sock.close(0)
+
+    def _dispatch(self, msg: Any) -> None:
+        if isinstance(msg, P.Task):
+            self._start_task(msg)
+        elif isinstance(msg, P.Cancel):
+            run = self.running.get((msg.task_id, msg.attempt))
+            if run:
+                log.info("task %s/%s canceled: %s", msg.task_id, msg.attempt, msg.reason)
+                run.job.cancel()
+            self.outbox.pop((msg.task_id, msg.attempt), None)
+        elif isinstance(msg, P.Ack):
+            self.outbox.pop((msg.task_id, msg.attempt), None)
+            if not msg.accepted:
+                log.warning("task %s/%s not accepted: %s", msg.task_id, msg.attempt, msg.reason)
+        elif isinstance(msg, (P.Blob, P.BlobAck)):
+            q = self.inbox.get(msg.sha256)
+            if q is not None:
+                q.put_nowait(msg)
+        elif isinstance(msg, P.Error):
+            log.error("coordinator says: %s", msg.reason)
+
+    # ------------------------------------------------------------------ tasks
+    def _start_task(self, msg: P.Task) -> None:
+        key = (msg.task_id, msg.attempt)
+        if key in self.running or key in self.outbox:
+            return
+        busy = {r.slot for r in self.running.values()}
+        free = [i for i in range(self.slots) if i not in busy]
+        if not free:
+            self.send(P.Failed(msg.task_id, msg.attempt, "worker has no free slot", True))
+            return
+        job = asyncio.create_task(self._run_task(msg, free[0]))
+        self.running[key] = Running(msg, free[0], job)
+
+    async def _run_task(self, msg: P.Task, slot: int) -> None:
+        key = (msg.task_id, msg.attempt)
+        out_dir = self.dir / "work" / f"task{msg.task_id}-{msg.attempt}"
+        final: Any = None
+        for sha in msg.inputs:
+            self.cache.pin(sha)
+        try:
+            final = await self._execute(msg, slot, out_dir)
+        except asyncio.CancelledError:
+            rt = self.runtimes[slot]
+            if rt is not None:
+                await rt.kill()  # the frame in progress is abandoned; a fresh child starts next time
+            raise
+        except TaskFailure as exc:
+            final = P.Failed(msg.task_id, msg.attempt, str(exc), exc.retryable)
+        except RuntimeCrashed as exc:
+            final = P.Failed(msg.task_id, msg.attempt, f"Blender crashed: {exc}", True)
+        except Exception as exc:  # keep the daemon up whatever happens in one task
+            log.exception("task %s failed", key)
+            final = P.Failed(msg.task_id, msg.attempt, f"worker error: {exc!r}", True)
+        finally:
+            for sha in msg.inputs:
+                self.cache.unpin(sha)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            self.running.pop(key, None)
+            if final is not None:
+                self.outbox[key] = final
+                self.send(final)
+            self.stats["tasks"] += 1
+            self.send(P.Ready(self.free_slots()))
+
+    async def _execute(self, msg: P.Task, slot: int, out_dir: Path) -> P.Result:
+        if msg.kind != "render":
+            raise TaskFailure(f"this worker cannot run {msg.kind!r} tasks", True)
+        spec = msg.spec
+        frames = list(spec.get("frames", []))
+        scene = await self.fetch(spec["scene_sha256"])
+        self.send(P.Progress(msg.task_id, msg.attempt, 0, len(frames), "scene ready"))
+        rt = await self._runtime(slot)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        request = {"op": "render", "scene": str(scene), "scene_key": spec["scene_sha256"], "frames": frames,
+                   "out_dir": str(out_dir), "settings": spec.get("settings", {})}
+        outputs, done, seconds = [], 0, 0.0
+        async for ev in rt.request(request):
+            if ev.get("event") == "frame":
+                done += 1
+                self.send(P.Progress(msg.task_id, msg.attempt, done, len(frames), f"frame {ev['frame']}"))
+            elif ev.get("event") == "error":
+                raise TaskFailure(ev.get("message", "render failed"), bool(ev.get("retryable", False)))
+            elif ev.get("event") == "done":
+                outputs = ev["outputs"]
+        result = []
+        for o in outputs:
+            path = Path(o["path"])
+            sha = await asyncio.to_thread(file_sha256, path)
+            await self.upload(path, sha)
+            result.append({"frame": int(o["frame"]), "sha256": sha, "size": path.stat().st_size,
+                           "name": path.name, "seconds": float(o.get("seconds", 0.0))})
+            seconds += float(o.get("seconds", 0.0))
+        return P.Result(msg.task_id, msg.attempt, result, seconds)
+
+    # ------------------------------------------------------------------ blob transfer
+    async def fetch(self, sha: str) -> Path:
+        """The cached path of blob ``sha``, downloading what is missing (resumes a partial download)."""
+        lock = self.fetch_locks.setdefault(sha, asyncio.Lock())
+        async with lock:
+            if self.cache.has(sha):
+                return self.cache.path(sha)
+            part = self.cache.partial(sha)
+            offset = part.stat().st_size if part.exists() else 0
+            q = self.inbox[sha] = asyncio.Queue()
+            chunk = C.BLOB_CHUNK_SIZE
+            total: int | None = None
+            next_req = offset
+            try:
+                with open(part, "ab") as f:
+                    while total is None or offset < total:
+                        window = C.BLOB_CREDIT if total is not None else 1
+                        while next_req - offset < window * chunk and (total is None or next_req < total):
+                            self.send(P.BlobGet(sha, next_req, chunk))
+                            next_req += chunk
+                        try:
+                            m = await asyncio.wait_for(q.get(), C.BLOB_TRANSFER_TIMEOUT)
+                        except asyncio.TimeoutError:
+                            next_req = offset  # lost requests (reconnect): ask again from what we have
+                            continue
+                        if m.error:
+                            raise TaskFailure(f"the coordinator has no blob {sha}: {m.error}", True)
+                        total = m.total
+                        if m.offset == offset and m.data:
+                            f.write(m.data)
+                            offset += len(m.data)
+                            self.stats["bytes_downloaded"] += len(m.data)
+                        elif m.offset == offset and offset >= total:
+                            break
+                if await asyncio.to_thread(file_sha256, part) != sha:
+                    part.unlink(missing_ok=True)
+                    raise TaskFailure(f"downloaded blob {sha} failed its hash check; it will be fetched again", True)
+                return self.cache.commit(part, sha)
+            finally:
+                self.inbox.pop(sha, None)
+
+    async def upload(self, path: Path, sha: str) -> None:
+        """Send ``path`` as blob ``sha``: probe where the coordinator stands, then stream with credit."""
+        total = path.stat().st_size
+        chunk = C.BLOB_CHUNK_SIZE
+        q = self.inbox[sha] = asyncio.Queue()
+        try:
+            with open(path, "rb") as f:
+                acked = None
+                self.send(P.BlobPut(sha, 0, total, b""))  # probe: answered with the bytes already stored
+                next_send = 0
+                while True:
+                    if acked is not None:
+                        while next_send < total and next_send - acked < C.BLOB_CREDIT * chunk:
+                            f.seek(next_send)
+                            data = f.read(chunk)
+                            self.send(P.BlobPut(sha, next_send, total, data))
+                            self.stats["bytes_uploaded"] += len(data)
+                            next_send += len(data)
+                    try:
+                        ack = await asyncio.wait_for(q.get(), C.BLOB_TRANSFER_TIMEOUT)
+                    except asyncio.TimeoutError:
+                        acked = None
+                        self.send(P.BlobPut(sha, 0, total, b""))
+                        continue
+                    if ack.error:
+                        raise TaskFailure(f"upload of {path.name} refused: {ack.error}", True)
+                    if ack.done:
+                        return
+                    if acked is None or ack.offset > acked:
+                        if acked is None:
+                            next_send = ack.offset
+                        acked = ack.offset
+        finally:
+            self.inbox.pop(sha, None)
+
+    # ------------------------------------------------------------------ shutdown
+    async def shutdown(self) -> None:
+        for run in list(self.running.values()):
+            run.job.cancel()
+        await asyncio.gather(*(r.job for r in list(self.running.values())), return_exceptions=True)
+        await asyncio.gather(*(rt.stop() for rt in self.runtimes if rt is not None), return_exceptions=True)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, worker_id: str | None) -> None:
+    import signal
+    logging.basicConfig(level=os.environ.get("RENDERHIVE_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def _main() -> None:
+        daemon = WorkerDaemon(coordinator, cache_dir, slots, wallet, gpus, worker_id)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, daemon.stop)
+        await daemon.run()
+
+    asyncio.run(_main())
+
