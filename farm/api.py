@@ -5,7 +5,6 @@ jobs (another creator's job is a 404, never a 403 that would confirm it exists).
 content-addressed: ask ``POST /api/blobs/missing`` first, then ``PUT /api/blobs/{sha256}`` only those, so
 re-submitting a scene uploads nothing. Operations that change tasks run on the coordinator's thread.
 """
-from __future__ import annotations
 
 import asyncio
 import json

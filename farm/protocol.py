@@ -202,8 +202,8 @@ def _check(value: Any, tp: Any, where: str) -> None:
         return
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is int:  # bounded to int64: every integer field may end up in a database column
+        ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
     elif origin is list:
         if not isinstance(value, list):
             raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
