@@ -1,0 +1,140 @@
+"""Start a coordinator and workers as local processes on loopback (the demo, the tests, the benchmarks).
+
+Each process runs ``python -m client.cli …`` in its own process group (so a kill reaches its Blender
+children, as a crash would), logs to a file, and is stopped with SIGTERM (SIGKILL after a grace period).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from client.api import ApiError, Client  # noqa: F401  (ApiError re-exported for callers)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_for(predicate: Callable, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
+    env.pop("RENDERHIVE_URL", None)
+    env.pop("RENDERHIVE_TOKEN", None)
+    return env
+
+
+class Proc:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
+        self.args, self.log, self.env = args, Path(log), env or process_env()
+        self.p: subprocess.Popen | None = None
+
+    def start(self) -> "Proc":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as f:
+            self.p = subprocess.Popen([sys.executable, "-m", "client.cli", *self.args], cwd=REPO, env=self.env,
+                                      stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.p is not None and self.p.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL, grace: float = 20.0) -> None:
+        """Signal the whole process group and wait for it (SIGKILL after ``grace`` seconds)."""
+        if not self.alive:
+            return
+        try:
+            os.killpg(self.p.pid, sig)
+            self.p.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.p.pid, signal.SIGKILL)
+            self.p.wait(10)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+class Coordinator(Proc):
+    """`farm serve` with its data in ``root/data``, on the given (or free) loopback ports."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None, zmq_port: int | None = None,
+                 http_port: int | None = None):
+        self.root = Path(root)
+        self.data = self.root / "data"
+        self.zport, self.hport = zmq_port or free_port(), http_port or free_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.zport}"
+        self.url = f"http://127.0.0.1:{self.hport}"
+        super().__init__(["serve", "--data", str(self.data), "--bind", self.endpoint,
+                          "--http", f"127.0.0.1:{self.hport}"], self.root / "serve.log", env)
+
+    def start(self, timeout: float = 30.0) -> "Coordinator":
+        super().start()
+
+        def up():
+            if not self.alive:
+                raise RuntimeError(f"farm serve exited:\n{self.tail()}")
+            try:
+                return Client(self.url, "", timeout=2).health()
+            except ApiError:
+                return None
+        wait_for(up, timeout, what="farm serve to answer /api/health")
+        return self
+
+    @property
+    def admin(self) -> Client:
+        return Client(self.url, (self.data / "admin.token").read_text().strip())
+
+    def creator(self, name: str) -> Client:
+        return Client(self.url, self.admin.create_user(name)["token"])
+
+
+class WorkerProc(Proc):
+    """`farm worker` with its cache in ``root``, connected to ``coordinator``."""
+
+    def __init__(self, root: Path, coordinator: Coordinator, worker_id: str, env: dict[str, str] | None = None,
+                 slots: int = 1, gpus: str = "all"):
+        self.root, self.worker_id = Path(root), worker_id
+        super().__init__(["worker", "--coordinator", coordinator.endpoint, "--cache", str(root), "--slots",
+                          str(slots), "--worker-id", worker_id, "--gpus", gpus], self.root / "worker.log", env)
+
+
+def wait_workers(client: Client, n: int, timeout: float = 60.0) -> list[dict]:
+    return wait_for(lambda: [w for w in client.workers() if w["online"]] if
+                    len([w for w in client.workers() if w["online"]]) >= n else None,
+                    timeout, what=f"{n} workers online")
