@@ -176,3 +176,29 @@ def test_png16_and_exr_outputs(farm, worker, tmp_path):
         return zlib.decompress(out)
     assert idat(p16) == idat(ref)
     shutil.rmtree(tmp_path / "ref16", ignore_errors=True)
+
+
+def test_garbage_on_the_worker_plane_leaves_the_coordinator_serving(farm):
+    import zmq
+
+    from farm import protocol as P
+    f = farm()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(f.endpoint)
+    try:
+        for frames in ([b"hello"], [b"RHIVE/1", b"\x01", b"\xc1\xc1"], [b"RHIVE/9", b"\x01", b"{}"],
+                       [b"RHIVE/1", b"\x05", b"\x80"], [b"\x00" * 100_000]):
+            sock.send_multipart(frames)
+        replies = [P.decode(sock.recv_multipart()) for _ in range(5)]
+        assert all(isinstance(r, P.Error) for r in replies), replies
+        # a RESULT from a connection that never said HELLO: told to reconnect, nothing stored
+        sock.send_multipart(P.encode(P.Result(1, 1, [], 0.0)))
+        assert isinstance(P.decode(sock.recv_multipart()), P.Disconnect)
+        sock.send_multipart(P.encode(P.Hello("probe", "", 1, {"runtimes": []})))
+        assert isinstance(P.decode(sock.recv_multipart()), P.Welcome)
+    finally:
+        sock.close(0)
+    assert f.alive and f.admin.health()["ok"]
