@@ -75,5 +75,9 @@ MAX_FRAMES_PER_JOB = 100_000
 WORKER_CACHE_BYTES = int(_env_float("WORKER_CACHE_BYTES", 20 * 1024**3))
 """Default size cap of a worker's blob cache (LRU)."""
 
+RUNTIME_MAX_RSS_BYTES = int(_env_float("RUNTIME_MAX_RSS_BYTES", 16 * 1024**3))
+"""A runtime child whose resident memory exceeds this after a task is restarted before the next one
+(Blender and torch can fragment or leak over many scenes; a restart costs about a second)."""
+
 BATCH_MAX_MESSAGES = 512
 """Messages the coordinator handles per step: one transaction, one commit, then all replies."""

@@ -202,3 +202,13 @@ def test_garbage_on_the_worker_plane_leaves_the_coordinator_serving(farm):
     finally:
         sock.close(0)
     assert f.alive and f.admin.health()["ok"]
+
+
+def test_runtime_over_memory_ceiling_is_recycled_between_tasks(farm, worker, reference_frames, tmp_path):
+    f = farm()
+    w1 = worker(f, "w1", env={"RENDERHIVE_RUNTIME_MAX_RSS_BYTES": "1"})  # every child is "too big"
+    alice = f.creator("alice")
+    job = submit_sample(alice, "1-3")
+    assert wait_job(alice, job["id"])["status"] == "rendered"
+    assert_frames_match(alice, job["id"], range(1, 4), reference_frames, tmp_path / "out")
+    assert w1.log.read_text().count("over the ceiling: restarting it") == 3

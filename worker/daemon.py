@@ -249,6 +249,7 @@ class WorkerDaemon:
             log.exception("task %s failed", key)
             final = P.Failed(msg.task_id, msg.attempt, f"worker error: {exc!r}", True)
         finally:
+            await self._recycle_if_bloated(slot)
             for sha in msg.inputs:
                 self.cache.unpin(sha)
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -288,6 +289,20 @@ class WorkerDaemon:
                            "name": path.name, "seconds": float(o.get("seconds", 0.0))})
             seconds += float(o.get("seconds", 0.0))
         return P.Result(msg.task_id, msg.attempt, result, seconds)
+
+    async def _recycle_if_bloated(self, slot: int) -> None:
+        """Restart a runtime child that grew past RUNTIME_MAX_RSS_BYTES (it is started again lazily)."""
+        rt = self.runtimes[slot]
+        if rt is None or not rt.alive or rt.pid is None:
+            return
+        try:
+            status = Path(f"/proc/{rt.pid}/status").read_text()
+            rss = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmRSS:"))) * 1024
+        except (OSError, StopIteration, ValueError):
+            return
+        if rss > C.RUNTIME_MAX_RSS_BYTES:
+            log.warning("runtime of slot %d uses %d MB, over the ceiling: restarting it", slot, rss >> 20)
+            await rt.stop()
 
     # ------------------------------------------------------------------ blob transfer
     async def fetch(self, sha: str) -> Path:
