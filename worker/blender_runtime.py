@@ -40,8 +40,11 @@ import sys
 import time
 import traceback
 
-MAX_RESOLUTION = 16384      # pixels per side, after the percentage
-MAX_SAMPLES = 65536
+# The farm-wide caps (pixels per side after the percentage; samples). The
+# coordinator validates requests against the same values; the worker checks
+# again because the scene's own values count too.
+from farm.constants import MAX_RESOLUTION, MAX_SAMPLES
+
 GPU_TYPES = ("OPTIX", "CUDA", "HIP", "ONEAPI", "METAL")   # order of preference
 PACK_HINT = "pack it into the .blend (File > External Data > Pack Resources) and submit again"
 # Optional overrides: recorded after each load so a task with null settings
@@ -170,11 +173,11 @@ class Runtime:
                              "Scene Properties > Camera and resubmit")
         # Packed libraries and 5.0 "archive" libraries (packed linked data)
         # are self-contained; anything else reads another .blend from disk.
-        linked = [lib.filepath for lib in bpy.data.libraries
+        linked = [bpy.path.abspath(lib.filepath) for lib in bpy.data.libraries
                   if lib.packed_file is None and not lib.is_archive]
         if linked:
             raise SceneError("the scene links data from other .blend files (" + ", ".join(linked)
-                             + "); make it local (Object > Library Override / Make Local) or pack "
+                             + "); make it local (Object > Relations > Make Local) or pack "
                              "the libraries (File > External Data > Pack Resources) and resubmit")
         for img in bpy.data.images:
             if img.source not in {"FILE", "SEQUENCE", "TILED", "MOVIE"} or len(img.packed_files):
@@ -187,12 +190,36 @@ class Runtime:
             for idb in coll:
                 if idb.packed_file is None and idb.filepath and idb.filepath != "<builtin>":
                     self._external(f"{label} {idb.name!r}", idb.filepath, idb.library)
-        for cf in bpy.data.cache_files:       # Alembic/USD caches cannot be packed
-            self._external(f"cache file {cf.name!r}", cf.filepath, cf.library, movie=True)
+        # Alembic/USD caches and movie clips cannot be packed at all.
+        for coll, label in ((bpy.data.cache_files, "cache file"), (bpy.data.movieclips, "movie clip")):
+            for idb in coll:
+                if idb.users > int(idb.use_fake_user):
+                    self._external(f"{label} {idb.name!r}", idb.filepath, idb.library, movie=True)
+        # Other ways to read files of the worker by path (or, for fluid
+        # caches, to write them), with no data-block to pack.
         if sc.render.engine == "CYCLES" and sc.cycles.shading_system:
-            # OSL shaders can read any file of the worker by path (texture()).
-            raise SceneError("Open Shading Language is not allowed on the farm; turn off "
-                             "Render Properties > Open Shading Language and resubmit")
+            raise SceneError("Open Shading Language is not allowed on the farm (OSL shaders can read "
+                             "files by path); turn off Render Properties > Open Shading Language and resubmit")
+        if sc.sequence_editor is not None and sc.render.use_sequencer:
+            for st in sc.sequence_editor.strips_all:
+                if st.type in {"IMAGE", "MOVIE"}:
+                    raise SceneError(f"video sequencer strip {st.name!r} reads external media, which the "
+                                     "farm cannot ship; remove it or turn off Output > Post Processing > "
+                                     "Sequencer and resubmit")
+        for tree in bpy.data.node_groups:
+            for node in tree.nodes:
+                if node.bl_idname.startswith("GeometryNodeImport"):
+                    raise SceneError(f"node {node.name!r} in {tree.name!r} imports a file by path at render "
+                                     "time; apply or realize its result (e.g. apply the modifier) and resubmit")
+        # Refusing a fluid domain stops it from rendering, but Blender has
+        # already simulated it once while loading and written cache files to
+        # the domain's cache_directory, a path the scene chooses. Only an OS
+        # sandbox (output folder the only writable place) closes that.
+        for obj in bpy.data.objects:
+            for mod in obj.modifiers:
+                if mod.type == "FLUID" and mod.fluid_type == "DOMAIN":
+                    raise SceneError(f"fluid domain {obj.name!r}: fluid simulations are not supported on "
+                                     "the farm (their cache is read and written in a folder on disk)")
 
     @staticmethod
     def _external(what: str, filepath: str, library, movie: bool = False) -> None:
@@ -260,10 +287,15 @@ class Runtime:
                     or any(type(v) is not int or not 4 <= v <= MAX_RESOLUTION for v in res)):
                 raise SceneError(f"resolution must be [width, height], 4..{MAX_RESOLUTION}, got {res!r}")
             r.resolution_x, r.resolution_y = res
-        # Caps apply to the effective values, the file's own ones included.
+        # Caps apply to the effective values, the file's own ones included;
+        # a job may ask for a tighter resolution cap ("max_resolution").
+        cap = s.get("max_resolution") or MAX_RESOLUTION
+        if type(cap) is not int or cap < 1:
+            raise SceneError(f"max_resolution must be a positive integer, got {cap!r}")
+        cap = min(cap, MAX_RESOLUTION)
         w, h = (v * r.resolution_percentage // 100 for v in (r.resolution_x, r.resolution_y))
-        if max(w, h) > MAX_RESOLUTION:
-            raise SceneError(f"output size {w}x{h} exceeds the farm cap of {MAX_RESOLUTION} px per side; "
+        if max(w, h) > cap:
+            raise SceneError(f"output size {w}x{h} exceeds the farm cap of {cap} px per side; "
                              "lower the resolution or its percentage")
         eng_samples = {"CYCLES": sc.cycles.samples, "BLENDER_EEVEE": sc.eevee.taa_render_samples}
         if eng_samples.get(r.engine, 0) > MAX_SAMPLES:
@@ -293,7 +325,10 @@ class Runtime:
             self._load(scene, key)
         sc = bpy.context.scene
         ext = self._apply(sc, settings)
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:                    # the worker's disk, not the scene
+            raise RenderFailed(f"cannot create the output folder: {e}") from None
         outputs = []
         for f in frames:
             sc.frame_set(f)

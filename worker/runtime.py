@@ -145,9 +145,13 @@ class RuntimeProcess:
         """Send one request and yield its events up to the terminal one.
 
         Events of other ids (left over from an abandoned earlier request)
-        are skipped. Raises RuntimeCrashed if the child dies meanwhile.
+        are skipped. Raises RuntimeCrashed if the child dies meanwhile. A
+        caller that stops iterating before the terminal event should close
+        the generator (`contextlib.aclosing`) or kill the child.
         """
-        async with self._lock:
+        await self._lock.acquire()
+        locked = True
+        try:
             if not self.alive:
                 raise await self._crashed()
             rid = next(self._ids)
@@ -162,9 +166,18 @@ class RuntimeProcess:
                 if event.get("id") != rid:
                     log.debug("runtime %s: dropping stale event %r", self.module, event)
                     continue
-                yield event
                 if event.get("event") in TERMINAL_EVENTS:
+                    # Release before the last yield: a caller that raises on
+                    # "error" (leaving the generator unfinished) must not keep
+                    # the child locked until the generator is garbage-collected.
+                    self._lock.release()
+                    locked = False
+                    yield event
                     return
+                yield event
+        finally:
+            if locked:
+                self._lock.release()
 
     async def _next_event(self) -> dict:
         while True:
