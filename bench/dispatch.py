@@ -1,0 +1,467 @@
+"""Dispatch throughput: null tasks through the real coordinator, against a raw ZeroMQ echo ceiling.
+
+    python bench/dispatch.py [--quick] [--profile] [--broker-thread] [--n 1,10,50] [--tasks T] [--repeat R]
+
+For each worker count N, two runs, side by side in this one process (alternating, ``--repeat`` times,
+medians reported):
+
+* **farm**: the real :class:`farm.broker.Broker` + :class:`farm.coordinator.Coordinator` on a real
+  SQLite file (WAL, synchronous=FULL, as ``farm serve`` runs it) in a temporary directory, bound to
+  ``tcp://127.0.0.1:0``, with one job of T one-frame tasks made by :func:`farm.jobs.create_blender_job`.
+  N in-process DEALER workers speak the real protocol: HELLO, READY, then for each TASK at once a RESULT
+  whose outputs (one per frame) all name one tiny blob stored beforehand in the coordinator's BlobStore,
+  then wait for the ACK, then READY again. A completion counts when its ACK arrives (the coordinator
+  commits before it acknowledges, so every counted completion is durable).
+* **echo**: the same worker code against a bare ROUTER that answers READY with a pre-encoded TASK and
+  RESULT with a pre-encoded ACK (no decoding, no database): the physical ceiling of this harness. One
+  task is two request→reply round trips (READY→TASK, RESULT→ACK).
+
+After every farm run the database is checked: each task accepted exactly once (attempt 1, one Attempt
+row, one Output row), the job ``rendered``, and every ACK accepted and distinct. ``--profile`` adds one
+profiled farm run (cProfile on the coordinator's step thread and on the event loop; top 15 by cumulative
+time each).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import logging
+import pstats
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import func  # noqa: E402
+from sqlmodel import select  # noqa: E402
+
+from farm import auth, jobs  # noqa: E402
+from farm import constants as C  # noqa: E402
+from farm import protocol as P  # noqa: E402
+from farm.blobs import BlobStore  # noqa: E402
+from farm.broker import Broker  # noqa: E402
+from farm.coordinator import Coordinator  # noqa: E402
+from farm.db import make_engine, session  # noqa: E402
+from farm.models import Attempt, Job, Output, Task  # noqa: E402
+
+SCENE = b"BLENDER-v500" + bytes(256)          # passes the .blend magic check; never opened
+OUTPUT = b"\x89PNG\r\n\x1a\nbench-null-output"  # the one output blob every RESULT names
+
+
+# ---------------------------------------------------------------- the in-process workers
+@dataclass
+class Tally:
+    target: int
+    acks: list[tuple[int, int]] = field(default_factory=list)
+    rejected: int = 0
+    welcomed: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    all_welcomed: asyncio.Event = field(default_factory=asyncio.Event)
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+    t_go: float = 0.0
+    t_done: float = 0.0
+
+
+async def worker(ctx: zmq.asyncio.Context, endpoint: str, wid: str, n: int, tally: Tally,
+                 out_sha: str, out_size: int) -> None:
+    """One worker with one slot: RESULT at once for each TASK, READY after each ACK."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+
+    def send(msg) -> None:
+        sock.send_multipart(P.encode(msg), flags=zmq.NOBLOCK)
+
+    held: list[list[int]] = []
+
+    async def heartbeat() -> None:  # the coordinator drops workers silent for HEARTBEAT_LIVENESS intervals
+        while True:
+            await asyncio.sleep(C.HEARTBEAT_INTERVAL)
+            send(P.Heartbeat(list(held)))
+
+    hb = None
+    try:
+        send(P.Hello(wid, "", 1, {"runtimes": ["blender"], "hostname": "bench"}))
+        while not isinstance(P.decode(await sock.recv_multipart()), P.Welcome):
+            pass
+        hb = asyncio.ensure_future(heartbeat())
+        tally.welcomed += 1
+        if tally.welcomed == n:
+            tally.all_welcomed.set()
+        await tally.go.wait()
+        send(P.Ready(1))
+        while True:
+            msg = P.decode(await sock.recv_multipart())
+            if isinstance(msg, P.Task):
+                held[:] = [[msg.task_id, msg.attempt]]
+                outs = [{"frame": f, "sha256": out_sha, "size": out_size, "name": f"frame_{f:04d}.png",
+                         "seconds": 0.0} for f in msg.spec["frames"]]
+                send(P.Result(msg.task_id, msg.attempt, outs, 0.0))
+            elif isinstance(msg, P.Ack):
+                held.clear()
+                if not msg.accepted:
+                    tally.rejected += 1
+                tally.acks.append((msg.task_id, msg.attempt))
+                if len(tally.acks) == tally.target:
+                    tally.t_done = time.perf_counter()
+                    tally.done.set()
+                send(P.Ready(1))
+            elif isinstance(msg, (P.Disconnect, P.Error)):
+                raise RuntimeError(f"worker {wid} got {msg}")
+    finally:
+        if hb is not None:
+            hb.cancel()
+        sock.close(0)
+
+
+async def drive_workers(ctx, endpoint: str, n: int, tasks: int, out_sha: str, out_size: int,
+                        loop_prof: cProfile.Profile | None = None) -> Tally:
+    tally = Tally(tasks)
+    done = None
+    ws = [asyncio.ensure_future(worker(ctx, endpoint, f"bench-{i:03d}", n, tally, out_sha, out_size))
+          for i in range(n)]
+    try:
+        await asyncio.wait_for(tally.all_welcomed.wait(), 30)
+        if loop_prof:
+            loop_prof.enable()
+        tally.t_go = time.perf_counter()
+        tally.go.set()
+        done = asyncio.ensure_future(tally.done.wait())
+        finished, _ = await asyncio.wait([done, *ws], return_when=asyncio.FIRST_COMPLETED, timeout=600)
+        if loop_prof:
+            loop_prof.disable()
+        if done not in finished:
+            for w in finished:
+                w.result()  # a worker that died: raise its error
+            raise RuntimeError(f"timed out with {len(tally.acks)}/{tasks} completions")
+    finally:
+        for w in [*ws, done]:
+            if w is not None:
+                w.cancel()
+        await asyncio.gather(*ws, return_exceptions=True)
+    return tally
+
+
+# ---------------------------------------------------------------- servers: real broker or bare echo
+class BrokerHost:
+    """Runs a coroutine server either on the caller's loop or on its own loop in a thread."""
+
+    def __init__(self, in_thread: bool):
+        self.in_thread = in_thread
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self.task = None
+
+    async def start(self, make_coro, ready):
+        if not self.in_thread:
+            self.loop = asyncio.get_running_loop()
+            self.task = asyncio.ensure_future(make_coro())
+            return await ready()
+        started = threading.Event()
+        box: dict = {}
+
+        def run():
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+
+            async def main():
+                t = asyncio.ensure_future(make_coro())
+                box["endpoint"] = await ready()
+                started.set()
+                await t
+            try:
+                self.loop.run_until_complete(main())
+            except BaseException as exc:  # noqa: BLE001
+                box["error"] = exc
+                started.set()
+            finally:
+                self.loop.close()
+        self.thread = threading.Thread(target=run, name="broker-loop", daemon=True)
+        self.thread.start()
+        await asyncio.to_thread(started.wait, 30)
+        if "error" in box:
+            raise box["error"]
+        return box["endpoint"]
+
+    async def stop(self, stop_fn):
+        if not self.in_thread:
+            stop_fn()
+            await self.task
+            return
+        self.loop.call_soon_threadsafe(stop_fn)
+        await asyncio.to_thread(self.thread.join, 30)
+
+
+class EchoServer:
+    """A bare ROUTER: READY → pre-encoded TASK, RESULT → pre-encoded ACK, HELLO → WELCOME. It drains
+    its queue in batches like the broker does, and decodes nothing but the command byte."""
+
+    def __init__(self, ctx, scene_sha: str):
+        self.ctx = ctx
+        self.endpoint = ""
+        self._ready = None
+        self._stop = False
+        spec = {"frames": [1], "settings": {"format": "PNG", "color_depth": "8", "samples": None,
+                                            "resolution_percent": None, "max_resolution": C.MAX_RESOLUTION},
+                "scene_sha256": scene_sha}
+        self.replies = {
+            P.Hello.command: P.encode(P.Welcome("w", C.HEARTBEAT_INTERVAL, C.HEARTBEAT_LIVENESS,
+                                                C.BLOB_CHUNK_SIZE, C.BLOB_CREDIT)),
+            P.Ready.command: P.encode(P.Task(1, 1, 1, C.LEASE_SECONDS, "render", spec, [scene_sha])),
+            P.Result.command: P.encode(P.Ack(1, 1, True)),
+        }
+
+    async def ready(self) -> str:
+        while not self.endpoint:
+            await asyncio.sleep(0.001)
+        return self.endpoint
+
+    def stop(self) -> None:
+        self._stop = True
+
+    async def run(self) -> None:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.RCVHWM, 10000)
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        try:
+            while not self._stop:
+                if not await sock.poll(50):
+                    continue
+                for _ in range(C.BATCH_MAX_MESSAGES):
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+                        frames = frames.result() if hasattr(frames, "result") else frames
+                    except zmq.Again:
+                        break
+                    reply = self.replies.get(frames[2][0]) if len(frames) == 4 else None
+                    if reply is not None:
+                        sock.send_multipart([frames[0], *reply], flags=zmq.NOBLOCK)
+        finally:
+            sock.close(0)
+
+
+# ---------------------------------------------------------------- one measured run
+@dataclass
+class RunResult:
+    kind: str
+    n: int
+    tasks: int
+    seconds: float
+    steps: int = 0
+    step_seconds: float = 0.0
+    step_cpu: float = 0.0
+    msgs: int = 0
+    verified: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.tasks / self.seconds
+
+
+def setup_farm(tmp: Path, tasks: int):
+    engine = make_engine(f"sqlite:///{tmp / 'farm.db'}")
+    blobs = BlobStore(tmp / "blobs")
+    scene_sha = blobs.write_bytes(SCENE)
+    out_sha = blobs.write_bytes(OUTPUT)
+    with session(engine) as s:
+        owner, _ = auth.create_user(s, "bench", is_admin=True)
+        job = jobs.create_blender_job(s, owner, blobs, {"scene_sha256": scene_sha, "frames": f"1-{tasks}",
+                                                        "chunk": 1, "name": "bench"})
+        s.commit()
+        job_id = job.id
+    return engine, blobs, scene_sha, out_sha, job_id
+
+
+def verify(engine, job_id: int, tasks: int, tally: Tally) -> str:
+    """Every task accepted exactly once, counted in the database, and every ACK distinct and accepted."""
+    with session(engine) as s:
+        def count(q):
+            return s.exec(q).one()
+        accepted = count(select(func.count()).select_from(Task).where(Task.job_id == job_id)
+                         .where(Task.status == "accepted").where(Task.attempt == 1))
+        n_tasks = count(select(func.count()).select_from(Task).where(Task.job_id == job_id))
+        attempts = count(select(func.count()).select_from(Attempt).where(Attempt.job_id == job_id))
+        done_attempts = count(select(func.count()).select_from(Attempt).where(Attempt.job_id == job_id)
+                              .where(Attempt.outcome == "done"))
+        outputs = count(select(func.count()).select_from(Output).where(Output.job_id == job_id))
+        out_tasks = count(select(func.count(func.distinct(Output.task_id))).where(Output.job_id == job_id))
+        job = s.get(Job, job_id)
+    problems = []
+    if not (n_tasks == accepted == attempts == done_attempts == outputs == out_tasks == tasks):
+        problems.append(f"tasks={n_tasks} accepted@attempt1={accepted} attempts={attempts} "
+                        f"done={done_attempts} outputs={outputs} output-tasks={out_tasks}, want {tasks} each")
+    if job.status != "rendered" or job.tasks_accepted != tasks:
+        problems.append(f"job is {job.status} with {job.tasks_accepted} accepted")
+    if tally.rejected or len(set(tally.acks)) != len(tally.acks) or len(tally.acks) != tasks:
+        problems.append(f"{len(tally.acks)} ACKs, {len(set(tally.acks))} distinct, {tally.rejected} rejected")
+    if problems:
+        raise AssertionError("database check failed: " + "; ".join(problems))
+    return f"{tasks} tasks accepted once each ({outputs} outputs, {attempts} attempts, job rendered)"
+
+
+async def run_farm(n: int, tasks: int, in_thread: bool, profile: bool = False):
+    with tempfile.TemporaryDirectory(prefix="rh-dispatch-") as d:
+        engine, blobs, scene_sha, out_sha, job_id = setup_farm(Path(d), tasks)
+        coord = Coordinator(engine, blobs)
+        res = RunResult("farm", n, tasks, 0.0)
+        step = coord.step
+        step_prof = cProfile.Profile() if profile else None
+
+        def timed_step(batch, now=None):
+            t, cpu = time.perf_counter(), time.thread_time()
+            out = step_prof.runcall(step, batch, now) if step_prof else step(batch, now)
+            res.step_seconds += time.perf_counter() - t
+            res.step_cpu += time.thread_time() - cpu
+            res.steps += 1
+            res.msgs += len(batch)
+            return out
+        coord.step = timed_step  # the broker looks the method up on every batch
+        ctx = zmq.asyncio.Context()
+        broker = Broker(coord, "tcp://127.0.0.1:0", ctx=ctx)
+        host = BrokerHost(in_thread)
+        loop_prof = cProfile.Profile() if profile else None
+        try:
+            endpoint = await host.start(broker.run, broker.ready)
+            if loop_prof and in_thread:
+                loop_prof = None  # the broker's loop thread is not profiled then; the step thread is
+            tally = await drive_workers(ctx, endpoint, n, tasks, out_sha, len(OUTPUT), loop_prof)
+        finally:
+            await host.stop(broker.stop)
+            ctx.destroy(0)
+        res.seconds = tally.t_done - tally.t_go
+        res.verified = verify(engine, job_id, tasks, tally)
+        engine.dispose()
+    return res, step_prof, loop_prof
+
+
+async def run_echo(n: int, tasks: int, in_thread: bool) -> RunResult:
+    ctx = zmq.asyncio.Context()
+    scene_sha = "0" * 64
+    server = EchoServer(ctx, scene_sha)
+    host = BrokerHost(in_thread)
+    try:
+        endpoint = await host.start(server.run, server.ready)
+        tally = await drive_workers(ctx, endpoint, n, tasks, "1" * 64, len(OUTPUT))
+    finally:
+        await host.stop(server.stop)
+        ctx.destroy(0)
+    return RunResult("echo", n, tasks, tally.t_done - tally.t_go)
+
+
+# ---------------------------------------------------------------- report
+def top(prof: cProfile.Profile, title: str, limit: int = 15, only: str | None = None) -> str:
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf).sort_stats("cumulative")
+    if only:
+        st.print_stats(only, limit)
+    else:
+        st.print_stats(limit)
+    lines = buf.getvalue().splitlines()
+    start = next((i for i, l in enumerate(lines) if l.lstrip().startswith("ncalls")), 0)
+    body = [re.sub(r"\S*/(?:site-packages|lib/python3\.\d+)/", "", l.replace(str(ROOT) + "/", ""))
+            for l in lines[start:] if l.strip()]
+    return f"--- {title} (top {limit} by cumulative time)\n" + "\n".join(body)
+
+
+def sqlite_share(prof: cProfile.Profile) -> str:
+    """Seconds inside sqlite3 itself (statement execution; commit = WAL write + fsync), from the profile."""
+    totals = {"execute": 0.0, "commit": 0.0, "fetch": 0.0}
+    for (filename, _line, name), (_cc, _nc, tt, _ct, _callers) in pstats.Stats(prof).stats.items():
+        if filename == "~" and "sqlite3" in name:
+            for key in totals:
+                if key in name:
+                    totals[key] += tt
+    return ", ".join(f"sqlite3 {k} {v:.2f} s" for k, v in totals.items())
+
+
+async def main_async(args) -> int:
+    ns = [int(x) for x in args.n.split(",")]
+    where = ("broker on its own asyncio loop in a thread; workers on the main loop"
+             if args.broker_thread else "broker and workers on one asyncio loop")
+    print(f"dispatch benchmark: {where}; coordinator.step in the broker's executor thread; "
+          f"SQLite WAL synchronous=FULL in a temp dir; {args.repeat} run(s) each, medians; "
+          f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}", flush=True)
+    rows = []
+    for n in ns:
+        farm, echo = [], []
+        for _ in range(args.repeat):
+            echo.append(await run_echo(n, args.tasks, args.broker_thread))
+            r, _, _ = await run_farm(n, args.tasks, args.broker_thread)
+            farm.append(r)
+            print(f"  N={n:<3} farm {r.rate:8.0f} tasks/s ({r.seconds:.2f} s, {r.steps} steps, "
+                  f"{r.msgs / max(1, r.steps):.1f} msgs/step, step busy {r.step_seconds / r.seconds:.0%}, "
+                  f"step CPU {r.step_cpu / r.tasks * 1000:.2f} ms/task); echo {echo[-1].rate:8.0f} tasks/s — {r.verified}", flush=True)
+        rows.append((n, farm, echo))
+    print()
+    print("one task = READY→TASK + RESULT→ACK (2 request→reply round trips); echo msgs/s counts round trips;")
+    print("ratio = farm completions/s ÷ echo tasks/s (1.00 would be the bare ZeroMQ ceiling of this harness)")
+    hdr = (f"{'N':>4} {'tasks':>6} {'seconds':>8} {'completions/s':>14} {'raw echo msgs/s':>16} "
+           f"{'echo tasks/s':>13} {'ratio':>6} {'msgs/step':>10} {'step busy':>10} {'step CPU/task':>14}")
+    print(hdr)
+    print("-" * len(hdr))
+    for n, farm, echo in rows:
+        f_sec = statistics.median(r.seconds for r in farm)
+        f_rate = statistics.median(r.rate for r in farm)
+        e_rate = statistics.median(r.rate for r in echo)
+        per_step = statistics.median(r.msgs / max(1, r.steps) for r in farm)
+        busy = statistics.median(r.step_seconds / r.seconds for r in farm)
+        cpu = statistics.median(r.step_cpu / r.tasks * 1000 for r in farm)
+        print(f"{n:>4} {args.tasks:>6} {f_sec:>8.2f} {f_rate:>14.0f} {2 * e_rate:>16.0f} {e_rate:>13.0f} "
+              f"{f_rate / e_rate:>6.3f} {per_step:>10.1f} {busy:>10.0%} {cpu:>11.2f} ms")
+    print("msgs/step: worker messages per Coordinator.step (one transaction, one commit); step busy: share of "
+          "the run's wall time the coordinator thread spent in step; step CPU/task: its CPU time (thread_time) "
+          "per completed task")
+    print(f"verified after every farm run: each of the {args.tasks} tasks accepted exactly once "
+          "(Task/Attempt/Output rows counted, job rendered, ACKs distinct and accepted)")
+    if args.profile:
+        n = args.profile_n
+        print(f"\nprofiled farm run: N={n}, {args.tasks} tasks (cProfile slows it down)")
+        r, step_prof, loop_prof = await run_farm(n, args.tasks, args.broker_thread, profile=True)
+        print(f"  {r.rate:.0f} tasks/s under the profiler; {r.steps} steps, {r.msgs / max(1, r.steps):.1f} "
+              f"msgs/step, step busy {r.step_seconds / r.seconds:.0%} of {r.seconds:.2f} s — {r.verified}")
+        total = pstats.Stats(step_prof).total_tt
+        print(f"  coordinator thread: {total:.2f} s profiled, of which {sqlite_share(step_prof)}; "
+              "the rest is Python (SQLAlchemy ORM, handlers)")
+        print(top(step_prof, "coordinator thread: Coordinator.step"))
+        print(top(step_prof, "coordinator thread, project code only", only=str(ROOT / "farm")))
+        if loop_prof:
+            print(top(loop_prof, "event loop thread: broker + workers"))
+            print("  (time inside zmq send on the loop thread is mostly waiting to re-take the GIL from the "
+                  "busy coordinator thread: pyzmq releases it around each send)")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer tasks, one run each")
+    ap.add_argument("--profile", action="store_true", help="add one cProfiled farm run")
+    ap.add_argument("--profile-n", type=int, default=10, help="workers in the profiled run")
+    ap.add_argument("--broker-thread", action="store_true",
+                    help="run the broker on its own loop in a thread (default: same loop as the workers)")
+    ap.add_argument("--n", default="1,10,50", help="worker counts")
+    ap.add_argument("--tasks", type=int, default=None, help="tasks per run (default 3000, quick 500)")
+    ap.add_argument("--repeat", type=int, default=None, help="runs per N (default 3, quick 1)")
+    args = ap.parse_args()
+    args.tasks = args.tasks or (500 if args.quick else 3000)
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    logging.basicConfig(level=logging.WARNING)
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
