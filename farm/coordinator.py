@@ -26,7 +26,7 @@ from farm.blobs import BlobError, BlobStore
 from farm.db import session as new_session
 from farm.models import Attempt, Job, JobWorker, Output, Task, Worker
 from farm.models import Blob as BlobRow
-from farm.scheduler import Conn, Scheduler, fits
+from farm.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, fits
 from farm.states import JOB_SCHEDULABLE, TASK_LEASED, JobStatus, TaskStatus, transition
 
 log = logging.getLogger("farm.coordinator")
@@ -142,6 +142,11 @@ class Coordinator:
             return
         if not msg.worker_id or len(msg.worker_id) > 100 or not 1 <= msg.slots <= 64:
             out.append((ident, P.Error("HELLO needs a worker_id of 1-100 characters and 1-64 slots")))
+            return
+        # checked here: the scheduler uses both for every assignment, a bad value would stop it for everyone
+        lists = [msg.capabilities.get("runtimes", []), msg.capabilities.get("cached", []) or []]
+        if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists):
+            out.append((ident, P.Error("HELLO capabilities 'runtimes' and 'cached' must be lists of strings")))
             return
         old = self.by_worker.get(msg.worker_id)
         if old is not None and old != ident:
@@ -268,6 +273,9 @@ class Coordinator:
         try:
             got = sorted(int(o["frame"]) for o in outputs)
             for o in outputs:
+                # types checked here, or building the Output rows raises and the RESULT is never answered
+                if type(o["frame"]) is not int or type(o.get("seconds", 0.0)) not in (int, float):
+                    return f"malformed outputs list (frame must be an integer, seconds a number): {o!r:.200}"
                 if not isinstance(o.get("sha256"), str) or not self.blobs.has(o["sha256"]):
                     return f"output of frame {o.get('frame')} was not uploaded (BLOB_PUT it before RESULT)"
         except (KeyError, TypeError, ValueError, BlobError) as exc:
@@ -325,9 +333,10 @@ class Coordinator:
         job.error = reason
         for t in s.exec(select(Task).where(Task.job_id == job.id)
                         .where(Task.status.in_([TaskStatus.queued.value, *LEASED]))):
-            if t.status in LEASED and t.worker_id in self.by_worker:
-                out.append((self.by_worker[t.worker_id], P.Cancel(t.id, t.attempt, "the job failed")))
+            if t.status in LEASED:  # end the attempt even when its worker is offline (not reconnected yet)
                 self._end_attempt(s, t, "canceled", "the job failed", now)
+                if t.worker_id in self.by_worker:
+                    out.append((self.by_worker[t.worker_id], P.Cancel(t.id, t.attempt, "the job failed")))
             t.worker_id, t.lease_expires = None, None
             transition(s, t, TaskStatus.canceled, reason="the job failed", attempt=t.attempt, now=now)
         transition(s, job, JobStatus.failed, reason=reason, now=now)
@@ -338,6 +347,10 @@ class Coordinator:
         self._end_attempt(s, task, "lost", reason, now)
         task.worker_id, task.lease_expires = None, None
         self.stats["lost"] += 1
+        ident = self.by_worker.get(worker_id)
+        if ident in self.conns:  # still connected (lease expired): it does not hold the task, so the slot is free
+            conn = self.conns[ident]
+            conn.free = min(conn.slots, conn.free + 1)
         if task.attempt >= C.TASK_MAX_ATTEMPTS:
             job = s.get(Job, task.job_id)
             transition(s, task, TaskStatus.failed, reason=f"lost {task.attempt} leases: {reason}",
@@ -365,11 +378,12 @@ class Coordinator:
         capacity = sum(c.free for c in free)
         if not capacity:
             return
+        limit = capacity * 4 + 16
         rows = s.exec(select(Task, Job).join(Job, Job.id == Task.job_id)
                       .where(Task.status == TaskStatus.queued.value)
                       .where(Job.status.in_([x.value for x in JOB_SCHEDULABLE]))
                       .order_by(Task.priority.desc(), Task.job_id, Task.index)
-                      .limit(capacity * 4 + 16)).all()
+                      .limit(limit)).all()
         if not rows:
             return
         job_ids = {t.job_id for t, _ in rows}
@@ -387,6 +401,22 @@ class Coordinator:
             self._lease(s, task, job, conn, now, out)
             if not any(c.free for c in free):
                 break
+        if len(rows) == limit:  # the window was full of tasks these workers may not take: look further
+            for conn in [c for c in free if c.free > 0]:
+                self._assign_deeper(s, conn, now, out)
+
+    def _assign_deeper(self, s: Session, conn: Conn, now: float, out: Outgoing) -> None:
+        """Lease to ``conn`` the first queued tasks that it may take (kind fits, job not blocklisted),
+        however deep in the queue: a blocklisted or specialised worker must not starve behind a big job."""
+        runtimes = conn.capabilities.get("runtimes", ["blender"])
+        kinds = sorted({k for k, r in RUNTIME_FOR_KIND.items() if r in runtimes} | set(runtimes))
+        blocked = select(JobWorker.job_id).where(JobWorker.worker_id == conn.worker_id).where(JobWorker.blocked)
+        for task, job in s.exec(select(Task, Job).join(Job, Job.id == Task.job_id)
+                                .where(Task.status == TaskStatus.queued.value)
+                                .where(Job.status.in_([x.value for x in JOB_SCHEDULABLE]))
+                                .where(Task.kind.in_(kinds)).where(Task.job_id.notin_(blocked))
+                                .order_by(Task.priority.desc(), Task.job_id, Task.index).limit(conn.free)).all():
+            self._lease(s, task, job, conn, now, out)
 
     def _lease(self, s: Session, task: Task, job: Job, conn: Conn, now: float, out: Outgoing) -> None:
         task.attempt += 1

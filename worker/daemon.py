@@ -324,9 +324,10 @@ class WorkerDaemon:
                         while next_req - offset < window * chunk and (total is None or next_req < total):
                             self.send(P.BlobGet(sha, next_req, chunk))
                             next_req += chunk
-                        try:
-                            m = await asyncio.wait_for(q.get(), C.BLOB_TRANSFER_TIMEOUT)
-                        except asyncio.TimeoutError:
+                        try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a task's CANCEL
+                            async with asyncio.timeout(C.BLOB_TRANSFER_TIMEOUT):
+                                m = await q.get()
+                        except TimeoutError:
                             next_req = offset  # lost requests (reconnect): ask again from what we have
                             continue
                         if m.error:
@@ -364,8 +365,9 @@ class WorkerDaemon:
                             self.stats["bytes_uploaded"] += len(data)
                             next_send += len(data)
                     try:
-                        ack = await asyncio.wait_for(q.get(), C.BLOB_TRANSFER_TIMEOUT)
-                    except asyncio.TimeoutError:
+                        async with asyncio.timeout(C.BLOB_TRANSFER_TIMEOUT):
+                            ack = await q.get()
+                    except TimeoutError:
                         acked = None
                         self.send(P.BlobPut(sha, 0, total, b""))
                         continue
