@@ -13,6 +13,7 @@ sockets, so tests drive it directly. Invariants:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -55,20 +56,25 @@ class Coordinator:
         now = self.clock() if now is None else now
         out: Outgoing = []
         try:
-            with new_session(self.engine) as s:
-                for frames in batch:
-                    self._handle(s, frames, now, out)
-                self._maintain(s, now, out)
-                s.commit()
+            with self._undo_on_error():
+                with new_session(self.engine) as s:
+                    for frames in batch:
+                        self._handle(s, frames, now, out)
+                    self._maintain(s, now, out)
+                    s.commit()
         except Exception:  # a handler bug must not take the coordinator down: retry one by one
             log.exception("batch of %d failed; retrying its messages one at a time", len(batch))
             out = []
-            for frames in batch:
+            for frames in batch + [None]:  # None: the assignment round and sweep, on their own
                 one: Outgoing = []
                 try:
-                    with new_session(self.engine) as s:
-                        self._handle(s, frames, now, one)
-                        s.commit()
+                    with self._undo_on_error():
+                        with new_session(self.engine) as s:
+                            if frames is None:
+                                self._maintain(s, now, one)
+                            else:
+                                self._handle(s, frames, now, one)
+                            s.commit()
                     out += one
                 except Exception:
                     log.exception("dropping a message that could not be handled")
@@ -76,6 +82,21 @@ class Coordinator:
                         out.append((frames[0], P.Error("internal error handling this message; it was dropped")))
         out, self.pending = self.pending + out, []
         return out
+
+    @contextlib.contextmanager
+    def _undo_on_error(self):
+        """Restore the in-memory scheduling state when a transaction is rolled back, so that a lease that
+        was never committed does not keep a worker's slot, and the assignment round is not forgotten."""
+        free = {ident: c.free for ident, c in self.conns.items()}
+        want = self.want_assign
+        try:
+            yield
+        except Exception:
+            for ident, n in free.items():
+                if ident in self.conns:
+                    self.conns[ident].free = n
+            self.want_assign = want or True
+            raise
 
     def cancel_job(self, job_id: int, user) -> dict[str, Any]:
         """Cancel a job for the API. Runs on the coordinator's thread (like ``step``), so task rows are

@@ -499,3 +499,25 @@ def test_blob_put_probe_chunks_resume_and_verify(env):
     # a declared size over the limit is refused before anything is written
     [(_, ack)] = d.send((b"w1", P.BlobPut(sha256(b"big"), 0, blobs.max_bytes + 1, b"")))
     assert "limit" in ack.error
+
+
+
+def test_a_failing_batch_is_rolled_back_without_losing_slots_or_the_assignment_round(env, monkeypatch):
+    """A handler bug rolls the transaction back; the lease it contained must not eat the worker's slot."""
+    engine, blobs, user, coord, d = env
+    job = make_job(engine, blobs, user, "1-2")
+    d.hello(b"w1", slots=1)
+    boom = {"n": 1}
+    real_lease = coord._lease
+
+    def flaky_lease(*args, **kwargs):
+        real_lease(*args, **kwargs)
+        if boom["n"]:
+            boom["n"] -= 1
+            raise RuntimeError("simulated bug after a lease")
+    monkeypatch.setattr(coord, "_lease", flaky_lease)
+    tasks = of(d.send((b"w1", P.Ready(1))), P.Task, b"w1")
+    assert len(tasks) == 1  # the retry leased again, once
+    leased = [t for t in tasks_of(engine, job) if t.status == "assigned"]
+    assert [(t.id, t.attempt) for t in leased] == [(tasks[0].task_id, tasks[0].attempt)]
+    assert tasks[0].attempt == 1
