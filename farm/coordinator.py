@@ -25,7 +25,7 @@ from farm import constants as C
 from farm import protocol as P
 from farm.blobs import BlobError, BlobStore
 from farm.db import session as new_session
-from farm.models import Attempt, Job, JobWorker, Output, Task, Worker
+from farm.models import Attempt, Job, JobWorker, Output, Task, TaskDep, Worker
 from farm.models import Blob as BlobRow
 from farm.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, fits
 from farm.states import JOB_SCHEDULABLE, TASK_LEASED, JobStatus, TaskStatus, transition
@@ -262,12 +262,11 @@ class Coordinator:
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, problem)))
             return
         job = s.get(Job, task.job_id)
-        ext = "exr" if task.spec.get("settings", {}).get("format") == "EXR" else "png"
+        final = bool(task.spec.get("final", True))
         for o in msg.outputs:
-            s.add(Output(job_id=task.job_id, task_id=task.id, attempt=task.attempt, frame=o["frame"],
-                         name=f"frame_{o['frame']:04d}.{ext}", sha256=o["sha256"],
-                         size=self.blobs.size(o["sha256"]), worker_id=conn.worker_id,
-                         render_seconds=float(o.get("seconds", 0.0))))
+            s.add(Output(job_id=task.job_id, task_id=task.id, attempt=task.attempt, frame=o.get("frame", 0),
+                         name=o["name"], sha256=o["sha256"], size=self.blobs.size(o["sha256"]), final=final,
+                         worker_id=conn.worker_id, render_seconds=float(o.get("seconds", 0.0))))
         att = self._attempt(s, task)
         if att:
             att.outcome, att.ended_at, att.render_seconds = "done", now, float(msg.render_seconds)
@@ -284,26 +283,47 @@ class Coordinator:
             s.add(w)
         job.tasks_accepted += 1
         s.add(job)
+        self._release_dependents(s, task, now)
         if job.tasks_accepted >= job.tasks_total and job.status == JobStatus.active.value:
             transition(s, job, JobStatus.rendered, reason="every task accepted", now=now)
         self.stats["results"] += 1
         out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
 
     def _check_outputs(self, task: Task, outputs: list[dict[str, Any]]) -> str:
-        want = sorted(task.spec.get("frames", []))
-        try:
-            got = sorted(int(o["frame"]) for o in outputs)
-            for o in outputs:
-                # types checked here, or building the Output rows raises and the RESULT is never answered
-                if type(o["frame"]) is not int or type(o.get("seconds", 0.0)) not in (int, float):
-                    return f"malformed outputs list (frame must be an integer, seconds a number): {o!r:.200}"
-                if not isinstance(o.get("sha256"), str) or not self.blobs.has(o["sha256"]):
-                    return f"output of frame {o.get('frame')} was not uploaded (BLOB_PUT it before RESULT)"
-        except (KeyError, TypeError, ValueError, BlobError) as exc:
-            return f"malformed outputs list ({exc})"
+        """Why ``outputs`` is not a valid result of ``task`` ("" when it is): it must name exactly the
+        task's expected outputs, each uploaded, with well-typed fields."""
+        want = sorted(task.spec.get("outputs", []))
+        for o in outputs:
+            # types checked here, or building the Output rows raises and the RESULT is never answered
+            if (not isinstance(o.get("name"), str) or type(o.get("frame", 0)) is not int
+                    or type(o.get("seconds", 0.0)) not in (int, float) or not isinstance(o.get("sha256"), str)):
+                return f"malformed outputs list (name and sha256 strings, frame an integer, seconds a number): {o!r:.200}"
+        got = sorted(o["name"] for o in outputs)
         if got != want:
-            return f"outputs cover frames {got}, the task asked for {want}"
+            return f"outputs are {got}, the task asked for {want}"
+        for o in outputs:
+            try:
+                if not self.blobs.has(o["sha256"]):
+                    return f"output {o['name']} was not uploaded (BLOB_PUT it before RESULT)"
+            except BlobError as exc:
+                return f"output {o['name']}: {exc}"
         return ""
+
+    def _release_dependents(self, s: Session, task: Task, now: float) -> None:
+        """Queue the tasks that waited for ``task`` once all they wait for is accepted, with the outputs
+        of those tasks as their inputs (``spec["input_names"]`` maps output names to blob hashes)."""
+        for dep in s.exec(select(TaskDep).where(TaskDep.needs_id == task.id)).all():
+            waiting = s.get(Task, dep.task_id)
+            if waiting is None or waiting.status != TaskStatus.waiting.value:
+                continue
+            needs = s.exec(select(TaskDep.needs_id).where(TaskDep.task_id == waiting.id)).all()
+            if any(s.get(Task, n).status != TaskStatus.accepted.value for n in needs):
+                continue
+            outs = s.exec(select(Output).where(Output.task_id.in_(needs)).order_by(Output.frame, Output.name)).all()
+            waiting.inputs = list(dict.fromkeys([*waiting.inputs, *(o.sha256 for o in outs)]))
+            waiting.spec = {**waiting.spec, "input_names": {o.name: o.sha256 for o in outs}}
+            transition(s, waiting, TaskStatus.queued, reason="every task it waits for is accepted", now=now)
+            self.want_assign = True
 
     def _on_failed(self, s, conn: Conn, msg: P.Failed, now, out) -> None:
         task = s.get(Task, msg.task_id)
@@ -353,7 +373,7 @@ class Coordinator:
             return
         job.error = reason
         for t in s.exec(select(Task).where(Task.job_id == job.id)
-                        .where(Task.status.in_([TaskStatus.queued.value, *LEASED]))):
+                        .where(Task.status.in_([TaskStatus.waiting.value, TaskStatus.queued.value, *LEASED]))):
             if t.status in LEASED:  # end the attempt even when its worker is offline (not reconnected yet)
                 self._end_attempt(s, t, "canceled", "the job failed", now)
                 if t.worker_id in self.by_worker:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import case, func
 from sqlmodel import Session, select
 
 from farm import splitter
 from farm.blobs import BlobStore, check_sha
-from farm.models import Attempt, Event, Job, Output, Task, User
+from farm.models import Attempt, Event, Job, Output, Task, TaskDep, User
 from farm.states import TASK_LEASED, JobStatus, TaskStatus, transition
 
 BLEND_MAGIC = (b"BLENDER", b"\x28\xb5\x2f\xfd", b"\x1f\x8b")  # plain, zstd (Blender ≥ 3.0), gzip
@@ -51,22 +51,37 @@ def create_blender_job(session: Session, owner: User, blobs: BlobStore, req: dic
     try:
         settings = splitter.render_settings(req.get("format", "PNG"), req.get("color_depth"),
                                             req.get("samples"), req.get("resolution_percent"))
-        tasks = splitter.split_blender(str(req.get("frames", "")), int(req.get("chunk", 1)))
+        chunk = int(req.get("chunk", 1))
+        plans = splitter.plan_blender(scene, str(req.get("frames", "")), chunk, settings)
     except (ValueError, TypeError) as exc:
         raise JobError(str(exc)) from None
-    priority = int(req.get("priority", 0))
-    job = Job(owner_id=owner.id, name=str(req.get("name") or "")[:200], kind="blender", priority=priority,
-              spec={"scene_sha256": scene, "frames": req.get("frames"), "chunk": int(req.get("chunk", 1)),
-                    "settings": settings, "client_key": client_key, "scene_name": str(req.get("scene_name", ""))[:200]},
-              tasks_total=len(tasks))
+    spec = {"scene_sha256": scene, "frames": req.get("frames"), "chunk": chunk, "settings": settings,
+            "client_key": client_key, "scene_name": str(req.get("scene_name", ""))[:200]}
+    return store_plans(session, owner, "blender", str(req.get("name") or "")[:200], int(req.get("priority", 0)),
+                       spec, plans, f"frames {req.get('frames')}")
+
+
+def store_plans(session: Session, owner: User, kind: str, name: str, priority: int, spec: dict[str, Any],
+                plans: list[splitter.TaskPlan], what: str) -> Job:
+    """Create the job and its tasks from a plan (tasks that wait for others start as ``waiting``)."""
+    spec = {**spec, "outputs_total": sum(len(p.outputs) for p in plans if p.final)}
+    job = Job(owner_id=owner.id, name=name, kind=kind, priority=priority, spec=spec, tasks_total=len(plans))
     session.add(job)
     session.flush()
-    for i, t in enumerate(tasks):
-        session.add(Task(job_id=job.id, index=i, kind="render", priority=priority,
-                         spec={**t, "settings": settings, "scene_sha256": scene}, inputs=[scene],
-                         progress_total=len(t["frames"])))
-    session.add(Event(kind="job", job_id=job.id, new=JobStatus.queued.value,
-                      detail=f"{len(tasks)} tasks, frames {req.get('frames')}"))
+    rows: list[Task] = []
+    for i, p in enumerate(plans):
+        task = Task(job_id=job.id, index=i, kind=p.kind, priority=priority,
+                    spec={**p.spec, "outputs": p.outputs, "final": p.final, "units": p.units},
+                    inputs=list(p.inputs),
+                    progress_total=p.units,
+                    status=TaskStatus.waiting.value if p.needs else TaskStatus.queued.value)
+        session.add(task)
+        rows.append(task)
+    session.flush()
+    for task, p in zip(rows, plans):
+        for n in p.needs:
+            session.add(TaskDep(task_id=task.id, needs_id=rows[n].id))
+    session.add(Event(kind="job", job_id=job.id, new=JobStatus.queued.value, detail=f"{len(plans)} tasks, {what}"))
     return job
 
 
@@ -84,14 +99,22 @@ def task_counts(session: Session, job_id: int) -> dict[str, int]:
 
 def job_view(session: Session, job: Job, detail: bool = False) -> dict[str, Any]:
     counts = task_counts(session, job.id)
-    frames_total = session.exec(select(func.sum(Task.progress_total)).where(Task.job_id == job.id)).one() or 0
-    frames_done = session.exec(select(func.count()).select_from(Output).where(Output.job_id == job.id)).one()
-    partial = session.exec(select(func.sum(Task.progress_done)).where(Task.job_id == job.id)
-                           .where(Task.status.in_([s.value for s in TASK_LEASED]))).one() or 0
+    frames_total = job.spec.get("outputs_total", 0)
+    frames_done = session.exec(select(func.count()).select_from(Output).where(Output.job_id == job.id)
+                               .where(Output.final)).one()
+    # progress in task units (frames, tiles, images): finished tasks count whole, leased ones by progress
+    units_total, units_done = session.exec(
+        select(func.coalesce(func.sum(Task.progress_total), 0),
+               func.coalesce(func.sum(case((Task.status == TaskStatus.accepted.value, Task.progress_total),
+                                           (Task.status.in_([s.value for s in TASK_LEASED]), Task.progress_done),
+                                           else_=0)), 0))
+        .where(Task.job_id == job.id)).one()
     view = {"id": job.id, "name": job.name, "kind": job.kind, "status": job.status, "priority": job.priority,
             "created_at": job.created_at, "updated_at": job.updated_at, "error": job.error,
             "tasks": {"total": job.tasks_total, **counts}, "frames_total": frames_total,
-            "frames_done": frames_done, "progress": (frames_done + partial) / frames_total if frames_total else 0.0,
+            "frames_done": frames_done,
+            "units_total": units_total, "units_done": units_done,
+            "progress": min(1.0, units_done / units_total) if units_total else 0.0,
             "spec": {k: v for k, v in job.spec.items() if k != "client_key"}}
     if detail:
         tasks = session.exec(select(Task).where(Task.job_id == job.id).order_by(Task.index)).all()
@@ -106,7 +129,9 @@ def job_view(session: Session, job: Job, detail: bool = False) -> dict[str, Any]
 
 
 def outputs(session: Session, job: Job) -> list[Output]:
-    return list(session.exec(select(Output).where(Output.job_id == job.id).order_by(Output.frame, Output.name)))
+    """The job's results (final outputs), in frame order."""
+    return list(session.exec(select(Output).where(Output.job_id == job.id).where(Output.final)
+                             .order_by(Output.frame, Output.name)))
 
 
 def cancel_job(session: Session, job: Job, reason: str = "canceled by the creator") -> list[tuple[str, int, int]]:
@@ -118,8 +143,8 @@ def cancel_job(session: Session, job: Job, reason: str = "canceled by the creato
     now = time.time()
     revoke = []
     for task in session.exec(select(Task).where(Task.job_id == job.id)):
-        if task.status in (TaskStatus.queued.value, TaskStatus.assigned.value, TaskStatus.running.value,
-                           TaskStatus.done.value, TaskStatus.verifying.value):
+        if task.status in (TaskStatus.waiting.value, TaskStatus.queued.value, TaskStatus.assigned.value,
+                           TaskStatus.running.value, TaskStatus.done.value, TaskStatus.verifying.value):
             if task.worker_id and task.status in (TaskStatus.assigned.value, TaskStatus.running.value):
                 revoke.append((task.worker_id, task.id, task.attempt))
                 att = session.exec(select(Attempt).where(Attempt.task_id == task.id)

@@ -65,6 +65,12 @@ class Task(SQLModel, table=True):
     updated_at: float = Field(default_factory=_now)
 
 
+class TaskDep(SQLModel, table=True):
+    """``task_id`` waits until ``needs_id`` is accepted; then it gets the outputs of ``needs_id`` as inputs."""
+    task_id: int = Field(foreign_key="task.id", primary_key=True)
+    needs_id: int = Field(foreign_key="task.id", primary_key=True, index=True)
+
+
 class Attempt(SQLModel, table=True):
     """One lease of a task to a worker, and how it ended (fencing token: (task_id, attempt))."""
     __table_args__ = (UniqueConstraint("task_id", "attempt"),)
@@ -111,7 +117,8 @@ class Blob(SQLModel, table=True):
 
 
 class Output(SQLModel, table=True):
-    """A file a job produced (one row per frame file), from the accepted attempt of its task."""
+    """A file a task produced, from its accepted attempt. ``final`` outputs (frames, images, videos) are
+    the job's results; the others (tiles) are intermediate, fed to dependent tasks only."""
     __table_args__ = (UniqueConstraint("job_id", "name"),)
     id: Optional[int] = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="job.id", index=True)
@@ -121,6 +128,7 @@ class Output(SQLModel, table=True):
     name: str
     sha256: str
     size: int
+    final: bool = True
     worker_id: str = ""
     render_seconds: float = 0.0
     created_at: float = Field(default_factory=_now)

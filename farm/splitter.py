@@ -1,12 +1,14 @@
-"""Turning a job request into tasks.
+"""Turning a job request into a plan of tasks.
 
 Frame specs use the Blender/Deadline style ``1-24,30,40-50x2`` (ranges, single frames, ``xN`` steps).
-Frames are split into chunks of ``chunk`` consecutive frames, one task per chunk. Validation errors are
-:class:`SpecError` with a message that says how to write the spec correctly.
+Frames are split into chunks of ``chunk`` consecutive frames, one task per chunk. A plan names every
+output a task must return (the coordinator accepts a result only if it has exactly those names) and the
+tasks it waits for. Validation errors are :class:`SpecError` with a message that says how to fix them.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from farm.constants import MAX_FRAMES_PER_JOB, MAX_RESOLUTION, MAX_SAMPLES
@@ -65,6 +67,32 @@ def render_settings(fmt: str = "PNG", color_depth: str | None = None, samples: i
             "resolution_percent": resolution_percent, "max_resolution": MAX_RESOLUTION}
 
 
+@dataclass
+class TaskPlan:
+    """One task to create: its kind, spec, input blobs, the output names it must return, whether those
+    outputs are results of the job (``final``) or intermediate, and the plans (by index) it waits for."""
+    kind: str
+    spec: dict[str, Any]
+    inputs: list[str]
+    outputs: list[str]
+    final: bool = True
+    needs: list[int] = field(default_factory=list)
+    units: int = 1  # progress units: frames, tiles, images
+
+
+def frame_name(frame: int, fmt: str) -> str:
+    return f"frame_{frame:04d}.{'exr' if fmt == 'EXR' else 'png'}"
+
+
+def plan_blender(scene_sha256: str, frames_spec: str, chunk: int, settings: dict[str, Any]) -> list[TaskPlan]:
+    """A frame job: one render task per chunk of frames, each returning its frames' files."""
+    plans = []
+    for c in chunks(parse_frames(frames_spec), chunk):
+        plans.append(TaskPlan("render", {"frames": c, "settings": settings, "scene_sha256": scene_sha256},
+                              [scene_sha256], [frame_name(f, settings["format"]) for f in c], units=len(c)))
+    return plans
+
+
 def split_blender(frames_spec: str, chunk: int = 1) -> list[dict[str, Any]]:
-    """Task specs (without the shared render settings) of a frame job: one per chunk of frames."""
+    """Frames of each task of a frame job (without settings)."""
     return [{"frames": c} for c in chunks(parse_frames(frames_spec), chunk)]

@@ -25,6 +25,7 @@ class JobStatus(str, enum.Enum):
 
 
 class TaskStatus(str, enum.Enum):
+    waiting = "waiting"      # depends on tasks not accepted yet (assembling tiles, encoding a video)
     queued = "queued"        # waiting for a worker (also after a lost lease or a retryable failure)
     assigned = "assigned"    # leased to a worker, TASK sent
     running = "running"      # the worker reported progress
@@ -50,6 +51,7 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    T.waiting: frozenset({T.queued, T.canceled}),
     T.queued: frozenset({T.assigned, T.canceled, T.failed}),
     T.assigned: frozenset({T.running, T.done, T.queued, T.failed, T.canceled}),
     T.running: frozenset({T.done, T.queued, T.failed, T.canceled}),

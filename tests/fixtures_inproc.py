@@ -69,11 +69,11 @@ def get(engine, model, key):
         return s.get(model, key)
 
 
-def output_blob(blobs: BlobStore, frame: int, tag: str = "") -> dict[str, Any]:
+def output_blob(blobs: BlobStore, frame: int, tag: str = "", ext: str = "png") -> dict[str, Any]:
     """Store a fake frame file (as a worker's BLOB_PUT would have) and return its RESULT output entry."""
     data = f"\x89PNG frame {frame} {tag}".encode() * 10
     sha = blobs.write_bytes(data)
-    return {"frame": frame, "sha256": sha, "size": len(data), "name": f"frame_{frame:04d}.png", "seconds": 0.25}
+    return {"frame": frame, "sha256": sha, "size": len(data), "name": f"frame_{frame:04d}.{ext}", "seconds": 0.25}
 
 
 class Driver:

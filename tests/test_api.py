@@ -54,7 +54,8 @@ def render_all(engine, blobs, job_id: int) -> dict[int, bytes]:
     frames = {}
     for t in of(d.send((b"wr", P.Ready(64))), P.Task):
         assert t.job_id == job_id
-        outs = [output_blob(blobs, f, "api") for f in t.spec["frames"]]
+        ext = t.spec["outputs"][0].rsplit(".", 1)[1]
+        outs = [output_blob(blobs, f, "api", ext) for f in t.spec["frames"]]
         for o in outs:
             frames[o["frame"]] = blobs.read(o["sha256"], 0, o["size"])
         assert of(d.send((b"wr", P.Result(t.task_id, t.attempt, outs, 1.0))), P.Ack)[0].accepted

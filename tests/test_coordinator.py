@@ -521,3 +521,45 @@ def test_a_failing_batch_is_rolled_back_without_losing_slots_or_the_assignment_r
     leased = [t for t in tasks_of(engine, job) if t.status == "assigned"]
     assert [(t.id, t.attempt) for t in leased] == [(tasks[0].task_id, tasks[0].attempt)]
     assert tasks[0].attempt == 1
+
+
+def test_dependent_task_waits_then_gets_the_outputs_it_needs(env):
+    """A task that needs others (a tile assembly, a video encode) stays waiting until they are accepted,
+    then is queued with their outputs as inputs; intermediate outputs are not the job's results."""
+    from farm import jobs
+    from farm.splitter import TaskPlan
+    from farm.states import TaskStatus
+    from farm.db import session as new_session
+    from farm.models import User
+    from tests.fixtures_inproc import put_scene
+    engine, blobs, user, coord, d = env
+    scene = put_scene(blobs)
+    plans = [TaskPlan("render", {"frames": [1], "scene_sha256": scene}, [scene], ["frame_0001.png"], final=False),
+             TaskPlan("render", {"frames": [2], "scene_sha256": scene}, [scene], ["frame_0002.png"], final=False),
+             TaskPlan("render", {"frames": [1, 2], "scene_sha256": scene}, [], ["frame_0001.png.x", "frame_0002.png.x"],
+                      needs=[0, 1])]
+    with new_session(engine) as s:
+        job = jobs.store_plans(s, s.get(User, user.id), "blender", "deps", 0, {}, plans, "test")
+        s.commit()
+        job_id = job.id
+    first = lease(d, b"w1", n=3)
+    assert len(first) == 2 and all(t.spec["outputs"][0].startswith("frame_000") for t in first)
+    assert tasks_of(engine, job_id)[2].status == TaskStatus.waiting.value
+    for t in first:
+        d.send((b"w1", result_for(blobs, t)))
+    third = tasks_of(engine, job_id)[2]
+    assert third.status in ("queued", "assigned")
+    inter = rows(engine, Output, Output.job_id == job_id)
+    assert third.spec["input_names"] == {o.name: o.sha256 for o in inter}
+    assert sorted(third.inputs) == sorted(o.sha256 for o in inter)
+    assert not any(o.final for o in inter)
+    task = of(d.send((b"w1", P.Ready(1))), P.Task, b"w1")
+    task = task[0] if task else None
+    if task is None:  # leased already in the round that released it
+        t3 = tasks_of(engine, job_id)[2]
+        task = P.Task(t3.id, t3.attempt, job_id, 30.0, t3.kind, t3.spec, t3.inputs)
+    outs = [{**output_blob(blobs, i + 1, "final"), "name": n} for i, n in enumerate(task.spec["outputs"])]
+    assert of(d.send((b"w1", P.Result(task.task_id, task.attempt, outs, 1.0))), P.Ack)[0].accepted
+    assert get(engine, Job, job_id).status == "rendered"
+    with new_session(engine) as s:
+        assert [o.name for o in jobs.outputs(s, s.get(Job, job_id))] == ["frame_0001.png.x", "frame_0002.png.x"]

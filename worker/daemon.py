@@ -32,15 +32,10 @@ from farm import constants as C
 from farm import protocol as P
 from farm.blobs import file_sha256
 from worker.blobcache import BlobCache
+from worker.executors import EXECUTORS, RUNTIMES, TaskContext, TaskFailure
 from worker.runtime import RuntimeCrashed, RuntimeProcess
 
 log = logging.getLogger("worker")
-
-
-class TaskFailure(Exception):
-    def __init__(self, reason: str, retryable: bool):
-        super().__init__(reason)
-        self.retryable = retryable
 
 
 @dataclass
@@ -70,7 +65,7 @@ class WorkerDaemon:
         self.wallet = wallet
         self.id = worker_id or self._load_id()
         self.gpu_args = gpu_assignment(gpus, slots)
-        self.runtimes: list[RuntimeProcess | None] = [None] * slots
+        self.runtimes: dict[tuple[str, int], RuntimeProcess] = {}  # (runtime name, slot) → child
         self.ready_info: dict[str, Any] = {}
         self.ctx = zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
@@ -90,17 +85,16 @@ class WorkerDaemon:
         return wid
 
     # ------------------------------------------------------------------ runtimes
-    def _runtime_for(self, slot: int) -> RuntimeProcess:
-        return RuntimeProcess("worker.blender_runtime", ["--gpus", self.gpu_args[slot]],
-                              self.dir / "runtime" / f"slot{slot}")
-
-    async def _runtime(self, slot: int) -> RuntimeProcess:
-        rt = self.runtimes[slot]
+    async def _runtime(self, slot: int, name: str = "blender") -> RuntimeProcess:
+        """The slot's child of runtime ``name``, started (again) if it is not running."""
+        rt = self.runtimes.get((name, slot))
         if rt is None or not rt.alive:
-            rt = self._runtime_for(slot)
+            module, args = RUNTIMES[name]
+            rt = RuntimeProcess(module, args(self.gpu_args[slot]), self.dir / "runtime" / f"{name}-slot{slot}")
             info = await rt.start()
-            self.ready_info = self.ready_info or info
-            self.runtimes[slot] = rt
+            if name == "blender":
+                self.ready_info = self.ready_info or info
+            self.runtimes[(name, slot)] = rt
         return rt
 
     async def start_runtimes(self) -> None:
@@ -111,7 +105,8 @@ class WorkerDaemon:
               flush=True)
 
     def capabilities(self) -> dict[str, Any]:
-        return {"runtimes": ["blender"], "engines": self.ready_info.get("engines", []),
+        return {"runtimes": sorted({name for name, _ in EXECUTORS.values() if name} | set(EXECUTORS)),
+                "engines": self.ready_info.get("engines", []),
                 "devices": self.ready_info.get("devices", []), "gpu": bool(self.ready_info.get("gpu")),
                 "bpy": self.ready_info.get("bpy_version", ""), "hostname": socket.gethostname(),
                 "cached": self.cache.hashes()[:1000]}
@@ -237,9 +232,9 @@ class WorkerDaemon:
         try:
             final = await self._execute(msg, slot, out_dir)
         except asyncio.CancelledError:
-            rt = self.runtimes[slot]
-            if rt is not None:
-                await rt.kill()  # the frame in progress is abandoned; a fresh child starts next time
+            for (_name, sl), rt in list(self.runtimes.items()):
+                if sl == slot:
+                    await rt.kill()  # the work in progress is abandoned; a fresh child starts next time
             raise
         except TaskFailure as exc:
             final = P.Failed(msg.task_id, msg.attempt, str(exc), exc.retryable)
@@ -261,48 +256,42 @@ class WorkerDaemon:
             self.send(P.Ready(self.free_slots()))
 
     async def _execute(self, msg: P.Task, slot: int, out_dir: Path) -> P.Result:
-        if msg.kind != "render":
+        if msg.kind not in EXECUTORS:
             raise TaskFailure(f"this worker cannot run {msg.kind!r} tasks", True)
-        spec = msg.spec
-        frames = list(spec.get("frames", []))
-        scene = await self.fetch(spec["scene_sha256"])
-        self.send(P.Progress(msg.task_id, msg.attempt, 0, len(frames), "scene ready"))
-        rt = await self._runtime(slot)
+        runtime_name, executor = EXECUTORS[msg.kind]
+        inputs = {sha: await self.fetch(sha) for sha in msg.inputs}
+        total = int(msg.spec.get("units", 0)) or len(msg.spec.get("outputs", [])) or 1
+        self.send(P.Progress(msg.task_id, msg.attempt, 0, total, "inputs ready"))
         out_dir.mkdir(parents=True, exist_ok=True)
-        request = {"op": "render", "scene": str(scene), "scene_key": spec["scene_sha256"], "frames": frames,
-                   "out_dir": str(out_dir), "settings": spec.get("settings", {})}
-        outputs, done, seconds = [], 0, 0.0
-        async for ev in rt.request(request):
-            if ev.get("event") == "frame":
-                done += 1
-                self.send(P.Progress(msg.task_id, msg.attempt, done, len(frames), f"frame {ev['frame']}"))
-            elif ev.get("event") == "error":
-                raise TaskFailure(ev.get("message", "render failed"), bool(ev.get("retryable", False)))
-            elif ev.get("event") == "done":
-                outputs = ev["outputs"]
-        result = []
-        for o in outputs:
-            path = Path(o["path"])
-            sha = await asyncio.to_thread(file_sha256, path)
-            await self.upload(path, sha)
-            result.append({"frame": int(o["frame"]), "sha256": sha, "size": path.stat().st_size,
-                           "name": path.name, "seconds": float(o.get("seconds", 0.0))})
-            seconds += float(o.get("seconds", 0.0))
+
+        def progress(done: int, of: int, message: str) -> None:
+            self.send(P.Progress(msg.task_id, msg.attempt, done, of, message))
+
+        async def runtime() -> RuntimeProcess:
+            return await self._runtime(slot, runtime_name)
+        ctx = TaskContext(msg.task_id, msg.attempt, msg.kind, msg.spec, inputs, out_dir, progress, runtime)
+        result, seconds = [], 0.0
+        for p in await executor(ctx):
+            sha = await asyncio.to_thread(file_sha256, p.path)
+            await self.upload(p.path, sha)
+            result.append({"frame": p.frame, "sha256": sha, "size": p.path.stat().st_size, "name": p.name,
+                           "seconds": p.seconds})
+            seconds += p.seconds
         return P.Result(msg.task_id, msg.attempt, result, seconds)
 
     async def _recycle_if_bloated(self, slot: int) -> None:
         """Restart a runtime child that grew past RUNTIME_MAX_RSS_BYTES (it is started again lazily)."""
-        rt = self.runtimes[slot]
-        if rt is None or not rt.alive or rt.pid is None:
-            return
-        try:
-            status = Path(f"/proc/{rt.pid}/status").read_text()
-            rss = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmRSS:"))) * 1024
-        except (OSError, StopIteration, ValueError):
-            return
-        if rss > C.RUNTIME_MAX_RSS_BYTES:
-            log.warning("runtime of slot %d uses %d MB, over the ceiling: restarting it", slot, rss >> 20)
-            await rt.stop()
+        for (name, sl), rt in list(self.runtimes.items()):
+            if sl != slot or not rt.alive or rt.pid is None:
+                continue
+            try:
+                status = Path(f"/proc/{rt.pid}/status").read_text()
+                rss = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmRSS:"))) * 1024
+            except (OSError, StopIteration, ValueError):
+                continue
+            if rss > C.RUNTIME_MAX_RSS_BYTES:
+                log.warning("%s runtime of slot %d uses %d MB, over the ceiling: restarting it", name, slot, rss >> 20)
+                await rt.stop()
 
     # ------------------------------------------------------------------ blob transfer
     async def fetch(self, sha: str) -> Path:
@@ -387,7 +376,7 @@ class WorkerDaemon:
         for run in list(self.running.values()):
             run.job.cancel()
         await asyncio.gather(*(r.job for r in list(self.running.values())), return_exceptions=True)
-        await asyncio.gather(*(rt.stop() for rt in self.runtimes if rt is not None), return_exceptions=True)
+        await asyncio.gather(*(rt.stop() for rt in self.runtimes.values()), return_exceptions=True)
 
     def stop(self) -> None:
         self.stopping.set()
