@@ -1,0 +1,101 @@
+"""Watermarked, downscaled previews of a job's outputs (the fair exchange: full resolution after approval).
+
+A preview is a PNG at most PREVIEW_MAX_SIDE pixels on its longer side and never more than half the
+original's size, with a visible diagonal watermark over the whole image, so it is good enough to judge a
+frame but not to use it. EXR frames are tone-mapped (clipped, sRGB-encoded) first. Previews are cached by
+the output's sha256 under ``DATA/previews``; the original blob is never served before approval.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+PREVIEW_MAX_SIDE = 480
+WATERMARK = "RENDERHIVE PREVIEW"
+
+
+def _load_exr(path: Path) -> Image.Image:
+    import OpenEXR  # only needed for EXR outputs
+
+    with OpenEXR.File(str(path)) as f:
+        channels = f.channels()
+        if "RGBA" in channels or "RGB" in channels:
+            rgb = np.asarray(channels.get("RGBA", channels.get("RGB")).pixels, dtype=np.float32)
+        else:
+            rgb = np.stack([np.asarray(channels[c].pixels, dtype=np.float32) for c in "RGB"], axis=-1)
+    rgb = np.clip(np.nan_to_num(rgb[..., :3]), 0.0, 1.0)
+    srgb = np.where(rgb <= 0.0031308, rgb * 12.92, 1.055 * np.power(rgb, 1 / 2.4) - 0.055)
+    return Image.fromarray((srgb * 255 + 0.5).astype(np.uint8), "RGB")
+
+
+def load_image(path: Path) -> Image.Image:
+    """Any output frame as an 8-bit RGB(A) Pillow image."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"\x76\x2f\x31\x01":
+        return _load_exr(path)
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I"):
+            arr = np.asarray(im, dtype=np.uint32)
+            return Image.fromarray((arr >> 8).astype(np.uint8), "L").convert("RGB")
+        return im.convert("RGBA" if "A" in im.getbands() else "RGB")
+
+
+def watermark(im: Image.Image) -> Image.Image:
+    """Tile a semi-transparent diagonal text over the whole image, plus a solid band at the bottom."""
+    im = im.convert("RGBA")
+    w, h = im.size
+    layer = Image.new("RGBA", (w * 2, h * 2), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    size = max(10, min(w, h) // 8)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # old Pillow without scalable default font
+        font = ImageFont.load_default()
+    step_x, step_y = size * 11, size * 3
+    for y in range(0, h * 2, step_y):
+        for x in range(-step_x if (y // step_y) % 2 else 0, w * 2, step_x):
+            draw.text((x, y), WATERMARK, fill=(255, 255, 255, 110), font=font, stroke_width=1,
+                      stroke_fill=(0, 0, 0, 110))
+    layer = layer.rotate(30, resample=Image.BICUBIC)
+    left, top = (layer.width - w) // 2, (layer.height - h) // 2
+    out = Image.alpha_composite(im, layer.crop((left, top, left + w, top + h)))
+    band = max(8, h // 12)
+    ImageDraw.Draw(out).rectangle((0, h - band, w, h), fill=(20, 20, 20, 200))
+    ImageDraw.Draw(out).text((4, h - band + 1), "preview · approve for full resolution",
+                             fill=(255, 255, 255, 255), font=ImageFont.load_default())
+    return out
+
+
+def make_preview(path: Path) -> bytes:
+    """PNG bytes of the watermarked, downscaled preview of the output at ``path``."""
+    im = load_image(path)
+    w, h = im.size
+    scale = min(PREVIEW_MAX_SIDE / max(w, h), 0.5)
+    im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+    buf = io.BytesIO()
+    watermark(im).save(buf, "PNG", optimize=False)
+    return buf.getvalue()
+
+
+class PreviewCache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, sha256: str, source: Path) -> Path:
+        """The cached preview of blob ``sha256`` (made from ``source`` on first use)."""
+        dest = self.root / f"{sha256}.png"
+        if not dest.exists():
+            data = make_preview(source)
+            fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, dest)
+        return dest
