@@ -27,6 +27,15 @@ class User(SQLModel, table=True):
     created_at: float = Field(default_factory=_now)
 
 
+class WebSession(SQLModel, table=True):
+    """A signed-in browser (approval page). The cookie holds a random id; only its sha256 is stored."""
+    id_hash: str = Field(primary_key=True, max_length=64)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    csrf: str
+    created_at: float = Field(default_factory=_now)
+    expires_at: float
+
+
 class Job(SQLModel, table=True):
     id: Optional[int] = Field(default=None, primary_key=True)
     owner_id: int = Field(foreign_key="user.id", index=True)

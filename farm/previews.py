@@ -66,10 +66,11 @@ def watermark(im: Image.Image) -> Image.Image:
     layer = layer.rotate(30, resample=Image.BICUBIC)
     left, top = (layer.width - w) // 2, (layer.height - h) // 2
     out = Image.alpha_composite(im, layer.crop((left, top, left + w, top + h)))
-    band = max(8, h // 12)
-    ImageDraw.Draw(out).rectangle((0, h - band, w, h), fill=(20, 20, 20, 200))
-    ImageDraw.Draw(out).text((4, h - band + 1), "preview · approve for full resolution",
-                             fill=(255, 255, 255, 255), font=ImageFont.load_default())
+    if h >= 120:  # a caption band where there is room for it
+        band = max(14, h // 12)
+        ImageDraw.Draw(out).rectangle((0, h - band, w, h), fill=(20, 20, 20, 200))
+        ImageDraw.Draw(out).text((4, h - band + 2), "preview · approve for full resolution",
+                                 fill=(255, 255, 255, 255), font=ImageFont.load_default())
     return out
 
 
