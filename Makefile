@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench addon browser clean
 
 install: $(STAMP)
 
@@ -19,12 +19,25 @@ $(STAMP):
 demo: install
 	$(BIN)/python -m client.demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Debian's Chromium for the browser tests (Playwright drives it; no browser download). Installed only
+# when missing; needs root or sudo, as apt does.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 bench: install
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/dispatch.py
+
+# The Blender extension zip (client/blender_addon + a copy of client/api.py), built offline by
+# Blender's own extension builder: install it with Edit > Preferences > Get Extensions > Install from Disk.
+ADDON_OUT ?= dist
+addon: install
+	$(BIN)/python -m client.build_addon --out $(ADDON_OUT)
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info
