@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: install demo test bench addon browser clean
+.PHONY: install demo test bench addon browser anvil clean
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP):
 demo: install
 	$(BIN)/python -m client.demo
 
-test: install browser
+test: install browser anvil
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Debian's Chromium for the browser tests (Playwright drives it; no browser download). Installed only
@@ -29,9 +29,20 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
+# anvil (Foundry's dev EVM node) for the payment tests: the npm package's binary, installed into .tools/
+# (ignored by git) only when missing. ANVIL=/path/to/anvil overrides it for the tests.
+ANVIL_BIN := .tools/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
+anvil: $(ANVIL_BIN)
+
+$(ANVIL_BIN):
+	npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error @foundry-rs/anvil-linux-amd64
+	@test -x $@
+
 bench: install
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/dispatch.py
+	$(BIN)/python bench/diffusion.py
+	$(BIN)/python bench/gas.py
 
 # The Blender extension zip (client/blender_addon + a copy of client/api.py), built offline by
 # Blender's own extension builder: install it with Edit > Preferences > Get Extensions > Install from Disk.

@@ -119,6 +119,10 @@ class Client:
     def submit(self, **job: Any) -> dict[str, Any]:
         return self.request("POST", "/api/jobs", job)
 
+    def submit_diffusion(self, **job: Any) -> dict[str, Any]:
+        """A Stable Diffusion job (see DiffusionJobCreate in farm/api.py); None values take the defaults."""
+        return self.request("POST", "/api/jobs/diffusion", {k: v for k, v in job.items() if v is not None})
+
     def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
         return self.request("GET", "/api/jobs" + (f"?status={status}" if status else ""))
 
@@ -133,6 +137,31 @@ class Client:
 
     def workers(self) -> list[dict[str, Any]]:
         return self.request("GET", "/api/workers")
+
+    # ------------------------------------------------------------------ review and payments
+    def estimate(self, **req: Any) -> dict[str, Any]:
+        return self.request("POST", "/api/estimate", {k: v for k, v in req.items() if v is not None})
+
+    def approve(self, job_id: int) -> dict[str, Any]:
+        return self.request("POST", f"/api/jobs/{int(job_id)}/approve")
+
+    def reject(self, job_id: int, frames: str | list[int], reason: str = "") -> dict[str, Any]:
+        return self.request("POST", f"/api/jobs/{int(job_id)}/reject", {"frames": frames, "reason": reason})
+
+    def payment(self, job_id: int) -> dict[str, Any]:
+        return self.request("GET", f"/api/jobs/{int(job_id)}/payment")
+
+    def payouts(self, job_id: int) -> dict[str, Any]:
+        return self.request("GET", f"/api/jobs/{int(job_id)}/payouts")
+
+    def my_wallet(self) -> dict[str, Any]:
+        return self.request("GET", "/api/wallet")
+
+    def wallet(self, address: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/wallets/{address}")
+
+    def withdraw(self, address: str) -> dict[str, Any]:
+        return self.request("POST", f"/api/wallets/{address}/withdraw")
 
     def download_output(self, job_id: int, name: str, dest: Path) -> Path:
         """Download one output to ``dest`` (written to a temporary name, then renamed)."""

@@ -64,10 +64,13 @@ def wait_for_job(client: Client, job_id: int, quiet: bool) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[state]}"), console=_console()) as prog:
-        t = prog.add_task(f"job {job_id}", total=view["frames_total"] or 1, state=view["status"])
+        tiled = bool((view.get("spec") or {}).get("tiles"))  # a tiled job's progress counts tiles
+        done, total = ("units_done", "units_total") if tiled else ("frames_done", "frames_total")
+        t = prog.add_task(f"job {job_id}" + (" tiles" if tiled else ""), total=view[total] or 1,
+                          state=view["status"])
         while True:
             running = view["tasks"].get("running", 0) + view["tasks"].get("assigned", 0)
-            prog.update(t, completed=view["frames_done"], state=f"{view['status']} · {running} rendering")
+            prog.update(t, completed=view[done], state=f"{view['status']} · {running} rendering")
             if view["status"] in FINAL:
                 break
             time.sleep(0.5)
@@ -79,14 +82,26 @@ def cmd_submit(args, client: Client) -> int:
     scene = Path(args.scene)
     if not scene.is_file():
         raise ApiError(f"{scene} does not exist: give the path of a saved .blend file")
+    resolution = None
+    if args.resolution:
+        try:
+            resolution = [int(v) for v in args.resolution.lower().split("x")]
+        except ValueError:
+            raise ApiError(f"--resolution {args.resolution}: write WIDTHxHEIGHT, e.g. 1920x1080") from None
     sha, sent = upload_scene(client, scene, args.json)
+    optional = {"resolution": resolution, "tiles": args.tiles, "overscan": args.overscan, "video": args.video or None}
     job = client.submit(scene_sha256=sha, scene_name=scene.name, frames=args.frames, chunk=args.chunk,
                         format=args.format, color_depth=args.color_depth, samples=args.samples,
                         resolution_percent=args.resolution_percent, priority=args.priority,
-                        name=args.name or scene.stem)
+                        name=args.name or scene.stem, **{k: v for k, v in optional.items() if v is not None})
     if not args.json:
         print(f"job {job['id']} queued: {job['tasks']['total']} tasks, {job['frames_total']} frames "
               f"({'scene uploaded, ' + str(sent) + ' bytes' if sent else 'scene already on the farm, 0 bytes uploaded'})")
+    return follow_submitted(args, client, job)
+
+
+def follow_submitted(args, client: Client, job: dict[str, Any]) -> int:
+    """After a submit: ``--wait`` follows the job, ``--out`` downloads its results, ``--json`` prints its id."""
     if args.wait:
         job = wait_for_job(client, job["id"], args.json)
         if not args.json:
@@ -178,15 +193,22 @@ def cmd_serve(args) -> int:
     import logging
 
     from farm.server import serve
+    if args.models:  # read by farm.diffusion when it checks prompts
+        os.environ["RENDERHIVE_MODELS"] = os.pathsep.join(args.models)
     logging.basicConfig(level=os.environ.get("RENDERHIVE_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(Path(args.data), args.db, args.bind, args.http))
+    from farm.ledger import ChainConfigError
+    try:
+        asyncio.run(serve(Path(args.data), args.db, args.bind, args.http, args.chain_rpc, args.chain_key_file))
+    except ChainConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_worker(args) -> int:
     from worker.daemon import main
-    main(args.coordinator, Path(args.cache), args.slots, args.wallet, args.gpus, args.worker_id)
+    main(args.coordinator, Path(args.cache), args.slots, args.wallet, args.gpus, args.worker_id, args.models)
     return 0
 
 
@@ -206,15 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bind", default="tcp://127.0.0.1:5555", help="worker plane endpoint (ZeroMQ)")
     s.add_argument("--http", default="127.0.0.1:8000", help="HTTP API host:port")
     s.add_argument("--data", default="farm-data", help="data directory (database, blobs, admin token)")
+    s.add_argument("--chain-rpc", default=None, help="payments chain: embedded (default, in-process EVM), off, "
+                   "or a JSON-RPC URL (or CHAIN_RPC_URL / RENDERHIVE_CHAIN_RPC)")
+    s.add_argument("--chain-key-file", default=None, help="with a URL: file holding the operator's private key")
+    s.add_argument("--models", action="append", help="model folders whose tokenizers check prompt lengths at "
+                   "submit (repeatable; default RENDERHIVE_MODELS)")
     s.set_defaults(func=cmd_serve, needs_client=False)
 
     w = sub.add_parser("worker", help="run a worker daemon on this GPU host")
     w.add_argument("--coordinator", default="tcp://127.0.0.1:5555")
     w.add_argument("--slots", type=int, default=1, help="tasks rendered at once")
     w.add_argument("--cache", default="worker-cache", help="cache directory (blobs, worker id)")
-    w.add_argument("--wallet", default="", help="payout address (0x…)")
+    w.add_argument("--wallet", default=os.environ.get("RENDERHIVE_WALLET", ""),
+                   help="payout address (0x…; or RENDERHIVE_WALLET): earnings are credited to it in the escrow")
     w.add_argument("--gpus", default="all", help="GPUs for Cycles: all, none, or indices like 0,1")
     w.add_argument("--worker-id", default=None, help="stable worker id (default: stored in the cache dir)")
+    w.add_argument("--models", action="append", help="diffusion model folder, or a folder of them (repeatable; "
+                   "default RENDERHIVE_MODELS); the Hugging Face hub cache is searched too")
     w.set_defaults(func=cmd_worker, needs_client=False)
 
     sm = client_cmd("submit", "submit a .blend as a frame job")
@@ -225,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--color-depth", default=None, help="8/16 for PNG, 16/32 for EXR")
     sm.add_argument("--samples", type=int, default=None)
     sm.add_argument("--resolution-percent", type=int, default=None)
+    sm.add_argument("--resolution", default=None, help="output size WIDTHxHEIGHT in pixels (percentage 100)")
+    sm.add_argument("--tiles", default=None, help="split each frame into COLSxROWS tiles (1x1 to 16x16) "
+                    "rendered by different workers and stitched exactly")
+    sm.add_argument("--overscan", type=int, default=None, help="tile margin in pixels (default: from the scene)")
+    sm.add_argument("--video", action="store_true", help="also encode the frames to video.mp4 (H.264)")
     sm.add_argument("--priority", type=int, default=0)
     sm.add_argument("--name", default="")
     sm.add_argument("--wait", action="store_true", help="follow progress until rendered")
@@ -250,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     u = client_cmd("user", "create a creator account (admin token needed)")
     u.add_argument("name")
     u.set_defaults(func=cmd_user)
+
+    from client.payments_cli import add_commands  # estimate, approve, reject, payouts, wallet
+    add_commands(sub, client_cmd)
+    from client import diffusion_cli  # submit-diffusion, models
+    diffusion_cli.add_commands(sub, client_cmd)
     return p
 
 

@@ -2,8 +2,10 @@
 
 Starts `farm serve` and two `farm worker` daemons on loopback, submits the sample turntable as a
 24-frame job the way a creator would (hash, upload only what is missing, create the job), follows it with
-a progress bar, downloads the frames and says where everything is. Stops every process at the end
-(also on Ctrl-C). Everything lives under ``.demo/`` in the repository.
+a progress bar, downloads the frames and says where everything is. Then the Stable Diffusion part
+(:func:`client.diffusion_cli.demo_run`): a txt2img batch with the tiny model, and an img2img job chained on a
+render job of four frames. Stops every process at the end (also on Ctrl-C). Everything lives under
+``.demo/`` in the repository.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from client import localfarm
+from client import diffusion_cli, localfarm, payments_cli
 from client.cli import upload_scene, wait_for_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(coord)
         coord.start()
         con.print(f"coordinator: API {coord.url}  ·  workers connect to {coord.endpoint}  ·  log {coord.log}")
+        models = diffusion_cli.demo_build_model(root, con)  # before the workers: they find it when they start
         for i in range(1, args.workers + 1):
-            w = localfarm.WorkerProc(root / f"worker{i}", coord, f"demo-worker-{i}")
+            w = localfarm.WorkerProc(root / f"worker{i}", coord, f"demo-worker-{i}", models=[models],
+                                     env=localfarm.process_env({"RENDERHIVE_WALLET": payments_cli.demo_wallet(i)}))
             procs.append(w.start())
         admin = coord.admin
         with con.status(f"starting {args.workers} workers (each loads Blender once and keeps it loaded)"):
@@ -80,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{k}: {v}" for k, v in sorted(per_worker.items())))
         con.print(f"re-submitting the same scene would upload {resent} bytes (content-addressed blobs)")
         con.print(f"[bold]frames:[/] {out}/frame_0001.png … {paths[-1].name}")
+        # payments: approve the render job; each worker's tokens before and after its payout
+        payments_cli.demo_payments(con, creator, job["id"], {f"demo-worker-{i}": payments_cli.demo_wallet(i)
+                                                             for i in range(1, args.workers + 1)})
+        if diffusion_cli.demo_run(con, creator, sha, root):
+            return 1
         con.print(f"logs: {root}/*/*.log   database: {coord.data / 'farm.db'}")
         return 0
     except (localfarm.ApiError, TimeoutError, RuntimeError) as exc:

@@ -128,10 +128,11 @@ class WorkerProc(Proc):
     """`farm worker` with its cache in ``root``, connected to ``coordinator``."""
 
     def __init__(self, root: Path, coordinator: Coordinator, worker_id: str, env: dict[str, str] | None = None,
-                 slots: int = 1, gpus: str = "all"):
+                 slots: int = 1, gpus: str = "all", models: list[Path] | None = None):
         self.root, self.worker_id = Path(root), worker_id
         super().__init__(["worker", "--coordinator", coordinator.endpoint, "--cache", str(root), "--slots",
-                          str(slots), "--worker-id", worker_id, "--gpus", gpus], self.root / "worker.log", env)
+                          str(slots), "--worker-id", worker_id, "--gpus", gpus,
+                          *(a for m in models or [] for a in ("--models", str(m)))], self.root / "worker.log", env)
 
 
 def wait_workers(client: Client, n: int, timeout: float = 60.0) -> list[dict]:

@@ -18,10 +18,11 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
-from farm import auth, jobs
+from farm import auth, diffusion, jobs
 from farm.blobs import BlobError, BlobStore, check_sha
 from farm.db import session as new_session
 from farm.models import Blob, Job, User, Worker
+from farm.payments_api import payments_router
 from farm.states import JOB_TERMINAL, JobStatus
 
 
@@ -41,13 +42,41 @@ class JobCreate(BaseModel):
     color_depth: str | None = None
     samples: int | None = None
     resolution_percent: int | None = None
+    resolution: list[int] | None = Field(None, min_length=2, max_length=2,
+                                         description="output [width, height] in pixels (percentage then 100)")
+    tiles: str | None = Field(None, max_length=10, description="COLSxROWS tiles per frame, 1x1 to 16x16, "
+                              "each frame stitched exactly from its tiles")
+    overscan: int | None = Field(None, ge=0, le=256, description="tile margin in pixels (default: from the "
+                                 "scene: 16 with denoising, 4-16 with adaptive sampling, else 0)")
+    video: bool = Field(False, description="also encode the frames to video.mp4 (H.264, the scene's fps)")
     priority: int = Field(0, ge=-100, le=100)
     name: str = Field("", max_length=200)
     scene_name: str = Field("", max_length=200)
     client_key: str = Field("", max_length=100, description="idempotency key: a retried submit returns the same job")
 
 
-def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | None = None) -> FastAPI:
+class DiffusionJobCreate(BaseModel):
+    """A Stable Diffusion batch. Ranges are checked by farm.diffusion, whose errors say what to change."""
+    model: str = Field(min_length=1, max_length=300, description="model name or hub id that workers advertise")
+    model_hash: str = Field("", max_length=64, description="pin this version (sha256 of the model folder)")
+    prompts: list[str] = Field(min_length=1, max_length=1000)
+    negative: str = Field("", max_length=2000)
+    count: int = Field(1, description="images per prompt (txt2img)")
+    seed: int | None = Field(None, description="base seed: image k uses seed + k (default: random, recorded)")
+    steps: int = 30
+    guidance: float = 7.5
+    width: int | None = Field(None, description="multiple of 8 (default 512; img2img: the source frames')")
+    height: int | None = None
+    scheduler: str = "default"
+    per_task: int = Field(1, description="images per task (micro-batch)")
+    init_from_job: int | None = Field(None, description="img2img: frame i of this job becomes image i")
+    strength: float = 0.5
+    priority: int = Field(0, ge=-100, le=100)
+    name: str = Field("", max_length=200)
+    client_key: str = Field("", max_length=100, description="idempotency key: a retried submit returns the same job")
+
+
+def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | None = None, ledger=None) -> FastAPI:
     app = FastAPI(title="Renderhive", version="0.1.0",
                   description="Submit Blender jobs, upload scenes, follow progress, download results.")
 
@@ -72,10 +101,6 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
         if broker is not None:
             return await broker.call(fn, *args)
         return await asyncio.to_thread(fn, *args)
-
-    @app.exception_handler(jobs.JobError)
-    async def _job_error(_request, exc: jobs.JobError):
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
@@ -149,6 +174,17 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
             broker.wake()
         return view
 
+    @app.post("/api/jobs/diffusion", status_code=201)
+    async def submit_diffusion(body: DiffusionJobCreate, user: UserDep) -> dict[str, Any]:
+        """Images from prompts (or img2img over another job's frames) plus a contact sheet. Created on the
+        coordinator's thread, so a source job cannot become rendered between the check and the commit."""
+        def create():
+            with new_session(engine) as s:
+                job = diffusion.create_diffusion_job(s, user, body.model_dump())
+                s.commit()
+                return jobs.job_view(s, job)
+        return await serial(create)
+
     @app.get("/api/jobs")
     def list_jobs(user: UserDep, s: SessionDep, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         q = select(Job).order_by(Job.id.desc()).limit(max(1, min(limit, 500)))
@@ -186,7 +222,7 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
         job = jobs.get_job(s, job_id, user)
         for o in jobs.outputs(s, job):
             if o.name == name:
-                media = "image/x-exr" if name.endswith(".exr") else "image/png"
+                media = {".exr": "image/x-exr", ".mp4": "video/mp4"}.get(Path(name).suffix, "image/png")
                 return FileResponse(blobs.path(o.sha256), media_type=media, filename=name)
         raise HTTPException(404, f"job {job_id} has no output {name!r} (yet): see GET /api/jobs/{job_id}/outputs")
 
@@ -220,4 +256,40 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
                  "render_seconds": round(w.render_seconds, 3), "last_seen": w.last_seen}
                 for w in s.exec(select(Worker).order_by(Worker.id))]
 
+    # payments and review: estimate, deposit status, approve, reject, payouts, wallets
+    app.include_router(payments_router(engine, get_user, serial, ledger))
+    _mount_web(app, engine, blobs, serial, ledger)
     return app
+
+
+def _mount_web(app: FastAPI, engine, blobs: BlobStore, serial, ledger) -> None:
+    """The approval pages (farm.web) and their static files; page errors are HTML, API errors JSON."""
+    from fastapi.responses import HTMLResponse, RedirectResponse
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from farm import payments_api, review, web
+    from farm.previews import PreviewCache
+
+    previews = PreviewCache(blobs.root.parent / "previews")
+    app.mount("/static", StaticFiles(directory=web.HERE / "static"), name="static")
+    app.include_router(web.web_router(engine, blobs, previews, serial, ledger, review, payments_api))
+
+    @app.exception_handler(web.Unauthorized)
+    async def _signin(request, _exc):
+        return RedirectResponse("/login", status_code=303)
+
+    def _page_error(request, status: int, message: str):
+        if request.url.path.startswith("/api") or request.url.path.startswith("/docs"):
+            return JSONResponse({"detail": message}, status_code=status)
+        html = web.templates.get_template("error.html").render(request=request, user=None, status=status,
+                                                               message=message)
+        return HTMLResponse(html, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        return _page_error(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(jobs.JobError)
+    async def _job_error(request, exc: jobs.JobError):
+        return _page_error(request, exc.status, str(exc))

@@ -81,3 +81,70 @@ RUNTIME_MAX_RSS_BYTES = int(_env_float("RUNTIME_MAX_RSS_BYTES", 16 * 1024**3))
 
 BATCH_MAX_MESSAGES = 512
 """Messages the coordinator handles per step: one transaction, one commit, then all replies."""
+
+# ------------------------------------------------------------------ Stable Diffusion jobs
+MAX_DIFFUSION_IMAGES = 4096
+"""Most images in one diffusion job (prompts × count, or source frames): at about 2 s an image on one GPU
+that is over two hours of work; a bigger batch is better split into jobs that can be reviewed one by one."""
+
+MAX_DIFFUSION_SIDE = 2048
+"""Largest image width or height (pixels, a multiple of 8): SD 1.x/2.x models are trained at 512-768 and
+memory grows with the square of the side."""
+
+MAX_DIFFUSION_STEPS = 500
+"""Most denoising steps a job may ask for (samplers converge in 20-50)."""
+
+MAX_DIFFUSION_PER_TASK = 16
+"""Largest micro-batch (images per task): bigger batches gain little throughput and lose more work when a
+worker dies mid-task."""
+
+DIFFUSION_SCHEDULERS = {
+    "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
+    "heun": "HeunDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
+}
+"""Scheduler names a diffusion job may ask for → diffusers class, built from the model's own scheduler
+config ("default": the model's scheduler as saved). The coordinator validates names, the runtime builds."""
+
+DIFFUSION_CACHE_BYTES = int(_env_float("DIFFUSION_CACHE_BYTES", 0))
+"""Memory for loaded pipelines in one diffusion runtime (LRU by model); 0: 70% of the GPU's memory on
+CUDA, 40% of RAM on the CPU. The pipeline in use is always kept, even when it alone is bigger."""
+
+# ------------------------------------------------------------------ tiles and video (Blender jobs)
+MAX_TILES_PER_SIDE = 16
+"""Most tile columns or rows of a tiled frame (16x16 = 256 tasks a frame): beyond that the per-task
+overhead (lease, upload, about 0.03 s of render set-up per tile) outweighs any gain in width."""
+
+TILE_OVERSCAN_DENOISE = 16
+"""Pixels rendered around each tile, and cropped off, when the scene denoises (OpenImageDenoise needs
+context across the seam). Measured on the sample scene, 4x4: seam error 2.8/255 with no margin, 0.24/255
+with 16 px (below one 8-bit step: invisible), 0.17/255 with 32 px at twice the extra render area."""
+
+TILE_OVERSCAN_ADAPTIVE = 4
+"""Margin when Cycles adaptive sampling is on (and no denoising), up to TILE_OVERSCAN_ADAPTIVE_SAMPLES
+samples; doubled for every 4x more samples, up to TILE_OVERSCAN_DENOISE. A pixel's sample count depends
+on its neighbours' convergence at every check, so the reach grows with the number of checks. Measured
+(sample scene, 4x4 and 8x8 tiles, bit-exact = no pixel differs): 256 samples: 2-3 px exact, 1 px not;
+4096: 4 px exact, 3 px not (8x8, threshold 0.002); 16384: 8 px exact, 4 px differs on 10 pixels by at most
+0.0017."""
+
+TILE_OVERSCAN_ADAPTIVE_SAMPLES = 4096
+"""Sample count up to which TILE_OVERSCAN_ADAPTIVE suffices (see there)."""
+
+MAX_TILE_OVERSCAN = 256
+"""Largest overscan margin a job may ask for, in pixels."""
+
+RENDER_THREADS = int(_env_float("RENDER_THREADS", 0))
+"""Render threads of each Blender child (0: Blender's automatic choice, all cores). Set it when several
+workers share one host, e.g. to measure how tiles of one frame spread over workers."""
+
+VIDEO_CRF = 20
+"""H.264 constant rate factor of ``--video`` encodes (x264: 18 visually lossless, 23 its default)."""
+
+VIDEO_DEFAULT_FPS = 24.0
+"""Frame rate of a video whose frames carry no scene frame rate (see the Blender runtime's fps note)."""
+
+DIFFUSION_THREADS = int(_env_float("DIFFUSION_THREADS", 0))
+"""CPU threads of each diffusion runtime (``torch.set_num_threads``); 0: torch's default, every core. On a
+CPU worker with several slots, or a host shared with other work, give cores ÷ slots: torch's OpenMP threads
+spin-wait for each other, and one that loses its core slows a step down many times over."""

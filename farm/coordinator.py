@@ -22,6 +22,7 @@ from typing import Any, Callable
 from sqlmodel import Session, select
 
 from farm import constants as C
+from farm import diffusion
 from farm import protocol as P
 from farm.blobs import BlobError, BlobStore
 from farm.db import session as new_session
@@ -105,6 +106,7 @@ class Coordinator:
         with new_session(self.engine) as s:
             job = jobs.get_job(s, job_id, user)
             leases = jobs.cancel_job(s, job)
+            diffusion.on_job_status(s, job, self.clock())  # img2img jobs waiting for its frames fail
             s.commit()
             self.revoke(leases, "the job was canceled")
             return jobs.job_view(s, job)
@@ -286,6 +288,8 @@ class Coordinator:
         self._release_dependents(s, task, now)
         if job.tasks_accepted >= job.tasks_total and job.status == JobStatus.active.value:
             transition(s, job, JobStatus.rendered, reason="every task accepted", now=now)
+            if diffusion.on_job_status(s, job, now):  # img2img jobs waiting for these frames start
+                self.want_assign = True
         self.stats["results"] += 1
         out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
 
@@ -381,6 +385,7 @@ class Coordinator:
             t.worker_id, t.lease_expires = None, None
             transition(s, t, TaskStatus.canceled, reason="the job failed", attempt=t.attempt, now=now)
         transition(s, job, JobStatus.failed, reason=reason, now=now)
+        diffusion.on_job_status(s, job, now)
 
     def _lose(self, s: Session, task: Task, now: float, reason: str, out: Outgoing) -> None:
         """The lease of ``task`` ended without a result: requeue it (or fail it when out of attempts)."""
@@ -432,11 +437,11 @@ class Coordinator:
                    s.exec(select(JobWorker).where(JobWorker.job_id.in_(job_ids)).where(JobWorker.blocked))}
         for task, job in rows:
             candidates = [c for c in free if c.free > 0 and (job.id, c.worker_id) not in blocked
-                          and c.worker_id not in task.failed_workers and fits(task.kind, c)]
+                          and c.worker_id not in task.failed_workers and fits(task.kind, c, task.spec)]
             if not candidates:
                 candidates = [c for c in free if c.free > 0 and (job.id, c.worker_id) not in blocked
-                              and fits(task.kind, c)]
-            conn = self.scheduler.choose(task.inputs, candidates)
+                              and fits(task.kind, c, task.spec)]
+            conn = self.scheduler.choose(task.inputs, candidates, task.spec.get("model_hash"))
             if conn is None:
                 continue
             self._lease(s, task, job, conn, now, out)
@@ -456,8 +461,10 @@ class Coordinator:
                                 .where(Task.status == TaskStatus.queued.value)
                                 .where(Job.status.in_([x.value for x in JOB_SCHEDULABLE]))
                                 .where(Task.kind.in_(kinds)).where(Task.job_id.notin_(blocked))
-                                .order_by(Task.priority.desc(), Task.job_id, Task.index).limit(conn.free)).all():
-            self._lease(s, task, job, conn, now, out)
+                                .order_by(Task.priority.desc(), Task.job_id, Task.index)
+                                .limit(conn.free * 4 + 16)).all():
+            if conn.free > 0 and fits(task.kind, conn, task.spec):  # kind fits; the model may not
+                self._lease(s, task, job, conn, now, out)
 
     def _lease(self, s: Session, task: Task, job: Job, conn: Conn, now: float, out: Outgoing) -> None:
         task.attempt += 1
@@ -470,6 +477,7 @@ class Coordinator:
             transition(s, job, JobStatus.active, reason="first task leased", now=now)
         conn.free -= 1
         conn.held_blobs.update(task.inputs)
+        conn.note_model(task.spec.get("model_hash"))
         out.append((conn.identity, P.Task(task.id, task.attempt, task.job_id, C.LEASE_SECONDS, task.kind,
                                           task.spec, list(task.inputs))))
 

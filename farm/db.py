@@ -10,6 +10,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
 from farm import models  # noqa: F401  (registers the tables)
+from farm import ledger_models  # noqa: F401  (registers the payment tables)
 
 
 def database_url(data_dir: Path, url: str | None = None) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import case, func
 from sqlmodel import Session, select
 
-from farm import splitter
+from farm import splitter, tiles
 from farm.blobs import BlobStore, check_sha
 from farm.models import Attempt, Event, Job, Output, Task, TaskDep, User
 from farm.states import TASK_LEASED, JobStatus, TaskStatus, transition
@@ -43,22 +43,31 @@ def create_blender_job(session: Session, owner: User, blobs: BlobStore, req: dic
         raise JobError("the scene is not a .blend file (no Blender, zstd or gzip header): save it from "
                        "Blender and submit the .blend")
     client_key = str(req.get("client_key") or "")[:100]
-    if client_key:
-        existing = session.exec(select(Job).where(Job.owner_id == owner.id)
-                                .where(Job.spec["client_key"].as_string() == client_key)).first()
-        if existing:
-            return existing
+    existing = job_for_key(session, owner, client_key)
+    if existing:
+        return existing
     try:
         settings = splitter.render_settings(req.get("format", "PNG"), req.get("color_depth"),
-                                            req.get("samples"), req.get("resolution_percent"))
+                                            req.get("samples"), req.get("resolution_percent"),
+                                            req.get("resolution"))
         chunk = int(req.get("chunk", 1))
-        plans = splitter.plan_blender(scene, str(req.get("frames", "")), chunk, settings)
+        plans = tiles.plan_job(scene, str(req.get("frames", "")), chunk, settings, req.get("tiles"),
+                               bool(req.get("video")), req.get("overscan"))
     except (ValueError, TypeError) as exc:
         raise JobError(str(exc)) from None
     spec = {"scene_sha256": scene, "frames": req.get("frames"), "chunk": chunk, "settings": settings,
-            "client_key": client_key, "scene_name": str(req.get("scene_name", ""))[:200]}
+            "client_key": client_key, "scene_name": str(req.get("scene_name", ""))[:200],
+            "tiles": req.get("tiles") or None, "video": bool(req.get("video")), "overscan": req.get("overscan")}
     return store_plans(session, owner, "blender", str(req.get("name") or "")[:200], int(req.get("priority", 0)),
                        spec, plans, f"frames {req.get('frames')}")
+
+
+def job_for_key(session: Session, owner: User, client_key: str) -> Job | None:
+    """The owner's job created with this idempotency key, if any (a retried submit returns it)."""
+    if not client_key:
+        return None
+    return session.exec(select(Job).where(Job.owner_id == owner.id)
+                        .where(Job.spec["client_key"].as_string() == client_key)).first()
 
 
 def store_plans(session: Session, owner: User, kind: str, name: str, priority: int, spec: dict[str, Any],
@@ -74,7 +83,7 @@ def store_plans(session: Session, owner: User, kind: str, name: str, priority: i
                     spec={**p.spec, "outputs": p.outputs, "final": p.final, "units": p.units},
                     inputs=list(p.inputs),
                     progress_total=p.units,
-                    status=TaskStatus.waiting.value if p.needs else TaskStatus.queued.value)
+                    status=TaskStatus.waiting.value if p.needs or p.held else TaskStatus.queued.value)
         session.add(task)
         rows.append(task)
     session.flush()

@@ -1,7 +1,8 @@
 """``farm serve``: one process running the coordinator (ZeroMQ worker plane) and the HTTP API.
 
 Start-up order: data dir, database (tables created), blob store, admin token on first start, then the
-broker and uvicorn on one asyncio loop. SIGINT/SIGTERM stop both; state is durable at every commit, so
+broker, the payment settler (:class:`farm.ledger.Settler`, unless ``--chain-rpc off``) and uvicorn on one
+asyncio loop. SIGINT/SIGTERM stop both; state is durable at every commit, so
 a ``kill -9`` loses nothing that was acknowledged.
 """
 from __future__ import annotations
@@ -19,14 +20,17 @@ from farm.blobs import BlobStore
 from farm.broker import Broker
 from farm.coordinator import Coordinator
 from farm.db import database_url, make_engine, session
+from farm.ledger import Ledger, Settler, chain_factory
 
 log = logging.getLogger("farm.server")
 
 
-async def serve(data_dir: Path, db_url: str | None, bind: str, http: str) -> None:
+async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_rpc: str | None = None,
+                chain_key_file: str | None = None) -> None:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(database_url(data_dir, db_url))
+    factory = chain_factory(chain_rpc, chain_key_file)  # a bad --chain-rpc/--chain-key-file stops us here
     blobs = BlobStore(data_dir / "blobs")
     with session(engine) as s:
         token = auth.ensure_admin(s, data_dir)
@@ -36,8 +40,13 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str) -> Non
     broker = Broker(coord, bind)
     broker_task = asyncio.create_task(broker.run())
     endpoint = await broker.ready()
+    # payments: the settler runs beside the broker (chain I/O in a thread, job status changes on the
+    # coordinator's thread through broker.call); the chain is connected by its first pass, not here
+    ledger = Ledger(engine, data_dir, factory) if factory else None
+    settler = Settler(ledger, broker.call) if ledger else None
+    settle_task = asyncio.create_task(settler.run()) if settler else None
     host, _, port = http.rpartition(":")
-    app = create_app(engine, blobs, broker, info={"worker_endpoint": endpoint})
+    app = create_app(engine, blobs, broker, info={"worker_endpoint": endpoint}, ledger=ledger)
     server = uvicorn.Server(uvicorn.Config(app, host=host or "127.0.0.1", port=int(port), log_level="warning",
                                            lifespan="off"))
     server.install_signal_handlers = lambda: None  # we own the signals
@@ -49,7 +58,9 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str) -> Non
     done, _ = await asyncio.wait({broker_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
     broker.stop()
     server.should_exit = True
-    await asyncio.gather(broker_task, http_task, return_exceptions=True)
+    if settler:
+        settler.stop()
+    await asyncio.gather(broker_task, http_task, *([settle_task] if settle_task else []), return_exceptions=True)
     for t in done:
         if t.exception():
             raise t.exception()

@@ -51,8 +51,10 @@ def chunks(frames: list[int], chunk: int) -> list[list[int]]:
 
 
 def render_settings(fmt: str = "PNG", color_depth: str | None = None, samples: int | None = None,
-                    resolution_percent: int | None = None) -> dict[str, Any]:
-    """Validated render overrides for a Blender job (None: keep the scene's own value)."""
+                    resolution_percent: int | None = None,
+                    resolution: list[int] | tuple[int, int] | None = None) -> dict[str, Any]:
+    """Validated render overrides for a Blender job (None: keep the scene's own value). A ``resolution``
+    [width, height] is the output size in pixels: the percentage then defaults to 100, not the scene's."""
     fmt = fmt.upper()
     if fmt not in FORMATS:
         raise SpecError(f"format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
@@ -63,8 +65,15 @@ def render_settings(fmt: str = "PNG", color_depth: str | None = None, samples: i
         raise SpecError(f"samples must be between 1 and {MAX_SAMPLES}")
     if resolution_percent is not None and not 1 <= resolution_percent <= 1000:
         raise SpecError("resolution percent must be between 1 and 1000")
-    return {"format": fmt, "color_depth": depth, "samples": samples,
-            "resolution_percent": resolution_percent, "max_resolution": MAX_RESOLUTION}
+    settings = {"format": fmt, "color_depth": depth, "samples": samples,
+                "resolution_percent": resolution_percent, "max_resolution": MAX_RESOLUTION}
+    if resolution is not None:
+        if (not isinstance(resolution, (list, tuple)) or len(resolution) != 2
+                or any(type(v) is not int or not 4 <= v <= MAX_RESOLUTION for v in resolution)):
+            raise SpecError(f"resolution must be [width, height] in pixels, each 4 to {MAX_RESOLUTION}")
+        settings["resolution"] = list(resolution)
+        settings["resolution_percent"] = resolution_percent or 100
+    return settings
 
 
 @dataclass
@@ -78,6 +87,7 @@ class TaskPlan:
     final: bool = True
     needs: list[int] = field(default_factory=list)
     units: int = 1  # progress units: frames, tiles, images
+    held: bool = False  # waits for something outside the job (another job's outputs): starts waiting
 
 
 def frame_name(frame: int, fmt: str) -> str:

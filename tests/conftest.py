@@ -31,7 +31,9 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str 
         raise AssertionError(str(exc)) from None
 
 
-TEST_ENV = {"RENDERHIVE_LOG": "INFO"}
+TEST_ENV = {"RENDERHIVE_LOG": "INFO",
+            # workers must not find (and hash) the developer's own hub models; nothing is ever downloaded
+            "HF_HUB_CACHE": str(REPO / ".no-hub-cache-in-tests"), "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture
@@ -64,11 +66,13 @@ def farm(tmp_path, procs):
 
 @pytest.fixture
 def worker(tmp_path, procs):
-    """Factory: ``worker(farm, "w1")`` starts `farm worker` with its own cache dir, connected to farm."""
+    """Factory: ``worker(farm, "w1")`` starts `farm worker` with its own cache dir, connected to farm;
+    ``models``: diffusion model folders it holds (``farm worker --models``)."""
     def make(f: localfarm.Coordinator, worker_id: str, env: dict[str, str] | None = None,
-             slots: int = 1) -> localfarm.WorkerProc:
+             slots: int = 1, models: list[Path] | None = None) -> localfarm.WorkerProc:
         w = localfarm.WorkerProc(tmp_path / worker_id, f, worker_id,
-                                 localfarm.process_env({**TEST_ENV, **(env or {})}), slots, gpus="none")
+                                 localfarm.process_env({**TEST_ENV, **(env or {})}), slots, gpus="none",
+                                 models=models)
         procs.append(w)
         return w.start()
     return make
@@ -97,7 +101,7 @@ def direct_render(scene: Path, out_dir: Path, frames: list[int], **settings) -> 
             "--frames", ",".join(map(str, frames))]
     for key, val in settings.items():
         if val is not None:
-            args += [f"--{key.replace('_', '-')}", str(val)]
+            args += [f"--{key.replace('_', '-')}", *map(str, val if isinstance(val, (list, tuple)) else [val])]
     env = {**os.environ, "BLENDER_USER_RESOURCES": str(out_dir / ".bu"), "XDG_CACHE_HOME": str(out_dir / ".xc")}
     res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

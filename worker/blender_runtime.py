@@ -11,8 +11,15 @@ Protocol (one JSON object per line; replies on the original stdout):
     -> {"op":"ping","id":N}                  <- {"event":"pong","id":N}
     -> {"op":"quit"}                         the process exits 0 (so does EOF on stdin)
     -> {"op":"render","id":N,"scene":ABS,"scene_key":SHA,"frames":[..],"out_dir":ABS,
-        "settings":{"format","color_depth","samples","resolution_percent","resolution","tile"}}
+        "settings":{"format","color_depth","samples","resolution_percent","resolution",
+                    "tile","stamp_fps"}}
        <- {"event":"frame","id":N,"frame":F,"path":ABS,"seconds":S}   after each frame
+    "tile": {"cols","rows","col","row","overscan"} renders one tile of one frame
+       (farm.tiles geometry, row 0 at the top) to tile_FFFF_rR_cC.ext, cropped to
+       exactly the tile; overscan null picks the margin from the scene
+       (denoising, adaptive sampling). "stamp_fps": true writes the scene's
+       frame rate into the image metadata ("Note": "renderhive fps=24/1"),
+       which the video encoder reads.
        <- {"event":"done","id":N,"outputs":[{"frame","path","seconds"}..],
            "reloaded":bool,"loads":int,"rss_bytes":int}
        <- {"event":"error","id":N|null,"message":str,"retryable":bool}  instead of done
@@ -26,9 +33,15 @@ Invariants:
 - A file is opened only when scene_key changes. Right after a load the file's
   own values of every optional override are recorded, and each task starts
   from them, so one task's settings never leak into the next.
-- Scene faults (unreadable file, no camera, linked or external data, caps)
-  give retryable=false with a message the creator can act on; a failure of
-  Blender on a scene that passed the checks gives retryable=true.
+- Tiles are bit-exact where the engine allows: the render border covers the
+  tile plus its overscan; 8-bit PNG with dither is rendered into the
+  full-size buffer (use_crop_to_border=False: Blender's dither noise depends
+  on the buffer position) and cropped; other formats use a cropped buffer.
+  Tiles never reload the scene (same scene_key) and EEVEE is refused.
+- Scene faults (unreadable file, no camera, linked or external data, caps,
+  more tiles than pixels, EEVEE tiles) give retryable=false with a message
+  the creator can act on; a failure of Blender on a scene that passed the
+  checks gives retryable=true.
 - A bad request never kills the process; only "quit", EOF or a crash does.
 """
 from __future__ import annotations
@@ -43,7 +56,9 @@ import traceback
 # The farm-wide caps (pixels per side after the percentage; samples). The
 # coordinator validates requests against the same values; the worker checks
 # again because the scene's own values count too.
+from farm import constants as C
 from farm.constants import MAX_RESOLUTION, MAX_SAMPLES
+from farm.tiles import tile_name, tile_rect, too_many_tiles
 
 GPU_TYPES = ("OPTIX", "CUDA", "HIP", "ONEAPI", "METAL")   # order of preference
 PACK_HINT = "pack it into the .blend (File > External Data > Pack Resources) and submit again"
@@ -52,7 +67,19 @@ PACK_HINT = "pack it into the .blend (File > External Data > Pack Resources) and
 # need no record.
 RECORDED = (("render", "resolution_x"), ("render", "resolution_y"),
             ("render", "resolution_percentage"), ("cycles", "samples"),
-            ("eevee", "taa_render_samples"))
+            ("eevee", "taa_render_samples"), ("render", "use_border"),
+            ("render", "use_crop_to_border"), ("render", "border_min_x"),
+            ("render", "border_max_x"), ("render", "border_min_y"),
+            ("render", "border_max_y"), ("render", "use_stamp_note"),
+            ("render", "stamp_note_text"))
+# Engines whose tiles assemble exactly (EEVEE's screen-space effects see only
+# the tile: up to 61/255 at the seams, and ~2.5 s of set-up per tile).
+TILE_ENGINES = ("CYCLES", "BLENDER_WORKBENCH")
+# Compositor nodes that pass pixels through unchanged; any other node may
+# read neighbouring pixels or positions, which a tile does not have.
+PASS_THROUGH_NODES = {"CompositorNodeRLayers", "NodeGroupOutput", "NodeGroupInput",
+                      "CompositorNodeComposite", "CompositorNodeViewer", "NodeReroute",
+                      "NodeFrame", "CompositorNodeOutputFile"}
 
 bpy = None  # imported in main(), after the protocol fd is set aside
 
@@ -269,8 +296,6 @@ class Runtime:
         im.color_depth = depth
         if fmt == "EXR":
             im.exr_codec = "ZIP"
-        if s.get("tile") is not None:
-            raise SceneError("tile rendering is not supported by this worker version")
         samples, pct, res = s.get("samples"), s.get("resolution_percent"), s.get("resolution")
         if samples is not None:
             if type(samples) is not int or samples < 1:
@@ -301,10 +326,90 @@ class Runtime:
         if eng_samples.get(r.engine, 0) > MAX_SAMPLES:
             raise SceneError(f"{eng_samples[r.engine]} samples exceed the farm cap of {MAX_SAMPLES}")
         sc.cycles.device = "GPU" if self.gpu else "CPU"
-        r.threads_mode = "AUTO"                 # the worker, not the scene, decides threads
+        r.threads_mode = "FIXED" if C.RENDER_THREADS > 0 else "AUTO"   # the worker, not the scene
+        if C.RENDER_THREADS > 0:
+            r.threads = C.RENDER_THREADS
+        if s.get("stamp_fps") and not r.use_stamp:  # metadata only; a burnt-in stamp would change pixels
+            r.use_stamp_note = True
+            r.stamp_note_text = f"renderhive fps={r.fps}/{r.fps_base:.6g}"
         r.use_stamp_hostname = False            # don't leak the worker's identity in metadata
         r.use_stamp_filename = False
         return ext
+
+    def _tile(self, sc, tile, frames: list) -> dict | None:
+        """Check a tile request and set the render border to the tile plus its
+        overscan. Returns the tile and the crop that turns the written file
+        into exactly the tile (None: the file is the tile already)."""
+        if tile is None:
+            return None                         # border: the scene's own, restored by _apply
+        keys = ("cols", "rows", "col", "row")
+        if not isinstance(tile, dict) or any(type(tile.get(k)) is not int for k in keys):
+            raise SceneError(f"'tile' must be {{cols, rows, col, row: integers, overscan}}, got {tile!r}")
+        cols, rows, col, row = (tile[k] for k in keys)
+        top = C.MAX_TILES_PER_SIDE
+        if not (1 <= cols <= top and 1 <= rows <= top and 0 <= col < cols and 0 <= row < rows):
+            raise SceneError(f"tile {col},{row} of {cols}x{rows} is not in a grid of 1..{top} tiles a side")
+        overscan = tile.get("overscan")
+        if overscan is not None and (type(overscan) is not int or not 0 <= overscan <= C.MAX_TILE_OVERSCAN):
+            raise SceneError(f"overscan must be 0..{C.MAX_TILE_OVERSCAN} pixels, got {overscan!r}")
+        if len(frames) != 1:
+            raise SceneError("a tile request renders exactly one frame")
+        r = sc.render
+        if r.engine not in TILE_ENGINES:
+            raise SceneError(f"tiles are not supported for the {r.engine} engine: its screen-space effects "
+                             "make tiles that do not match at the seams (EEVEE: up to 61/255). Submit this "
+                             "scene without tiles (its frames still spread over the workers), or switch it "
+                             "to Cycles or Workbench")
+        tree = getattr(sc, "compositing_node_group", None)
+        if r.use_compositing and tree is not None:
+            spatial = sorted(n.name for n in tree.nodes if n.bl_idname not in PASS_THROUGH_NODES and not n.mute)
+            if spatial:
+                raise SceneError("the compositor works on whole frames (nodes " + ", ".join(spatial[:5])
+                                 + "), so tiles would not match at the seams: submit without tiles, or "
+                                 "turn off Output Properties > Post Processing > Compositing")
+        w, h = (v * r.resolution_percentage // 100 for v in (r.resolution_x, r.resolution_y))
+        problem = too_many_tiles(cols, rows, w, h)
+        if problem:
+            raise SceneError(problem)
+        x0, x1, y0, y1 = tile_rect(cols, rows, col, row, w, h)
+        m = self._auto_overscan(sc) if overscan is None else overscan
+        rx0, rx1, ry0, ry1 = max(0, x0 - m), min(w, x1 + m), max(0, y0 - m), min(h, y1 + m)
+        im = r.image_settings
+        # Dithered 8-bit output must be quantised in the full-size buffer,
+        # where the dither noise matches the untiled render's.
+        full = im.file_format == "PNG" and im.color_depth == "8" and r.dither_intensity > 0
+        r.use_border, r.use_crop_to_border = True, not full
+        # Blender truncates border * size to whole pixels; a quarter pixel
+        # keeps float rounding (1/3 in float32...) from landing one short.
+        r.border_min_x, r.border_max_x = (rx0 + 0.25) / w, (rx1 + 0.25) / w
+        r.border_min_y, r.border_max_y = (h - ry1 + 0.25) / h, (h - ry0 + 0.25) / h  # y from the bottom
+        ox, oy = (0, 0) if full else (rx0, ry0)
+        crop = None if (not full and (rx0, rx1, ry0, ry1) == (x0, x1, y0, y1)) else \
+            (x0 - ox, x1 - ox, y0 - oy, y1 - oy)
+        return {"col": col, "row": row, "overscan": m, "crop": crop}
+
+    @staticmethod
+    def _auto_overscan(sc) -> int:
+        """The margin that makes this scene's tiles match (see farm.constants)."""
+        if sc.render.engine != "CYCLES":
+            return 0
+        if sc.cycles.use_denoising:
+            return C.TILE_OVERSCAN_DENOISE
+        if not sc.cycles.use_adaptive_sampling:
+            return 0
+        margin, samples = C.TILE_OVERSCAN_ADAPTIVE, C.TILE_OVERSCAN_ADAPTIVE_SAMPLES
+        while sc.cycles.samples > samples and margin < C.TILE_OVERSCAN_DENOISE:
+            margin, samples = margin * 2, samples * 4   # more convergence checks reach further
+        return margin
+
+    @staticmethod
+    def _crop(src: str, dst: str, box) -> None:
+        from worker import rasters
+        try:
+            rasters.write(dst, rasters.read(src).crop(*box))
+        except (rasters.RasterError, OSError) as e:
+            raise RenderFailed(f"cannot crop the rendered tile: {e}") from None
+        os.remove(src)
 
     def render(self, rid, req: dict) -> None:
         scene, key, frames, out_dir = (req.get(k) for k in ("scene", "scene_key", "frames", "out_dir"))
@@ -325,6 +430,7 @@ class Runtime:
             self._load(scene, key)
         sc = bpy.context.scene
         ext = self._apply(sc, settings)
+        tile = self._tile(sc, settings.get("tile"), frames)
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:                    # the worker's disk, not the scene
@@ -334,18 +440,25 @@ class Runtime:
             sc.frame_set(f)
             if sc.camera is None:               # camera markers can switch it per frame
                 raise SceneError(f"scene {sc.name!r} has no active camera at frame {f}")
-            path = os.path.join(out_dir, f"frame_{f:04d}{ext}")
-            sc.render.filepath = path           # always ours, never the scene's
-            if os.path.exists(path):            # a stale file must not pass for output
-                os.remove(path)
+            if tile is None:
+                path = render_path = os.path.join(out_dir, f"frame_{f:04d}{ext}")
+            else:
+                path = os.path.join(out_dir, tile_name(f, tile["row"], tile["col"], settings.get("format") or "PNG"))
+                render_path = path if tile["crop"] is None else os.path.join(out_dir, f".region{ext}")
+            sc.render.filepath = render_path    # always ours, never the scene's
+            for stale in {path, render_path}:   # a stale file must not pass for output
+                if os.path.exists(stale):
+                    os.remove(stale)
             t0 = time.perf_counter()
             try:
                 bpy.ops.render.render(animation=False, write_still=True)
             except RuntimeError as e:
                 raise RenderFailed(f"render of frame {f} failed: {str(e).strip()}") from None
-            seconds = round(time.perf_counter() - t0, 4)
-            if not os.path.isfile(path):
+            if not os.path.isfile(render_path):
                 raise RenderFailed(f"render of frame {f} reported success but wrote no file")
+            if render_path != path:
+                self._crop(render_path, path, tile["crop"])
+            seconds = round(time.perf_counter() - t0, 4)
             outputs.append({"frame": f, "path": path, "seconds": seconds})
             self.emit(event="frame", id=rid, **outputs[-1])
         self.emit(event="done", id=rid, outputs=outputs, reloaded=reloaded,

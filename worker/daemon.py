@@ -30,6 +30,7 @@ import zmq.asyncio
 
 from farm import constants as C
 from farm import protocol as P
+from farm import model_folders
 from farm.blobs import file_sha256
 from worker.blobcache import BlobCache
 from worker.executors import EXECUTORS, RUNTIMES, TaskContext, TaskFailure
@@ -56,7 +57,8 @@ def gpu_assignment(gpus: str, slots: int) -> list[str]:
 
 class WorkerDaemon:
     def __init__(self, coordinator: str, cache_dir: Path, slots: int = 1, wallet: str = "",
-                 gpus: str = "all", worker_id: str | None = None, cache_bytes: int = C.WORKER_CACHE_BYTES):
+                 gpus: str = "all", worker_id: str | None = None, cache_bytes: int = C.WORKER_CACHE_BYTES,
+                 models: list[Path] | None = None):
         self.endpoint = coordinator
         self.dir = Path(cache_dir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +67,8 @@ class WorkerDaemon:
         self.wallet = wallet
         self.id = worker_id or self._load_id()
         self.gpu_args = gpu_assignment(gpus, slots)
+        self.model_dirs = model_folders.configured_dirs() if models is None else [Path(m) for m in models]
+        self.models: list[model_folders.ModelFolder] = []  # found, checked and hashed in start_runtimes
         self.runtimes: dict[tuple[str, int], RuntimeProcess] = {}  # (runtime name, slot) → child
         self.ready_info: dict[str, Any] = {}
         self.ctx = zmq.asyncio.Context.instance()
@@ -98,7 +102,13 @@ class WorkerDaemon:
         return rt
 
     async def start_runtimes(self) -> None:
-        await asyncio.gather(*(self._runtime(i) for i in range(self.slots)))
+        self.models = await asyncio.to_thread(model_folders.scan, self.model_dirs, self.dir / "model_hashes.json")
+        for m in self.models:
+            print(f"worker {self.id}: model {m.name} " + (f"({m.hash[:12]}) at {m.path}" if m.ok else
+                                                           f"NOT USABLE: {m.error}"), flush=True)
+        # with a model on disk the diffusion child starts now too: torch is imported once, not in a task
+        names = ["blender"] + (["diffusion"] if any(m.ok for m in self.models) else [])
+        await asyncio.gather(*(self._runtime(i, n) for i in range(self.slots) for n in names))
         devices = self.ready_info.get("devices", [])
         print(f"worker {self.id}: Blender {self.ready_info.get('bpy_version')} ready in {self.slots} slot(s); "
               f"devices: {', '.join(d.get('type', '?') + ' ' + d.get('name', '') for d in devices) or 'CPU'}",
@@ -109,7 +119,7 @@ class WorkerDaemon:
                 "engines": self.ready_info.get("engines", []),
                 "devices": self.ready_info.get("devices", []), "gpu": bool(self.ready_info.get("gpu")),
                 "bpy": self.ready_info.get("bpy_version", ""), "hostname": socket.gethostname(),
-                "cached": self.cache.hashes()[:1000]}
+                "cached": self.cache.hashes()[:1000], "models": [m.advert() for m in self.models]}
 
     # ------------------------------------------------------------------ connection
     def send(self, msg: Any) -> None:
@@ -239,7 +249,7 @@ class WorkerDaemon:
         except TaskFailure as exc:
             final = P.Failed(msg.task_id, msg.attempt, str(exc), exc.retryable)
         except RuntimeCrashed as exc:
-            final = P.Failed(msg.task_id, msg.attempt, f"Blender crashed: {exc}", True)
+            final = P.Failed(msg.task_id, msg.attempt, f"the runtime crashed: {exc}", True)
         except Exception as exc:  # keep the daemon up whatever happens in one task
             log.exception("task %s failed", key)
             final = P.Failed(msg.task_id, msg.attempt, f"worker error: {exc!r}", True)
@@ -269,7 +279,8 @@ class WorkerDaemon:
 
         async def runtime() -> RuntimeProcess:
             return await self._runtime(slot, runtime_name)
-        ctx = TaskContext(msg.task_id, msg.attempt, msg.kind, msg.spec, inputs, out_dir, progress, runtime)
+        ctx = TaskContext(msg.task_id, msg.attempt, msg.kind, msg.spec, inputs, out_dir, progress, runtime,
+                          models={m.hash: m.path for m in self.models if m.ok})
         result, seconds = [], 0.0
         for p in await executor(ctx):
             sha = await asyncio.to_thread(file_sha256, p.path)
@@ -382,13 +393,15 @@ class WorkerDaemon:
         self.stopping.set()
 
 
-def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, worker_id: str | None) -> None:
+def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, worker_id: str | None,
+         models: list[str] | None = None) -> None:
     import signal
     logging.basicConfig(level=os.environ.get("RENDERHIVE_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def _main() -> None:
-        daemon = WorkerDaemon(coordinator, cache_dir, slots, wallet, gpus, worker_id)
+        daemon = WorkerDaemon(coordinator, cache_dir, slots, wallet, gpus, worker_id,
+                              models=model_folders.configured_dirs(models) if models else None)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, daemon.stop)

@@ -8,7 +8,7 @@ result only when the names match exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -39,6 +39,7 @@ class TaskContext:
     out_dir: Path
     progress: Callable[[int, int, str], None]
     runtime: Callable[[], Awaitable[Any]]  # the slot's runtime child for this kind (started on demand)
+    models: dict[str, Path] = field(default_factory=dict)  # diffusion models this worker holds: hash → folder
 
     def input_named(self, name: str) -> Path:
         """The local path of the dependency output called ``name`` (see spec["input_names"])."""
@@ -67,12 +68,27 @@ async def render(ctx: TaskContext) -> list[Produced]:
 
 Executor = Callable[[TaskContext], Awaitable[list[Produced]]]
 
+
+def _lazy(module: str, name: str) -> Executor:
+    """An executor defined in ``module``, imported on first use (modules that import this one stay
+    importable in any order, and the daemon loads only what it runs)."""
+    async def run(ctx: TaskContext) -> list[Produced]:
+        import importlib
+        return await getattr(importlib.import_module(module), name)(ctx)
+    return run
+
+
 EXECUTORS: dict[str, tuple[str | None, Executor]] = {
     "render": ("blender", render),
+    "diffusion": ("diffusion", _lazy("worker.diffusion_tasks", "diffusion")),
+    "contact_sheet": (None, _lazy("worker.diffusion_tasks", "contact_sheet")),
+    "assemble": (None, _lazy("worker.assemble", "assemble")),   # a frame from its tiles
+    "encode": (None, _lazy("worker.assemble", "encode")),       # video.mp4 from the frames
 }
 """Task kind → (runtime child it needs, executor)."""
 
 RUNTIMES: dict[str, tuple[str, Callable[[str], list[str]]]] = {
     "blender": ("worker.blender_runtime", lambda gpus: ["--gpus", gpus]),
+    "diffusion": ("worker.diffusion_runtime", lambda gpus: ["--gpus", gpus]),
 }
 """Runtime name → (module run as ``python -m``, its arguments given the slot's ``--gpus`` value)."""

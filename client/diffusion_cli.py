@@ -1,0 +1,201 @@
+"""Stable Diffusion from the creator's side: ``farm submit-diffusion``, ``farm models``, and the diffusion
+steps of ``make demo``.
+
+The commands are registered into the parser of :mod:`client.cli` by :func:`add_commands`. ``--model`` takes a model name
+that workers advertise (a model folder's name, or a hub id like ``org/name``) or the path of a local model
+folder: then the folder is checked here (a corrupt folder is refused before anything is sent) and the job
+pins that folder's hash, so it runs only on workers holding exactly those weights.
+
+The demo (:func:`demo_build_model` before the workers start, :func:`demo_run` after the render job) uses
+the same API calls; the tiny pipeline (random weights, :mod:`worker.tiny_pipeline`) stands in for a real
+model, so its images are coloured noise, but seeds, metadata, micro-batches, contact sheets and the job
+dependency are the real thing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from client.api import ApiError, Client
+
+
+def parse_size(text: str | None) -> tuple[int | None, int | None]:
+    if not text:
+        return None, None
+    try:
+        w, h = (int(v) for v in text.lower().replace("×", "x").split("x"))
+    except ValueError:
+        raise ApiError(f"--size {text!r}: give WIDTHxHEIGHT, e.g. 512x512") from None
+    return w, h
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ApiError(f"cannot read --prompt-file {args.prompt_file}: {exc}") from None
+        prompts += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise ApiError('give a prompt: --prompt "…" (repeatable) or --prompt-file FILE (one prompt a line)')
+    return prompts
+
+
+def model_ref(model: str) -> tuple[str, str]:
+    """(name, hash) for ``--model``: a local folder is checked and hashed, anything else is a name."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return model, ""
+    from farm import model_folders
+    problem = model_folders.check(path)
+    if problem:
+        raise ApiError(problem)
+    path = path.resolve()
+    name = path.name
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):  # hub snapshot
+        name = path.parent.parent.name[len("models--"):].replace("--", "/")
+    return name, model_folders.folder_hash(path)
+
+
+def cmd_submit_diffusion(args, client: Client) -> int:
+    from client.cli import follow_submitted
+    prompts = read_prompts(args)
+    width, height = parse_size(args.size)
+    name, digest = model_ref(args.model)
+    body: dict[str, Any] = {
+        "model": name, "model_hash": digest, "prompts": prompts, "negative": args.negative, "count": args.count,
+        "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "width": width, "height": height,
+        "scheduler": args.scheduler, "per_task": args.per_task, "init_from_job": args.init_from_job,
+        "strength": args.strength, "priority": args.priority, "name": args.name}
+    job = client.submit_diffusion(**body)
+    spec = job["spec"]
+    if not args.json:
+        what = (f"img2img over the frames of job {spec['init_from_job']}" if spec.get("init_from_job")
+                else f"{len(spec['prompts'])} prompt(s) × {spec['count']}")
+        print(f"job {job['id']} {job['status']}: {spec['images_total']} images ({what}) of {spec['model']} "
+              f"({spec['model_hash'][:12]}), seeds {spec['seed']}-{spec['seed'] + spec['images_total'] - 1}, "
+              f"{job['tasks']['total'] - 1} tasks + a contact sheet")
+    return follow_submitted(args, client, job)
+
+
+def cmd_models(args) -> int:
+    from farm import model_folders
+    if args.action == "tiny":
+        from worker.tiny_pipeline import build
+        if not args.out:
+            print("error: farm models tiny needs --out DIR (the model folder to write)", file=sys.stderr)
+            return 2
+        path = build(Path(args.out))
+        print(f"tiny Stable Diffusion pipeline ({model_folders.folder_hash(path)[:12]}) written to {path.resolve()}; "
+              f"serve it with: farm worker --models {path.resolve().parent}")
+        return 0
+    models = model_folders.scan(model_folders.configured_dirs(args.models or None))
+    if args.json:
+        print(json.dumps([{**m.advert(), "path": str(m.path)} for m in models], indent=2))
+    else:
+        for m in models:
+            print(f"{m.name}\t{m.hash[:12] if m.ok else 'NOT USABLE'}\t{m.path}" + (f"\t{m.error}" if m.error else ""))
+        if not models:
+            print("no model folders found (give --models DIR or set RENDERHIVE_MODELS; the hub cache is searched too)",
+                  file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
+    """Add ``submit-diffusion`` (a creator command made by ``client_cmd``) and ``models`` to the parser."""
+    sd = client_cmd("submit-diffusion", "submit a Stable Diffusion batch (txt2img, or img2img over a job's frames)")
+    sd.add_argument("--model", required=True, help="model name or hub id workers hold, or a local model folder")
+    sd.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    sd.add_argument("--prompt-file", default=None, help="a file with one prompt a line (# comments)")
+    sd.add_argument("--count", type=int, default=1, help="images per prompt")
+    sd.add_argument("--negative", default="", help="negative prompt")
+    sd.add_argument("--seed", type=int, default=None, help="base seed: image k uses seed+k (default: random)")
+    sd.add_argument("--steps", type=int, default=30)
+    sd.add_argument("--guidance", type=float, default=7.5)
+    sd.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default 512x512; img2img: "
+                                                 "the source frames' size)")
+    sd.add_argument("--scheduler", default="default", help="default (the model's), pndm, ddim, euler, euler_a, "
+                                                           "dpm++, heun, unipc")
+    sd.add_argument("--per-task", type=int, default=1, help="images per task (micro-batch)")
+    sd.add_argument("--init-from-job", type=int, default=None, help="img2img over this job's frames")
+    sd.add_argument("--strength", type=float, default=0.5, help="img2img: how far from the frame (0-1]")
+    sd.add_argument("--priority", type=int, default=0)
+    sd.add_argument("--name", default="")
+    sd.add_argument("--wait", action="store_true", help="follow progress until done")
+    sd.add_argument("--out", default=None, help="with --wait: download the images here")
+    sd.set_defaults(func=cmd_submit_diffusion)
+
+    m = sub.add_parser("models", help="diffusion model folders: build the tiny test model, list local models")
+    m.add_argument("action", choices=["tiny", "list"], help="tiny: build the tiny test pipeline; list: local models")
+    m.add_argument("--out", default=None, help="tiny: the model folder to write (its name is the model's name)")
+    m.add_argument("--models", action="append", help="list: folders to search (default RENDERHIVE_MODELS)")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models, needs_client=False)
+
+
+# ------------------------------------------------------------------ make demo
+DEMO_MODEL = "tiny-sd"
+DEMO_PROMPTS = ["a watercolor painting of a lighthouse at dusk", "a red robot in a forest, cinematic lighting"]
+
+
+def demo_build_model(root: Path, con) -> Path:
+    """``farm models tiny --out ROOT/models/tiny-sd``; returns the folder of model folders for --models."""
+    from worker.tiny_pipeline import build
+    with con.status("building the tiny Stable Diffusion model (random weights, ~1 M parameters)"):
+        path = build(root / "models" / DEMO_MODEL)
+    con.print(f"model: {path} (served by the workers with --models {path.parent})")
+    return path.parent
+
+
+def _demo_finish(con, creator: Client, job: dict, out: Path, what: str) -> bool:
+    from client.cli import wait_for_job
+    t0 = time.monotonic()
+    job = wait_for_job(creator, job["id"], quiet=False)
+    if job["status"] != "rendered":
+        con.print(f"[red]{what} (job {job['id']}) ended {job['status']}: {job['error']}")
+        return False
+    paths = creator.download_results(job["id"], out)
+    images = [p for p in paths if p.name.startswith("image_")]
+    per_worker: dict[str, int] = {}
+    for o in creator.outputs(job["id"]):
+        if o["name"].startswith("image_"):
+            per_worker[o["worker_id"]] = per_worker.get(o["worker_id"], 0) + 1
+    con.print(f"{what}: {len(images)} images in {time.monotonic() - t0:.1f} s by "
+              + ", ".join(f"{k}: {v}" for k, v in sorted(per_worker.items())))
+    con.print(f"[bold]images:[/] {out}/{images[0].name} … {images[-1].name}   "
+              f"[bold]contact sheet:[/] {out}/contact_sheet.png")
+    return True
+
+
+def demo_run(con, creator: Client, scene_sha: str, root: Path) -> int:
+    """A txt2img batch (2 prompts × 2 images, micro-batches of 2), then a 4-frame render job with an
+    img2img job chained on it, submitted together: the img2img job waits until the frames exist."""
+    con.rule("[bold]Stable Diffusion on the farm")
+    batch = creator.submit_diffusion(model=DEMO_MODEL, prompts=DEMO_PROMPTS, count=2, seed=1234, steps=20,
+                                     width=128, height=128, per_task=2, name="txt2img demo")
+    spec = batch["spec"]
+    con.print(f"job {batch['id']}: {spec['images_total']} images of {DEMO_MODEL} ({spec['model_hash'][:12]}), "
+              f"seeds {spec['seed']}-{spec['seed'] + spec['images_total'] - 1}, "
+              f"{batch['tasks']['total'] - 1} tasks of 2")
+    if not _demo_finish(con, creator, batch, root / "diffusion", "txt2img"):
+        return 1
+
+    frames = creator.submit(scene_sha256=scene_sha, name="turntable keyframes", frames="1-24x6", chunk=1,
+                            resolution_percent=50, samples=16)
+    chain = creator.submit_diffusion(model=DEMO_MODEL, prompts=["an oil painting of a turntable, impressionist"],
+                                     init_from_job=frames["id"], strength=0.6, seed=99, steps=20,
+                                     name=f"img2img over job {frames['id']}")
+    con.print(f"job {frames['id']} renders frames 1, 7, 13, 19; job {chain['id']} (img2img) waits for them: "
+              f"{chain['tasks'].get('waiting', 0)} tasks waiting")
+    if not _demo_finish(con, creator, chain, root / "img2img", "img2img over the rendered frames"):
+        return 1
+    con.print("each image's PNG metadata holds its prompt, seed, steps, guidance, scheduler, model and model "
+              "hash (img2img: its source job, frame and frame hash): "
+              f"python -c \"from PIL import Image; "
+              f"print(Image.open('{root}/img2img/image_0000_frame_0001.png').text)\"")
+    return 0

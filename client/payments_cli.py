@@ -1,0 +1,143 @@
+"""``farm estimate | approve | reject | payouts | wallet``: the creator's review and the money, on the CLI.
+
+Registered by :func:`client.cli.build_parser` through :func:`add_commands`. Standard library plus rich,
+like the rest of the CLI; everything goes through :class:`client.api.Client`. ``--json`` prints the API's
+answer unchanged, for scripts.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from client.api import ApiError, Client
+
+
+def _print(args, data: Any, human: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else human)
+
+
+def cmd_estimate(args, client: Client) -> int:
+    est = client.estimate(frames=args.frames, chunk=args.chunk, samples=args.samples,
+                          resolution_percent=args.resolution_percent)
+    _print(args, est, f"{est['units']} frames × {est['seconds_per_unit']} s ({est['basis']}) × "
+                      f"{est['price_per_unit_tokens']} per render second ≈ {est['cost_tokens']} tokens; "
+                      f"deposit taken at start: {est['deposit_tokens']} (the rest is refunded)")
+    return 0
+
+
+def cmd_approve(args, client: Client) -> int:
+    job = client.approve(args.job)
+    pay = client.payment(args.job)
+    _print(args, {"job": job, "payment": pay},
+           f"job {job['id']} {job['status']}: payouts {pay.get('status')} "
+           f"(deposit {pay.get('deposit_tokens', '?')}, payouts {pay.get('payout_total_tokens', '?')} tokens)")
+    return 0
+
+
+def cmd_reject(args, client: Client) -> int:
+    job = client.reject(args.job, args.frames, args.reason)
+    _print(args, job, f"job {job['id']} {job['status']}: {job.get('requeued_tasks', 0)} tasks queued to render again")
+    return 0
+
+
+def cmd_payouts(args, client: Client) -> int:
+    pay = client.payouts(args.job)
+    if args.json:
+        _print(args, pay, "")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    table = Table("worker", "wallet", "render s", "tasks", "tokens", "status")
+    for w in pay["workers"]:
+        table.add_row(w["worker_id"], w["wallet"] or "(none: not paid)", f"{w['work_seconds']:.2f}", str(w["tasks"]),
+                      w["amount_tokens"], w["status"])
+    con = Console()
+    con.print(f"job {pay['job_id']}: {'preview, ' if pay['preview'] else ''}round {pay['round']}, {pay['status']}, "
+              f"{pay['price_per_unit_tokens']} tokens per {pay['unit']}, total {pay['total_tokens']}")
+    con.print(table)
+    return 0
+
+
+def cmd_wallet(args, client: Client) -> int:
+    if args.withdraw:
+        if not args.address:
+            raise ApiError("--withdraw needs the address to pay out: farm wallet 0x… --withdraw")
+        res = client.withdraw(args.address)
+        _print(args, res, f"withdrew {res['amount_tokens']} tokens to {res['address']} (tx {res['tx_hash']})")
+        return 0
+    bal = client.wallet(args.address) if args.address else client.my_wallet()
+    _print(args, bal, f"{bal['address']}: {bal['token_tokens']} tokens in the wallet, "
+                      f"{bal['escrow_credit_tokens']} credited in escrow (withdraw with --withdraw)")
+    return 0
+
+
+def add_commands(sub, client_cmd: Callable) -> None:
+    e = client_cmd("estimate", "what a frame job would cost, and the deposit it takes")
+    e.add_argument("--frames", required=True, help="frames like 1-24,30")
+    e.add_argument("--chunk", type=int, default=1)
+    e.add_argument("--samples", type=int, default=None)
+    e.add_argument("--resolution-percent", type=int, default=None)
+    e.set_defaults(func=cmd_estimate)
+
+    a = client_cmd("approve", "approve a rendered job: its workers are paid from the escrow")
+    a.add_argument("job", type=int)
+    a.set_defaults(func=cmd_approve)
+
+    r = client_cmd("reject", "reject frames of a rendered job: they are rendered again")
+    r.add_argument("job", type=int)
+    r.add_argument("--frames", required=True, help="frames to re-render, like 3,7-9")
+    r.add_argument("--reason", default="", help="what is wrong with them")
+    r.set_defaults(func=cmd_reject)
+
+    p = client_cmd("payouts", "each worker's share of a job")
+    p.add_argument("job", type=int)
+    p.set_defaults(func=cmd_payouts)
+
+    w = client_cmd("wallet", "balances of your wallet or of an address; --withdraw pays out a worker")
+    w.add_argument("address", nargs="?", default=None, help="an address (default: your own wallet)")
+    w.add_argument("--withdraw", action="store_true", help="pay the address's escrow credit out to it")
+    w.set_defaults(func=cmd_wallet)
+
+
+# ------------------------------------------------------------------ the demo's payment part
+def demo_wallet(i: int) -> str:
+    """A made-up payout address for demo worker ``i`` (any 20 bytes are an address)."""
+    import hashlib
+    return "0x" + hashlib.sha256(f"renderhive demo worker {i}".encode()).hexdigest()[:40]
+
+
+def demo_payments(con, creator: Client, job_id: int, wallets: dict[str, str], timeout: float = 120) -> None:
+    """Approve the demo's render job and show each worker's token balance before and after its payout.
+    Raises TimeoutError when the payment does not come (the demo then prints the logs)."""
+    import time
+    pay = creator.payment(job_id)
+    if pay["payments"] == "off":
+        con.print("payments are off on this coordinator: nothing to approve on chain")
+        return
+
+    def wait(what: str, pred) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            view = creator.payment(job_id)
+            if pred(view):
+                return view
+            time.sleep(0.3)
+        raise TimeoutError(f"timed out waiting for {what} (payment status: {view['status']} {view.get('error', '')})")
+    with con.status("waiting for the payout list to reach the escrow"):
+        wait("the payout list on chain", lambda v: v["status"] in ("posted", "approved", "paid"))
+    before = {w: int(creator.wallet(a)["token"]) for w, a in wallets.items()}
+    creator.approve(job_id)
+    with con.status("approved: the escrow credits the workers"):
+        pay = wait("the payment", lambda v: v["status"] == "paid")
+    con.print(f"job {job_id} approved and paid: deposit {pay['deposit_tokens']} tokens, payouts "
+              f"{pay['payout_total_tokens']}, operator fee {pay['fee_tokens']}, the rest refunded to the creator "
+              f"(escrow {pay['escrow']})")
+    shares = {w["wallet"].lower(): w for w in creator.payouts(job_id)["workers"]}
+    for w, addr in wallets.items():
+        if int(creator.wallet(addr)["escrow_credit"]):
+            creator.withdraw(addr)
+        after = int(creator.wallet(addr)["token"])
+        share = shares.get(addr.lower())
+        secs = f"{share['work_seconds']:.1f} render s" if share else "no accepted work"
+        con.print(f"  {w} {addr}: {before[w] / 1e18:.6f} → {after / 1e18:.6f} tokens "
+                  f"([green]+{(after - before[w]) / 1e18:.6f}[/], {secs})")

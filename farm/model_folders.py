@@ -1,0 +1,309 @@
+"""Stable Diffusion model folders on local disk: finding them, checking them, naming and hashing them.
+
+Used by the worker daemon (what it advertises in HELLO), by the coordinator (prompt token limits at
+submit) and by the CLI (a local ``--model PATH``). Imports neither torch nor transformers: only the
+standard library, plus the ``tokenizers`` library (Rust, no torch) for counting prompt tokens.
+
+A model folder is what ``DiffusionPipeline.save_pretrained`` writes: ``model_index.json`` plus one
+subfolder per component. They are found in folders given by the user (a model folder itself, or a folder
+of model folders, one level down) and in the local Hugging Face hub cache (``models--org--name`` with
+``snapshots/<revision>``, named ``org/name``). Invariants:
+
+* a model's **hash** is the sha256 over the sorted (relative path, sha256 of the file) of all its files
+  (hidden files excluded), so it names the exact weights wherever the folder lives; file hashes are
+  cached by (path, size, mtime) in a JSON file, so a restart re-reads nothing that did not change;
+* :func:`check` finds what would make loading fail (missing component folder, config or weights, a
+  truncated safetensors file) without loading anything; a folder that fails it is reported with its
+  error and an empty hash, never used;
+* nothing here downloads anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+MODEL_INDEX = "model_index.json"
+BUILD_HINT = ("save a complete pipeline there (DiffusionPipeline.save_pretrained(DIR)), copy the model folder "
+              "again, or for tests run `farm models tiny --out DIR`")
+DEFAULT_TOKEN_LIMIT = 77
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """One model on this machine: ``hash`` is "" and ``error`` says why when the folder is unusable."""
+    name: str
+    path: Path
+    hash: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.hash) and not self.error
+
+    def advert(self) -> dict[str, str]:
+        """The entry of HELLO ``capabilities["models"]``."""
+        return {"name": self.name, "hash": self.hash, **({"error": self.error[:300]} if self.error else {})}
+
+
+# ------------------------------------------------------------------ finding
+def hub_cache_dir() -> Path:
+    """The local Hugging Face hub cache, resolved like huggingface_hub does (without importing it)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return Path(home) / "hub"
+
+
+def configured_dirs(value: str | Iterable[str] | None = None) -> list[Path]:
+    """Model dirs from ``--models`` values (each may hold several, os.pathsep-separated) or, when none
+    are given, from RENDERHIVE_MODELS."""
+    if value is None:
+        value = os.environ.get("RENDERHIVE_MODELS", "")
+    parts = [value] if isinstance(value, str) else list(value)
+    return [Path(p).expanduser() for part in parts for p in str(part).split(os.pathsep) if p.strip()]
+
+
+def find(dirs: Iterable[Path], hub: bool = True) -> list[tuple[str, Path]]:
+    """(name, folder) of every model folder under ``dirs`` and, with ``hub``, in the hub cache. A folder
+    that exists but is no model (no model_index.json) is reported too, so that a typo is not silent."""
+    found: dict[str, Path] = {}
+    for d in dirs:
+        d = Path(d)
+        if (d / MODEL_INDEX).exists() or not d.is_dir():
+            found.setdefault(d.name, d)
+            continue
+        subs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for p in subs:
+            if (p / MODEL_INDEX).exists() or any(p.iterdir()):
+                found.setdefault(p.name, p)
+    if hub:
+        for name, path in find_hub(hub_cache_dir()):
+            found.setdefault(name, path)
+    return sorted(found.items())
+
+
+def find_hub(cache: Path) -> list[tuple[str, Path]]:
+    """Pipelines in a hub cache: the snapshot that refs/main points at (else the newest one)."""
+    out = []
+    if not cache.is_dir():
+        return out
+    for repo in sorted(cache.glob("models--*")):
+        snaps = repo / "snapshots"
+        ref = repo / "refs" / "main"
+        snap = snaps / ref.read_text().strip() if ref.is_file() else None
+        if snap is None or not (snap / MODEL_INDEX).is_file():
+            cands = [p for p in snaps.glob("*") if (p / MODEL_INDEX).is_file()] if snaps.is_dir() else []
+            snap = max(cands, key=lambda p: p.stat().st_mtime) if cands else None
+        if snap is not None:
+            out.append((repo.name[len("models--"):].replace("--", "/"), snap))
+    return out
+
+
+# ------------------------------------------------------------------ checking
+def _safetensors_problem(path: Path) -> str:
+    """Why a .safetensors file cannot be loaded ("" when its header and size are consistent)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                return "is empty or truncated"
+            n = struct.unpack("<Q", raw)[0]
+            if n > min(size - 8, 100 * 1024 * 1024):
+                return "has a corrupt header"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        return f"cannot be read ({exc})"
+    if not isinstance(header, dict):
+        return "has a corrupt header"
+    end = max((v.get("data_offsets", [0, 0])[1] for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict)), default=0)
+    if 8 + n + end != size:
+        return f"is truncated or padded ({size} bytes, the header describes {8 + n + end})"
+    return ""
+
+
+def _component_problem(folder: Path, key: str, cls: str) -> str:
+    sub = folder / key
+    if not sub.is_dir():
+        return f"component folder {key}/ is missing"
+    files = {p.name for p in sub.iterdir()}
+    if key == "scheduler" or cls.endswith("Scheduler"):
+        need = "scheduler_config.json"
+    elif "Tokenizer" in cls:
+        if "tokenizer.json" in files or {"vocab.json", "merges.txt"} <= files:
+            return ""
+        return f"{key}/ has neither tokenizer.json nor vocab.json and merges.txt"
+    elif "Processor" in cls or "FeatureExtractor" in cls:
+        need = "preprocessor_config.json"
+    else:
+        need = "config.json"
+        weights = [f for f in files if f.endswith((".safetensors", ".bin")) or f.endswith(".index.json")]
+        if not weights:
+            return f"{key}/ has no weights (*.safetensors or *.bin)"
+        for f in sorted(w for w in weights if w.endswith(".safetensors")):
+            problem = _safetensors_problem(sub / f)
+            if problem:
+                return f"{key}/{f} {problem}"
+    if need not in files:
+        return f"{key}/{need} is missing"
+    try:
+        json.loads((sub / need).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{key}/{need} is not valid JSON ({exc})"
+    return ""
+
+
+def check(folder: Path) -> str:
+    """What makes ``folder`` unusable as a pipeline ("" when it looks complete). Reads headers only."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} does not exist: {BUILD_HINT}"
+    try:
+        index = json.loads((folder / MODEL_INDEX).read_text())
+    except FileNotFoundError:
+        return f"{folder} has no {MODEL_INDEX}, so it is not a diffusers pipeline folder: {BUILD_HINT}"
+    except (OSError, ValueError) as exc:
+        return f"{folder / MODEL_INDEX} is not valid JSON ({exc}): {BUILD_HINT}"
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        return f"{folder / MODEL_INDEX} names no pipeline class: {BUILD_HINT}"
+    for key, val in index.items():
+        if key.startswith("_") or not isinstance(val, list) or len(val) != 2 or None in val:
+            continue
+        problem = _component_problem(folder, key, str(val[1]))
+        if problem:
+            return f"model folder {folder} is incomplete or corrupt: {problem}; {BUILD_HINT}"
+    if "unet" not in index or "tokenizer" not in index:
+        return f"{folder} is a {index['_class_name']}, not a Stable Diffusion pipeline (no unet/tokenizer)"
+    return ""
+
+
+# ------------------------------------------------------------------ hashing
+class HashCache:
+    """sha256 of files, remembered by (real path, size, mtime_ns) in a JSON file (thread-safe)."""
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path else None
+        self.lock = threading.Lock()
+        self.entries: dict[str, list[Any]] = {}
+        if self.path and self.path.is_file():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def file_sha256(self, path: Path) -> str:
+        real = os.path.realpath(path)  # hub snapshots are symlinks into blobs/
+        st = os.stat(real)
+        key = [st.st_size, st.st_mtime_ns]
+        with self.lock:
+            hit = self.entries.get(real)
+        if hit and hit[:2] == key:
+            return hit[2]
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        with self.lock:
+            self.entries[real] = [*key, h.hexdigest()]
+        return h.hexdigest()
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with self.lock:
+            tmp.write_text(json.dumps(self.entries))
+        os.replace(tmp, self.path)
+
+
+def folder_hash(folder: Path, cache: HashCache | None = None) -> str:
+    """The model's identity: sha256 over its sorted (relative path, file sha256) pairs."""
+    cache = cache or HashCache(None)
+    folder = Path(folder)
+    lines = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            p = Path(root) / name
+            lines.append(f"{p.relative_to(folder).as_posix()}\t{cache.file_sha256(p)}\n")
+    return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+
+
+def scan(dirs: Iterable[Path], cache_file: Path | None = None, hub: bool = True) -> list[ModelFolder]:
+    """Every model folder found, checked and hashed (hashes cached in ``cache_file``)."""
+    cache = HashCache(cache_file)
+    models = []
+    for name, path in find(dirs, hub):
+        problem = check(path)
+        digest = ""
+        if not problem:
+            try:
+                digest = folder_hash(path, cache)
+            except OSError as exc:
+                problem = f"cannot read model folder {path}: {exc}"
+        models.append(ModelFolder(name, Path(path).resolve(), digest, problem))
+    try:
+        cache.save()
+    except OSError:
+        pass  # a read-only cache dir only costs re-hashing next time
+    return models
+
+
+# ------------------------------------------------------------------ prompt tokens
+_tokenizers: dict[str, Any] = {}
+_tok_lock = threading.Lock()
+
+
+def token_counter(folder: Path):
+    """``(count(text) -> int, limit)`` for the model's CLIP tokenizer: count includes the start and end
+    tokens, as the text encoder sees them; limit is the tokenizer's model_max_length."""
+    tdir = Path(folder) / "tokenizer"
+    key = str(tdir.resolve())
+    with _tok_lock:
+        if key not in _tokenizers:
+            _tokenizers[key] = _load_tokenizer(tdir)
+    tok, limit = _tokenizers[key]
+    return (lambda text: len(tok.encode(text).ids)), limit
+
+
+def _load_tokenizer(tdir: Path):
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    try:
+        config = json.loads((tdir / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    limit = int(config.get("model_max_length") or DEFAULT_TOKEN_LIMIT)
+    if limit > 100_000:  # "no limit" sentinel of older configs: the text encoder's positions decide
+        limit = DEFAULT_TOKEN_LIMIT
+    if (tdir / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(tdir / "tokenizer.json")), limit
+    # vocab.json + merges.txt (the original CLIP release, SD 1.x repositories): CLIP's pipeline, as
+    # transformers' CLIPTokenizer builds it
+    vocab = json.loads((tdir / "vocab.json").read_text(encoding="utf-8"))
+    merges = [tuple(line.split()) for line in (tdir / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+              if len(line.split()) == 2]
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                        fuse_unk=False, unk_token="<|endoftext|>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
+                                   r"""[\p{N}]|[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.RobertaProcessing(("<|endoftext|>", vocab["<|endoftext|>"]),
+                                                      ("<|startoftext|>", vocab["<|startoftext|>"]),
+                                                      trim_offsets=False, add_prefix_space=False)
+    return tok, limit
