@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python bench/dispatch.py
 	$(BIN)/python bench/diffusion.py
 	$(BIN)/python bench/gas.py
+	$(BIN)/python bench/tiles.py
 
 # The Blender extension zip (client/blender_addon + a copy of client/api.py), built offline by
 # Blender's own extension builder: install it with Edit > Preferences > Get Extensions > Install from Disk.

@@ -1,17 +1,20 @@
 """Tile rendering: what splitting one frame costs, and what spreading its tiles over workers gains.
 
-    python bench/tiles.py [--quick] [--repeat R] [--samples N] [--farm-samples N] [--keep]
+    python bench/tiles.py [--quick] [--repeat R] [--samples N] [--depth 8|16] [--farm-samples N]
+                          [--skip-farm] [--keep]
 
 Frame 5 of sample_scenes/turntable.blend at 320x240, 16 Cycles samples, 8-bit PNG (``--quick``: 160x120):
 
 A. **cost of tiles** — one Blender runtime child (worker/blender_runtime.py, driven like the worker does):
    the full frame, then every tile of it at 2x2, 4x4 and 8x8. Reported: the sum of the tiles' render
-   seconds (as the runtime reports them: render + write + crop) ÷ the full frame's, and the overhead per
-   tile. Two ways to render the tiles:
-   - *kept loaded* (what the worker does): same scene key, so the .blend stays open and Cycles keeps its
-     BVH and shaders between tiles (``use_persistent_data``); only the border changes;
+   seconds (as the runtime reports them: render + write + crop) ÷ the full frame's, the overhead per
+   tile, and the same as CPU seconds of the Blender child (steadier than wall time on a shared machine).
+   Three ways to render the tiles, interleaved:
+   - *kept* (what the worker does): same scene key, so the .blend stays open and Cycles keeps its BVH and
+     shaders between tiles (``use_persistent_data``); only the border changes; automatic overscan;
+   - *kept, no overscan*: the same without the margin (what the margin costs);
    - *reload per tile* (what a naive worker would do): a new scene key per tile, so every tile opens the
-     file again and rebuilds the BVH. Measured as wall time per request from this process.
+     file again and rebuilds the BVH. Timed as wall time per request, since the load is outside render.
    The tiles are stitched with worker.assemble and compared with the full frame (must be bit-identical).
 B. **speed-up** — ``farm serve`` and ``farm worker`` processes, every Blender child limited to one render
    thread (RENDERHIVE_RENDER_THREADS=1), one 4x4-tiled frame (64 samples by default) submitted and timed
@@ -102,17 +105,18 @@ async def cost_of_tiles(tmp: Path, settings: dict, repeat: int) -> dict:
         for n in GRIDS:
             grid = [[tmp / f"tiles{n}-None-scene" / tile_name(FRAME, r, c, "PNG") for c in range(n)] for r in range(n)]
             assemble_frame(grid, tmp / f"assembled{n}.png")
-            exact[n] = np.array_equal(rasters.read(tmp / f"assembled{n}.png").planes[""], reference.planes[""])
+            got = rasters.read(tmp / f"assembled{n}.png").planes[""]
+            exact[n] = got.dtype == reference.planes[""].dtype and np.array_equal(got, reference.planes[""])
         return {"runs": runs, "exact": exact}
     finally:
         await rt.stop()
 
 
-def report_cost(res: dict, size: str, samples: int, repeat: int) -> None:
+def report_cost(res: dict, size: str, samples: int, repeat: int, depth: str) -> None:
     runs = res["runs"]
     full = {k: med(r[k] for r in runs["full"]) for k in ("render", "wall", "cpu")}
     print(f"\nA. cost of tiles: frame {FRAME}, {size}, {samples} samples (adaptive sampling on: auto overscan "
-          f"4 px), PNG 8-bit, one Blender child, median of {repeat}, modes interleaved")
+          f"4 px), PNG {depth}-bit, one Blender child, median of {repeat}, modes interleaved")
     print(f"   full frame: {full['render']:.3f} s in the render call, {full['cpu']:.2f} CPU s")
     print(f"   {'grid':<5}{'mode':<19}{'sum tiles s':>12}{'÷ full':>8}{'per tile':>10}{'CPU s':>8}{'÷ full':>8}"
           f"{'loads':>7}")
@@ -125,7 +129,8 @@ def report_cost(res: dict, size: str, samples: int, repeat: int) -> None:
             loads = max(x["loads"] for x in r)
             print(f"   {f'{n}x{n}':<5}{mode:<19}{sec:>12.3f}{sec / base:>8.2f}{(sec - base) / n / n * 1000:>8.0f}ms"
                   f"{cpu:>8.2f}{cpu / full['cpu']:>8.2f}{loads if key else n * n:>7}")
-        print(f"   {'':<5}assembled {n}x{n} frame: {'bit-identical' if res['exact'][n] else 'DIFFERENT'} to the full render")
+        same = "bit-identical" if res["exact"][n] else "DIFFERENT"
+        print(f"   {'':<5}assembled {n}x{n} frame: {same} to the full render")
     print("   kept: the scene stays open between tiles (same scene key, persistent data keeps the BVH), 1 load "
           "for all tiles; reload per tile: a new key per tile, timed as wall per request (open + BVH + render)")
 
@@ -190,6 +195,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="160x120, one run")
     ap.add_argument("--repeat", type=int, default=None, help="runs per measurement; medians (default 3, quick 1)")
     ap.add_argument("--samples", type=int, default=16, help="samples for A")
+    ap.add_argument("--depth", default="8", choices=["8", "16"], help="PNG bits for A (8: dithered, rendered "
+                    "into the full-size buffer and cropped; 16: rendered into a cropped buffer)")
+    ap.add_argument("--skip-farm", action="store_true", help="only A")
     ap.add_argument("--farm-samples", type=int, default=64, help="samples for B")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
@@ -200,11 +208,12 @@ def main() -> int:
     os.environ.setdefault("BLENDER_USER_RESOURCES", str(tmp / "bu"))
     os.environ.setdefault("XDG_CACHE_HOME", str(tmp / "xc"))
     try:
-        settings = {"format": "PNG", "color_depth": "8", "samples": args.samples, "resolution_percent": percent}
+        settings = {"format": "PNG", "color_depth": args.depth, "samples": args.samples, "resolution_percent": percent}
         a = asyncio.run(cost_of_tiles(tmp / "a", settings, repeat))
-        report_cost(a, size, args.samples, repeat)
-        b = speed_up(tmp / "b", args.farm_samples, repeat, args.quick)
-        report_speed_up(b, args.farm_samples, repeat)
+        report_cost(a, size, args.samples, repeat, args.depth)
+        if not args.skip_farm:
+            b = speed_up(tmp / "b", args.farm_samples, repeat, args.quick)
+            report_speed_up(b, args.farm_samples, repeat)
         ok = all(a["exact"].values())
         print(f"load average of the machine at the end: {os.getloadavg()[0]:.1f} (other processes share the "
               f"{os.cpu_count()} cores)")

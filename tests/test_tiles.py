@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 
 import imageio_ffmpeg
 import numpy as np
@@ -19,8 +18,7 @@ import pytest
 from client.api import ApiError
 from farm import splitter, tiles
 from farm.splitter import SpecError
-from tests.conftest import (PY, REPO, SAMPLE, TEST_SETTINGS, direct_render, pixels, submit_sample, wait_for,
-                            wait_job, wait_workers)
+from tests.conftest import PY, SAMPLE, direct_render, pixels, submit_sample, wait_for, wait_job, wait_workers
 from worker import rasters
 from worker.assemble import AssemblyError, assemble_frame, encode_video, frame_fps
 from worker.runtime import RuntimeProcess
