@@ -10,6 +10,7 @@ render job of four frames. Stops every process at the end (also on Ctrl-C). Ever
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -46,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         coord.start()
         con.print(f"coordinator: API {coord.url}  ·  workers connect to {coord.endpoint}  ·  log {coord.log}")
         models = diffusion_cli.demo_build_model(root, con)  # before the workers: they find it when they start
+        threads = str(max(1, (os.cpu_count() or 1) // args.workers))  # diffusion runtimes split the cores
         for i in range(1, args.workers + 1):
             w = localfarm.WorkerProc(root / f"worker{i}", coord, f"demo-worker-{i}", models=[models],
-                                     env=localfarm.process_env({"RENDERHIVE_WALLET": payments_cli.demo_wallet(i)}))
+                                     env=localfarm.process_env({"RENDERHIVE_WALLET": payments_cli.demo_wallet(i),
+                                                                "RENDERHIVE_DIFFUSION_THREADS": threads}))
             procs.append(w.start())
         admin = coord.admin
         with con.status(f"starting {args.workers} workers (each loads Blender once and keeps it loaded)"):

@@ -204,7 +204,8 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any]) -> 
                            "raise --steps or --strength")
         src, frames = _source_frames(session, owner, int(src_id))
         if len(frames) > C.MAX_DIFFUSION_IMAGES:
-            raise JobError(f"job {src.id} has {len(frames)} frames: at most {C.MAX_DIFFUSION_IMAGES} images in one job")
+            raise JobError(f"job {src.id} has {len(frames)} frames: at most {C.MAX_DIFFUSION_IMAGES} images "
+                           "in one job")
         images = [{"name": image_name(i, f), "index": i, "seed": seed + i, "prompt": prompts[i % len(prompts)],
                    "negative": negative, "init_name": fname, "source": {"job": src.id, "frame": f, "name": fname}}
                   for i, (f, fname) in enumerate(frames)]
@@ -225,15 +226,18 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any]) -> 
     last = max(im.get("source", {}).get("frame", im["index"]) for im in images)  # outputs list in frame order
     plans.append(TaskPlan("contact_sheet", {"images": labels, "frame": last + 1}, [], [SHEET_NAME],
                           needs=list(range(len(plans)))))
-    spec = {**common, "prompts": prompts, "negative": negative, "seed": seed, "count": len(images) // len(prompts)
-            if mode == "txt2img" else 1, "per_task": per_task, "images_total": len(images),
-            "init_from_job": src.id if src else None, "prompts_checked": checked, "client_key": client_key}
+    per_prompt = len(images) // len(prompts) if mode == "txt2img" else 1
+    spec = {**common, "prompts": prompts, "negative": negative, "seed": seed, "count": per_prompt,
+            "per_task": per_task, "images_total": len(images), "init_from_job": src.id if src else None,
+            "prompts_checked": checked, "client_key": client_key}
     job = store_plans(session, owner, "diffusion", str(req.get("name") or "")[:200] or f"{mode} {model}",
                       int(req.get("priority") or 0), spec, plans,
                       f"{len(images)} images of {model}, seeds {seed}-{seed + len(images) - 1}")
-    if src is not None and not held:
+    if src is not None and not held:  # the frames exist already: the tasks are queued with them
         session.flush()
-        _release(session, job, src, time.time(), queue=False)
+        problem = _release(session, job, src, time.time(), queue=False)
+        if problem:  # raised before the caller commits: nothing is written
+            raise JobError(problem, 409)
     return job
 
 

@@ -25,6 +25,10 @@ from tests.fixtures_inproc import (Driver, get, make_engine_and_store, make_job,
                                    output_blob, rows)
 
 STEPS, SIZE = 4, 64
+# One torch thread in the workers' runtimes and in this process: the thread count changes float rounding
+# (so bit-exactness needs the same on both sides), and on a shared 2-core machine two OpenMP threads stall
+# each other whenever other load takes a core.
+SD_ENV = {"RENDERHIVE_DIFFUSION_THREADS": "1"}
 RUNTIMES = ["blender", "contact_sheet", "diffusion"]
 
 
@@ -38,8 +42,9 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pipe(tiny_model):
     """The same model loaded in this process, exactly as a user would load it."""
-    import torch  # noqa: F401  (the test process may import torch; the worker daemon may not)
+    import torch  # the test process may import torch; the worker daemon may not
     from diffusers import StableDiffusionPipeline
+    torch.set_num_threads(int(SD_ENV["RENDERHIVE_DIFFUSION_THREADS"]))
     p = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True)
     p.set_progress_bar_config(disable=True)
     return p
@@ -60,8 +65,8 @@ def outputs_by_name(client, job_id: int, out: Path) -> dict[str, Path]:
 @pytest.mark.slow
 def test_eight_images_on_two_workers_equal_the_direct_pipeline(farm, worker, tiny_model, pipe, tmp_path):
     f = farm()
-    worker(f, "w1", models=[tiny_model.parent])
-    worker(f, "w2", models=[tiny_model.parent])
+    worker(f, "w1", env=SD_ENV, models=[tiny_model.parent])
+    worker(f, "w2", env=SD_ENV, models=[tiny_model.parent])
     alice = f.creator("alice")
     wait_workers(alice, 2)
     prompts = ["a watercolor painting of a lighthouse at dusk", "a red robot in a forest"]
@@ -102,7 +107,7 @@ def test_eight_images_on_two_workers_equal_the_direct_pipeline(farm, worker, tin
 @pytest.mark.slow
 def test_img2img_waits_for_a_render_job_and_keeps_each_frame_traceable(farm, worker, tiny_model, pipe, tmp_path):
     f = farm()
-    worker(f, "w1", models=[tiny_model.parent])
+    worker(f, "w1", env=SD_ENV, models=[tiny_model.parent])
     alice = f.creator("alice")
     wait_workers(alice, 1)
     render = submit_sample(alice, "1-4")
@@ -140,10 +145,10 @@ def test_img2img_waits_for_a_render_job_and_keeps_each_frame_traceable(farm, wor
 @pytest.mark.slow
 def test_worker_killed_mid_batch_the_rest_is_made_elsewhere_none_twice(farm, worker, tiny_model, pipe, tmp_path):
     f = farm()
-    w1 = worker(f, "w1", models=[tiny_model.parent])
+    w1 = worker(f, "w1", env=SD_ENV, models=[tiny_model.parent])
     alice = f.creator("alice")
     wait_workers(alice, 1)
-    job = alice.submit_diffusion(model="tiny-sd", prompts=["a castle on a hill"], count=8, seed=50, steps=30,
+    job = alice.submit_diffusion(model="tiny-sd", prompts=["a castle on a hill"], count=12, seed=50, steps=30,
                                  width=SIZE, height=SIZE)
 
     def mid_batch():
@@ -155,16 +160,16 @@ def test_worker_killed_mid_batch_the_rest_is_made_elsewhere_none_twice(farm, wor
     time.sleep(1)  # a RESULT w1 sent just before it died is still accepted: let it land
     made_by_w1 = {o["name"] for o in alice.outputs(job["id"])}
     assert len(made_by_w1) >= 2
-    worker(f, "w2", models=[tiny_model.parent])
+    worker(f, "w2", env=SD_ENV, models=[tiny_model.parent])
     done = wait_job(alice, job["id"], timeout=180)
     assert done["status"] == "rendered", done
     outs = alice.outputs(job["id"])
     names = [o["name"] for o in outs]
-    assert sorted(names) == ["contact_sheet.png"] + [f"image_{k:04d}.png" for k in range(8)]
+    assert sorted(names) == ["contact_sheet.png"] + [f"image_{k:04d}.png" for k in range(12)]
     assert {o["name"] for o in outs if o["worker_id"] == "w1"} == made_by_w1  # kept, not made again
     assert {o["worker_id"] for o in outs if o["name"] not in made_by_w1} == {"w2"}
     workers = {w["id"]: w for w in alice.workers()}
-    assert workers["w1"]["tasks_done"] + workers["w2"]["tasks_done"] == 9, "an image was generated twice"
+    assert workers["w1"]["tasks_done"] + workers["w2"]["tasks_done"] == 13, "an image was generated twice"
     detail = alice.job(job["id"])
     released = [t for t in detail["task_list"] if t["attempt"] >= 2]
     assert released and any("lease lost" in e["detail"] for e in detail["events"])
@@ -185,7 +190,7 @@ def test_invalid_requests_are_refused_at_submit_with_nothing_queued(farm, worker
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100_000])  # a truncated download
     f = farm(env={"RENDERHIVE_MODELS": str(tiny_model.parent)})  # the coordinator can count tokens of tiny-sd
-    worker(f, "w1", models=[models])
+    worker(f, "w1", env=SD_ENV, models=[models])
     alice = f.creator("alice")
     wait_workers(alice, 1)
     ok = dict(model="tiny-sd", prompts=["a cat"], steps=STEPS, width=SIZE, height=SIZE)
@@ -326,3 +331,44 @@ def test_tiny_pipeline_is_reproducible_and_micro_batches_stay_within_rounding(ti
     to8 = lambda a: (a * 255).round().astype(int)  # noqa: E731  (as diffusers converts to PIL)
     assert np.abs(to8(batch) - to8(single)).max() <= 1
     assert json.loads((tiny_model / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"] == 77
+
+
+def test_runtime_schedulers_errors_and_pipeline_cache(tiny_model, tmp_path):
+    """The runtime child's logic, in process: every scheduler name runs, request faults are final, a model
+    folder that is missing here is this worker's fault, and the pipeline cache stays within its budget."""
+    import io
+
+    import diffusers
+    import torch
+
+    import worker.diffusion_runtime as R
+    from farm.constants import DIFFUSION_SCHEDULERS
+    from farm.model_folders import folder_hash
+    R.torch, R.diffusers = torch, diffusers  # what main() does after setting the protocol fd aside
+    proto = io.StringIO()
+    rt = R.Runtime(proto, "none")
+    assert (rt.device, rt.dtype) == ("cpu", torch.float32)
+    digest = folder_hash(tiny_model)
+    base = {"model_path": str(tiny_model), "model_name": "tiny-sd", "model_hash": digest, "mode": "txt2img",
+            "steps": 2, "guidance": 7.5, "width": 64, "height": 64, "out_dir": str(tmp_path),
+            "images": [{"name": "image_0000.png", "index": 0, "seed": 1, "prompt": "a cat", "negative": ""}]}
+    for name in ["default", *DIFFUSION_SCHEDULERS]:
+        rt.generate(1, {**base, "scheduler": name})
+        done = json.loads(proto.getvalue().splitlines()[-1])
+        assert done["event"] == "done" and done["loaded"] == (name == "default"), (name, done)
+    with Image.open(tmp_path / "image_0000.png") as im:
+        assert im.text["scheduler"] == DIFFUSION_SCHEDULERS["unipc"]
+    with pytest.raises(R.RequestError, match="unknown scheduler"):
+        rt.generate(2, {**base, "scheduler": "warp"})
+    with pytest.raises(R.RequestError, match="over the model's limit of 77"):
+        rt.generate(3, {**base, "images": [{**base["images"][0], "negative": "blurry " * 80}]})
+    with pytest.raises(R.RequestError, match="not a multiple of 8"):
+        rt.generate(4, {**base, "width": 60})
+    with pytest.raises(R.WorkerFault, match="does not exist.*farm models tiny"):
+        rt.generate(5, {**base, "model_hash": "0" * 64, "model_path": str(tmp_path / "gone")})
+    # a budget that holds one pipeline: loading a second model evicts the first (the one in use stays)
+    import shutil
+    other = shutil.copytree(tiny_model, tmp_path / "tiny-other")
+    rt.budget = rt.cache[digest]["bytes"] + 1
+    rt.generate(6, {**base, "model_path": str(other), "model_hash": "1" * 64})
+    assert list(rt.cache) == ["1" * 64]

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def assert_frames_match(client, job_id, frames, reference, out_dir):
+    client.approve(job_id)  # full-resolution files are released on approval
     paths = client.download_results(job_id, out_dir)
     outs = client.outputs(job_id)
     assert sorted(o["frame"] for o in outs) == sorted(frames), "each frame exactly once"
@@ -160,6 +161,7 @@ def test_png16_and_exr_outputs(farm, worker, tmp_path):
     exr = submit_sample(alice, "1", format="EXR")
     for job in (png16, exr):
         assert wait_job(alice, job["id"])["status"] == "rendered"
+        alice.approve(job["id"])
     p16 = alice.download_results(png16["id"], tmp_path / "p16")[0]
     e = alice.download_results(exr["id"], tmp_path / "exr")[0]
     ref = direct_render(SAMPLE, tmp_path / "ref16", [1], color_depth="16", **TEST_SETTINGS)[1]

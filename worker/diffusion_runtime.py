@@ -148,7 +148,7 @@ class Runtime:
         t0 = time.perf_counter()
         try:
             pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-                str(path), torch_dtype=self.dtype, local_files_only=True, variant=_variant(path))
+                str(path), local_files_only=True, variant=_variant(path), **_dtype_arg(self.dtype))
             pipe = pipe.to(self.device)
         except Exception as e:
             traceback.print_exc()
@@ -270,6 +270,12 @@ class Runtime:
             info.add_text(k, str(v))
         info.add_text("renderhive", json.dumps(meta, sort_keys=True))
         return info
+
+
+def _dtype_arg(dtype) -> dict:
+    """``dtype=`` where diffusers takes it (it deprecated ``torch_dtype=``), else ``torch_dtype=``."""
+    from diffusers.utils import deprecation_utils
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 def _variant(path: Path) -> str | None:

@@ -62,7 +62,8 @@ async def diffusion(ctx: TaskContext) -> list[Produced]:
     async for ev in rt.request(request):
         if ev.get("event") == "image":
             done += 1
-            ctx.progress(done, total, f"image {ev.get('index')}")
+            if done < total:  # the RESULT follows the last image at once: its PROGRESS would be one more commit
+                ctx.progress(done, total, f"image {ev.get('index')}")
         elif ev.get("event") == "error":
             raise TaskFailure(ev.get("message", "generation failed"), bool(ev.get("retryable", False)))
         elif ev.get("event") == "done":
