@@ -107,9 +107,14 @@ def follow_submitted(args, client: Client, job: dict[str, Any]) -> int:
         if not args.json:
             print(f"job {job['id']} {job['status']}" + (f": {job['error']}" if job["error"] else ""))
         if args.out and job["status"] == "rendered":
-            paths = client.download_results(job["id"], Path(args.out))
-            if not args.json:
-                print(f"{len(paths)} files in {Path(args.out).resolve()}")
+            if getattr(args, "approve", False):
+                job = client.approve(job["id"])
+                paths = client.download_results(job["id"], Path(args.out))
+                if not args.json:
+                    print(f"approved; {len(paths)} files in {Path(args.out).resolve()}")
+            elif not args.json:
+                print(f"review the previews at {client.url}/jobs/{job['id']}, then `farm approve {job['id']}` "
+                      f"and `farm results {job['id']} --out {args.out}` (or submit with --approve)")
     if args.json:
         print(job["id"])
     return 0 if job["status"] not in ("failed", "canceled") else 1
@@ -263,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--priority", type=int, default=0)
     sm.add_argument("--name", default="")
     sm.add_argument("--wait", action="store_true", help="follow progress until rendered")
-    sm.add_argument("--out", default=None, help="with --wait: download the frames here")
+    sm.add_argument("--out", default=None, help="with --wait --approve: download the frames here")
+    sm.add_argument("--approve", action="store_true",
+                    help="with --wait: approve as soon as it is rendered (pays the workers) and download")
     sm.set_defaults(func=cmd_submit)
 
     st = client_cmd("status", "list jobs, or show one job")

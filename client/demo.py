@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             con.print(f"[red]job {job['id']} ended {job['status']}: {job['error']}")
             return 1
         wall = time.monotonic() - t0
+        # payments (full-resolution files are released on approval): approve the render job; each worker's tokens before and after its payout
+        payments_cli.demo_payments(con, creator, job["id"], {f"demo-worker-{i}": payments_cli.demo_wallet(i)
+                                                             for i in range(1, args.workers + 1)})
         out = root / "frames"
         paths = creator.download_results(job["id"], out)
         _sha, resent = creator.upload_if_missing(SAMPLE)
@@ -87,9 +90,6 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{k}: {v}" for k, v in sorted(per_worker.items())))
         con.print(f"re-submitting the same scene would upload {resent} bytes (content-addressed blobs)")
         con.print(f"[bold]frames:[/] {out}/frame_0001.png … {paths[-1].name}")
-        # payments: approve the render job; each worker's tokens before and after its payout
-        payments_cli.demo_payments(con, creator, job["id"], {f"demo-worker-{i}": payments_cli.demo_wallet(i)
-                                                             for i in range(1, args.workers + 1)})
         if diffusion_cli.demo_run(con, creator, sha, root):
             return 1
         con.print(f"logs: {root}/*/*.log   database: {coord.data / 'farm.db'}")

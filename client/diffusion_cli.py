@@ -127,7 +127,9 @@ def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
     sd.add_argument("--priority", type=int, default=0)
     sd.add_argument("--name", default="")
     sd.add_argument("--wait", action="store_true", help="follow progress until done")
-    sd.add_argument("--out", default=None, help="with --wait: download the images here")
+    sd.add_argument("--out", default=None, help="with --wait --approve: download the images here")
+    sd.add_argument("--approve", action="store_true",
+                    help="with --wait: approve as soon as it is done (pays the workers) and download")
     sd.set_defaults(func=cmd_submit_diffusion)
 
     m = sub.add_parser("models", help="diffusion model folders: build the tiny test model, list local models")
@@ -159,6 +161,7 @@ def _demo_finish(con, creator: Client, job: dict, out: Path, what: str) -> bool:
     if job["status"] != "rendered":
         con.print(f"[red]{what} (job {job['id']}) ended {job['status']}: {job['error']}")
         return False
+    creator.approve(job["id"])  # full-resolution files are released on approval
     paths = creator.download_results(job["id"], out)
     images = [p for p in paths if p.name.startswith("image_")]
     per_worker: dict[str, int] = {}

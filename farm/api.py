@@ -220,6 +220,10 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
     @app.get("/api/jobs/{job_id}/outputs/{name}")
     def get_output(job_id: int, name: str, user: UserDep, s: SessionDep):
         job = jobs.get_job(s, job_id, user)
+        if job.status not in (JobStatus.approved.value, JobStatus.paid.value):
+            raise HTTPException(403, f"full-resolution outputs of job {job_id} are released after you approve it: "
+                                     f"review the watermarked previews on the job page (/jobs/{job_id}), then "
+                                     f"approve (`farm approve {job_id}` or POST /api/jobs/{job_id}/approve)")
         for o in jobs.outputs(s, job):
             if o.name == name:
                 media = {".exr": "image/x-exr", ".mp4": "video/mp4"}.get(Path(name).suffix, "image/png")

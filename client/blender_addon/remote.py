@@ -376,6 +376,10 @@ def fetch(req: FetchRequest, emit: Callable, cancelled: Callable[[], bool]) -> N
             _check(cancelled)
             time.sleep(0.05)
         job = client.job(req.job_id)
+    if job["status"] == "rendered":
+        raise UserError(f"job {job['id']} is rendered: review the previews and approve it at "
+                        f"{client.url}/jobs/{job['id']} (full-resolution frames are released on approval), "
+                        "then fetch again")
     if job["status"] not in READY:
         if job["status"] in FINAL:
             raise UserError(f"job {job['id']} {job['status']}" + (f": {job['error']}" if job.get("error") else "")

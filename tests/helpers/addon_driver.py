@@ -220,6 +220,16 @@ def _submit_and_fetch(bpy, module: str, blend: str, frames: str, **extra) -> dic
            "temp_after_submit": renderhive_temp_dirs()}
     if sub["error"]:
         return out
+    # the creator reviews and approves (on the approval page; here through the API), then fetches
+    prefs = bpy.context.preferences.addons[module].preferences
+    api = sys.modules[f"{module}.remote"].api.Client(prefs.url, prefs.token)
+    out["early_fetch"] = None
+    deadline = time.monotonic() + 240
+    while api.job(state.last_job_id)["status"] not in ("rendered", "failed", "canceled") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if api.job(state.last_job_id)["status"] == "rendered":
+        out["early_fetch"] = call(bpy.ops.renderhive.fetch_results, job_id=state.last_job_id)
+        api.approve(state.last_job_id)
     out["fetch"] = call(bpy.ops.renderhive.fetch_results, job_id=state.last_job_id, wait=True, timeout=240)
     out["fetch_dir"] = state.last_fetch_dir
     out["files"] = sorted(p.name for p in Path(state.last_fetch_dir).glob("*")) if state.last_fetch_dir else []
