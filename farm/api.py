@@ -245,7 +245,7 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
                 if data != last:
                     yield f"event: job\ndata: {data}\n\n"
                     last = data
-                if view["status"] in {s.value for s in JOB_TERMINAL} | {JobStatus.rendered.value}:
+                if view["status"] in {s.value for s in JOB_TERMINAL} | {JobStatus.rendered.value, JobStatus.approved.value}:
                     return
                 await asyncio.sleep(0.5)
                 view = await asyncio.to_thread(snapshot)

@@ -362,15 +362,20 @@ class Coordinator:
         final = (not retryable or task.attempt >= C.TASK_MAX_ATTEMPTS
                  or len(task.failed_workers) >= C.TASK_DISTINCT_WORKER_FAILURES)
         if final:
-            transition(s, task, TaskStatus.failed, reason=reason, worker_id=worker_id, attempt=task.attempt, now=now)
-            job.tasks_failed += 1
-            s.add(job)
-            if job.tasks_failed > C.JOB_MAX_FAILED_FRACTION * job.tasks_total:
-                self._fail_job(s, job, f"task {task.index} failed: {reason}", now, out)
+            self._task_failed(s, task, job, reason, f"task {task.index} failed: {reason}", worker_id, now, out)
         else:
             transition(s, task, TaskStatus.queued, reason=f"retry after: {reason}", worker_id=worker_id,
                        attempt=task.attempt, now=now)
             self.want_assign = True
+
+    def _task_failed(self, s: Session, task: Task, job: Job, reason: str, job_reason: str, worker_id: str | None,
+                     now: float, out: Outgoing) -> None:
+        """Fail ``task`` for good; fail its job once more than JOB_MAX_FAILED_FRACTION of its tasks failed."""
+        transition(s, task, TaskStatus.failed, reason=reason, worker_id=worker_id, attempt=task.attempt, now=now)
+        job.tasks_failed += 1
+        s.add(job)
+        if job.tasks_failed > C.JOB_MAX_FAILED_FRACTION * job.tasks_total:
+            self._fail_job(s, job, job_reason, now, out)
 
     def _fail_job(self, s: Session, job: Job, reason: str, now: float, out: Outgoing) -> None:
         if job.status not in (JobStatus.queued.value, JobStatus.active.value, JobStatus.rejected.value):
@@ -398,12 +403,8 @@ class Coordinator:
             conn = self.conns[ident]
             conn.free = min(conn.slots, conn.free + 1)
         if task.attempt >= C.TASK_MAX_ATTEMPTS:
-            job = s.get(Job, task.job_id)
-            transition(s, task, TaskStatus.failed, reason=f"lost {task.attempt} leases: {reason}",
-                       worker_id=worker_id, attempt=task.attempt, now=now)
-            job.tasks_failed += 1
-            if job.tasks_failed > C.JOB_MAX_FAILED_FRACTION * job.tasks_total:
-                self._fail_job(s, job, f"task {task.index} lost {task.attempt} leases", now, out)
+            self._task_failed(s, task, s.get(Job, task.job_id), f"lost {task.attempt} leases: {reason}",
+                              f"task {task.index} lost {task.attempt} leases", worker_id, now, out)
         else:
             transition(s, task, TaskStatus.queued, reason=f"lease lost: {reason}", worker_id=worker_id,
                        attempt=task.attempt, now=now)

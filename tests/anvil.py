@@ -92,7 +92,7 @@ def anvil(tmp_path):
     """A started anvil node with a state file (stopped at the end). Skips when the binary is missing."""
     binary = anvil_binary()
     if binary is None:
-        pytest.skip("anvil is not installed: run `make test` (it installs @foundry-rs/anvil-linux-amd64 into "
+        pytest.fail("anvil is not installed: run `make test` (it installs @foundry-rs/anvil-linux-amd64 into "
                     ".tools/) or set ANVIL=/path/to/anvil")
     node = Anvil(tmp_path / "anvil", binary).start()
     yield node

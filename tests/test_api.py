@@ -236,6 +236,9 @@ def test_outputs_list_and_download_exact_bytes(farm):
     assert [(o["frame"], o["name"], o["size"]) for o in listing] == [
         (f, f"frame_{f:04d}.exr", len(frames[f])) for f in (1, 2, 3)]
     assert http.get(f"/api/jobs/{job_id}", headers=alice).json()["status"] == "rendered"
+    r = http.get(f"/api/jobs/{job_id}/outputs/{listing[0]['name']}", headers=alice)
+    assert r.status_code == 403 and "approve" in r.json()["detail"], "full resolution only after approval"
+    assert http.post(f"/api/jobs/{job_id}/approve", headers=alice).status_code == 200
     for o in listing:
         r = http.get(f"/api/jobs/{job_id}/outputs/{o['name']}", headers=alice)
         assert r.status_code == 200 and r.content == frames[o["frame"]]
@@ -301,8 +304,8 @@ def test_client_uploads_submits_and_downloads(served, tmp_path):
     mtimes = [p.stat().st_mtime_ns for p in got]
     assert alice.download_results(job["id"], tmp_path / "out") == got
     assert [p.stat().st_mtime_ns for p in got] == mtimes, "files already present are not downloaded again"
-    assert [v["status"] for v in alice.follow(job["id"])][-1] == "rendered"
-    assert alice.cancel(job["id"])["status"] == "canceled"
+    assert [v["status"] for v in alice.follow(job["id"])][-1] == "approved"
+    assert alice.cancel(job["id"])["status"] == "approved", "an approved job cannot be canceled"
 
 
 def test_client_explains_an_unreachable_coordinator():

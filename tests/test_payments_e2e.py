@@ -26,7 +26,7 @@ def chain_env(request, tmp_path):
         return
     binary = anvil_binary()
     if binary is None:
-        pytest.skip("anvil is not installed: run `make test` (installs it into .tools/)")
+        pytest.fail("anvil is not installed: run `make test` (installs it into .tools/)")
     node = Anvil(tmp_path / "anvil", binary).start()
     yield {**FAST, **node.env()}
     node.stop()
