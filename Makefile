@@ -17,7 +17,7 @@ $(STAMP):
 	@touch $@
 
 demo: install
-	$(BIN)/python -m client.demo
+	$(BIN)/python -m client.demo $(DEMO_ARGS)
 
 test: install browser anvil
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

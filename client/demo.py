@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolution-percent", type=int, default=50)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="keep the farm and its web page serving until Ctrl-C")
     args = ap.parse_args(argv)
     con = Console()
     root = Path(args.dir).resolve()
@@ -93,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         if diffusion_cli.demo_run(con, creator, sha, root):
             return 1
         con.print(f"logs: {root}/*/*.log   database: {coord.data / 'farm.db'}")
+        if args.keep:
+            con.print(f"[bold]approval page:[/] {coord.url}/jobs — sign in with the creator token above; "
+                      "Ctrl-C stops the farm")
+            while all(p.alive for p in procs):
+                time.sleep(1)
+        else:
+            con.print("the farm is stopped now; `make demo DEMO_ARGS=--keep` keeps it serving so you can review "
+                      "the jobs in a browser")
         return 0
     except (localfarm.ApiError, TimeoutError, RuntimeError) as exc:
         con.print(f"[red]demo failed: {exc}")
