@@ -100,6 +100,16 @@ def cmd_submit(args, client: Client) -> int:
     return follow_submitted(args, client, job)
 
 
+def add_follow_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """The options every submit command shares: priority, name, and what to do once it is done."""
+    parser.add_argument("--priority", type=int, default=0)
+    parser.add_argument("--name", default="")
+    parser.add_argument("--wait", action="store_true", help="follow progress until it is done")
+    parser.add_argument("--out", default=None, help=f"with --wait --approve: download the {what} here")
+    parser.add_argument("--approve", action="store_true",
+                        help="with --wait: approve as soon as it is done (pays the workers) and download")
+
+
 def follow_submitted(args, client: Client, job: dict[str, Any]) -> int:
     """After a submit: ``--wait`` follows the job, ``--out`` downloads its results, ``--json`` prints its id."""
     if args.wait:
@@ -265,12 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "rendered by different workers and stitched exactly")
     sm.add_argument("--overscan", type=int, default=None, help="tile margin in pixels (default: from the scene)")
     sm.add_argument("--video", action="store_true", help="also encode the frames to video.mp4 (H.264)")
-    sm.add_argument("--priority", type=int, default=0)
-    sm.add_argument("--name", default="")
-    sm.add_argument("--wait", action="store_true", help="follow progress until rendered")
-    sm.add_argument("--out", default=None, help="with --wait --approve: download the frames here")
-    sm.add_argument("--approve", action="store_true",
-                    help="with --wait: approve as soon as it is rendered (pays the workers) and download")
+    add_follow_args(sm, "frames")
     sm.set_defaults(func=cmd_submit)
 
     st = client_cmd("status", "list jobs, or show one job")

@@ -108,6 +108,7 @@ def cmd_models(args) -> int:
 
 def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
     """Add ``submit-diffusion`` (a creator command made by ``client_cmd``) and ``models`` to the parser."""
+    from client.cli import add_follow_args
     sd = client_cmd("submit-diffusion", "submit a Stable Diffusion batch (txt2img, or img2img over a job's frames)")
     sd.add_argument("--model", required=True, help="model name or hub id workers hold, or a local model folder")
     sd.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
@@ -124,12 +125,7 @@ def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
     sd.add_argument("--per-task", type=int, default=1, help="images per task (micro-batch)")
     sd.add_argument("--init-from-job", type=int, default=None, help="img2img over this job's frames")
     sd.add_argument("--strength", type=float, default=0.5, help="img2img: how far from the frame (0-1]")
-    sd.add_argument("--priority", type=int, default=0)
-    sd.add_argument("--name", default="")
-    sd.add_argument("--wait", action="store_true", help="follow progress until done")
-    sd.add_argument("--out", default=None, help="with --wait --approve: download the images here")
-    sd.add_argument("--approve", action="store_true",
-                    help="with --wait: approve as soon as it is done (pays the workers) and download")
+    add_follow_args(sd, "images")
     sd.set_defaults(func=cmd_submit_diffusion)
 
     m = sub.add_parser("models", help="diffusion model folders: build the tiny test model, list local models")
