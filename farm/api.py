@@ -11,17 +11,17 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
-from farm import auth, diffusion, jobs
+from farm import auth, diffusion, jobs, reputation
 from farm.blobs import BlobError, BlobStore, check_sha
 from farm.db import session as new_session
-from farm.models import Blob, Job, User, Worker
+from farm.models import Blob, Job, ReputationEvent, User, Worker
 from farm.payments_api import payments_router
 from farm.states import JOB_TERMINAL, JobStatus
 
@@ -50,6 +50,8 @@ class JobCreate(BaseModel):
                                  "scene: 16 with denoising, 4-16 with adaptive sampling, else 0)")
     video: bool = Field(False, description="also encode the frames to video.mp4 (H.264, the scene's fps)")
     priority: int = Field(0, ge=-100, le=100)
+    min_tier: Literal["", "new", "trusted", "top"] = Field("", description="only workers of this reputation "
+                                                           "tier or better render it (farm workers shows tiers)")
     name: str = Field("", max_length=200)
     scene_name: str = Field("", max_length=200)
     client_key: str = Field("", max_length=100, description="idempotency key: a retried submit returns the same job")
@@ -72,6 +74,8 @@ class DiffusionJobCreate(BaseModel):
     init_from_job: int | None = Field(None, description="img2img: frame i of this job becomes image i")
     strength: float = 0.5
     priority: int = Field(0, ge=-100, le=100)
+    min_tier: Literal["", "new", "trusted", "top"] = Field("", description="only workers of this reputation "
+                                                           "tier or better render it (farm workers shows tiers)")
     name: str = Field("", max_length=200)
     client_key: str = Field("", max_length=100, description="idempotency key: a retried submit returns the same job")
 
@@ -257,8 +261,23 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
         return [{"id": w.id, "online": w.online, "hostname": w.hostname, "slots": w.slots,
                  "wallet": w.wallet, "devices": w.capabilities.get("devices", []),
                  "tasks_done": w.tasks_done, "tasks_failed": w.tasks_failed,
-                 "render_seconds": round(w.render_seconds, 3), "last_seen": w.last_seen}
+                 "render_seconds": round(w.render_seconds, 3), "last_seen": w.last_seen,
+                 "benchmark": w.benchmark, **reputation.view(w)}
                 for w in s.exec(select(Worker).order_by(Worker.id))]
+
+    @app.get("/api/workers/{worker_id}/reputation")
+    def worker_reputation(worker_id: str, user: UserDep, s: SessionDep,
+                          limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+        """A worker's standing and the evidence behind it, newest first."""
+        w = s.get(Worker, worker_id)
+        if w is None:
+            raise HTTPException(404, f"no worker {worker_id!r}: `farm workers` lists them")
+        events = s.exec(select(ReputationEvent).where(ReputationEvent.worker_id == worker_id)
+                        .order_by(ReputationEvent.id.desc()).limit(limit)).all()
+        return {"id": w.id, **reputation.view(w),
+                "history": [{"at": e.at, "kind": e.kind, "good": e.good, "bad": e.bad, "score": e.score,
+                             "tier": e.tier, "job_id": e.job_id, "task_id": e.task_id, "detail": e.detail}
+                            for e in events]}
 
     # payments and review: estimate, deposit status, approve, reject, payouts, wallets
     app.include_router(payments_router(engine, get_user, serial, ledger))

@@ -19,10 +19,12 @@ import time
 from collections import defaultdict
 from typing import Any, Callable
 
+from sqlalchemy import or_
 from sqlmodel import Session, select
 
 from farm import constants as C
 from farm import diffusion
+from farm import reputation as R
 from farm import protocol as P
 from farm.blobs import BlobError, BlobStore
 from farm.db import session as new_session
@@ -30,6 +32,7 @@ from farm.models import Attempt, Job, JobWorker, Output, Task, TaskDep, Worker
 from farm.models import Blob as BlobRow
 from farm.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, fits
 from farm.states import JOB_SCHEDULABLE, TASK_LEASED, JobStatus, TaskStatus, transition
+from farm.verification import CHECK_KINDS, Verifier, is_check
 
 log = logging.getLogger("farm.coordinator")
 
@@ -39,7 +42,7 @@ LEASED = tuple(s.value for s in TASK_LEASED)
 
 class Coordinator:
     def __init__(self, engine, blobs: BlobStore, scheduler: Scheduler | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, verify: bool = True):
         self.engine = engine
         self.blobs = blobs
         self.scheduler = scheduler or Scheduler()
@@ -50,6 +53,7 @@ class Coordinator:
         self.want_assign = True          # set when work or capacity may have appeared
         self._last_sweep = 0.0
         self.stats = defaultdict(int)
+        self.verifier = Verifier(self, enabled=verify, seed=None if scheduler is None else scheduler.rng.random())
 
     # ------------------------------------------------------------------ entry points
     def step(self, batch: list[list[bytes]], now: float | None = None) -> Outgoing:
@@ -179,9 +183,13 @@ class Coordinator:
         w.wallet, w.slots, w.online, w.last_seen = msg.wallet[:100], msg.slots, True, now
         w.capabilities = msg.capabilities
         w.hostname = str(msg.capabilities.get("hostname", ""))[:200]
+        bench = msg.capabilities.get("benchmark")
+        w.benchmark = {k: float(v) for k, v in (bench.items() if isinstance(bench, dict) else ())
+                       if k in ("blender", "diffusion") and type(v) in (int, float) and 0 < v < 1e12}
         s.add(w)
         conn = Conn(ident, msg.worker_id, msg.slots, msg.capabilities, now,
                     held_blobs=set(msg.capabilities.get("cached", []) or []))
+        conn.set_standing(w)
         self.conns[ident] = conn
         self.by_worker[msg.worker_id] = ident
         kept = 0
@@ -259,39 +267,63 @@ class Coordinator:
                                              "stale attempt: this task was re-leased; result discarded")))
             return
         problem = self._check_outputs(task, msg.outputs)
+        suspicious = ""
+        if not problem:
+            problem, suspicious = self.verifier.inspect(s, task, msg.outputs)
+        w = s.get(Worker, conn.worker_id)
         if problem:
-            self._fail(s, task, conn.worker_id, f"invalid result: {problem}", True, now, out)
+            self._fail(s, task, conn.worker_id, f"invalid result: {problem}", True, now, out, "invalid_result")
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, problem)))
             return
         job = s.get(Job, task.job_id)
+        att = self._attempt(s, task)
+        seconds = max(0.0, float(msg.render_seconds))
+        if att:  # a worker cannot claim more time than the lease lasted
+            seconds = min(seconds, max(0.0, now - att.started_at))
+            att.outcome, att.ended_at, att.render_seconds = "done", now, seconds
+            s.add(att)
+        transition(s, task, TaskStatus.done, worker_id=conn.worker_id, attempt=task.attempt, now=now)
+        task.render_seconds, task.progress_done = seconds, task.progress_total
+        task.worker_id, task.lease_expires = None, None
+        self.stats["results"] += 1
+        out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
+        if is_check(task):
+            transition(s, task, TaskStatus.accepted, reason="re-render stored", worker_id=conn.worker_id,
+                       attempt=task.attempt, now=now)
+            if w:
+                self.verifier.on_check_result(s, task, w, msg.outputs, now)
+            return
         final = bool(task.spec.get("final", True))
         for o in msg.outputs:
             s.add(Output(job_id=task.job_id, task_id=task.id, attempt=task.attempt, frame=o.get("frame", 0),
                          name=o["name"], sha256=o["sha256"], size=self.blobs.size(o["sha256"]), final=final,
                          worker_id=conn.worker_id, render_seconds=float(o.get("seconds", 0.0))))
-        att = self._attempt(s, task)
-        if att:
-            att.outcome, att.ended_at, att.render_seconds = "done", now, float(msg.render_seconds)
-            s.add(att)
-        transition(s, task, TaskStatus.done, worker_id=conn.worker_id, attempt=task.attempt, now=now)
-        task.render_seconds, task.progress_done = float(msg.render_seconds), task.progress_total
-        task.worker_id, task.lease_expires = None, None
-        transition(s, task, TaskStatus.accepted, reason="outputs stored", worker_id=conn.worker_id,
+        s.flush()
+        if w is not None and self.verifier.on_result(s, task, job, w, suspicious, now):
+            return
+        self.accept(s, task, job, conn.worker_id, now)
+
+    def accept(self, s: Session, task: Task, job: Job, worker_id: str, now: float) -> None:
+        """Count a stored (and, when checked, verified) result as good work: meter it, release the tasks
+        waiting for it, and mark the job rendered when it was the last."""
+        transition(s, task, TaskStatus.accepted, reason="outputs stored", worker_id=worker_id,
                    attempt=task.attempt, now=now)
-        w = s.get(Worker, conn.worker_id)
+        w = s.get(Worker, worker_id)
         if w:
+            runtime = RUNTIME_FOR_KIND.get(task.kind, task.kind)
+            task.work_units = round(task.render_seconds * (R.speed(w, runtime) or 1.0), 6)
             w.tasks_done += 1
-            w.render_seconds += float(msg.render_seconds)
+            w.render_seconds += task.render_seconds
+            w.work_units += task.work_units
             s.add(w)
         job.tasks_accepted += 1
         s.add(job)
         self._release_dependents(s, task, now)
         if job.tasks_accepted >= job.tasks_total and job.status == JobStatus.active.value:
             transition(s, job, JobStatus.rendered, reason="every task accepted", now=now)
+            R.measure_job(s, job.id, now)
             if diffusion.on_job_status(s, job, now):  # img2img jobs waiting for these frames start
                 self.want_assign = True
-        self.stats["results"] += 1
-        out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
 
     def _check_outputs(self, task: Task, outputs: list[dict[str, Any]]) -> str:
         """Why ``outputs`` is not a valid result of ``task`` ("" when it is): it must name exactly the
@@ -345,7 +377,7 @@ class Coordinator:
             s.add(att)
 
     def _fail(self, s: Session, task: Task, worker_id: str, reason: str, retryable: bool, now: float,
-              out: Outgoing) -> None:
+              out: Outgoing, evidence: str = "failure") -> None:
         self._end_attempt(s, task, "failed", reason, now)
         job = s.get(Job, task.job_id)
         jw = s.get(JobWorker, (task.job_id, worker_id)) or JobWorker(job_id=task.job_id, worker_id=worker_id)
@@ -355,13 +387,18 @@ class Coordinator:
         w = s.get(Worker, worker_id)
         if w:
             w.tasks_failed += 1
+            if retryable:  # the worker's trouble; a non-retryable failure is the scene's fault
+                R.record(s, w, evidence, now, task.job_id, task.id, reason[:200])
+                self._standing(w)
             s.add(w)
         task.failed_workers = sorted(set(task.failed_workers) | {worker_id})
         task.error = reason
         task.worker_id, task.lease_expires = None, None
         final = (not retryable or task.attempt >= C.TASK_MAX_ATTEMPTS
                  or len(task.failed_workers) >= C.TASK_DISTINCT_WORKER_FAILURES)
-        if final:
+        if final and is_check(task):
+            self.verifier.check_failed(s, task, reason, now)
+        elif final:
             self._task_failed(s, task, job, reason, f"task {task.index} failed: {reason}", worker_id, now, out)
         else:
             transition(s, task, TaskStatus.queued, reason=f"retry after: {reason}", worker_id=worker_id,
@@ -398,17 +435,40 @@ class Coordinator:
         self._end_attempt(s, task, "lost", reason, now)
         task.worker_id, task.lease_expires = None, None
         self.stats["lost"] += 1
+        w = s.get(Worker, worker_id) if worker_id else None
+        if w:
+            R.record(s, w, "lease_lost", now, task.job_id, task.id, reason[:200])
+            self._standing(w)
         ident = self.by_worker.get(worker_id)
         if ident in self.conns:  # still connected (lease expired): it does not hold the task, so the slot is free
             conn = self.conns[ident]
             conn.free = min(conn.slots, conn.free + 1)
-        if task.attempt >= C.TASK_MAX_ATTEMPTS:
+        if task.attempt >= C.TASK_MAX_ATTEMPTS and is_check(task):
+            transition(s, task, TaskStatus.queued, reason=f"lease lost: {reason}", worker_id=worker_id,
+                       attempt=task.attempt, now=now)
+            self.verifier.check_failed(s, task, f"lost {task.attempt} leases: {reason}", now)
+        elif task.attempt >= C.TASK_MAX_ATTEMPTS:
             self._task_failed(s, task, s.get(Job, task.job_id), f"lost {task.attempt} leases: {reason}",
                               f"task {task.index} lost {task.attempt} leases", worker_id, now, out)
         else:
             transition(s, task, TaskStatus.queued, reason=f"lease lost: {reason}", worker_id=worker_id,
                        attempt=task.attempt, now=now)
         self.want_assign = True
+
+    def revoke_one(self, s: Session, task: Task, reason: str, now: float) -> None:
+        """End a live lease on the coordinator's side (CANCEL to its worker); the caller moves the task."""
+        self._end_attempt(s, task, "canceled", reason, now)
+        ident = self.by_worker.get(task.worker_id)
+        if ident in self.conns:
+            self.pending.append((ident, P.Cancel(task.id, task.attempt, reason)))
+            self.conns[ident].free = min(self.conns[ident].slots, self.conns[ident].free + 1)
+        task.worker_id, task.lease_expires = None, None
+        self.want_assign = True
+
+    def _standing(self, w: Worker) -> None:
+        ident = self.by_worker.get(w.id)
+        if ident in self.conns:
+            self.conns[ident].set_standing(w)
 
     def _sweep(self, s: Session, now: float, out: Outgoing) -> None:
         deadline = now - C.HEARTBEAT_INTERVAL * C.HEARTBEAT_LIVENESS
@@ -421,27 +481,27 @@ class Coordinator:
     # ------------------------------------------------------------------ assignment
     def _assign(self, s: Session, now: float, out: Outgoing) -> None:
         self.want_assign = False
+        for conn in self.conns.values():  # workers on probation earn their way back with probes
+            if conn.tier == "probation" and conn.free > 0 and self.verifier.enabled:
+                self.verifier.probe(s, conn, now)
         free = [c for c in self.conns.values() if c.free > 0]
         capacity = sum(c.free for c in free)
         if not capacity:
             return
         limit = capacity * 4 + 16
-        rows = s.exec(select(Task, Job).join(Job, Job.id == Task.job_id)
-                      .where(Task.status == TaskStatus.queued.value)
-                      .where(Job.status.in_([x.value for x in JOB_SCHEDULABLE]))
-                      .order_by(Task.priority.desc(), Task.job_id, Task.index)
-                      .limit(limit)).all()
+        rows = s.exec(self._queued().order_by(Task.priority.desc(), Task.job_id, Task.index).limit(limit)).all()
         if not rows:
             return
         job_ids = {t.job_id for t, _ in rows}
         blocked = {(jw.job_id, jw.worker_id) for jw in
                    s.exec(select(JobWorker).where(JobWorker.job_id.in_(job_ids)).where(JobWorker.blocked))}
         for task, job in rows:
-            candidates = [c for c in free if c.free > 0 and (job.id, c.worker_id) not in blocked
-                          and c.worker_id not in task.failed_workers and fits(task.kind, c, task.spec)]
+            probe = bool(task.spec.get("only_worker"))  # a probe may re-check a job its worker is blocked in
+            candidates = [c for c in free if c.free > 0 and (probe or (job.id, c.worker_id) not in blocked)
+                          and c.worker_id not in task.failed_workers and self._may_take(task, job, c)]
             if not candidates:
-                candidates = [c for c in free if c.free > 0 and (job.id, c.worker_id) not in blocked
-                              and fits(task.kind, c, task.spec)]
+                candidates = [c for c in free if c.free > 0 and (probe or (job.id, c.worker_id) not in blocked)
+                              and self._may_take(task, job, c)]
             conn = self.scheduler.choose(task.inputs, candidates, task.spec.get("model_hash"))
             if conn is None:
                 continue
@@ -452,19 +512,31 @@ class Coordinator:
             for conn in [c for c in free if c.free > 0]:
                 self._assign_deeper(s, conn, now, out)
 
+    @staticmethod
+    def _queued():
+        """Queued tasks of schedulable jobs, and queued checks (a probe may re-check a finished job)."""
+        return (select(Task, Job).join(Job, Job.id == Task.job_id).where(Task.status == TaskStatus.queued.value)
+                .where(or_(Job.status.in_([x.value for x in JOB_SCHEDULABLE]), Task.kind.in_(CHECK_KINDS))))
+
+    def _may_take(self, task: Task, job: Job, conn: Conn) -> bool:
+        """Whether ``conn`` may run ``task``: its runtimes fit, its tier is high enough for the job (and
+        not on probation), and for a check it is not the worker checked."""
+        if not fits(task.kind, conn, task.spec):
+            return False
+        if is_check(task):
+            return self.verifier.may_take(task, conn)
+        return conn.tier != "probation" and R.at_least(conn.tier, job.spec.get("min_tier"))
+
     def _assign_deeper(self, s: Session, conn: Conn, now: float, out: Outgoing) -> None:
         """Lease to ``conn`` the first queued tasks that it may take (kind fits, job not blocklisted),
         however deep in the queue: a blocklisted or specialised worker must not starve behind a big job."""
         runtimes = conn.capabilities.get("runtimes", ["blender"])
         kinds = sorted({k for k, r in RUNTIME_FOR_KIND.items() if r in runtimes} | set(runtimes))
         blocked = select(JobWorker.job_id).where(JobWorker.worker_id == conn.worker_id).where(JobWorker.blocked)
-        for task, job in s.exec(select(Task, Job).join(Job, Job.id == Task.job_id)
-                                .where(Task.status == TaskStatus.queued.value)
-                                .where(Job.status.in_([x.value for x in JOB_SCHEDULABLE]))
-                                .where(Task.kind.in_(kinds)).where(Task.job_id.notin_(blocked))
+        for task, job in s.exec(self._queued().where(Task.kind.in_(kinds)).where(Task.job_id.notin_(blocked))
                                 .order_by(Task.priority.desc(), Task.job_id, Task.index)
                                 .limit(conn.free * 4 + 16)).all():
-            if conn.free > 0 and fits(task.kind, conn, task.spec):  # kind fits; the model may not
+            if conn.free > 0 and self._may_take(task, job, conn):  # kind fits; the model may not
                 self._lease(s, task, job, conn, now, out)
 
     def _lease(self, s: Session, task: Task, job: Job, conn: Conn, now: float, out: Outgoing) -> None:
@@ -474,7 +546,7 @@ class Coordinator:
         transition(s, task, TaskStatus.assigned, worker_id=conn.worker_id, attempt=task.attempt, now=now)
         s.add(Attempt(task_id=task.id, job_id=task.job_id, attempt=task.attempt, worker_id=conn.worker_id,
                       started_at=now))
-        if job.status in (JobStatus.queued.value, JobStatus.rejected.value):
+        if job.status in (JobStatus.queued.value, JobStatus.rejected.value) and not is_check(task):
             transition(s, job, JobStatus.active, reason="first task leased", now=now)
         conn.free -= 1
         conn.held_blobs.update(task.inputs)

@@ -32,7 +32,7 @@ from sqlmodel import Session, select
 
 from farm import constants as C
 from farm import model_folders
-from farm.jobs import JobError, get_job, job_for_key, store_plans
+from farm.jobs import JobError, get_job, job_for_key, min_tier, store_plans
 from farm.models import Job, Output, Task, User, Worker
 from farm.splitter import TaskPlan
 from farm.states import JobStatus, TaskStatus, transition
@@ -229,7 +229,7 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any]) -> 
     per_prompt = len(images) // len(prompts) if mode == "txt2img" else 1
     spec = {**common, "prompts": prompts, "negative": negative, "seed": seed, "count": per_prompt,
             "per_task": per_task, "images_total": len(images), "init_from_job": src.id if src else None,
-            "prompts_checked": checked, "client_key": client_key}
+            "prompts_checked": checked, "client_key": client_key, "min_tier": min_tier(req)}
     job = store_plans(session, owner, "diffusion", str(req.get("name") or "")[:200] or f"{mode} {model}",
                       int(req.get("priority") or 0), spec, plans,
                       f"{len(images)} images of {model}, seeds {seed}-{seed + len(images) - 1}")

@@ -13,8 +13,9 @@ from sqlmodel import Session, select
 
 from farm import splitter, tiles
 from farm.blobs import BlobStore, check_sha
-from farm.models import Attempt, Event, Job, Output, Task, TaskDep, User
+from farm.models import Attempt, Check, Event, Job, Output, Task, TaskDep, User
 from farm.states import TASK_LEASED, JobStatus, TaskStatus, transition
+from farm.verification import CHECK_KINDS
 
 BLEND_MAGIC = (b"BLENDER", b"\x28\xb5\x2f\xfd", b"\x1f\x8b")  # plain, zstd (Blender ≥ 3.0), gzip
 
@@ -57,9 +58,17 @@ def create_blender_job(session: Session, owner: User, blobs: BlobStore, req: dic
         raise JobError(str(exc)) from None
     spec = {"scene_sha256": scene, "frames": req.get("frames"), "chunk": chunk, "settings": settings,
             "client_key": client_key, "scene_name": str(req.get("scene_name", ""))[:200],
-            "tiles": req.get("tiles") or None, "video": bool(req.get("video")), "overscan": req.get("overscan")}
+            "tiles": req.get("tiles") or None, "video": bool(req.get("video")), "overscan": req.get("overscan"),
+            "min_tier": min_tier(req)}
     return store_plans(session, owner, "blender", str(req.get("name") or "")[:200], int(req.get("priority", 0)),
                        spec, plans, f"frames {req.get('frames')}")
+
+
+def min_tier(req: dict[str, Any]) -> str:
+    tier = req.get("min_tier") or ""
+    if tier not in ("", "new", "trusted", "top"):
+        raise JobError(f"min_tier must be new, trusted or top, got {tier!r}")
+    return tier
 
 
 def job_for_key(session: Session, owner: User, client_key: str) -> Job | None:
@@ -102,7 +111,8 @@ def get_job(session: Session, job_id: int, user: User) -> Job:
 
 
 def task_counts(session: Session, job_id: int) -> dict[str, int]:
-    rows = session.exec(select(Task.status, func.count()).where(Task.job_id == job_id).group_by(Task.status))
+    rows = session.exec(select(Task.status, func.count()).where(Task.job_id == job_id)
+                        .where(Task.kind.notin_(CHECK_KINDS)).group_by(Task.status))
     return {status: n for status, n in rows}
 
 
@@ -117,7 +127,7 @@ def job_view(session: Session, job: Job, detail: bool = False) -> dict[str, Any]
                func.coalesce(func.sum(case((Task.status == TaskStatus.accepted.value, Task.progress_total),
                                            (Task.status.in_([s.value for s in TASK_LEASED]), Task.progress_done),
                                            else_=0)), 0))
-        .where(Task.job_id == job.id)).one()
+        .where(Task.job_id == job.id).where(Task.kind.notin_(CHECK_KINDS))).one()
     view = {"id": job.id, "name": job.name, "kind": job.kind, "status": job.status, "priority": job.priority,
             "created_at": job.created_at, "updated_at": job.updated_at, "error": job.error,
             "tasks": {"total": job.tasks_total, **counts}, "frames_total": frames_total,
@@ -126,15 +136,25 @@ def job_view(session: Session, job: Job, detail: bool = False) -> dict[str, Any]
             "progress": min(1.0, units_done / units_total) if units_total else 0.0,
             "spec": {k: v for k, v in job.spec.items() if k != "client_key"}}
     if detail:
-        tasks = session.exec(select(Task).where(Task.job_id == job.id).order_by(Task.index)).all()
+        tasks = session.exec(select(Task).where(Task.job_id == job.id).where(Task.kind.notin_(CHECK_KINDS))
+                             .order_by(Task.index)).all()
         view["task_list"] = [{"id": t.id, "index": t.index, "status": t.status, "attempt": t.attempt,
                               "worker_id": t.worker_id, "frames": t.spec.get("frames"), "error": t.error,
                               "progress": [t.progress_done, t.progress_total]} for t in tasks]
+        view["checks"] = [check_view(c) for c in session.exec(
+            select(Check).where(Check.job_id == job.id).where(Check.mode != "probe").order_by(Check.id))]
         events = session.exec(select(Event).where(Event.job_id == job.id).order_by(Event.id.desc()).limit(50)).all()
         view["events"] = [{"at": e.at, "kind": e.kind, "task_id": e.task_id, "attempt": e.attempt,
                            "worker_id": e.worker_id, "old": e.old, "new": e.new, "detail": e.detail}
                           for e in reversed(events)]
     return view
+
+
+def check_view(c: Check) -> dict[str, Any]:
+    return {"id": c.id, "task_id": c.task_id, "attempt": c.attempt, "worker_id": c.suspect_id,
+            "verifier_id": c.verifier_id, "mode": c.mode, "reason": c.reason, "output": c.output_name,
+            "status": c.status, "regions": c.regions, "created_at": c.created_at, "decided_at": c.decided_at,
+            **{k: c.metric[k] for k in ("ssim", "max_diff", "why", "exact") if k in c.metric}}
 
 
 def outputs(session: Session, job: Job) -> list[Output]:

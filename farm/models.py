@@ -70,6 +70,7 @@ class Task(SQLModel, table=True):
     progress_done: int = 0
     progress_total: int = 0
     render_seconds: float = 0.0
+    work_units: float = 0.0  # metered cost of the accepted attempt: seconds × the worker's speed
     created_at: float = Field(default_factory=_now)
     updated_at: float = Field(default_factory=_now)
 
@@ -107,6 +108,57 @@ class Worker(SQLModel, table=True):
     tasks_done: int = 0
     tasks_failed: int = 0
     render_seconds: float = 0.0
+    work_units: float = 0.0
+    # benchmark and reputation (farm/reputation.py): work units a second as claimed in HELLO and as
+    # measured by the coordinator; decayed counts of good and bad evidence; the tier they give
+    benchmark: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    speed_measured: float = 0.0
+    speed_samples: int = 0
+    rep_good: float = 0.0
+    rep_bad: float = 0.0
+    rep_at: float = 0.0
+    reputation: float = 0.5
+    tier: str = "new"
+    checks_passed: int = 0
+    checks_failed: int = 0
+    vouched: bool = False  # an operator's own machine: trusted from the start
+
+
+class ReputationEvent(SQLModel, table=True):
+    """The history of a worker's reputation: each piece of evidence, its weight, and the score after it."""
+    id: Optional[int] = Field(default=None, primary_key=True)
+    at: float = Field(default_factory=_now, index=True)
+    worker_id: str = Field(index=True)
+    kind: str  # check_passed | check_failed | probe_passed | probe_failed | failure | lease_lost | ...
+    good: float = 0.0
+    bad: float = 0.0
+    score: float = 0.5
+    tier: str = "new"
+    job_id: Optional[int] = None
+    task_id: Optional[int] = None
+    detail: str = ""
+
+
+class Check(SQLModel, table=True):
+    """A verification of one result: a different worker re-renders regions of it (or all of it) and the
+    coordinator compares. ``task_id``/``attempt``: the result checked; ``verify_task_id``: the re-render."""
+    id: Optional[int] = Field(default=None, primary_key=True)
+    job_id: int = Field(index=True)
+    task_id: int = Field(index=True)
+    attempt: int
+    suspect_id: str = Field(index=True)   # the worker whose result is checked (a probe: the probed worker)
+    verifier_id: str = ""
+    verify_task_id: Optional[int] = Field(default=None, index=True)
+    mode: str = "crops"        # crops | full | probe | tiebreak
+    reason: str = ""           # sampled | new worker | duplicate output | uniform image | recheck | ...
+    frame: int = 0
+    output_name: str = ""
+    regions: list[Any] = Field(default_factory=list, sa_column=Column(JSON))
+    status: str = Field(default="pending", index=True)  # pending | passed | failed | unverified | canceled
+    metric: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    parent_id: Optional[int] = None  # a tiebreak's disputed check
+    created_at: float = Field(default_factory=_now)
+    decided_at: Optional[float] = None
 
 
 class JobWorker(SQLModel, table=True):

@@ -1,15 +1,19 @@
 """Choosing which free worker gets the next task.
 
 The coordinator asks :meth:`Scheduler.choose` once per task, in priority-then-FIFO task order, with the
-free workers that may take it (capabilities fit, not blocklisted for the job). This is the seam for
-reputation weighting: the default policy prefers a worker that has the task's diffusion model loaded (it
-saves a model load), then data locality (a worker that already holds the task's input blobs downloads
-nothing), then the worker with the most free slots, ties broken at random. :func:`fits` is the hard
-filter: the runtime the task's kind needs, and the model hash a diffusion task names.
+free workers that may take it (capabilities fit, tier high enough, not blocklisted for the job). The
+choice is random, with probability proportional to reputation × speed (speed relative to the median of
+the candidates; a worker with no benchmark counts as the median), times a cache-locality bonus for a worker
+that already holds the task's inputs, mixed with an exploration floor: every candidate gets at least
+EXPLORE / n of the probability, so a new or slow worker still gets work and is measured. A worker that
+has the task's diffusion model loaded is preferred outright (a model load costs seconds to minutes).
+:func:`fits` is the hard filter: the runtime the task's kind needs, and the model hash a diffusion task
+names.
 """
 from __future__ import annotations
 
 import random
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +30,9 @@ class Conn:
     held_blobs: set[str] = field(default_factory=set)  # inputs it fetched or reported as cached
     models: set[str] = field(default_factory=set)      # hashes of the diffusion models it advertised
     loaded: list[str] = field(default_factory=list)    # model hashes it was last given tasks for, newest first
+    reputation: float = 0.5                            # copies of the Worker row's standing (farm/reputation.py)
+    tier: str = "new"
+    speed: float | None = None                         # work units a second; None: unknown
 
     def __post_init__(self) -> None:
         # tolerant on purpose: a malformed entry is ignored rather than stopping every assignment round
@@ -33,13 +40,19 @@ class Conn:
         self.models |= {m["hash"] for m in (ads if isinstance(ads, list) else [])
                         if isinstance(m, dict) and isinstance(m.get("hash"), str) and m["hash"] and not m.get("error")}
 
+    def set_standing(self, w) -> None:
+        """Copy reputation, tier and speed from the worker's row (after HELLO and every change)."""
+        from farm import reputation
+        self.reputation, self.tier, self.speed = w.reputation, w.tier, reputation.speed(w)
+
     def note_model(self, model_hash: str | None, keep: int = 2) -> None:
         """Remember that the worker now has ``model_hash`` loaded (its runtime keeps recent pipelines)."""
         if model_hash:
             self.loaded = [model_hash, *[h for h in self.loaded if h != model_hash]][:keep]
 
 
-RUNTIME_FOR_KIND = {"render": "blender", "assemble": "assemble", "encode": "encode"}
+RUNTIME_FOR_KIND = {"render": "blender", "assemble": "assemble", "encode": "encode", "verify": "blender",
+                    "verify_tile": "blender", "verify_diffusion": "diffusion"}
 
 
 def fits(task_kind: str, conn: Conn, spec: dict[str, Any] | None = None) -> bool:
@@ -49,16 +62,36 @@ def fits(task_kind: str, conn: Conn, spec: dict[str, Any] | None = None) -> bool
     return runtime in conn.capabilities.get("runtimes", ["blender"]) and (not model or model in conn.models)
 
 
+EXPLORE = 0.1
+"""Share of the choice spread evenly over the candidates (the exploration floor)."""
+
+LOCALITY_BONUS = 4.0
+"""Weight multiplier of a worker that holds all of the task's inputs (pro rata for some of them): a scene
+or model download can cost more than the render."""
+
+
 class Scheduler:
     def __init__(self, seed: int | None = None):
         self.rng = random.Random(seed)
 
+    @staticmethod
+    def weights(task_inputs: list[str], candidates: list[Conn]) -> list[float]:
+        """The probability of each candidate (they sum to 1)."""
+        speeds = [c.speed for c in candidates if c.speed]
+        ref = statistics.median(speeds) if speeds else 1.0
+        inputs = set(task_inputs)
+        raw = []
+        for c in candidates:
+            held = len(inputs & c.held_blobs) / len(inputs) if inputs else 0.0
+            raw.append(max(c.reputation, 1e-3) * (c.speed or ref) / ref * (1 + (LOCALITY_BONUS - 1) * held))
+        total, n = sum(raw), len(raw)
+        return [(1 - EXPLORE) * x / total + EXPLORE / n for x in raw]
+
     def choose(self, task_inputs: list[str], candidates: list[Conn], model: str | None = None) -> Conn | None:
         if not candidates:
             return None
-        inputs = set(task_inputs)
-
-        def score(c: Conn) -> tuple[bool, int, int, float]:  # a loaded model saves a load: it comes first
-            return (bool(model) and model in c.loaded, len(inputs & c.held_blobs), c.free, self.rng.random())
-
-        return max(candidates, key=score)
+        if model:  # a loaded model saves a load: those workers first
+            candidates = [c for c in candidates if model in c.loaded] or candidates
+        if len(candidates) == 1:
+            return candidates[0]
+        return self.rng.choices(candidates, weights=self.weights(task_inputs, candidates))[0]

@@ -52,12 +52,14 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 
 TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     T.waiting: frozenset({T.queued, T.canceled}),
-    T.queued: frozenset({T.assigned, T.canceled, T.failed}),
-    T.assigned: frozenset({T.running, T.done, T.queued, T.failed, T.canceled}),
-    T.running: frozenset({T.done, T.queued, T.failed, T.canceled}),
-    T.done: frozenset({T.verifying, T.accepted, T.queued, T.canceled}),
-    T.verifying: frozenset({T.accepted, T.queued, T.canceled}),
-    T.accepted: frozenset({T.queued}),   # voided by a failed spot check or a creator's rejection
+    # → waiting: a task it depends on was voided (a failed spot check), and will be re-rendered first
+    T.queued: frozenset({T.assigned, T.canceled, T.failed, T.waiting}),
+    T.assigned: frozenset({T.running, T.done, T.queued, T.failed, T.canceled, T.waiting}),
+    T.running: frozenset({T.done, T.queued, T.failed, T.canceled, T.waiting}),
+    T.done: frozenset({T.verifying, T.accepted, T.queued, T.canceled, T.waiting}),
+    T.verifying: frozenset({T.accepted, T.queued, T.canceled, T.waiting}),
+    # voided by a failed spot check or a creator's rejection; re-checked when its worker is caught cheating
+    T.accepted: frozenset({T.queued, T.verifying}),
     T.failed: frozenset({T.queued}),     # an operator retries it
     T.canceled: frozenset(),
 }

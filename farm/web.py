@@ -229,7 +229,8 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
         user, ws = current(request)
         with new_session(engine) as s:
             rows = list(s.exec(select(Worker).order_by(Worker.online.desc(), Worker.id)))
-        return render("workers.html", request, user, csrf=ws.csrf, workers=rows)
+        from farm.reputation import speed
+        return render("workers.html", request, user, csrf=ws.csrf, workers=rows, speed=speed)
 
     return router
 
