@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: install demo test bench addon browser anvil clean
+.PHONY: install demo test bench addon browser anvil postgres clean
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP):
 demo: install
 	$(BIN)/python -m client.demo $(DEMO_ARGS)
 
-test: install browser anvil
+test: install browser anvil postgres
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Debian's Chromium for the browser tests (Playwright drives it; no browser download). Installed only
@@ -28,6 +28,15 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
+# Debian's PostgreSQL server for the tests that run on both databases: tests/pg.py starts a throwaway
+# cluster in a temporary directory on a loopback port (as the package's unprivileged `postgres` account
+# when run as root) and stops it at the end. Installed only when missing (PG_BINDIR names another
+# server's bin folder); needs root or sudo, as apt does.
+postgres:
+	@[ -n "$$PG_BINDIR" ] || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql; }
 
 # anvil (Foundry's dev EVM node) for the payment tests: the npm package's binary, installed into .tools/
 # (ignored by git) only when missing. ANVIL=/path/to/anvil overrides it for the tests.

@@ -187,11 +187,14 @@ def cmd_workers(args, client: Client) -> int:
         _out(args, workers, "")
         return 0
     from rich.table import Table
-    table = Table("worker", "online", "devices", "slots", "done", "failed", "render s")
+    table = Table("worker", "online", "devices", "slots", "tier", "reputation", "checks ok/bad", "speed wu/s",
+                  "done", "failed", "render s")
     for w in workers:
         devs = ", ".join(f"{d.get('type')} {d.get('name', '')}".strip() for d in w["devices"]) or "CPU"
-        table.add_row(w["id"], "yes" if w["online"] else "no", devs, str(w["slots"]), str(w["tasks_done"]),
-                      str(w["tasks_failed"]), f"{w['render_seconds']:.1f}")
+        speed = f"{w['speed']:.0f}" if w.get("speed") else "-"
+        table.add_row(w["id"], "yes" if w["online"] else "no", devs, str(w["slots"]), w.get("tier", "new"),
+                      f"{w.get('reputation', 0.5):.3f}", f"{w.get('checks_passed', 0)}/{w.get('checks_failed', 0)}",
+                      speed, str(w["tasks_done"]), str(w["tasks_failed"]), f"{w['render_seconds']:.1f}")
     _console().print(table)
     return 0
 
@@ -210,8 +213,8 @@ def cmd_serve(args) -> int:
     from farm.server import serve
     if args.models:  # read by farm.diffusion when it checks prompts
         os.environ["RENDERHIVE_MODELS"] = os.pathsep.join(args.models)
-    logging.basicConfig(level=os.environ.get("RENDERHIVE_LOG", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from farm.logs import setup
+    setup()
     from farm.ledger import ChainConfigError
     try:
         asyncio.run(serve(Path(args.data), args.db, args.bind, args.http, args.chain_rpc, args.chain_key_file))
@@ -223,7 +226,8 @@ def cmd_serve(args) -> int:
 
 def cmd_worker(args) -> int:
     from worker.daemon import main
-    main(args.coordinator, Path(args.cache), args.slots, args.wallet, args.gpus, args.worker_id, args.models)
+    main(args.coordinator, Path(args.cache), args.slots, args.wallet, args.gpus, args.worker_id, args.models,
+         benchmark=args.benchmark)
     return 0
 
 
@@ -260,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--worker-id", default=None, help="stable worker id (default: stored in the cache dir)")
     w.add_argument("--models", action="append", help="diffusion model folder, or a folder of them (repeatable; "
                    "default RENDERHIVE_MODELS); the Hugging Face hub cache is searched too")
+    wb = w.add_mutually_exclusive_group()
+    wb.add_argument("--benchmark", dest="benchmark", action="store_const", const="force", default="auto",
+                    help="measure the benchmark score again (default: reuse the cached score of this setup)")
+    wb.add_argument("--no-benchmark", dest="benchmark", action="store_const", const="off",
+                    help="skip the benchmark; the worker reports no score")
     w.set_defaults(func=cmd_worker, needs_client=False)
 
     sm = client_cmd("submit", "submit a .blend as a frame job")

@@ -1,6 +1,6 @@
 """Start a coordinator and workers as local processes on loopback (the demo, the tests, the benchmarks).
 
-Each process runs ``python -m client.cli …`` in its own process group (so a kill reaches its Blender
+Each process runs ``python -m client.cli …`` (or another module, e.g. a test's modified worker) in its own process group (so a kill reaches its Blender
 children, as a crash would), logs to a file, and is stopped with SIGTERM (SIGKILL after a grace period).
 """
 from __future__ import annotations
@@ -52,15 +52,16 @@ def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class Proc:
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
-        self.args, self.log, self.env = args, Path(log), env or process_env()
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, module: str = "client.cli"):
+        self.args, self.log, self.env, self.module = args, Path(log), env or process_env(), module
         self.p: subprocess.Popen | None = None
+        self.launcher: list[str] = []  # a command that runs Python, e.g. ["ip", "netns", "exec", NAME]
 
     def start(self) -> "Proc":
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as f:
-            self.p = subprocess.Popen([sys.executable, "-m", "client.cli", *self.args], cwd=REPO, env=self.env,
-                                      stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            self.p = subprocess.Popen([*self.launcher, sys.executable, "-m", self.module, *self.args], cwd=REPO,
+                                      env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     @property
@@ -91,17 +92,20 @@ class Proc:
 
 
 class Coordinator(Proc):
-    """`farm serve` with its data in ``root/data``, on the given (or free) loopback ports."""
+    """`farm serve` with its data in ``root/data``, on the given (or free) loopback ports; ``db``: a database
+    URL (``--db``; default: SQLite in the data dir); ``host``: the address both planes bind to (another
+    than loopback for a coordinator in a network namespace, tests/netns.py)."""
 
     def __init__(self, root: Path, env: dict[str, str] | None = None, zmq_port: int | None = None,
-                 http_port: int | None = None):
+                 http_port: int | None = None, db: str | None = None, host: str = "127.0.0.1"):
         self.root = Path(root)
         self.data = self.root / "data"
         self.zport, self.hport = zmq_port or free_port(), http_port or free_port()
-        self.endpoint = f"tcp://127.0.0.1:{self.zport}"
-        self.url = f"http://127.0.0.1:{self.hport}"
+        self.endpoint = f"tcp://{host}:{self.zport}"
+        self.url = f"http://{host}:{self.hport}"
         super().__init__(["serve", "--data", str(self.data), "--bind", self.endpoint,
-                          "--http", f"127.0.0.1:{self.hport}"], self.root / "serve.log", env)
+                          "--http", f"{host}:{self.hport}", *(["--db", db] if db else [])],
+                         self.root / "serve.log", env)
 
     def start(self, timeout: float = 30.0) -> "Coordinator":
         super().start()
@@ -125,14 +129,22 @@ class Coordinator(Proc):
 
 
 class WorkerProc(Proc):
-    """`farm worker` with its cache in ``root``, connected to ``coordinator``."""
+    """`farm worker` with its cache in ``root``, connected to ``coordinator``.
+
+    ``extra_args`` go after the usual options (e.g. ``["--no-benchmark"]``). ``module`` and ``argv_prefix``
+    replace ``python -m client.cli worker`` by another program taking the same options, e.g.
+    ``module="tests.helpers.cheater", argv_prefix=["--mode", "black"]``."""
 
     def __init__(self, root: Path, coordinator: Coordinator, worker_id: str, env: dict[str, str] | None = None,
-                 slots: int = 1, gpus: str = "all", models: list[Path] | None = None):
+                 slots: int = 1, gpus: str = "all", models: list[Path] | None = None,
+                 extra_args: list[str] | None = None, module: str = "client.cli",
+                 argv_prefix: list[str] | None = None):
         self.root, self.worker_id = Path(root), worker_id
-        super().__init__(["worker", "--coordinator", coordinator.endpoint, "--cache", str(root), "--slots",
+        prefix = ["worker"] if argv_prefix is None else list(argv_prefix)
+        super().__init__([*prefix, "--coordinator", coordinator.endpoint, "--cache", str(root), "--slots",
                           str(slots), "--worker-id", worker_id, "--gpus", gpus,
-                          *(a for m in models or [] for a in ("--models", str(m)))], self.root / "worker.log", env)
+                          *(a for m in models or [] for a in ("--models", str(m))), *(extra_args or [])],
+                         self.root / "worker.log", env, module)
 
 
 def wait_workers(client: Client, n: int, timeout: float = 60.0) -> list[dict]:

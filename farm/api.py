@@ -7,6 +7,7 @@ re-submitting a scene uploads nothing. Operations that change tasks run on the c
 """
 
 import asyncio
+import hmac
 import json
 import os
 import tempfile
@@ -14,16 +15,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DataError
 from sqlmodel import Session, select
 
-from farm import auth, diffusion, jobs, reputation
+from farm import auth, diffusion, jobs, metrics, reputation
 from farm.blobs import BlobError, BlobStore, check_sha
 from farm.db import session as new_session
 from farm.models import Blob, Job, ReputationEvent, User, Worker
 from farm.payments_api import payments_router
 from farm.states import JOB_TERMINAL, JobStatus
+
+
+class ErrorOut(BaseModel):
+    """Every error answer. Routes explain in a sentence what went wrong and what to do; FastAPI's own
+    request validation lists the bad fields. (Documented for 422, which carries both.)"""
+    detail: str | list[dict[str, Any]]
 
 
 class MissingRequest(BaseModel):
@@ -82,7 +90,15 @@ class DiffusionJobCreate(BaseModel):
 
 def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | None = None, ledger=None) -> FastAPI:
     app = FastAPI(title="Renderhive", version="0.1.0",
-                  description="Submit Blender jobs, upload scenes, follow progress, download results.")
+                  description="Submit Blender jobs, upload scenes, follow progress, download results.",
+                  responses={422: {"model": ErrorOut, "description": "Invalid request: what to change"}})
+
+    @app.exception_handler(DataError)
+    async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
+        """A value the database refuses (PostgreSQL: a NUL character in text, an integer beyond 64 bits)."""
+        why = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+        return JSONResponse({"detail": f"a value in this request cannot be stored ({why}): remove NUL characters "
+                                       "and keep whole numbers within 64 bits"}, status_code=422)
 
     def get_session():
         with new_session(engine) as s:
@@ -132,16 +148,22 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
         except BlobError as exc:
             raise HTTPException(422, str(exc)) from None
 
-    @app.put("/api/blobs/{sha256}", status_code=201)
+    @app.put("/api/blobs/{sha256}", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def put_blob(sha256: str, request: Request, user: UserDep) -> dict[str, Any]:
+        """Store the request body as blob ``sha256`` (the sha256 of the bytes, lowercase hex)."""
         try:
             check_sha(sha256)
         except BlobError as exc:
             raise HTTPException(422, str(exc)) from None
+        too_big = f"exceeds the {blobs.max_bytes} byte limit: reduce the scene (pack fewer or smaller textures)"
         length = request.headers.get("content-length")
-        if length and int(length) > blobs.max_bytes:
-            raise HTTPException(413, f"upload of {length} bytes exceeds the {blobs.max_bytes} byte limit: "
-                                     "reduce the scene (pack fewer or smaller textures)")
+        try:
+            declared = int(length) if length is not None else 0
+        except ValueError:
+            raise HTTPException(400, f"Content-Length {length[:40]!r} is not a number of bytes") from None
+        if declared > blobs.max_bytes:
+            raise HTTPException(413, f"upload of {length} bytes {too_big}")
         if blobs.has(sha256):
             return {"sha256": sha256, "size": blobs.size(sha256), "stored": False}
         fd, name = tempfile.mkstemp(dir=blobs.root / "tmp", suffix=".upload")
@@ -151,7 +173,7 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > blobs.max_bytes:
-                        raise HTTPException(413, f"upload exceeds the {blobs.max_bytes} byte limit")
+                        raise HTTPException(413, f"upload {too_big}")
                     f.write(chunk)
             with open(name, "rb") as f:
                 size = await asyncio.to_thread(blobs.write_stream, sha256, iter(lambda: f.read(1 << 20), b""))
@@ -278,6 +300,15 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
                 "history": [{"at": e.at, "kind": e.kind, "good": e.good, "bad": e.bad, "score": e.score,
                              "tier": e.tier, "job_id": e.job_id, "task_id": e.task_id, "detail": e.detail}
                             for e in events]}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_page(s: SessionDep, authorization: Annotated[str, Header()] = "") -> Response:
+        """Prometheus metrics. Open unless RENDERHIVE_METRICS_TOKEN is set (then: Authorization: Bearer)."""
+        want = os.environ.get("RENDERHIVE_METRICS_TOKEN", "")
+        if want and not hmac.compare_digest(authorization.encode(), f"Bearer {want}".encode()):
+            raise HTTPException(401, "metrics need 'Authorization: Bearer <RENDERHIVE_METRICS_TOKEN>'")
+        return Response(metrics.render(s, broker.coord.stats if broker is not None else None),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # payments and review: estimate, deposit status, approve, reject, payouts, wallets
     app.include_router(payments_router(engine, get_user, serial, ledger))

@@ -3,7 +3,9 @@
 A blob lives at ``ROOT/ab/abcdef…`` named by its sha256; it is written to a temporary file first, verified
 by hash, then renamed into place (atomic), so a reader never sees a partial blob. Partial uploads from
 workers (chunked over ZeroMQ) live under ``ROOT/partial/`` until complete, so an upload resumes after a
-reconnect from the bytes already stored.
+reconnect from the bytes already stored. Partial files are bounded: each by its declared size (at most
+``max_bytes``), their number by ``max_partials``; one left idle for ``partial_idle`` seconds is deleted
+when another upload starts. A probe (an empty chunk) never creates one.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
@@ -24,7 +27,7 @@ class BlobError(ValueError):
 
 
 def check_sha(sha: str) -> str:
-    if not isinstance(sha, str) or not SHA256_RE.match(sha):
+    if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):  # match(): "$" also matches before a "\n"
         raise BlobError(f"{str(sha)[:80]!r} is not a sha256 hex digest (64 lowercase hex characters)")
     return sha
 
@@ -37,10 +40,20 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+MAX_PARTIALS = 256
+"""Unfinished worker uploads kept at once (a worker uploads one output at a time per task)."""
+
+PARTIAL_IDLE_SECONDS = 3600.0
+"""An unfinished upload that got no chunk for this long is abandoned (its worker resumes from scratch)."""
+
+
 class BlobStore:
-    def __init__(self, root: Path, max_bytes: int = MAX_UPLOAD_BYTES):
+    def __init__(self, root: Path, max_bytes: int = MAX_UPLOAD_BYTES, max_partials: int = MAX_PARTIALS,
+                 partial_idle: float = PARTIAL_IDLE_SECONDS):
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.max_partials = max_partials
+        self.partial_idle = partial_idle
         (self.root / "partial").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
 
@@ -58,6 +71,8 @@ class BlobStore:
         return [h for h in dict.fromkeys(hashes) if not self.has(h)]
 
     def read(self, sha: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:  # f.read(-1) would read the whole blob into memory
+            raise BlobError(f"offset {offset} and length {length} must not be negative")
         with open(self.path(sha), "rb") as f:
             f.seek(offset)
             return f.read(length)
@@ -108,13 +123,26 @@ class BlobStore:
         other offset than the stored size is not taken (the sender resumes from the bytes stored)."""
         check_sha(sha)
         if self.has(sha):
-            return total, True, True
+            return self.size(sha), True, True  # the stored size, not the one this sender declares
         if not 0 <= total <= self.max_bytes:
-            raise BlobError(f"declared size {total} exceeds the {self.max_bytes} byte limit")
+            raise BlobError(f"declared size {total} is not between 0 and the {self.max_bytes} byte limit")
         part = self.root / "partial" / sha
         have = part.stat().st_size if part.exists() else 0
+        if part.exists() and have >= total:
+            # Complete but never verified (the coordinator stopped between the last write and the check), or
+            # begun under a larger declared size: no chunk could ever finish it, and a sender that resumes
+            # from ``have`` would wait forever. Finish it now, or start over.
+            if have == total and file_sha256(part) == sha:
+                self._commit(part, sha)
+                return have, True, True
+            part.unlink()
+            have = 0
         if offset != have or offset + len(data) > total:
             return have, False, False
+        if not have:
+            if not data and total:
+                return 0, False, True  # a probe of an upload not begun: nothing to create
+            self._make_room()
         with open(part, "ab") as f:
             f.write(data)
         have += len(data)
@@ -125,6 +153,22 @@ class BlobStore:
             raise BlobError(f"uploaded bytes do not hash to {sha}: upload discarded, send it again")
         self._commit(part, sha)
         return have, True, True
+
+    def _make_room(self) -> None:
+        """Before a new partial upload: delete idle ones; refuse when max_partials are still in progress."""
+        now, live = time.time(), 0
+        for p in (self.root / "partial").iterdir():
+            try:
+                idle = now - p.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if idle > self.partial_idle:
+                p.unlink(missing_ok=True)
+            else:
+                live += 1
+        if live >= self.max_partials:
+            raise BlobError(f"{live} uploads are in progress on the coordinator, its limit: send this output "
+                            "again later")
 
 
 def read_chunks(f: BinaryIO, size: int = 1 << 20) -> Iterable[bytes]:

@@ -110,6 +110,70 @@ DIFFUSION_CACHE_BYTES = int(_env_float("DIFFUSION_CACHE_BYTES", 0))
 """Memory for loaded pipelines in one diffusion runtime (LRU by model); 0: 70% of the GPU's memory on
 CUDA, 40% of RAM on the CPU. The pipeline in use is always kept, even when it alone is bigger."""
 
+# ------------------------------------------------------------------ reputation and verification
+REP_HALF_LIFE = _env_float("REP_HALF_LIFE", 14 * 86400.0)
+"""Seconds after which a piece of reputation evidence counts half: recent behaviour weighs more, and an
+old failure is forgiven over weeks, not hours."""
+
+REP_WEIGHTS = {
+    "check_passed": (1.0, 0.0), "probe_passed": (1.0, 0.0), "vouched": (20.0, 0.0),
+    "check_failed": (0.0, 10.0), "probe_failed": (0.0, 10.0), "invalid_result": (0.0, 1.0),
+    "overclaimed": (0.0, 4.0), "failure": (0.0, 0.25), "lease_lost": (0.0, 0.25),
+}
+"""(good, bad) evidence each event adds to a worker's Beta(1 + good, 1 + bad) reputation. A failed check
+weighs ten passed ones: one caught cheat drops a new worker from 0.5 to 0.09 and a worker with 20 passes
+from 0.95 to 0.66 (out of "top"); an invalid result (a file that is no picture, a missing output) costs
+one, so a second one in a row puts a new worker on probation; crashes and lost leases cost little (flaky
+is not dishonest)."""
+
+REP_FLOOR = _env_float("REP_FLOOR", 0.3)
+"""Below this reputation a worker gets no work, only probes (checks of results already verified), until
+passed probes lift it back over the floor."""
+
+TIER_TRUSTED = (0.75, 3.0)
+"""(minimum reputation, minimum decayed passed checks) of the "trusted" tier."""
+
+TIER_TOP = (0.9, 20.0)
+"""(minimum reputation, minimum decayed passed checks) of the "top" tier."""
+
+TIERS = ("probation", "new", "trusted", "top")
+"""Tiers from worst to best. A job may ask for a minimum tier (``min_tier``)."""
+
+CHECK_RATE = {"probation": 1.0, "new": 1.0,
+              "trusted": _env_float("CHECK_RATE_TRUSTED", 0.1), "top": _env_float("CHECK_RATE_TOP", 0.03)}
+"""Fraction of a worker's results that are spot-checked, by tier. Every result of a new worker is checked
+(AI Horde checks untrusted workers the same way), so a cheater is caught on its first result."""
+
+CHECK_FULL_WHILE_NEW = True
+"""Checks of a new worker's results re-render the whole frame: k small crops would miss a small region
+painted over. From "trusted" on, checks are CHECK_CROPS crops of CHECK_CROP_FRACTION of the frame each."""
+
+CHECK_CROPS = 3
+"""Crops re-rendered per spot check (Golem re-renders 3 per result)."""
+
+CHECK_CROP_FRACTION = 0.03
+"""Area of each crop as a fraction of the frame (a few per cent: the crops cost about 3 × 3 % of a frame)."""
+
+CHECK_SSIM_MIN = _env_float("CHECK_SSIM_MIN", 0.98)
+"""Across device types (a CPU and a GPU render differ in float rounding), a crop passes with a mean SSIM
+of at least this; between like devices the pixels must be equal. See farm/compare.py for the calibration."""
+
+CHECK_WAIT = _env_float("CHECK_WAIT", 20.0)
+"""Seconds a check may wait in the queue with no connected worker able to run it (the checked worker is
+the only one left) before the result is accepted unverified: a lone worker still finishes the job."""
+
+CHECK_BLOCKLIST_AFTER = 2
+"""Failed checks within one job after which the worker is blocklisted for the job."""
+
+PROBE_BACKOFF = _env_float("PROBE_BACKOFF", 30.0)
+"""Seconds between probes of a worker on probation (doubling after each failed probe, up to 1 hour)."""
+
+SPEED_EWMA = 0.2
+"""Weight of a new measurement in a worker's measured speed (work units a second)."""
+
+SPEED_OVERCLAIM = 2.0
+"""A worker whose benchmark claims more than this times its measured speed is caught overclaiming."""
+
 # ------------------------------------------------------------------ tiles and video (Blender jobs)
 MAX_TILES_PER_SIDE = 16
 """Most tile columns or rows of a tiled frame (16x16 = 256 tasks a frame): beyond that the per-task
@@ -148,3 +212,28 @@ DIFFUSION_THREADS = int(_env_float("DIFFUSION_THREADS", 0))
 """CPU threads of each diffusion runtime (``torch.set_num_threads``); 0: torch's default, every core. On a
 CPU worker with several slots, or a host shared with other work, give cores ÷ slots: torch's OpenMP threads
 spin-wait for each other, and one that loses its core slows a step down many times over."""
+
+# ------------------------------------------------------------------ worker benchmark (worker.benchmark)
+BENCH_WORK_UNITS = 100.0
+"""Work units in one benchmark frame (and one benchmark image). A worker's score is BENCH_WORK_UNITS ÷ the
+seconds it takes, in work units a second: the unit in which work is metered and paid, like OctaneBench."""
+
+BENCH_FRAME = 1
+"""Frame of sample_scenes/turntable.blend rendered by the Blender benchmark."""
+
+BENCH_BLENDER_SETTINGS = {"resolution_percent": 75, "samples": 16, "format": "PNG", "color_depth": "8"}
+"""Render settings of the benchmark frame: 240x180, 16 samples, Cycles, no denoising. About 0.25 s on 2
+CPU cores (50 % took 0.11 s, too short to time well; 100 % took 0.43 s); changing them changes every score
+(they are part of the cache key)."""
+
+BENCH_RUNS = 2
+"""Renders of the benchmark frame; the score comes from the fastest (the first also loads the scene,
+builds the BVH and compiles shaders, which a worker pays once per scene, not per frame)."""
+
+BENCH_DIFFUSION = {"steps": 1, "width": 64, "height": 64, "seed": 1234, "guidance": 7.5,
+                   "prompt": "a photo of a red cube on a table"}
+"""The fixed generation of the diffusion benchmark, with the first model the worker holds (its hash is part
+of the cache key: scores of different models do not compare)."""
+
+BENCH_TIMEOUT = _env_float("BENCH_TIMEOUT", 300.0)
+"""Seconds one benchmark measurement may take before it is abandoned (the worker then reports no score)."""

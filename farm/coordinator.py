@@ -27,6 +27,7 @@ from farm import diffusion
 from farm import reputation as R
 from farm import protocol as P
 from farm.blobs import BlobError, BlobStore
+from farm.logs import ctx
 from farm.db import session as new_session
 from farm.models import Attempt, Job, JobWorker, Output, Task, TaskDep, Worker
 from farm.models import Blob as BlobRow
@@ -201,7 +202,8 @@ class Coordinator:
             else:
                 self._lose(s, task, now, "the worker reconnected without this task", out)
         conn.free = 0  # until READY
-        log.info("worker %s connected (%d slots, %d leases kept)", msg.worker_id, msg.slots, kept)
+        log.info("worker %s connected (%d slots, %d leases kept, tier %s)", msg.worker_id, msg.slots, kept,
+                 conn.tier, extra=ctx(worker=msg.worker_id))
         out.append((ident, P.Welcome(msg.worker_id, C.HEARTBEAT_INTERVAL, C.HEARTBEAT_LIVENESS,
                                      C.BLOB_CHUNK_SIZE, C.BLOB_CREDIT)))
 
@@ -215,7 +217,7 @@ class Coordinator:
             s.add(w)
         for task in s.exec(select(Task).where(Task.worker_id == conn.worker_id).where(Task.status.in_(LEASED))):
             self._lose(s, task, now, reason, out)
-        log.info("worker %s gone: %s", conn.worker_id, reason)
+        log.info("worker %s gone: %s", conn.worker_id, reason, extra=ctx(worker=conn.worker_id))
 
     def _on_ready(self, s, conn: Conn, msg: P.Ready, now, out) -> None:
         conn.free = max(0, min(conn.slots, msg.free_slots))
@@ -286,6 +288,7 @@ class Coordinator:
         task.render_seconds, task.progress_done = seconds, task.progress_total
         task.worker_id, task.lease_expires = None, None
         self.stats["results"] += 1
+        log.debug("result stored (%.2f s)", seconds, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
         out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
         if is_check(task):
             transition(s, task, TaskStatus.accepted, reason="re-render stored", worker_id=conn.worker_id,
@@ -378,6 +381,8 @@ class Coordinator:
 
     def _fail(self, s: Session, task: Task, worker_id: str, reason: str, retryable: bool, now: float,
               out: Outgoing, evidence: str = "failure") -> None:
+        log.info("task failed (%s): %s", "retryable" if retryable else "final", reason[:300],
+                 extra=ctx(task.job_id, task.id, task.attempt, worker_id))
         self._end_attempt(s, task, "failed", reason, now)
         job = s.get(Job, task.job_id)
         jw = s.get(JobWorker, (task.job_id, worker_id)) or JobWorker(job_id=task.job_id, worker_id=worker_id)
@@ -432,6 +437,7 @@ class Coordinator:
     def _lose(self, s: Session, task: Task, now: float, reason: str, out: Outgoing) -> None:
         """The lease of ``task`` ended without a result: requeue it (or fail it when out of attempts)."""
         worker_id = task.worker_id
+        log.info("lease lost: %s", reason, extra=ctx(task.job_id, task.id, task.attempt, worker_id))
         self._end_attempt(s, task, "lost", reason, now)
         task.worker_id, task.lease_expires = None, None
         self.stats["lost"] += 1
@@ -477,6 +483,8 @@ class Coordinator:
             out.append((conn.identity, P.Disconnect("missed heartbeats: reconnect")))
         for task in s.exec(select(Task).where(Task.status.in_(LEASED)).where(Task.lease_expires < now)):
             self._lose(s, task, now, "lease expired", out)
+        if self.verifier.enabled:
+            self.verifier.expire(s, now)
 
     # ------------------------------------------------------------------ assignment
     def _assign(self, s: Session, now: float, out: Outgoing) -> None:
@@ -544,6 +552,7 @@ class Coordinator:
         task.worker_id, task.lease_expires = conn.worker_id, now + C.LEASE_SECONDS
         task.progress_done = 0
         transition(s, task, TaskStatus.assigned, worker_id=conn.worker_id, attempt=task.attempt, now=now)
+        log.debug("leased %s task", task.kind, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
         s.add(Attempt(task_id=task.id, job_id=task.job_id, attempt=task.attempt, worker_id=conn.worker_id,
                       started_at=now))
         if job.status in (JobStatus.queued.value, JobStatus.rejected.value) and not is_check(task):

@@ -5,7 +5,10 @@ idempotent per (owner, client request id) so that a retried submit never queues 
 """
 from __future__ import annotations
 
+import io
 import time
+import zlib
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import case, func
@@ -18,6 +21,35 @@ from farm.states import TASK_LEASED, JobStatus, TaskStatus, transition
 from farm.verification import CHECK_KINDS
 
 BLEND_MAGIC = (b"BLENDER", b"\x28\xb5\x2f\xfd", b"\x1f\x8b")  # plain, zstd (Blender ≥ 3.0), gzip
+BLEND_PEEK_BYTES = 1 << 20
+"""Compressed bytes read to find the .blend header inside a zstd or gzip scene (it is in the first block)."""
+
+
+def blend_problem(path: Path) -> str:
+    """Why the file at ``path`` is not a .blend ("" when it is one, as far as its header tells). A zstd or
+    gzip file is decompressed only up to the 7 bytes of the header inside, from at most BLEND_PEEK_BYTES of
+    input: a decompression bomb costs nothing here (the worker's Blender opens the scene, not us)."""
+    with open(path, "rb") as f:
+        head = f.read(len(BLEND_MAGIC[0]))
+        if head.startswith(BLEND_MAGIC[0]):
+            return ""
+        kind = "zstd" if head.startswith(BLEND_MAGIC[1]) else "gzip" if head.startswith(BLEND_MAGIC[2]) else ""
+        if not kind:
+            return "no Blender, zstd or gzip header"
+        f.seek(0)
+        data = f.read(BLEND_PEEK_BYTES)
+    try:
+        if kind == "gzip":
+            inner = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, len(BLEND_MAGIC[0]))
+        else:
+            import zstandard  # a dependency of bpy
+
+            reader, inner = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)), b""
+            while len(inner) < len(BLEND_MAGIC[0]) and (more := reader.read(len(BLEND_MAGIC[0]) - len(inner))):
+                inner += more
+    except Exception:  # zlib.error, zstandard.ZstdError: damaged or truncated
+        return f"a damaged {kind} stream"
+    return "" if inner.startswith(BLEND_MAGIC[0]) else f"{kind}-compressed, but not a compressed .blend"
 
 
 class JobError(ValueError):
@@ -38,11 +70,10 @@ def create_blender_job(session: Session, owner: User, blobs: BlobStore, req: dic
     if not blobs.has(scene):
         raise JobError(f"scene blob {scene} is not uploaded: upload it first (POST /api/blobs/missing, "
                        "then PUT /api/blobs/{sha256})", 409)
-    with open(blobs.path(scene), "rb") as f:
-        head = f.read(8)
-    if not head.startswith(BLEND_MAGIC):
-        raise JobError("the scene is not a .blend file (no Blender, zstd or gzip header): save it from "
-                       "Blender and submit the .blend")
+    problem = blend_problem(blobs.path(scene))
+    if problem:
+        raise JobError(f"the scene is not a .blend file ({problem}): save it from Blender (File > Save, "
+                       "compression on or off) and submit the .blend itself, not an archive of it")
     client_key = str(req.get("client_key") or "")[:100]
     existing = job_for_key(session, owner, client_key)
     if existing:
@@ -104,6 +135,8 @@ def store_plans(session: Session, owner: User, kind: str, name: str, priority: i
 
 
 def get_job(session: Session, job_id: int, user: User) -> Job:
+    if isinstance(job_id, bool) or not isinstance(job_id, int) or not 0 < job_id < 2**63:
+        raise JobError(f"job {job_id!r:.40} not found: job ids are positive whole numbers", 404)  # no SQL overflow
     job = session.get(Job, job_id)
     if job is None or (job.owner_id != user.id and not user.is_admin):
         raise JobError(f"job {job_id} not found", 404)

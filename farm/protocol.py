@@ -5,10 +5,16 @@ peer's routing id in front). Every message is a frozen dataclass; :func:`encode`
 :func:`decode` turns frames back into one, raising :class:`ProtocolError` on anything malformed: a wrong
 version, an unknown command, a body that is not a msgpack map, a missing or extra field, a field of the
 wrong type, or a body larger than :data:`~farm.constants.MAX_MESSAGE_BYTES`. See PROTOCOL.md.
+
+Every value a message carries may end up in a database row or a JSON column, so decoding accepts only what
+those can hold: integers within int64, finite floats, strings without NUL characters (PostgreSQL text
+refuses them), and for fields typed ``Any`` (specs, capabilities, outputs) JSON-like values only (no bytes, no extension types, string map keys) nested at most
+:data:`MAX_NESTING` deep. Anything else is a ProtocolError here, not a failed commit later.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +27,11 @@ from farm.constants import MAX_MESSAGE_BYTES, PROTOCOL_HEADER
 
 class ProtocolError(ValueError):
     """A frame sequence that is not a valid message of this protocol version."""
+
+
+MAX_NESTING = 32
+"""Deepest nesting of lists and maps inside an ``Any`` field (a spec or capabilities map needs about 4;
+about 1,000 levels would make ``json.dumps`` of the column fail with a RecursionError)."""
 
 
 # ---------------------------------------------------------------- worker → coordinator
@@ -196,14 +207,44 @@ Message = Any  # any of the dataclasses above
 
 
 # ---------------------------------------------------------------- type checking of decoded bodies
+def _check_json(value: Any, where: str, depth: int = 0) -> None:
+    """``value`` of an ``Any`` field must be JSON-like: it is stored in JSON columns."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        _check(value, str, where)
+    elif isinstance(value, int):
+        _check(value, int, where)
+    elif isinstance(value, float):
+        _check(value, float, where)
+    elif isinstance(value, (list, dict)):
+        if depth >= MAX_NESTING:
+            raise ProtocolError(f"{where}: nested more than {MAX_NESTING} levels deep")
+        for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
+            if isinstance(value, dict):
+                if not isinstance(k, str):
+                    raise ProtocolError(f"{where}: map keys must be strings, got {type(k).__name__}")
+                _check(k, str, f"{where} key")
+            _check_json(v, f"{where}[{k!r:.40}]" if depth < 4 else where, depth + 1)
+    else:
+        raise ProtocolError(f"{where}: {type(value).__name__} is not a JSON value (null, bool, number, "
+                            "string, list or string-keyed map)")
+
+
 def _check(value: Any, tp: Any, where: str) -> None:
     origin = typing.get_origin(tp)
     if tp is Any:
+        _check_json(value, where)
         return
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # finite: NaN and infinity poison sums (a worker's render seconds) and SQL NOT NULL
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and (math.isfinite(value) if isinstance(value, float) else -(2**63) <= value < 2**63))
     elif tp is int:  # bounded to int64: every integer field may end up in a database column
         ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    elif tp is str and isinstance(value, str):
+        if "\x00" in value:
+            raise ProtocolError(f"{where}: a string may not contain NUL characters")
+        return
     elif origin is list:
         if not isinstance(value, list):
             raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")

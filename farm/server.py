@@ -1,8 +1,8 @@
 """``farm serve``: one process running the coordinator (ZeroMQ worker plane) and the HTTP API.
 
-Start-up order: data dir, database (tables created), blob store, admin token on first start, then the
-broker, the payment settler (:class:`farm.ledger.Settler`, unless ``--chain-rpc off``) and uvicorn on one
-asyncio loop. SIGINT/SIGTERM stop both; state is durable at every commit, so
+Start-up order: data dir, database (schema migrated to the newest revision), blob store, admin token on
+first start, then the broker, the payment settler (:class:`farm.ledger.Settler`, unless ``--chain-rpc
+off``) and uvicorn on one asyncio loop. SIGINT/SIGTERM stop both; state is durable at every commit, so
 a ``kill -9`` loses nothing that was acknowledged.
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ from farm.api import create_app
 from farm.blobs import BlobStore
 from farm.broker import Broker
 from farm.coordinator import Coordinator
-from farm.db import database_url, make_engine, session
+from farm.db import DatabaseUnavailable, database_url, make_engine, session
 from farm.ledger import Ledger, Settler, chain_factory
+from farm.migrate import SchemaMismatch
 
 log = logging.getLogger("farm.server")
 
@@ -29,7 +30,10 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
                 chain_key_file: str | None = None) -> None:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(database_url(data_dir, db_url))
+    try:  # the schema is brought to the newest migration here (farm.migrate)
+        engine = make_engine(database_url(data_dir, db_url))
+    except (DatabaseUnavailable, SchemaMismatch) as exc:
+        raise SystemExit(f"error: {exc}") from None
     factory = chain_factory(chain_rpc, chain_key_file)  # a bad --chain-rpc/--chain-key-file stops us here
     blobs = BlobStore(data_dir / "blobs")
     with session(engine) as s:

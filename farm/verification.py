@@ -30,6 +30,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from farm import compare
+from farm.logs import ctx
 from farm import constants as C
 from farm import reputation as R
 from farm.scheduler import fits
@@ -245,7 +246,8 @@ class Verifier:
         jw.failures += 1
         jw.blocked = jw.blocked or failed_here >= C.CHECK_BLOCKLIST_AFTER
         s.add(jw)
-        log.warning("worker %s failed check %d of job %d task %d: %s", suspect.id, check.id, job.id, task.id, why)
+        log.warning("worker %s failed check %d: %s", suspect.id, check.id, why,
+                    extra=ctx(job.id, task.id, check.attempt, suspect.id))
         self.void(s, task, job, suspect.id, f"failed spot check {check.id}: {why}", now)
         # everything else it made for this job is suspect now: check it all again, whole
         for other in s.exec(select(Task).join(Attempt, (Attempt.task_id == Task.id) & (Attempt.attempt == Task.attempt))
@@ -260,9 +262,9 @@ class Verifier:
             for o in pics:
                 self.start(s, other, job, suspect.id, o, "full", f"recheck: worker failed check {check.id}", now)
 
-    def check_failed(self, s: Session, vt: Task, reason: str, now: float) -> None:
+    def check_failed(self, s: Session, vt: Task, reason: str, now: float, canceled: bool = False) -> None:
         """A check task failed for good (the verifiers could not render it): no verdict, the result stands."""
-        if vt.status != TaskStatus.failed.value:
+        if not canceled and vt.status != TaskStatus.failed.value:
             transition(s, vt, TaskStatus.failed, reason=reason, attempt=vt.attempt, now=now)
         check = s.get(Check, vt.spec.get("check_id"))
         if check is None or check.status != "pending":
@@ -272,8 +274,19 @@ class Verifier:
         task = s.get(Task, check.task_id)
         if check.mode != "probe" and task is not None and task.attempt == check.attempt \
                 and task.status == TaskStatus.verifying.value:
-            self._event(s, task, check.suspect_id, f"unverified: check {check.id} could not be rendered", now)
+            self._event(s, task, check.suspect_id, f"unverified: check {check.id}: {reason}", now)
             self.coord.accept(s, task, s.get(Job, task.job_id), check.suspect_id, now)
+
+    def expire(self, s: Session, now: float) -> None:
+        """Checks queued longer than CHECK_WAIT that no connected worker may run (the only other worker
+        left): the result stands unverified rather than holding the job up for ever."""
+        for vt in s.exec(select(Task).where(Task.status == TaskStatus.queued.value)
+                         .where(Task.kind.in_(CHECK_KINDS)).where(Task.created_at < now - C.CHECK_WAIT)).all():
+            if any(fits(vt.kind, c, vt.spec) and self.may_take(vt, c) for c in self.coord.conns.values()):
+                continue
+            transition(s, vt, TaskStatus.canceled, reason=f"no worker could check it within {C.CHECK_WAIT:g} s",
+                       attempt=vt.attempt, now=now)
+            self.check_failed(s, vt, "no other worker online to run it", now, canceled=True)
 
     def _decide_tiebreak(self, s, check: Check, task: Task, suspect: Worker, third: Worker, vs_suspect: dict,
                          shas: list[str], now: float) -> None:

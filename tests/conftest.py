@@ -17,6 +17,7 @@ from PIL import Image
 
 from client import localfarm
 from client.api import Client
+from tests import pg
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -56,9 +57,11 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def farm(tmp_path, procs):
-    """Factory: ``farm(env=None)`` starts `farm serve` on free loopback ports in tmp_path."""
-    def make(env: dict[str, str] | None = None) -> localfarm.Coordinator:
-        f = localfarm.Coordinator(tmp_path / f"farm{len(procs)}", localfarm.process_env({**TEST_ENV, **(env or {})}))
+    """Factory: ``farm(env=None, db=None)`` starts `farm serve` on free loopback ports in tmp_path (``db``:
+    its ``--db`` URL, e.g. the ``db_url`` fixture's)."""
+    def make(env: dict[str, str] | None = None, db: str | None = None) -> localfarm.Coordinator:
+        f = localfarm.Coordinator(tmp_path / f"farm{len(procs)}", localfarm.process_env({**TEST_ENV, **(env or {})}),
+                                  db=db)
         procs.append(f)
         return f.start()
     return make
@@ -67,12 +70,17 @@ def farm(tmp_path, procs):
 @pytest.fixture
 def worker(tmp_path, procs):
     """Factory: ``worker(farm, "w1")`` starts `farm worker` with its own cache dir, connected to farm;
-    ``models``: diffusion model folders it holds (``farm worker --models``)."""
+    ``models``: diffusion model folders it holds (``farm worker --models``); ``args``: more options
+    (e.g. ``["--no-benchmark"]``); ``cheat``: a mode of tests/helpers/cheater.py, which starts a worker
+    that tampers with its renders that way instead."""
     def make(f: localfarm.Coordinator, worker_id: str, env: dict[str, str] | None = None,
-             slots: int = 1, models: list[Path] | None = None) -> localfarm.WorkerProc:
+             slots: int = 1, models: list[Path] | None = None, args: list[str] | None = None,
+             cheat: str | None = None) -> localfarm.WorkerProc:
         w = localfarm.WorkerProc(tmp_path / worker_id, f, worker_id,
                                  localfarm.process_env({**TEST_ENV, **(env or {})}), slots, gpus="none",
-                                 models=models)
+                                 models=models, extra_args=args,
+                                 **({"module": "tests.helpers.cheater", "argv_prefix": ["--mode", cheat]}
+                                    if cheat else {}))
         procs.append(w)
         return w.start()
     return make
@@ -91,6 +99,40 @@ def wait_job(client: Client, job_id: int, statuses=("rendered", "failed", "cance
 def submit_sample(client: Client, frames: str, scene: Path = SAMPLE, **settings) -> dict:
     sha, _ = client.upload_if_missing(scene)
     return client.submit(scene_sha256=sha, frames=frames, **{**TEST_SETTINGS, **settings})
+
+
+# ------------------------------------------------------------------ databases: SQLite and PostgreSQL
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session (tests/pg.py), started on first use. Missing or broken, it fails
+    the tests that need it, saying how to install it: never a skip."""
+    try:
+        server = pg.start_server()
+    except pg.PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
+
+
+def new_db_url(request, backend: str, directory: Path) -> str:
+    """A fresh, empty database of ``backend``: a SQLite file in ``directory``, or a new PostgreSQL database
+    (dropped when ``request``'s scope ends)."""
+    if backend == "sqlite":
+        directory.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{directory / 'farm.db'}"
+    server = request.getfixturevalue("postgres")
+    name = server.create_database()
+    request.addfinalizer(lambda: server.drop_database(name))
+    return server.url(name)
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path):
+    """The URL of a fresh, empty database, once on SQLite and once on PostgreSQL."""
+    return new_db_url(request, request.param, tmp_path / "db")
 
 
 # ------------------------------------------------------------------ reference renders

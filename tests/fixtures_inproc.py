@@ -1,8 +1,9 @@
-"""In-process building blocks for fast coordinator tests: a real SQLite file, a real blob store, users,
-jobs, and a driver that feeds encoded frames to ``Coordinator.step`` at a clock the test controls.
+"""In-process building blocks for fast coordinator tests: a real database, a real blob store, users, jobs,
+and a driver that feeds encoded frames to ``Coordinator.step`` at a clock the test controls.
 
-Nothing here is a fake: the database is a SQLite file in the test's tmp dir, blobs are files, and frames
-are built by ``farm.protocol.encode`` exactly as a worker's DEALER would send them.
+Nothing here is a fake: the database is a SQLite file in the test's tmp dir (or a PostgreSQL database,
+from the ``db_url`` fixture), blobs are files, and frames are built by ``farm.protocol.encode`` exactly as
+a worker's DEALER would send them.
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ from farm.scheduler import Scheduler
 SCENE_BYTES = b"BLENDER-v405" + bytes(range(256)) * 4  # a .blend header is all the coordinator checks
 
 
-def make_engine_and_store(root: Path, max_bytes: int | None = None):
-    """A fresh SQLite database file and blob store under ``root``."""
+def make_engine_and_store(root: Path, max_bytes: int | None = None, url: str | None = None):
+    """A blob store under ``root`` and a database: ``url`` (the ``db_url`` fixture's, for a test run on
+    SQLite and on PostgreSQL), or a fresh SQLite file under ``root``."""
     root.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(f"sqlite:///{root / 'farm.db'}")
+    engine = make_engine(url or f"sqlite:///{root / 'farm.db'}")
     blobs = BlobStore(root / "blobs", max_bytes) if max_bytes is not None else BlobStore(root / "blobs")
     return engine, blobs
 
@@ -105,8 +107,10 @@ class Driver:
                                          running or [])))
 
 
-def new_coordinator(engine, blobs: BlobStore, seed: int = 0) -> Coordinator:
-    return Coordinator(engine, blobs, Scheduler(seed=seed))
+def new_coordinator(engine, blobs: BlobStore, seed: int = 0, verify: bool = False) -> Coordinator:
+    """A coordinator for in-process tests; spot checks off unless asked for (the outputs these tests
+    send are stand-in bytes, not pictures; tests/test_verification.py sends real ones)."""
+    return Coordinator(engine, blobs, Scheduler(seed=seed), verify=verify)
 
 
 def of(out: list[tuple[bytes, Any]], cls: type, ident: bytes | None = None) -> list[Any]:

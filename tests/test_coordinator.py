@@ -17,8 +17,8 @@ DEAD = C.HEARTBEAT_INTERVAL * C.HEARTBEAT_LIVENESS + C.SWEEP_INTERVAL + 0.1  # s
 
 
 @pytest.fixture
-def env(tmp_path):
-    engine, blobs = make_engine_and_store(tmp_path / "farm")
+def env(tmp_path, db_url):  # every test here runs on SQLite and on PostgreSQL
+    engine, blobs = make_engine_and_store(tmp_path / "farm", url=db_url)
     user, _ = make_user(engine, "alice")
     coord = new_coordinator(engine, blobs)
     return engine, blobs, user, coord, Driver(coord)

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from client.api import ApiError
+from farm.db import make_engine
+from farm.models import Job
 from tests.conftest import (PY, REPO, SAMPLE, TEST_SETTINGS, direct_render, pixels, submit_sample, wait_for,
                             wait_job, wait_workers)
+from tests.fixtures_inproc import rows
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +80,8 @@ def test_worker_killed_mid_render_task_is_released(farm, worker, reference_frame
     assert any("lease lost" in e["detail"] for e in detail["events"])
 
 
-def test_coordinator_killed_mid_job_resumes_on_same_db(farm, worker, reference_frames, tmp_path):
-    f = farm()
+def test_coordinator_killed_mid_job_resumes_on_same_db(farm, worker, reference_frames, tmp_path, db_url):
+    f = farm(db=db_url.replace("postgresql+psycopg://", "postgresql://"))  # SQLite file or PostgreSQL
     worker(f, "w1")
     worker(f, "w2")
     alice = f.creator("alice")
@@ -91,6 +94,9 @@ def test_coordinator_killed_mid_job_resumes_on_same_db(farm, worker, reference_f
     done = wait_job(alice, job["id"], timeout=240)
     assert done["status"] == "rendered", done
     assert_frames_match(alice, job["id"], range(1, 9), reference_frames, tmp_path / "out")
+    engine = make_engine(db_url, upgrade=False)  # the farm kept its state in the database it was given
+    assert [j.id for j in rows(engine, Job)] == [job["id"]]
+    engine.dispose()
 
 
 def test_malicious_scene_runs_no_code(farm, worker, tmp_path):

@@ -38,9 +38,10 @@ class Crash(Exception):
 class Farm:
     """An in-process farm: coordinator driven message by message, and a ledger on a chain."""
 
-    def __init__(self, root, factory=ch.Chain.embedded_evm, pricing: pr.Pricing | None = None):
+    def __init__(self, root, factory=ch.Chain.embedded_evm, pricing: pr.Pricing | None = None,
+                 url: str | None = None):
         self.root = root
-        self.engine, self.blobs = make_engine_and_store(root)
+        self.engine, self.blobs = make_engine_and_store(root, url=url)
         self.alice, self.alice_token = make_user(self.engine, "alice")
         self.pricing = pricing or pr.Pricing(price_per_unit=pr.to_wei("0.01"), fee_bps=250)
         self.ledger = Ledger(self.engine, root, factory, self.pricing, tx_wait=5.0)
@@ -61,7 +62,11 @@ class Farm:
         done = []
         for t in of(self.d.send((ident, P.Ready(n))), P.Task, ident):
             outs = [output_blob(self.blobs, f, f"{ident!r}{t.attempt}") for f in t.spec["frames"]]
-            assert of(self.d.send((ident, P.Result(t.task_id, t.attempt, outs, seconds))), P.Ack)[0].accepted
+            # the result comes ``seconds`` after the lease (the coordinator pays no more time than that);
+            # the other workers' heartbeats keep them connected meanwhile
+            alive = [(i, P.Heartbeat([])) for i in self.d.coord.conns if i != ident]
+            result = (ident, P.Result(t.task_id, t.attempt, outs, seconds))
+            assert of(self.d.send(result, *alive, dt=seconds), P.Ack)[0].accepted
             done.append(t.spec["frames"])
         return done
 
@@ -91,8 +96,8 @@ class Farm:
 
 
 @pytest.fixture
-def farm(tmp_path):
-    return Farm(tmp_path / "farm")
+def farm(tmp_path, db_url):  # the tests taking it run on SQLite and on PostgreSQL
+    return Farm(tmp_path / "farm", url=db_url)
 
 
 def rendered_job(f: Farm, frames: str = "1-4", split=((b"w1", 2, 2.5), (b"w2", 2, 4.0))) -> int:

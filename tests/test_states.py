@@ -8,11 +8,15 @@ from farm.db import make_engine, session
 from farm.models import Event, Job, Task, User
 from farm.states import (JOB_TRANSITIONS, TASK_TRANSITIONS, IllegalTransition, JobStatus, TaskStatus,
                          transition)
+from tests.conftest import BACKENDS, new_db_url
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return make_engine(f"sqlite:///{tmp_path_factory.mktemp('db') / 'states.db'}")
+@pytest.fixture(scope="module", params=BACKENDS)
+def engine(request, tmp_path_factory):
+    """One database per backend for the whole table (SQLite file, PostgreSQL database)."""
+    engine = make_engine(new_db_url(request, request.param, tmp_path_factory.mktemp("db")))
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture(scope="module")

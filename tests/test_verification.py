@@ -371,3 +371,24 @@ def test_reputation_math():
     assert R.tier_of(R.score(3, 0), 3) == "trusted" and R.tier_of(R.score(20, 0), 20) == "top"
     assert R.tier_of(R.score(20, 10), 20) == "new", "one failed check drops a top worker out of top"
     assert R.tier_of(R.score(4, 10), 4) == "new" and R.tier_of(R.score(3, 10), 3) == "probation"
+
+
+def test_a_check_nobody_left_can_run_is_dropped_and_the_result_stands_unverified(env):
+    engine, blobs, user, coord, d = env
+    job = new_job(engine, blobs, user, "1")
+    d.hello(b"w1", 1)
+    d.hello(b"w2", 1)
+    out = d.send((b"w1", P.Ready(1)))
+    [t] = of(out, P.Task, b"w1")
+    sc = t.spec["scene_sha256"]
+    res = P.Result(t.task_id, 1, [{"frame": 1, "name": "frame_0001.png", "sha256": store_png(blobs, scene(1, sc)),
+                                   "seconds": 0.2}], 0.2)
+    d.send((b"w1", res), (b"w2", P.Bye("leaving")), dt=0.3)  # checked; the only other worker leaves
+    assert get(engine, Task, t.task_id).status == "verifying"
+    d.send((b"w1", P.Heartbeat([])), dt=C.CHECK_WAIT / 2)
+    assert get(engine, Task, t.task_id).status == "verifying", "waits a while for a verifier"
+    d.send((b"w1", P.Heartbeat([])), dt=C.CHECK_WAIT / 2 + 1)
+    assert get(engine, Task, t.task_id).status == "accepted" and get(engine, Job, job).status == "rendered"
+    [check] = rows(engine, Check)
+    assert check.status == "unverified" and "no other worker" in check.metric["why"]
+    assert get(engine, Worker, "w1").checks_passed == 0

@@ -12,7 +12,7 @@ Protocol (one JSON object per line; replies on the original stdout):
     -> {"op":"quit"}                         the process exits 0 (so does EOF on stdin)
     -> {"op":"render","id":N,"scene":ABS,"scene_key":SHA,"frames":[..],"out_dir":ABS,
         "settings":{"format","color_depth","samples","resolution_percent","resolution",
-                    "tile","stamp_fps"}}
+                    "tile","region","overscan","stamp_fps"}}
        <- {"event":"frame","id":N,"frame":F,"path":ABS,"seconds":S}   after each frame
     "tile": {"cols","rows","col","row","overscan"} renders one tile of one frame
        (farm.tiles geometry, row 0 at the top) to tile_FFFF_rR_cC.ext, cropped to
@@ -20,6 +20,12 @@ Protocol (one JSON object per line; replies on the original stdout):
        (denoising, adaptive sampling). "stamp_fps": true writes the scene's
        frame rate into the image metadata ("Note": "renderhive fps=24/1"),
        which the video encoder reads.
+    "region": [x0,x1,y0,y1] instead of "tile": renders exactly that rectangle
+       (output pixels, origin top-left, ends exclusive) of one frame, by the
+       same border/overscan/crop path as tiles (top-level "overscan": null or
+       pixels), to region_FFFF_x0_x1_y0_y1.ext; its pixels equal the same
+       rectangle of a full render wherever tiles are exact. Used to verify
+       other workers' results. Both "tile" and "region": refused.
        <- {"event":"done","id":N,"outputs":[{"frame","path","seconds"}..],
            "reloaded":bool,"loads":int,"rss_bytes":int}
        <- {"event":"error","id":N|null,"message":str,"retryable":bool}  instead of done
@@ -38,10 +44,12 @@ Invariants:
   full-size buffer (use_crop_to_border=False: Blender's dither noise depends
   on the buffer position) and cropped; other formats use a cropped buffer.
   Tiles never reload the scene (same scene_key) and EEVEE is refused.
+  Regions take the same path (without the tile-grid checks), so a region
+  equals the same rectangle of a full render bit for bit.
 - Scene faults (unreadable file, no camera, linked or external data, caps,
-  more tiles than pixels, EEVEE tiles) give retryable=false with a message
-  the creator can act on; a failure of Blender on a scene that passed the
-  checks gives retryable=true.
+  more tiles than pixels, EEVEE tiles, regions outside the frame) give
+  retryable=false with a message the creator can act on; a failure of
+  Blender on a scene that passed the checks gives retryable=true.
 - A bad request never kills the process; only "quit", EOF or a crash does.
 """
 from __future__ import annotations
@@ -82,6 +90,12 @@ PASS_THROUGH_NODES = {"CompositorNodeRLayers", "NodeGroupOutput", "NodeGroupInpu
                       "NodeFrame", "CompositorNodeOutputFile"}
 
 bpy = None  # imported in main(), after the protocol fd is set aside
+
+
+def region_name(frame: int, region: list, fmt: str) -> str:
+    """Output name of a region render, e.g. ``region_0007_16_48_8_40.png`` (x0, x1, y0, y1)."""
+    x0, x1, y0, y1 = region
+    return f"region_{frame:04d}_{x0}_{x1}_{y0}_{y1}.{'exr' if fmt == 'EXR' else 'png'}"
 
 
 class SceneError(Exception):
@@ -336,42 +350,65 @@ class Runtime:
         r.use_stamp_filename = False
         return ext
 
-    def _tile(self, sc, tile, frames: list) -> dict | None:
-        """Check a tile request and set the render border to the tile plus its
-        overscan. Returns the tile and the crop that turns the written file
-        into exactly the tile (None: the file is the tile already)."""
-        if tile is None:
+    def _part(self, sc, s: dict, frames: list) -> dict | None:
+        """Check a tile or region request and set the render border to its
+        rectangle plus the overscan (one code path for both, so a region is
+        exact wherever tiles are). Returns the output file name, the rectangle
+        and the crop that turns the written file into exactly the rectangle
+        (None: the file is the rectangle already); None for a whole frame."""
+        tile, region = s.get("tile"), s.get("region")
+        if tile is None and region is None:
             return None                         # border: the scene's own, restored by _apply
-        keys = ("cols", "rows", "col", "row")
-        if not isinstance(tile, dict) or any(type(tile.get(k)) is not int for k in keys):
-            raise SceneError(f"'tile' must be {{cols, rows, col, row: integers, overscan}}, got {tile!r}")
-        cols, rows, col, row = (tile[k] for k in keys)
-        top = C.MAX_TILES_PER_SIDE
-        if not (1 <= cols <= top and 1 <= rows <= top and 0 <= col < cols and 0 <= row < rows):
-            raise SceneError(f"tile {col},{row} of {cols}x{rows} is not in a grid of 1..{top} tiles a side")
-        overscan = tile.get("overscan")
+        if tile is not None and region is not None:
+            raise SceneError("a request renders either a 'tile' or a 'region', not both")
+        r = sc.render
+        w, h = (v * r.resolution_percentage // 100 for v in (r.resolution_x, r.resolution_y))
+        fmt = s.get("format") or "PNG"
+        if tile is not None:
+            keys = ("cols", "rows", "col", "row")
+            if not isinstance(tile, dict) or any(type(tile.get(k)) is not int for k in keys):
+                raise SceneError(f"'tile' must be {{cols, rows, col, row: integers, overscan}}, got {tile!r}")
+            cols, rows, col, row = (tile[k] for k in keys)
+            top = C.MAX_TILES_PER_SIDE
+            if not (1 <= cols <= top and 1 <= rows <= top and 0 <= col < cols and 0 <= row < rows):
+                raise SceneError(f"tile {col},{row} of {cols}x{rows} is not in a grid of 1..{top} tiles a side")
+            overscan, what = tile.get("overscan"), "tile"
+        else:
+            if (not isinstance(region, list) or len(region) != 4
+                    or any(type(v) is not int for v in region)):
+                raise SceneError(f"'region' must be [x0, x1, y0, y1] (integer pixels), got {region!r}")
+            overscan, what = s.get("overscan"), "region"
         if overscan is not None and (type(overscan) is not int or not 0 <= overscan <= C.MAX_TILE_OVERSCAN):
             raise SceneError(f"overscan must be 0..{C.MAX_TILE_OVERSCAN} pixels, got {overscan!r}")
         if len(frames) != 1:
-            raise SceneError("a tile request renders exactly one frame")
-        r = sc.render
+            raise SceneError(f"a {what} request renders exactly one frame")
         if r.engine not in TILE_ENGINES:
-            raise SceneError(f"tiles are not supported for the {r.engine} engine: its screen-space effects "
-                             "make tiles that do not match at the seams (EEVEE: up to 61/255). Submit this "
-                             "scene without tiles (its frames still spread over the workers), or switch it "
-                             "to Cycles or Workbench")
+            raise SceneError(f"{what}s are not supported for the {r.engine} engine: its screen-space effects "
+                             "make tiles that do not match at the seams (EEVEE: up to 61/255). " +
+                             ("Submit this scene without tiles (its frames still spread over the workers), or "
+                              "switch it to Cycles or Workbench" if what == "tile" else
+                              "Render the whole frame instead of a region"))
         tree = getattr(sc, "compositing_node_group", None)
         if r.use_compositing and tree is not None:
             spatial = sorted(n.name for n in tree.nodes if n.bl_idname not in PASS_THROUGH_NODES and not n.mute)
             if spatial:
                 raise SceneError("the compositor works on whole frames (nodes " + ", ".join(spatial[:5])
-                                 + "), so tiles would not match at the seams: submit without tiles, or "
-                                 "turn off Output Properties > Post Processing > Compositing")
-        w, h = (v * r.resolution_percentage // 100 for v in (r.resolution_x, r.resolution_y))
-        problem = too_many_tiles(cols, rows, w, h)
-        if problem:
-            raise SceneError(problem)
-        x0, x1, y0, y1 = tile_rect(cols, rows, col, row, w, h)
+                                 + f"), so {what}s would not match at the seams: " +
+                                 ("submit without tiles, or turn off Output Properties > Post Processing > "
+                                  "Compositing" if what == "tile" else "render the whole frame instead"))
+        if tile is not None:
+            problem = too_many_tiles(cols, rows, w, h)
+            if problem:
+                raise SceneError(problem)
+            x0, x1, y0, y1 = tile_rect(cols, rows, col, row, w, h)
+            name = tile_name(frames[0], row, col, fmt)
+        else:
+            x0, x1, y0, y1 = region
+            if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+                raise SceneError(f"region {region} is empty or outside the {w}x{h} frame: it must be "
+                                 f"[x0, x1, y0, y1] with 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h} "
+                                 "(output pixels, origin top-left, ends exclusive)")
+            name = region_name(frames[0], region, fmt)
         m = self._auto_overscan(sc) if overscan is None else overscan
         rx0, rx1, ry0, ry1 = max(0, x0 - m), min(w, x1 + m), max(0, y0 - m), min(h, y1 + m)
         im = r.image_settings
@@ -386,7 +423,7 @@ class Runtime:
         ox, oy = (0, 0) if full else (rx0, ry0)
         crop = None if (not full and (rx0, rx1, ry0, ry1) == (x0, x1, y0, y1)) else \
             (x0 - ox, x1 - ox, y0 - oy, y1 - oy)
-        return {"col": col, "row": row, "overscan": m, "crop": crop}
+        return {"name": name, "rect": (x0, x1, y0, y1), "overscan": m, "crop": crop}
 
     @staticmethod
     def _auto_overscan(sc) -> int:
@@ -430,7 +467,7 @@ class Runtime:
             self._load(scene, key)
         sc = bpy.context.scene
         ext = self._apply(sc, settings)
-        tile = self._tile(sc, settings.get("tile"), frames)
+        part = self._part(sc, settings, frames)  # a tile or a region of the frame, or None
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:                    # the worker's disk, not the scene
@@ -440,11 +477,11 @@ class Runtime:
             sc.frame_set(f)
             if sc.camera is None:               # camera markers can switch it per frame
                 raise SceneError(f"scene {sc.name!r} has no active camera at frame {f}")
-            if tile is None:
+            if part is None:
                 path = render_path = os.path.join(out_dir, f"frame_{f:04d}{ext}")
             else:
-                path = os.path.join(out_dir, tile_name(f, tile["row"], tile["col"], settings.get("format") or "PNG"))
-                render_path = path if tile["crop"] is None else os.path.join(out_dir, f".region{ext}")
+                path = os.path.join(out_dir, part["name"])
+                render_path = path if part["crop"] is None else os.path.join(out_dir, f".region{ext}")
             sc.render.filepath = render_path    # always ours, never the scene's
             for stale in {path, render_path}:   # a stale file must not pass for output
                 if os.path.exists(stale):
@@ -457,7 +494,7 @@ class Runtime:
             if not os.path.isfile(render_path):
                 raise RenderFailed(f"render of frame {f} reported success but wrote no file")
             if render_path != path:
-                self._crop(render_path, path, tile["crop"])
+                self._crop(render_path, path, part["crop"])
             seconds = round(time.perf_counter() - t0, 4)
             outputs.append({"frame": f, "path": path, "seconds": seconds})
             self.emit(event="frame", id=rid, **outputs[-1])

@@ -32,6 +32,7 @@ from farm import constants as C
 from farm import protocol as P
 from farm import model_folders
 from farm.blobs import file_sha256
+from worker import benchmark as bench
 from worker.blobcache import BlobCache
 from worker.executors import EXECUTORS, RUNTIMES, TaskContext, TaskFailure
 from worker.runtime import RuntimeCrashed, RuntimeProcess
@@ -58,7 +59,7 @@ def gpu_assignment(gpus: str, slots: int) -> list[str]:
 class WorkerDaemon:
     def __init__(self, coordinator: str, cache_dir: Path, slots: int = 1, wallet: str = "",
                  gpus: str = "all", worker_id: str | None = None, cache_bytes: int = C.WORKER_CACHE_BYTES,
-                 models: list[Path] | None = None):
+                 models: list[Path] | None = None, benchmark: str = "auto"):
         self.endpoint = coordinator
         self.dir = Path(cache_dir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +72,8 @@ class WorkerDaemon:
         self.models: list[model_folders.ModelFolder] = []  # found, checked and hashed in start_runtimes
         self.runtimes: dict[tuple[str, int], RuntimeProcess] = {}  # (runtime name, slot) → child
         self.ready_info: dict[str, Any] = {}
+        self.bench_mode = benchmark            # auto (cached when the key matches) | force | off
+        self.benchmark: dict[str, Any] | None = None  # capabilities["benchmark"], see worker.benchmark
         self.ctx = zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
         self.running: dict[tuple[int, int], Running] = {}
@@ -113,13 +116,22 @@ class WorkerDaemon:
         print(f"worker {self.id}: Blender {self.ready_info.get('bpy_version')} ready in {self.slots} slot(s); "
               f"devices: {', '.join(d.get('type', '?') + ' ' + d.get('name', '') for d in devices) or 'CPU'}",
               flush=True)
+        # before connecting: the score goes into HELLO (a cache hit costs nothing, a miss about a second)
+        t0 = time.time()
+        self.benchmark = await bench.measure_worker(self, self.bench_mode)
+        if self.benchmark:
+            how = "measured" if self.benchmark["measured_at"] >= t0 else "cached"
+            print(f"worker {self.id}: benchmark " + ", ".join(
+                f"{k} {v:.1f} work units/s" for k, v in self.benchmark.items() if k in ("blender", "diffusion"))
+                + f" ({how})", flush=True)
 
     def capabilities(self) -> dict[str, Any]:
         return {"runtimes": sorted({name for name, _ in EXECUTORS.values() if name} | set(EXECUTORS)),
                 "engines": self.ready_info.get("engines", []),
                 "devices": self.ready_info.get("devices", []), "gpu": bool(self.ready_info.get("gpu")),
                 "bpy": self.ready_info.get("bpy_version", ""), "hostname": socket.gethostname(),
-                "cached": self.cache.hashes()[:1000], "models": [m.advert() for m in self.models]}
+                "cached": self.cache.hashes()[:1000], "models": [m.advert() for m in self.models],
+                **({"benchmark": self.benchmark} if self.benchmark else {})}
 
     # ------------------------------------------------------------------ connection
     def send(self, msg: Any) -> None:
@@ -394,14 +406,15 @@ class WorkerDaemon:
 
 
 def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, worker_id: str | None,
-         models: list[str] | None = None) -> None:
+         models: list[str] | None = None, benchmark: str = "auto") -> None:
     import signal
-    logging.basicConfig(level=os.environ.get("RENDERHIVE_LOG", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from farm.logs import setup
+    setup()
 
     async def _main() -> None:
         daemon = WorkerDaemon(coordinator, cache_dir, slots, wallet, gpus, worker_id,
-                              models=model_folders.configured_dirs(models) if models else None)
+                              models=model_folders.configured_dirs(models) if models else None,
+                              benchmark=benchmark)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, daemon.stop)
