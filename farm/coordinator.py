@@ -586,7 +586,7 @@ class Coordinator:
             out.append((conn.identity, P.BlobAck(msg.sha256, 0, False, str(exc))))
             return
         if done and not s.get(BlobRow, msg.sha256):
-            s.add(BlobRow(sha256=msg.sha256, size=msg.total, origin="worker"))
+            s.add(BlobRow(sha256=msg.sha256, size=stored, origin="worker"))
         # Acks go to taken chunks and to probes (empty chunks, asking where to resume); an out-of-order
         # chunk gets none: the sender times out and resumes from its last acked offset.
         if taken or done or not msg.data:

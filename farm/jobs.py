@@ -176,7 +176,7 @@ def job_view(session: Session, job: Job, detail: bool = False) -> dict[str, Any]
                               "progress": [t.progress_done, t.progress_total]} for t in tasks]
         view["checks"] = [check_view(c) for c in session.exec(
             select(Check).where(Check.job_id == job.id).where(Check.mode != "probe").order_by(Check.id))]
-        events = session.exec(select(Event).where(Event.job_id == job.id).order_by(Event.id.desc()).limit(50)).all()
+        events = session.exec(select(Event).where(Event.job_id == job.id).order_by(Event.id.desc()).limit(200)).all()
         view["events"] = [{"at": e.at, "kind": e.kind, "task_id": e.task_id, "attempt": e.attempt,
                            "worker_id": e.worker_id, "old": e.old, "new": e.new, "detail": e.detail}
                           for e in reversed(events)]

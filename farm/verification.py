@@ -269,9 +269,16 @@ class Verifier:
         check = s.get(Check, vt.spec.get("check_id"))
         if check is None or check.status != "pending":
             return
+        task = s.get(Task, check.task_id)
+        live = task is not None and task.attempt == check.attempt and task.status == TaskStatus.verifying.value
+        if check.mode == "crops" and not canceled and live:
+            # regions are refused for some scenes (EEVEE, a compositor reading neighbours): check it whole
+            self._close(s, check, "canceled", {"why": f"regions could not be rendered: {reason}"[:500]}, now)
+            self.start(s, task, s.get(Job, task.job_id), check.suspect_id, self._output(s, check), "full",
+                       f"{check.reason}; regions refused", now)
+            return
         self._close(s, check, "unverified" if check.mode != "probe" else "canceled",
                     {"why": f"the re-render failed: {reason}"[:500]}, now)
-        task = s.get(Task, check.task_id)
         if check.mode != "probe" and task is not None and task.attempt == check.attempt \
                 and task.status == TaskStatus.verifying.value:
             self._event(s, task, check.suspect_id, f"unverified: check {check.id}: {reason}", now)
