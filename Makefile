@@ -52,6 +52,7 @@ bench: install
 	$(BIN)/python bench/dispatch.py
 	$(BIN)/python bench/diffusion.py
 	$(BIN)/python bench/gas.py
+	$(BIN)/python bench/verify.py
 	$(BIN)/python bench/tiles.py
 
 # The Blender extension zip (client/blender_addon + a copy of client/api.py), built offline by

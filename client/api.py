@@ -138,6 +138,10 @@ class Client:
     def workers(self) -> list[dict[str, Any]]:
         return self.request("GET", "/api/workers")
 
+    def worker_reputation(self, worker_id: str, limit: int = 100) -> dict[str, Any]:
+        """A worker's standing and the evidence behind it (newest first)."""
+        return self.request("GET", f"/api/workers/{urllib.parse.quote(worker_id, safe='')}/reputation?limit={limit}")
+
     # ------------------------------------------------------------------ review and payments
     def estimate(self, **req: Any) -> dict[str, Any]:
         return self.request("POST", "/api/estimate", {k: v for k, v in req.items() if v is not None})

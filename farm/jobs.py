@@ -18,7 +18,6 @@ from farm import splitter, tiles
 from farm.blobs import BlobStore, check_sha
 from farm.models import Attempt, Check, Event, Job, Output, Task, TaskDep, User
 from farm.states import TASK_LEASED, JobStatus, TaskStatus, transition
-from farm.verification import CHECK_KINDS
 
 BLEND_MAGIC = (b"BLENDER", b"\x28\xb5\x2f\xfd", b"\x1f\x8b")  # plain, zstd (Blender ≥ 3.0), gzip
 BLEND_PEEK_BYTES = 1 << 20
@@ -145,7 +144,7 @@ def get_job(session: Session, job_id: int, user: User) -> Job:
 
 def task_counts(session: Session, job_id: int) -> dict[str, int]:
     rows = session.exec(select(Task.status, func.count()).where(Task.job_id == job_id)
-                        .where(Task.kind.notin_(CHECK_KINDS)).group_by(Task.status))
+                        .where(Task.check_id.is_(None)).group_by(Task.status))
     return {status: n for status, n in rows}
 
 
@@ -160,7 +159,7 @@ def job_view(session: Session, job: Job, detail: bool = False) -> dict[str, Any]
                func.coalesce(func.sum(case((Task.status == TaskStatus.accepted.value, Task.progress_total),
                                            (Task.status.in_([s.value for s in TASK_LEASED]), Task.progress_done),
                                            else_=0)), 0))
-        .where(Task.job_id == job.id).where(Task.kind.notin_(CHECK_KINDS))).one()
+        .where(Task.job_id == job.id).where(Task.check_id.is_(None))).one()
     view = {"id": job.id, "name": job.name, "kind": job.kind, "status": job.status, "priority": job.priority,
             "created_at": job.created_at, "updated_at": job.updated_at, "error": job.error,
             "tasks": {"total": job.tasks_total, **counts}, "frames_total": frames_total,
@@ -169,7 +168,7 @@ def job_view(session: Session, job: Job, detail: bool = False) -> dict[str, Any]
             "progress": min(1.0, units_done / units_total) if units_total else 0.0,
             "spec": {k: v for k, v in job.spec.items() if k != "client_key"}}
     if detail:
-        tasks = session.exec(select(Task).where(Task.job_id == job.id).where(Task.kind.notin_(CHECK_KINDS))
+        tasks = session.exec(select(Task).where(Task.job_id == job.id).where(Task.check_id.is_(None))
                              .order_by(Task.index)).all()
         view["task_list"] = [{"id": t.id, "index": t.index, "status": t.status, "attempt": t.attempt,
                               "worker_id": t.worker_id, "frames": t.spec.get("frames"), "error": t.error,

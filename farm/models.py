@@ -71,6 +71,8 @@ class Task(SQLModel, table=True):
     progress_total: int = 0
     render_seconds: float = 0.0
     work_units: float = 0.0  # metered cost of the accepted attempt: seconds × the worker's speed
+    # set on the re-render of a spot check (farm/verification.py): not the job's work, never paid
+    check_id: Optional[int] = Field(default=None, index=True)
     created_at: float = Field(default_factory=_now)
     updated_at: float = Field(default_factory=_now)
 

@@ -22,7 +22,6 @@ from typing import Any
 from sqlmodel import Session, select
 
 from farm import splitter
-from farm.verification import CHECK_KINDS
 from farm.models import Attempt, Job, Task, Worker
 from farm.states import TaskStatus
 
@@ -153,7 +152,7 @@ def accepted_work(s: Session, job_id: int) -> dict[str, tuple[int, int]]:
     rows = s.exec(select(Attempt.worker_id, Attempt.render_seconds)
                   .join(Task, (Task.id == Attempt.task_id) & (Task.attempt == Attempt.attempt))
                   .where(Attempt.job_id == job_id).where(Attempt.outcome == "done")
-                  .where(Task.kind.notin_(CHECK_KINDS))  # checks are the farm's cost, not the creator's
+                  .where(Task.check_id.is_(None))  # checks are the farm's cost, not the creator's
                   .where(Task.status == TaskStatus.accepted.value)).all()
     work: dict[str, tuple[int, int]] = {}
     for worker_id, secs in rows:

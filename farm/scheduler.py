@@ -51,8 +51,7 @@ class Conn:
             self.loaded = [model_hash, *[h for h in self.loaded if h != model_hash]][:keep]
 
 
-RUNTIME_FOR_KIND = {"render": "blender", "assemble": "assemble", "encode": "encode", "verify": "blender",
-                    "verify_tile": "blender", "verify_diffusion": "diffusion"}
+RUNTIME_FOR_KIND = {"render": "blender", "assemble": "assemble", "encode": "encode", "verify": "blender"}
 
 
 def fits(task_kind: str, conn: Conn, spec: dict[str, Any] | None = None) -> bool:

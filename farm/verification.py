@@ -43,15 +43,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("farm.verification")
 
-CHECK_KINDS = ("verify", "verify_tile", "verify_diffusion")
-"""Task kinds of checks. They live in the checked job (their events are the job's) but are not its work:
-not counted in its tasks, progress or price, and paid by no one."""
+PRIVATE_SPEC = ("check_id", "exclude", "only_worker")
+"""Spec keys the coordinator keeps to itself: a worker is never told that a task is a check. Probes and
+re-renders of tiles or images look exactly like the job's own tasks; only region checks have a kind of
+their own ("verify"), and those check other workers' results, never the worker's own."""
 
 PICTURES = (".png", ".exr")
 
 
 def is_check(task: Task) -> bool:
-    return task.kind in CHECK_KINDS
+    """Check tasks live in the checked job (their events are the job's) but are not its work: not counted
+    in its tasks, progress or price, and paid by no one (``Task.check_id`` marks them)."""
+    return task.check_id is not None
+
+
+def public_spec(spec: dict) -> dict:
+    """The spec as sent to a worker."""
+    return {k: v for k, v in spec.items() if k not in PRIVATE_SPEC}
 
 
 class Verifier:
@@ -127,22 +135,25 @@ class Verifier:
     def _queue(self, s: Session, check: Check, task: Task, job: Job, out: Output, exclude: list[str],
                only: str | None, now: float) -> Task:
         ext = Path(out.name).suffix
-        if task.kind == "diffusion":
+        if task.kind == "diffusion":  # the image made again: a diffusion task like any other
             images = [im for im in task.spec.get("images", []) if im.get("name") == out.name]
-            spec = {**task.spec, "images": images, "outputs": [out.name], "final": False}
-            kind = "verify_diffusion"
-        elif task.spec.get("settings", {}).get("tile"):  # a tile: rendered again, whole, as it was asked
-            spec = {**task.spec, "frames": [out.frame], "outputs": [out.name], "final": False}
-            kind = "verify_tile"
+            spec = {**task.spec, "images": images, "outputs": [out.name]}
+            kind = "diffusion"
+        elif task.spec.get("settings", {}).get("tile") or check.mode == "probe" or not check.regions:
+            # a tile, a whole frame, a probe: rendered again exactly as asked (a render task like any other)
+            spec = {**{k: v for k, v in task.spec.items() if k != "final"}, "frames": [out.frame],
+                    "outputs": [out.name]}
+            kind = "render"
         else:
             settings = dict(task.spec.get("settings", {}))
             n = max(1, len(check.regions))
             spec = {"scene_sha256": task.spec.get("scene_sha256"), "frames": [out.frame], "settings": settings,
-                    "regions": check.regions, "outputs": [f"check_{i}{ext}" for i in range(n)], "final": False}
+                    "regions": check.regions, "outputs": [f"check_{i}{ext}" for i in range(n)]}
             kind = "verify"
         spec.update(check_id=check.id, exclude=sorted(set(exclude)), only_worker=only)
-        vt = Task(job_id=task.job_id, index=10_000_000 + check.id, kind=kind, priority=job.priority + 1, spec=spec,
-                  inputs=list(task.inputs), status=TaskStatus.queued.value, progress_total=1,
+        vt = Task(job_id=task.job_id, index=task.index, kind=kind, priority=job.priority + 1, spec=spec,
+                  inputs=[i for i in task.inputs if i in (spec.get("scene_sha256"), spec.get("model_hash"))]
+                  or list(task.inputs), status=TaskStatus.queued.value, progress_total=1, check_id=check.id,
                   created_at=now, updated_at=now)
         s.add(vt)
         s.flush()
@@ -156,7 +167,7 @@ class Verifier:
 
     # ------------------------------------------------------------------ who may run a check
     def _someone_else(self, kind: str, suspect: str, spec: dict) -> bool:
-        check_kind = "verify_diffusion" if kind == "diffusion" else "verify"  # verify_tile: the same runtime
+        check_kind = "diffusion" if kind == "diffusion" else "verify"
         return any(c.worker_id != suspect and c.tier != "probation" and fits(check_kind, c, spec)
                    for c in self.coord.conns.values())
 
@@ -171,7 +182,7 @@ class Verifier:
     # ------------------------------------------------------------------ results of checks
     def on_check_result(self, s: Session, vt: Task, verifier: Worker, outputs: list[dict[str, Any]],
                         now: float) -> None:
-        check = s.get(Check, vt.spec.get("check_id"))
+        check = s.get(Check, vt.check_id)
         if check is None or check.status != "pending":
             return
         check.verifier_id = verifier.id
@@ -266,7 +277,7 @@ class Verifier:
         """A check task failed for good (the verifiers could not render it): no verdict, the result stands."""
         if not canceled and vt.status != TaskStatus.failed.value:
             transition(s, vt, TaskStatus.failed, reason=reason, attempt=vt.attempt, now=now)
-        check = s.get(Check, vt.spec.get("check_id"))
+        check = s.get(Check, vt.check_id)
         if check is None or check.status != "pending":
             return
         task = s.get(Task, check.task_id)
@@ -288,7 +299,7 @@ class Verifier:
         """Checks queued longer than CHECK_WAIT that no connected worker may run (the only other worker
         left): the result stands unverified rather than holding the job up for ever."""
         for vt in s.exec(select(Task).where(Task.status == TaskStatus.queued.value)
-                         .where(Task.kind.in_(CHECK_KINDS)).where(Task.created_at < now - C.CHECK_WAIT)).all():
+                         .where(Task.check_id.is_not(None)).where(Task.created_at < now - C.CHECK_WAIT)).all():
             if any(fits(vt.kind, c, vt.spec) and self.may_take(vt, c) for c in self.coord.conns.values()):
                 continue
             transition(s, vt, TaskStatus.canceled, reason=f"no worker could check it within {C.CHECK_WAIT:g} s",

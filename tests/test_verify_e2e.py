@@ -15,7 +15,7 @@ def outputs_match(client, job_id: int, reference: dict[int, "object"], tmp_path)
     client.approve(job_id)
     wrong = []
     for o in client.outputs(job_id):
-        path = client.download(job_id, o["name"], tmp_path / f"j{job_id}_{o['name']}")
+        path = client.download_output(job_id, o["name"], tmp_path / f"j{job_id}_{o['name']}")
         if not (pixels(path) == pixels(reference[o["frame"]])).all():
             wrong.append(o["frame"])
     return wrong
@@ -46,11 +46,16 @@ def test_three_honest_workers_and_one_cheater_per_mode(farm, worker, tmp_path, r
                   if c["worker_id"] == f"cheat-{mode}" and c["status"] == "failed"}
         me = next(w for w in alice.workers() if w["id"] == f"cheat-{mode}")
         summary[mode] = (len(touched), len(caught), me["tasks_done"], me["tier"])
-        assert touched == caught, f"{mode}: touched {touched}, caught in {caught}"
-        assert me["tier"] == "probation" or not touched, (mode, me)
+        # caught in every job it handed a wrong result in: a job it touched but was not caught in got only
+        # passed checks from it (a copy of the first frame it rendered IS that frame), and the pixels of
+        # every final output are compared with the reference below
+        for jid in touched - caught:
+            mine = [c for v in views if v["id"] == jid for c in v["checks"] if c["worker_id"] == f"cheat-{mode}"]
+            assert all(c["status"] == "passed" for c in mine), (mode, jid, mine)
+        assert me["tier"] == "probation" or not touched, (mode, me, alice.worker_reputation(me["id"]))
         for v in views:  # every final output is the honest render
             assert not outputs_match(alice, v["id"], reference_frames, tmp_path), (mode, v["id"])
-        assert all(c["status"] in ("passed", "unverified", "canceled")
+        assert all(c["status"] in ("passed", "disputed", "unverified", "canceled")  # disputed: settled by a third
                    for c in checks if c["worker_id"] != f"cheat-{mode}"), f"{mode}: an honest worker was flagged"
     workers = {w["id"]: w for w in alice.workers()}
     for h in ("h1", "h2", "h3"):

@@ -130,9 +130,7 @@ def _lazy(module: str, name: str) -> Executor:
 EXECUTORS: dict[str, tuple[str | None, Executor]] = {
     "render": ("blender", render),
     "verify": ("blender", verify),      # regions of another worker's frame, re-rendered for a spot check
-    "verify_tile": ("blender", render),  # a tile of another worker's, rendered again whole for a spot check
     "diffusion": ("diffusion", _lazy("worker.diffusion_tasks", "diffusion")),
-    "verify_diffusion": ("diffusion", _lazy("worker.diffusion_tasks", "diffusion")),  # an image made again
     "contact_sheet": (None, _lazy("worker.diffusion_tasks", "contact_sheet")),
     "assemble": (None, _lazy("worker.assemble", "assemble")),   # a frame from its tiles
     "encode": (None, _lazy("worker.assemble", "encode")),       # video.mp4 from the frames
