@@ -93,7 +93,7 @@ def cmd_submit(args, client: Client) -> int:
     job = client.submit(scene_sha256=sha, scene_name=scene.name, frames=args.frames, chunk=args.chunk,
                         format=args.format, color_depth=args.color_depth, samples=args.samples,
                         resolution_percent=args.resolution_percent, priority=args.priority,
-                        name=args.name or scene.stem, **{k: v for k, v in optional.items() if v is not None})
+                        min_tier=args.min_tier or "", name=args.name or scene.stem, **{k: v for k, v in optional.items() if v is not None})
     if not args.json:
         print(f"job {job['id']} queued: {job['tasks']['total']} tasks, {job['frames_total']} frames "
               f"({'scene uploaded, ' + str(sent) + ' bytes' if sent else 'scene already on the farm, 0 bytes uploaded'})")
@@ -103,6 +103,8 @@ def cmd_submit(args, client: Client) -> int:
 def add_follow_args(parser: argparse.ArgumentParser, what: str) -> None:
     """The options every submit command shares: priority, name, and what to do once it is done."""
     parser.add_argument("--priority", type=int, default=0)
+    parser.add_argument("--min-tier", choices=["new", "trusted", "top"], default=None,
+                        help="only workers of this reputation tier or better (see `farm workers`)")
     parser.add_argument("--name", default="")
     parser.add_argument("--wait", action="store_true", help="follow progress until it is done")
     parser.add_argument("--out", default=None, help=f"with --wait --approve: download the {what} here")

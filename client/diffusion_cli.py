@@ -71,7 +71,8 @@ def cmd_submit_diffusion(args, client: Client) -> int:
         "model": name, "model_hash": digest, "prompts": prompts, "negative": args.negative, "count": args.count,
         "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "width": width, "height": height,
         "scheduler": args.scheduler, "per_task": args.per_task, "init_from_job": args.init_from_job,
-        "strength": args.strength, "priority": args.priority, "name": args.name}
+        "strength": args.strength, "priority": args.priority, "min_tier": args.min_tier or "",
+        "name": args.name}
     job = client.submit_diffusion(**body)
     spec = job["spec"]
     if not args.json:
