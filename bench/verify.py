@@ -144,7 +144,8 @@ async def run(args) -> None:
                 "copy": lambda: img[frames[0]], "stale": lambda: stale[f], "fewer_samples": lambda: few[f],
                 "painted": lambda: painted(img[f], f)}[mode]()
 
-    print(f"\n{'mode':<15}{'whole frame':>12}{'crops (trusted)':>17}{'jobs, new cheater':>19}")
+    print(f"\n{'mode':<15}{'whole frame':>12}{'crops (trusted)':>17}{'jobs, new cheater':>19}"
+          f"{'SSIM whole (min-max)':>23}{'cross-device rule':>19}")
     mc = random.Random(3)
     for mode in MODES:
         wrong = [f for f in frames if not np.array_equal(cheat(mode, f).planes[""], img[f].planes[""])]
@@ -152,6 +153,9 @@ async def run(args) -> None:
             print(f"{mode:<15}{'(no wrong result)':>12}")
             continue
         full_hits = sum(not compare.compare(img[f], None, cheat(mode, f), True)["passed"] for f in wrong)
+        cross = [compare.compare(img[f], None, cheat(mode, f), False) for f in wrong]
+        ssims = [c["ssim"] for c in cross]
+        cross_hits = sum(not c["passed"] for c in cross)
         crop_hits = trials = 0
         for f in wrong:
             bad = cheat(mode, f)
@@ -165,8 +169,12 @@ async def run(args) -> None:
                 trials += 1
         # a new cheater's first wrong result in a job is checked whole, so the job is caught iff that check is
         jobs = full_hits / len(wrong)
-        print(f"{mode:<15}{full_hits / len(wrong):>12.1%}{crop_hits / trials:>17.1%}{jobs:>19.1%}")
-    print("\nwhole-frame checks catch every mode; crops miss a small painted region most of the time, which is "
+        print(f"{mode:<15}{full_hits / len(wrong):>12.1%}{crop_hits / trials:>17.1%}{jobs:>19.1%}"
+              f"{f'{min(ssims):.3f}-{max(ssims):.3f}':>23}{cross_hits / len(wrong):>19.1%}")
+    print(f"\nacross device types a region passes with mean SSIM >= {C.CHECK_SSIM_MIN} and no 7x7 window below "
+          f"{C.CHECK_SSIM_WINDOW_MIN} (like devices: equal pixels); 'cross-device rule' is the share of wrong "
+          "frames that rule catches")
+    print("whole-frame checks catch every mode; crops miss a small painted region most of the time, which is "
           "why new workers are checked whole until they are trusted")
 
 

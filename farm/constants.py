@@ -35,6 +35,14 @@ lease to a long frame; a coordinator that restarts waits at most this long for s
 SWEEP_INTERVAL = 0.5
 """Seconds between sweeps for dead workers and expired leases."""
 
+CURVE_RELOAD_INTERVAL = 1.0
+"""Seconds between checks of DATA/curve/allowed and revoked for edits (one stat call each): an operator's
+edit takes effect, and the keys it removed are expelled, within about this long."""
+
+CURVE_REFUSAL_LOG_INTERVAL = 30.0
+"""A refused worker key is logged at most once per this many seconds (a refused peer retries, and
+libzmq retries a failed handshake by itself every 100 ms)."""
+
 TASK_MAX_ATTEMPTS = 5
 """Attempts after which a task that keeps failing (retryable failures, lost leases) is failed for good."""
 
@@ -161,6 +169,10 @@ of at least this; between like devices the pixels must be equal. See farm/compar
 CHECK_WAIT = _env_float("CHECK_WAIT", 20.0)
 """Seconds a check may wait in the queue with no connected worker able to run it (the checked worker is
 the only one left) before the result is accepted unverified: a lone worker still finishes the job."""
+
+CHECK_SSIM_WINDOW_MIN = _env_float("CHECK_SSIM_WINDOW_MIN", 0.5)
+"""Across device types, no 7×7 window of a region may have an SSIM below this: a small region painted over
+keeps the mean SSIM at 0.95-0.99 (bench/verify.py) but its windows fall to about 0."""
 
 CHECK_BLOCKLIST_AFTER = 2
 """Failed checks within one job after which the worker is blocklisted for the job."""

@@ -394,3 +394,26 @@ def test_a_check_nobody_left_can_run_is_dropped_and_the_result_stands_unverified
     [check] = rows(engine, Check)
     assert check.status == "unverified" and "no other worker" in check.metric["why"]
     assert get(engine, Worker, "w1").checks_passed == 0
+
+
+def test_across_device_types_small_rounding_passes_and_a_painted_region_does_not():
+    from farm import compare
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:96, 0:128]
+    base = np.stack([xx * 2, yy * 2, (xx + yy)], -1).astype(np.float64) + rng.normal(0, 6, (96, 128, 3))
+    def png(a):
+        px = np.concatenate([np.clip(a, 0, 255).astype(np.uint8), np.full((96, 128, 1), 255, np.uint8)], -1)
+        return rasters.Raster("png", {"": px}, [])
+    ref = png(base)
+    rounding = png(base + rng.choice([-1, 0, 0, 1], base.shape))  # another device: off by one step here and there
+    painted = base.copy()
+    painted[40:62, 50:78] = (255, 0, 255)                        # 5 % of the frame painted over
+    assert compare.compare(ref, None, rounding, exact=True)["passed"] is False, "like devices: equal or nothing"
+    assert compare.compare(ref, None, rounding, exact=False)["passed"] is True
+    r = compare.compare(ref, None, png(painted), exact=False)
+    assert r["passed"] is False and r["ssim_min"] < C.CHECK_SSIM_WINDOW_MIN, r
+    small = base.copy()
+    small[40:46, 50:56] = (255, 0, 255)                          # 0.3 %: the mean barely moves
+    r = compare.compare(ref, None, png(small), exact=False)
+    assert r["passed"] is False and r["ssim"] > C.CHECK_SSIM_MIN and "window" in r["why"], r
+    assert compare.compare(ref, (10, 40, 10, 30), ref.crop(10, 40, 10, 30), exact=True)["equal"]
