@@ -106,6 +106,7 @@ def farm_run(coord: localfarm.Coordinator, tmp: Path, models: Path, run: str, n:
         if view["status"] != "rendered":
             raise SystemExit(f"job {job['id']} failed: {view['error']} (logs in {tmp})")
         outs = client.outputs(job["id"])
+        client.approve(job["id"])  # full-resolution images are released on approval
         client.download_results(job["id"], tmp / run)
         gen_s = sum(o["render_seconds"] for o in outs if o["name"].startswith("image_"))
         return {"s": view["updated_at"] - t_submit, "startup_s": startup, "gen_s": gen_s}

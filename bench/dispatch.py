@@ -28,6 +28,7 @@ import asyncio
 import cProfile
 import io
 import logging
+import multiprocessing
 import pstats
 import re
 import statistics
@@ -37,6 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -72,6 +74,35 @@ class Tally:
     go: asyncio.Event = field(default_factory=asyncio.Event)
     t_go: float = 0.0
     t_done: float = 0.0
+    shared: "Shared | None" = None  # the count across worker processes (--procs)
+
+    def ack(self, task_id: int, attempt: int, accepted: bool) -> None:
+        if not accepted:
+            self.rejected += 1
+        self.acks.append((task_id, attempt))
+        if self.shared is not None:
+            self.shared.count(self)
+        elif len(self.acks) == self.target:
+            self.t_done = time.perf_counter()
+            self.done.set()
+
+
+@dataclass
+class Shared:
+    """Completions counted across worker processes: perf_counter is CLOCK_MONOTONIC, one clock for all."""
+    total: Any   # multiprocessing.Value("q")
+    t_done: Any  # multiprocessing.Value("d")
+    done: Any    # multiprocessing.Event
+    target: int
+
+    def count(self, tally: Tally) -> None:
+        with self.total.get_lock():
+            self.total.value += 1
+            last = self.total.value == self.target
+        if last:
+            self.t_done.value = time.perf_counter()
+            self.done.set()
+            tally.done.set()
 
 
 async def worker(ctx: zmq.asyncio.Context, endpoint: str, wid: str, n: int, tally: Tally,
@@ -111,12 +142,7 @@ async def worker(ctx: zmq.asyncio.Context, endpoint: str, wid: str, n: int, tall
                 send(P.Result(msg.task_id, msg.attempt, outs, 0.0))
             elif isinstance(msg, P.Ack):
                 held.clear()
-                if not msg.accepted:
-                    tally.rejected += 1
-                tally.acks.append((msg.task_id, msg.attempt))
-                if len(tally.acks) == tally.target:
-                    tally.t_done = time.perf_counter()
-                    tally.done.set()
+                tally.ack(msg.task_id, msg.attempt, msg.accepted)
                 send(P.Ready(1))
             elif isinstance(msg, (P.Disconnect, P.Error)):
                 raise RuntimeError(f"worker {wid} got {msg}")
@@ -151,6 +177,74 @@ async def drive_workers(ctx, endpoint: str, n: int, tasks: int, out_sha: str, ou
             if w is not None:
                 w.cancel()
         await asyncio.gather(*ws, return_exceptions=True)
+    return tally
+
+
+def _worker_proc(endpoint: str, ids: list[str], shared: Shared, go, stop, ready_q, result_q, out_sha: str,
+                 out_size: int) -> None:
+    """A child process running some of the workers on its own loop (``--procs``)."""
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(_worker_proc_main(endpoint, ids, shared, go, stop, ready_q, result_q, out_sha, out_size))
+
+
+async def _worker_proc_main(endpoint, ids, shared, go, stop, ready_q, result_q, out_sha, out_size) -> None:
+    ctx = zmq.asyncio.Context()
+    tally = Tally(shared.target, shared=shared)
+    ws = [asyncio.ensure_future(worker(ctx, endpoint, wid, len(ids), tally, out_sha, out_size)) for wid in ids]
+    error = ""
+    try:
+        await asyncio.wait_for(tally.all_welcomed.wait(), 60)
+        ready_q.put(len(ids))
+        await asyncio.to_thread(go.wait)
+        tally.go.set()
+        stopped = asyncio.ensure_future(asyncio.to_thread(stop.wait))
+        finished, _ = await asyncio.wait([stopped, *ws], return_when=asyncio.FIRST_COMPLETED)
+        for w in finished:
+            if w is not stopped and w.exception():
+                error = repr(w.exception())
+    except Exception as exc:  # noqa: BLE001  (reported to the parent)
+        error = repr(exc)
+    finally:
+        for w in ws:
+            w.cancel()
+        await asyncio.gather(*ws, return_exceptions=True)
+        result_q.put((tally.acks, tally.rejected, error))
+        ctx.destroy(0)
+
+
+async def drive_worker_procs(endpoint: str, n: int, tasks: int, procs: int, out_sha: str, out_size: int) -> Tally:
+    """The same N workers, spread over ``procs`` child processes (as remote workers would be: their Python
+    does not share the coordinator process's GIL). Timed from the go signal to the last ACK."""
+    mp = multiprocessing.get_context("spawn")
+    shared = Shared(mp.Value("q", 0), mp.Value("d", 0.0), mp.Event(), tasks)
+    go, stop, ready_q, result_q = mp.Event(), mp.Event(), mp.Queue(), mp.Queue()
+    ids = [f"bench-{i:03d}" for i in range(n)]
+    children = [mp.Process(target=_worker_proc, daemon=True,
+                           args=(endpoint, ids[i::procs], shared, go, stop, ready_q, result_q, out_sha, out_size))
+                for i in range(min(procs, n))]
+    tally = Tally(tasks)
+    for c in children:
+        c.start()
+    try:
+        for _ in children:
+            await asyncio.to_thread(ready_q.get, True, 120)
+        tally.t_go = time.perf_counter()
+        go.set()
+        if not await asyncio.to_thread(shared.done.wait, 600):
+            raise RuntimeError(f"timed out with {shared.total.value}/{tasks} completions")
+        tally.t_done = shared.t_done.value
+    finally:
+        stop.set()
+        errors = []
+        for _ in children:
+            acks, rejected, error = await asyncio.to_thread(result_q.get, True, 60)
+            tally.acks += acks
+            tally.rejected += rejected
+            errors += [error] if error else []
+        for c in children:
+            await asyncio.to_thread(c.join, 30)
+    if errors:
+        raise RuntimeError(f"worker processes failed: {errors}")
     return tally
 
 
@@ -238,19 +332,19 @@ class EchoServer:
         sock.setsockopt(zmq.RCVHWM, 10000)
         port = sock.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}"
+        raw = zmq.Socket.shadow(sock.underlying)  # as the broker does: no future per message
         try:
             while not self._stop:
                 if not await sock.poll(50):
                     continue
                 for _ in range(C.BATCH_MAX_MESSAGES):
                     try:
-                        frames = sock.recv_multipart(flags=zmq.NOBLOCK)
-                        frames = frames.result() if hasattr(frames, "result") else frames
+                        frames = raw.recv_multipart(flags=zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     reply = self.replies.get(frames[2][0]) if len(frames) == 4 else None
                     if reply is not None:
-                        sock.send_multipart([frames[0], *reply], flags=zmq.NOBLOCK)
+                        raw.send_multipart([frames[0], *reply], flags=zmq.NOBLOCK)
         finally:
             sock.close(0)
 
@@ -314,7 +408,7 @@ def verify(engine, job_id: int, tasks: int, tally: Tally) -> str:
     return f"{tasks} tasks accepted once each ({outputs} outputs, {attempts} attempts, job rendered)"
 
 
-async def run_farm(n: int, tasks: int, in_thread: bool, profile: bool = False):
+async def run_farm(n: int, tasks: int, in_thread: bool, profile: bool = False, procs: int = 0):
     with tempfile.TemporaryDirectory(prefix="rh-dispatch-") as d:
         engine, blobs, scene_sha, out_sha, job_id = setup_farm(Path(d), tasks)
         coord = Coordinator(engine, blobs, verify=False)  # null outputs; bench/verify.py measures checks
@@ -339,7 +433,8 @@ async def run_farm(n: int, tasks: int, in_thread: bool, profile: bool = False):
             endpoint = await host.start(broker.run, broker.ready)
             if loop_prof and in_thread:
                 loop_prof = None  # the broker's loop thread is not profiled then; the step thread is
-            tally = await drive_workers(ctx, endpoint, n, tasks, out_sha, len(OUTPUT), loop_prof)
+            tally = await (drive_worker_procs(endpoint, n, tasks, procs, out_sha, len(OUTPUT)) if procs else
+                           drive_workers(ctx, endpoint, n, tasks, out_sha, len(OUTPUT), loop_prof))
         finally:
             await host.stop(broker.stop)
             ctx.destroy(0)
@@ -349,14 +444,15 @@ async def run_farm(n: int, tasks: int, in_thread: bool, profile: bool = False):
     return res, step_prof, loop_prof
 
 
-async def run_echo(n: int, tasks: int, in_thread: bool) -> RunResult:
+async def run_echo(n: int, tasks: int, in_thread: bool, procs: int = 0) -> RunResult:
     ctx = zmq.asyncio.Context()
     scene_sha = "0" * 64
     server = EchoServer(ctx, scene_sha)
     host = BrokerHost(in_thread)
     try:
         endpoint = await host.start(server.run, server.ready)
-        tally = await drive_workers(ctx, endpoint, n, tasks, "1" * 64, len(OUTPUT))
+        tally = await (drive_worker_procs(endpoint, n, tasks, procs, "1" * 64, len(OUTPUT)) if procs else
+                       drive_workers(ctx, endpoint, n, tasks, "1" * 64, len(OUTPUT)))
     finally:
         await host.stop(server.stop)
         ctx.destroy(0)
@@ -393,6 +489,9 @@ async def main_async(args) -> int:
     ns = [int(x) for x in args.n.split(",")]
     where = ("broker on its own asyncio loop in a thread; workers on the main loop"
              if args.broker_thread else "broker and workers on one asyncio loop")
+    if args.procs:
+        where = (f"broker on {'its own loop in a thread' if args.broker_thread else 'the main loop'}; workers in "
+                 f"{args.procs} child process(es), each with its own loop")
     print(f"dispatch benchmark: {where}; coordinator.step in the broker's executor thread; "
           f"SQLite WAL synchronous=FULL in a temp dir; {args.repeat} run(s) each, medians; "
           f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}", flush=True)
@@ -400,8 +499,8 @@ async def main_async(args) -> int:
     for n in ns:
         farm, echo = [], []
         for _ in range(args.repeat):
-            echo.append(await run_echo(n, args.tasks, args.broker_thread))
-            r, _, _ = await run_farm(n, args.tasks, args.broker_thread)
+            echo.append(await run_echo(n, args.tasks, args.broker_thread, args.procs))
+            r, _, _ = await run_farm(n, args.tasks, args.broker_thread, procs=args.procs)
             farm.append(r)
             print(f"  N={n:<3} farm {r.rate:8.0f} tasks/s ({r.seconds:.2f} s, {r.steps} steps, "
                   f"{r.msgs / max(1, r.steps):.1f} msgs/step, step busy {r.step_seconds / r.seconds:.0%}, "
@@ -431,7 +530,7 @@ async def main_async(args) -> int:
     if args.profile:
         n = args.profile_n
         print(f"\nprofiled farm run: N={n}, {args.tasks} tasks (cProfile slows it down)")
-        r, step_prof, loop_prof = await run_farm(n, args.tasks, args.broker_thread, profile=True)
+        r, step_prof, loop_prof = await run_farm(n, args.tasks, args.broker_thread, profile=True, procs=args.procs)
         print(f"  {r.rate:.0f} tasks/s under the profiler; {r.steps} steps, {r.msgs / max(1, r.steps):.1f} "
               f"msgs/step, step busy {r.step_seconds / r.seconds:.0%} of {r.seconds:.2f} s — {r.verified}")
         total = pstats.Stats(step_prof).total_tt
@@ -453,6 +552,8 @@ def main() -> int:
     ap.add_argument("--profile-n", type=int, default=10, help="workers in the profiled run")
     ap.add_argument("--broker-thread", action="store_true",
                     help="run the broker on its own loop in a thread (default: same loop as the workers)")
+    ap.add_argument("--procs", type=int, default=0,
+                    help="run the workers in this many child processes (default 0: on the broker's loop)")
     ap.add_argument("--n", default="1,10,50", help="worker counts")
     ap.add_argument("--tasks", type=int, default=None, help="tasks per run (default 3000, quick 500)")
     ap.add_argument("--repeat", type=int, default=None, help="runs per N (default 3, quick 1)")

@@ -156,7 +156,8 @@ class Farm:
         self._wait("the API", lambda: self.client.health()["ok"])
         t_serve = time.perf_counter() - t0
         self._spawn("worker", "worker", "--coordinator", f"tcp://127.0.0.1:{self.zmq}", "--cache",
-                    str(self.cache), "--gpus", "none", "--worker-id", "bench-worker")
+                    str(self.cache), "--gpus", "none", "--worker-id", "bench-worker",
+                    "--server-key", str(self.data / "curve" / "server.key"))  # CurveZMQ, as in production
         self._wait("the worker to come online", lambda: any(w["online"] for w in self.client.workers()))
         return {"serve_s": t_serve, "total_s": time.perf_counter() - t0}
 
@@ -239,6 +240,7 @@ def main() -> int:
             print(f"  a: direct       {a['work_s']:6.2f} s (open + {len(frames)} renders; import bpy "
                   f"{a['import_s']:.2f} s; process {a['wall_s']:.2f} s)", flush=True)
             b, job_id, b_render, b_cpu = farm.render(frames, samples, percent, key=f"bench-{i}")
+            farm.client.approve(job_id)  # full-resolution frames are released on approval
             farm.client.download_results(job_id, tmp / f"b{i}")
             b_runs.append({"s": b, "render_s": b_render, "cpu": b_cpu})
             print(f"  b: farm         {b:6.2f} s (job {job_id}, submit → rendered; {b_render:.2f} s inside "

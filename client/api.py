@@ -142,6 +142,15 @@ class Client:
         """A worker's standing and the evidence behind it (newest first)."""
         return self.request("GET", f"/api/workers/{urllib.parse.quote(worker_id, safe='')}/reputation?limit={limit}")
 
+    def allow_worker(self, key: str) -> dict[str, Any]:
+        """(admin) Admit a worker's public key (Z85): it joins the allow-list, and leaves the revocations."""
+        return self.request("POST", "/api/workers/allow", {"worker": key})
+
+    def revoke_worker(self, key_or_worker_id: str) -> dict[str, Any]:
+        """(admin) Refuse a worker's key from now on (by the key, or the id it holds): its connections are
+        dropped and their leases requeued."""
+        return self.request("POST", "/api/workers/revoke", {"worker": key_or_worker_id})
+
     # ------------------------------------------------------------------ review and payments
     def estimate(self, **req: Any) -> dict[str, Any]:
         return self.request("POST", "/api/estimate", {k: v for k, v in req.items() if v is not None})

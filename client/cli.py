@@ -184,17 +184,32 @@ def cmd_cancel(args, client: Client) -> int:
 
 
 def cmd_workers(args, client: Client) -> int:
+    if args.action != "list":
+        if not args.key:
+            raise ApiError(f"farm workers {args.action} needs a worker's public key"
+                           + (" or worker id" if args.action == "revoke" else "")
+                           + " (`farm workers` lists them; `farm worker --print-key` prints a worker's own)")
+        done = (client.allow_worker if args.action == "allow" else client.revoke_worker)(args.key)
+        if args.action == "allow":
+            _out(args, done, f"key {done['key']} " + ("allowed" if done["added"] else "was allowed already")
+                 + ("" if done["mode"] != "open" else " (this farm admits any key: --admit open)"))
+        else:
+            _out(args, done, f"key {done['key']} revoked: {done['connections']} connection(s) dropped "
+                 f"(workers {', '.join(done['workers']) or 'none'}), {done['leases_requeued']} lease(s) requeued")
+        return 0
     workers = client.workers()
     if args.json:
         _out(args, workers, "")
         return 0
     from rich.table import Table
-    table = Table("worker", "online", "devices", "slots", "tier", "reputation", "checks ok/bad", "speed wu/s",
-                  "done", "failed", "render s")
+    table = Table("worker", "key", "online", "devices", "slots", "tier", "reputation", "checks ok/bad",
+                  "speed wu/s", "done", "failed", "render s")
     for w in workers:
         devs = ", ".join(f"{d.get('type')} {d.get('name', '')}".strip() for d in w["devices"]) or "CPU"
         speed = f"{w['speed']:.0f}" if w.get("speed") else "-"
-        table.add_row(w["id"], "yes" if w["online"] else "no", devs, str(w["slots"]), w.get("tier", "new"),
+        key = w.get("public_key") or ""
+        table.add_row(w["id"], key[:8] + "…" if key else "-", "yes" if w["online"] else "no", devs,
+                      str(w["slots"]), w.get("tier", "new"),
                       f"{w.get('reputation', 0.5):.3f}", f"{w.get('checks_passed', 0)}/{w.get('checks_failed', 0)}",
                       speed, str(w["tasks_done"]), str(w["tasks_failed"]), f"{w['render_seconds']:.1f}")
     _console().print(table)
@@ -213,13 +228,18 @@ def cmd_serve(args) -> int:
     import logging
 
     from farm.server import serve
+    if args.print_key:  # made on first use, as `farm serve` would
+        from farm.curve import load_or_create_keypair
+        print(load_or_create_keypair(Path(args.data) / "curve", "server", "Renderhive coordinator")[0].decode())
+        return 0
     if args.models:  # read by farm.diffusion when it checks prompts
         os.environ["RENDERHIVE_MODELS"] = os.pathsep.join(args.models)
     from farm.logs import setup
     setup()
     from farm.ledger import ChainConfigError
     try:
-        asyncio.run(serve(Path(args.data), args.db, args.bind, args.http, args.chain_rpc, args.chain_key_file))
+        asyncio.run(serve(Path(args.data), args.db, args.bind, args.http, args.chain_rpc, args.chain_key_file,
+                          args.admit))
     except ChainConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -227,9 +247,24 @@ def cmd_serve(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    from farm.curve import KeyFileError, read_public_key
+    from worker import keys
+    if args.print_key:
+        print(keys.worker_keypair(Path(args.cache))[0].decode())
+        return 0
+    if not args.server_key:
+        print("error: --server-key is needed: the coordinator's public key, which `farm serve` prints at start "
+              "(or `farm serve --print-key --data DIR`); the worker connects to the holder of that key only",
+              file=sys.stderr)
+        return 2
+    try:
+        server_key, token = read_public_key(args.server_key), keys.enroll_token(args.enroll_token)
+    except KeyFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from worker.daemon import main
     main(args.coordinator, Path(args.cache), args.slots, args.wallet, args.gpus, args.worker_id, args.models,
-         benchmark=args.benchmark)
+         benchmark=args.benchmark, server_key=server_key, enroll_token=token)
     return 0
 
 
@@ -254,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chain-key-file", default=None, help="with a URL: file holding the operator's private key")
     s.add_argument("--models", action="append", help="model folders whose tokenizers check prompt lengths at "
                    "submit (repeatable; default RENDERHIVE_MODELS)")
+    s.add_argument("--admit", choices=["auto", "open", "token", "allowlist"],
+                   default=os.environ.get("RENDERHIVE_ADMIT", "auto"),
+                   help="which worker keys may connect (or RENDERHIVE_ADMIT): open = any key; token = keys that "
+                   "enroll with DATA/curve/enroll.token, and listed ones; allowlist = only keys in DATA/curve/allowed "
+                   "(farm workers allow KEY); auto (default) = open on a loopback --bind, token otherwise")
+    s.add_argument("--print-key", action="store_true",
+                   help="print the coordinator's public key (made on first use) for workers' --server-key, and exit")
     s.set_defaults(func=cmd_serve, needs_client=False)
 
     w = sub.add_parser("worker", help="run a worker daemon on this GPU host")
@@ -264,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="payout address (0x…; or RENDERHIVE_WALLET): earnings are credited to it in the escrow")
     w.add_argument("--gpus", default="all", help="GPUs for Cycles: all, none, or indices like 0,1")
     w.add_argument("--worker-id", default=None, help="stable worker id (default: stored in the cache dir)")
+    w.add_argument("--server-key", default=os.environ.get("RENDERHIVE_SERVER_KEY"),
+                   help="the coordinator's public key (Z85, printed by `farm serve`), or a file holding it; or "
+                   "RENDERHIVE_SERVER_KEY. The worker talks to the holder of this key only")
+    w.add_argument("--enroll-token", default=os.environ.get("RENDERHIVE_ENROLL_TOKEN", ""),
+                   help="the farm's enrollment token (or a file holding it; or RENDERHIVE_ENROLL_TOKEN): admits "
+                   "this worker's key on a farm in token mode")
+    w.add_argument("--print-key", action="store_true",
+                   help="print this worker's public key (made on first use, in the cache dir) and exit")
     w.add_argument("--models", action="append", help="diffusion model folder, or a folder of them (repeatable; "
                    "default RENDERHIVE_MODELS); the Hugging Face hub cache is searched too")
     wb = w.add_mutually_exclusive_group()
@@ -302,7 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("job", type=int)
     c.set_defaults(func=cmd_cancel)
 
-    wk = client_cmd("workers", "list workers")
+    wk = client_cmd("workers", "list workers; allow or revoke a worker's key (admin)")
+    wk.add_argument("action", nargs="?", choices=["list", "allow", "revoke"], default="list",
+                    help="allow KEY: admit a worker's public key; revoke KEY|WORKER_ID: refuse it from now on, "
+                    "drop its connection and requeue its tasks")
+    wk.add_argument("key", nargs="?", help="a worker's public key (Z85), or for revoke a worker id")
     wk.set_defaults(func=cmd_workers)
 
     u = client_cmd("user", "create a creator account (admin token needed)")

@@ -90,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         con.print(f"{len(paths)} frames rendered in {wall:.1f} s wall ({render_s:.1f} s of rendering) by "
                   + ", ".join(f"{k}: {v}" for k, v in sorted(per_worker.items())))
         con.print(f"re-submitting the same scene would upload {resent} bytes (content-addressed blobs)")
+        checks = creator.job(job["id"]).get("checks", [])
+        verdicts: dict[str, int] = {}
+        for c in checks:
+            verdicts[c["status"]] = verdicts.get(c["status"], 0) + 1
+        standing = ", ".join(f"{w['id']} {w['tier']} ({w['reputation']:.2f}, {w['checks_passed']} checks passed)"
+                             for w in creator.workers())
+        con.print(f"spot checks (re-rendered by another worker and compared): "
+                  f"{', '.join(f'{n} {s}' for s, n in sorted(verdicts.items())) or 'none'}; workers: {standing}")
         con.print(f"[bold]frames:[/] {out}/frame_0001.png … {paths[-1].name}")
         if diffusion_cli.demo_run(con, creator, sha, root):
             return 1

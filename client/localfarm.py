@@ -94,17 +94,23 @@ class Proc:
 class Coordinator(Proc):
     """`farm serve` with its data in ``root/data``, on the given (or free) loopback ports; ``db``: a database
     URL (``--db``; default: SQLite in the data dir); ``host``: the address both planes bind to (another
-    than loopback for a coordinator in a network namespace, tests/netns.py)."""
+    than loopback for a coordinator in a network namespace, tests/netns.py); ``admit``: ``--admit``
+    (default: open on loopback, token elsewhere). Its CurveZMQ key and enrollment token are files in the
+    data dir, which :class:`WorkerProc` hands to its workers."""
 
     def __init__(self, root: Path, env: dict[str, str] | None = None, zmq_port: int | None = None,
-                 http_port: int | None = None, db: str | None = None, host: str = "127.0.0.1"):
+                 http_port: int | None = None, db: str | None = None, host: str = "127.0.0.1",
+                 admit: str | None = None):
         self.root = Path(root)
         self.data = self.root / "data"
+        self.server_key_file = self.data / "curve" / "server.key"    # written by farm serve on first start
+        self.enroll_token_file = self.data / "curve" / "enroll.token"
         self.zport, self.hport = zmq_port or free_port(), http_port or free_port()
         self.endpoint = f"tcp://{host}:{self.zport}"
         self.url = f"http://{host}:{self.hport}"
         super().__init__(["serve", "--data", str(self.data), "--bind", self.endpoint,
-                          "--http", f"{host}:{self.hport}", *(["--db", db] if db else [])],
+                          "--http", f"{host}:{self.hport}", *(["--db", db] if db else []),
+                          *(["--admit", admit] if admit else [])],
                          self.root / "serve.log", env)
 
     def start(self, timeout: float = 30.0) -> "Coordinator":
@@ -129,7 +135,8 @@ class Coordinator(Proc):
 
 
 class WorkerProc(Proc):
-    """`farm worker` with its cache in ``root``, connected to ``coordinator``.
+    """`farm worker` with its cache in ``root``, connected to ``coordinator``, pinning its key and
+    presenting its enrollment token (the files in its data dir, read when the worker starts).
 
     ``extra_args`` go after the usual options (e.g. ``["--no-benchmark"]``). ``module`` and ``argv_prefix``
     replace ``python -m client.cli worker`` by another program taking the same options, e.g.
@@ -143,6 +150,8 @@ class WorkerProc(Proc):
         prefix = ["worker"] if argv_prefix is None else list(argv_prefix)
         super().__init__([*prefix, "--coordinator", coordinator.endpoint, "--cache", str(root), "--slots",
                           str(slots), "--worker-id", worker_id, "--gpus", gpus,
+                          "--server-key", str(coordinator.server_key_file),
+                          "--enroll-token", str(coordinator.enroll_token_file),
                           *(a for m in models or [] for a in ("--models", str(m))), *(extra_args or [])],
                          self.root / "worker.log", env, module)
 

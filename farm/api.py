@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import DataError
 from sqlmodel import Session, select
 
-from farm import auth, diffusion, jobs, metrics, reputation
+from farm import auth, curve, diffusion, jobs, metrics, reputation
 from farm.blobs import BlobError, BlobStore, check_sha
 from farm.db import session as new_session
 from farm.models import Blob, Job, ReputationEvent, User, Worker
@@ -36,6 +36,11 @@ class ErrorOut(BaseModel):
 
 class MissingRequest(BaseModel):
     hashes: list[str] = Field(max_length=10000)
+
+
+class WorkerKeyRequest(BaseModel):
+    worker: str = Field(min_length=1, max_length=100, description="a worker's public key (Z85, 40 characters) "
+                        "or, to revoke, a worker id (its key is looked up)")
 
 
 class UserCreate(BaseModel):
@@ -280,12 +285,42 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
     # ------------------------------------------------------------------ workers
     @app.get("/api/workers")
     def list_workers(user: UserDep, s: SessionDep) -> list[dict[str, Any]]:
+        keys = dict(broker.keyring.bindings) if broker is not None and broker.keyring is not None else {}
         return [{"id": w.id, "online": w.online, "hostname": w.hostname, "slots": w.slots,
                  "wallet": w.wallet, "devices": w.capabilities.get("devices", []),
                  "tasks_done": w.tasks_done, "tasks_failed": w.tasks_failed,
                  "render_seconds": round(w.render_seconds, 3), "last_seen": w.last_seen,
-                 "benchmark": w.benchmark, **reputation.view(w)}
+                 "benchmark": w.benchmark, "public_key": keys.get(w.id, ""), **reputation.view(w)}
                 for w in s.exec(select(Worker).order_by(Worker.id))]
+
+    def admin_keyring(user: User):
+        if not user.is_admin:
+            raise HTTPException(403, "only the admin manages worker keys (use the token in DATA/admin.token)")
+        if broker is None or broker.keyring is None:
+            raise HTTPException(409, "this coordinator has no CurveZMQ keyring (an in-process test farm)")
+        return broker.keyring
+
+    @app.post("/api/workers/allow")
+    async def allow_worker(body: WorkerKeyRequest, user: UserDep) -> dict[str, Any]:  # async: the keyring's thread
+        """Put a worker's public key on the allow-list (and off the revocations): in allowlist and token
+        mode such a key is admitted (`farm worker --print-key` shows a worker's key)."""
+        keyring = admin_keyring(user)
+        if not curve.is_key(body.worker):
+            raise HTTPException(422, f"{body.worker[:60]!r} is not a Z85 public key (40 characters): "
+                                     "`farm worker --print-key --cache DIR` prints a worker's key")
+        added = keyring.allow(body.worker, "allowed by the admin")
+        return {"key": body.worker, "added": added, "mode": keyring.mode}
+
+    @app.post("/api/workers/revoke")
+    async def revoke_worker(body: WorkerKeyRequest, user: UserDep) -> dict[str, Any]:
+        """Revoke a worker's key (or the key a worker id belongs to): refused from now on in every mode;
+        its connections are dropped and their leases requeued at once."""
+        keyring = admin_keyring(user)
+        key = keyring.bindings.get(body.worker) or (body.worker if curve.is_key(body.worker) else None)
+        if key is None:
+            raise HTTPException(404, f"no worker id or key {body.worker[:60]!r}: `farm workers` lists ids and keys")
+        done = await broker.revoke(key, "this worker's key was revoked by the farm's operator")
+        return {"key": key, **done}
 
     @app.get("/api/workers/{worker_id}/reputation")
     def worker_reputation(worker_id: str, user: UserDep, s: SessionDep,

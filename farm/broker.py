@@ -4,6 +4,11 @@ The event loop only moves bytes: it drains whatever messages are waiting (up to 
 hands the batch to the coordinator in a single dedicated thread (database work and fsync never block the
 loop, which also serves HTTP), then sends the replies the coordinator returned after its commit.
 Heartbeats go to every connected worker each HEARTBEAT_INTERVAL.
+
+With a :class:`farm.curve.Keyring` (``farm serve`` always has one) the socket is a CURVE server: pyzmq's
+ZAP authenticator decides each handshake, and every received message passes the :class:`farm.curve.Gate`
+(which reads the connection's key off the routing-id frame) before it joins a batch. Without one (the
+in-process tests and benchmarks) the socket speaks plain ZMTP.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from farm import constants as C
+from farm import curve
 from farm import protocol as P
 from farm.coordinator import Coordinator
 
@@ -23,8 +29,11 @@ log = logging.getLogger("farm.broker")
 
 
 class Broker:
-    def __init__(self, coordinator: Coordinator, bind: str, ctx: zmq.asyncio.Context | None = None):
+    def __init__(self, coordinator: Coordinator, bind: str, ctx: zmq.asyncio.Context | None = None,
+                 keyring: curve.Keyring | None = None):
         self.coord = coordinator
+        self.keyring = keyring
+        self.gate = curve.Gate(keyring) if keyring else None
         self.bind = bind
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
@@ -56,12 +65,50 @@ class Broker:
     async def _send(self, out) -> None:
         for ident, msg in out:
             try:
-                await self.sock.send_multipart([ident, *P.encode(msg)], flags=zmq.NOBLOCK)
+                self._raw.send_multipart([ident, *P.encode(msg)], flags=zmq.NOBLOCK)
             except zmq.Again:  # peer's queue full or peer gone: heartbeats/sweeps recover
                 log.debug("dropped %s to %s", type(msg).__name__, ident.hex())
 
+    async def _recv(self, sock) -> list[bytes] | None:
+        """The next waiting message (raises zmq.Again when none is), or None when the gate refused it."""
+        if self.gate is None:
+            return self._raw.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+        first = await sock.recv(flags=zmq.NOBLOCK, copy=False)  # the routing id, carrying the metadata
+        frames = [first.bytes, *(await sock.recv_multipart(flags=zmq.NOBLOCK) if first.more else [])]
+        try:
+            key = first.get("User-Id")
+        except zmq.ZMQError:
+            key = None
+        return frames if self.gate.admit(frames, key) else None
+
+    async def revoke(self, key: str, reason: str) -> dict:
+        """Revoke ``key`` (farm.curve): refused from now on; its connections dropped and leases requeued."""
+        ids = set(self.keyring.unbind(key))
+        self.keyring.revoke(key)
+        return await self.call(curve.expel, self.coord, self.gate, {key}, ids, reason)
+
+    async def _reload_keys(self) -> None:
+        """Expel the keys an edit of the allow-list or the revocations took away."""
+        gone = self.keyring.refresh()
+        if gone:
+            ids = {w for w, k in self.keyring.bindings.items() if k in gone}
+            for key in gone & self.keyring.revoked:
+                self.keyring.unbind(key)
+            await asyncio.get_running_loop().run_in_executor(
+                self._pool, curve.expel, self.coord, self.gate, gone, ids, "this worker's key is no longer admitted")
+            self.wake()  # the DISCONNECTs leave with the next step, now
+
     async def run(self) -> None:
+        auth = None
+        if self.keyring:  # the ZAP handler first: a handshake before it exists would not be checked
+            auth = curve.ZapHandler(self.ctx, self.keyring)
+            auth.start()
         sock = self.sock = self.ctx.socket(zmq.ROUTER)
+        # The loop waits on the asyncio socket; non-blocking sends and receives go through a plain socket on
+        # the same libzmq socket, which skips a future per message (same thread, so it is safe).
+        self._raw = zmq.Socket.shadow(sock.underlying)
+        if self.keyring:
+            curve.secure_server(sock, self.keyring)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
@@ -90,14 +137,23 @@ class Broker:
                 batch = []
                 while len(batch) < C.BATCH_MAX_MESSAGES:
                     try:
-                        batch.append(await sock.recv_multipart(flags=zmq.NOBLOCK, copy=True))
+                        frames = await self._recv(sock)
                     except zmq.Again:
                         break
+                    if frames is not None:
+                        batch.append(frames)
                 out = await loop.run_in_executor(self._pool, self.coord.step, batch)
+                if self.gate is not None and self.gate.out:
+                    out, self.gate.out = self.gate.out + out, []
                 if time.monotonic() >= next_hb:
                     next_hb = time.monotonic() + C.HEARTBEAT_INTERVAL
                     out += self.coord.heartbeats()
+                    if self.gate is not None:
+                        self.gate.prune(self.coord.conns)
+                        await self._reload_keys()
                 await self._send(out)
         finally:
             sock.close(0)
+            if auth is not None:
+                auth.stop()
             self._pool.shutdown(wait=True)

@@ -35,10 +35,6 @@ lease to a long frame; a coordinator that restarts waits at most this long for s
 SWEEP_INTERVAL = 0.5
 """Seconds between sweeps for dead workers and expired leases."""
 
-CURVE_RELOAD_INTERVAL = 1.0
-"""Seconds between checks of DATA/curve/allowed and revoked for edits (one stat call each): an operator's
-edit takes effect, and the keys it removed are expelled, within about this long."""
-
 CURVE_REFUSAL_LOG_INTERVAL = 30.0
 """A refused worker key is logged at most once per this many seconds (a refused peer retries, and
 libzmq retries a failed handshake by itself every 100 ms)."""

@@ -19,7 +19,8 @@ import time
 from collections import defaultdict
 from typing import Any, Callable
 
-from sqlalchemy import or_
+from sqlalchemy import and_, bindparam, func, or_, update
+from sqlalchemy.orm import defer
 from sqlmodel import Session, select
 
 from farm import constants as C
@@ -33,12 +34,32 @@ from farm.models import Attempt, Job, JobWorker, Output, Task, TaskDep, Worker
 from farm.models import Blob as BlobRow
 from farm.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, fits
 from farm.states import JOB_SCHEDULABLE, TASK_LEASED, JobStatus, TaskStatus, transition
-from farm.verification import CHECK_KINDS, Verifier, is_check
+from farm.verification import Verifier, is_check, public_spec
+from farm.writes import StepSession, add_row, set_values, update_row
 
 log = logging.getLogger("farm.coordinator")
 
 Outgoing = list[tuple[bytes, Any]]
 LEASED = tuple(s.value for s in TASK_LEASED)
+
+# Statements of the hot path, built once (building one costs about as much as running it).
+_QUEUED = (select(Task, Job).join(Job, Job.id == Task.job_id).where(Task.status == TaskStatus.queued.value)
+           .where(or_(Job.status.in_([x.value for x in JOB_SCHEDULABLE]), Task.check_id.is_not(None))))
+_TOP = select(func.max(Task.priority)).where(Task.status == TaskStatus.queued.value)
+_NEXT_LEVEL = _TOP.where(Task.priority < bindparam("p"))
+_WINDOW_TOP = (_QUEUED.where(Task.priority == _TOP.scalar_subquery()).order_by(Task.job_id, Task.index)
+               .limit(bindparam("n")))
+_WINDOW_AT = _QUEUED.where(Task.priority == bindparam("p")).order_by(Task.job_id, Task.index).limit(bindparam("n"))
+_WINDOW_BELOW = (_QUEUED.where(Task.priority < bindparam("p")).order_by(Task.priority.desc(), Task.job_id, Task.index)
+                 .limit(bindparam("n")))
+_BLOCKED = (select(JobWorker.job_id, JobWorker.worker_id)
+            .where(JobWorker.job_id.in_(bindparam("jobs", expanding=True))).where(JobWorker.blocked))
+# each task of a batch, its job, the worker holding it and its current lease (Attempt id and start)
+_PREFETCH = (select(Task, Job, Worker, Attempt.id, Attempt.started_at)
+             .join(Job, Job.id == Task.job_id).outerjoin(Worker, Worker.id == Task.worker_id)
+             .outerjoin(Attempt, and_(Attempt.task_id == Task.id, Attempt.attempt == Task.attempt,
+                                      Attempt.outcome == "leased"))
+             .where(Task.id.in_(bindparam("ids", expanding=True))).options(defer(Worker.capabilities)))
 
 
 class Coordinator:
@@ -54,7 +75,11 @@ class Coordinator:
         self.want_assign = True          # set when work or capacity may have appeared
         self._last_sweep = 0.0
         self.stats = defaultdict(int)
+        self._needed: dict[int, frozenset[int]] = {}  # job id → ids of its tasks that other tasks wait for
         self.verifier = Verifier(self, enabled=verify, seed=None if scheduler is None else scheduler.rng.random())
+        with new_session(engine) as s:  # a restart: nobody is connected until they say HELLO again
+            s.exec(update(Worker).where(Worker.online).values(online=False))
+            s.commit()
 
     # ------------------------------------------------------------------ entry points
     def step(self, batch: list[list[bytes]], now: float | None = None) -> Outgoing:
@@ -63,9 +88,11 @@ class Coordinator:
         out: Outgoing = []
         try:
             with self._undo_on_error():
-                with new_session(self.engine) as s:
-                    for frames in batch:
-                        self._handle(s, frames, now, out)
+                with StepSession(self.engine) as s:
+                    msgs = [self._decode(frames) for frames in batch]
+                    rows = self._prefetch(s, msgs)  # noqa: F841  (held: the session's identity map is weak)
+                    for ident, msg in msgs:
+                        self._dispatch(s, ident, msg, now, out)
                     self._maintain(s, now, out)
                     s.commit()
         except Exception:  # a handler bug must not take the coordinator down: retry one by one
@@ -75,7 +102,7 @@ class Coordinator:
                 one: Outgoing = []
                 try:
                     with self._undo_on_error():
-                        with new_session(self.engine) as s:
+                        with StepSession(self.engine) as s:
                             if frames is None:
                                 self._maintain(s, now, one)
                             else:
@@ -130,15 +157,42 @@ class Coordinator:
 
     # ------------------------------------------------------------------ dispatch
     def _handle(self, s: Session, frames: list[bytes], now: float, out: Outgoing) -> None:
+        ident, msg = self._decode(frames)
+        self._dispatch(s, ident, msg, now, out)
+
+    @staticmethod
+    def _decode(frames: list[bytes]) -> tuple[bytes | None, P.Message | P.ProtocolError | None]:
+        """(routing id, message), the message a ProtocolError when malformed; (None, None) for no message."""
         if len(frames) < 2:
-            return
-        ident = bytes(frames[0])
+            return None, None
         try:
-            msg = P.decode(frames[1:])
+            return bytes(frames[0]), P.decode(frames[1:])
         except P.ProtocolError as exc:
+            return bytes(frames[0]), exc
+
+    def _prefetch(self, s: Session, msgs: list) -> list:
+        """Load in a few queries the rows the batch's task messages will read (tasks, their jobs, the
+        workers sending results, the attempts being finished), instead of a few queries per message.
+        Returns them: the caller keeps them referenced for the step."""
+        task_ids = set()
+        for ident, msg in msgs:
+            if isinstance(msg, (P.Result, P.Progress, P.Failed)):
+                task_ids.add(msg.task_id)
+            elif isinstance(msg, P.Heartbeat):
+                task_ids.update(p[0] for p in msg.running if len(p) == 2)
+        if not task_ids:
+            return []
+        rows = s.exec(_PREFETCH, params={"ids": list(task_ids)}).all()
+        s.info["leased"] = {(t.id, t.attempt): (att, started) for t, _, _, att, started in rows if att is not None}
+        return rows
+
+    def _dispatch(self, s: Session, ident: bytes | None, msg, now: float, out: Outgoing) -> None:
+        if ident is None:
+            return
+        if isinstance(msg, P.ProtocolError):
             self.stats["malformed"] += 1
-            log.warning("malformed message from %s: %s", ident.hex(), exc)
-            out.append((ident, P.Error(f"malformed message: {exc}")))
+            log.warning("malformed message from %s: %s", ident.hex(), msg)
+            out.append((ident, P.Error(f"malformed message: {msg}")))
             return
         if isinstance(msg, P.Hello):
             self._hello(s, ident, msg, now, out)
@@ -232,8 +286,7 @@ class Coordinator:
         for task_id, attempt in pairs:
             task = s.get(Task, task_id)
             if self._holds(task, conn, attempt) and task.lease_expires - now < C.LEASE_SECONDS / 2:
-                task.lease_expires = now + C.LEASE_SECONDS
-                s.add(task)
+                set_values(s, task, lease_expires=now + C.LEASE_SECONDS)
             elif not self._holds(task, conn, attempt):
                 out.append((conn.identity, P.Cancel(task_id, attempt, "this lease is no longer yours")))
 
@@ -257,9 +310,8 @@ class Coordinator:
             return
         if task.status == TaskStatus.assigned.value:
             transition(s, task, TaskStatus.running, worker_id=conn.worker_id, attempt=task.attempt, now=now)
-        task.progress_done = max(0, min(msg.done, task.progress_total or msg.done))
-        task.lease_expires = now + C.LEASE_SECONDS
-        s.add(task)
+        set_values(s, task, progress_done=max(0, min(msg.done, task.progress_total or msg.done)),
+                   lease_expires=now + C.LEASE_SECONDS)
 
     def _on_result(self, s, conn: Conn, msg: P.Result, now, out) -> None:
         task = s.get(Task, msg.task_id)
@@ -278,17 +330,19 @@ class Coordinator:
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, problem)))
             return
         job = s.get(Job, task.job_id)
-        att = self._attempt(s, task)
+        att = s.info.get("leased", {}).get((task.id, task.attempt))  # (row id, lease start), prefetched
+        if att is None and (row := self._attempt(s, task)) is not None:
+            att = row.id, row.started_at
         seconds = max(0.0, float(msg.render_seconds))
         if att:  # a worker cannot claim more time than the lease lasted
-            seconds = min(seconds, max(0.0, now - att.started_at))
-            att.outcome, att.ended_at, att.render_seconds = "done", now, seconds
-            s.add(att)
+            seconds = min(seconds, max(0.0, now - att[1]))
+            update_row(s, Attempt, att[0], outcome="done", ended_at=now, render_seconds=seconds)
         transition(s, task, TaskStatus.done, worker_id=conn.worker_id, attempt=task.attempt, now=now)
-        task.render_seconds, task.progress_done = seconds, task.progress_total
-        task.worker_id, task.lease_expires = None, None
+        set_values(s, task, render_seconds=seconds, progress_done=task.progress_total, worker_id=None,
+                   lease_expires=None)
         self.stats["results"] += 1
-        log.debug("result stored (%.2f s)", seconds, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("result stored (%.2f s)", seconds, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
         out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
         if is_check(task):
             transition(s, task, TaskStatus.accepted, reason="re-render stored", worker_id=conn.worker_id,
@@ -298,10 +352,9 @@ class Coordinator:
             return
         final = bool(task.spec.get("final", True))
         for o in msg.outputs:
-            s.add(Output(job_id=task.job_id, task_id=task.id, attempt=task.attempt, frame=o.get("frame", 0),
-                         name=o["name"], sha256=o["sha256"], size=self.blobs.size(o["sha256"]), final=final,
-                         worker_id=conn.worker_id, render_seconds=float(o.get("seconds", 0.0))))
-        s.flush()
+            add_row(s, Output, job_id=task.job_id, task_id=task.id, attempt=task.attempt, frame=o.get("frame", 0),
+                    name=o["name"], sha256=o["sha256"], size=self.blobs.size(o["sha256"]), final=final,
+                    worker_id=conn.worker_id, render_seconds=float(o.get("seconds", 0.0)))
         if w is not None and self.verifier.on_result(s, task, job, w, suspicious, now):
             return
         self.accept(s, task, job, conn.worker_id, now)
@@ -314,15 +367,14 @@ class Coordinator:
         w = s.get(Worker, worker_id)
         if w:
             runtime = RUNTIME_FOR_KIND.get(task.kind, task.kind)
-            task.work_units = round(task.render_seconds * (R.speed(w, runtime) or 1.0), 6)
-            w.tasks_done += 1
-            w.render_seconds += task.render_seconds
-            w.work_units += task.work_units
-            s.add(w)
-        job.tasks_accepted += 1
-        s.add(job)
+            units = round(task.render_seconds * (R.speed(w, runtime) or 1.0), 6)
+            set_values(s, task, work_units=units)
+            set_values(s, w, tasks_done=w.tasks_done + 1, render_seconds=w.render_seconds + task.render_seconds,
+                       work_units=w.work_units + units)
+        set_values(s, job, tasks_accepted=job.tasks_accepted + 1)
         self._release_dependents(s, task, now)
         if job.tasks_accepted >= job.tasks_total and job.status == JobStatus.active.value:
+            self._needed.pop(job.id, None)
             transition(s, job, JobStatus.rendered, reason="every task accepted", now=now)
             R.measure_job(s, job.id, now)
             if diffusion.on_job_status(s, job, now):  # img2img jobs waiting for these frames start
@@ -351,6 +403,14 @@ class Coordinator:
     def _release_dependents(self, s: Session, task: Task, now: float) -> None:
         """Queue the tasks that waited for ``task`` once all they wait for is accepted, with the outputs
         of those tasks as their inputs (``spec["input_names"]`` maps output names to blob hashes)."""
+        needed = self._needed.get(task.job_id)
+        if needed is None:  # a job's dependencies are stored with it and never change: one query per job
+            if len(self._needed) > 10_000:
+                self._needed.clear()
+            needed = self._needed[task.job_id] = frozenset(s.exec(
+                select(TaskDep.needs_id).join(Task, Task.id == TaskDep.needs_id).where(Task.job_id == task.job_id)))
+        if task.id not in needed:
+            return
         for dep in s.exec(select(TaskDep).where(TaskDep.needs_id == task.id)).all():
             waiting = s.get(Task, dep.task_id)
             if waiting is None or waiting.status != TaskStatus.waiting.value:
@@ -496,35 +556,69 @@ class Coordinator:
         capacity = sum(c.free for c in free)
         if not capacity:
             return
-        limit = capacity * 4 + 16
-        rows = s.exec(self._queued().order_by(Task.priority.desc(), Task.job_id, Task.index).limit(limit)).all()
-        if not rows:
+        # Usually most queued tasks fit most workers: a window a little larger than the free slots fills
+        # them. Only when it does not, look at the wider window (and then deeper, per worker).
+        first = capacity + capacity // 4 + 1
+        rows = self._window(s, first)
+        left = self._assign_rows(s, rows, free, capacity, now, out)
+        if not left or len(rows) < first:
             return
-        job_ids = {t.job_id for t, _ in rows}
-        blocked = {(jw.job_id, jw.worker_id) for jw in
-                   s.exec(select(JobWorker).where(JobWorker.job_id.in_(job_ids)).where(JobWorker.blocked))}
+        limit = capacity * 4 + 16
+        rows = self._window(s, limit)
+        left = self._assign_rows(s, rows, free, left, now, out)
+        if left and len(rows) == limit:  # the window was full of tasks these workers may not take: look further
+            for conn in [c for c in free if c.free > 0]:
+                self._assign_deeper(s, conn, now, out)
+
+    def _window(self, s: Session, limit: int) -> list[tuple[Task, Job]]:
+        """The first ``limit`` queued tasks, by priority then FIFO. Read one priority at a time: within one,
+        the claim index (status, priority, job_id, index) gives the order, so the database reads ``limit``
+        rows; ``ORDER BY priority DESC, job_id, index`` mixes directions and sorts every queued task."""
+        rows = s.exec(_WINDOW_TOP, params={"n": limit}).all()
+        if len(rows) == limit:
+            return rows
+        level = rows[0][0].priority if rows else s.exec(_TOP).one()
+        for _ in range(8):  # a few more levels; past them, one sorted query for the rest
+            level = s.exec(_NEXT_LEVEL, params={"p": level}).one() if level is not None else None
+            if level is None or len(rows) >= limit:
+                return rows
+            rows += s.exec(_WINDOW_AT, params={"p": level, "n": limit - len(rows)}).all()
+        if len(rows) < limit:
+            rows += s.exec(_WINDOW_BELOW, params={"p": level, "n": limit - len(rows)}).all()
+        return rows
+
+    def _assign_rows(self, s: Session, rows: list[tuple[Task, Job]], free: list[Conn], left: int, now: float,
+                     out: Outgoing) -> int:
+        """Lease ``rows`` in order to the workers in ``free`` that may take them; returns the free slots left."""
+        if not rows:
+            return left
+        blocked = set(s.exec(_BLOCKED, params={"jobs": list({t.job_id for t, _ in rows})}).all())
+        pools: dict[tuple, list[Conn]] = {}  # the workers that may take tasks of one job, kind and model
         for task, job in rows:
             probe = bool(task.spec.get("only_worker"))  # a probe may re-check a job its worker is blocked in
-            candidates = [c for c in free if c.free > 0 and (probe or (job.id, c.worker_id) not in blocked)
-                          and c.worker_id not in task.failed_workers and self._may_take(task, job, c)]
-            if not candidates:
-                candidates = [c for c in free if c.free > 0 and (probe or (job.id, c.worker_id) not in blocked)
-                              and self._may_take(task, job, c)]
-            conn = self.scheduler.choose(task.inputs, candidates, task.spec.get("model_hash"))
+            key = None if is_check(task) else (job.id, task.kind, task.spec.get("model_hash"), probe)
+            pool = pools.get(key) if key else None
+            if pool is None:
+                pool = [c for c in free if (probe or (job.id, c.worker_id) not in blocked)
+                        and self._may_take(task, job, c)]
+            pool = [c for c in pool if c.free > 0]
+            if key:
+                pools[key] = pool
+            failed = task.failed_workers
+            candidates = [c for c in pool if c.worker_id not in failed] if failed else pool
+            conn = self.scheduler.choose(task.inputs, candidates or pool, task.spec.get("model_hash"))
             if conn is None:
                 continue
             self._lease(s, task, job, conn, now, out)
-            if not any(c.free for c in free):
+            left -= 1
+            if not left:
                 break
-        if len(rows) == limit:  # the window was full of tasks these workers may not take: look further
-            for conn in [c for c in free if c.free > 0]:
-                self._assign_deeper(s, conn, now, out)
+        return left
 
     @staticmethod
     def _queued():
         """Queued tasks of schedulable jobs, and queued checks (a probe may re-check a finished job)."""
-        return (select(Task, Job).join(Job, Job.id == Task.job_id).where(Task.status == TaskStatus.queued.value)
-                .where(or_(Job.status.in_([x.value for x in JOB_SCHEDULABLE]), Task.kind.in_(CHECK_KINDS))))
+        return _QUEUED
 
     def _may_take(self, task: Task, job: Job, conn: Conn) -> bool:
         """Whether ``conn`` may run ``task``: its runtimes fit, its tier is high enough for the job (and
@@ -548,20 +642,21 @@ class Coordinator:
                 self._lease(s, task, job, conn, now, out)
 
     def _lease(self, s: Session, task: Task, job: Job, conn: Conn, now: float, out: Outgoing) -> None:
-        task.attempt += 1
-        task.worker_id, task.lease_expires = conn.worker_id, now + C.LEASE_SECONDS
-        task.progress_done = 0
+        set_values(s, task, attempt=task.attempt + 1, worker_id=conn.worker_id, lease_expires=now + C.LEASE_SECONDS,
+                   progress_done=0)
         transition(s, task, TaskStatus.assigned, worker_id=conn.worker_id, attempt=task.attempt, now=now)
-        log.debug("leased %s task", task.kind, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
-        s.add(Attempt(task_id=task.id, job_id=task.job_id, attempt=task.attempt, worker_id=conn.worker_id,
-                      started_at=now))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("leased %s task", task.kind, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
+        add_row(s, Attempt, task_id=task.id, job_id=task.job_id, attempt=task.attempt, worker_id=conn.worker_id,
+                started_at=now)
         if job.status in (JobStatus.queued.value, JobStatus.rejected.value) and not is_check(task):
             transition(s, job, JobStatus.active, reason="first task leased", now=now)
         conn.free -= 1
         conn.held_blobs.update(task.inputs)
         conn.note_model(task.spec.get("model_hash"))
+        spec = public_spec(task.spec) if task.check_id is not None else task.spec  # never say it is a check
         out.append((conn.identity, P.Task(task.id, task.attempt, task.job_id, C.LEASE_SECONDS, task.kind,
-                                          task.spec, list(task.inputs))))
+                                          spec, list(task.inputs))))
 
     # ------------------------------------------------------------------ blobs over the worker plane
     def _on_blobget(self, s, conn: Conn, msg: P.BlobGet, now, out) -> None:

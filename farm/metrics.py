@@ -5,7 +5,8 @@ be: ``rate()`` handles resets); gauges are read from the database on each scrape
 queries). Scrape it every 15-60 s; it never touches the coordinator's thread.
 
 =====================================  ==========================================================
-renderhive_tasks{status,kind}          tasks by status (gauge; queue depth is status="queued")
+renderhive_tasks{status,kind,check}    tasks by status (gauge; check="true": spot-check re-renders)
+renderhive_queue_depth                 tasks waiting for a worker (gauge)
 renderhive_jobs{status}                jobs by status (gauge)
 renderhive_results_total               results accepted for storage (counter; tasks/s = rate())
 renderhive_lease_expiries_total        leases lost: expired, or the worker died (counter)
@@ -54,10 +55,12 @@ def render(s: Session, stats: dict[str, int] | None, now: float | None = None) -
     """The metrics page."""
     now = time.time() if now is None else now
     out: list[str] = []
-    tasks = s.exec(select(Task.status, Task.kind, func.count()).group_by(Task.status, Task.kind)).all()
-    out += _family("renderhive_tasks", "gauge", "Tasks by status and kind (queued = queue depth).",
-                   [({"status": st, "kind": k}, n) for st, k, n in tasks])
-    queued = sum(n for st, _, n in tasks if st == "queued")
+    check = Task.check_id.is_not(None).label("check")
+    tasks = s.exec(select(Task.status, Task.kind, check, func.count()).group_by(Task.status, Task.kind, check)).all()
+    out += _family("renderhive_tasks", "gauge", "Tasks by status and kind; check=true: spot-check re-renders "
+                   "(queued = queue depth).",
+                   [({"status": st, "kind": k, "check": str(bool(c)).lower()}, n) for st, k, c, n in tasks])
+    queued = sum(n for st, _, _, n in tasks if st == "queued")
     out += _family("renderhive_queue_depth", "gauge", "Tasks waiting for a worker.", [({}, queued)])
     jobs = s.exec(select(Job.status, func.count()).group_by(Job.status)).all()
     out += _family("renderhive_jobs", "gauge", "Jobs by status.", [({"status": st}, n) for st, n in jobs])

@@ -37,7 +37,9 @@ about 1,000 levels would make ``json.dumps`` of the column fail with a Recursion
 # ---------------------------------------------------------------- worker → coordinator
 @dataclass(frozen=True)
 class Hello:
-    """First message on a fresh socket. ``running`` lists [task_id, attempt] pairs the worker still holds."""
+    """First message on a fresh socket. ``running`` lists [task_id, attempt] pairs the worker still holds;
+    ``enroll_token`` is the farm's enrollment token, which admits a new key on a farm in token mode
+    (farm.curve; the channel is encrypted to the coordinator's pinned key before anything is sent)."""
     command: ClassVar[int] = 0x01
     worker_id: str
     wallet: str
@@ -45,6 +47,7 @@ class Hello:
     capabilities: dict[str, Any]
     running: list[list[int]] = field(default_factory=list)
     version: str = "0.1.0"
+    enroll_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,20 @@ def decode(frames: list[bytes]) -> Message:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
     return cls(**kwargs)
+
+
+_HELLO_COMMAND = bytes([Hello.command])
+
+
+def decode_hello(frames: list[bytes]) -> Hello | None:
+    """The HELLO that ``frames`` (without a routing id) carry, or None for any other message, malformed
+    ones included. Cheap for the others: only the command byte is looked at."""
+    if len(frames) != 3 or frames[1] != _HELLO_COMMAND:
+        return None
+    try:
+        return decode(frames)
+    except ProtocolError:
+        return None
 
 
 def running_pairs(pairs: list[list[int]]) -> set[tuple[int, int]]:

@@ -1,7 +1,8 @@
 """``farm serve``: one process running the coordinator (ZeroMQ worker plane) and the HTTP API.
 
 Start-up order: data dir, database (schema migrated to the newest revision), blob store, admin token on
-first start, then the broker, the payment settler (:class:`farm.ledger.Settler`, unless ``--chain-rpc
+first start, the CurveZMQ keyring (keypair and enrollment token on first start, :mod:`farm.curve`), then
+the broker, the payment settler (:class:`farm.ledger.Settler`, unless ``--chain-rpc
 off``) and uvicorn on one asyncio loop. SIGINT/SIGTERM stop both; state is durable at every commit, so
 a ``kill -9`` loses nothing that was acknowledged.
 """
@@ -19,15 +20,23 @@ from farm.api import create_app
 from farm.blobs import BlobStore
 from farm.broker import Broker
 from farm.coordinator import Coordinator
+from farm.curve import KeyFileError, Keyring, resolve_mode
 from farm.db import DatabaseUnavailable, database_url, make_engine, session
 from farm.ledger import Ledger, Settler, chain_factory
 from farm.migrate import SchemaMismatch
 
 log = logging.getLogger("farm.server")
 
+_ADMISSION = {
+    "open": "any key (open farm; --admit token or allowlist to restrict it)",
+    "token": "keys on {dir}/allowed, and new keys presenting the enrollment token in {dir}/enroll.token "
+             "(farm worker --enroll-token)",
+    "allowlist": "only keys on {dir}/allowed (farm workers allow KEY)",
+}
+
 
 async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_rpc: str | None = None,
-                chain_key_file: str | None = None) -> None:
+                chain_key_file: str | None = None, admit: str = "auto") -> None:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     try:  # the schema is brought to the newest migration here (farm.migrate)
@@ -40,8 +49,15 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
         token = auth.ensure_admin(s, data_dir)
     if token:
         print(f"admin token written to {data_dir / 'admin.token'} (mode 600)", flush=True)
+    try:
+        keyring = Keyring(data_dir, resolve_mode(admit, bind))
+    except (KeyFileError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"worker plane encrypted (CurveZMQ); coordinator key {keyring.server_key}: workers pin it with "
+          f"`farm worker --server-key '{keyring.server_key}'`", flush=True)
+    print(f"workers admitted: {_ADMISSION[keyring.mode].format(dir=keyring.dir)}", flush=True)
     coord = Coordinator(engine, blobs)
-    broker = Broker(coord, bind)
+    broker = Broker(coord, bind, keyring=keyring)
     broker_task = asyncio.create_task(broker.run())
     endpoint = await broker.ready()
     # payments: the settler runs beside the broker (chain I/O in a thread, job status changes on the
@@ -50,7 +66,8 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
     settler = Settler(ledger, broker.call) if ledger else None
     settle_task = asyncio.create_task(settler.run()) if settler else None
     host, _, port = http.rpartition(":")
-    app = create_app(engine, blobs, broker, info={"worker_endpoint": endpoint}, ledger=ledger)
+    app = create_app(engine, blobs, broker, info={"worker_endpoint": endpoint, "server_key": keyring.server_key},
+                     ledger=ledger)
     server = uvicorn.Server(uvicorn.Config(app, host=host or "127.0.0.1", port=int(port), log_level="warning",
                                            lifespan="off"))
     server.install_signal_handlers = lambda: None  # we own the signals

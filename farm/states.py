@@ -3,13 +3,17 @@
 Every status change of a job or a task goes through :func:`transition`, which checks the move against
 :data:`JOB_TRANSITIONS` / :data:`TASK_TRANSITIONS`, updates the row and adds an :class:`~farm.models.Event`
 in the caller's session, so that the row and its event are committed in one transaction. A move that is
-not in the table raises :class:`IllegalTransition`; nothing is written then.
+not in the table raises :class:`IllegalTransition`; nothing is written then. In the coordinator's step
+session (:class:`farm.writes.StepSession`) the row update and the event are buffered and sent with the
+step's other writes in a few executemany statements; the checks and the rows written are the same.
 """
 from __future__ import annotations
 
 import enum
 import time
 from typing import Any
+
+from farm.writes import add_row, set_values
 
 
 class JobStatus(str, enum.Enum):
@@ -94,10 +98,7 @@ def transition(session, row, new: str | enum.Enum, *, reason: str = "", worker_i
     if not can_transition(kind, old_s, new_s):
         raise IllegalTransition(f"{kind} {row.id}: {old_s} → {new_s} is not allowed")
     now = time.time() if now is None else now
-    row.status = new_s
-    row.updated_at = now
-    session.add(row)
-    session.add(Event(
-        at=now, kind=kind, job_id=row.id if kind == "job" else row.job_id,
-        task_id=row.id if kind == "task" else None, attempt=attempt, worker_id=worker_id,
-        old=old_s, new=new_s, detail=reason[:2000]))
+    set_values(session, row, status=new_s, updated_at=now)
+    add_row(session, Event, at=now, kind=kind, job_id=row.id if kind == "job" else row.job_id,
+            task_id=row.id if kind == "task" else None, attempt=attempt, worker_id=worker_id,
+            old=old_s, new=new_s, detail=reason[:2000])

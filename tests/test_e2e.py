@@ -190,11 +190,14 @@ def test_garbage_on_the_worker_plane_leaves_the_coordinator_serving(farm):
     import zmq
 
     from farm import protocol as P
+    from farm.curve import read_public_key
     f = farm()
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.curve_serverkey = read_public_key(str(f.server_key_file))  # an admitted key (open on loopback)
+    sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
     sock.connect(f.endpoint)
     try:
         for frames in ([b"hello"], [b"RHIVE/1", b"\x01", b"\xc1\xc1"], [b"RHIVE/9", b"\x01", b"{}"],

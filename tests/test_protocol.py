@@ -18,6 +18,7 @@ SAMPLES = [
     P.Task(7, 1, 3, 30.0, "render", {"frames": [1, 2], "settings": {"format": "PNG"}}, ["d" * 64]),
     P.Cancel(7, 1, "job canceled"), P.Blob("e" * 64, 0, 3, b"xyz"), P.Blob("e" * 64, 0, 0, b"", "unknown blob"),
     P.BlobAck("f" * 64, 3, True), P.Ack(7, 1, False, "stale"), P.Disconnect("reconnect"), P.Error("bad"),
+    P.Hello("w2", "", 1, {"runtimes": []}, enroll_token="rhe_token"),
 ]
 
 

@@ -10,7 +10,10 @@ Invariants:
   reconnect, so a coordinator restart loses no finished work;
 * inputs are fetched into the LRU cache (resumable, hash-verified) and outputs uploaded before RESULT;
 * on silence from the coordinator for HEARTBEAT_LIVENESS intervals, or DISCONNECT, the socket is
-  replaced and HELLO is sent again, with reconnect backoff 1 s → 32 s while the coordinator stays away.
+  replaced and HELLO is sent again, with reconnect backoff 1 s → 32 s while the coordinator stays away;
+* with ``server_key`` (``farm worker`` always has one) the socket is a CURVE client pinned to that key
+  (:mod:`worker.keys`): a failed handshake ends the session at once, with the reason logged, and nothing
+  is sent in clear. Without one (in-process tests against a plain broker) it speaks plain ZMTP.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from farm import protocol as P
 from farm import model_folders
 from farm.blobs import file_sha256
 from worker import benchmark as bench
+from worker import keys
 from worker.blobcache import BlobCache
 from worker.executors import EXECUTORS, RUNTIMES, TaskContext, TaskFailure
 from worker.runtime import RuntimeCrashed, RuntimeProcess
@@ -59,7 +63,8 @@ def gpu_assignment(gpus: str, slots: int) -> list[str]:
 class WorkerDaemon:
     def __init__(self, coordinator: str, cache_dir: Path, slots: int = 1, wallet: str = "",
                  gpus: str = "all", worker_id: str | None = None, cache_bytes: int = C.WORKER_CACHE_BYTES,
-                 models: list[Path] | None = None, benchmark: str = "auto"):
+                 models: list[Path] | None = None, benchmark: str = "auto", server_key: bytes | None = None,
+                 enroll_token: str = ""):
         self.endpoint = coordinator
         self.dir = Path(cache_dir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +72,9 @@ class WorkerDaemon:
         self.slots = slots
         self.wallet = wallet
         self.id = worker_id or self._load_id()
+        self.server_key = server_key
+        self.keypair = keys.worker_keypair(self.dir) if server_key else None
+        self.enroll_token = enroll_token
         self.gpu_args = gpu_assignment(gpus, slots)
         self.model_dirs = model_folders.configured_dirs() if models is None else [Path(m) for m in models]
         self.models: list[model_folders.ModelFolder] = []  # found, checked and hashed in start_runtimes
@@ -170,12 +178,20 @@ class WorkerDaemon:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1000)
+        poller = zmq.asyncio.Poller()
+        poller.register(sock, zmq.POLLIN)
+        watch = None
+        if self.server_key:
+            keys.secure_client(sock, self.server_key, self.keypair)
+            watch = keys.HandshakeWatch(sock, self.endpoint, self.keypair[0])
+            poller.register(watch.socket, zmq.POLLIN)
         sock.connect(self.endpoint)
         self.sock = sock
         interval = C.HEARTBEAT_INTERVAL
         welcomed = False
         try:
-            self.send(P.Hello(self.id, self.wallet, self.slots, self.capabilities(), self._held()))
+            self.send(P.Hello(self.id, self.wallet, self.slots, self.capabilities(), self._held(),
+                              enroll_token=self.enroll_token))
             last_recv = time.monotonic()
             next_hb = time.monotonic() + interval
             while not self.stopping.is_set():
@@ -186,7 +202,13 @@ class WorkerDaemon:
                     if welcomed:
                         self.send(P.Heartbeat(self._held()))
                     next_hb = now + interval
-                if not await sock.poll(int(max(0.01, min(next_hb - now, interval)) * 1000)):
+                ready = dict(await poller.poll(int(max(0.01, min(next_hb - now, interval)) * 1000)))
+                if watch is not None and watch.socket in ready:
+                    failure = await watch.drain()
+                    if failure:  # libzmq would retry the handshake every 100 ms: back off instead
+                        log.error("%s", failure)
+                        return welcomed
+                if sock not in ready:
                     continue
                 try:
                     msg = P.decode(await sock.recv_multipart())
@@ -210,6 +232,8 @@ class WorkerDaemon:
             return welcomed
         finally:
             self.sock = None
+            if watch is not None:
+                watch.close()
             sock.close(0)
 
     def _dispatch(self, msg: Any) -> None:
@@ -406,7 +430,8 @@ class WorkerDaemon:
 
 
 def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, worker_id: str | None,
-         models: list[str] | None = None, benchmark: str = "auto") -> None:
+         models: list[str] | None = None, benchmark: str = "auto", server_key: bytes | None = None,
+         enroll_token: str = "") -> None:
     import signal
     from farm.logs import setup
     setup()
@@ -414,7 +439,10 @@ def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, 
     async def _main() -> None:
         daemon = WorkerDaemon(coordinator, cache_dir, slots, wallet, gpus, worker_id,
                               models=model_folders.configured_dirs(models) if models else None,
-                              benchmark=benchmark)
+                              benchmark=benchmark, server_key=server_key, enroll_token=enroll_token)
+        if server_key:
+            print(f"worker {daemon.id}: key {daemon.keypair[0].decode()}; pins the coordinator key "
+                  f"{server_key.decode()}", flush=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, daemon.stop)

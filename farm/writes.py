@@ -1,0 +1,206 @@
+"""Write-behind for the coordinator's step: the rows one transaction changes, sent as a few executemany
+statements instead of one ORM unit-of-work entry per object.
+
+An ORM flush costs about ten times a Core executemany per row (object state, history, one statement per
+dirty object), and the step's hot path (lease, RESULT, accept) writes ~8 rows per task: task updates,
+Event and Attempt rows, Output rows, job and worker counters. :class:`StepSession` is the session of one
+:meth:`farm.coordinator.Coordinator.step`; :func:`set_values` and :func:`add_row` write through its buffer
+(and through plain ORM attributes on any other session, so the same code serves the API's sessions).
+
+Invariants:
+
+* a row updated through the buffer is updated in memory too (the session's instance, when loaded), with
+  no ORM history, so reads in the step see the new values and the ORM never writes them a second time;
+* writes reach the database in the order they were made: the buffer is written before every ORM
+  statement of the session (a query sees it) and before every ORM flush, and a buffered write made while
+  the ORM has unflushed changes flushes those first;
+* nothing is written outside the session's transaction: a rollback drops the buffer with the session.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sqlalchemy import JSON, and_, bindparam, event, insert, inspect, update
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.orm.util import identity_key
+from sqlmodel import Session
+
+
+class Writes:
+    """The buffered updates (coalesced per row: one statement row per row and flush) and inserts of one
+    session."""
+
+    def __init__(self, session: "StepSession"):
+        self.session = session
+        self.updates: dict[tuple[type, tuple], dict[str, Any]] = {}
+        self.inserts: list[tuple[type, dict[str, Any]]] = []
+        self.statements = 0  # executemany statements sent (for benchmarks and tests)
+
+    def _order(self) -> None:
+        # ORM changes made before this write must reach the database before it (they would come after
+        # the buffer otherwise); _is_clean is the session's own O(1) test for pending changes.
+        if not self.session._is_clean():
+            self.session.flush()
+
+    def update(self, state: InstanceState, values: dict[str, Any]) -> None:
+        self._order()
+        _set_committed(state, values)
+        key = (state.class_, state.identity)
+        pending = self.updates.get(key)
+        if pending is None:
+            self.updates[key] = dict(values)
+        else:
+            pending.update(values)
+
+    def update_key(self, model: type, pk: Any, values: dict[str, Any]) -> None:
+        """Update the row of ``model`` with primary key ``pk``, loaded or not."""
+        self._order()
+        pk = pk if isinstance(pk, tuple) else (pk,)
+        row = self.session.identity_map.get(identity_key(model, pk))
+        if row is not None:
+            _set_committed(instance_state(row), values)
+        self.updates.setdefault((model, pk), {}).update(values)
+
+    def insert(self, model: type, values: dict[str, Any]) -> None:
+        self._order()
+        for name, default in _python_defaults(model):  # what the ORM or Core would fill in
+            if name not in values:
+                values[name] = default.arg if default.is_scalar else default.arg(None)
+        self.inserts.append((model, values))
+
+    def flush(self) -> None:
+        if not (self.inserts or self.updates):
+            return
+        inserts, updates = self.inserts, self.updates
+        self.inserts, self.updates = [], {}
+        conn = self.session.connection()
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for model, values in inserts:  # dicts keep first-seen order: rows of one table stay in order
+            groups.setdefault((model, "insert", tuple(values)), []).append(values)
+        for (model, pk), values in updates.items():
+            groups.setdefault((model, "update", tuple(sorted(values))), []).append(
+                {**{f"_pk{i}": v for i, v in enumerate(pk)}, **values})
+        for key, rows in groups.items():
+            _compiled(conn.dialect, *key).run(conn, rows)
+            self.statements += 1
+
+
+def _set_committed(state: InstanceState, values: dict[str, Any]) -> None:
+    """:func:`sqlalchemy.orm.attributes.set_committed_value` for several column attributes at once: the
+    values become the loaded state, with no history for the ORM to flush."""
+    state.dict.update(values)
+    state._commit(state.dict, values)
+
+
+@functools.cache
+def _python_defaults(model: type) -> list[tuple[str, Any]]:
+    return [(c.key, c.default) for c in model.__table__.columns
+            if c.default is not None and (c.default.is_scalar or c.default.is_callable)]
+
+
+class _Compiled:
+    """An INSERT or UPDATE compiled once for a dialect, run with the driver's executemany. (SQLAlchemy's
+    own executemany processes every parameter of every row in Python, which costs more than SQLite's work
+    for these small rows.) Values go through the column types' bind processors, as SQLAlchemy would."""
+
+    def __init__(self, dialect, model: type, op: str, keys: tuple[str, ...]):
+        table = model.__table__
+        if op == "insert":  # inline: no RETURNING of the new ids (nobody reads them)
+            stmt = insert(table).inline().values({k: bindparam(f"v_{k}") for k in keys})
+            cols = {f"v_{k}": table.c[k] for k in keys}
+        else:
+            pks = inspect(model).primary_key
+            stmt = (update(table).where(and_(*[c == bindparam(f"_pk{i}") for i, c in enumerate(pks)]))
+                    .values({k: bindparam(f"v_{k}") for k in keys}))
+            cols = {**{f"_pk{i}": c for i, c in enumerate(pks)}, **{f"v_{k}": table.c[k] for k in keys}}
+        self.stmt = stmt
+        # JSON values: the drivers' adaptation differs (psycopg needs SQLAlchemy's wrapping); those rare
+        # statements go through SQLAlchemy's executemany
+        self.raw = not any(isinstance(c.type, JSON) for c in cols.values())
+        compiled = stmt.compile(dialect=dialect)
+        self.sql = compiled.string
+        self.names = list(compiled.positiontup) if compiled.positional else list(compiled.binds)
+        self.positional = compiled.positional
+        procs = [cols[n].type.bind_processor(dialect) for n in self.names]
+        # parameter name → (row key, processor): row dicts hold column names (and _pk0 …)
+        self.fields = [(n[2:] if n.startswith("v_") else n, p) for n, p in zip(self.names, procs)]
+
+    def run(self, conn, rows: list[dict[str, Any]]) -> None:
+        fields = self.fields
+        if not self.raw:
+            conn.execute(self.stmt, [{n: r[k] for n, (k, _p) in zip(self.names, fields)} for r in rows])
+        elif self.positional:
+            conn.exec_driver_sql(self.sql, [tuple(p(r[k]) if p else r[k] for k, p in fields) for r in rows])
+        else:
+            conn.exec_driver_sql(self.sql, [{n: (p(r[k]) if p else r[k]) for n, (k, p) in zip(self.names, fields)}
+                                            for r in rows])
+
+
+_COMPILED: dict[tuple, _Compiled] = {}
+
+
+def _compiled(dialect, model: type, op: str, keys: tuple[str, ...]) -> _Compiled:
+    key = (type(dialect), dialect.paramstyle, model, op, keys)
+    stmt = _COMPILED.get(key)
+    if stmt is None:
+        stmt = _COMPILED[key] = _Compiled(dialect, model, op, keys)
+    return stmt
+
+
+class StepSession(Session):
+    """A session whose :func:`set_values` / :func:`add_row` writes are buffered until the next statement,
+    flush or commit. ``expire_on_commit=False`` as in :func:`farm.db.session`."""
+
+    def __init__(self, engine):
+        super().__init__(engine, expire_on_commit=False)
+        self.writes = Writes(self)
+
+    def flush(self, objects=None) -> None:
+        self.writes.flush()
+        super().flush(objects)
+
+    def commit(self) -> None:
+        self.writes.flush()
+        super().commit()
+
+
+@event.listens_for(StepSession, "do_orm_execute")
+def _before_statement(state) -> None:  # every ORM statement, Session.get loads included
+    state.session.writes.flush()
+
+
+def set_values(session, row: Any, **values: Any) -> None:
+    """Set columns of ``row`` (a mapped instance of ``session``): buffered in a step session, plain ORM
+    attribute changes otherwise."""
+    w = getattr(session, "writes", None)
+    if w is not None:
+        state = instance_state(row)
+        # persistent in this session (a new row is inserted by the ORM, with these values)
+        if state.persistent and state.session_id == session.hash_key:
+            w.update(state, values)
+            return
+    for k, v in values.items():
+        setattr(row, k, v)
+    session.add(row)
+
+
+def add_row(session, model: type, **values: Any) -> None:
+    """Insert a row nobody reads back in this transaction by its object (its id is not needed)."""
+    w = getattr(session, "writes", None)
+    if w is not None:
+        w.insert(model, values)
+    else:
+        session.add(model(**values))
+
+
+def update_row(session, model: type, pk: Any, **values: Any) -> None:
+    """Update the row of ``model`` with primary key ``pk`` without loading it (buffered in a step session)."""
+    w = getattr(session, "writes", None)
+    if w is not None:
+        w.update_key(model, pk, values)
+        return
+    row = session.get(model, pk)
+    if row is not None:
+        set_values(session, row, **values)
