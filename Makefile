@@ -50,6 +50,7 @@ $(ANVIL_BIN):
 bench: install
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/dispatch.py
+	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/diffusion.py
 	$(BIN)/python bench/gas.py
 	$(BIN)/python bench/verify.py

@@ -1,6 +1,7 @@
 """Dispatch throughput: null tasks through the real coordinator, against a raw ZeroMQ echo ceiling.
 
-    python bench/dispatch.py [--quick] [--profile] [--broker-thread] [--n 1,10,50] [--tasks T] [--repeat R]
+    python bench/dispatch.py [--quick] [--profile] [--broker-thread] [--procs K] [--n 1,10,50] [--tasks T]
+                             [--repeat R]
 
 For each worker count N, two runs, side by side in this one process (alternating, ``--repeat`` times,
 medians reported):
@@ -15,6 +16,10 @@ medians reported):
 * **echo**: the same worker code against a bare ROUTER that answers READY with a pre-encoded TASK and
   RESULT with a pre-encoded ACK (no decoding, no database): the physical ceiling of this harness. One
   task is two request→reply round trips (READY→TASK, RESULT→ACK).
+
+By default the workers run on the broker's asyncio loop, so their Python shares the coordinator process's
+GIL (and the echo's ceiling counts their cost too). ``--procs K`` runs them in K child processes instead,
+as remote workers would be, for both the farm and the echo runs.
 
 After every farm run the database is checked: each task accepted exactly once (attempt 1, one Attempt
 row, one Output row), the job ``rendered``, and every ACK accepted and distinct. ``--profile`` adds one

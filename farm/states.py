@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any
 
 from farm.writes import add_row, set_values
 
@@ -78,13 +77,14 @@ class IllegalTransition(ValueError):
     """A status change that the transition table does not allow."""
 
 
+_ALLOWED = frozenset([("job", a.value, b.value) for a, bs in JOB_TRANSITIONS.items() for b in bs]
+                     + [("task", a.value, b.value) for a, bs in TASK_TRANSITIONS.items() for b in bs])
+"""The two tables as (kind, old, new) triples of plain strings: one set lookup per transition."""
+
+
 def can_transition(kind: str, old: str, new: str) -> bool:
-    table: dict[Any, frozenset[Any]] = JOB_TRANSITIONS if kind == "job" else TASK_TRANSITIONS
-    enum_t = JobStatus if kind == "job" else TaskStatus
-    try:
-        return enum_t(new) in table[enum_t(old)]
-    except ValueError:
-        return False
+    kind = "job" if kind == "job" else "task"
+    return (kind, str(getattr(old, "value", old)), str(getattr(new, "value", new))) in _ALLOWED
 
 
 def transition(session, row, new: str | enum.Enum, *, reason: str = "", worker_id: str | None = None,

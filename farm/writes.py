@@ -165,6 +165,11 @@ class StepSession(Session):
         self.writes.flush()
         super().commit()
 
+    def rollback(self) -> None:
+        self.writes.inserts.clear()
+        self.writes.updates.clear()
+        super().rollback()
+
 
 @event.listens_for(StepSession, "do_orm_execute")
 def _before_statement(state) -> None:  # every ORM statement, Session.get loads included
