@@ -65,7 +65,7 @@ def test_three_honest_workers_and_one_cheater_per_mode(farm, worker, tmp_path, r
     assert len(caught_modes) >= 5, summary
     print("\ncheaters (jobs touched, jobs caught in, tasks it was credited, tier):", summary)
     for w in honest:
-        assert w.alive()
+        assert w.alive
 
 
 @pytest.mark.slow
