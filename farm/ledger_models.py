@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -50,7 +50,7 @@ class Settlement(SQLModel, table=True):
     status: str = Field(default="new", index=True)
     estimate: str = "0"
     deposit: str = "0"
-    deadline: int = 0
+    deadline: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))  # unix time past 2038
     round: int = 0                 # round of the list posted on chain
     payout_round: int = 0          # newest list computed here
     payouts_hash: str = ""         # hash of the newest computed list
@@ -74,7 +74,7 @@ class Payout(SQLModel, table=True):
     round: int
     worker_id: str
     wallet: str = ""
-    work_ms: int = 0
+    work_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     tasks: int = 0
     amount: str = "0"
     status: str = "computed"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -174,7 +174,7 @@ class JobWorker(SQLModel, table=True):
 class Blob(SQLModel, table=True):
     """A content-addressed file in the blob store (path derived from the hash)."""
     sha256: str = Field(primary_key=True, max_length=64)
-    size: int
+    size: int = Field(sa_column=Column(BigInteger, nullable=False))  # blobs reach 4 GiB: 64-bit on PostgreSQL
     origin: str = "upload"  # upload | worker
     created_at: float = Field(default_factory=_now)
 
@@ -190,7 +190,7 @@ class Output(SQLModel, table=True):
     frame: int
     name: str
     sha256: str
-    size: int
+    size: int = Field(sa_column=Column(BigInteger, nullable=False))  # blobs reach 4 GiB: 64-bit on PostgreSQL
     final: bool = True
     worker_id: str = ""
     render_seconds: float = 0.0

@@ -109,6 +109,29 @@ def test_fresh_database_is_at_head_and_matches_the_models(db_url):
     engine.dispose()
 
 
+def test_sizes_past_2_gib_and_times_past_2038_are_stored(db_url):
+    from farm.ledger_models import Payout, Settlement
+    from farm.models import Blob
+    engine = make_engine(db_url)
+    big = 3 * 2**30 + 7  # a 3 GiB blob: MAX_UPLOAD_BYTES is 4 GiB (PostgreSQL INTEGER stops at 2 GiB)
+    with session(engine) as s:
+        s.add(Blob(sha256="ab" * 32, size=big))
+        user = User(name="u", token_hash="h")
+        s.add(user)
+        s.flush()
+        job = Job(owner_id=user.id)
+        s.add(job)
+        s.flush()
+        s.add(Settlement(job_id=job.id, escrow_job="1", deadline=2**33))
+        s.add(Payout(job_id=job.id, round=1, worker_id="w", wallet="", work_ms=2**40, amount="0"))
+        s.commit()
+    with session(engine) as s:
+        assert s.get(Blob, "ab" * 32).size == big
+        assert s.exec(select(Settlement.deadline)).one()[0] == 2**33
+        assert s.exec(select(Payout.work_ms)).one()[0] == 2**40
+    engine.dispose()
+
+
 @pytest.mark.parametrize("revision", list(migrate.CREATE_ALL_ERA))
 def test_database_made_before_migrations_is_adopted(db_url, revision):
     # the revision without its alembic_version table: what create_all made at that commit
