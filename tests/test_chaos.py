@@ -79,10 +79,11 @@ class Chaos:
     restarted at once (its lease is lost when it says HELLO without the task) or, every other time, after
     DOWN_SECONDS (lost when its heartbeats are missed); the coordinator once, with every worker connected."""
 
-    def __init__(self, farm, procs, tmp_path, seed: int):
+    def __init__(self, farm, procs, tmp_path, seed: int, db: str | None = None):
         self.rng = random.Random(seed)
         self.seed = seed
-        self.f: localfarm.Coordinator = farm(CHAOS_ENV)
+        self.db = db
+        self.f: localfarm.Coordinator = farm(CHAOS_ENV, db=db)
         self.workers: dict[str, localfarm.WorkerProc] = {}
         self.greeted: dict[str, int] = {}   # worker → its welcomes when it was last started
         self.down: dict[str, float] = {}    # killed worker → when to start it again
@@ -155,10 +156,11 @@ class Chaos:
         print(f"coordinator back and every worker reconnected {time.monotonic() - t:.1f} s after the kill")
 
 
-def test_chaos_kills_lose_no_frame_and_pay_no_task_twice(farm, procs, reference_100, tmp_path):
+def test_chaos_kills_lose_no_frame_and_pay_no_task_twice(farm, procs, reference_100, tmp_path, db_url):
+    # on SQLite and on PostgreSQL (the coordinator's state lives in the given database)
     seed = int(os.environ.get("CHAOS_SEED") or time.time_ns() % 1_000_000)
     print(f"chaos seed {seed} (CHAOS_SEED={seed} replays this kill schedule)")
-    chaos = Chaos(farm, procs, tmp_path, seed)
+    chaos = Chaos(farm, procs, tmp_path, seed, db=db_url)
     alice = chaos.f.creator("alice")
     wait_workers(alice, len(WORKERS), timeout=120)
     job = submit_sample(alice, f"{FRAMES[0]}-{FRAMES[-1]}", chunk=1)
@@ -183,7 +185,7 @@ def test_chaos_kills_lose_no_frame_and_pay_no_task_twice(farm, procs, reference_
     wait_for(lambda: alice.payment(job["id"])["status"] == "paid", 60, interval=0.2, what="the job paid")
     assert alice.job(job["id"])["status"] == "paid"
 
-    db = read_job(chaos.f, job["id"])
+    db = read_job(chaos.f, job["id"], db_url)
     assert [a for a in db.attempts if a.outcome == "leased"] == [], "an attempt was left leased"
     outcomes = Counter(a.outcome for a in db.attempts)
     print(f"attempts: {dict(outcomes)}; checks: {len(db.tasks) - len(FRAMES)} tasks; events: {len(db.events)}")
@@ -200,10 +202,10 @@ def test_chaos_kills_lose_no_frame_and_pay_no_task_twice(farm, procs, reference_
           f"{outcomes['lost']} leases lost")
 
 
-def read_job(f: localfarm.Coordinator, job_id: int) -> SimpleNamespace:
-    """The job's rows in the farm's SQLite file: tasks, attempts, events (in order), outputs, accepted
+def read_job(f: localfarm.Coordinator, job_id: int, db: str) -> SimpleNamespace:
+    """The job's rows in the farm's database: tasks, attempts, events (in order), outputs, accepted
     work (farm.pricing), settlement and the payout rows of its newest round."""
-    engine = make_engine(f"sqlite:///{f.data / 'farm.db'}", upgrade=False)
+    engine = make_engine(db, upgrade=False)
     try:
         with new_session(engine) as s:
             st = s.get(Settlement, job_id)
