@@ -9,9 +9,11 @@ when another upload starts. A probe (an empty chunk) never creates one.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +53,7 @@ class BlobStore:
     def __init__(self, root: Path, max_bytes: int = MAX_UPLOAD_BYTES, max_partials: int = MAX_PARTIALS,
                  partial_idle: float = PARTIAL_IDLE_SECONDS):
         self.root = Path(root)
+        self._root = str(self.root)
         self.max_bytes = max_bytes
         self.max_partials = max_partials
         self.partial_idle = partial_idle
@@ -66,6 +69,19 @@ class BlobStore:
 
     def size(self, sha: str) -> int:
         return self.path(sha).stat().st_size
+
+    def file_size(self, sha: str) -> int | None:
+        """The size of blob ``sha``, None when it is not stored (``has`` and ``size`` in one stat)."""
+        check_sha(sha)
+        try:
+            st = os.stat(os.path.join(self._root, sha[:2], sha))
+        except OSError as exc:  # as Path.is_file: these mean "not there", others are raised
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+                return None
+            raise
+        except ValueError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def missing(self, hashes: Iterable[str]) -> list[str]:
         return [h for h in dict.fromkeys(hashes) if not self.has(h)]

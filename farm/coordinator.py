@@ -14,13 +14,15 @@ sockets, so tests drive it directly. Invariants:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections import defaultdict
 from typing import Any, Callable
 
-from sqlalchemy import and_, bindparam, func, or_, update
+from sqlalchemy import Text, and_, bindparam, func, or_, type_coerce, update
 from sqlalchemy.orm import defer
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlmodel import Session, select
 
 from farm import constants as C
@@ -35,15 +37,88 @@ from farm.models import Blob as BlobRow
 from farm.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, fits
 from farm.states import JOB_SCHEDULABLE, TASK_LEASED, JobStatus, TaskStatus, transition
 from farm.verification import Verifier, is_check, public_spec
-from farm.writes import StepSession, add_row, set_values, update_row
+from farm.writes import PlainRow, StepSession, add_row, set_values, update_row
 
 log = logging.getLogger("farm.coordinator")
 
 Outgoing = list[tuple[bytes, Any]]
 LEASED = tuple(s.value for s in TASK_LEASED)
 
+
+def _get(s: Session, model: type, pk):
+    """``s.get(model, pk)``, without its overhead when the row is loaded already (prefetched)."""
+    obj = s.identity_map.get((model, (pk,), None))
+    if obj is not None:
+        state = instance_state(obj)
+        if not state.expired and not state._deleted:
+            return obj
+    return s.get(model, pk)
+
+
+def _json(value):
+    """A JSON column read as text (SQLite), or already decoded by the driver (psycopg)."""
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+class QueuedTask(PlainRow):
+    """A queued task as the assignment reads it: plain columns, no ORM instance, its JSON columns decoded
+    only when read (the window holds more rows than are leased); :func:`set_values` and
+    :func:`transition` update it by primary key like a loaded Task."""
+    __slots__ = ("id", "job_id", "index", "kind", "priority", "_spec", "_inputs", "status", "attempt",
+                 "_failed", "check_id", "worker_id", "lease_expires", "progress_done", "updated_at")
+    model = Task
+
+    def __init__(self, id, job_id, index, kind, priority, spec, inputs, status, attempt, failed_workers, check_id):
+        self.id, self.job_id, self.index, self.kind, self.priority = id, job_id, index, kind, priority
+        self._spec, self._inputs, self.status, self.attempt = spec, inputs, status, attempt
+        self._failed, self.check_id = failed_workers, check_id
+
+    @property
+    def spec(self) -> dict:
+        if isinstance(self._spec, (str, bytes)):
+            self._spec = _json(self._spec)
+        return self._spec
+
+    @property
+    def inputs(self) -> list:
+        if isinstance(self._inputs, (str, bytes)):
+            self._inputs = _json(self._inputs)
+        return self._inputs
+
+    @property
+    def failed_workers(self) -> list:
+        if isinstance(self._failed, (str, bytes)):
+            self._failed = _json(self._failed)
+        return self._failed
+
+
+# the JSON columns as stored (text on SQLite): decoded by QueuedTask when read
+_QCOLS = (Task.id, Task.job_id, Task.index, Task.kind, Task.priority, type_coerce(Task.spec, Text),
+          type_coerce(Task.inputs, Text), Task.status, Task.attempt, type_coerce(Task.failed_workers, Text),
+          Task.check_id)
+_NQ = len(_QCOLS)  # and then the job's id
+# the JSON columns of a leased task, kept in memory from its lease to its end (Coordinator._specs)
+_JSON = ("spec", "inputs", "failed_workers")
+_SPECS_MAX = 100_000
+
+
+def _queued_rows(s: Session, rows) -> list[tuple[QueuedTask, Job]]:
+    """The window's rows with their jobs, each loaded once (from the session when there already; a row
+    per task would decode the job's spec per task)."""
+    jobs: dict[int, Job] = {}
+    out = []
+    for r in rows:
+        jid = r[_NQ]
+        job = jobs.get(jid)
+        if job is None:
+            job = jobs[jid] = s.get(Job, jid)
+        out.append((QueuedTask(*r[:_NQ]), job))
+    return out
+
+
 # Statements of the hot path, built once (building one costs about as much as running it).
-_QUEUED = (select(Task, Job).join(Job, Job.id == Task.job_id).where(Task.status == TaskStatus.queued.value)
+_QUEUED = (select(*_QCOLS, Job.id).select_from(Task).join(Job, Job.id == Task.job_id)
+           .where(Task.status == TaskStatus.queued.value)
            .where(or_(Job.status.in_([x.value for x in JOB_SCHEDULABLE]), Task.check_id.is_not(None))))
 _TOP = select(func.max(Task.priority)).where(Task.status == TaskStatus.queued.value)
 _NEXT_LEVEL = _TOP.where(Task.priority < bindparam("p"))
@@ -55,11 +130,15 @@ _WINDOW_BELOW = (_QUEUED.where(Task.priority < bindparam("p")).order_by(Task.pri
 _BLOCKED = (select(JobWorker.job_id, JobWorker.worker_id)
             .where(JobWorker.job_id.in_(bindparam("jobs", expanding=True))).where(JobWorker.blocked))
 # each task of a batch, its job, the worker holding it and its current lease (Attempt id and start)
-_PREFETCH = (select(Task, Job, Worker, Attempt.id, Attempt.started_at)
-             .join(Job, Job.id == Task.job_id).outerjoin(Worker, Worker.id == Task.worker_id)
+# (their jobs: _JOBS, one row per job)
+_PREFETCH = (select(Task, Worker, Attempt.id, Attempt.started_at)
+             .outerjoin(Worker, Worker.id == Task.worker_id)
              .outerjoin(Attempt, and_(Attempt.task_id == Task.id, Attempt.attempt == Task.attempt,
                                       Attempt.outcome == "leased"))
-             .where(Task.id.in_(bindparam("ids", expanding=True))).options(defer(Worker.capabilities)))
+             .where(Task.id.in_(bindparam("ids", expanding=True)))
+             .options(defer(Worker.capabilities), *(defer(getattr(Task, c)) for c in _JSON)))
+_JOBS = select(Job).where(Job.id.in_(bindparam("ids", expanding=True)))
+_JSON_OF = select(Task.id, *(getattr(Task, c) for c in _JSON)).where(Task.id.in_(bindparam("ids", expanding=True)))
 
 
 class Coordinator:
@@ -76,6 +155,9 @@ class Coordinator:
         self._last_sweep = 0.0
         self.stats = defaultdict(int)
         self._needed: dict[int, frozenset[int]] = {}  # job id → ids of its tasks that other tasks wait for
+        # (task id, attempt) → its (spec, inputs, failed_workers) as leased, committed leases only: a lease's
+        # task is not changed until the lease ends, so RESULT and friends need not read and decode them again
+        self._specs: dict[tuple[int, int], tuple] = {}
         self.verifier = Verifier(self, enabled=verify, seed=None if scheduler is None else scheduler.rng.random())
         with new_session(engine) as s:  # a restart: nobody is connected until they say HELLO again
             s.exec(update(Worker).where(Worker.online).values(online=False))
@@ -95,6 +177,7 @@ class Coordinator:
                         self._dispatch(s, ident, msg, now, out)
                     self._maintain(s, now, out)
                     s.commit()
+                    self._committed(s)
         except Exception:  # a handler bug must not take the coordinator down: retry one by one
             log.exception("batch of %d failed; retrying its messages one at a time", len(batch))
             out = []
@@ -108,6 +191,7 @@ class Coordinator:
                             else:
                                 self._handle(s, frames, now, one)
                             s.commit()
+                            self._committed(s)
                     out += one
                 except Exception:
                     log.exception("dropping a message that could not be handled")
@@ -115,6 +199,14 @@ class Coordinator:
                         out.append((frames[0], P.Error("internal error handling this message; it was dropped")))
         out, self.pending = self.pending + out, []
         return out
+
+    def _committed(self, s: Session) -> None:
+        """Keep the JSON columns of the leases granted by a committed step (a rolled-back one's are dropped)."""
+        new = s.info.get("specs")
+        if new:
+            if len(self._specs) + len(new) > _SPECS_MAX:
+                self._specs.clear()
+            self._specs.update(new)
 
     @contextlib.contextmanager
     def _undo_on_error(self):
@@ -183,8 +275,23 @@ class Coordinator:
         if not task_ids:
             return []
         rows = s.exec(_PREFETCH, params={"ids": list(task_ids)}).all()
-        s.info["leased"] = {(t.id, t.attempt): (att, started) for t, _, _, att, started in rows if att is not None}
-        return rows
+        s.info["leased"] = {(t.id, t.attempt): (att, started) for t, _, att, started in rows if att is not None}
+        jobs = s.exec(_JOBS, params={"ids": list({t.job_id for t, *_ in rows})}).all()
+        # the JSON columns are deferred: set from the leases' copies, read (in one query) for the others
+        specs, missing = self._specs, {}
+        for t, *_ in rows:
+            if "spec" not in t.__dict__:  # not loaded before in this session
+                cached = specs.get((t.id, t.attempt)) if t.status in LEASED else None
+                if cached is None:
+                    missing[t.id] = t
+                else:
+                    for name, value in zip(_JSON, cached):
+                        set_committed_value(t, name, value)
+        if missing:
+            for tid, *values in s.exec(_JSON_OF, params={"ids": list(missing)}).all():
+                for name, value in zip(_JSON, values):
+                    set_committed_value(missing[tid], name, value)
+        return [rows, jobs]
 
     def _dispatch(self, s: Session, ident: bytes | None, msg, now: float, out: Outgoing) -> None:
         if ident is None:
@@ -284,7 +391,7 @@ class Coordinator:
             out.append((conn.identity, P.Error(str(exc))))
             return
         for task_id, attempt in pairs:
-            task = s.get(Task, task_id)
+            task = _get(s, Task, task_id)
             if self._holds(task, conn, attempt) and task.lease_expires - now < C.LEASE_SECONDS / 2:
                 set_values(s, task, lease_expires=now + C.LEASE_SECONDS)
             elif not self._holds(task, conn, attempt):
@@ -304,7 +411,7 @@ class Coordinator:
                       .where(Attempt.attempt == task.attempt)).first()
 
     def _on_progress(self, s, conn: Conn, msg: P.Progress, now, out) -> None:
-        task = s.get(Task, msg.task_id)
+        task = _get(s, Task, msg.task_id)
         if not self._holds(task, conn, msg.attempt):
             out.append((conn.identity, P.Cancel(msg.task_id, msg.attempt, "stale attempt: stop working on it")))
             return
@@ -314,22 +421,24 @@ class Coordinator:
                    lease_expires=now + C.LEASE_SECONDS)
 
     def _on_result(self, s, conn: Conn, msg: P.Result, now, out) -> None:
-        task = s.get(Task, msg.task_id)
+        task = _get(s, Task, msg.task_id)
         if not self._holds(task, conn, msg.attempt):
             self.stats["stale"] += 1
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False,
                                              "stale attempt: this task was re-leased; result discarded")))
             return
-        problem = self._check_outputs(task, msg.outputs)
+        self._specs.pop((task.id, task.attempt), None)
+        sizes: dict[str, int] = {}
+        problem = self._check_outputs(task, msg.outputs, sizes)
         suspicious = ""
         if not problem:
             problem, suspicious = self.verifier.inspect(s, task, msg.outputs)
-        w = s.get(Worker, conn.worker_id)
+        w = _get(s, Worker, conn.worker_id)
         if problem:
             self._fail(s, task, conn.worker_id, f"invalid result: {problem}", True, now, out, "invalid_result")
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, problem)))
             return
-        job = s.get(Job, task.job_id)
+        job = _get(s, Job, task.job_id)
         att = s.info.get("leased", {}).get((task.id, task.attempt))  # (row id, lease start), prefetched
         if att is None and (row := self._attempt(s, task)) is not None:
             att = row.id, row.started_at
@@ -337,9 +446,9 @@ class Coordinator:
         if att:  # a worker cannot claim more time than the lease lasted
             seconds = min(seconds, max(0.0, now - att[1]))
             update_row(s, Attempt, att[0], outcome="done", ended_at=now, render_seconds=seconds)
-        transition(s, task, TaskStatus.done, worker_id=conn.worker_id, attempt=task.attempt, now=now)
-        set_values(s, task, render_seconds=seconds, progress_done=task.progress_total, worker_id=None,
-                   lease_expires=None)
+        transition(s, task, TaskStatus.done, worker_id=conn.worker_id, attempt=task.attempt, now=now,
+                   values=dict(render_seconds=seconds, progress_done=task.progress_total, worker_id=None,
+                               lease_expires=None))
         self.stats["results"] += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("result stored (%.2f s)", seconds, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
@@ -353,7 +462,8 @@ class Coordinator:
         final = bool(task.spec.get("final", True))
         for o in msg.outputs:
             add_row(s, Output, job_id=task.job_id, task_id=task.id, attempt=task.attempt, frame=o.get("frame", 0),
-                    name=o["name"], sha256=o["sha256"], size=self.blobs.size(o["sha256"]), final=final,
+                    name=o["name"], sha256=o["sha256"], size=sizes.get(o["sha256"]) or self.blobs.size(o["sha256"]),
+                    final=final,
                     worker_id=conn.worker_id, render_seconds=float(o.get("seconds", 0.0)))
         if w is not None and self.verifier.on_result(s, task, job, w, suspicious, now):
             return
@@ -362,13 +472,14 @@ class Coordinator:
     def accept(self, s: Session, task: Task, job: Job, worker_id: str, now: float) -> None:
         """Count a stored (and, when checked, verified) result as good work: meter it, release the tasks
         waiting for it, and mark the job rendered when it was the last."""
-        transition(s, task, TaskStatus.accepted, reason="outputs stored", worker_id=worker_id,
-                   attempt=task.attempt, now=now)
-        w = s.get(Worker, worker_id)
+        w = _get(s, Worker, worker_id)
+        units = None
         if w:
             runtime = RUNTIME_FOR_KIND.get(task.kind, task.kind)
             units = round(task.render_seconds * (R.speed(w, runtime) or 1.0), 6)
-            set_values(s, task, work_units=units)
+        transition(s, task, TaskStatus.accepted, reason="outputs stored", worker_id=worker_id,
+                   attempt=task.attempt, now=now, values=None if units is None else {"work_units": units})
+        if w:
             set_values(s, w, tasks_done=w.tasks_done + 1, render_seconds=w.render_seconds + task.render_seconds,
                        work_units=w.work_units + units)
         set_values(s, job, tasks_accepted=job.tasks_accepted + 1)
@@ -380,9 +491,10 @@ class Coordinator:
             if diffusion.on_job_status(s, job, now):  # img2img jobs waiting for these frames start
                 self.want_assign = True
 
-    def _check_outputs(self, task: Task, outputs: list[dict[str, Any]]) -> str:
+    def _check_outputs(self, task: Task, outputs: list[dict[str, Any]], sizes: dict[str, int] | None = None) -> str:
         """Why ``outputs`` is not a valid result of ``task`` ("" when it is): it must name exactly the
-        task's expected outputs, each uploaded, with well-typed fields."""
+        task's expected outputs, each uploaded, with well-typed fields. ``sizes``: filled with the sizes
+        of the uploaded outputs."""
         want = sorted(task.spec.get("outputs", []))
         for o in outputs:
             # types checked here, or building the Output rows raises and the RESULT is never answered
@@ -394,8 +506,11 @@ class Coordinator:
             return f"outputs are {got}, the task asked for {want}"
         for o in outputs:
             try:
-                if not self.blobs.has(o["sha256"]):
+                size = self.blobs.file_size(o["sha256"])
+                if size is None:
                     return f"output {o['name']} was not uploaded (BLOB_PUT it before RESULT)"
+                if sizes is not None:
+                    sizes[o["sha256"]] = size
             except BlobError as exc:
                 return f"output {o['name']}: {exc}"
         return ""
@@ -434,6 +549,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ failures and lost leases
     def _end_attempt(self, s: Session, task: Task, outcome: str, error: str, now: float) -> None:
+        self._specs.pop((task.id, task.attempt), None)
         att = self._attempt(s, task)
         if att and att.outcome == "leased":
             att.outcome, att.ended_at, att.error = outcome, now, error[:2000]
@@ -574,7 +690,7 @@ class Coordinator:
         """The first ``limit`` queued tasks, by priority then FIFO. Read one priority at a time: within one,
         the claim index (status, priority, job_id, index) gives the order, so the database reads ``limit``
         rows; ``ORDER BY priority DESC, job_id, index`` mixes directions and sorts every queued task."""
-        rows = s.exec(_WINDOW_TOP, params={"n": limit}).all()
+        rows = _queued_rows(s, s.exec(_WINDOW_TOP, params={"n": limit}).all())
         if len(rows) == limit:
             return rows
         level = rows[0][0].priority if rows else s.exec(_TOP).one()
@@ -582,9 +698,9 @@ class Coordinator:
             level = s.exec(_NEXT_LEVEL, params={"p": level}).one() if level is not None else None
             if level is None or len(rows) >= limit:
                 return rows
-            rows += s.exec(_WINDOW_AT, params={"p": level, "n": limit - len(rows)}).all()
+            rows += _queued_rows(s, s.exec(_WINDOW_AT, params={"p": level, "n": limit - len(rows)}).all())
         if len(rows) < limit:
-            rows += s.exec(_WINDOW_BELOW, params={"p": level, "n": limit - len(rows)}).all()
+            rows += _queued_rows(s, s.exec(_WINDOW_BELOW, params={"p": level, "n": limit - len(rows)}).all())
         return rows
 
     def _assign_rows(self, s: Session, rows: list[tuple[Task, Job]], free: list[Conn], left: int, now: float,
@@ -635,22 +751,25 @@ class Coordinator:
         runtimes = conn.capabilities.get("runtimes", ["blender"])
         kinds = sorted({k for k, r in RUNTIME_FOR_KIND.items() if r in runtimes} | set(runtimes))
         blocked = select(JobWorker.job_id).where(JobWorker.worker_id == conn.worker_id).where(JobWorker.blocked)
-        for task, job in s.exec(self._queued().where(Task.kind.in_(kinds)).where(Task.job_id.notin_(blocked))
-                                .order_by(Task.priority.desc(), Task.job_id, Task.index)
-                                .limit(conn.free * 4 + 16)).all():
+        for task, job in _queued_rows(s, s.exec(self._queued().where(Task.kind.in_(kinds))
+                                             .where(Task.job_id.notin_(blocked))
+                                             .order_by(Task.priority.desc(), Task.job_id, Task.index)
+                                             .limit(conn.free * 4 + 16)).all()):
             if conn.free > 0 and self._may_take(task, job, conn):  # kind fits; the model may not
                 self._lease(s, task, job, conn, now, out)
 
     def _lease(self, s: Session, task: Task, job: Job, conn: Conn, now: float, out: Outgoing) -> None:
-        set_values(s, task, attempt=task.attempt + 1, worker_id=conn.worker_id, lease_expires=now + C.LEASE_SECONDS,
-                   progress_done=0)
-        transition(s, task, TaskStatus.assigned, worker_id=conn.worker_id, attempt=task.attempt, now=now)
+        attempt = task.attempt + 1
+        transition(s, task, TaskStatus.assigned, worker_id=conn.worker_id, attempt=attempt, now=now,
+                   values=dict(attempt=attempt, worker_id=conn.worker_id, lease_expires=now + C.LEASE_SECONDS,
+                               progress_done=0))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("leased %s task", task.kind, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
         add_row(s, Attempt, task_id=task.id, job_id=task.job_id, attempt=task.attempt, worker_id=conn.worker_id,
                 started_at=now)
         if job.status in (JobStatus.queued.value, JobStatus.rejected.value) and not is_check(task):
             transition(s, job, JobStatus.active, reason="first task leased", now=now)
+        s.info.setdefault("specs", {})[(task.id, task.attempt)] = (task.spec, task.inputs, task.failed_workers)
         conn.free -= 1
         conn.held_blobs.update(task.inputs)
         conn.note_model(task.spec.get("model_hash"))

@@ -282,6 +282,63 @@ def _check(value: Any, tp: Any, where: str) -> None:
 _HINTS: dict[type, dict[str, Any]] = {cls: typing.get_type_hints(cls) for cls in MESSAGES.values()}
 
 
+# Fast validators: True only for values that _check accepts. A value they reject goes through _check,
+# which says why (or accepts it after all): the errors are _check's, without building its ``where``
+# strings for every valid element of every message.
+_INT64 = 2**63
+
+
+def _json_ok(v: Any, depth: int = 0) -> bool:
+    t = type(v)
+    if v is None or t is bool:
+        return True
+    if t is str:
+        return "\x00" not in v
+    if t is int:
+        return -_INT64 <= v < _INT64
+    if t is float:
+        return math.isfinite(v)
+    if t is list:
+        return depth < MAX_NESTING and all(_json_ok(x, depth + 1) for x in v)
+    if t is dict:
+        return depth < MAX_NESTING and all(type(k) is str and "\x00" not in k and _json_ok(x, depth + 1)
+                                           for k, x in v.items())
+    return False
+
+
+def _fast(tp: Any):
+    if tp is Any:
+        return _json_ok
+    if tp is int:
+        return lambda v: type(v) is int and -_INT64 <= v < _INT64
+    if tp is float:
+        return lambda v: (type(v) is float and math.isfinite(v)) or (type(v) is int and -_INT64 <= v < _INT64)
+    if tp is str:
+        return lambda v: type(v) is str and "\x00" not in v
+    if tp is type(None):
+        return lambda v: v is None
+    origin = typing.get_origin(tp)
+    if origin is list:
+        item = _fast(typing.get_args(tp)[0])
+        return lambda v: type(v) is list and all(item(x) for x in v)
+    if origin is dict:
+        key, val = (_fast(a) for a in typing.get_args(tp))
+        return lambda v: type(v) is dict and all(key(k) and val(x) for k, x in v.items())
+    if origin in (typing.Union, types.UnionType):
+        options = [_fast(a) for a in typing.get_args(tp)]
+        return lambda v: any(ok(v) for ok in options)
+    return lambda v: isinstance(v, tp)
+
+
+# per message class: its field names (and "command"), and per field (name, fast check, type, required)
+_NAMES: dict[type, frozenset[str]] = {cls: frozenset(h) | {"command"} for cls, h in _HINTS.items()}
+_FIELDS: dict[type, list[tuple[str, Any, Any, bool]]] = {
+    cls: [(f.name, _fast(_HINTS[cls][f.name]), _HINTS[cls][f.name],
+           f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+          for f in dataclasses.fields(cls)]
+    for cls in MESSAGES.values()}
+
+
 def encode(msg: Message) -> list[bytes]:
     """Frames for ``msg``: header, command byte, msgpack body."""
     cls = type(msg)
@@ -311,17 +368,18 @@ def decode(frames: list[bytes]) -> Message:
         raise ProtocolError(f"{cls.__name__}: body is not valid msgpack ({exc})") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"{cls.__name__}: body must be a map, got {type(data).__name__}")
-    hints = _HINTS[cls]
-    unknown = set(data) - set(hints) - {"command"}
+    unknown = data.keys() - _NAMES[cls]
     if unknown:
         raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(map(str, unknown))}")
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            _check(data[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
-            kwargs[f.name] = data[f.name]
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
+    for name, ok, tp, required in _FIELDS[cls]:
+        if name in data:
+            value = data[name]
+            if not ok(value):
+                _check(value, tp, f"{cls.__name__}.{name}")
+            kwargs[name] = value
+        elif required:
+            raise ProtocolError(f"{cls.__name__}: missing field {name!r}")
     return cls(**kwargs)
 
 

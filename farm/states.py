@@ -88,8 +88,9 @@ def can_transition(kind: str, old: str, new: str) -> bool:
 
 
 def transition(session, row, new: str | enum.Enum, *, reason: str = "", worker_id: str | None = None,
-               attempt: int | None = None, now: float | None = None) -> None:
-    """Move ``row`` (a Job or a Task) to ``new`` and record the event, in ``session`` (not committed)."""
+               attempt: int | None = None, now: float | None = None, values: dict | None = None) -> None:
+    """Move ``row`` (a Job or a Task) to ``new`` and record the event, in ``session`` (not committed);
+    ``values``: other columns of ``row`` to set with its status (one update of the row)."""
     from farm.models import Event, Job  # local: models imports this module's enums
 
     kind = "job" if isinstance(row, Job) else "task"
@@ -98,7 +99,10 @@ def transition(session, row, new: str | enum.Enum, *, reason: str = "", worker_i
     if not can_transition(kind, old_s, new_s):
         raise IllegalTransition(f"{kind} {row.id}: {old_s} → {new_s} is not allowed")
     now = time.time() if now is None else now
-    set_values(session, row, status=new_s, updated_at=now)
+    if values:
+        set_values(session, row, **values, status=new_s, updated_at=now)
+    else:
+        set_values(session, row, status=new_s, updated_at=now)
     add_row(session, Event, at=now, kind=kind, job_id=row.id if kind == "job" else row.job_id,
             task_id=row.id if kind == "task" else None, attempt=attempt, worker_id=worker_id,
             old=old_s, new=new_s, detail=reason[:2000])

@@ -176,9 +176,22 @@ def _before_statement(state) -> None:  # every ORM statement, Session.get loads 
     state.session.writes.flush()
 
 
+class PlainRow:
+    """A row read as plain columns (not an ORM instance) that :func:`set_values` (and so
+    :func:`farm.states.transition`) can still update: by primary key, through :func:`update_row`, and in
+    the object itself. Subclasses name the mapped class in ``model``; ``id`` is the primary key."""
+    __slots__ = ()
+    model: type
+
+
 def set_values(session, row: Any, **values: Any) -> None:
-    """Set columns of ``row`` (a mapped instance of ``session``): buffered in a step session, plain ORM
-    attribute changes otherwise."""
+    """Set columns of ``row`` (a mapped instance of ``session``, or a :class:`PlainRow`): buffered in a
+    step session, plain ORM attribute changes otherwise."""
+    if isinstance(row, PlainRow):
+        for k, v in values.items():
+            setattr(row, k, v)
+        update_row(session, row.model, row.id, **values)
+        return
     w = getattr(session, "writes", None)
     if w is not None:
         state = instance_state(row)
