@@ -487,7 +487,8 @@ class Coordinator:
         if job.tasks_accepted >= job.tasks_total and job.status == JobStatus.active.value:
             self._needed.pop(job.id, None)
             transition(s, job, JobStatus.rendered, reason="every task accepted", now=now)
-            R.measure_job(s, job.id, now)
+            for measured in R.measure_job(s, job.id, now):
+                self.refresh_standing(measured)
             if diffusion.on_job_status(s, job, now):  # img2img jobs waiting for these frames start
                 self.want_assign = True
 
@@ -569,8 +570,7 @@ class Coordinator:
         if w:
             w.tasks_failed += 1
             if retryable:  # the worker's trouble; a non-retryable failure is the scene's fault
-                R.record(s, w, evidence, now, task.job_id, task.id, reason[:200])
-                self._standing(w)
+                self.evidence(s, w, evidence, now, task.job_id, task.id, reason[:200])
             s.add(w)
         task.failed_workers = sorted(set(task.failed_workers) | {worker_id})
         task.error = reason
@@ -619,8 +619,7 @@ class Coordinator:
         self.stats["lost"] += 1
         w = s.get(Worker, worker_id) if worker_id else None
         if w:
-            R.record(s, w, "lease_lost", now, task.job_id, task.id, reason[:200])
-            self._standing(w)
+            self.evidence(s, w, "lease_lost", now, task.job_id, task.id, reason[:200])
         ident = self.by_worker.get(worker_id)
         if ident in self.conns:  # still connected (lease expired): it does not hold the task, so the slot is free
             conn = self.conns[ident]
@@ -647,7 +646,14 @@ class Coordinator:
         task.worker_id, task.lease_expires = None, None
         self.want_assign = True
 
-    def _standing(self, w: Worker) -> None:
+    def evidence(self, s: Session, w: Worker, kind: str, now: float, job_id: int | None = None,
+                 task_id: int | None = None, detail: str = "") -> None:
+        """Record reputation evidence about ``w`` and give the scheduler its new standing at once."""
+        R.record(s, w, kind, now, job_id, task_id, detail)
+        self.refresh_standing(w)
+
+    def refresh_standing(self, w: Worker) -> None:
+        """Copy ``w``'s reputation, tier and speed to its connection, if it is connected."""
         ident = self.by_worker.get(w.id)
         if ident in self.conns:
             self.conns[ident].set_standing(w)

@@ -189,7 +189,7 @@ class Output(SQLModel, table=True):
     attempt: int
     frame: int
     name: str
-    sha256: str
+    sha256: str = Field(index=True)  # every result is looked up here: is it a copy of another output?
     size: int = Field(sa_column=Column(BigInteger, nullable=False))  # blobs reach 4 GiB: 64-bit on PostgreSQL
     final: bool = True
     worker_id: str = ""

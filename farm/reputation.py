@@ -111,11 +111,11 @@ def _yardstick(w: Worker) -> float | None:
     return min(known) if known else None
 
 
-def measure_job(s, job_id: int, now: float) -> None:
+def measure_job(s, job_id: int, now: float) -> list[Worker]:
     """Measure the speed of each worker that rendered frames of a finished job against the others: a
     frame costs about the same in one job, so the trusted workers' seconds a frame × their speed give its
     work units, and a worker's own seconds for its frames give its speed. Tiles are left out (their cost
-    varies across the frame)."""
+    varies across the frame). Returns the workers measured."""
     from sqlmodel import select
 
     from farm.models import Output, Task
@@ -129,12 +129,14 @@ def measure_job(s, job_id: int, now: float) -> None:
     workers = {wid: s.get(Worker, wid) for wid in per}
     units = {wid: sum(v) / len(v) * y for wid, v in per.items() if (w := workers[wid]) is not None
              and at_least(w.tier, "trusted") and (y := _yardstick(w))}  # work units a frame, by trusted workers
+    measured = []
     for wid, secs in per.items():
         refs = sorted(u for other, u in units.items() if other != wid)
         w = workers[wid]
-        if refs and w is not None and len(secs) >= 1:
-            ref = refs[len(refs) // 2]
-            measure(s, w, ref * len(secs), sum(secs), now, job_id)
+        if refs and w is not None:
+            measure(s, w, refs[len(refs) // 2] * len(secs), sum(secs), now, job_id)
+            measured.append(w)
+    return measured
 
 
 def view(w: Worker) -> dict[str, Any]:

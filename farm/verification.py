@@ -202,7 +202,7 @@ class Verifier:
         if check.mode == "tiebreak":
             self._decide_tiebreak(s, check, task, suspect, verifier, result, shas, now)
         elif result["passed"]:
-            self._passed(s, check, task, suspect, verifier, result, vt, now)
+            self._passed(s, check, task, suspect, verifier, result, now)
         elif R.at_least(verifier.tier, "trusted") or verifier.vouched:
             self._failed(s, check, task, suspect, result, now)
         else:  # two untrusted workers disagree: a third settles it
@@ -237,19 +237,17 @@ class Verifier:
                 break
         return worst
 
-    def _passed(self, s, check: Check, task: Task, suspect: Worker, verifier: Worker, result: dict, vt: Task | None,
+    def _passed(self, s, check: Check, task: Task, suspect: Worker, verifier: Worker, result: dict,
                 now: float) -> None:
         self._close(s, check, "passed", result, now)
-        R.record(s, suspect, "check_passed", now, task.job_id, task.id, f"check {check.id} ({check.mode})")
-        self._refresh(suspect)
+        self.coord.evidence(s, suspect, "check_passed", now, task.job_id, task.id, f"check {check.id} ({check.mode})")
         self._event(s, task, suspect.id, f"check {check.id} passed ({check.mode}, by {verifier.id})", now)
         self.coord.accept(s, task, s.get(Job, task.job_id), suspect.id, now)
 
     def _failed(self, s, check: Check, task: Task, suspect: Worker, result: dict, now: float) -> None:
         self._close(s, check, "failed", result, now)
         why = result.get("why", "")
-        R.record(s, suspect, "check_failed", now, task.job_id, task.id, f"check {check.id}: {why}")
-        self._refresh(suspect)
+        self.coord.evidence(s, suspect, "check_failed", now, task.job_id, task.id, f"check {check.id}: {why}")
         job = s.get(Job, task.job_id)
         jw = s.get(JobWorker, (job.id, suspect.id)) or JobWorker(job_id=job.id, worker_id=suspect.id)
         failed_here = s.exec(select(func.count()).select_from(Check).where(Check.job_id == job.id)
@@ -312,11 +310,9 @@ class Verifier:
         first = s.get(Worker, parent.verifier_id) if parent else None
         if vs_suspect["passed"]:  # the third agrees with the result: the first verifier re-rendered wrongly
             if first is not None:
-                R.record(s, first, "check_failed", now, task.job_id, task.id,
-                         f"its re-render for check {parent.id} disagreed with two workers")
-                self._refresh(first)
-            vt = s.get(Task, check.verify_task_id)
-            self._passed(s, check, task, suspect, third, vs_suspect, vt, now)
+                self.coord.evidence(s, first, "check_failed", now, task.job_id, task.id,
+                                    f"its re-render for check {parent.id} disagreed with two workers")
+            self._passed(s, check, task, suspect, third, vs_suspect, now)
             return
         # does the third agree with the first verifier? compare their re-renders region by region
         agree = parent is not None and first is not None and len(parent.metric.get("outputs", [])) == len(shas)
@@ -420,19 +416,13 @@ class Verifier:
         result = self._compare(rasters.read(self.coord.blobs.path(out.sha256)), shas, [], author, probed)
         passed = bool(result["passed"])
         self._close(s, check, "passed" if passed else "failed", result, now)
-        R.record(s, probed, "probe_passed" if passed else "probe_failed", now, check.job_id, check.task_id,
-                 f"probe {check.id}: {result.get('why', '')}")
-        self._refresh(probed)
+        self.coord.evidence(s, probed, "probe_passed" if passed else "probe_failed", now, check.job_id,
+                            check.task_id, f"probe {check.id}: {result.get('why', '')}")
         back = self.probe_backoff.get(probed.id, C.PROBE_BACKOFF)
         self.probe_backoff[probed.id] = C.PROBE_BACKOFF if passed else min(3600.0, back * 2)
         self.probe_after[probed.id] = now + (0 if passed else self.probe_backoff[probed.id])
 
     # ------------------------------------------------------------------ helpers
-    def _refresh(self, w: Worker) -> None:
-        ident = self.coord.by_worker.get(w.id)
-        if ident in self.coord.conns:
-            self.coord.conns[ident].set_standing(w)
-
     @staticmethod
     def _event(s, task: Task, worker_id: str, detail: str, now: float) -> None:
         s.add(Event(at=now, kind="task", job_id=task.job_id, task_id=task.id, attempt=task.attempt,
