@@ -20,9 +20,8 @@ import time
 from collections import defaultdict
 from typing import Any, Callable
 
-from sqlalchemy import Text, and_, bindparam, func, or_, type_coerce, update
-from sqlalchemy.orm import defer
-from sqlalchemy.orm.attributes import instance_state, set_committed_value
+from sqlalchemy import bindparam, func, or_, update
+from sqlalchemy.orm.attributes import instance_state
 from sqlmodel import Session, select
 
 from farm import constants as C
@@ -30,6 +29,7 @@ from farm import diffusion
 from farm import reputation as R
 from farm import protocol as P
 from farm.blobs import BlobError, BlobStore
+from farm.leases import COLUMNS, LeaseBook, TaskRow
 from farm.logs import ctx
 from farm.db import session as new_session
 from farm.models import Attempt, Job, JobWorker, Output, Task, TaskDep, Worker
@@ -37,7 +37,7 @@ from farm.models import Blob as BlobRow
 from farm.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, fits
 from farm.states import JOB_SCHEDULABLE, TASK_LEASED, JobStatus, TaskStatus, transition
 from farm.verification import Verifier, is_check, public_spec
-from farm.writes import PlainRow, StepSession, add_row, set_values, update_row
+from farm.writes import StaleRow, StepSession, add_row, add_to, set_values, update_by
 
 log = logging.getLogger("farm.coordinator")
 
@@ -55,54 +55,11 @@ def _get(s: Session, model: type, pk):
     return s.get(model, pk)
 
 
-def _json(value):
-    """A JSON column read as text (SQLite), or already decoded by the driver (psycopg)."""
-    return json.loads(value) if isinstance(value, (str, bytes)) else value
+# the task columns the assignment reads (a TaskRow), then the job's id
+_NQ = len(COLUMNS)
 
 
-class QueuedTask(PlainRow):
-    """A queued task as the assignment reads it: plain columns, no ORM instance, its JSON columns decoded
-    only when read (the window holds more rows than are leased); :func:`set_values` and
-    :func:`transition` update it by primary key like a loaded Task."""
-    __slots__ = ("id", "job_id", "index", "kind", "priority", "_spec", "_inputs", "status", "attempt",
-                 "_failed", "check_id", "worker_id", "lease_expires", "progress_done", "updated_at")
-    model = Task
-
-    def __init__(self, id, job_id, index, kind, priority, spec, inputs, status, attempt, failed_workers, check_id):
-        self.id, self.job_id, self.index, self.kind, self.priority = id, job_id, index, kind, priority
-        self._spec, self._inputs, self.status, self.attempt = spec, inputs, status, attempt
-        self._failed, self.check_id = failed_workers, check_id
-
-    @property
-    def spec(self) -> dict:
-        if isinstance(self._spec, (str, bytes)):
-            self._spec = _json(self._spec)
-        return self._spec
-
-    @property
-    def inputs(self) -> list:
-        if isinstance(self._inputs, (str, bytes)):
-            self._inputs = _json(self._inputs)
-        return self._inputs
-
-    @property
-    def failed_workers(self) -> list:
-        if isinstance(self._failed, (str, bytes)):
-            self._failed = _json(self._failed)
-        return self._failed
-
-
-# the JSON columns as stored (text on SQLite): decoded by QueuedTask when read
-_QCOLS = (Task.id, Task.job_id, Task.index, Task.kind, Task.priority, type_coerce(Task.spec, Text),
-          type_coerce(Task.inputs, Text), Task.status, Task.attempt, type_coerce(Task.failed_workers, Text),
-          Task.check_id)
-_NQ = len(_QCOLS)  # and then the job's id
-# the JSON columns of a leased task, kept in memory from its lease to its end (Coordinator._specs)
-_JSON = ("spec", "inputs", "failed_workers")
-_SPECS_MAX = 100_000
-
-
-def _queued_rows(s: Session, rows) -> list[tuple[QueuedTask, Job]]:
+def _queued_rows(s: Session, rows) -> list[tuple[TaskRow, Job]]:
     """The window's rows with their jobs, each loaded once (from the session when there already; a row
     per task would decode the job's spec per task)."""
     jobs: dict[int, Job] = {}
@@ -112,12 +69,12 @@ def _queued_rows(s: Session, rows) -> list[tuple[QueuedTask, Job]]:
         job = jobs.get(jid)
         if job is None:
             job = jobs[jid] = s.get(Job, jid)
-        out.append((QueuedTask(*r[:_NQ]), job))
+        out.append((TaskRow(*r[:_NQ]), job))
     return out
 
 
 # Statements of the hot path, built once (building one costs about as much as running it).
-_QUEUED = (select(*_QCOLS, Job.id).select_from(Task).join(Job, Job.id == Task.job_id)
+_QUEUED = (select(*COLUMNS, Job.id).select_from(Task).join(Job, Job.id == Task.job_id)
            .where(Task.status == TaskStatus.queued.value)
            .where(or_(Job.status.in_([x.value for x in JOB_SCHEDULABLE]), Task.check_id.is_not(None))))
 _TOP = select(func.max(Task.priority)).where(Task.status == TaskStatus.queued.value)
@@ -129,16 +86,9 @@ _WINDOW_BELOW = (_QUEUED.where(Task.priority < bindparam("p")).order_by(Task.pri
                  .limit(bindparam("n")))
 _BLOCKED = (select(JobWorker.job_id, JobWorker.worker_id)
             .where(JobWorker.job_id.in_(bindparam("jobs", expanding=True))).where(JobWorker.blocked))
-# each task of a batch, its job, the worker holding it and its current lease (Attempt id and start)
-# (their jobs: _JOBS, one row per job)
-_PREFETCH = (select(Task, Worker, Attempt.id, Attempt.started_at)
-             .outerjoin(Worker, Worker.id == Task.worker_id)
-             .outerjoin(Attempt, and_(Attempt.task_id == Task.id, Attempt.attempt == Task.attempt,
-                                      Attempt.outcome == "leased"))
-             .where(Task.id.in_(bindparam("ids", expanding=True)))
-             .options(defer(Worker.capabilities), *(defer(getattr(Task, c)) for c in _JSON)))
+# the tasks of a batch that the lease book does not hold, and the jobs of all its tasks
+_TASKS = select(Task).where(Task.id.in_(bindparam("ids", expanding=True)))
 _JOBS = select(Job).where(Job.id.in_(bindparam("ids", expanding=True)))
-_JSON_OF = select(Task.id, *(getattr(Task, c) for c in _JSON)).where(Task.id.in_(bindparam("ids", expanding=True)))
 
 
 class Coordinator:
@@ -155,9 +105,7 @@ class Coordinator:
         self._last_sweep = 0.0
         self.stats = defaultdict(int)
         self._needed: dict[int, frozenset[int]] = {}  # job id → ids of its tasks that other tasks wait for
-        # (task id, attempt) → its (spec, inputs, failed_workers) as leased, committed leases only: a lease's
-        # task is not changed until the lease ends, so RESULT and friends need not read and decode them again
-        self._specs: dict[tuple[int, int], tuple] = {}
+        self.book = LeaseBook()  # live leases' tasks: RESULT and friends need not read them again
         self.verifier = Verifier(self, enabled=verify, seed=None if scheduler is None else scheduler.rng.random())
         with new_session(engine) as s:  # a restart: nobody is connected until they say HELLO again
             s.exec(update(Worker).where(Worker.online).values(online=False))
@@ -178,8 +126,11 @@ class Coordinator:
                     self._maintain(s, now, out)
                     s.commit()
                     self._committed(s)
-        except Exception:  # a handler bug must not take the coordinator down: retry one by one
-            log.exception("batch of %d failed; retrying its messages one at a time", len(batch))
+        except Exception as exc:  # a handler bug must not take the coordinator down: retry one by one
+            if isinstance(exc, StaleRow):  # the lease book was stale (it is emptied): read from the database
+                log.warning("batch of %d handled again from the database: %s", len(batch), exc)
+            else:
+                log.exception("batch of %d failed; retrying its messages one at a time", len(batch))
             out = []
             for frames in batch + [None]:  # None: the assignment round and sweep, on their own
                 one: Outgoing = []
@@ -201,12 +152,10 @@ class Coordinator:
         return out
 
     def _committed(self, s: Session) -> None:
-        """Keep the JSON columns of the leases granted by a committed step (a rolled-back one's are dropped)."""
-        new = s.info.get("specs")
+        """Keep the tasks of the leases granted by a committed step (a rolled-back one's are dropped)."""
+        new = s.info.get("leased")
         if new:
-            if len(self._specs) + len(new) > _SPECS_MAX:
-                self._specs.clear()
-            self._specs.update(new)
+            self.book.commit(new)
 
     @contextlib.contextmanager
     def _undo_on_error(self):
@@ -221,6 +170,7 @@ class Coordinator:
                 if ident in self.conns:
                     self.conns[ident].free = n
             self.want_assign = want or True
+            self.book.clear()  # its copies may hold changes that were never committed
             raise
 
     def cancel_job(self, job_id: int, user) -> dict[str, Any]:
@@ -238,6 +188,7 @@ class Coordinator:
     def revoke(self, leases: list[tuple[str, int, int]], reason: str) -> None:
         """Queue CANCEL for leases already ended in the database. Coordinator thread only."""
         for worker_id, task_id, attempt in leases:
+            self.book.drop(task_id)
             ident = self.by_worker.get(worker_id)
             if ident is not None:
                 self.pending.append((ident, P.Cancel(task_id, attempt, reason)))
@@ -263,35 +214,32 @@ class Coordinator:
             return bytes(frames[0]), exc
 
     def _prefetch(self, s: Session, msgs: list) -> list:
-        """Load in a few queries the rows the batch's task messages will read (tasks, their jobs, the
-        workers sending results, the attempts being finished), instead of a few queries per message.
-        Returns them: the caller keeps them referenced for the step."""
+        """Load in two queries the rows the batch's task messages will read that the lease book does not
+        hold (tasks, and the jobs of all of them), instead of a few queries per message. Returns them: the
+        caller keeps them referenced for the step (the session's identity map is weak)."""
         task_ids = set()
         for ident, msg in msgs:
             if isinstance(msg, (P.Result, P.Progress, P.Failed)):
                 task_ids.add(msg.task_id)
             elif isinstance(msg, P.Heartbeat):
-                task_ids.update(p[0] for p in msg.running if len(p) == 2)
+                task_ids.update(p[0] for p in msg.running if len(p) == 2 and type(p[0]) is int)
         if not task_ids:
             return []
-        rows = s.exec(_PREFETCH, params={"ids": list(task_ids)}).all()
-        s.info["leased"] = {(t.id, t.attempt): (att, started) for t, _, att, started in rows if att is not None}
-        jobs = s.exec(_JOBS, params={"ids": list({t.job_id for t, *_ in rows})}).all()
-        # the JSON columns are deferred: set from the leases' copies, read (in one query) for the others
-        specs, missing = self._specs, {}
-        for t, *_ in rows:
-            if "spec" not in t.__dict__:  # not loaded before in this session
-                cached = specs.get((t.id, t.attempt)) if t.status in LEASED else None
-                if cached is None:
-                    missing[t.id] = t
-                else:
-                    for name, value in zip(_JSON, cached):
-                        set_committed_value(t, name, value)
-        if missing:
-            for tid, *values in s.exec(_JSON_OF, params={"ids": list(missing)}).all():
-                for name, value in zip(_JSON, values):
-                    set_committed_value(missing[tid], name, value)
-        return [rows, jobs]
+        book = self.book.rows
+        job_ids, missing = set(), []
+        for tid in task_ids:
+            row = book.get(tid)
+            if row is None:
+                missing.append(tid)
+            else:
+                job_ids.add(row.job_id)
+        rows = s.exec(_TASKS, params={"ids": missing}).all() if missing else []
+        job_ids.update(t.job_id for t in rows)
+        return [rows, s.exec(_JOBS, params={"ids": list(job_ids)}).all()]
+
+    def _task(self, s: Session, task_id: int) -> Task | TaskRow | None:
+        """A task a message names: the lease book's copy (fenced) when it holds it, else the row."""
+        return self.book.get(s, task_id) or _get(s, Task, task_id)
 
     def _dispatch(self, s: Session, ident: bytes | None, msg, now: float, out: Outgoing) -> None:
         if ident is None:
@@ -356,6 +304,7 @@ class Coordinator:
         self.by_worker[msg.worker_id] = ident
         kept = 0
         for task in s.exec(select(Task).where(Task.worker_id == msg.worker_id).where(Task.status.in_(LEASED))):
+            self.book.drop(task.id)  # changed below through the ORM
             if (task.id, task.attempt) in running:
                 task.lease_expires = now + C.LEASE_SECONDS
                 s.add(task)
@@ -391,7 +340,7 @@ class Coordinator:
             out.append((conn.identity, P.Error(str(exc))))
             return
         for task_id, attempt in pairs:
-            task = _get(s, Task, task_id)
+            task = self._task(s, task_id)
             if self._holds(task, conn, attempt) and task.lease_expires - now < C.LEASE_SECONDS / 2:
                 set_values(s, task, lease_expires=now + C.LEASE_SECONDS)
             elif not self._holds(task, conn, attempt):
@@ -411,7 +360,7 @@ class Coordinator:
                       .where(Attempt.attempt == task.attempt)).first()
 
     def _on_progress(self, s, conn: Conn, msg: P.Progress, now, out) -> None:
-        task = _get(s, Task, msg.task_id)
+        task = self._task(s, msg.task_id)
         if not self._holds(task, conn, msg.attempt):
             out.append((conn.identity, P.Cancel(msg.task_id, msg.attempt, "stale attempt: stop working on it")))
             return
@@ -421,31 +370,34 @@ class Coordinator:
                    lease_expires=now + C.LEASE_SECONDS)
 
     def _on_result(self, s, conn: Conn, msg: P.Result, now, out) -> None:
-        task = _get(s, Task, msg.task_id)
+        task = self._task(s, msg.task_id)
         if not self._holds(task, conn, msg.attempt):
             self.stats["stale"] += 1
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False,
                                              "stale attempt: this task was re-leased; result discarded")))
             return
-        self._specs.pop((task.id, task.attempt), None)
+        self.book.drop(task.id)
         sizes: dict[str, int] = {}
         problem = self._check_outputs(task, msg.outputs, sizes)
         suspicious = ""
         if not problem:
             problem, suspicious = self.verifier.inspect(s, task, msg.outputs)
-        w = _get(s, Worker, conn.worker_id)
         if problem:
-            self._fail(s, task, conn.worker_id, f"invalid result: {problem}", True, now, out, "invalid_result")
+            task = s.get(Task, task.id) if isinstance(task, TaskRow) else task  # _fail changes the ORM row
+            if self._holds(task, conn, msg.attempt):
+                self._fail(s, task, conn.worker_id, f"invalid result: {problem}", True, now, out, "invalid_result")
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, problem)))
             return
         job = _get(s, Job, task.job_id)
-        att = s.info.get("leased", {}).get((task.id, task.attempt))  # (row id, lease start), prefetched
-        if att is None and (row := self._attempt(s, task)) is not None:
-            att = row.id, row.started_at
+        if isinstance(task, TaskRow):
+            started = task.started_at
+        else:
+            started = (att := self._attempt(s, task)) and att.started_at
         seconds = max(0.0, float(msg.render_seconds))
-        if att:  # a worker cannot claim more time than the lease lasted
-            seconds = min(seconds, max(0.0, now - att[1]))
-            update_row(s, Attempt, att[0], outcome="done", ended_at=now, render_seconds=seconds)
+        if started:  # a worker cannot claim more time than the lease lasted
+            seconds = min(seconds, max(0.0, now - started))
+        update_by(s, Attempt, {"task_id": task.id, "attempt": task.attempt}, outcome="done", ended_at=now,
+                  render_seconds=seconds)
         transition(s, task, TaskStatus.done, worker_id=conn.worker_id, attempt=task.attempt, now=now,
                    values=dict(render_seconds=seconds, progress_done=task.progress_total, worker_id=None,
                                lease_expires=None))
@@ -456,6 +408,7 @@ class Coordinator:
         if is_check(task):
             transition(s, task, TaskStatus.accepted, reason="re-render stored", worker_id=conn.worker_id,
                        attempt=task.attempt, now=now)
+            w = _get(s, Worker, conn.worker_id)
             if w:
                 self.verifier.on_check_result(s, task, w, msg.outputs, now)
             return
@@ -465,23 +418,25 @@ class Coordinator:
                     name=o["name"], sha256=o["sha256"], size=sizes.get(o["sha256"]) or self.blobs.size(o["sha256"]),
                     final=final,
                     worker_id=conn.worker_id, render_seconds=float(o.get("seconds", 0.0)))
-        if w is not None and self.verifier.on_result(s, task, job, w, suspicious, now):
+        if self.verifier.on_result(s, task, job, conn.worker_id, conn.tier, suspicious, now):
             return
         self.accept(s, task, job, conn.worker_id, now)
 
-    def accept(self, s: Session, task: Task, job: Job, worker_id: str, now: float) -> None:
+    def accept(self, s: Session, task: Task | TaskRow, job: Job, worker_id: str, now: float) -> None:
         """Count a stored (and, when checked, verified) result as good work: meter it, release the tasks
         waiting for it, and mark the job rendered when it was the last."""
-        w = _get(s, Worker, worker_id)
-        units = None
-        if w:
-            runtime = RUNTIME_FOR_KIND.get(task.kind, task.kind)
-            units = round(task.render_seconds * (R.speed(w, runtime) or 1.0), 6)
+        runtime = RUNTIME_FOR_KIND.get(task.kind, task.kind)
+        ident = self.by_worker.get(worker_id)
+        if ident in self.conns:  # connected: its standing is in memory (Conn.set_standing)
+            known, speed = True, self.conns[ident].speeds.get(runtime)
+        else:
+            w = _get(s, Worker, worker_id)
+            known, speed = w is not None, w is not None and R.speed(w, runtime)
+        units = round(task.render_seconds * (speed or 1.0), 6) if known else None
         transition(s, task, TaskStatus.accepted, reason="outputs stored", worker_id=worker_id,
                    attempt=task.attempt, now=now, values=None if units is None else {"work_units": units})
-        if w:
-            set_values(s, w, tasks_done=w.tasks_done + 1, render_seconds=w.render_seconds + task.render_seconds,
-                       work_units=w.work_units + units)
+        if known:  # added in the database: the row in memory may be older than another step's change
+            add_to(s, Worker, worker_id, tasks_done=1, render_seconds=task.render_seconds, work_units=units)
         set_values(s, job, tasks_accepted=job.tasks_accepted + 1)
         self._release_dependents(s, task, now)
         if job.tasks_accepted >= job.tasks_total and job.status == JobStatus.active.value:
@@ -541,7 +496,7 @@ class Coordinator:
             self.want_assign = True
 
     def _on_failed(self, s, conn: Conn, msg: P.Failed, now, out) -> None:
-        task = s.get(Task, msg.task_id)
+        task = s.get(Task, msg.task_id)  # the ORM row: _fail changes it (and the lease ends, leaving the book)
         if not self._holds(task, conn, msg.attempt):
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, "stale attempt; ignored")))
             return
@@ -550,7 +505,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ failures and lost leases
     def _end_attempt(self, s: Session, task: Task, outcome: str, error: str, now: float) -> None:
-        self._specs.pop((task.id, task.attempt), None)
+        self.book.drop(task.id)
         att = self._attempt(s, task)
         if att and att.outcome == "leased":
             att.outcome, att.ended_at, att.error = outcome, now, error[:2000]
@@ -775,7 +730,9 @@ class Coordinator:
                 started_at=now)
         if job.status in (JobStatus.queued.value, JobStatus.rejected.value) and not is_check(task):
             transition(s, job, JobStatus.active, reason="first task leased", now=now)
-        s.info.setdefault("specs", {})[(task.id, task.attempt)] = (task.spec, task.inputs, task.failed_workers)
+        if isinstance(task, TaskRow):  # into the lease book once this step commits
+            task.started_at = now
+            s.info.setdefault("leased", []).append(task)
         conn.free -= 1
         conn.held_blobs.update(task.inputs)
         conn.note_model(task.spec.get("model_hash"))

@@ -33,6 +33,7 @@ class Conn:
     reputation: float = 0.5                            # copies of the Worker row's standing (farm/reputation.py)
     tier: str = "new"
     speed: float | None = None                         # work units a second; None: unknown
+    speeds: dict[str, float | None] = field(default_factory=dict)  # the same, per runtime
 
     def __post_init__(self) -> None:
         # tolerant on purpose: a malformed entry is ignored rather than stopping every assignment round
@@ -44,6 +45,7 @@ class Conn:
         """Copy reputation, tier and speed from the worker's row (after HELLO and every change)."""
         from farm import reputation
         self.reputation, self.tier, self.speed = w.reputation, w.tier, reputation.speed(w)
+        self.speeds = {rt: reputation.speed(w, rt) for rt in {*RUNTIME_FOR_KIND.values(), "diffusion"}}
 
     def note_model(self, model_hash: str | None, keep: int = 2) -> None:
         """Remember that the worker now has ``model_hash`` loaded (its runtime keeps recent pipelines)."""

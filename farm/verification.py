@@ -88,25 +88,27 @@ class Verifier:
                 suspicious = f"{o['name']} is byte for byte the output {twin[1]} of job {twin[0]}"
         return "", suspicious
 
-    def on_result(self, s: Session, task: Task, job: Job, w: Worker, suspicious: str, now: float) -> bool:
-        """Start a check of a stored result when due. True: the task waits in ``verifying``."""
+    def on_result(self, s: Session, task: Task, job: Job, worker_id: str, tier: str, suspicious: str,
+                  now: float) -> bool:
+        """Start a check of a stored result of ``worker_id`` (of ``tier``) when due. True: the task waits in
+        ``verifying``."""
         if not self.enabled or task.kind not in ("render", "diffusion"):
             return False
         outs = s.exec(select(Output).where(Output.task_id == task.id).where(Output.attempt == task.attempt)).all()
         pictures = [o for o in outs if Path(o.name).suffix.lower() in PICTURES]
         if not pictures:
             return False
-        rate = C.CHECK_RATE.get(w.tier, 1.0)
+        rate = C.CHECK_RATE.get(tier, 1.0)
         if not suspicious and self.rng.random() >= rate:
             return False
-        if not self._someone_else(task.kind, w.id, task.spec):
-            self._event(s, task, w.id, "unverified: no other worker is online to check this result", now)
+        if not self._someone_else(task.kind, worker_id, task.spec):
+            self._event(s, task, worker_id, "unverified: no other worker is online to check this result", now)
             return False
-        full = bool(suspicious) or (C.CHECK_FULL_WHILE_NEW and R.TIER_RANK[w.tier] <= R.TIER_RANK["new"])
-        reason = suspicious or ("new worker" if w.tier in ("new", "probation") else f"sampled at {rate:.0%}")
-        transition(s, task, TaskStatus.verifying, reason=f"spot check: {reason}", worker_id=w.id,
+        full = bool(suspicious) or (C.CHECK_FULL_WHILE_NEW and R.TIER_RANK[tier] <= R.TIER_RANK["new"])
+        reason = suspicious or ("new worker" if tier in ("new", "probation") else f"sampled at {rate:.0%}")
+        transition(s, task, TaskStatus.verifying, reason=f"spot check: {reason}", worker_id=worker_id,
                    attempt=task.attempt, now=now)
-        self.start(s, task, job, w.id, self.rng.choice(pictures), "full" if full else "crops", reason, now)
+        self.start(s, task, job, worker_id, self.rng.choice(pictures), "full" if full else "crops", reason, now)
         return True
 
     def start(self, s: Session, task: Task, job: Job, suspect: str, out: Output, mode: str, reason: str,

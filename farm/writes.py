@@ -14,7 +14,10 @@ Invariants:
 * writes reach the database in the order they were made: the buffer is written before every ORM
   statement of the session (a query sees it) and before every ORM flush, and a buffered write made while
   the ORM has unflushed changes flushes those first;
-* nothing is written outside the session's transaction: a rollback drops the buffer with the session.
+* nothing is written outside the session's transaction: a rollback drops the buffer with the session;
+* a *fenced* row (:meth:`Writes.fence`: a row the coordinator read from memory, not from the database) is
+  updated only while it still holds the fenced values: the update names them in its WHERE clause, and
+  :class:`StaleRow` is raised (the step rolls back) when any such update matched no row.
 """
 from __future__ import annotations
 
@@ -24,19 +27,36 @@ from typing import Any
 from sqlalchemy import JSON, and_, bindparam, event, insert, inspect, update
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
-from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session
 
 
+class StaleRow(Exception):
+    """A fenced update matched no row: the database no longer holds what the in-memory copy said."""
+
+
 class Writes:
-    """The buffered updates (coalesced per row: one statement row per row and flush) and inserts of one
-    session."""
+    """The buffered updates (coalesced per row: one statement row per row and flush), increments and
+    inserts of one session."""
 
     def __init__(self, session: "StepSession"):
         self.session = session
         self.updates: dict[tuple[type, tuple], dict[str, Any]] = {}
+        self.adds: dict[tuple[type, tuple], dict[str, Any]] = {}     # column += value
         self.inserts: list[tuple[type, dict[str, Any]]] = []
+        self.fences: dict[tuple[type, tuple], dict[str, Any]] = {}   # expected values of fenced rows
         self.statements = 0  # executemany statements sent (for benchmarks and tests)
+
+    def clear(self) -> None:
+        self.inserts.clear()
+        self.updates.clear()
+        self.adds.clear()
+        self.fences.clear()
+
+    def fence(self, model: type, pk: Any, expect: dict[str, Any]) -> None:
+        """Update the row of ``model`` with primary key ``pk`` only where it still holds ``expect`` (its next
+        buffered update checks it; :class:`StaleRow` when it does not). Once written, the row is held by
+        this transaction, so later updates need no fence."""
+        self.fences.setdefault((model, pk if isinstance(pk, tuple) else (pk,)), expect)
 
     def _order(self) -> None:
         # ORM changes made before this write must reach the database before it (they would come after
@@ -54,14 +74,29 @@ class Writes:
         else:
             pending.update(values)
 
-    def update_key(self, model: type, pk: Any, values: dict[str, Any]) -> None:
-        """Update the row of ``model`` with primary key ``pk``, loaded or not."""
+    def update_key(self, model: type, pk: Any, values: dict[str, Any], key: tuple[str, ...] | None = None) -> None:
+        """Update the row of ``model`` with primary key ``pk``, loaded or not; ``key``: the names of the
+        (unique) columns ``pk`` gives, when not the primary key (the session's instance is not updated)."""
         self._order()
         pk = pk if isinstance(pk, tuple) else (pk,)
-        row = self.session.identity_map.get(identity_key(model, pk))
+        if key is None:
+            row = self.session.identity_map.get((model, pk, None))  # identity_key(model, pk), without its cost
+            if row is not None:
+                _set_committed(instance_state(row), values)
+        self.updates.setdefault((model, pk) if key is None else (model, pk, key), {}).update(values)
+
+    def add(self, model: type, pk: Any, deltas: dict[str, Any]) -> None:
+        """``column += delta`` for the row of ``model`` with primary key ``pk`` (in the database, so that a
+        stale in-memory copy cannot undo another change; the session's instance follows when loaded)."""
+        self._order()
+        pk = pk if isinstance(pk, tuple) else (pk,)
+        row = self.session.identity_map.get((model, pk, None))  # identity_key(model, pk), without its cost
         if row is not None:
-            _set_committed(instance_state(row), values)
-        self.updates.setdefault((model, pk), {}).update(values)
+            state = instance_state(row)
+            _set_committed(state, {k: state.dict[k] + d for k, d in deltas.items() if k in state.dict})
+        pending = self.adds.setdefault((model, pk), {})
+        for k, d in deltas.items():
+            pending[k] = pending.get(k, 0) + d
 
     def insert(self, model: type, values: dict[str, Any]) -> None:
         self._order()
@@ -71,27 +106,46 @@ class Writes:
         self.inserts.append((model, values))
 
     def flush(self) -> None:
-        if not (self.inserts or self.updates):
+        if not (self.inserts or self.updates or self.adds):
             return
-        inserts, updates = self.inserts, self.updates
-        self.inserts, self.updates = [], {}
+        inserts, updates, adds, fences = self.inserts, self.updates, self.adds, self.fences
+        self.inserts, self.updates, self.adds = [], {}, {}
         conn = self.session.connection()
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for model, values in inserts:  # dicts keep first-seen order: rows of one table stay in order
-            groups.setdefault((model, "insert", tuple(values)), []).append(values)
-        for (model, pk), values in updates.items():
-            groups.setdefault((model, "update", tuple(sorted(values))), []).append(
-                {**{f"_pk{i}": v for i, v in enumerate(pk)}, **values})
+            groups.setdefault((model, "insert", tuple(values), (), None), []).append(values)
+        for op, changes in (("update", updates), ("add", adds)):
+            for key, values in changes.items():
+                model, pk = key[0], key[1]
+                fence = fences.pop(key, None) if fences else None
+                row = {f"_pk{i}": v for i, v in enumerate(pk)}
+                if fence:
+                    row.update({f"_f_{k}": v for k, v in fence.items()})
+                row.update(values)
+                groups.setdefault((model, op, tuple(sorted(values)), tuple(sorted(fence or ())),
+                                   key[2] if len(key) > 2 else None), []).append(row)
         for key, rows in groups.items():
-            _compiled(conn.dialect, *key).run(conn, rows)
+            matched = _compiled(conn.dialect, *key).run(conn, rows)
             self.statements += 1
+            if key[3] and matched != len(rows):
+                raise StaleRow(f"{len(rows) - matched} of {len(rows)} fenced {key[0].__name__} rows changed "
+                               "in the database since they were read")
 
 
 def _set_committed(state: InstanceState, values: dict[str, Any]) -> None:
     """:func:`sqlalchemy.orm.attributes.set_committed_value` for several column attributes at once: the
     values become the loaded state, with no history for the ORM to flush."""
     state.dict.update(values)
-    state._commit(state.dict, values)
+    # state._commit(state.dict, values), without its set(keys).intersection(dict) per call
+    committed = state.committed_state
+    for k in values:
+        committed.pop(k, None)
+    state.expired = False
+    if state.expired_attributes:
+        state.expired_attributes.difference_update(values)
+    if state.callables:
+        for k in values:
+            state.callables.pop(k, None)
 
 
 @functools.cache
@@ -103,19 +157,27 @@ def _python_defaults(model: type) -> list[tuple[str, Any]]:
 class _Compiled:
     """An INSERT or UPDATE compiled once for a dialect, run with the driver's executemany. (SQLAlchemy's
     own executemany processes every parameter of every row in Python, which costs more than SQLite's work
-    for these small rows.) Values go through the column types' bind processors, as SQLAlchemy would."""
+    for these small rows.) Values go through the column types' bind processors, as SQLAlchemy would.
+    ``op``: insert, update (``SET k = v``) or add (``SET k = k + v``); ``fence``: columns the row must
+    still hold; ``by``: the unique columns naming the row, when not the primary key."""
 
-    def __init__(self, dialect, model: type, op: str, keys: tuple[str, ...]):
+    def __init__(self, dialect, model: type, op: str, keys: tuple[str, ...], fence: tuple[str, ...] = (),
+                 by: tuple[str, ...] | None = None):
         table = model.__table__
         if op == "insert":  # inline: no RETURNING of the new ids (nobody reads them)
             stmt = insert(table).inline().values({k: bindparam(f"v_{k}") for k in keys})
             cols = {f"v_{k}": table.c[k] for k in keys}
         else:
-            pks = inspect(model).primary_key
-            stmt = (update(table).where(and_(*[c == bindparam(f"_pk{i}") for i, c in enumerate(pks)]))
-                    .values({k: bindparam(f"v_{k}") for k in keys}))
-            cols = {**{f"_pk{i}": c for i, c in enumerate(pks)}, **{f"v_{k}": table.c[k] for k in keys}}
+            pks = inspect(model).primary_key if by is None else [table.c[k] for k in by]
+            where = [c == bindparam(f"_pk{i}") for i, c in enumerate(pks)]
+            where += [table.c[k] == bindparam(f"_f_{k}") for k in fence]
+            values = {k: bindparam(f"v_{k}") if op == "update" else table.c[k] + bindparam(f"v_{k}") for k in keys}
+            stmt = update(table).where(and_(*where)).values(values)
+            cols = {**{f"_pk{i}": c for i, c in enumerate(pks)}, **{f"_f_{k}": table.c[k] for k in fence},
+                    **{f"v_{k}": table.c[k] for k in keys}}
         self.stmt = stmt
+        # a fenced update counts its rows: one statement per row where the driver cannot sum executemany's
+        self.count_each = bool(fence) and not dialect.supports_sane_multi_rowcount
         # JSON values: the drivers' adaptation differs (psycopg needs SQLAlchemy's wrapping); those rare
         # statements go through SQLAlchemy's executemany
         self.raw = not any(isinstance(c.type, JSON) for c in cols.values())
@@ -127,25 +189,30 @@ class _Compiled:
         # parameter name → (row key, processor): row dicts hold column names (and _pk0 …)
         self.fields = [(n[2:] if n.startswith("v_") else n, p) for n, p in zip(self.names, procs)]
 
-    def run(self, conn, rows: list[dict[str, Any]]) -> None:
+    def run(self, conn, rows: list[dict[str, Any]]) -> int:
+        """Run for ``rows``; returns the number of rows the statement matched (updates)."""
+        if self.count_each and len(rows) > 1:
+            return sum(self.run(conn, [r]) for r in rows)
         fields = self.fields
         if not self.raw:
-            conn.execute(self.stmt, [{n: r[k] for n, (k, _p) in zip(self.names, fields)} for r in rows])
+            result = conn.execute(self.stmt, [{n: r[k] for n, (k, _p) in zip(self.names, fields)} for r in rows])
         elif self.positional:
-            conn.exec_driver_sql(self.sql, [tuple(p(r[k]) if p else r[k] for k, p in fields) for r in rows])
+            result = conn.exec_driver_sql(self.sql, [tuple(p(r[k]) if p else r[k] for k, p in fields) for r in rows])
         else:
-            conn.exec_driver_sql(self.sql, [{n: (p(r[k]) if p else r[k]) for n, (k, p) in zip(self.names, fields)}
-                                            for r in rows])
+            result = conn.exec_driver_sql(
+                self.sql, [{n: (p(r[k]) if p else r[k]) for n, (k, p) in zip(self.names, fields)} for r in rows])
+        return result.rowcount
 
 
 _COMPILED: dict[tuple, _Compiled] = {}
 
 
-def _compiled(dialect, model: type, op: str, keys: tuple[str, ...]) -> _Compiled:
-    key = (type(dialect), dialect.paramstyle, model, op, keys)
+def _compiled(dialect, model: type, op: str, keys: tuple[str, ...], fence: tuple[str, ...] = (),
+              by: tuple[str, ...] | None = None) -> _Compiled:
+    key = (type(dialect), dialect.paramstyle, model, op, keys, fence, by)
     stmt = _COMPILED.get(key)
     if stmt is None:
-        stmt = _COMPILED[key] = _Compiled(dialect, model, op, keys)
+        stmt = _COMPILED[key] = _Compiled(dialect, model, op, keys, fence, by)
     return stmt
 
 
@@ -166,8 +233,7 @@ class StepSession(Session):
         super().commit()
 
     def rollback(self) -> None:
-        self.writes.inserts.clear()
-        self.writes.updates.clear()
+        self.writes.clear()
         super().rollback()
 
 
@@ -222,3 +288,24 @@ def update_row(session, model: type, pk: Any, **values: Any) -> None:
     row = session.get(model, pk)
     if row is not None:
         set_values(session, row, **values)
+
+
+def update_by(session, model: type, key: dict[str, Any], **values: Any) -> None:
+    """Update the row of ``model`` whose unique columns hold ``key``, without loading it."""
+    w = getattr(session, "writes", None)
+    if w is not None:
+        w.update_key(model, tuple(key.values()), values, key=tuple(key))
+        return
+    session.exec(update(model).where(and_(*[getattr(model, k) == v for k, v in key.items()])).values(**values))
+
+
+def add_to(session, model: type, pk: Any, **deltas: Any) -> None:
+    """``column += delta`` for the row of ``model`` with primary key ``pk`` (buffered in a step session)."""
+    w = getattr(session, "writes", None)
+    if w is not None:
+        w.add(model, pk, deltas)
+        return
+    pks = inspect(model).primary_key
+    pk = pk if isinstance(pk, tuple) else (pk,)
+    session.exec(update(model).where(and_(*[c == v for c, v in zip(pks, pk)]))
+                 .values({k: getattr(model, k) + d for k, d in deltas.items()}))

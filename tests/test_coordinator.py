@@ -9,6 +9,7 @@ from farm import constants as C
 from farm import protocol as P
 from farm.constants import PROTOCOL_HEADER
 from farm.jobs import JobError
+from farm.db import session as new_session
 from farm.models import Attempt, Blob, Event, Job, JobWorker, Output, Task, Worker
 from tests.fixtures_inproc import (Driver, get, make_engine_and_store, make_job, make_user, new_coordinator, of,
                                    output_blob, rows, sha256)
@@ -160,6 +161,32 @@ def test_stale_attempt_is_fenced_off_and_changes_nothing(env):
     outs = rows(engine, Output, Output.job_id == job_id)
     assert [(o.frame, o.attempt, o.worker_id) for o in outs] == [(7, 2, "w2")], "exactly one output per frame"
     assert get(engine, Job, job_id).status == "rendered"
+
+
+def test_leases_are_answered_from_memory_but_a_row_changed_behind_it_wins(env, caplog):
+    """RESULTs of live leases are handled from the lease book (no read of the task), with every write fenced:
+    a task requeued in the database by someone else (an operator's script, a second process) is refused."""
+    engine, blobs, user, coord, d = env
+    job_id = make_job(engine, blobs, user, "1-3")
+    t1, t2, t3 = lease(d, b"w1", 3)
+    assert len(coord.book) == 3
+    assert of(d.send((b"w1", result_for(blobs, t1))), P.Ack) == [P.Ack(t1.task_id, 1, True)]
+    assert coord.book.hits == 1 and len(coord.book) == 2, "answered from the book, and gone from it"
+    with new_session(engine) as s:  # behind the coordinator's back: the lease of t2 is ended
+        task = s.get(Task, t2.task_id)
+        task.status, task.worker_id, task.lease_expires = "queued", None, None
+        s.add(task)
+        s.commit()
+    with caplog.at_level("WARNING", logger="farm.coordinator"):
+        out = d.send((b"w1", result_for(blobs, t2)), (b"w1", result_for(blobs, t3)))
+    assert "handled again from the database" in caplog.text
+    assert sorted((m.task_id, m.accepted) for m in of(out, P.Ack)) == [(t2.task_id, False), (t3.task_id, True)]
+    assert len(coord.book) == 0, "emptied: it was stale"
+    task = get(engine, Task, t2.task_id)
+    assert (task.status, task.attempt) == ("queued", 1), "the result of a lease that ended is not accepted"
+    assert [o.frame for o in rows(engine, Output, Output.job_id == job_id, order=Output.frame)] == [1, 3]
+    assert get(engine, Job, job_id).tasks_accepted == 2
+    assert get(engine, Worker, "w1").tasks_done == 2
 
 
 @pytest.mark.parametrize("case", ["missing frame", "extra frame", "not uploaded", "frame not an int",

@@ -7,9 +7,9 @@ import pytest
 from sqlmodel import select
 
 from farm.db import make_engine, session
-from farm.models import Attempt, Event, Job, Task, User
+from farm.models import Attempt, Event, Job, Task, User, Worker
 from farm.states import JOB_TRANSITIONS, TASK_TRANSITIONS, IllegalTransition, TaskStatus, transition
-from farm.writes import StepSession, add_row, set_values, update_row
+from farm.writes import StaleRow, StepSession, add_row, add_to, set_values, update_by, update_row
 from tests.conftest import BACKENDS, new_db_url
 
 
@@ -110,6 +110,72 @@ def test_insert_fills_defaults_and_update_by_key_updates_a_loaded_row(engine, jo
         s.commit()
     with session(engine) as s:
         assert s.get(Attempt, att.id).outcome == "done"
+
+
+def test_fenced_update_lands_only_on_the_row_it_expects(engine, job):
+    job_id, (t1, t2, t3) = job
+    with session(engine) as s:  # t1, t2 leased to w1 at attempt 1
+        for tid in (t1, t2):
+            task = s.get(Task, tid)
+            task.status, task.worker_id, task.attempt = "assigned", "w1", 1
+            s.add(task)
+        s.commit()
+    expect = {"attempt": 1, "worker_id": "w1", "status": "assigned"}
+    with StepSession(engine) as s:  # both still as expected: written, in one statement
+        for tid in (t1, t2):
+            s.writes.fence(Task, tid, expect)
+            update_row(s, Task, tid, status="done", worker_id=None)
+        s.commit()
+    with session(engine) as s:
+        assert [s.get(Task, t).status for t in (t1, t2, t3)] == ["done", "done", "queued"]
+    with session(engine) as s:  # t3 leased to w2; a copy in memory says w1
+        task = s.get(Task, t3)
+        task.status, task.worker_id, task.attempt = "assigned", "w2", 1
+        s.add(task)
+        s.commit()
+    with StepSession(engine) as s:
+        s.writes.fence(Task, t3, expect)
+        update_row(s, Task, t3, status="done", worker_id=None)
+        update_row(s, Task, t3, progress_done=1)  # coalesced: still one fenced row
+        with pytest.raises(StaleRow, match="1 of 1 fenced Task rows"):
+            s.commit()
+        s.rollback()
+    with session(engine) as s:
+        assert (s.get(Task, t3).status, s.get(Task, t3).worker_id) == ("assigned", "w2"), "nothing written"
+    with StepSession(engine) as s:  # a fence is checked by the row's first write only: it holds the row after
+        s.writes.fence(Task, t3, {**expect, "worker_id": "w2"})
+        update_row(s, Task, t3, worker_id="w3")
+        s.flush()
+        update_row(s, Task, t3, status="running")
+        s.commit()
+    with session(engine) as s:
+        assert (s.get(Task, t3).status, s.get(Task, t3).worker_id) == ("running", "w3")
+
+
+def test_add_to_adds_in_the_database_and_update_by_names_a_unique_key(engine, job):
+    job_id, (t1, *_) = job
+    with session(engine) as s:
+        s.add(Worker(id="adder", tasks_done=5, render_seconds=1.0))
+        s.add(Attempt(task_id=t1, job_id=job_id, attempt=1, worker_id="adder", started_at=1.0))
+        s.commit()
+    with StepSession(engine) as s:
+        w = s.get(Worker, "adder")
+        s.commit()  # w stays loaded (expire_on_commit=False): a copy that goes stale
+        with session(engine) as other:  # another transaction's change, made meanwhile
+            o = other.get(Worker, "adder")
+            o.tasks_done += 10
+            other.add(o)
+            other.commit()
+        add_to(s, Worker, "adder", tasks_done=1, render_seconds=0.5)
+        add_to(s, Worker, "adder", tasks_done=1, render_seconds=0.25)  # coalesced
+        assert (w.tasks_done, w.render_seconds) == (7, 1.75), "the loaded row follows"
+        update_by(s, Attempt, {"task_id": t1, "attempt": 1}, outcome="done", ended_at=2.0)
+        s.commit()
+    with session(engine) as s:
+        w = s.get(Worker, "adder")
+        assert (w.tasks_done, w.render_seconds) == (17, 1.75)
+        att = s.exec(select(Attempt).where(Attempt.task_id == t1)).one()
+        assert (att.outcome, att.ended_at) == ("done", 2.0)
 
 
 def test_transition_table_through_the_buffer(engine, job):

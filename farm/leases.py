@@ -1,0 +1,111 @@
+"""Tasks as the coordinator's hot path holds them: plain rows, and the in-memory book of live leases.
+
+A task is read from the database when it is leased (the assignment window reads it as a plain
+:class:`TaskRow`) and, while the lease lasts, only the coordinator changes it: its RESULT, PROGRESS and
+HEARTBEAT messages can be answered from the copy kept in :class:`LeaseBook`, without reading the row
+again. The copy is only a cache, never trusted blindly:
+
+* every update of a task taken from the book is *fenced* (:meth:`farm.writes.Writes.fence`): it names the
+  attempt, worker and status the copy holds in its WHERE clause, and when the database row changed
+  anyway (an API call, a bug, a second coordinator) the update matches nothing, the step rolls back, the
+  book is emptied and the batch is handled again from the database;
+* a copy enters the book only when the step that leased it committed, and leaves it when its lease ends
+  by any path (result, failure, loss, cancel); a rolled-back step empties the book (its copies may hold
+  values that were never committed).
+"""
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import Text, type_coerce
+
+from farm.models import Task
+from farm.writes import PlainRow
+
+
+def _json(value):
+    """A JSON column read as text (SQLite), or already decoded by the driver (psycopg)."""
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+class TaskRow(PlainRow):
+    """A task as plain columns (not an ORM instance), its JSON columns decoded only when read (the
+    assignment window holds more rows than are leased); :func:`farm.writes.set_values` and
+    :func:`farm.states.transition` update it by primary key like a loaded Task."""
+    __slots__ = ("id", "job_id", "index", "kind", "priority", "_spec", "_inputs", "status", "attempt",
+                 "_failed", "check_id", "progress_total", "worker_id", "lease_expires", "progress_done",
+                 "updated_at", "render_seconds", "work_units", "started_at")
+    model = Task
+
+    def __init__(self, id, job_id, index, kind, priority, spec, inputs, status, attempt, failed_workers, check_id,
+                 progress_total):
+        self.id, self.job_id, self.index, self.kind, self.priority = id, job_id, index, kind, priority
+        self._spec, self._inputs, self.status, self.attempt = spec, inputs, status, attempt
+        self._failed, self.check_id, self.progress_total = failed_workers, check_id, progress_total
+        self.worker_id = self.lease_expires = None
+        self.progress_done, self.render_seconds, self.started_at = 0, 0.0, 0.0
+
+    @property
+    def spec(self) -> dict:
+        if isinstance(self._spec, (str, bytes)):
+            self._spec = _json(self._spec)
+        return self._spec
+
+    @property
+    def inputs(self) -> list:
+        if isinstance(self._inputs, (str, bytes)):
+            self._inputs = _json(self._inputs)
+        return self._inputs
+
+    @property
+    def failed_workers(self) -> list:
+        if isinstance(self._failed, (str, bytes)):
+            self._failed = _json(self._failed)
+        return self._failed
+
+
+COLUMNS = (Task.id, Task.job_id, Task.index, Task.kind, Task.priority, type_coerce(Task.spec, Text),
+           type_coerce(Task.inputs, Text), Task.status, Task.attempt, type_coerce(Task.failed_workers, Text),
+           Task.check_id, Task.progress_total)
+"""The columns a :class:`TaskRow` is made of, in its constructor's order (JSON columns as stored: text on
+SQLite, decoded when read)."""
+
+# The columns whose values identify a lease: a fenced update of a task names them.
+FENCE = ("attempt", "worker_id", "status")
+
+
+class LeaseBook:
+    """Live leases' tasks by task id (committed state only; see the module's docstring)."""
+
+    MAX = 100_000  # a farm with more live leases reads the rest from the database
+
+    def __init__(self):
+        self.rows: dict[int, TaskRow] = {}
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, s, task_id: int) -> TaskRow | None:
+        """The leased task's copy, fenced in ``s`` (its updates in this transaction check the lease), or
+        None when the book does not hold it (read it from the database)."""
+        row = self.rows.get(task_id)
+        if row is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        s.writes.fence(Task, row.id, {"attempt": row.attempt, "worker_id": row.worker_id, "status": row.status})
+        return row
+
+    def commit(self, leased: list[TaskRow]) -> None:
+        """Keep the copies of the leases a committed step granted."""
+        if len(self.rows) + len(leased) > self.MAX:
+            return
+        for row in leased:
+            self.rows[row.id] = row
+
+    def drop(self, task_id: int) -> None:
+        self.rows.pop(task_id, None)
+
+    def clear(self) -> None:
+        self.rows.clear()
