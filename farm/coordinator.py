@@ -29,13 +29,13 @@ from farm import diffusion
 from farm import reputation as R
 from farm import protocol as P
 from farm.blobs import BlobError, BlobStore
-from farm.leases import COLUMNS, LeaseBook, TaskRow
+from farm.leases import COLUMNS, LeaseBook, ReadAhead, TaskRow
 from farm.logs import ctx
 from farm.db import session as new_session
 from farm.models import Attempt, Job, JobWorker, Output, Task, TaskDep, Worker
 from farm.models import Blob as BlobRow
 from farm.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, fits
-from farm.states import JOB_SCHEDULABLE, TASK_LEASED, JobStatus, TaskStatus, transition
+from farm.states import JOB_SCHEDULABLE, QUEUE_EPOCH, TASK_LEASED, JobStatus, TaskStatus, transition
 from farm.verification import Verifier, is_check, public_spec
 from farm.writes import StaleRow, StepSession, add_row, add_to, set_values, update_by
 
@@ -57,20 +57,6 @@ def _get(s: Session, model: type, pk):
 
 # the task columns the assignment reads (a TaskRow), then the job's id
 _NQ = len(COLUMNS)
-
-
-def _queued_rows(s: Session, rows) -> list[tuple[TaskRow, Job]]:
-    """The window's rows with their jobs, each loaded once (from the session when there already; a row
-    per task would decode the job's spec per task)."""
-    jobs: dict[int, Job] = {}
-    out = []
-    for r in rows:
-        jid = r[_NQ]
-        job = jobs.get(jid)
-        if job is None:
-            job = jobs[jid] = s.get(Job, jid)
-        out.append((TaskRow(*r[:_NQ]), job))
-    return out
 
 
 # Statements of the hot path, built once (building one costs about as much as running it).
@@ -106,6 +92,7 @@ class Coordinator:
         self.stats = defaultdict(int)
         self._needed: dict[int, frozenset[int]] = {}  # job id → ids of its tasks that other tasks wait for
         self.book = LeaseBook()  # live leases' tasks: RESULT and friends need not read them again
+        self.ahead = ReadAhead()  # the head of the queue: assignment rounds need not read it again
         self.verifier = Verifier(self, enabled=verify, seed=None if scheduler is None else scheduler.rng.random())
         with new_session(engine) as s:  # a restart: nobody is connected until they say HELLO again
             s.exec(update(Worker).where(Worker.online).values(online=False))
@@ -171,6 +158,7 @@ class Coordinator:
                     self.conns[ident].free = n
             self.want_assign = want or True
             self.book.clear()  # its copies may hold changes that were never committed
+            self.ahead.clear()
             raise
 
     def cancel_job(self, job_id: int, user) -> dict[str, Any]:
@@ -647,11 +635,32 @@ class Coordinator:
             for conn in [c for c in free if c.free > 0]:
                 self._assign_deeper(s, conn, now, out)
 
-    def _window(self, s: Session, limit: int) -> list[tuple[Task, Job]]:
-        """The first ``limit`` queued tasks, by priority then FIFO. Read one priority at a time: within one,
+    def _window(self, s: Session, limit: int) -> list[tuple[TaskRow, Job]]:
+        """The first ``limit`` queued tasks, by priority then FIFO, with their jobs: from the read-ahead
+        copy while it is current, else read (ReadAhead.SIZE rows or more at once)."""
+        ahead = self.ahead
+        if not ahead.covers(limit):
+            epoch, want = QUEUE_EPOCH.value, max(limit, ReadAhead.SIZE)
+            rows = self._read_window(s, want)
+            jobs = list({j for _, j in rows})
+            blocked = set(s.exec(_BLOCKED, params={"jobs": jobs}).all()) if jobs else set()
+            ahead.fill(rows, blocked, want, epoch)
+        jobs: dict[int, Job | None] = {}
+        out = []
+        for row, jid in ahead.first(limit):
+            job = jobs[jid] if jid in jobs else jobs.setdefault(jid, _get(s, Job, jid))
+            if job is not None:
+                out.append((row, job))
+        return out
+
+    @staticmethod
+    def _read_window(s: Session, limit: int) -> list[tuple[TaskRow, int]]:
+        """Read the first ``limit`` queued tasks (and their job ids). One priority at a time: within one,
         the claim index (status, priority, job_id, index) gives the order, so the database reads ``limit``
         rows; ``ORDER BY priority DESC, job_id, index`` mixes directions and sorts every queued task."""
-        rows = _queued_rows(s, s.exec(_WINDOW_TOP, params={"n": limit}).all())
+        def read(stmt, **params):
+            return [(TaskRow(*r[:_NQ]), r[_NQ]) for r in s.exec(stmt, params=params).all()]
+        rows = read(_WINDOW_TOP, n=limit)
         if len(rows) == limit:
             return rows
         level = rows[0][0].priority if rows else s.exec(_TOP).one()
@@ -659,17 +668,17 @@ class Coordinator:
             level = s.exec(_NEXT_LEVEL, params={"p": level}).one() if level is not None else None
             if level is None or len(rows) >= limit:
                 return rows
-            rows += _queued_rows(s, s.exec(_WINDOW_AT, params={"p": level, "n": limit - len(rows)}).all())
+            rows += read(_WINDOW_AT, p=level, n=limit - len(rows))
         if len(rows) < limit:
-            rows += _queued_rows(s, s.exec(_WINDOW_BELOW, params={"p": level, "n": limit - len(rows)}).all())
+            rows += read(_WINDOW_BELOW, p=level, n=limit - len(rows))
         return rows
 
-    def _assign_rows(self, s: Session, rows: list[tuple[Task, Job]], free: list[Conn], left: int, now: float,
+    def _assign_rows(self, s: Session, rows: list[tuple[TaskRow, Job]], free: list[Conn], left: int, now: float,
                      out: Outgoing) -> int:
         """Lease ``rows`` in order to the workers in ``free`` that may take them; returns the free slots left."""
         if not rows:
             return left
-        blocked = set(s.exec(_BLOCKED, params={"jobs": list({t.job_id for t, _ in rows})}).all())
+        blocked = self.ahead.blocked
         pools: dict[tuple, list[Conn]] = {}  # the workers that may take tasks of one job, kind and model
         for task, job in rows:
             probe = bool(task.spec.get("only_worker"))  # a probe may re-check a job its worker is blocked in
@@ -712,14 +721,17 @@ class Coordinator:
         runtimes = conn.capabilities.get("runtimes", ["blender"])
         kinds = sorted({k for k, r in RUNTIME_FOR_KIND.items() if r in runtimes} | set(runtimes))
         blocked = select(JobWorker.job_id).where(JobWorker.worker_id == conn.worker_id).where(JobWorker.blocked)
-        for task, job in _queued_rows(s, s.exec(self._queued().where(Task.kind.in_(kinds))
-                                             .where(Task.job_id.notin_(blocked))
-                                             .order_by(Task.priority.desc(), Task.job_id, Task.index)
-                                             .limit(conn.free * 4 + 16)).all()):
+        for r in s.exec(self._queued().where(Task.kind.in_(kinds)).where(Task.job_id.notin_(blocked))
+                        .order_by(Task.priority.desc(), Task.job_id, Task.index).limit(conn.free * 4 + 16)).all():
+            task, job = TaskRow(*r[:_NQ]), _get(s, Job, r[_NQ])
             if conn.free > 0 and self._may_take(task, job, conn):  # kind fits; the model may not
                 self._lease(s, task, job, conn, now, out)
+                self.ahead.clear()  # it may hold this task
 
-    def _lease(self, s: Session, task: Task, job: Job, conn: Conn, now: float, out: Outgoing) -> None:
+    def _lease(self, s: Session, task: TaskRow, job: Job, conn: Conn, now: float, out: Outgoing) -> None:
+        # read in an earlier step, maybe: leased only if still queued at the attempt read (else StaleRow)
+        s.writes.fence(Task, task.id, {"status": TaskStatus.queued.value, "attempt": task.attempt})
+        self.ahead.leased(task.id)
         attempt = task.attempt + 1
         transition(s, task, TaskStatus.assigned, worker_id=conn.worker_id, attempt=attempt, now=now,
                    values=dict(attempt=attempt, worker_id=conn.worker_id, lease_expires=now + C.LEASE_SECONDS,
@@ -730,9 +742,8 @@ class Coordinator:
                 started_at=now)
         if job.status in (JobStatus.queued.value, JobStatus.rejected.value) and not is_check(task):
             transition(s, job, JobStatus.active, reason="first task leased", now=now)
-        if isinstance(task, TaskRow):  # into the lease book once this step commits
-            task.started_at = now
-            s.info.setdefault("leased", []).append(task)
+        task.started_at = now
+        s.info.setdefault("leased", []).append(task)  # into the lease book once this step commits
         conn.free -= 1
         conn.held_blobs.update(task.inputs)
         conn.note_model(task.spec.get("model_hash"))

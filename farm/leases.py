@@ -15,11 +15,14 @@ again. The copy is only a cache, never trusted blindly:
 """
 from __future__ import annotations
 
+import itertools
 import json
 
-from sqlalchemy import Text, type_coerce
+from sqlalchemy import Text, event, type_coerce
+from sqlalchemy.orm import Session
 
-from farm.models import Task
+from farm.models import Job, JobWorker, Task
+from farm.states import QUEUE_EPOCH
 from farm.writes import PlainRow
 
 
@@ -109,3 +112,63 @@ class LeaseBook:
 
     def clear(self) -> None:
         self.rows.clear()
+
+
+class ReadAhead:
+    """The head of the queue, read ahead: queued tasks of schedulable jobs in claim order (priority, then
+    job and index), with the job-worker blocklist of their jobs, read in one go and leased from memory in
+    the assignment rounds that follow, until :data:`farm.states.QUEUE_EPOCH` moves (a task queued, a job's
+    status changed, a blocklist written …) or a rollback drops it. Leases taken from it are fenced on
+    (status queued, attempt), like the lease book's copies: a stale copy never leases a task twice."""
+
+    SIZE = 256  # rows read at once (at least the round's window)
+
+    def __init__(self):
+        self.rows: dict[int, tuple[TaskRow, int]] = {}  # task id → (row, job id), in claim order
+        self.blocked: set[tuple[int, str]] = set()
+        self.epoch: int | None = None
+        self.complete = False  # the read returned every queued task there was
+        self.reads = 0
+
+    def covers(self, limit: int) -> bool:
+        """Whether the copy is current and holds the first ``limit`` queued tasks."""
+        return self.epoch == QUEUE_EPOCH.value and (self.complete or len(self.rows) >= limit)
+
+    def fill(self, rows: list[tuple[TaskRow, int]], blocked: set[tuple[int, str]], asked: int, epoch: int) -> None:
+        """Replace the copy by ``rows`` (read for ``asked`` rows, with the epoch as it was before the read)."""
+        self.rows = {r.id: (r, j) for r, j in rows}
+        self.blocked, self.complete, self.epoch = blocked, len(rows) < asked, epoch
+        self.reads += 1
+
+    def first(self, limit: int) -> list[tuple[TaskRow, int]]:
+        return list(itertools.islice(self.rows.values(), limit))
+
+    def leased(self, task_id: int) -> None:
+        self.rows.pop(task_id, None)
+
+    def clear(self) -> None:
+        self.rows, self.blocked, self.epoch, self.complete = {}, set(), None, False
+
+
+_WATCHED = (Task, Job, JobWorker)
+
+
+@event.listens_for(Session, "before_flush")
+def _orm_changes(session, _ctx, _instances) -> None:
+    """Task, job and job-worker rows written through the ORM (new jobs' tasks, failures, blocklists, API
+    changes) may change the queue: move the epoch (farm.states.transition moves it for status changes)."""
+    for obj in itertools.chain(session.new, session.dirty, session.deleted):
+        if isinstance(obj, _WATCHED):
+            QUEUE_EPOCH.move(session)
+            return
+
+
+@event.listens_for(Session, "after_commit")
+def _committed(session) -> None:
+    if session.info.pop("queue_changed", False):
+        QUEUE_EPOCH.move()
+
+
+@event.listens_for(Session, "after_rollback")
+def _rolled_back(session) -> None:
+    session.info.pop("queue_changed", None)

@@ -61,7 +61,7 @@ class Task(SQLModel, table=True):
     priority: int = 0  # copy of the job's, so the claim query needs no join to order
     spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     inputs: list[str] = Field(default_factory=list, sa_column=Column(JSON))
-    status: str = Field(default="queued", index=True)
+    status: str = "queued"  # indexed by ix_task_claim, whose first column it is
     attempt: int = 0
     worker_id: Optional[str] = Field(default=None, index=True)
     lease_expires: Optional[float] = None
@@ -87,7 +87,7 @@ class Attempt(SQLModel, table=True):
     """One lease of a task to a worker, and how it ended (fencing token: (task_id, attempt))."""
     __table_args__ = (UniqueConstraint("task_id", "attempt"),)
     id: Optional[int] = Field(default=None, primary_key=True)
-    task_id: int = Field(foreign_key="task.id", index=True)
+    task_id: int = Field(foreign_key="task.id")  # indexed by the unique (task_id, attempt)
     job_id: int = Field(index=True)
     attempt: int
     worker_id: str = Field(index=True)
@@ -184,7 +184,7 @@ class Output(SQLModel, table=True):
     the job's results; the others (tiles) are intermediate, fed to dependent tasks only."""
     __table_args__ = (UniqueConstraint("job_id", "name"),)
     id: Optional[int] = Field(default=None, primary_key=True)
-    job_id: int = Field(foreign_key="job.id", index=True)
+    job_id: int = Field(foreign_key="job.id")  # indexed by the unique (job_id, name)
     task_id: int = Field(index=True)
     attempt: int
     frame: int
@@ -200,7 +200,7 @@ class Output(SQLModel, table=True):
 class Event(SQLModel, table=True):
     """The audit log: every status change, with the worker and attempt that caused it."""
     id: Optional[int] = Field(default=None, primary_key=True)
-    at: float = Field(default_factory=_now, index=True)
+    at: float = Field(default_factory=_now)  # not indexed: the log is read by job or task, in id order
     kind: str  # job | task | worker
     job_id: Optional[int] = Field(default=None, index=True)
     task_id: Optional[int] = Field(default=None, index=True)

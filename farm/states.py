@@ -87,6 +87,26 @@ def can_transition(kind: str, old: str, new: str) -> bool:
     return (kind, str(getattr(old, "value", old)), str(getattr(new, "value", new))) in _ALLOWED
 
 
+class QueueEpoch:
+    """A counter that moves whenever the set or order of queued, schedulable tasks may have changed other
+    than by a lease: a task queued (or leaving ``queued`` other than to ``assigned``), a job changing
+    status, and (through :mod:`farm.leases`' session hooks) any task, job or job-worker row written through
+    the ORM. It moves when the change is made, for readers in the same transaction, and again when the
+    transaction commits, for everyone else. A copy of the queue read at one value is good while it holds."""
+
+    def __init__(self):
+        self.value = 0
+
+    def move(self, session=None) -> None:
+        self.value += 1
+        if session is not None:
+            session.info["queue_changed"] = True
+
+
+QUEUE_EPOCH = QueueEpoch()
+_QUEUED_S, _ASSIGNED_S = "queued", "assigned"
+
+
 def transition(session, row, new: str | enum.Enum, *, reason: str = "", worker_id: str | None = None,
                attempt: int | None = None, now: float | None = None, values: dict | None = None) -> None:
     """Move ``row`` (a Job or a Task) to ``new`` and record the event, in ``session`` (not committed);
@@ -99,6 +119,8 @@ def transition(session, row, new: str | enum.Enum, *, reason: str = "", worker_i
     if not can_transition(kind, old_s, new_s):
         raise IllegalTransition(f"{kind} {row.id}: {old_s} → {new_s} is not allowed")
     now = time.time() if now is None else now
+    if kind == "job" or new_s == _QUEUED_S or (old_s == _QUEUED_S and new_s != _ASSIGNED_S):
+        QUEUE_EPOCH.move(session)
     if values:
         set_values(session, row, **values, status=new_s, updated_at=now)
     else:
