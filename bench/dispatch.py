@@ -11,11 +11,12 @@ medians reported):
   ``tcp://127.0.0.1:0``, with one job of T one-frame tasks made by :func:`farm.jobs.create_blender_job`.
   N in-process DEALER workers speak the real protocol: HELLO, READY, then for each TASK at once a RESULT
   whose outputs (one per frame) all name one tiny blob stored beforehand in the coordinator's BlobStore,
-  then wait for the ACK, then READY again. A completion counts when its ACK arrives (the coordinator
-  commits before it acknowledges, so every counted completion is durable).
+  and READY right behind it (as worker/daemon.py sends READY after each final message, not after its
+  ACK). A completion counts when its ACK arrives (the coordinator commits before it acknowledges, so
+  every counted completion is durable).
 * **echo**: the same worker code against a bare ROUTER that answers READY with a pre-encoded TASK and
   RESULT with a pre-encoded ACK (no decoding, no database): the physical ceiling of this harness. One
-  task is two request→reply round trips (READY→TASK, RESULT→ACK).
+  task is two requests and two replies (READY→TASK, RESULT→ACK), RESULT and READY sent back to back.
 
 By default the workers run on the broker's asyncio loop, so their Python shares the coordinator process's
 GIL (and the echo's ceiling counts their cost too). ``--procs K`` runs them in K child processes instead,
@@ -145,10 +146,10 @@ async def worker(ctx: zmq.asyncio.Context, endpoint: str, wid: str, n: int, tall
                 outs = [{"frame": f, "sha256": out_sha, "size": out_size, "name": f"frame_{f:04d}.png",
                          "seconds": 0.0} for f in msg.spec["frames"]]
                 send(P.Result(msg.task_id, msg.attempt, outs, 0.0))
-            elif isinstance(msg, P.Ack):
                 held.clear()
+                send(P.Ready(1))  # at once, as worker/daemon.py does after its final message
+            elif isinstance(msg, P.Ack):
                 tally.ack(msg.task_id, msg.attempt, msg.accepted)
-                send(P.Ready(1))
             elif isinstance(msg, (P.Disconnect, P.Error)):
                 raise RuntimeError(f"worker {wid} got {msg}")
     finally:
@@ -438,8 +439,16 @@ async def run_farm(n: int, tasks: int, in_thread: bool, profile: bool = False, p
             endpoint = await host.start(broker.run, broker.ready)
             if loop_prof and in_thread:
                 loop_prof = None  # the broker's loop thread is not profiled then; the step thread is
-            tally = await (drive_worker_procs(endpoint, n, tasks, procs, out_sha, len(OUTPUT)) if procs else
-                           drive_workers(ctx, endpoint, n, tasks, out_sha, len(OUTPUT), loop_prof))
+            if procs:  # the loop runs the broker only: profiled from the start
+                if loop_prof:
+                    loop_prof.enable()
+                try:
+                    tally = await drive_worker_procs(endpoint, n, tasks, procs, out_sha, len(OUTPUT))
+                finally:
+                    if loop_prof:
+                        loop_prof.disable()
+            else:
+                tally = await drive_workers(ctx, endpoint, n, tasks, out_sha, len(OUTPUT), loop_prof)
         finally:
             await host.stop(broker.stop)
             ctx.destroy(0)
@@ -512,7 +521,7 @@ async def main_async(args) -> int:
                   f"step CPU {r.step_cpu / r.tasks * 1000:.2f} ms/task); echo {echo[-1].rate:8.0f} tasks/s — {r.verified}", flush=True)
         rows.append((n, farm, echo))
     print()
-    print("one task = READY→TASK + RESULT→ACK (2 request→reply round trips); echo msgs/s counts round trips;")
+    print("one task = READY→TASK + RESULT→ACK (2 requests, 2 replies; RESULT and READY sent back to back); echo msgs/s counts request→reply pairs;")
     print("ratio = farm completions/s ÷ echo tasks/s (1.00 would be the bare ZeroMQ ceiling of this harness)")
     hdr = (f"{'N':>4} {'tasks':>6} {'seconds':>8} {'completions/s':>14} {'raw echo msgs/s':>16} "
            f"{'echo tasks/s':>13} {'ratio':>6} {'msgs/step':>10} {'step busy':>10} {'step CPU/task':>14}")
