@@ -1,4 +1,5 @@
-"""Tasks as the coordinator's hot path holds them: plain rows, and the in-memory book of live leases.
+"""Tasks as the coordinator's hot path holds them: plain rows, the in-memory book of live leases, and
+the head of the queue read ahead.
 
 A task is read from the database when it is leased (the assignment window reads it as a plain
 :class:`TaskRow`) and, while the lease lasts, only the coordinator changes it: its RESULT, PROGRESS and
@@ -12,6 +13,10 @@ again. The copy is only a cache, never trusted blindly:
 * a copy enters the book only when the step that leased it committed, and leaves it when its lease ends
   by any path (result, failure, loss, cancel); a rolled-back step empties the book (its copies may hold
   values that were never committed).
+
+:class:`ReadAhead` does the same for queued tasks: the assignment rounds lease from a copy of the first
+few hundred queued tasks while :data:`farm.states.QUEUE_EPOCH` says nothing queued, requeued or
+re-prioritised since it was read, each lease fenced on (status queued, attempt).
 """
 from __future__ import annotations
 
