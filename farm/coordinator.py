@@ -115,6 +115,7 @@ class Coordinator:
                     self._committed(s)
         except Exception as exc:  # a handler bug must not take the coordinator down: retry one by one
             if isinstance(exc, StaleRow):  # the lease book was stale (it is emptied): read from the database
+                self.stats["stale_cache"] += 1
                 log.warning("batch of %d handled again from the database: %s", len(batch), exc)
             else:
                 log.exception("batch of %d failed; retrying its messages one at a time", len(batch))
@@ -371,7 +372,9 @@ class Coordinator:
         if not problem:
             problem, suspicious = self.verifier.inspect(s, task, msg.outputs)
         if problem:
-            task = s.get(Task, task.id) if isinstance(task, TaskRow) else task  # _fail changes the ORM row
+            if isinstance(task, TaskRow):  # _fail changes the ORM row: read it, current, and check it again
+                s.writes.unfence(Task, task.id)
+                task = s.get(Task, task.id)
             if self._holds(task, conn, msg.attempt):
                 self._fail(s, task, conn.worker_id, f"invalid result: {problem}", True, now, out, "invalid_result")
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, problem)))

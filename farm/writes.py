@@ -59,6 +59,10 @@ class Writes:
         this transaction, so later updates need no fence."""
         self.fences.setdefault((model, pk if isinstance(pk, tuple) else (pk,)), expect)
 
+    def unfence(self, model: type, pk: Any) -> None:
+        """Drop the fence of a row the caller has read again from the database (it is current now)."""
+        self.fences.pop((model, pk if isinstance(pk, tuple) else (pk,)), None)
+
     def _order(self) -> None:
         # ORM changes made before this write must reach the database before it (they would come after
         # the buffer otherwise); _is_clean is the session's own O(1) test for pending changes.

@@ -22,7 +22,9 @@ def env(tmp_path, db_url):  # every test here runs on SQLite and on PostgreSQL
     engine, blobs = make_engine_and_store(tmp_path / "farm", url=db_url)
     user, _ = make_user(engine, "alice")
     coord = new_coordinator(engine, blobs)
-    return engine, blobs, user, coord, Driver(coord)
+    yield engine, blobs, user, coord, Driver(coord)
+    # the in-memory copies (lease book, read-ahead) never went stale by the coordinator's own doing
+    assert coord.stats["stale_cache"] == 0, "a batch had to be handled again from the database"
 
 
 def tasks_of(engine, job_id) -> list[Task]:
@@ -180,6 +182,7 @@ def test_leases_are_answered_from_memory_but_a_row_changed_behind_it_wins(env, c
     with caplog.at_level("WARNING", logger="farm.coordinator"):
         out = d.send((b"w1", result_for(blobs, t2)), (b"w1", result_for(blobs, t3)))
     assert "handled again from the database" in caplog.text
+    coord.stats["stale_cache"] = 0  # provoked on purpose
     assert sorted((m.task_id, m.accepted) for m in of(out, P.Ack)) == [(t2.task_id, False), (t3.task_id, True)]
     assert len(coord.book) == 0, "emptied: it was stale"
     task = get(engine, Task, t2.task_id)

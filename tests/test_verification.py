@@ -110,7 +110,8 @@ def env(tmp_path):
     engine, blobs = make_engine_and_store(tmp_path / "farm")
     user, _ = make_user(engine, "alice")
     coord = Coordinator(engine, blobs, Scheduler(seed=7), verify=True)
-    return engine, blobs, user, coord, Driver(coord)
+    yield engine, blobs, user, coord, Driver(coord)
+    assert coord.stats["stale_cache"] == 0, "a batch had to be handled again from the database"
 
 
 def final_outputs_correct(engine, blobs, job_id: int) -> bool:
