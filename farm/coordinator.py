@@ -93,6 +93,10 @@ class Coordinator:
         self._needed: dict[int, frozenset[int]] = {}  # job id → ids of its tasks that other tasks wait for
         self.book = LeaseBook()  # live leases' tasks: RESULT and friends need not read them again
         self.ahead = ReadAhead()  # the head of the queue: assignment rounds need not read it again
+        # jobs as the last committed step left them (detached), good while QUEUE_EPOCH holds: every job
+        # change made elsewhere moves it (farm/leases.py), and status changes are fenced (farm/states.py)
+        self._jobs: dict[int, Job] = {}
+        self._jobs_epoch: int | None = None
         self.verifier = Verifier(self, enabled=verify, seed=None if scheduler is None else scheduler.rng.random())
         with new_session(engine) as s:  # a restart: nobody is connected until they say HELLO again
             s.exec(update(Worker).where(Worker.online).values(online=False))
@@ -103,6 +107,9 @@ class Coordinator:
         """Handle ``batch`` (ROUTER frames: routing id first), assign, sweep if due; commit; return replies."""
         now = self.clock() if now is None else now
         out: Outgoing = []
+        if self._jobs_epoch != QUEUE_EPOCH.value:
+            self._jobs.clear()
+            self._jobs_epoch = QUEUE_EPOCH.value
         try:
             with self._undo_on_error():
                 with StepSession(self.engine) as s:
@@ -140,10 +147,26 @@ class Coordinator:
         return out
 
     def _committed(self, s: Session) -> None:
-        """Keep the tasks of the leases granted by a committed step (a rolled-back one's are dropped)."""
+        """Keep the tasks of the leases granted by a committed step (a rolled-back one's are dropped), and
+        its jobs while nothing else changed a job meanwhile."""
         new = s.info.get("leased")
         if new:
             self.book.commit(new)
+        if self._jobs_epoch == QUEUE_EPOCH.value:
+            for job in s.info.get("jobs", ()):
+                self._jobs[job.id] = job
+        else:
+            self._jobs.clear()
+
+    def _job(self, s: Session, job_id: int) -> Job | None:
+        """The job ``job_id`` in ``s``: loaded already, from the last step's copy (no query), or read."""
+        job = s.identity_map.get((Job, (job_id,), None))
+        if job is None:
+            cached = self._jobs.get(job_id)
+            job = s.merge(cached, load=False) if cached is not None else s.get(Job, job_id)
+            if job is not None:
+                s.info.setdefault("jobs", []).append(job)  # held for the step, and kept after its commit
+        return job
 
     @contextlib.contextmanager
     def _undo_on_error(self):
@@ -160,6 +183,7 @@ class Coordinator:
             self.want_assign = want or True
             self.book.clear()  # its copies may hold changes that were never committed
             self.ahead.clear()
+            self._jobs.clear()
             raise
 
     def cancel_job(self, job_id: int, user) -> dict[str, Any]:
@@ -224,7 +248,12 @@ class Coordinator:
                 job_ids.add(row.job_id)
         rows = s.exec(_TASKS, params={"ids": missing}).all() if missing else []
         job_ids.update(t.job_id for t in rows)
-        return [rows, s.exec(_JOBS, params={"ids": list(job_ids)}).all()]
+        unknown = [j for j in job_ids if j not in self._jobs]
+        if unknown:
+            s.info.setdefault("jobs", []).extend(s.exec(_JOBS, params={"ids": unknown}).all())
+        for jid in job_ids:
+            self._job(s, jid)
+        return rows
 
     def _task(self, s: Session, task_id: int) -> Task | TaskRow | None:
         """A task a message names: the lease book's copy (fenced) when it holds it, else the row."""
@@ -379,7 +408,7 @@ class Coordinator:
                 self._fail(s, task, conn.worker_id, f"invalid result: {problem}", True, now, out, "invalid_result")
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, problem)))
             return
-        job = _get(s, Job, task.job_id)
+        job = self._job(s, task.job_id)
         if isinstance(task, TaskRow):
             started = task.started_at
         else:
@@ -428,7 +457,7 @@ class Coordinator:
                    attempt=task.attempt, now=now, values=None if units is None else {"work_units": units})
         if known:  # added in the database: the row in memory may be older than another step's change
             add_to(s, Worker, worker_id, tasks_done=1, render_seconds=task.render_seconds, work_units=units)
-        set_values(s, job, tasks_accepted=job.tasks_accepted + 1)
+        add_to(s, Job, job.id, tasks_accepted=1)  # the loaded row follows
         self._release_dependents(s, task, now)
         if job.tasks_accepted >= job.tasks_total and job.status == JobStatus.active.value:
             self._needed.pop(job.id, None)
@@ -651,7 +680,7 @@ class Coordinator:
         jobs: dict[int, Job | None] = {}
         out = []
         for row, jid in ahead.first(limit):
-            job = jobs[jid] if jid in jobs else jobs.setdefault(jid, _get(s, Job, jid))
+            job = jobs[jid] if jid in jobs else jobs.setdefault(jid, self._job(s, jid))
             if job is not None:
                 out.append((row, job))
         return out
@@ -726,7 +755,7 @@ class Coordinator:
         blocked = select(JobWorker.job_id).where(JobWorker.worker_id == conn.worker_id).where(JobWorker.blocked)
         for r in s.exec(self._queued().where(Task.kind.in_(kinds)).where(Task.job_id.notin_(blocked))
                         .order_by(Task.priority.desc(), Task.job_id, Task.index).limit(conn.free * 4 + 16)).all():
-            task, job = TaskRow(*r[:_NQ]), _get(s, Job, r[_NQ])
+            task, job = TaskRow(*r[:_NQ]), self._job(s, r[_NQ])
             if conn.free > 0 and self._may_take(task, job, conn):  # kind fits; the model may not
                 self._lease(s, task, job, conn, now, out)
                 self.ahead.clear()  # it may hold this task

@@ -2,7 +2,9 @@
 
 Every status change of a job or a task goes through :func:`transition`, which checks the move against
 :data:`JOB_TRANSITIONS` / :data:`TASK_TRANSITIONS`, updates the row and adds an :class:`~farm.models.Event`
-in the caller's session, so that the row and its event are committed in one transaction. A move that is
+in the caller's session, so that the row and its event are committed in one transaction. In the
+coordinator's step session the update is a compare-and-set: it names the status it moves from, so a
+copy of the row kept in memory that went stale cannot move the row (:class:`farm.writes.StaleRow`). A move that is
 not in the table raises :class:`IllegalTransition`; nothing is written then. In the coordinator's step
 session (:class:`farm.writes.StepSession`) the row update and the event are buffered and sent with the
 step's other writes in a few executemany statements; the checks and the rows written are the same.
@@ -12,7 +14,7 @@ from __future__ import annotations
 import enum
 import time
 
-from farm.writes import add_row, set_values
+from farm.writes import PlainRow, add_row, set_values
 
 
 class JobStatus(str, enum.Enum):
@@ -121,6 +123,9 @@ def transition(session, row, new: str | enum.Enum, *, reason: str = "", worker_i
     now = time.time() if now is None else now
     if kind == "job" or new_s == _QUEUED_S or (old_s == _QUEUED_S and new_s != _ASSIGNED_S):
         QUEUE_EPOCH.move(session)
+    writes = getattr(session, "writes", None)
+    if writes is not None:  # compare and set: the row's buffered update lands only on the status read
+        writes.fence(row.model if isinstance(row, PlainRow) else type(row), row.id, {"status": old_s})
     if values:
         set_values(session, row, **values, status=new_s, updated_at=now)
     else:
