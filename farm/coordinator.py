@@ -84,6 +84,9 @@ class Coordinator(Assignment):
         self._jobs: dict[int, Job] = {}
         self._jobs_epoch: int | None = None
         self.verifier = Verifier(self, enabled=verify, seed=None if scheduler is None else scheduler.rng.random())
+        # message class → its handler, _on_<name> (HELLO is handled before a connection exists)
+        self._handlers = {cls: getattr(self, f"_on_{cls.__name__.lower()}") for cls in P.MESSAGES.values()
+                          if hasattr(self, f"_on_{cls.__name__.lower()}")}
         with new_session(engine) as s:  # a restart: nobody is connected until they say HELLO again
             s.exec(update(Worker).where(Worker.online).values(online=False))
             s.commit()
@@ -261,7 +264,7 @@ class Coordinator(Assignment):
             out.append((ident, P.Disconnect("unknown connection: reconnect and send HELLO first")))
             return
         conn.last_seen = now
-        handler = getattr(self, f"_on_{type(msg).__name__.lower()}", None)
+        handler = self._handlers.get(type(msg))
         if handler is None:
             out.append((ident, P.Error(f"{type(msg).__name__} is not a worker message")))
             return

@@ -339,13 +339,18 @@ _FIELDS: dict[type, list[tuple[str, Any, Any, bool]]] = {
     for cls in MESSAGES.values()}
 
 
+_COMMAND_BYTES = {cls: bytes([cmd]) for cmd, cls in MESSAGES.items()}
+_ORDER = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MESSAGES.values()}
+
+
 def encode(msg: Message) -> list[bytes]:
     """Frames for ``msg``: header, command byte, msgpack body."""
     cls = type(msg)
-    if MESSAGES.get(getattr(cls, "command", -1)) is not cls:
+    command = _COMMAND_BYTES.get(cls)
+    if command is None:
         raise ProtocolError(f"{cls.__name__} is not a protocol message")
-    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
-    return [PROTOCOL_HEADER, bytes([cls.command]), msgpack.packb(body, use_bin_type=True)]
+    body = {name: getattr(msg, name) for name in _ORDER[cls]}
+    return [PROTOCOL_HEADER, command, msgpack.packb(body, use_bin_type=True)]
 
 
 def decode(frames: list[bytes]) -> Message:

@@ -77,16 +77,22 @@ class Scheduler:
 
     @staticmethod
     def weights(task_inputs: list[str], candidates: list[Conn]) -> list[float]:
-        """The probability of each candidate (they sum to 1)."""
+        """The probability of each candidate (they sum to 1). (Called once per task leased: written for
+        speed, the same arithmetic as the module docstring's.)"""
         speeds = [c.speed for c in candidates if c.speed]
         ref = statistics.median(speeds) if speeds else 1.0
         inputs = set(task_inputs)
+        k, bonus = len(inputs), LOCALITY_BONUS - 1
         raw = []
         for c in candidates:
-            held = len(inputs & c.held_blobs) / len(inputs) if inputs else 0.0
-            raw.append(max(c.reputation, 1e-3) * (c.speed or ref) / ref * (1 + (LOCALITY_BONUS - 1) * held))
+            w = (c.reputation if c.reputation > 1e-3 else 1e-3) * (c.speed or ref) / ref
+            if k:
+                held = c.held_blobs
+                w *= 1 + bonus * sum(1 for x in inputs if x in held) / k
+            raw.append(w)
         total, n = sum(raw), len(raw)
-        return [(1 - EXPLORE) * x / total + EXPLORE / n for x in raw]
+        scale, floor = (1 - EXPLORE) / total, EXPLORE / n
+        return [x * scale + floor for x in raw]
 
     def choose(self, task_inputs: list[str], candidates: list[Conn], model: str | None = None) -> Conn | None:
         if not candidates:
