@@ -279,11 +279,21 @@ def hash_file(path: Path, emit: Callable, cancelled: Callable[[], bool]) -> str:
 
 
 def submit(req: SubmitRequest, emit: Callable, cancelled: Callable[[], bool]) -> None:
-    """Check the farm, pack, hash, upload what is missing, create the job. Deletes req.temp_dir."""
+    """Check the farm, pack, hash, upload what is missing, create the job. Deletes req.temp_dir, before the
+    last message goes out: when the caller hears that the submission ended, the copy is gone."""
+    last: list = []
+
+    def hold_the_end(msg) -> None:
+        if isinstance(msg, (Submitted, Canceled)):
+            last.append(msg)
+        else:
+            emit(msg)
     try:
-        _submit(req, emit, cancelled)
+        _submit(req, hold_the_end, cancelled)
     finally:
         shutil.rmtree(req.temp_dir, ignore_errors=True)
+    for msg in last:
+        emit(msg)
 
 
 def _submit(req: SubmitRequest, emit: Callable, cancelled: Callable[[], bool]) -> None:
