@@ -5,6 +5,7 @@ stopped at the end of the test, and its log is printed when the test failed.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -159,3 +160,11 @@ def reference_frames(tmp_path_factory):
 def pixels(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """An event loop for a module's tests that drive asyncio code (a Blender runtime child) step by step."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()

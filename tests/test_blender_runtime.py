@@ -36,13 +36,6 @@ SMALL = {"format": "PNG", "color_depth": "8", "samples": 4, "resolution_percent"
 
 # ---- fixtures ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def bpy_env(tmp_path_factory):
     d = tmp_path_factory.mktemp("bpy_home")
     env = dict(os.environ, BLENDER_USER_RESOURCES=str(d / "user"), XDG_CACHE_HOME=str(d / "cache"))

@@ -7,7 +7,6 @@ command-line flags and the cheater process, real `farm serve` / `farm worker` pr
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import subprocess
@@ -35,13 +34,6 @@ REGIONS = [[0, 64, 0, 48], [10, 30, 5, 20], [0, 1, 0, 1], [63, 64, 47, 48], [31,
 
 
 # ------------------------------------------------------------------ fixtures and helpers
-@pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 @pytest.fixture(scope="module")
 def rt(loop, tmp_path_factory):
     proc = RuntimeProcess("worker.blender_runtime", ["--gpus", "none"], tmp_path_factory.mktemp("verify_rt"))
