@@ -83,10 +83,10 @@ class Assignment:
         if not ahead.covers(limit):
             epoch, want = QUEUE_EPOCH.value, max(limit, ReadAhead.SIZE)
             rows = self._read_window(s, want)
-            jobs = list({j for _, j in rows})
-            blocked = set(s.exec(_BLOCKED, params={"jobs": jobs}).all()) if jobs else set()
+            job_ids = list({j for _, j in rows})
+            blocked = set(s.exec(_BLOCKED, params={"jobs": job_ids}).all()) if job_ids else set()
             ahead.fill(rows, blocked, want, epoch)
-        jobs: dict[int, Job | None] = {}
+        jobs: dict[int, Job | None] = {}  # a job that is gone is looked up once
         out = []
         for row, jid in ahead.first(limit):
             job = jobs[jid] if jid in jobs else jobs.setdefault(jid, self._job(s, jid))
