@@ -13,6 +13,8 @@ names.
 from __future__ import annotations
 
 import random
+from bisect import bisect
+from itertools import accumulate
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,15 +83,19 @@ class Scheduler:
         speed, the same arithmetic as the module docstring's.)"""
         speeds = [c.speed for c in candidates if c.speed]
         ref = statistics.median(speeds) if speeds else 1.0
-        inputs = set(task_inputs)
-        k, bonus = len(inputs), LOCALITY_BONUS - 1
-        raw = []
-        for c in candidates:
-            w = (c.reputation if c.reputation > 1e-3 else 1e-3) * (c.speed or ref) / ref
-            if k:
-                held = c.held_blobs
-                w *= 1 + bonus * sum(1 for x in inputs if x in held) / k
-            raw.append(w)
+        if not speeds:  # no benchmarks: every speed factor is 1
+            raw = [c.reputation if c.reputation > 1e-3 else 1e-3 for c in candidates]
+        else:
+            raw = [(c.reputation if c.reputation > 1e-3 else 1e-3) * (c.speed or ref) / ref for c in candidates]
+        if task_inputs:
+            inputs = set(task_inputs)
+            k, bonus = len(inputs), LOCALITY_BONUS - 1
+            if k == 1:  # one input (a scene, a model): held or not
+                (x,) = inputs
+                full = 1 + bonus * 1 / k
+                raw = [w * full if x in c.held_blobs else w for w, c in zip(raw, candidates)]
+            else:
+                raw = [w * (1 + bonus * len(inputs.intersection(c.held_blobs)) / k) for w, c in zip(raw, candidates)]
         total, n = sum(raw), len(raw)
         scale, floor = (1 - EXPLORE) / total, EXPLORE / n
         return [x * scale + floor for x in raw]
@@ -101,4 +107,6 @@ class Scheduler:
             candidates = [c for c in candidates if model in c.loaded] or candidates
         if len(candidates) == 1:
             return candidates[0]
-        return self.rng.choices(candidates, weights=self.weights(task_inputs, candidates))[0]
+        # random.choices(candidates, weights=...)[0], inlined: the same one draw and the same pick
+        cum = list(accumulate(self.weights(task_inputs, candidates)))
+        return candidates[bisect(cum, self.rng.random() * (cum[-1] + 0.0), 0, len(cum) - 1)]

@@ -4,11 +4,13 @@ Cycles on one device does), honest and cheating workers answering TASKs as the w
 from __future__ import annotations
 
 import math
+import random
 import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 
 from farm import constants as C
@@ -306,6 +308,18 @@ def test_weighted_choice_matches_reputation_times_speed_with_an_exploration_floo
     starved = [_conn("a", 0.99, 1000.0), _conn("b", 0.001, 1.0)]
     share = Counter(sched.choose([], starved).worker_id for _ in range(20_000))["b"] / 20_000
     assert share == pytest.approx(EXPLORE / 2, abs=0.01)
+
+
+def test_weighted_choice_is_the_standard_libraries_weighted_draw():
+    """choose() inlines random.choices: with the same seed it picks what random.choices picks, draw for draw
+    (several inputs, some held, mixed speeds and reputations)."""
+    cands = [_conn(f"w{i}", (i % 7) / 7, None if i % 3 else 10.0 + i, {"scene", "tex"} if i % 2 else {"tex"})
+             for i in range(40)]
+    ours, ref = Scheduler(seed=7), random.Random(7)
+    for inputs in (["scene"], ["scene", "tex", "hdri"], []):
+        picks = [ours.choose(inputs, cands).worker_id for _ in range(500)]
+        want = [ref.choices(cands, weights=Scheduler.weights(inputs, cands))[0].worker_id for _ in range(500)]
+        assert picks == want and len(set(picks)) > 10
 
 
 def test_a_job_requiring_trusted_never_lands_on_a_new_worker(env):
