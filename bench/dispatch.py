@@ -59,7 +59,7 @@ from farm import auth, jobs  # noqa: E402
 from farm import constants as C  # noqa: E402
 from farm import protocol as P  # noqa: E402
 from farm.blobs import BlobStore  # noqa: E402
-from farm.broker import Broker  # noqa: E402
+from farm.broker import Broker, tune_gc  # noqa: E402
 from farm.coordinator import Coordinator  # noqa: E402
 from farm.db import make_engine, session  # noqa: E402
 from farm.models import Attempt, Job, Output, Task  # noqa: E402
@@ -509,6 +509,8 @@ async def main_async(args) -> int:
     print(f"dispatch benchmark: {where}; coordinator.step in the broker's executor thread; "
           f"SQLite WAL synchronous=FULL in a temp dir; {args.repeat} run(s) each, medians; "
           f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}", flush=True)
+    if not args.default_gc:  # as farm serve does once started (farm.broker.tune_gc): the echo runs get it too
+        tune_gc()
     rows = []
     for n in ns:
         farm, echo = [], []
@@ -568,6 +570,8 @@ def main() -> int:
                     help="run the broker on its own loop in a thread (default: same loop as the workers)")
     ap.add_argument("--procs", type=int, default=0,
                     help="run the workers in this many child processes (default 0: on the broker's loop)")
+    ap.add_argument("--default-gc", action="store_true",
+                    help="keep Python's default garbage collector settings (farm serve tunes them: farm.broker.tune_gc)")
     ap.add_argument("--n", default="1,10,50", help="worker counts")
     ap.add_argument("--tasks", type=int, default=None, help="tasks per run (default 3000, quick 500)")
     ap.add_argument("--repeat", type=int, default=None, help="runs per N (default 3, quick 1)")

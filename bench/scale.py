@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench.dispatch import OUTPUT, setup_farm, verify  # noqa: E402
 from farm import constants as C  # noqa: E402
 from farm import protocol as P  # noqa: E402
-from farm.broker import Broker  # noqa: E402
+from farm.broker import Broker, tune_gc  # noqa: E402
 from farm.coordinator import Coordinator  # noqa: E402
 
 SIGMA = 0.6
@@ -219,6 +219,7 @@ def main() -> int:
     args.tasks = args.tasks or (2000 if args.quick else 20000)
     args.mean = args.mean or (0.2 if args.quick else 0.8)
     logging.basicConfig(level=logging.WARNING)
+    tune_gc()  # as farm serve does once started
     return asyncio.run(run(args))
 
 

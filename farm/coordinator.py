@@ -83,6 +83,8 @@ class Coordinator(Assignment):
         # change made elsewhere moves it (farm/leases.py), and status changes are fenced (farm/states.py)
         self._jobs: dict[int, Job] = {}
         self._jobs_epoch: int | None = None
+        # called by step, in its thread, as it starts to commit (the broker receives meanwhile)
+        self.on_commit: Callable[[], None] | None = None
         self.verifier = Verifier(self, enabled=verify, seed=None if scheduler is None else scheduler.rng.random())
         # message class → its handler, _on_<name> (HELLO is handled before a connection exists)
         self._handlers = {cls: getattr(self, f"_on_{cls.__name__.lower()}") for cls in P.MESSAGES.values()
@@ -107,6 +109,8 @@ class Coordinator(Assignment):
                     for ident, msg in msgs:
                         self._dispatch(s, ident, msg, now, out)
                     self._maintain(s, now, out)
+                    if self.on_commit is not None:
+                        self.on_commit()
                     s.commit()
                     self._committed(s)
         except Exception as exc:  # a handler bug must not take the coordinator down: retry one by one

@@ -18,7 +18,7 @@ import uvicorn
 from farm import auth
 from farm.api import create_app
 from farm.blobs import BlobStore
-from farm.broker import Broker
+from farm.broker import Broker, tune_gc
 from farm.coordinator import Coordinator
 from farm.curve import KeyFileError, Keyring, resolve_mode
 from farm.db import DatabaseUnavailable, database_url, make_engine, session
@@ -74,6 +74,7 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: (broker.stop(), setattr(server, "should_exit", True)))
+    tune_gc()  # start-up is done: what exists now lives as long as the process
     print(f"coordinator ready: workers connect to {endpoint}, API on http://{host}:{port}", flush=True)
     http_task = asyncio.create_task(server.serve())
     done, _ = await asyncio.wait({broker_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
