@@ -34,8 +34,9 @@ log = logging.getLogger("farm.broker")
 
 # pyzmq's Cython socket methods, called with int flags: its Python wrappers (send_multipart, recv_multipart)
 # cost more than the sends and receives themselves (~3 µs a message), much of it enum flag arithmetic
-_SEND, _RECV, _GET = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
-_NB, _MORE_NB, _RCVMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE | zmq.NOBLOCK), int(zmq.RCVMORE)
+# (and a getsockopt(RCVMORE) builds an enum: a Frame's .more is read instead)
+_SEND, _RECV = zmq.backend.Socket.send, zmq.backend.Socket.recv
+_NB, _MORE_NB = int(zmq.NOBLOCK), int(zmq.SNDMORE | zmq.NOBLOCK)
 
 GC_GEN0_THRESHOLD = 10_000
 """Allocations between young-generation collections in a coordinator process (Python's default: 700)."""
@@ -105,14 +106,14 @@ class Broker:
 
     def _recv(self) -> list[bytes] | None:
         """The next waiting message (raises zmq.Again when none is), or None when the gate refused it."""
+        raw = self._raw
+        first = frame = _RECV(raw, _NB, False)  # Frames: .more without a getsockopt, and the routing id's metadata
+        frames = [first.bytes]
+        while frame.more:
+            frame = _RECV(raw, _NB, False)
+            frames.append(frame.bytes)
         if self.gate is None:
-            raw = self._raw
-            frames = [_RECV(raw, _NB)]
-            while _GET(raw, _RCVMORE):
-                frames.append(_RECV(raw, _NB))
             return frames
-        first = self._raw.recv(flags=zmq.NOBLOCK, copy=False)  # the routing id, carrying the metadata
-        frames = [first.bytes, *(self._raw.recv_multipart(flags=zmq.NOBLOCK) if first.more else [])]
         try:
             key = first.get("User-Id")
         except zmq.ZMQError:
