@@ -101,14 +101,16 @@ class Shared:
     done: Any    # multiprocessing.Event
     target: int
 
-    def count(self, tally: Tally) -> None:
+    def count(self, tally: Tally | None, k: int = 1) -> None:
         with self.total.get_lock():
-            self.total.value += 1
-            last = self.total.value == self.target
+            before = self.total.value
+            self.total.value = before + k
+            last = before < self.target <= before + k
         if last:
             self.t_done.value = time.perf_counter()
             self.done.set()
-            tally.done.set()
+            if tally is not None:
+                tally.done.set()
 
 
 async def worker(ctx: zmq.asyncio.Context, endpoint: str, wid: str, n: int, tally: Tally,
@@ -218,14 +220,90 @@ async def _worker_proc_main(endpoint, ids, shared, go, stop, ready_q, result_q, 
         ctx.destroy(0)
 
 
-async def drive_worker_procs(endpoint: str, n: int, tasks: int, procs: int, out_sha: str, out_size: int) -> Tally:
+def _poller_proc(endpoint: str, ids: list[str], shared: Shared, go, stop, ready_q, result_q, out_sha: str,
+                 out_size: int) -> None:
+    """A child process running some of the workers (``--procs``, the default ``--proc-loop poller``): the
+    protocol of :func:`worker`, message for message, for all of them in one synchronous ``zmq.Poller``
+    loop. The harness shares this 2-core machine with the coordinator: asyncio's per-message futures
+    would make it the larger load of the two."""
+    logging.basicConfig(level=logging.WARNING)
+    ctx = zmq.Context()
+    acks: list[tuple[int, int]] = []
+    rejected, error = 0, ""
+    nb = int(zmq.NOBLOCK)
+
+    def send(sock, msg) -> None:
+        sock.send_multipart(P.encode(msg), flags=nb)
+    try:
+        poller, held = zmq.Poller(), {}
+        for wid in ids:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            send(sock, P.Hello(wid, "", 1, {"runtimes": ["blender"], "hostname": "bench"}))
+            poller.register(sock, zmq.POLLIN)
+            held[sock] = []
+        waiting, deadline = set(held), time.monotonic() + 60
+        while waiting:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(waiting)} workers not welcomed in 60 s")
+            for sock, _ in poller.poll(1000):
+                if isinstance(P.decode(sock.recv_multipart()), P.Welcome):
+                    waiting.discard(sock)
+        ready_q.put(len(ids))
+        go.wait()
+        for sock in held:
+            send(sock, P.Ready(1))
+        next_hb = next_stop_check = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_stop_check:
+                if stop.is_set():
+                    break
+                next_stop_check = now + 0.05
+            if now >= next_hb:  # the coordinator drops workers silent for HEARTBEAT_LIVENESS intervals
+                next_hb = now + C.HEARTBEAT_INTERVAL
+                for sock, h in held.items():
+                    send(sock, P.Heartbeat(list(h)))
+            acked = 0
+            for sock, _ in poller.poll(50):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(flags=nb)
+                    except zmq.Again:
+                        break
+                    msg = P.decode(frames)
+                    if isinstance(msg, P.Task):
+                        held[sock] = [[msg.task_id, msg.attempt]]
+                        outs = [{"frame": f, "sha256": out_sha, "size": out_size, "name": f"frame_{f:04d}.png",
+                                 "seconds": 0.0} for f in msg.spec["frames"]]
+                        send(sock, P.Result(msg.task_id, msg.attempt, outs, 0.0))
+                        held[sock] = []
+                        send(sock, P.Ready(1))  # at once, as worker/daemon.py does after its final message
+                    elif isinstance(msg, P.Ack):
+                        acks.append((msg.task_id, msg.attempt))
+                        rejected += not msg.accepted
+                        acked += 1
+                    elif isinstance(msg, (P.Disconnect, P.Error)):
+                        raise RuntimeError(f"a worker got {msg}")
+            if acked:
+                shared.count(None, acked)
+    except Exception as exc:  # noqa: BLE001  (reported to the parent)
+        error = repr(exc)
+    finally:
+        result_q.put((acks, rejected, error))
+        ctx.destroy(0)
+
+
+async def drive_worker_procs(endpoint: str, n: int, tasks: int, procs: int, out_sha: str, out_size: int,
+                             proc_loop: str = "poller") -> Tally:
     """The same N workers, spread over ``procs`` child processes (as remote workers would be: their Python
     does not share the coordinator process's GIL). Timed from the go signal to the last ACK."""
     mp = multiprocessing.get_context("spawn")
     shared = Shared(mp.Value("q", 0), mp.Value("d", 0.0), mp.Event(), tasks)
     go, stop, ready_q, result_q = mp.Event(), mp.Event(), mp.Queue(), mp.Queue()
     ids = [f"bench-{i:03d}" for i in range(n)]
-    children = [mp.Process(target=_worker_proc, daemon=True,
+    children = [mp.Process(target=_poller_proc if proc_loop == "poller" else _worker_proc, daemon=True,
                            args=(endpoint, ids[i::procs], shared, go, stop, ready_q, result_q, out_sha, out_size))
                 for i in range(min(procs, n))]
     tally = Tally(tasks)
@@ -414,7 +492,8 @@ def verify(engine, job_id: int, tasks: int, tally: Tally) -> str:
     return f"{tasks} tasks accepted once each ({outputs} outputs, {attempts} attempts, job rendered)"
 
 
-async def run_farm(n: int, tasks: int, in_thread: bool, profile: bool = False, procs: int = 0):
+async def run_farm(n: int, tasks: int, in_thread: bool, profile: bool = False, procs: int = 0,
+                   proc_loop: str = "poller"):
     with tempfile.TemporaryDirectory(prefix="rh-dispatch-") as d:
         engine, blobs, scene_sha, out_sha, job_id = setup_farm(Path(d), tasks)
         coord = Coordinator(engine, blobs, verify=False)  # null outputs; bench/verify.py measures checks
@@ -443,7 +522,7 @@ async def run_farm(n: int, tasks: int, in_thread: bool, profile: bool = False, p
                 if loop_prof:
                     loop_prof.enable()
                 try:
-                    tally = await drive_worker_procs(endpoint, n, tasks, procs, out_sha, len(OUTPUT))
+                    tally = await drive_worker_procs(endpoint, n, tasks, procs, out_sha, len(OUTPUT), proc_loop)
                 finally:
                     if loop_prof:
                         loop_prof.disable()
@@ -458,14 +537,14 @@ async def run_farm(n: int, tasks: int, in_thread: bool, profile: bool = False, p
     return res, step_prof, loop_prof
 
 
-async def run_echo(n: int, tasks: int, in_thread: bool, procs: int = 0) -> RunResult:
+async def run_echo(n: int, tasks: int, in_thread: bool, procs: int = 0, proc_loop: str = "poller") -> RunResult:
     ctx = zmq.asyncio.Context()
     scene_sha = "0" * 64
     server = EchoServer(ctx, scene_sha)
     host = BrokerHost(in_thread)
     try:
         endpoint = await host.start(server.run, server.ready)
-        tally = await (drive_worker_procs(endpoint, n, tasks, procs, "1" * 64, len(OUTPUT)) if procs else
+        tally = await (drive_worker_procs(endpoint, n, tasks, procs, "1" * 64, len(OUTPUT), proc_loop) if procs else
                        drive_workers(ctx, endpoint, n, tasks, "1" * 64, len(OUTPUT)))
     finally:
         await host.stop(server.stop)
@@ -515,8 +594,8 @@ async def main_async(args) -> int:
     for n in ns:
         farm, echo = [], []
         for _ in range(args.repeat):
-            echo.append(await run_echo(n, args.tasks, args.broker_thread, args.procs))
-            r, _, _ = await run_farm(n, args.tasks, args.broker_thread, procs=args.procs)
+            echo.append(await run_echo(n, args.tasks, args.broker_thread, args.procs, args.proc_loop))
+            r, _, _ = await run_farm(n, args.tasks, args.broker_thread, procs=args.procs, proc_loop=args.proc_loop)
             farm.append(r)
             print(f"  N={n:<3} farm {r.rate:8.0f} tasks/s ({r.seconds:.2f} s, {r.steps} steps, "
                   f"{r.msgs / max(1, r.steps):.1f} msgs/step, step busy {r.step_seconds / r.seconds:.0%}, "
@@ -546,7 +625,8 @@ async def main_async(args) -> int:
     if args.profile:
         n = args.profile_n
         print(f"\nprofiled farm run: N={n}, {args.tasks} tasks (cProfile slows it down)")
-        r, step_prof, loop_prof = await run_farm(n, args.tasks, args.broker_thread, profile=True, procs=args.procs)
+        r, step_prof, loop_prof = await run_farm(n, args.tasks, args.broker_thread, profile=True, procs=args.procs,
+                                                 proc_loop=args.proc_loop)
         print(f"  {r.rate:.0f} tasks/s under the profiler; {r.steps} steps, {r.msgs / max(1, r.steps):.1f} "
               f"msgs/step, step busy {r.step_seconds / r.seconds:.0%} of {r.seconds:.2f} s — {r.verified}")
         total = pstats.Stats(step_prof).total_tt
@@ -570,6 +650,9 @@ def main() -> int:
                     help="run the broker on its own loop in a thread (default: same loop as the workers)")
     ap.add_argument("--procs", type=int, default=0,
                     help="run the workers in this many child processes (default 0: on the broker's loop)")
+    ap.add_argument("--proc-loop", choices=["poller", "asyncio"], default="poller",
+                    help="with --procs: each child runs its workers in one zmq.Poller loop (default), or as asyncio "
+                         "coroutines with a socket each (as before; the harness then costs the machine ~3x the CPU)")
     ap.add_argument("--default-gc", action="store_true",
                     help="keep Python's default garbage collector settings (farm serve tunes them: farm.broker.tune_gc)")
     ap.add_argument("--n", default="1,10,50", help="worker counts")
