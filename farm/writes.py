@@ -124,9 +124,10 @@ class Writes:
             for key, values in changes.items():
                 model, pk = key[0], key[1]
                 fence = fences.pop(key, None) if fences else None
-                row = {f"_pk{i}": v for i, v in enumerate(pk)}
+                row = dict(zip(_PK_NAMES, pk))
                 if fence:
-                    row.update({f"_f_{k}": v for k, v in fence.items()})
+                    for k, v in fence.items():
+                        row[_fence_name(k)] = v
                 row.update(values)
                 groups.setdefault((model, op, tuple(sorted(values)), tuple(sorted(fence or ())),
                                    key[2] if len(key) > 2 else None), []).append(row)
@@ -136,6 +137,14 @@ class Writes:
             if key[3] and matched != len(rows):
                 raise StaleRow(f"{len(rows) - matched} of {len(rows)} fenced {key[0].__name__} rows changed "
                                "in the database since they were read")
+
+
+_PK_NAMES = tuple(f"_pk{i}" for i in range(8))  # a row's key columns as statement parameters
+
+
+@functools.cache
+def _fence_name(column: str) -> str:
+    return f"_f_{column}"
 
 
 def _set_committed(state: InstanceState, values: dict[str, Any]) -> None:
@@ -277,7 +286,11 @@ def set_values(session, row: Any, **values: Any) -> None:
     if isinstance(row, PlainRow):
         for k, v in values.items():
             setattr(row, k, v)
-        update_row(session, row.model, row.id, **values)
+        w = getattr(session, "writes", None)
+        if w is not None:  # update_row, without packing the values again
+            w.update_key(row.model, row.id, values)
+        else:
+            update_row(session, row.model, row.id, **values)
         return
     w = getattr(session, "writes", None)
     if w is not None:
