@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import time
 
-from farm.writes import PlainRow, add_row, set_values
+from farm.writes import PlainRow, add_row, set_columns
 
 
 class JobStatus(str, enum.Enum):
@@ -113,12 +113,11 @@ def transition(session, row, new: str | enum.Enum, *, reason: str = "", worker_i
                attempt: int | None = None, now: float | None = None, values: dict | None = None) -> None:
     """Move ``row`` (a Job or a Task) to ``new`` and record the event, in ``session`` (not committed);
     ``values``: other columns of ``row`` to set with its status (one update of the row)."""
-    from farm.models import Event, Job  # local: models imports this module's enums
-
-    kind = "job" if isinstance(row, Job) else "task"
+    models = _models or _load_models()
+    kind = "job" if isinstance(row, models.Job) else "task"
     new_s = new.value if isinstance(new, enum.Enum) else str(new)
     old_s = row.status
-    if not can_transition(kind, old_s, new_s):
+    if (kind, old_s, new_s) not in _ALLOWED and not can_transition(kind, old_s, new_s):
         raise IllegalTransition(f"{kind} {row.id}: {old_s} → {new_s} is not allowed")
     now = time.time() if now is None else now
     if kind == "job" or new_s == _QUEUED_S or (old_s == _QUEUED_S and new_s != _ASSIGNED_S):
@@ -126,10 +125,18 @@ def transition(session, row, new: str | enum.Enum, *, reason: str = "", worker_i
     writes = getattr(session, "writes", None)
     if writes is not None:  # compare and set: the row's buffered update lands only on the status read
         writes.fence(row.model if isinstance(row, PlainRow) else type(row), row.id, {"status": old_s})
-    if values:
-        set_values(session, row, **values, status=new_s, updated_at=now)
-    else:
-        set_values(session, row, status=new_s, updated_at=now)
-    add_row(session, Event, at=now, kind=kind, job_id=row.id if kind == "job" else row.job_id,
+    columns = {**values, "status": new_s, "updated_at": now} if values else {"status": new_s, "updated_at": now}
+    set_columns(session, row, columns)
+    add_row(session, models.Event, at=now, kind=kind, job_id=row.id if kind == "job" else row.job_id,
             task_id=row.id if kind == "task" else None, attempt=attempt, worker_id=worker_id,
             old=old_s, new=new_s, detail=reason[:2000])
+
+
+_models = None  # farm.models, once imported (it imports this module's enums: not at import time)
+
+
+def _load_models():
+    global _models
+    from farm import models
+    _models = models
+    return models

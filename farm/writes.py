@@ -283,6 +283,11 @@ class PlainRow:
 def set_values(session, row: Any, **values: Any) -> None:
     """Set columns of ``row`` (a mapped instance of ``session``, or a :class:`PlainRow`): buffered in a
     step session, plain ORM attribute changes otherwise."""
+    set_columns(session, row, values)
+
+
+def set_columns(session, row: Any, values: dict[str, Any]) -> None:
+    """:func:`set_values` with the columns in a dict (which the caller no longer changes)."""
     if isinstance(row, PlainRow):
         for k, v in values.items():
             setattr(row, k, v)
