@@ -110,6 +110,7 @@ class Coordinator(Assignment):
                         self._dispatch(s, ident, msg, now, out)
                     self._maintain(s, now, out)
                     if self.on_commit is not None:
+                        s.flush()  # the statements run first: the commit that follows only writes and syncs
                         self.on_commit()
                     s.commit()
                     self._committed(s)
