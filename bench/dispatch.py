@@ -9,7 +9,7 @@ medians reported):
 * **farm**: the real :class:`farm.broker.Broker` + :class:`farm.coordinator.Coordinator` on a real
   SQLite file (WAL, synchronous=FULL, as ``farm serve`` runs it) in a temporary directory, bound to
   ``tcp://127.0.0.1:0``, with one job of T one-frame tasks made by :func:`farm.jobs.create_blender_job`.
-  N in-process DEALER workers speak the real protocol: HELLO, READY, then for each TASK at once a RESULT
+  N DEALER workers speak the real protocol: HELLO, READY, then for each TASK at once a RESULT
   whose outputs (one per frame) all name one tiny blob stored beforehand in the coordinator's BlobStore,
   and READY right behind it (as worker/daemon.py sends READY after each final message, not after its
   ACK). A completion counts when its ACK arrives (the coordinator commits before it acknowledges, so
@@ -18,9 +18,13 @@ medians reported):
   RESULT with a pre-encoded ACK (no decoding, no database): the physical ceiling of this harness. One
   task is two requests and two replies (READY→TASK, RESULT→ACK), RESULT and READY sent back to back.
 
-By default the workers run on the broker's asyncio loop, so their Python shares the coordinator process's
-GIL (and the echo's ceiling counts their cost too). ``--procs K`` runs them in K child processes instead,
-as remote workers would be, for both the farm and the echo runs.
+The workers run in ``--procs`` K = 2 child processes (as remote workers would: their Python does not
+share the coordinator process's GIL), each driving its share of the N sockets from one synchronous
+``zmq.Poller`` loop, the lightest harness (they share this machine's two cores with the coordinator);
+``--proc-loop asyncio`` makes them asyncio coroutines as ``farm worker`` is. ``--procs 0`` runs them on
+the broker's own asyncio loop instead, where their Python shares the coordinator's GIL (and the echo's
+ceiling counts their cost too). The farm and the echo runs always use the same harness. The process
+tunes its garbage collector as ``farm serve`` does (:func:`farm.broker.tune_gc`; ``--default-gc`` not).
 
 After every farm run the database is checked: each task accepted exactly once (attempt 1, one Attempt
 row, one Output row), the job ``rendered``, and every ACK accepted and distinct. ``--profile`` adds one
@@ -651,8 +655,8 @@ def main() -> int:
     ap.add_argument("--profile-n", type=int, default=10, help="workers in the profiled run")
     ap.add_argument("--broker-thread", action="store_true",
                     help="run the broker on its own loop in a thread (default: same loop as the workers)")
-    ap.add_argument("--procs", type=int, default=0,
-                    help="run the workers in this many child processes (default 0: on the broker's loop)")
+    ap.add_argument("--procs", type=int, default=2,
+                    help="run the workers in this many child processes (default 2; 0: on the broker's loop)")
     ap.add_argument("--proc-loop", choices=["poller", "asyncio"], default="poller",
                     help="with --procs: each child runs its workers in one zmq.Poller loop (default), or as asyncio "
                          "coroutines with a socket each (as before; the harness then costs the machine ~3x the CPU)")
