@@ -13,10 +13,10 @@ names.
 from __future__ import annotations
 
 import random
-from bisect import bisect
-from itertools import accumulate
 import statistics
+from bisect import bisect
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 
@@ -92,8 +92,7 @@ class Scheduler:
             k, bonus = len(inputs), LOCALITY_BONUS - 1
             if k == 1:  # one input (a scene, a model): held or not
                 (x,) = inputs
-                full = 1 + bonus * 1 / k
-                raw = [w * full if x in c.held_blobs else w for w, c in zip(raw, candidates)]
+                raw = [w * (1 + bonus) if x in c.held_blobs else w for w, c in zip(raw, candidates)]
             else:
                 raw = [w * (1 + bonus * len(inputs.intersection(c.held_blobs)) / k) for w, c in zip(raw, candidates)]
         total, n = sum(raw), len(raw)

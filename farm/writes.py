@@ -288,16 +288,15 @@ def set_values(session, row: Any, **values: Any) -> None:
 
 def set_columns(session, row: Any, values: dict[str, Any]) -> None:
     """:func:`set_values` with the columns in a dict (which the caller no longer changes)."""
+    w = getattr(session, "writes", None)
     if isinstance(row, PlainRow):
         for k, v in values.items():
             setattr(row, k, v)
-        w = getattr(session, "writes", None)
         if w is not None:  # update_row, without packing the values again
             w.update_key(row.model, row.id, values)
         else:
             update_row(session, row.model, row.id, **values)
         return
-    w = getattr(session, "writes", None)
     if w is not None:
         state = instance_state(row)
         # persistent in this session (a new row is inserted by the ORM, with these values)
