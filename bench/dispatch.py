@@ -117,6 +117,15 @@ class Shared:
                 tally.done.set()
 
 
+def answer(task: P.Task, out_sha: str, out_size: int) -> list[P.Message]:
+    """What a benchmark worker sends for ``task``: its RESULT at once (one output per frame, all naming
+    the one stored blob), and READY right behind it, as worker/daemon.py does after its final message.
+    Nothing is running between the two, so heartbeats always report no running tasks."""
+    outs = [{"frame": f, "sha256": out_sha, "size": out_size, "name": f"frame_{f:04d}.png", "seconds": 0.0}
+            for f in task.spec["frames"]]
+    return [P.Result(task.task_id, task.attempt, outs, 0.0), P.Ready(1)]
+
+
 async def worker(ctx: zmq.asyncio.Context, endpoint: str, wid: str, n: int, tally: Tally,
                  out_sha: str, out_size: int) -> None:
     """One worker with one slot: RESULT at once for each TASK, READY after each ACK."""
@@ -127,12 +136,10 @@ async def worker(ctx: zmq.asyncio.Context, endpoint: str, wid: str, n: int, tall
     def send(msg) -> None:
         sock.send_multipart(P.encode(msg), flags=zmq.NOBLOCK)
 
-    held: list[list[int]] = []
-
     async def heartbeat() -> None:  # the coordinator drops workers silent for HEARTBEAT_LIVENESS intervals
         while True:
             await asyncio.sleep(C.HEARTBEAT_INTERVAL)
-            send(P.Heartbeat(list(held)))
+            send(P.Heartbeat([]))
 
     hb = None
     try:
@@ -148,12 +155,8 @@ async def worker(ctx: zmq.asyncio.Context, endpoint: str, wid: str, n: int, tall
         while True:
             msg = P.decode(await sock.recv_multipart())
             if isinstance(msg, P.Task):
-                held[:] = [[msg.task_id, msg.attempt]]
-                outs = [{"frame": f, "sha256": out_sha, "size": out_size, "name": f"frame_{f:04d}.png",
-                         "seconds": 0.0} for f in msg.spec["frames"]]
-                send(P.Result(msg.task_id, msg.attempt, outs, 0.0))
-                held.clear()
-                send(P.Ready(1))  # at once, as worker/daemon.py does after its final message
+                for reply in answer(msg, out_sha, out_size):
+                    send(reply)
             elif isinstance(msg, P.Ack):
                 tally.ack(msg.task_id, msg.attempt, msg.accepted)
             elif isinstance(msg, (P.Disconnect, P.Error)):
@@ -239,15 +242,15 @@ def _poller_proc(endpoint: str, ids: list[str], shared: Shared, go, stop, ready_
     def send(sock, msg) -> None:
         sock.send_multipart(P.encode(msg), flags=nb)
     try:
-        poller, held = zmq.Poller(), {}
+        poller, socks = zmq.Poller(), []
         for wid in ids:
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(endpoint)
             send(sock, P.Hello(wid, "", 1, {"runtimes": ["blender"], "hostname": "bench"}))
             poller.register(sock, zmq.POLLIN)
-            held[sock] = []
-        waiting, deadline = set(held), time.monotonic() + 60
+            socks.append(sock)
+        waiting, deadline = set(socks), time.monotonic() + 60
         while waiting:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(waiting)} workers not welcomed in 60 s")
@@ -256,7 +259,7 @@ def _poller_proc(endpoint: str, ids: list[str], shared: Shared, go, stop, ready_
                     waiting.discard(sock)
         ready_q.put(len(ids))
         go.wait()
-        for sock in held:
+        for sock in socks:
             send(sock, P.Ready(1))
         next_hb = next_stop_check = time.monotonic()
         while True:
@@ -267,8 +270,8 @@ def _poller_proc(endpoint: str, ids: list[str], shared: Shared, go, stop, ready_
                 next_stop_check = now + 0.05
             if now >= next_hb:  # the coordinator drops workers silent for HEARTBEAT_LIVENESS intervals
                 next_hb = now + C.HEARTBEAT_INTERVAL
-                for sock, h in held.items():
-                    send(sock, P.Heartbeat(list(h)))
+                for sock in socks:
+                    send(sock, P.Heartbeat([]))
             acked = 0
             for sock, _ in poller.poll(50):
                 while True:
@@ -278,12 +281,8 @@ def _poller_proc(endpoint: str, ids: list[str], shared: Shared, go, stop, ready_
                         break
                     msg = P.decode(frames)
                     if isinstance(msg, P.Task):
-                        held[sock] = [[msg.task_id, msg.attempt]]
-                        outs = [{"frame": f, "sha256": out_sha, "size": out_size, "name": f"frame_{f:04d}.png",
-                                 "seconds": 0.0} for f in msg.spec["frames"]]
-                        send(sock, P.Result(msg.task_id, msg.attempt, outs, 0.0))
-                        held[sock] = []
-                        send(sock, P.Ready(1))  # at once, as worker/daemon.py does after its final message
+                        for reply in answer(msg, out_sha, out_size):
+                            send(sock, reply)
                     elif isinstance(msg, P.Ack):
                         acks.append((msg.task_id, msg.attempt))
                         rejected += not msg.accepted
