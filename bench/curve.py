@@ -7,9 +7,9 @@ Two measurements, each run alternately plain and CURVE ``--repeat`` times, media
 * **ping-pong**: a bare DEALER→ROUTER echo on tcp://127.0.0.1 (sync sockets, one thread each side), one
   message in flight: round trips a second for a 100-byte message (a control message: HEARTBEAT, READY,
   ACK) and MB/s for a 256 KiB one (a blob chunk, BLOB_CHUNK_SIZE). This is the crypto's own cost.
-* **dispatch**: the real :class:`farm.broker.Broker` + coordinator + SQLite of ``bench/dispatch.py``
+* **dispatch**: the real :class:`farm.plane.broker.Broker` + coordinator + SQLite of ``bench/dispatch.py``
   (N in-process workers, null tasks: READY→TASK, RESULT→ACK), once plain and once with a
-  :class:`farm.curve.Keyring` (CURVE server, the ZAP handler, the per-message gate) and CURVE clients.
+  :class:`farm.plane.gate.Keyring` (CURVE server, the ZAP handler, the per-message gate) and CURVE clients.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.dispatch import OUTPUT, BrokerHost, drive_workers, setup_farm, verify  # noqa: E402
-from farm import curve  # noqa: E402
-from farm.broker import Broker  # noqa: E402
-from farm.coordinator import Coordinator  # noqa: E402
+from farm.core.coordinator import Coordinator  # noqa: E402
+from farm.plane import gate as curve  # noqa: E402
+from farm.plane.broker import Broker  # noqa: E402
 from worker import keys  # noqa: E402
 
 

@@ -139,7 +139,7 @@ def main() -> int:
     n = args.images or (8 if args.quick else 32)
     repeat = args.repeat or (1 if args.quick else 3)
     tmp = Path(tempfile.mkdtemp(prefix="rh-diffusion-"))
-    from worker.tiny_pipeline import build
+    from worker.runtimes.tiny_pipeline import build
     model = build(tmp / "models" / "tiny-sd")
     weights = sum(f.stat().st_size for f in model.rglob("*.safetensors")) >> 10
     print(f"diffusion benchmark: tiny pipeline ({weights} KiB of weights), {n} images of {args.size}x{args.size}, "

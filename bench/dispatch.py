@@ -6,9 +6,9 @@
 For each worker count N, two runs, side by side in this one process (alternating, ``--repeat`` times,
 medians reported):
 
-* **farm**: the real :class:`farm.broker.Broker` + :class:`farm.coordinator.Coordinator` on a real
+* **farm**: the real :class:`farm.plane.broker.Broker` + :class:`farm.core.coordinator.Coordinator` on a real
   SQLite file (WAL, synchronous=FULL, as ``farm serve`` runs it) in a temporary directory, bound to
-  ``tcp://127.0.0.1:0``, with one job of T one-frame tasks made by :func:`farm.jobs.create_blender_job`.
+  ``tcp://127.0.0.1:0``, with one job of T one-frame tasks made by :func:`farm.kinds.jobs.create_blender_job`.
   N DEALER workers speak the real protocol: HELLO, READY, then for each TASK at once a RESULT
   whose outputs (one per frame) all name one tiny blob stored beforehand in the coordinator's BlobStore,
   and READY right behind it (as worker/daemon.py sends READY after each final message, not after its
@@ -24,7 +24,7 @@ share the coordinator process's GIL), each driving its share of the N sockets fr
 ``--proc-loop asyncio`` makes them asyncio coroutines as ``farm worker`` is. ``--procs 0`` runs them on
 the broker's own asyncio loop instead, where their Python shares the coordinator's GIL (and the echo's
 ceiling counts their cost too). The farm and the echo runs always use the same harness. The process
-tunes its garbage collector as ``farm serve`` does (:func:`farm.broker.tune_gc`; ``--default-gc`` not).
+tunes its garbage collector as ``farm serve`` does (:func:`farm.plane.broker.tune_gc`; ``--default-gc`` not).
 
 After every farm run the database is checked: each task accepted exactly once (attempt 1, one Attempt
 row, one Output row), the job ``rendered``, and every ACK accepted and distinct. ``--profile`` adds one
@@ -59,14 +59,16 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import func  # noqa: E402
 from sqlmodel import select  # noqa: E402
 
-from farm import auth, jobs  # noqa: E402
+from common import limits as L
+from common import protocol as P  # noqa: E402
 from farm import constants as C  # noqa: E402
-from farm import protocol as P  # noqa: E402
-from farm.blobs import BlobStore  # noqa: E402
-from farm.broker import Broker, tune_gc  # noqa: E402
-from farm.coordinator import Coordinator  # noqa: E402
-from farm.db import make_engine, session  # noqa: E402
-from farm.models import Attempt, Job, Output, Task  # noqa: E402
+from farm.core.coordinator import Coordinator  # noqa: E402
+from farm.kinds import jobs
+from farm.plane.broker import Broker, tune_gc  # noqa: E402
+from farm.store.blobs import BlobStore  # noqa: E402
+from farm.store.db import make_engine, session  # noqa: E402
+from farm.store.models import Attempt, Job, Output, Task  # noqa: E402
+from farm.web import auth  # noqa: E402
 
 SCENE = b"BLENDER-v500" + bytes(256)          # passes the .blend magic check; never opened
 OUTPUT = b"\x89PNG\r\n\x1a\nbench-null-output"  # the one output blob every RESULT names
@@ -138,7 +140,7 @@ async def worker(ctx: zmq.asyncio.Context, endpoint: str, wid: str, n: int, tall
 
     async def heartbeat() -> None:  # the coordinator drops workers silent for HEARTBEAT_LIVENESS intervals
         while True:
-            await asyncio.sleep(C.HEARTBEAT_INTERVAL)
+            await asyncio.sleep(L.HEARTBEAT_INTERVAL)
             send(P.Heartbeat([]))
 
     hb = None
@@ -269,7 +271,7 @@ def _poller_proc(endpoint: str, ids: list[str], shared: Shared, go, stop, ready_
                     break
                 next_stop_check = now + 0.05
             if now >= next_hb:  # the coordinator drops workers silent for HEARTBEAT_LIVENESS intervals
-                next_hb = now + C.HEARTBEAT_INTERVAL
+                next_hb = now + L.HEARTBEAT_INTERVAL
                 for sock in socks:
                     send(sock, P.Heartbeat([]))
             acked = 0
@@ -395,11 +397,11 @@ class EchoServer:
         self._ready = None
         self._stop = False
         spec = {"frames": [1], "settings": {"format": "PNG", "color_depth": "8", "samples": None,
-                                            "resolution_percent": None, "max_resolution": C.MAX_RESOLUTION},
+                                            "resolution_percent": None, "max_resolution": L.MAX_RESOLUTION},
                 "scene_sha256": scene_sha}
         self.replies = {
-            P.Hello.command: P.encode(P.Welcome("w", C.HEARTBEAT_INTERVAL, C.HEARTBEAT_LIVENESS,
-                                                C.BLOB_CHUNK_SIZE, C.BLOB_CREDIT)),
+            P.Hello.command: P.encode(P.Welcome("w", L.HEARTBEAT_INTERVAL, L.HEARTBEAT_LIVENESS,
+                                                L.BLOB_CHUNK_SIZE, L.BLOB_CREDIT)),
             P.Ready.command: P.encode(P.Task(1, 1, 1, C.LEASE_SECONDS, "render", spec, [scene_sha])),
             P.Result.command: P.encode(P.Ack(1, 1, True)),
         }
@@ -594,7 +596,7 @@ async def main_async(args) -> int:
     print(f"dispatch benchmark: {where}; coordinator.step in the broker's executor thread; "
           f"SQLite WAL synchronous=FULL in a temp dir; {args.repeat} run(s) each, medians; "
           f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}", flush=True)
-    if not args.default_gc:  # as farm serve does once started (farm.broker.tune_gc): the echo runs get it too
+    if not args.default_gc:  # as farm serve does once started (farm.plane.broker.tune_gc): the echo runs get it too
         tune_gc()
     rows = []
     for n in ns:
@@ -660,7 +662,7 @@ def main() -> int:
                     help="with --procs: each child runs its workers in one zmq.Poller loop (default), or as asyncio "
                          "coroutines with a socket each (as before; the harness then costs the machine ~3x the CPU)")
     ap.add_argument("--default-gc", action="store_true",
-                    help="keep Python's default garbage collector settings (farm serve tunes them: farm.broker.tune_gc)")
+                    help="keep Python's default garbage collector settings (farm serve tunes them: farm.plane.broker.tune_gc)")
     ap.add_argument("--n", default="1,10,50", help="worker counts")
     ap.add_argument("--tasks", type=int, default=None, help="tasks per run (default 3000, quick 500)")
     ap.add_argument("--repeat", type=int, default=None, help="runs per N (default 3, quick 1)")

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from farm import chain as ch  # noqa: E402
+from farm.payments import chain as ch  # noqa: E402
 
 T = 10**18
 BLOCK_GAS = 30_000_000

@@ -2,9 +2,9 @@
 
     python bench/scale.py [--quick] [--workers W] [--tasks T] [--mean S] [--slots K] [--seed N]
 
-The real :class:`farm.broker.Broker` + :class:`farm.coordinator.Coordinator` on a SQLite file (WAL,
+The real :class:`farm.plane.broker.Broker` + :class:`farm.core.coordinator.Coordinator` on a SQLite file (WAL,
 synchronous=FULL, as ``farm serve`` runs it), one job of T one-frame tasks made by
-:func:`farm.jobs.create_blender_job`, and W in-process DEALER workers on the broker's asyncio loop that
+:func:`farm.kinds.jobs.create_blender_job`, and W in-process DEALER workers on the broker's asyncio loop that
 speak the protocol as ``farm worker`` does: HELLO, READY, then for each TASK a PROGRESS, a sleep of the
 task's synthetic duration instead of a render, RESULT and at once READY again (the ACK clears the
 outbox); HEARTBEAT every HEARTBEAT_INTERVAL listing the running tasks. Task durations are drawn once from
@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.dispatch import OUTPUT, setup_farm, verify  # noqa: E402
-from farm import constants as C  # noqa: E402
-from farm import protocol as P  # noqa: E402
-from farm.broker import Broker, tune_gc  # noqa: E402
-from farm.coordinator import Coordinator  # noqa: E402
+from common import limits as C  # noqa: E402
+from common import protocol as P  # noqa: E402
+from farm.core.coordinator import Coordinator  # noqa: E402
+from farm.plane.broker import Broker, tune_gc  # noqa: E402
 
 SIGMA = 0.6
 CLIP = (0.05, 8.0)  # durations are clipped to these multiples of the mean

@@ -5,7 +5,7 @@
 
 Frame 5 of sample_scenes/turntable.blend at 320x240, 16 Cycles samples, 8-bit PNG (``--quick``: 160x120):
 
-A. **cost of tiles** — one Blender runtime child (worker/blender_runtime.py, driven like the worker does):
+A. **cost of tiles** — one Blender runtime child (worker/runtimes/blender.py, driven like the worker does):
    the full frame, then every tile of it at 2x2, 4x4 and 8x8. Reported: the sum of the tiles' render
    seconds (as the runtime reports them: render + write + crop) ÷ the full frame's, the overhead per
    tile, and the same as CPU seconds of the Blender child (steadier than wall time on a shared machine).
@@ -15,7 +15,7 @@ A. **cost of tiles** — one Blender runtime child (worker/blender_runtime.py, d
    - *kept, no overscan*: the same without the margin (what the margin costs);
    - *reload per tile* (what a naive worker would do): a new scene key per tile, so every tile opens the
      file again and rebuilds the BVH. Timed as wall time per request, since the load is outside render.
-   The tiles are stitched with worker.assemble and compared with the full frame (must be bit-identical).
+   The tiles are stitched with worker.tasks.assemble and compared with the full frame (must be bit-identical).
 B. **speed-up** — ``farm serve`` and ``farm worker`` processes, every Blender child limited to one render
    thread (RENDERHIVE_RENDER_THREADS=1), one 4x4-tiled frame (64 samples by default) submitted and timed
    from submit to ``rendered`` (the coordinator's timestamp) on a farm of 1 worker and on a farm of 2,
@@ -41,10 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client import localfarm  # noqa: E402
-from farm.tiles import tile_name  # noqa: E402
-from worker import rasters  # noqa: E402
-from worker.assemble import assemble_frame  # noqa: E402
-from worker.runtime import RuntimeProcess  # noqa: E402
+from common import rasters  # noqa: E402
+from farm.kinds.tiles import tile_name  # noqa: E402
+from worker.runtimes.process import RuntimeProcess  # noqa: E402
+from worker.tasks.assemble import assemble_frame  # noqa: E402
 
 SCENE = ROOT / "sample_scenes" / "turntable.blend"
 FRAME = 5
@@ -87,7 +87,7 @@ MODES = (("kept", "scene", None), ("kept, no overscan", "scene", 0), ("reload pe
 
 
 async def cost_of_tiles(tmp: Path, settings: dict, repeat: int) -> dict:
-    rt = RuntimeProcess("worker.blender_runtime", ["--gpus", "none"], tmp / "rt")
+    rt = RuntimeProcess("worker.runtimes.blender", ["--gpus", "none"], tmp / "rt")
     await rt.start()
     runs: dict = {"full": []}
     try:

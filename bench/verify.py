@@ -2,7 +2,7 @@
 
     python bench/verify.py [--quick] [--frames 1-12] [--percent 50] [--samples 16] [--trials 400]
 
-One Blender runtime child (the worker's own, ``worker.blender_runtime``) renders the sample scene's
+One Blender runtime child (the worker's own, ``worker.runtimes.blender``) renders the sample scene's
 frames, then the check renders the coordinator would ask for at the default rates (farm/constants.py):
 CHECK_CROPS regions of CHECK_CROP_FRACTION of the frame each (a trusted worker's sampled check), and the
 whole frame (every result of a new worker). Printed:
@@ -33,10 +33,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from farm import compare  # noqa: E402
+from common import rasters  # noqa: E402
 from farm import constants as C  # noqa: E402
-from worker import rasters  # noqa: E402
-from worker.runtime import RuntimeProcess  # noqa: E402
+from farm.verify import compare  # noqa: E402
+from worker.runtimes.process import RuntimeProcess  # noqa: E402
 
 SCENE = ROOT / "sample_scenes" / "turntable.blend"
 MODES = ["black", "noise", "copy", "stale", "fewer_samples", "painted"]
@@ -54,7 +54,7 @@ async def render(rt: RuntimeProcess, out: Path, frames: list[int], settings: dic
 
 
 def crops(rng: random.Random, w: int, h: int) -> list[tuple[int, int, int, int]]:
-    """The regions the coordinator picks (farm.verification.Verifier._crops)."""
+    """The regions the coordinator picks (farm.verify.verifier.Verifier._crops)."""
     side = math.sqrt(C.CHECK_CROP_FRACTION)
     cw, ch = max(1, min(w, round(w * side))), max(1, min(h, round(h * side)))
     out = []
@@ -85,7 +85,7 @@ async def run(args) -> None:
     settings = {"resolution_percent": args.percent, "samples": args.samples, "format": "PNG", "color_depth": "8"}
     with tempfile.TemporaryDirectory(prefix="rh-verify-") as d:
         tmp = Path(d)
-        rt = RuntimeProcess("worker.blender_runtime", ["--gpus", "none"], tmp / "rt")
+        rt = RuntimeProcess("worker.runtimes.blender", ["--gpus", "none"], tmp / "rt")
         await rt.start()
         try:
             await render(rt, tmp / "warm", [frames[0]], settings)  # scene load, kernels

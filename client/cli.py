@@ -24,8 +24,15 @@ def _console():
 
 
 def _progress():
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     TimeRemainingColumn(), console=_console(), transient=True)
 
@@ -229,14 +236,14 @@ def cmd_serve(args) -> int:
 
     from farm.server import serve
     if args.print_key:  # made on first use, as `farm serve` would
-        from farm.curve import load_or_create_keypair
+        from common.keys import load_or_create_keypair
         print(load_or_create_keypair(Path(args.data) / "curve", "server", "Renderhive coordinator")[0].decode())
         return 0
-    if args.models:  # read by farm.diffusion when it checks prompts
+    if args.models:  # read by farm.kinds.diffusion when it checks prompts
         os.environ["RENDERHIVE_MODELS"] = os.pathsep.join(args.models)
-    from farm.logs import setup
+    from common.logs import setup
     setup()
-    from farm.ledger import ChainConfigError
+    from farm.payments.ledger import ChainConfigError
     try:
         asyncio.run(serve(Path(args.data), args.db, args.bind, args.http, args.chain_rpc, args.chain_key_file,
                           args.admit))
@@ -247,7 +254,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from farm.curve import KeyFileError, read_public_key
+    from common.keys import KeyFileError, read_public_key
     from worker import keys
     if args.print_key:
         print(keys.worker_keypair(Path(args.cache))[0].decode())

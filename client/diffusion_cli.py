@@ -7,7 +7,7 @@ folder: then the folder is checked here (a corrupt folder is refused before anyt
 pins that folder's hash, so it runs only on workers holding exactly those weights.
 
 The demo (:func:`demo_build_model` before the workers start, :func:`demo_run` after the render job) uses
-the same API calls; the tiny pipeline (random weights, :mod:`worker.tiny_pipeline`) stands in for a real
+the same API calls; the tiny pipeline (random weights, :mod:`worker.runtimes.tiny_pipeline`) stands in for a real
 model, so its images are coloured noise, but seeds, metadata, micro-batches, contact sheets and the job
 dependency are the real thing.
 """
@@ -51,7 +51,7 @@ def model_ref(model: str) -> tuple[str, str]:
     path = Path(model).expanduser()
     if not path.is_dir():
         return model, ""
-    from farm import model_folders
+    from common import model_folders
     problem = model_folders.check(path)
     if problem:
         raise ApiError(problem)
@@ -85,9 +85,9 @@ def cmd_submit_diffusion(args, client: Client) -> int:
 
 
 def cmd_models(args) -> int:
-    from farm import model_folders
+    from common import model_folders
     if args.action == "tiny":
-        from worker.tiny_pipeline import build
+        from worker.runtimes.tiny_pipeline import build
         if not args.out:
             print("error: farm models tiny needs --out DIR (the model folder to write)", file=sys.stderr)
             return 2
@@ -144,7 +144,7 @@ DEMO_PROMPTS = ["a watercolor painting of a lighthouse at dusk", "a red robot in
 
 def demo_build_model(root: Path, con) -> Path:
     """``farm models tiny --out ROOT/models/tiny-sd``; returns the folder of model folders for --models."""
-    from worker.tiny_pipeline import build
+    from worker.runtimes.tiny_pipeline import build
     with con.status("building the tiny Stable Diffusion model (random weights, ~1 M parameters)"):
         path = build(root / "models" / DEMO_MODEL)
     con.print(f"model: {path} (served by the workers with --models {path.parent})")

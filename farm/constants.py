@@ -1,7 +1,9 @@
-"""Every tunable number of the farm, in one place, each with the reason it has its value.
+"""The coordinator's policy numbers, in one place, each with the reason it has its value: leases and
+sweeps, retries and failure limits, batching, diffusion job caps, reputation, tiers and spot checks.
 
-Worker and coordinator import these; tests shrink some of them through environment variables
-(``RENDERHIVE_<NAME>``) so that failure paths run in seconds instead of minutes.
+Limits the worker must agree on (heartbeats, blob chunks, message and upload sizes, render caps) are in
+:mod:`common.limits`. Tests shrink some of these through environment variables (``RENDERHIVE_<NAME>``)
+so that failure paths run in seconds instead of minutes.
 """
 from __future__ import annotations
 
@@ -12,21 +14,6 @@ def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(f"RENDERHIVE_{name}")
     return float(raw) if raw else default
 
-
-PROTOCOL_HEADER = b"RHIVE/1"
-"""First frame of every ZeroMQ message. A peer speaking another version is answered with ERROR."""
-
-HEARTBEAT_INTERVAL = _env_float("HEARTBEAT_INTERVAL", 1.0)
-"""Seconds between heartbeats, sent both ways, also while a worker renders (the render runs in a child)."""
-
-HEARTBEAT_LIVENESS = 3
-"""Missed heartbeat intervals after which the peer is presumed dead (Paranoid Pirate, RFC 6)."""
-
-RECONNECT_INITIAL = 1.0
-"""First reconnect delay of a worker that lost the coordinator, in seconds."""
-
-RECONNECT_MAX = 32.0
-"""Cap of the exponential reconnect backoff (1 → 2 → 4 … → 32 s)."""
 
 LEASE_SECONDS = _env_float("LEASE_SECONDS", 30.0)
 """Length of a task lease. Every heartbeat that lists the task renews it, so a live worker never loses a
@@ -52,41 +39,12 @@ JOB_MAX_FAILED_FRACTION = 0.0
 """A job fails once more than this fraction of its tasks has failed (0: the first failed task fails it;
 a partial frame sequence is of no use to an artist, and failing fast saves their deposit)."""
 
-BLOB_CHUNK_SIZE = 256 * 1024
-"""Bytes per blob chunk on the worker plane."""
-
-BLOB_CREDIT = 8
-"""Chunks a peer may have in flight (credit-based flow control, zguide file transfer model 3)."""
-
-BLOB_TRANSFER_TIMEOUT = 5.0
-"""Seconds without a chunk after which a transfer re-requests from its last verified offset."""
-
-MAX_UPLOAD_BYTES = int(_env_float("MAX_UPLOAD_BYTES", 4 * 1024**3))
-"""Largest blob accepted from a creator or a worker."""
-
-MAX_MESSAGE_BYTES = BLOB_CHUNK_SIZE + 64 * 1024
-"""Largest body frame a decoder accepts; anything larger is malformed."""
-
-MAX_RESOLUTION = 16384
-"""Largest render width or height a worker accepts from an untrusted scene."""
-
-MAX_SAMPLES = 65536
-"""Largest Cycles sample count a worker accepts."""
-
 MAX_FRAMES_PER_JOB = 100_000
 """Largest number of frames in one job."""
-
-WORKER_CACHE_BYTES = int(_env_float("WORKER_CACHE_BYTES", 20 * 1024**3))
-"""Default size cap of a worker's blob cache (LRU)."""
-
-RUNTIME_MAX_RSS_BYTES = int(_env_float("RUNTIME_MAX_RSS_BYTES", 16 * 1024**3))
-"""A runtime child whose resident memory exceeds this after a task is restarted before the next one
-(Blender and torch can fragment or leak over many scenes; a restart costs about a second)."""
 
 BATCH_MAX_MESSAGES = 512
 """Messages the coordinator handles per step: one transaction, one commit, then all replies."""
 
-# ------------------------------------------------------------------ Stable Diffusion jobs
 MAX_DIFFUSION_IMAGES = 4096
 """Most images in one diffusion job (prompts × count, or source frames): at about 2 s an image on one GPU
 that is over two hours of work; a bigger batch is better split into jobs that can be reviewed one by one."""
@@ -102,19 +60,6 @@ MAX_DIFFUSION_PER_TASK = 16
 """Largest micro-batch (images per task): bigger batches gain little throughput and lose more work when a
 worker dies mid-task."""
 
-DIFFUSION_SCHEDULERS = {
-    "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
-    "heun": "HeunDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
-}
-"""Scheduler names a diffusion job may ask for → diffusers class, built from the model's own scheduler
-config ("default": the model's scheduler as saved). The coordinator validates names, the runtime builds."""
-
-DIFFUSION_CACHE_BYTES = int(_env_float("DIFFUSION_CACHE_BYTES", 0))
-"""Memory for loaded pipelines in one diffusion runtime (LRU by model); 0: 70% of the GPU's memory on
-CUDA, 40% of RAM on the CPU. The pipeline in use is always kept, even when it alone is bigger."""
-
-# ------------------------------------------------------------------ reputation and verification
 REP_HALF_LIFE = _env_float("REP_HALF_LIFE", 14 * 86400.0)
 """Seconds after which a piece of reputation evidence counts half: recent behaviour weighs more, and an
 old failure is forgiven over weeks, not hours."""
@@ -160,7 +105,7 @@ CHECK_CROP_FRACTION = 0.03
 
 CHECK_SSIM_MIN = _env_float("CHECK_SSIM_MIN", 0.98)
 """Across device types (a CPU and a GPU render differ in float rounding), a crop passes with a mean SSIM
-of at least this; between like devices the pixels must be equal. See farm/compare.py for the calibration."""
+of at least this; between like devices the pixels must be equal. See farm/verify/compare.py for the calibration."""
 
 CHECK_WAIT = _env_float("CHECK_WAIT", 20.0)
 """Seconds a check may wait in the queue with no connected worker able to run it (the checked worker is
@@ -181,67 +126,3 @@ SPEED_EWMA = 0.2
 
 SPEED_OVERCLAIM = 2.0
 """A worker whose benchmark claims more than this times its measured speed is caught overclaiming."""
-
-# ------------------------------------------------------------------ tiles and video (Blender jobs)
-MAX_TILES_PER_SIDE = 16
-"""Most tile columns or rows of a tiled frame (16x16 = 256 tasks a frame): beyond that the per-task
-overhead (lease, upload, about 0.03 s of render set-up per tile) outweighs any gain in width."""
-
-TILE_OVERSCAN_DENOISE = 16
-"""Pixels rendered around each tile, and cropped off, when the scene denoises (OpenImageDenoise needs
-context across the seam). Measured on the sample scene, 4x4: seam error 2.8/255 with no margin, 0.24/255
-with 16 px (below one 8-bit step: invisible), 0.17/255 with 32 px at twice the extra render area."""
-
-TILE_OVERSCAN_ADAPTIVE = 4
-"""Margin when Cycles adaptive sampling is on (and no denoising), up to TILE_OVERSCAN_ADAPTIVE_SAMPLES
-samples; doubled for every 4x more samples, up to TILE_OVERSCAN_DENOISE. A pixel's sample count depends
-on its neighbours' convergence at every check, so the reach grows with the number of checks. Measured
-(sample scene, 4x4 and 8x8 tiles, bit-exact = no pixel differs): 256 samples: 2-3 px exact, 1 px not;
-4096: 4 px exact, 3 px not (8x8, threshold 0.002); 16384: 8 px exact, 4 px differs on 10 pixels by at most
-0.0017."""
-
-TILE_OVERSCAN_ADAPTIVE_SAMPLES = 4096
-"""Sample count up to which TILE_OVERSCAN_ADAPTIVE suffices (see there)."""
-
-MAX_TILE_OVERSCAN = 256
-"""Largest overscan margin a job may ask for, in pixels."""
-
-RENDER_THREADS = int(_env_float("RENDER_THREADS", 0))
-"""Render threads of each Blender child (0: Blender's automatic choice, all cores). Set it when several
-workers share one host, e.g. to measure how tiles of one frame spread over workers."""
-
-VIDEO_CRF = 20
-"""H.264 constant rate factor of ``--video`` encodes (x264: 18 visually lossless, 23 its default)."""
-
-VIDEO_DEFAULT_FPS = 24.0
-"""Frame rate of a video whose frames carry no scene frame rate (see the Blender runtime's fps note)."""
-
-DIFFUSION_THREADS = int(_env_float("DIFFUSION_THREADS", 0))
-"""CPU threads of each diffusion runtime (``torch.set_num_threads``); 0: torch's default, every core. On a
-CPU worker with several slots, or a host shared with other work, give cores ÷ slots: torch's OpenMP threads
-spin-wait for each other, and one that loses its core slows a step down many times over."""
-
-# ------------------------------------------------------------------ worker benchmark (worker.benchmark)
-BENCH_WORK_UNITS = 100.0
-"""Work units in one benchmark frame (and one benchmark image). A worker's score is BENCH_WORK_UNITS ÷ the
-seconds it takes, in work units a second: the unit in which work is metered and paid, like OctaneBench."""
-
-BENCH_FRAME = 1
-"""Frame of sample_scenes/turntable.blend rendered by the Blender benchmark."""
-
-BENCH_BLENDER_SETTINGS = {"resolution_percent": 75, "samples": 16, "format": "PNG", "color_depth": "8"}
-"""Render settings of the benchmark frame: 240x180, 16 samples, Cycles, no denoising. About 0.25 s on 2
-CPU cores (50 % took 0.11 s, too short to time well; 100 % took 0.43 s); changing them changes every score
-(they are part of the cache key)."""
-
-BENCH_RUNS = 2
-"""Renders of the benchmark frame; the score comes from the fastest (the first also loads the scene,
-builds the BVH and compiles shaders, which a worker pays once per scene, not per frame)."""
-
-BENCH_DIFFUSION = {"steps": 1, "width": 64, "height": 64, "seed": 1234, "guidance": 7.5,
-                   "prompt": "a photo of a red cube on a table"}
-"""The fixed generation of the diffusion benchmark, with the first model the worker holds (its hash is part
-of the cache key: scores of different models do not compare)."""
-
-BENCH_TIMEOUT = _env_float("BENCH_TIMEOUT", 300.0)
-"""Seconds one benchmark measurement may take before it is abandoned (the worker then reports no score)."""

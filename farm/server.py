@@ -1,8 +1,8 @@
 """``farm serve``: one process running the coordinator (ZeroMQ worker plane) and the HTTP API.
 
 Start-up order: data dir, database (schema migrated to the newest revision), blob store, admin token on
-first start, the CurveZMQ keyring (keypair and enrollment token on first start, :mod:`farm.curve`), then
-the broker, the payment settler (:class:`farm.ledger.Settler`, unless ``--chain-rpc
+first start, the CurveZMQ keyring (keypair and enrollment token on first start, :mod:`farm.plane.gate`), then
+the broker, the payment settler (:class:`farm.payments.ledger.Settler`, unless ``--chain-rpc
 off``) and uvicorn on one asyncio loop. SIGINT/SIGTERM stop both; state is durable at every commit, so
 a ``kill -9`` loses nothing that was acknowledged.
 """
@@ -15,15 +15,16 @@ from pathlib import Path
 
 import uvicorn
 
-from farm import auth
-from farm.api import create_app
-from farm.blobs import BlobStore
-from farm.broker import Broker, tune_gc
-from farm.coordinator import Coordinator
-from farm.curve import KeyFileError, Keyring, resolve_mode
-from farm.db import DatabaseUnavailable, database_url, make_engine, session
-from farm.ledger import Ledger, Settler, chain_factory
-from farm.migrate import SchemaMismatch
+from common.keys import KeyFileError
+from farm.core.coordinator import Coordinator
+from farm.payments.ledger import Ledger, Settler, chain_factory
+from farm.plane.broker import Broker, tune_gc
+from farm.plane.gate import Keyring, resolve_mode
+from farm.store.blobs import BlobStore
+from farm.store.db import DatabaseUnavailable, database_url, make_engine, session
+from farm.store.migrate import SchemaMismatch
+from farm.web import auth
+from farm.web.app import create_app
 
 log = logging.getLogger("farm.server")
 
@@ -39,7 +40,7 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
                 chain_key_file: str | None = None, admit: str = "auto") -> None:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    try:  # the schema is brought to the newest migration here (farm.migrate)
+    try:  # the schema is brought to the newest migration here (farm.store.migrate)
         engine = make_engine(database_url(data_dir, db_url))
     except (DatabaseUnavailable, SchemaMismatch) as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -2,7 +2,7 @@
 and a driver that feeds encoded frames to ``Coordinator.step`` at a clock the test controls.
 
 Nothing here is a fake: the database is a SQLite file in the test's tmp dir (or a PostgreSQL database,
-from the ``db_url`` fixture), blobs are files, and frames are built by ``farm.protocol.encode`` exactly as
+from the ``db_url`` fixture), blobs are files, and frames are built by ``common.protocol.encode`` exactly as
 a worker's DEALER would send them.
 """
 from __future__ import annotations
@@ -13,14 +13,15 @@ from typing import Any
 
 from sqlmodel import select
 
-from farm import auth, jobs
-from farm import protocol as P
-from farm.blobs import BlobStore
-from farm.coordinator import Coordinator
-from farm.db import make_engine
-from farm.db import session as new_session
-from farm.models import User
-from farm.scheduler import Scheduler
+from common import protocol as P
+from farm.core.coordinator import Coordinator
+from farm.core.scheduler import Scheduler
+from farm.kinds import jobs
+from farm.store.blobs import BlobStore
+from farm.store.db import make_engine
+from farm.store.db import session as new_session
+from farm.store.models import User
+from farm.web import auth
 
 SCENE_BYTES = b"BLENDER-v405" + bytes(range(256)) * 4  # a .blend header is all the coordinator checks
 
@@ -47,7 +48,7 @@ def put_scene(blobs: BlobStore, tag: bytes = b"") -> str:
 
 def make_job(engine, blobs: BlobStore, user: User, frames: str = "1", chunk: int = 1, priority: int = 0,
              scene: str | None = None, **extra: Any) -> int:
-    """Create a Blender job through farm.jobs (the API's own path) and return its id."""
+    """Create a Blender job through farm.kinds.jobs (the API's own path) and return its id."""
     req = {"scene_sha256": scene or put_scene(blobs), "frames": frames, "chunk": chunk, "priority": priority,
            **extra}
     with new_session(engine) as s:
@@ -109,7 +110,7 @@ class Driver:
 
 def new_coordinator(engine, blobs: BlobStore, seed: int = 0, verify: bool = False) -> Coordinator:
     """A coordinator for in-process tests; spot checks off unless asked for (the outputs these tests
-    send are stand-in bytes, not pictures; tests/test_verification.py sends real ones)."""
+    send are stand-in bytes, not pictures; tests/verify/test_verification.py sends real ones)."""
     return Coordinator(engine, blobs, Scheduler(seed=seed), verify=verify)
 
 

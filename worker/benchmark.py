@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from farm import constants as C
+from common import limits as L
+from worker import settings as C
 
 log = logging.getLogger("worker.benchmark")
 
@@ -76,7 +77,7 @@ async def measure_blender(rt, work: Path, scene: Path = SCENE) -> dict[str, Any]
                                    "frames": [C.BENCH_FRAME], "out_dir": str(work / f"blender{i}"),
                                    "settings": dict(C.BENCH_BLENDER_SETTINGS)})
         runs.append(float(done["outputs"][0]["seconds"]))
-    return {"score": round(C.BENCH_WORK_UNITS / min(runs), 3), "seconds": min(runs), "runs": runs}
+    return {"score": round(L.BENCH_WORK_UNITS / min(runs), 3), "seconds": min(runs), "runs": runs}
 
 
 async def measure_diffusion(rt, work: Path, model_path: Path, model_name: str, model_hash: str) -> dict[str, Any]:
@@ -92,7 +93,7 @@ async def measure_diffusion(rt, work: Path, model_path: Path, model_name: str, m
             "images": [{"name": "benchmark.png", "index": 0, "seed": b["seed"], "prompt": b["prompt"],
                         "negative": ""}]})
         runs.append(float(done["outputs"][0]["seconds"]))
-    return {"score": round(C.BENCH_WORK_UNITS / max(min(runs), 1e-6), 3), "seconds": min(runs), "runs": runs}
+    return {"score": round(L.BENCH_WORK_UNITS / max(min(runs), 1e-6), 3), "seconds": min(runs), "runs": runs}
 
 
 def load_cache(cache_dir: Path) -> dict[str, dict]:

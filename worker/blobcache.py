@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from farm.blobs import check_sha
+from common.hashing import check_sha
 
 
 class BlobCache:

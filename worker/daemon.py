@@ -1,7 +1,7 @@
 """``farm worker``: the GPU host's daemon. It never imports bpy or torch.
 
 One asyncio loop owns one DEALER socket to the coordinator. Rendering happens in long-lived runtime child
-processes (one per slot, :mod:`worker.runtime`), so the loop keeps heart-beating while a frame renders.
+processes (one per slot, :mod:`worker.runtimes.process`), so the loop keeps heart-beating while a frame renders.
 Invariants:
 
 * every message about a task carries the (task_id, attempt) of its lease; a CANCEL for it kills the
@@ -31,15 +31,16 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from farm import constants as C
-from farm import protocol as P
-from farm import model_folders
-from farm.blobs import file_sha256
+from common import limits as L
+from common import model_folders
+from common import protocol as P
+from common.hashing import file_sha256
 from worker import benchmark as bench
 from worker import keys
+from worker import settings as C
 from worker.blobcache import BlobCache
-from worker.executors import EXECUTORS, RUNTIMES, TaskContext, TaskFailure
-from worker.runtime import RuntimeCrashed, RuntimeProcess
+from worker.runtimes.process import RuntimeCrashed, RuntimeProcess
+from worker.tasks.executors import EXECUTORS, RUNTIMES, TaskContext, TaskFailure
 
 log = logging.getLogger("worker")
 
@@ -187,7 +188,7 @@ class WorkerDaemon:
             poller.register(watch.socket, zmq.POLLIN)
         sock.connect(self.endpoint)
         self.sock = sock
-        interval = C.HEARTBEAT_INTERVAL
+        interval = L.HEARTBEAT_INTERVAL
         welcomed = False
         try:
             self.send(P.Hello(self.id, self.wallet, self.slots, self.capabilities(), self._held(),
@@ -196,7 +197,7 @@ class WorkerDaemon:
             next_hb = time.monotonic() + interval
             while not self.stopping.is_set():
                 now = time.monotonic()
-                if now - last_recv > interval * C.HEARTBEAT_LIVENESS:
+                if now - last_recv > interval * L.HEARTBEAT_LIVENESS:
                     return welcomed
                 if now >= next_hb:
                     if welcomed:
@@ -350,13 +351,13 @@ class WorkerDaemon:
             part = self.cache.partial(sha)
             offset = part.stat().st_size if part.exists() else 0
             q = self.inbox[sha] = asyncio.Queue()
-            chunk = C.BLOB_CHUNK_SIZE
+            chunk = L.BLOB_CHUNK_SIZE
             total: int | None = None
             next_req = offset
             try:
                 with open(part, "ab") as f:
                     while total is None or offset < total:
-                        window = C.BLOB_CREDIT if total is not None else 1
+                        window = L.BLOB_CREDIT if total is not None else 1
                         while next_req - offset < window * chunk and (total is None or next_req < total):
                             self.send(P.BlobGet(sha, next_req, chunk))
                             next_req += chunk
@@ -385,7 +386,7 @@ class WorkerDaemon:
     async def upload(self, path: Path, sha: str) -> None:
         """Send ``path`` as blob ``sha``: probe where the coordinator stands, then stream with credit."""
         total = path.stat().st_size
-        chunk = C.BLOB_CHUNK_SIZE
+        chunk = L.BLOB_CHUNK_SIZE
         q = self.inbox[sha] = asyncio.Queue()
         try:
             with open(path, "rb") as f:
@@ -394,7 +395,7 @@ class WorkerDaemon:
                 next_send = 0
                 while True:
                     if acked is not None:
-                        while next_send < total and next_send - acked < C.BLOB_CREDIT * chunk:
+                        while next_send < total and next_send - acked < L.BLOB_CREDIT * chunk:
                             f.seek(next_send)
                             data = f.read(chunk)
                             self.send(P.BlobPut(sha, next_send, total, data))
@@ -433,7 +434,8 @@ def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, 
          models: list[str] | None = None, benchmark: str = "auto", server_key: bytes | None = None,
          enroll_token: str = "") -> None:
     import signal
-    from farm.logs import setup
+
+    from common.logs import setup
     setup()
 
     async def _main() -> None:

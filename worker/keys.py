@@ -15,7 +15,7 @@ from pathlib import Path
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from farm import curve
+from common import keys
 
 WATCHED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -23,7 +23,7 @@ WATCHED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 def worker_keypair(cache_dir: Path) -> tuple[bytes, bytes]:
     """This worker's (public, secret) Z85 keys, made on first use in ``cache_dir/curve``."""
-    return curve.load_or_create_keypair(Path(cache_dir) / "curve", "worker", "Renderhive worker")
+    return keys.load_or_create_keypair(Path(cache_dir) / "curve", "worker", "Renderhive worker")
 
 
 def enroll_token(value: str | None) -> str:
@@ -34,7 +34,7 @@ def enroll_token(value: str | None) -> str:
         lines = path.read_text().split()
         return lines[0] if lines else ""
     if os.sep in value:  # tokens never hold a slash: this was meant as a file
-        raise curve.KeyFileError(f"--enroll-token {value!r}: no such file (give the token, or a file holding it)")
+        raise keys.KeyFileError(f"--enroll-token {value!r}: no such file (give the token, or a file holding it)")
     return value
 
 

@@ -16,8 +16,15 @@ from __future__ import annotations
 import os
 
 import bpy
-from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty,
-                       PointerProperty, StringProperty)
+from bpy.props import (
+    BoolProperty,
+    CollectionProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
 
 FORMATS = {  # enum id -> (API format, color depth)
     "PNG": ("PNG", "8"),

@@ -4,7 +4,7 @@
 
 Prints one JSON line (the scenario's observations) as the last line of stdout; bpy's own chatter goes
 to stderr. Run it with BLENDER_USER_RESOURCES, XDG_CACHE_HOME and TMPDIR pointing at scratch folders
-(tests/test_addon.py does), so that installed extensions and temporary files can be checked.
+(tests/client/test_addon.py does), so that installed extensions and temporary files can be checked.
 
 The add-on is loaded either as a legacy add-on from a folder on ``sys.path`` (``addons`` argument,
 ``addon_utils.enable(..., default_set=True)``) or installed from the built zip (``zip`` argument,

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from worker import rasters
-from worker.executors import EXECUTORS, Produced, TaskContext
+from common import rasters
+from worker.tasks.executors import EXECUTORS, Produced, TaskContext
 
 MODES = ("black", "noise", "copy", "stale", "fewer_samples", "painted")
 STALE_OFFSET = 12

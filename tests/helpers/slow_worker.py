@@ -15,7 +15,7 @@ import argparse
 import asyncio
 import sys
 
-from worker.executors import EXECUTORS, TaskContext
+from worker.tasks.executors import EXECUTORS, TaskContext
 
 
 def slow_down(delay: float) -> None:

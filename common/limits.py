@@ -1,0 +1,66 @@
+"""Limits both sides of the worker plane must agree on: the wire (header, heartbeats, blob chunks and
+credit, message and upload sizes), the caps on what an untrusted scene or batch may ask for, and the unit
+in which work is measured (the benchmark's work units).
+
+The coordinator (``farm``) and the worker both import these; neither package's own tunables belong here
+(``farm.constants``: coordinator policy; ``worker.settings``: a worker's own). Tests shrink some of them
+through environment variables (``RENDERHIVE_<NAME>``).
+"""
+from __future__ import annotations
+
+import os
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(f"RENDERHIVE_{name}")
+    return float(raw) if raw else default
+
+
+PROTOCOL_HEADER = b"RHIVE/1"
+"""First frame of every ZeroMQ message. A peer speaking another version is answered with ERROR."""
+
+HEARTBEAT_INTERVAL = _env_float("HEARTBEAT_INTERVAL", 1.0)
+"""Seconds between heartbeats, sent both ways, also while a worker renders (the render runs in a child)."""
+
+HEARTBEAT_LIVENESS = 3
+"""Missed heartbeat intervals after which the peer is presumed dead (Paranoid Pirate, RFC 6)."""
+
+BLOB_CHUNK_SIZE = 256 * 1024
+"""Bytes per blob chunk on the worker plane."""
+
+BLOB_CREDIT = 8
+"""Chunks a peer may have in flight (credit-based flow control, zguide file transfer model 3)."""
+
+MAX_UPLOAD_BYTES = int(_env_float("MAX_UPLOAD_BYTES", 4 * 1024**3))
+"""Largest blob accepted from a creator or a worker."""
+
+MAX_MESSAGE_BYTES = BLOB_CHUNK_SIZE + 64 * 1024
+"""Largest body frame a decoder accepts; anything larger is malformed."""
+
+MAX_RESOLUTION = 16384
+"""Largest render width or height a worker accepts from an untrusted scene."""
+
+MAX_SAMPLES = 65536
+"""Largest Cycles sample count a worker accepts."""
+
+DIFFUSION_SCHEDULERS = {
+    "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
+    "heun": "HeunDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
+}
+"""Scheduler names a diffusion job may ask for → diffusers class, built from the model's own scheduler
+config ("default": the model's scheduler as saved). The coordinator validates names, the runtime builds."""
+
+MAX_TILES_PER_SIDE = 16
+"""Most tile columns or rows of a tiled frame (16x16 = 256 tasks a frame): beyond that the per-task
+overhead (lease, upload, about 0.03 s of render set-up per tile) outweighs any gain in width."""
+
+MAX_TILE_OVERSCAN = 256
+"""Largest overscan margin a job may ask for, in pixels."""
+
+VIDEO_CRF = 20
+"""H.264 constant rate factor of ``--video`` encodes (x264: 18 visually lossless, 23 its default)."""
+
+BENCH_WORK_UNITS = 100.0
+"""Work units in one benchmark frame (and one benchmark image). A worker's score is BENCH_WORK_UNITS ÷ the
+seconds it takes, in work units a second: the unit in which work is metered and paid, like OctaneBench."""

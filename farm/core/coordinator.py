@@ -1,0 +1,673 @@
+"""The coordinator's brain: worker messages in, state changes persisted, replies out.
+
+:meth:`Coordinator.step` takes a batch of raw messages from the ROUTER socket, handles them all in one
+database transaction, hands out leases to free workers, commits, and only then returns the replies to
+send (persist before acknowledging; one commit per batch keeps throughput high). It does no I/O on
+sockets, so tests drive it directly. Invariants:
+
+* every reply about a task carries (task_id, attempt); a message whose pair is not the task's current
+  lease held by the sender is stale and changes nothing (fencing);
+* a lease is only granted to a connected worker with a free slot, and is lost when the worker goes
+  silent for HEARTBEAT_LIVENESS intervals, says BYE, reconnects without it, or lets it expire;
+* a malformed message is answered with ERROR and never raises out of ``step``.
+
+The assignment round and the lease it grants are in :mod:`farm.core.assignment` (mixed in); the in-memory
+copies the hot path reads (live leases, the head of the queue) are in :mod:`farm.core.leases`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+from sqlalchemy import bindparam, update
+from sqlalchemy.orm.attributes import instance_state
+from sqlmodel import Session, select
+
+from common import limits as L
+from common import protocol as P
+from common.logs import ctx
+from farm import constants as C
+from farm.core.assignment import Assignment
+from farm.core.leases import LeaseBook, ReadAhead, TaskRow
+from farm.core.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler
+from farm.kinds import diffusion
+from farm.store.blobs import BlobError, BlobStore
+from farm.store.db import session as new_session
+from farm.store.models import Attempt, Job, JobWorker, Output, Task, TaskDep, Worker
+from farm.store.models import Blob as BlobRow
+from farm.store.states import QUEUE_EPOCH, TASK_LEASED, JobStatus, TaskStatus, transition
+from farm.store.writes import StaleRow, StepSession, add_row, add_to, set_values, update_by
+from farm.verify import reputation as R
+from farm.verify.verifier import Verifier, is_check
+
+log = logging.getLogger("farm.core.coordinator")
+
+Outgoing = list[tuple[bytes, Any]]
+LEASED = tuple(s.value for s in TASK_LEASED)
+
+
+def _get(s: Session, model: type, pk):
+    """``s.get(model, pk)``, without its overhead when the row is loaded already (prefetched)."""
+    obj = s.identity_map.get((model, (pk,), None))
+    if obj is not None:
+        state = instance_state(obj)
+        if not state.expired and not state._deleted:
+            return obj
+    return s.get(model, pk)
+
+
+# the tasks of a batch that the lease book does not hold, and the jobs of all its tasks
+_TASKS = select(Task).where(Task.id.in_(bindparam("ids", expanding=True)))
+_JOBS = select(Job).where(Job.id.in_(bindparam("ids", expanding=True)))
+
+
+class Coordinator(Assignment):
+    def __init__(self, engine, blobs: BlobStore, scheduler: Scheduler | None = None,
+                 clock: Callable[[], float] = time.time, verify: bool = True):
+        self.engine = engine
+        self.blobs = blobs
+        self.scheduler = scheduler or Scheduler()
+        self.clock = clock
+        self.conns: dict[bytes, Conn] = {}
+        self.by_worker: dict[str, bytes] = {}
+        self.pending: Outgoing = []      # replies queued from outside step (cancel via the API)
+        self.want_assign = True          # set when work or capacity may have appeared
+        self._last_sweep = 0.0
+        self.stats = defaultdict(int)
+        self._needed: dict[int, frozenset[int]] = {}  # job id → ids of its tasks that other tasks wait for
+        self.book = LeaseBook()  # live leases' tasks: RESULT and friends need not read them again
+        self.ahead = ReadAhead()  # the head of the queue: assignment rounds need not read it again
+        # jobs as the last committed step left them (detached), good while QUEUE_EPOCH holds: every job
+        # change made elsewhere moves it (farm/core/leases.py), and status changes are fenced (farm/store/states.py)
+        self._jobs: dict[int, Job] = {}
+        self._jobs_epoch: int | None = None
+        # called by step, in its thread, as it starts to commit (the broker receives meanwhile)
+        self.on_commit: Callable[[], None] | None = None
+        self.verifier = Verifier(self, enabled=verify, seed=None if scheduler is None else scheduler.rng.random())
+        # message class → its handler, _on_<name> (HELLO is handled before a connection exists)
+        self._handlers = {cls: getattr(self, f"_on_{cls.__name__.lower()}") for cls in P.MESSAGES.values()
+                          if hasattr(self, f"_on_{cls.__name__.lower()}")}
+        with new_session(engine) as s:  # a restart: nobody is connected until they say HELLO again
+            s.exec(update(Worker).where(Worker.online).values(online=False))
+            s.commit()
+
+    # ------------------------------------------------------------------ entry points
+    def step(self, batch: list[list[bytes]], now: float | None = None) -> Outgoing:
+        """Handle ``batch`` (ROUTER frames: routing id first), assign, sweep if due; commit; return replies."""
+        now = self.clock() if now is None else now
+        out: Outgoing = []
+        if self._jobs_epoch != QUEUE_EPOCH.value:
+            self._jobs.clear()
+            self._jobs_epoch = QUEUE_EPOCH.value
+        try:
+            with self._undo_on_error():
+                with StepSession(self.engine) as s:
+                    msgs = [self._decode(frames) for frames in batch]
+                    rows = self._prefetch(s, msgs)  # noqa: F841  (held: the session's identity map is weak)
+                    for ident, msg in msgs:
+                        self._dispatch(s, ident, msg, now, out)
+                    self._maintain(s, now, out)
+                    if self.on_commit is not None:
+                        s.flush()  # the statements run first: the commit that follows only writes and syncs
+                        self.on_commit()
+                    s.commit()
+                    self._committed(s)
+        except Exception as exc:  # a handler bug must not take the coordinator down: retry one by one
+            if isinstance(exc, StaleRow):  # the lease book was stale (it is emptied): read from the database
+                self.stats["stale_cache"] += 1
+                log.warning("batch of %d handled again from the database: %s", len(batch), exc)
+            else:
+                log.exception("batch of %d failed; retrying its messages one at a time", len(batch))
+            out = []
+            for frames in batch + [None]:  # None: the assignment round and sweep, on their own
+                one: Outgoing = []
+                try:
+                    with self._undo_on_error():
+                        with StepSession(self.engine) as s:
+                            if frames is None:
+                                self._maintain(s, now, one)
+                            else:
+                                self._handle(s, frames, now, one)
+                            s.commit()
+                            self._committed(s)
+                    out += one
+                except Exception:
+                    log.exception("dropping a message that could not be handled")
+                    if frames:
+                        out.append((frames[0], P.Error("internal error handling this message; it was dropped")))
+        out, self.pending = self.pending + out, []
+        return out
+
+    def _committed(self, s: Session) -> None:
+        """Keep the tasks of the leases granted by a committed step (a rolled-back one's are dropped), and
+        its jobs while nothing else changed a job meanwhile."""
+        new = s.info.get("leased")
+        if new:
+            self.book.commit(new)
+        if self._jobs_epoch == QUEUE_EPOCH.value:
+            for job in s.info.get("jobs", ()):
+                self._jobs[job.id] = job
+        else:
+            self._jobs.clear()
+
+    def _job(self, s: Session, job_id: int) -> Job | None:
+        """The job ``job_id`` in ``s``: loaded already, from the last step's copy (no query), or read."""
+        job = s.identity_map.get((Job, (job_id,), None))
+        if job is None:
+            cached = self._jobs.get(job_id)
+            job = s.merge(cached, load=False) if cached is not None else s.get(Job, job_id)
+            if job is not None:
+                s.info.setdefault("jobs", []).append(job)  # held for the step, and kept after its commit
+        return job
+
+    @contextlib.contextmanager
+    def _undo_on_error(self):
+        """Restore the in-memory scheduling state when a transaction is rolled back, so that a lease that
+        was never committed does not keep a worker's slot, and the assignment round is not forgotten."""
+        free = {ident: c.free for ident, c in self.conns.items()}
+        want = self.want_assign
+        try:
+            yield
+        except Exception:
+            for ident, n in free.items():
+                if ident in self.conns:
+                    self.conns[ident].free = n
+            self.want_assign = want or True
+            self.book.clear()  # its copies may hold changes that were never committed
+            self.ahead.clear()
+            self._jobs.clear()
+            raise
+
+    def cancel_job(self, job_id: int, user) -> dict[str, Any]:
+        """Cancel a job for the API. Runs on the coordinator's thread (like ``step``), so task rows are
+        never written by two threads at once. Returns the job's view."""
+        from farm.kinds import jobs
+        with new_session(self.engine) as s:
+            job = jobs.get_job(s, job_id, user)
+            leases = jobs.cancel_job(s, job)
+            diffusion.on_job_status(s, job, self.clock())  # img2img jobs waiting for its frames fail
+            s.commit()
+            self.revoke(leases, "the job was canceled")
+            return jobs.job_view(s, job)
+
+    def revoke(self, leases: list[tuple[str, int, int]], reason: str) -> None:
+        """Queue CANCEL for leases already ended in the database. Coordinator thread only."""
+        for worker_id, task_id, attempt in leases:
+            self.book.drop(task_id)
+            ident = self.by_worker.get(worker_id)
+            if ident is not None:
+                self.pending.append((ident, P.Cancel(task_id, attempt, reason)))
+                self.conns[ident].free = min(self.conns[ident].slots, self.conns[ident].free + 1)
+        self.want_assign = True
+
+    def heartbeats(self) -> Outgoing:
+        return [(ident, P.Heartbeat()) for ident in self.conns]
+
+    # ------------------------------------------------------------------ dispatch
+    def _handle(self, s: Session, frames: list[bytes], now: float, out: Outgoing) -> None:
+        ident, msg = self._decode(frames)
+        self._dispatch(s, ident, msg, now, out)
+
+    @staticmethod
+    def _decode(frames: list[bytes]) -> tuple[bytes | None, P.Message | P.ProtocolError | None]:
+        """(routing id, message), the message a ProtocolError when malformed; (None, None) for no message."""
+        if len(frames) < 2:
+            return None, None
+        try:
+            return bytes(frames[0]), P.decode(frames[1:])
+        except P.ProtocolError as exc:
+            return bytes(frames[0]), exc
+
+    def _prefetch(self, s: Session, msgs: list) -> list:
+        """Load in two queries the rows the batch's task messages will read that the lease book does not
+        hold (tasks, and the jobs of all of them), instead of a few queries per message. Returns them: the
+        caller keeps them referenced for the step (the session's identity map is weak)."""
+        task_ids = set()
+        for ident, msg in msgs:
+            if isinstance(msg, (P.Result, P.Progress, P.Failed)):
+                task_ids.add(msg.task_id)
+            elif isinstance(msg, P.Heartbeat):
+                task_ids.update(p[0] for p in msg.running if len(p) == 2 and type(p[0]) is int)
+        if not task_ids:
+            return []
+        book = self.book.rows
+        job_ids, missing = set(), []
+        for tid in task_ids:
+            row = book.get(tid)
+            if row is None:
+                missing.append(tid)
+            else:
+                job_ids.add(row.job_id)
+        rows = s.exec(_TASKS, params={"ids": missing}).all() if missing else []
+        job_ids.update(t.job_id for t in rows)
+        unknown = [j for j in job_ids if j not in self._jobs]
+        if unknown:
+            s.info.setdefault("jobs", []).extend(s.exec(_JOBS, params={"ids": unknown}).all())
+        for jid in job_ids:
+            self._job(s, jid)
+        return rows
+
+    def _task(self, s: Session, task_id: int) -> Task | TaskRow | None:
+        """A task a message names: the lease book's copy (fenced) when it holds it, else the row."""
+        return self.book.get(s, task_id) or _get(s, Task, task_id)
+
+    def _dispatch(self, s: Session, ident: bytes | None, msg, now: float, out: Outgoing) -> None:
+        if ident is None:
+            return
+        if isinstance(msg, P.ProtocolError):
+            self.stats["malformed"] += 1
+            log.warning("malformed message from %s: %s", ident.hex(), msg)
+            out.append((ident, P.Error(f"malformed message: {msg}")))
+            return
+        if isinstance(msg, P.Hello):
+            self._hello(s, ident, msg, now, out)
+            return
+        conn = self.conns.get(ident)
+        if conn is None:
+            out.append((ident, P.Disconnect("unknown connection: reconnect and send HELLO first")))
+            return
+        conn.last_seen = now
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            out.append((ident, P.Error(f"{type(msg).__name__} is not a worker message")))
+            return
+        handler(s, conn, msg, now, out)
+
+    def _maintain(self, s: Session, now: float, out: Outgoing) -> None:
+        if now - self._last_sweep >= C.SWEEP_INTERVAL:
+            self._last_sweep = now
+            self._sweep(s, now, out)
+        if self.want_assign:
+            self._assign(s, now, out)
+
+    # ------------------------------------------------------------------ worker lifecycle
+    def _hello(self, s: Session, ident: bytes, msg: P.Hello, now: float, out: Outgoing) -> None:
+        try:
+            running = P.running_pairs(msg.running)
+        except P.ProtocolError as exc:
+            out.append((ident, P.Error(str(exc))))
+            return
+        if not msg.worker_id or len(msg.worker_id) > 100 or not 1 <= msg.slots <= 64:
+            out.append((ident, P.Error("HELLO needs a worker_id of 1-100 characters and 1-64 slots")))
+            return
+        # checked here: the scheduler uses both for every assignment, a bad value would stop it for everyone
+        lists = [msg.capabilities.get("runtimes", []), msg.capabilities.get("cached", []) or []]
+        if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists):
+            out.append((ident, P.Error("HELLO capabilities 'runtimes' and 'cached' must be lists of strings")))
+            return
+        old = self.by_worker.get(msg.worker_id)
+        if old is not None and old != ident:
+            self.conns.pop(old, None)
+            out.append((old, P.Disconnect("this worker id connected again from a new socket")))
+        w = s.get(Worker, msg.worker_id) or Worker(id=msg.worker_id, first_seen=now)
+        w.wallet, w.slots, w.online, w.last_seen = msg.wallet[:100], msg.slots, True, now
+        w.capabilities = msg.capabilities
+        w.hostname = str(msg.capabilities.get("hostname", ""))[:200]
+        bench = msg.capabilities.get("benchmark")
+        w.benchmark = {k: float(v) for k, v in (bench.items() if isinstance(bench, dict) else ())
+                       if k in ("blender", "diffusion") and type(v) in (int, float) and 0 < v < 1e12}
+        s.add(w)
+        conn = Conn(ident, msg.worker_id, msg.slots, msg.capabilities, now,
+                    held_blobs=set(msg.capabilities.get("cached", []) or []))
+        conn.set_standing(w)
+        self.conns[ident] = conn
+        self.by_worker[msg.worker_id] = ident
+        kept = 0
+        for task in s.exec(select(Task).where(Task.worker_id == msg.worker_id).where(Task.status.in_(LEASED))):
+            self.book.drop(task.id)  # changed below through the ORM
+            if (task.id, task.attempt) in running:
+                task.lease_expires = now + C.LEASE_SECONDS
+                s.add(task)
+                kept += 1
+            else:
+                self._lose(s, task, now, "the worker reconnected without this task", out)
+        conn.free = 0  # until READY
+        log.info("worker %s connected (%d slots, %d leases kept, tier %s)", msg.worker_id, msg.slots, kept,
+                 conn.tier, extra=ctx(worker=msg.worker_id))
+        out.append((ident, P.Welcome(msg.worker_id, L.HEARTBEAT_INTERVAL, L.HEARTBEAT_LIVENESS,
+                                     L.BLOB_CHUNK_SIZE, L.BLOB_CREDIT)))
+
+    def _drop(self, s: Session, conn: Conn, now: float, reason: str, out: Outgoing) -> None:
+        self.conns.pop(conn.identity, None)
+        if self.by_worker.get(conn.worker_id) == conn.identity:
+            del self.by_worker[conn.worker_id]
+        w = s.get(Worker, conn.worker_id)
+        if w:
+            w.online, w.last_seen = False, now
+            s.add(w)
+        for task in s.exec(select(Task).where(Task.worker_id == conn.worker_id).where(Task.status.in_(LEASED))):
+            self._lose(s, task, now, reason, out)
+        log.info("worker %s gone: %s", conn.worker_id, reason, extra=ctx(worker=conn.worker_id))
+
+    def _on_ready(self, s, conn: Conn, msg: P.Ready, now, out) -> None:
+        conn.free = max(0, min(conn.slots, msg.free_slots))
+        self.want_assign = True
+
+    def _on_heartbeat(self, s, conn: Conn, msg: P.Heartbeat, now, out) -> None:
+        try:
+            pairs = P.running_pairs(msg.running)
+        except P.ProtocolError as exc:
+            out.append((conn.identity, P.Error(str(exc))))
+            return
+        for task_id, attempt in pairs:
+            task = self._task(s, task_id)
+            if self._holds(task, conn, attempt) and task.lease_expires - now < C.LEASE_SECONDS / 2:
+                set_values(s, task, lease_expires=now + C.LEASE_SECONDS)
+            elif not self._holds(task, conn, attempt):
+                out.append((conn.identity, P.Cancel(task_id, attempt, "this lease is no longer yours")))
+
+    def _on_bye(self, s, conn: Conn, msg: P.Bye, now, out) -> None:
+        self._drop(s, conn, now, f"said bye: {msg.reason}"[:200], out)
+
+    # ------------------------------------------------------------------ task messages (fenced)
+    @staticmethod
+    def _holds(task: Task | None, conn: Conn, attempt: int) -> bool:
+        return (task is not None and task.status in LEASED and task.attempt == attempt
+                and task.worker_id == conn.worker_id)
+
+    def _attempt(self, s: Session, task: Task) -> Attempt | None:
+        return s.exec(select(Attempt).where(Attempt.task_id == task.id)
+                      .where(Attempt.attempt == task.attempt)).first()
+
+    def _on_progress(self, s, conn: Conn, msg: P.Progress, now, out) -> None:
+        task = self._task(s, msg.task_id)
+        if not self._holds(task, conn, msg.attempt):
+            out.append((conn.identity, P.Cancel(msg.task_id, msg.attempt, "stale attempt: stop working on it")))
+            return
+        if task.status == TaskStatus.assigned.value:
+            transition(s, task, TaskStatus.running, worker_id=conn.worker_id, attempt=task.attempt, now=now)
+        set_values(s, task, progress_done=max(0, min(msg.done, task.progress_total or msg.done)),
+                   lease_expires=now + C.LEASE_SECONDS)
+
+    def _on_result(self, s, conn: Conn, msg: P.Result, now, out) -> None:
+        task = self._task(s, msg.task_id)
+        if not self._holds(task, conn, msg.attempt):
+            self.stats["stale"] += 1
+            out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False,
+                                             "stale attempt: this task was re-leased; result discarded")))
+            return
+        self.book.drop(task.id)
+        sizes: dict[str, int] = {}
+        problem = self._check_outputs(task, msg.outputs, sizes)
+        suspicious = ""
+        if not problem:
+            problem, suspicious = self.verifier.inspect(s, task, msg.outputs)
+        if problem:
+            if isinstance(task, TaskRow):  # _fail changes the ORM row: read it, current, and check it again
+                s.writes.unfence(Task, task.id)
+                task = s.get(Task, task.id)
+            if self._holds(task, conn, msg.attempt):
+                self._fail(s, task, conn.worker_id, f"invalid result: {problem}", True, now, out, "invalid_result")
+            out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, problem)))
+            return
+        job = self._job(s, task.job_id)
+        if isinstance(task, TaskRow):
+            started = task.started_at
+        else:
+            started = (att := self._attempt(s, task)) and att.started_at
+        seconds = max(0.0, float(msg.render_seconds))
+        if started:  # a worker cannot claim more time than the lease lasted
+            seconds = min(seconds, max(0.0, now - started))
+        update_by(s, Attempt, {"task_id": task.id, "attempt": task.attempt}, outcome="done", ended_at=now,
+                  render_seconds=seconds)
+        transition(s, task, TaskStatus.done, worker_id=conn.worker_id, attempt=task.attempt, now=now,
+                   values=dict(render_seconds=seconds, progress_done=task.progress_total, worker_id=None,
+                               lease_expires=None))
+        self.stats["results"] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("result stored (%.2f s)", seconds, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
+        out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
+        if is_check(task):
+            transition(s, task, TaskStatus.accepted, reason="re-render stored", worker_id=conn.worker_id,
+                       attempt=task.attempt, now=now)
+            w = _get(s, Worker, conn.worker_id)
+            if w:
+                self.verifier.on_check_result(s, task, w, msg.outputs, now)
+            return
+        final = bool(task.spec.get("final", True))
+        for o in msg.outputs:
+            add_row(s, Output, job_id=task.job_id, task_id=task.id, attempt=task.attempt, frame=o.get("frame", 0),
+                    name=o["name"], sha256=o["sha256"], size=sizes.get(o["sha256"]) or self.blobs.size(o["sha256"]),
+                    final=final,
+                    worker_id=conn.worker_id, render_seconds=float(o.get("seconds", 0.0)))
+        if self.verifier.on_result(s, task, job, conn.worker_id, conn.tier, suspicious, now):
+            return
+        self.accept(s, task, job, conn.worker_id, now)
+
+    def accept(self, s: Session, task: Task | TaskRow, job: Job, worker_id: str, now: float) -> None:
+        """Count a stored (and, when checked, verified) result as good work: meter it, release the tasks
+        waiting for it, and mark the job rendered when it was the last."""
+        runtime = RUNTIME_FOR_KIND.get(task.kind, task.kind)
+        ident = self.by_worker.get(worker_id)
+        if ident in self.conns:  # connected: its standing is in memory (Conn.set_standing)
+            known, speed = True, self.conns[ident].speeds.get(runtime)
+        else:
+            w = _get(s, Worker, worker_id)
+            known, speed = w is not None, w is not None and R.speed(w, runtime)
+        units = round(task.render_seconds * (speed or 1.0), 6) if known else None
+        transition(s, task, TaskStatus.accepted, reason="outputs stored", worker_id=worker_id,
+                   attempt=task.attempt, now=now, values=None if units is None else {"work_units": units})
+        if known:  # added in the database: the row in memory may be older than another step's change
+            add_to(s, Worker, worker_id, tasks_done=1, render_seconds=task.render_seconds, work_units=units)
+        add_to(s, Job, job.id, tasks_accepted=1)  # the loaded row follows
+        self._release_dependents(s, task, now)
+        if job.tasks_accepted >= job.tasks_total and job.status == JobStatus.active.value:
+            self._needed.pop(job.id, None)
+            transition(s, job, JobStatus.rendered, reason="every task accepted", now=now)
+            for measured in R.measure_job(s, job.id, now):
+                self.refresh_standing(measured)
+            if diffusion.on_job_status(s, job, now):  # img2img jobs waiting for these frames start
+                self.want_assign = True
+
+    def _check_outputs(self, task: Task, outputs: list[dict[str, Any]], sizes: dict[str, int] | None = None) -> str:
+        """Why ``outputs`` is not a valid result of ``task`` ("" when it is): it must name exactly the
+        task's expected outputs, each uploaded, with well-typed fields. ``sizes``: filled with the sizes
+        of the uploaded outputs."""
+        want = sorted(task.spec.get("outputs", []))
+        for o in outputs:
+            # types checked here, or building the Output rows raises and the RESULT is never answered
+            if (not isinstance(o.get("name"), str) or type(o.get("frame", 0)) is not int
+                    or type(o.get("seconds", 0.0)) not in (int, float) or not isinstance(o.get("sha256"), str)):
+                return f"malformed outputs list (name and sha256 strings, frame an integer, seconds a number): {o!r:.200}"
+        got = sorted(o["name"] for o in outputs)
+        if got != want:
+            return f"outputs are {got}, the task asked for {want}"
+        for o in outputs:
+            try:
+                size = self.blobs.file_size(o["sha256"])
+                if size is None:
+                    return f"output {o['name']} was not uploaded (BLOB_PUT it before RESULT)"
+                if sizes is not None:
+                    sizes[o["sha256"]] = size
+            except BlobError as exc:
+                return f"output {o['name']}: {exc}"
+        return ""
+
+    def _release_dependents(self, s: Session, task: Task, now: float) -> None:
+        """Queue the tasks that waited for ``task`` once all they wait for is accepted, with the outputs
+        of those tasks as their inputs (``spec["input_names"]`` maps output names to blob hashes)."""
+        needed = self._needed.get(task.job_id)
+        if needed is None:  # a job's dependencies are stored with it and never change: one query per job
+            if len(self._needed) > 10_000:
+                self._needed.clear()
+            needed = self._needed[task.job_id] = frozenset(s.exec(
+                select(TaskDep.needs_id).join(Task, Task.id == TaskDep.needs_id).where(Task.job_id == task.job_id)))
+        if task.id not in needed:
+            return
+        for dep in s.exec(select(TaskDep).where(TaskDep.needs_id == task.id)).all():
+            waiting = s.get(Task, dep.task_id)
+            if waiting is None or waiting.status != TaskStatus.waiting.value:
+                continue
+            needs = s.exec(select(TaskDep.needs_id).where(TaskDep.task_id == waiting.id)).all()
+            if any(s.get(Task, n).status != TaskStatus.accepted.value for n in needs):
+                continue
+            outs = s.exec(select(Output).where(Output.task_id.in_(needs)).order_by(Output.frame, Output.name)).all()
+            waiting.inputs = list(dict.fromkeys([*waiting.inputs, *(o.sha256 for o in outs)]))
+            waiting.spec = {**waiting.spec, "input_names": {o.name: o.sha256 for o in outs}}
+            transition(s, waiting, TaskStatus.queued, reason="every task it waits for is accepted", now=now)
+            self.want_assign = True
+
+    def _on_failed(self, s, conn: Conn, msg: P.Failed, now, out) -> None:
+        task = s.get(Task, msg.task_id)  # the ORM row: _fail changes it (and the lease ends, leaving the book)
+        if not self._holds(task, conn, msg.attempt):
+            out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, "stale attempt; ignored")))
+            return
+        self._fail(s, task, conn.worker_id, msg.reason[:2000], msg.retryable, now, out)
+        out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
+
+    # ------------------------------------------------------------------ failures and lost leases
+    def _end_attempt(self, s: Session, task: Task, outcome: str, error: str, now: float) -> None:
+        self.book.drop(task.id)
+        att = self._attempt(s, task)
+        if att and att.outcome == "leased":
+            att.outcome, att.ended_at, att.error = outcome, now, error[:2000]
+            s.add(att)
+
+    def _fail(self, s: Session, task: Task, worker_id: str, reason: str, retryable: bool, now: float,
+              out: Outgoing, evidence: str = "failure") -> None:
+        log.info("task failed (%s): %s", "retryable" if retryable else "final", reason[:300],
+                 extra=ctx(task.job_id, task.id, task.attempt, worker_id))
+        self._end_attempt(s, task, "failed", reason, now)
+        job = s.get(Job, task.job_id)
+        jw = s.get(JobWorker, (task.job_id, worker_id)) or JobWorker(job_id=task.job_id, worker_id=worker_id)
+        jw.failures += 1
+        jw.blocked = jw.failures >= C.JOB_WORKER_FAILURE_LIMIT
+        s.add(jw)
+        w = s.get(Worker, worker_id)
+        if w:
+            w.tasks_failed += 1
+            if retryable:  # the worker's trouble; a non-retryable failure is the scene's fault
+                self.evidence(s, w, evidence, now, task.job_id, task.id, reason[:200])
+            s.add(w)
+        task.failed_workers = sorted(set(task.failed_workers) | {worker_id})
+        task.error = reason
+        task.worker_id, task.lease_expires = None, None
+        final = (not retryable or task.attempt >= C.TASK_MAX_ATTEMPTS
+                 or len(task.failed_workers) >= C.TASK_DISTINCT_WORKER_FAILURES)
+        if final and is_check(task):
+            self.verifier.check_failed(s, task, reason, now)
+        elif final:
+            self._task_failed(s, task, job, reason, f"task {task.index} failed: {reason}", worker_id, now, out)
+        else:
+            transition(s, task, TaskStatus.queued, reason=f"retry after: {reason}", worker_id=worker_id,
+                       attempt=task.attempt, now=now)
+            self.want_assign = True
+
+    def _task_failed(self, s: Session, task: Task, job: Job, reason: str, job_reason: str, worker_id: str | None,
+                     now: float, out: Outgoing) -> None:
+        """Fail ``task`` for good; fail its job once more than JOB_MAX_FAILED_FRACTION of its tasks failed."""
+        transition(s, task, TaskStatus.failed, reason=reason, worker_id=worker_id, attempt=task.attempt, now=now)
+        job.tasks_failed += 1
+        s.add(job)
+        if job.tasks_failed > C.JOB_MAX_FAILED_FRACTION * job.tasks_total:
+            self._fail_job(s, job, job_reason, now, out)
+
+    def _fail_job(self, s: Session, job: Job, reason: str, now: float, out: Outgoing) -> None:
+        if job.status not in (JobStatus.queued.value, JobStatus.active.value, JobStatus.rejected.value):
+            return
+        job.error = reason
+        for t in s.exec(select(Task).where(Task.job_id == job.id)
+                        .where(Task.status.in_([TaskStatus.waiting.value, TaskStatus.queued.value, *LEASED]))):
+            if t.status in LEASED:  # end the attempt even when its worker is offline (not reconnected yet)
+                self._end_attempt(s, t, "canceled", "the job failed", now)
+                if t.worker_id in self.by_worker:
+                    out.append((self.by_worker[t.worker_id], P.Cancel(t.id, t.attempt, "the job failed")))
+            t.worker_id, t.lease_expires = None, None
+            transition(s, t, TaskStatus.canceled, reason="the job failed", attempt=t.attempt, now=now)
+        transition(s, job, JobStatus.failed, reason=reason, now=now)
+        diffusion.on_job_status(s, job, now)
+
+    def _lose(self, s: Session, task: Task, now: float, reason: str, out: Outgoing) -> None:
+        """The lease of ``task`` ended without a result: requeue it (or fail it when out of attempts)."""
+        worker_id = task.worker_id
+        log.info("lease lost: %s", reason, extra=ctx(task.job_id, task.id, task.attempt, worker_id))
+        self._end_attempt(s, task, "lost", reason, now)
+        task.worker_id, task.lease_expires = None, None
+        self.stats["lost"] += 1
+        w = s.get(Worker, worker_id) if worker_id else None
+        if w:
+            self.evidence(s, w, "lease_lost", now, task.job_id, task.id, reason[:200])
+        ident = self.by_worker.get(worker_id)
+        if ident in self.conns:  # still connected (lease expired): it does not hold the task, so the slot is free
+            conn = self.conns[ident]
+            conn.free = min(conn.slots, conn.free + 1)
+        if task.attempt >= C.TASK_MAX_ATTEMPTS and is_check(task):
+            transition(s, task, TaskStatus.queued, reason=f"lease lost: {reason}", worker_id=worker_id,
+                       attempt=task.attempt, now=now)
+            self.verifier.check_failed(s, task, f"lost {task.attempt} leases: {reason}", now)
+        elif task.attempt >= C.TASK_MAX_ATTEMPTS:
+            self._task_failed(s, task, s.get(Job, task.job_id), f"lost {task.attempt} leases: {reason}",
+                              f"task {task.index} lost {task.attempt} leases", worker_id, now, out)
+        else:
+            transition(s, task, TaskStatus.queued, reason=f"lease lost: {reason}", worker_id=worker_id,
+                       attempt=task.attempt, now=now)
+        self.want_assign = True
+
+    def revoke_one(self, s: Session, task: Task, reason: str, now: float) -> None:
+        """End a live lease on the coordinator's side (CANCEL to its worker); the caller moves the task."""
+        self._end_attempt(s, task, "canceled", reason, now)
+        ident = self.by_worker.get(task.worker_id)
+        if ident in self.conns:
+            self.pending.append((ident, P.Cancel(task.id, task.attempt, reason)))
+            self.conns[ident].free = min(self.conns[ident].slots, self.conns[ident].free + 1)
+        task.worker_id, task.lease_expires = None, None
+        self.want_assign = True
+
+    def evidence(self, s: Session, w: Worker, kind: str, now: float, job_id: int | None = None,
+                 task_id: int | None = None, detail: str = "") -> None:
+        """Record reputation evidence about ``w`` and give the scheduler its new standing at once."""
+        R.record(s, w, kind, now, job_id, task_id, detail)
+        self.refresh_standing(w)
+
+    def refresh_standing(self, w: Worker) -> None:
+        """Copy ``w``'s reputation, tier and speed to its connection, if it is connected."""
+        ident = self.by_worker.get(w.id)
+        if ident in self.conns:
+            self.conns[ident].set_standing(w)
+
+    def _sweep(self, s: Session, now: float, out: Outgoing) -> None:
+        deadline = now - L.HEARTBEAT_INTERVAL * L.HEARTBEAT_LIVENESS
+        for conn in [c for c in self.conns.values() if c.last_seen < deadline]:
+            self._drop(s, conn, now, "missed heartbeats", out)
+            out.append((conn.identity, P.Disconnect("missed heartbeats: reconnect")))
+        for task in s.exec(select(Task).where(Task.status.in_(LEASED)).where(Task.lease_expires < now)):
+            self._lose(s, task, now, "lease expired", out)
+        if self.verifier.enabled:
+            self.verifier.expire(s, now)
+
+    # ------------------------------------------------------------------ blobs over the worker plane
+    def _on_blobget(self, s, conn: Conn, msg: P.BlobGet, now, out) -> None:
+        try:
+            total = self.blobs.size(msg.sha256)
+        except (BlobError, OSError):
+            out.append((conn.identity, P.Blob(msg.sha256, msg.offset, 0, b"", error="unknown blob")))
+            return
+        length = max(0, min(msg.length, L.BLOB_CHUNK_SIZE))
+        offset = max(0, msg.offset)
+        data = self.blobs.read(msg.sha256, offset, length) if offset < total else b""
+        self.stats["chunks_out"] += 1
+        out.append((conn.identity, P.Blob(msg.sha256, offset, total, data)))
+
+    def _on_blobput(self, s, conn: Conn, msg: P.BlobPut, now, out) -> None:
+        if not self._leases_of(s, conn):
+            out.append((conn.identity, P.BlobAck(msg.sha256, 0, False, "uploads need a task lease")))
+            return
+        try:
+            stored, done, taken = self.blobs.put_chunk(msg.sha256, msg.offset, msg.total, msg.data)
+        except BlobError as exc:
+            out.append((conn.identity, P.BlobAck(msg.sha256, 0, False, str(exc))))
+            return
+        if done and not s.get(BlobRow, msg.sha256):
+            s.add(BlobRow(sha256=msg.sha256, size=stored, origin="worker"))
+        # Acks go to taken chunks and to probes (empty chunks, asking where to resume); an out-of-order
+        # chunk gets none: the sender times out and resumes from its last acked offset.
+        if taken or done or not msg.data:
+            out.append((conn.identity, P.BlobAck(msg.sha256, stored, done)))
+
+    def _leases_of(self, s: Session, conn: Conn) -> list[Task]:
+        return list(s.exec(select(Task).where(Task.worker_id == conn.worker_id).where(Task.status.in_(LEASED))
+                           .limit(1)))
+

@@ -1,0 +1,111 @@
+"""Choosing which free worker gets the next task.
+
+The coordinator asks :meth:`Scheduler.choose` once per task, in priority-then-FIFO task order, with the
+free workers that may take it (capabilities fit, tier high enough, not blocklisted for the job). The
+choice is random, with probability proportional to reputation × speed (speed relative to the median of
+the candidates; a worker with no benchmark counts as the median), times a cache-locality bonus for a worker
+that already holds the task's inputs, mixed with an exploration floor: every candidate gets at least
+EXPLORE / n of the probability, so a new or slow worker still gets work and is measured. A worker that
+has the task's diffusion model loaded is preferred outright (a model load costs seconds to minutes).
+:func:`fits` is the hard filter: the runtime the task's kind needs, and the model hash a diffusion task
+names.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+from bisect import bisect
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Any
+
+
+@dataclass
+class Conn:
+    """A connected worker as the broker sees it (in memory only; the Worker row is the durable part)."""
+    identity: bytes
+    worker_id: str
+    slots: int
+    capabilities: dict[str, Any]
+    last_seen: float
+    free: int = 0
+    held_blobs: set[str] = field(default_factory=set)  # inputs it fetched or reported as cached
+    models: set[str] = field(default_factory=set)      # hashes of the diffusion models it advertised
+    loaded: list[str] = field(default_factory=list)    # model hashes it was last given tasks for, newest first
+    reputation: float = 0.5                            # copies of the Worker row's standing (farm/verify/reputation.py)
+    tier: str = "new"
+    speed: float | None = None                         # work units a second; None: unknown
+    speeds: dict[str, float | None] = field(default_factory=dict)  # the same, per runtime
+
+    def __post_init__(self) -> None:
+        # tolerant on purpose: a malformed entry is ignored rather than stopping every assignment round
+        ads = self.capabilities.get("models")
+        self.models |= {m["hash"] for m in (ads if isinstance(ads, list) else [])
+                        if isinstance(m, dict) and isinstance(m.get("hash"), str) and m["hash"] and not m.get("error")}
+
+    def set_standing(self, w) -> None:
+        """Copy reputation, tier and speed from the worker's row (after HELLO and every change)."""
+        from farm.verify import reputation
+        self.reputation, self.tier, self.speed = w.reputation, w.tier, reputation.speed(w)
+        self.speeds = {rt: reputation.speed(w, rt) for rt in {*RUNTIME_FOR_KIND.values(), "diffusion"}}
+
+    def note_model(self, model_hash: str | None, keep: int = 2) -> None:
+        """Remember that the worker now has ``model_hash`` loaded (its runtime keeps recent pipelines)."""
+        if model_hash:
+            self.loaded = [model_hash, *[h for h in self.loaded if h != model_hash]][:keep]
+
+
+RUNTIME_FOR_KIND = {"render": "blender", "assemble": "assemble", "encode": "encode", "verify": "blender"}
+
+
+def fits(task_kind: str, conn: Conn, spec: dict[str, Any] | None = None) -> bool:
+    """Whether the worker's runtimes can run a task of this kind (and it holds the model the task names)."""
+    runtime = RUNTIME_FOR_KIND.get(task_kind, task_kind)
+    model = (spec or {}).get("model_hash")
+    return runtime in conn.capabilities.get("runtimes", ["blender"]) and (not model or model in conn.models)
+
+
+EXPLORE = 0.1
+"""Share of the choice spread evenly over the candidates (the exploration floor)."""
+
+LOCALITY_BONUS = 4.0
+"""Weight multiplier of a worker that holds all of the task's inputs (pro rata for some of them): a scene
+or model download can cost more than the render."""
+
+
+class Scheduler:
+    def __init__(self, seed: int | None = None):
+        self.rng = random.Random(seed)
+
+    @staticmethod
+    def weights(task_inputs: list[str], candidates: list[Conn]) -> list[float]:
+        """The probability of each candidate (they sum to 1). (Called once per task leased: written for
+        speed, the same arithmetic as the module docstring's.)"""
+        speeds = [c.speed for c in candidates if c.speed]
+        ref = statistics.median(speeds) if speeds else 1.0
+        if not speeds:  # no benchmarks: every speed factor is 1
+            raw = [c.reputation if c.reputation > 1e-3 else 1e-3 for c in candidates]
+        else:
+            raw = [(c.reputation if c.reputation > 1e-3 else 1e-3) * (c.speed or ref) / ref for c in candidates]
+        if task_inputs:
+            inputs = set(task_inputs)
+            k, bonus = len(inputs), LOCALITY_BONUS - 1
+            if k == 1:  # one input (a scene, a model): held or not
+                (x,) = inputs
+                raw = [w * (1 + bonus) if x in c.held_blobs else w for w, c in zip(raw, candidates)]
+            else:
+                raw = [w * (1 + bonus * len(inputs.intersection(c.held_blobs)) / k) for w, c in zip(raw, candidates)]
+        total, n = sum(raw), len(raw)
+        scale, floor = (1 - EXPLORE) / total, EXPLORE / n
+        return [x * scale + floor for x in raw]
+
+    def choose(self, task_inputs: list[str], candidates: list[Conn], model: str | None = None) -> Conn | None:
+        if not candidates:
+            return None
+        if model:  # a loaded model saves a load: those workers first
+            candidates = [c for c in candidates if model in c.loaded] or candidates
+        if len(candidates) == 1:
+            return candidates[0]
+        # random.choices(candidates, weights=...)[0], inlined: the same one draw and the same pick
+        cum = list(accumulate(self.weights(task_inputs, candidates)))
+        return candidates[bisect(cum, self.rng.random() * (cum[-1] + 0.0), 0, len(cum) - 1)]

@@ -1,0 +1,296 @@
+"""Stable Diffusion jobs: validating a request, planning its image tasks with recorded seeds, and chaining
+img2img jobs onto the render jobs whose frames they start from.
+
+A txt2img job makes ``count`` images of each prompt: image k (``image_0003.png``) is prompt ``k // count``
+with seed ``seed + k``. An img2img job (``init_from_job``) makes one image per PNG frame of an earlier job:
+image i starts from frame i (``image_0003_frame_0004.png``), prompts taken in turn, seed ``seed + i``.
+Images are grouped ``per_task`` to a task (micro-batches); one more task, ``contact_sheet``, waits for all
+of them. Every seed, prompt and setting is in the task's spec and in the job's spec, so any image can be
+made again. Invariants:
+
+* nothing is written for an invalid request: every check raises :class:`farm.kinds.jobs.JobError` first;
+* the model is pinned at submit: the request names a model (and may pin its hash); the job records the
+  hash, and tasks go only to workers that advertised that hash (see :func:`farm.core.scheduler.fits`). A name
+  that no registered worker ever advertised is an error; so is a model whose every copy is corrupt;
+* prompts are checked against the tokenizer's limit here when the coordinator has the model's folder
+  (``RENDERHIVE_MODELS`` or its hub cache, matched by name); the worker's runtime checks again in any case
+  and fails the task for good, so an over-long prompt is never silently truncated;
+* an img2img job whose source is not rendered yet starts with every image task ``waiting``; when the
+  source job becomes rendered, :func:`on_job_status` (called by the coordinator, on its thread) gives each
+  task its frames as inputs and queues it; when the source fails or is canceled, the waiting job fails.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections import Counter
+from typing import Any
+
+from sqlmodel import Session, select
+
+from common import limits as L
+from common import model_folders
+from farm import constants as C
+from farm.kinds.frames import TaskPlan
+from farm.kinds.jobs import JobError, get_job, job_for_key, min_tier, store_plans
+from farm.store.models import Job, Output, Task, User, Worker
+from farm.store.states import JobStatus, TaskStatus, transition
+
+SHEET_NAME = "contact_sheet.png"
+FRAME_NAME = re.compile(r"^(?:frame|image)_(\d+)[^/]*\.png$")
+MAX_PROMPTS = 1000
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**63 - 1 - C.MAX_DIFFUSION_IMAGES
+SOURCE_DONE = (JobStatus.rendered.value, JobStatus.approved.value, JobStatus.paid.value)
+SOURCE_DEAD = (JobStatus.failed.value, JobStatus.canceled.value)
+HOW_TO_ADD = ("start a worker with `farm worker --models DIR` where DIR holds the model folder (for a test model: "
+              "`farm models tiny --out DIR/tiny-sd`)")
+
+
+def image_name(k: int, frame: int | None = None) -> str:
+    return f"image_{k:04d}.png" if frame is None else f"image_{k:04d}_frame_{frame:04d}.png"
+
+
+# ------------------------------------------------------------------ models
+def advertised(session: Session) -> dict[str, list[tuple[str, str, str]]]:
+    """Model name → [(worker id, hash, error)] from the capabilities of every registered worker."""
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for w in session.exec(select(Worker)):
+        for m in (w.capabilities or {}).get("models", []) or []:
+            if isinstance(m, dict) and isinstance(m.get("name"), str):
+                out.setdefault(m["name"], []).append((w.id, str(m.get("hash") or ""), str(m.get("error") or "")))
+    return out
+
+
+def resolve_model(session: Session, name: str, want_hash: str = "") -> str:
+    """The hash the job will use: ``want_hash`` if a worker holds it, else the version most workers hold."""
+    if not name:
+        raise JobError("model is empty: name a model folder or hub id that workers hold (see `farm workers`)")
+    held = advertised(session).get(name)
+    if not held:
+        known = sorted(advertised(session))
+        raise JobError(f"no worker has model {name!r} (models on this farm: {', '.join(known) or 'none'}): "
+                       f"{HOW_TO_ADD}")
+    good = Counter(h for _w, h, err in held if h and not err)
+    if not good:
+        worker, _h, err = held[0]
+        raise JobError(f"model {name!r} is corrupt on every worker that has it ({worker}: {err}); "
+                       "repair the folder and restart the worker")
+    if want_hash:
+        if want_hash not in good:
+            raise JobError(f"no worker holds this version of {name!r} (hash {want_hash[:12]}…); workers hold "
+                           f"{', '.join(h[:12] + '…' for h in sorted(good))}: copy your folder to a worker or "
+                           "submit the model by name")
+        return want_hash
+    return min(good, key=lambda h: (-good[h], h))
+
+
+def check_prompts(name: str, texts: list[tuple[str, str]]) -> bool:
+    """Raise JobError for a text over the token limit of the coordinator's copy of model ``name``.
+    Returns False when the coordinator has no such folder (the worker's runtime checks then)."""
+    path = dict(model_folders.find(model_folders.configured_dirs(), hub=True)).get(name)
+    if path is None or not (path / "tokenizer").is_dir():
+        return False
+    try:
+        count, limit = model_folders.token_counter(path)
+    except Exception:  # an unreadable tokenizer here does not make the request wrong
+        return False
+    for what, text in texts:
+        n = count(text)
+        if n > limit:
+            raise JobError(f"{what} is {n} tokens long, over the limit of {limit} tokens of {name!r} "
+                           f"(start and end tokens included): shorten it")
+    return True
+
+
+# ------------------------------------------------------------------ validation and planning
+def _int(req: dict, key: str, default: Any, lo: int, hi: int, hint: str = "") -> int:
+    val = req.get(key)
+    val = default if val is None else val
+    if isinstance(val, bool) or not isinstance(val, int) or not lo <= val <= hi:
+        raise JobError(f"{key} must be a whole number from {lo} to {hi}{hint} (got {val!r})")
+    return val
+
+
+def _settings(req: dict) -> dict[str, Any]:
+    steps = _int(req, "steps", 30, 1, C.MAX_DIFFUSION_STEPS)
+    guidance = req.get("guidance", 7.5)
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or not 0 <= guidance <= 50:
+        raise JobError(f"guidance must be a number from 0 to 50 (got {guidance!r})")
+    size = {}
+    for key in ("width", "height"):
+        v = req.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v % 8 or not 64 <= v <= C.MAX_DIFFUSION_SIDE:
+            raise JobError(f"size {req.get('width')}x{req.get('height')}: width and height must be multiples of 8 "
+                           f"from 64 to {C.MAX_DIFFUSION_SIDE} (e.g. 512x512)")
+        size[key] = v
+    if len(size) == 1:
+        raise JobError("give both width and height (--size WxH), or neither")
+    scheduler = str(req.get("scheduler") or "default")
+    if scheduler != "default" and scheduler not in L.DIFFUSION_SCHEDULERS:
+        raise JobError(f"unknown scheduler {scheduler!r}: use default or one of {', '.join(L.DIFFUSION_SCHEDULERS)}")
+    return {"steps": steps, "guidance": float(guidance), "scheduler": scheduler,
+            "width": size.get("width"), "height": size.get("height")}
+
+
+def _prompts(req: dict) -> tuple[list[str], str]:
+    prompts = req.get("prompts")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise JobError("give at least one non-empty prompt (--prompt \"…\" or --prompt-file FILE)")
+    if len(prompts) > MAX_PROMPTS:
+        raise JobError(f"{len(prompts)} prompts: at most {MAX_PROMPTS} in one job, split the file")
+    negative = req.get("negative") or ""
+    if not isinstance(negative, str):
+        raise JobError("negative must be a string")
+    for p in [*prompts, negative]:
+        if len(p) > MAX_PROMPT_CHARS:
+            raise JobError(f"a prompt of {len(p)} characters is far over the model's token limit: shorten it")
+    return [p.strip() for p in prompts], negative.strip()
+
+
+def _source_frames(session: Session, owner: User, src_id: int) -> tuple[Job, list[tuple[int, str]]]:
+    """(source job, [(frame number, output name)] of its PNG frames in frame order)."""
+    src = get_job(session, src_id, owner)  # 404 for another creator's job
+    if src.status in SOURCE_DEAD:
+        raise JobError(f"job {src_id} ended {src.status}: it has no frames to start from", 409)
+    names = []
+    for t in session.exec(select(Task).where(Task.job_id == src.id)):
+        if t.spec.get("final", True):
+            names += [n for n in t.spec.get("outputs", []) if FRAME_NAME.match(n)]
+    if not names:
+        raise JobError(f"job {src_id} makes no PNG frames to start from (EXR frames cannot be init images: "
+                       "render the source as PNG)")
+    frames = sorted((int(FRAME_NAME.match(n).group(1)), n) for n in set(names))
+    return src, frames
+
+
+def create_diffusion_job(session: Session, owner: User, req: dict[str, Any]) -> Job:
+    """Validate a diffusion request and store the job and its tasks. Raises JobError before writing."""
+    client_key = str(req.get("client_key") or "")[:100]
+    existing = job_for_key(session, owner, client_key)
+    if existing:
+        return existing
+    prompts, negative = _prompts(req)
+    settings = _settings(req)
+    per_task = _int(req, "per_task", 1, 1, C.MAX_DIFFUSION_PER_TASK, " images per task")
+    seed = req.get("seed")
+    seed = random.SystemRandom().randrange(2**32) if seed is None else seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise JobError(f"seed must be a whole number from 0 to {MAX_SEED}")
+    src_id = req.get("init_from_job")
+    strength = req.get("strength", 0.5)
+    if src_id is None:
+        count = _int(req, "count", 1, 1, C.MAX_DIFFUSION_IMAGES, " images per prompt")
+        if count * len(prompts) > C.MAX_DIFFUSION_IMAGES:
+            raise JobError(f"{len(prompts)} prompts × {count} = {count * len(prompts)} images: at most "
+                           f"{C.MAX_DIFFUSION_IMAGES} in one job, split it into several jobs")
+        settings["width"] = settings["width"] or 512
+        settings["height"] = settings["height"] or 512
+        images = [{"name": image_name(k), "index": k, "seed": seed + k, "prompt": prompts[k // count],
+                   "negative": negative} for k in range(count * len(prompts))]
+        src, mode = None, "txt2img"
+    else:
+        if req.get("count") not in (None, 1):
+            raise JobError("with init_from_job each source frame gives one image: leave count at 1")
+        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise JobError(f"strength must be a number above 0 and at most 1 (got {strength!r})")
+        if int(settings["steps"] * strength) < 1:
+            raise JobError(f"steps × strength = {settings['steps']} × {strength} is under one denoising step: "
+                           "raise --steps or --strength")
+        src, frames = _source_frames(session, owner, int(src_id))
+        if len(frames) > C.MAX_DIFFUSION_IMAGES:
+            raise JobError(f"job {src.id} has {len(frames)} frames: at most {C.MAX_DIFFUSION_IMAGES} images "
+                           "in one job")
+        images = [{"name": image_name(i, f), "index": i, "seed": seed + i, "prompt": prompts[i % len(prompts)],
+                   "negative": negative, "init_name": fname, "source": {"job": src.id, "frame": f, "name": fname}}
+                  for i, (f, fname) in enumerate(frames)]
+        mode = "img2img"
+    model = str(req.get("model") or "").strip()
+    model_hash = resolve_model(session, model, str(req.get("model_hash") or ""))
+    checked = check_prompts(model, [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
+                            + ([("the negative prompt", negative)] if negative else []))
+    common = {"model": model, "model_hash": model_hash, "mode": mode, **settings,
+              **({"strength": float(strength)} if mode == "img2img" else {})}
+    held = src is not None and src.status not in SOURCE_DONE
+    plans = []
+    for i in range(0, len(images), per_task):
+        batch = images[i:i + per_task]
+        plans.append(TaskPlan("diffusion", {**common, "images": batch}, [], [im["name"] for im in batch],
+                              units=len(batch), held=held))
+    labels = [{"name": im["name"], "label": f"#{im['index']} seed {im['seed']}"} for im in images]
+    last = max(im.get("source", {}).get("frame", im["index"]) for im in images)  # outputs list in frame order
+    plans.append(TaskPlan("contact_sheet", {"images": labels, "frame": last + 1}, [], [SHEET_NAME],
+                          needs=list(range(len(plans)))))
+    per_prompt = len(images) // len(prompts) if mode == "txt2img" else 1
+    spec = {**common, "prompts": prompts, "negative": negative, "seed": seed, "count": per_prompt,
+            "per_task": per_task, "images_total": len(images), "init_from_job": src.id if src else None,
+            "prompts_checked": checked, "client_key": client_key, "min_tier": min_tier(req)}
+    job = store_plans(session, owner, "diffusion", str(req.get("name") or "")[:200] or f"{mode} {model}",
+                      int(req.get("priority") or 0), spec, plans,
+                      f"{len(images)} images of {model}, seeds {seed}-{seed + len(images) - 1}")
+    if src is not None and not held:  # the frames exist already: the tasks are queued with them
+        session.flush()
+        problem = _release(session, job, src, time.time(), queue=False)
+        if problem:  # raised before the caller commits: nothing is written
+            raise JobError(problem, 409)
+    return job
+
+
+# ------------------------------------------------------------------ job-level dependencies
+def _release(session: Session, job: Job, src: Job, now: float, queue: bool = True) -> str:
+    """Give ``job``'s image tasks the frames of ``src`` as inputs (queue them when ``queue``).
+    Returns why it could not ("" when done)."""
+    outs = {o.name: o for o in session.exec(select(Output).where(Output.job_id == src.id).where(Output.final))}
+    tasks = session.exec(select(Task).where(Task.job_id == job.id).where(Task.kind == "diffusion")).all()
+    for task in tasks:
+        images = [dict(im) for im in task.spec.get("images", [])]
+        missing = [im["init_name"] for im in images if im["init_name"] not in outs]
+        if missing:
+            return f"source job {src.id} has no output {missing[0]}"
+        for im in images:
+            im["source"] = {**im["source"], "sha256": outs[im["init_name"]].sha256}
+        task.inputs = list(dict.fromkeys(outs[im["init_name"]].sha256 for im in images))
+        task.spec = {**task.spec, "images": images,
+                     "input_names": {im["init_name"]: outs[im["init_name"]].sha256 for im in images}}
+        session.add(task)
+        if queue and task.status == TaskStatus.waiting.value:
+            transition(session, task, TaskStatus.queued, reason=f"source job {src.id} is rendered", now=now)
+    return ""
+
+
+def _fail(session: Session, job: Job, reason: str, now: float) -> None:
+    for task in session.exec(select(Task).where(Task.job_id == job.id).where(Task.status == TaskStatus.waiting.value)):
+        transition(session, task, TaskStatus.canceled, reason=reason, now=now)
+    job.error = reason
+    transition(session, job, JobStatus.canceled if job.status == JobStatus.paused.value else JobStatus.failed,
+               reason=reason, now=now)
+
+
+def on_job_status(session: Session, job: Job, now: float) -> bool:
+    """Hook for the coordinator after ``job`` changed status: release the img2img jobs waiting for it when
+    it is rendered, fail them when it failed or was canceled. Returns True when tasks were queued."""
+    if job.status not in SOURCE_DONE + SOURCE_DEAD:
+        return False
+    queued = False
+    for dep in session.exec(select(Job).where(Job.kind == "diffusion")
+                            .where(Job.spec["init_from_job"].as_integer() == job.id)
+                            .where(Job.status.in_([JobStatus.queued.value, JobStatus.paused.value]))).all():
+        waiting = session.exec(select(Task.id).where(Task.job_id == dep.id).where(Task.kind == "diffusion")
+                               .where(Task.status == TaskStatus.waiting.value)).first()
+        if waiting is None:
+            continue
+        if job.status in SOURCE_DEAD:
+            _fail(session, dep, f"source job {job.id} {job.status}: no frames to start from", now)
+            continue
+        problem = _release(session, dep, job, now)
+        if problem:
+            _fail(session, dep, problem, now)
+        else:
+            queued = True
+    return queued

@@ -1,0 +1,109 @@
+"""Turning a job request into a plan of tasks.
+
+Frame specs use the Blender/Deadline style ``1-24,30,40-50x2`` (ranges, single frames, ``xN`` steps).
+Frames are split into chunks of ``chunk`` consecutive frames, one task per chunk. A plan names every
+output a task must return (the coordinator accepts a result only if it has exactly those names) and the
+tasks it waits for. Validation errors are :class:`SpecError` with a message that says how to fix them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.limits import MAX_RESOLUTION, MAX_SAMPLES
+from farm.constants import MAX_FRAMES_PER_JOB
+
+_PART = re.compile(r"^\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*(?:x\s*(\d+)\s*)?)?$")
+
+FORMATS = {"PNG": ("8", "16"), "EXR": ("16", "32")}
+
+
+class SpecError(ValueError):
+    """A job request that cannot be split; the message tells the creator what to change."""
+
+
+def parse_frames(spec: str) -> list[int]:
+    """Sorted unique frame numbers of ``spec`` (e.g. ``1-24,30,40-50x2``)."""
+    if not spec or not spec.strip():
+        raise SpecError("frames is empty: give frames like '1-24' or '1-24,30,40-50x2'")
+    frames: set[int] = set()
+    for part in spec.split(","):
+        m = _PART.match(part)
+        if not m:
+            raise SpecError(f"frames part {part.strip()!r} is not N, A-B or A-BxSTEP (example: 1-24,30,40-50x2)")
+        start = int(m.group(1))
+        end = int(m.group(2)) if m.group(2) is not None else start
+        step = int(m.group(3)) if m.group(3) else 1
+        if end < start:
+            raise SpecError(f"frames range {part.strip()!r} ends before it starts: write {end}-{start}")
+        if step < 1:
+            raise SpecError(f"frames step in {part.strip()!r} must be 1 or more")
+        if (end - start) // step + 1 + len(frames) > MAX_FRAMES_PER_JOB:
+            raise SpecError(f"more than {MAX_FRAMES_PER_JOB} frames in one job: split it into several jobs")
+        frames.update(range(start, end + 1, step))
+    return sorted(frames)
+
+
+def chunks(frames: list[int], chunk: int) -> list[list[int]]:
+    if chunk < 1:
+        raise SpecError("chunk must be 1 or more frames per task")
+    return [frames[i:i + chunk] for i in range(0, len(frames), chunk)]
+
+
+def render_settings(fmt: str = "PNG", color_depth: str | None = None, samples: int | None = None,
+                    resolution_percent: int | None = None,
+                    resolution: list[int] | tuple[int, int] | None = None) -> dict[str, Any]:
+    """Validated render overrides for a Blender job (None: keep the scene's own value). A ``resolution``
+    [width, height] is the output size in pixels: the percentage then defaults to 100, not the scene's."""
+    fmt = fmt.upper()
+    if fmt not in FORMATS:
+        raise SpecError(f"format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
+    depth = str(color_depth) if color_depth else FORMATS[fmt][0]
+    if depth not in FORMATS[fmt]:
+        raise SpecError(f"color depth {depth} is not available for {fmt}: use one of {', '.join(FORMATS[fmt])}")
+    if samples is not None and not 1 <= samples <= MAX_SAMPLES:
+        raise SpecError(f"samples must be between 1 and {MAX_SAMPLES}")
+    if resolution_percent is not None and not 1 <= resolution_percent <= 1000:
+        raise SpecError("resolution percent must be between 1 and 1000")
+    settings = {"format": fmt, "color_depth": depth, "samples": samples,
+                "resolution_percent": resolution_percent, "max_resolution": MAX_RESOLUTION}
+    if resolution is not None:
+        if (not isinstance(resolution, (list, tuple)) or len(resolution) != 2
+                or any(type(v) is not int or not 4 <= v <= MAX_RESOLUTION for v in resolution)):
+            raise SpecError(f"resolution must be [width, height] in pixels, each 4 to {MAX_RESOLUTION}")
+        settings["resolution"] = list(resolution)
+        settings["resolution_percent"] = resolution_percent or 100
+    return settings
+
+
+@dataclass
+class TaskPlan:
+    """One task to create: its kind, spec, input blobs, the output names it must return, whether those
+    outputs are results of the job (``final``) or intermediate, and the plans (by index) it waits for."""
+    kind: str
+    spec: dict[str, Any]
+    inputs: list[str]
+    outputs: list[str]
+    final: bool = True
+    needs: list[int] = field(default_factory=list)
+    units: int = 1  # progress units: frames, tiles, images
+    held: bool = False  # waits for something outside the job (another job's outputs): starts waiting
+
+
+def frame_name(frame: int, fmt: str) -> str:
+    return f"frame_{frame:04d}.{'exr' if fmt == 'EXR' else 'png'}"
+
+
+def plan_blender(scene_sha256: str, frames_spec: str, chunk: int, settings: dict[str, Any]) -> list[TaskPlan]:
+    """A frame job: one render task per chunk of frames, each returning its frames' files."""
+    plans = []
+    for c in chunks(parse_frames(frames_spec), chunk):
+        plans.append(TaskPlan("render", {"frames": c, "settings": settings, "scene_sha256": scene_sha256},
+                              [scene_sha256], [frame_name(f, settings["format"]) for f in c], units=len(c)))
+    return plans
+
+
+def split_blender(frames_spec: str, chunk: int = 1) -> list[dict[str, Any]]:
+    """Frames of each task of a frame job (without settings)."""
+    return [{"frames": c} for c in chunks(parse_frames(frames_spec), chunk)]

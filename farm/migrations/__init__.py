@@ -1,1 +1,0 @@
-"""Alembic migration scripts (env.py, versions/); run them through :mod:`farm.migrate`."""

@@ -1,0 +1,609 @@
+"""Settlement of jobs on chain: deposits, payout lists, approvals, disputes, refunds, withdrawals.
+
+The :class:`Ledger` drives every job's escrow towards what the database says (level-triggered, like a
+controller): a started job gets a deposit from its creator's wallet, a rendered job gets its payout list
+posted, an approved job gets the creator's approval relayed, a rejected job gets its dispute recorded, a
+canceled or failed job gets its deposit released. Each :meth:`Ledger.sync` reads the escrow's state of
+each unsettled job and sends at most the one transaction that moves it on. :class:`Settler` runs it as an
+asyncio background task of ``farm serve``, and moves approved jobs to ``paid`` on the coordinator's thread.
+
+Invariants:
+
+* the chain is the truth: what to do next is decided from the escrow's state, never from what the DB
+  believes it sent, so a lost receipt or a crash just means the next pass sees the step done;
+* a transaction is persisted (signed bytes) before it is broadcast and re-broadcast, never re-signed,
+  while unresolved; no new transaction is signed while one is unresolved (one nonce at a time);
+* the escrow refuses a second deposit, a second approval and payouts above the deposit, so even a
+  duplicated action cannot pay twice (defence in depth);
+* a node that is down raises :class:`~farm.payments.chain.ChainUnavailable`: nothing changes, the settler retries
+  with backoff; :meth:`Ledger.reconcile` compares DB and chain when the chain (re)connects.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlmodel import Session, select
+
+from farm.payments import chain as ch
+from farm.payments import pricing as pr
+from farm.store.db import session as new_session
+from farm.store.ledger_models import ChainEvent, ChainMeta, ChainTx, CreatorWallet, Payout, Settlement
+from farm.store.models import Job
+from farm.store.states import JobStatus, transition
+
+log = logging.getLogger("farm.payments.ledger")
+
+FINAL = ("paid", "refunded", "released")
+STARTED = tuple(s.value for s in (JobStatus.queued, JobStatus.active, JobStatus.paused, JobStatus.rendered,
+                                  JobStatus.rejected, JobStatus.approved))
+ENDED = (JobStatus.canceled.value, JobStatus.failed.value)
+EVENT_RANGE = 2000      # blocks per eth_getLogs
+STEPS_PER_JOB = 8       # transactions one job may advance by in one pass (automining chains answer at once)
+UNRESOLVED = ("signed", "sent")
+RENDERING = tuple(s.value for s in (JobStatus.queued, JobStatus.active, JobStatus.paused, JobStatus.rejected))
+RECHECK_SECONDS = 30.0  # how often a job that is still rendering has its escrow looked at anyway
+
+
+class LedgerError(RuntimeError):
+    """A payment request that cannot be honoured; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 409):
+        super().__init__(message)
+        self.status = status
+
+
+class ChainConfigError(ValueError):
+    """``--chain-rpc`` / ``--chain-key-file`` cannot work; the message says what to change."""
+
+
+def chain_factory(rpc: str | None = None, key_file: str | None = None) -> Callable[[], ch.Chain] | None:
+    """How to reach the chain: ``embedded`` (default), ``off``, or a JSON-RPC URL with an operator key."""
+    rpc = rpc or os.environ.get("RENDERHIVE_CHAIN_RPC") or os.environ.get("CHAIN_RPC_URL") or "embedded"
+    if rpc == "off":
+        return None
+    if rpc == "embedded":
+        return ch.Chain.embedded_evm
+    key_file = key_file or os.environ.get("RENDERHIVE_CHAIN_KEY_FILE")
+    if not key_file:
+        raise ChainConfigError(f"--chain-rpc {rpc} needs --chain-key-file: a file holding the operator's private "
+                               "key (hex), whose account pays gas and posts payouts")
+    try:
+        key = ch.read_key_file(key_file)
+    except (OSError, ValueError) as exc:
+        raise ChainConfigError(f"--chain-key-file: {exc}") from None
+    return lambda: ch.Chain.connect(rpc, key)
+
+
+class Ledger:
+    def __init__(self, engine, data_dir: Path, factory: Callable[[], ch.Chain],
+                 pricing: pr.Pricing | None = None, token_address: str | None = None, tx_wait: float = 5.0):
+        self.engine = engine
+        self.data_dir = Path(data_dir)
+        self.factory = factory
+        self.pricing = pricing or pr.Pricing.from_env()
+        self.token_address = token_address or os.environ.get("RENDERHIVE_TOKEN_ADDRESS") or None
+        self.tx_wait = tx_wait
+        self.chain: ch.Chain | None = None
+        self.deployment: dict[str, Any] = {}
+        self.namespace = ""
+        self.seed = self._seed()
+        self.tx_lock = threading.RLock()  # one transaction at a time: nonces never collide
+        self.report: dict[str, Any] = {}
+        self.wake_hook: Callable[[], None] | None = None  # set by the Settler: run a pass soon
+        self._looked: dict[int, float] = {}  # job id → when its escrow was last read (monotonic)
+        self._event_mark = 0  # newest ChainEvent row seen by _due
+        # test seam: called as seam(kind, stage) after a transaction is "signed" and "sent";
+        # RENDERHIVE_LEDGER_CRASH_AFTER=kind:stage makes the process exit there (kill -9 in the middle)
+        self.seam: Callable[[str, str], None] | None = None
+        self._crash_after = os.environ.get("RENDERHIVE_LEDGER_CRASH_AFTER", "")
+
+    # ------------------------------------------------------------------ setup and reconciliation
+    def _seed(self) -> bytes:
+        """The secret from which custodial creator keys are derived (DATA/wallet.seed, mode 600)."""
+        path = self.data_dir / "wallet.seed"
+        try:
+            return bytes.fromhex(path.read_text().strip())
+        except FileNotFoundError:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            seed = secrets.token_bytes(32)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(seed.hex() + "\n")
+            return seed
+
+    def _meta(self, s: Session, key: str, default: str = "") -> str:
+        row = s.get(ChainMeta, key)
+        return row.value if row else default
+
+    def _set_meta(self, s: Session, key: str, value: str) -> None:
+        s.merge(ChainMeta(key=key, value=value))
+
+    def ensure_ready(self) -> ch.Chain:
+        """Connect, deploy or attach the contracts, reconcile. Raises ChainUnavailable while the node is down."""
+        if self.chain is not None:
+            return self.chain
+        chain = self.factory()
+        genesis, chain_id = chain.genesis_hash(), chain.chain_id()
+        with new_session(self.engine) as s:
+            self.namespace = self._meta(s, "namespace") or secrets.token_hex(8)
+            self._set_meta(s, "namespace", self.namespace)
+            dep = json.loads(self._meta(s, "deployment", "{}"))
+            if (dep and dep.get("genesis") == genesis and dep.get("chain_id") == chain_id
+                    and chain.has_code(dep["escrow"]) and chain.has_code(dep["token"])):
+                chain.attach(dep["token"], dep["escrow"])
+            else:
+                reset = bool(dep)
+                if reset:
+                    log.warning("the chain has no escrow of ours at %s (a fresh chain, or the embedded one after a "
+                                "restart): deploying again; unsettled jobs will deposit again", dep.get("escrow"))
+                dep = {**chain.deploy(self.token_address, self.pricing.fee_bps), "genesis": genesis,
+                       "chain_id": chain_id, "epoch": int(dep.get("epoch", 0)) + 1}
+                self._set_meta(s, "deployment", json.dumps(dep))
+                self._set_meta(s, "event_block", str(dep["deploy_block"]))
+                if reset:
+                    self._forget_old_chain(s, dep["epoch"])
+                log.info("deployed escrow %s for token %s on chain %d", dep["escrow"], dep["token"], chain_id)
+            s.commit()
+        self.deployment, self.chain = dep, chain
+        self.reconcile()
+        return chain
+
+    @property
+    def epoch(self) -> int:
+        return int(self.deployment.get("epoch", 0))
+
+    def _forget_old_chain(self, s: Session, epoch: int) -> None:
+        """After a chain reset, unsettled jobs start their escrow again; paid ones stay paid (history)."""
+        for tx in s.exec(select(ChainTx).where(ChainTx.status.in_(UNRESOLVED))):
+            tx.status, tx.error = "dropped", "the chain was reset"
+            s.add(tx)
+        for st in s.exec(select(Settlement).where(Settlement.status.notin_(FINAL))):
+            st.status, st.round, st.needs_payouts, st.reject_pending, st.epoch = "new", 0, True, False, epoch
+            st.error = "the chain was reset: depositing again"
+            s.add(st)
+        for w in s.exec(select(CreatorWallet)):
+            w.funded_at = None
+            s.add(w)
+
+    def reconcile(self) -> dict[str, Any]:
+        """Compare the DB with the chain: resolve unfinished transactions, read missed events, and check
+        each recent settlement against the escrow (adopting the chain's state where the DB is behind)."""
+        chain = self.ensure_ready()
+        report: dict[str, Any] = {"checked": 0, "adopted": [], "mismatch": []}
+        with self.tx_lock:
+            report["unresolved"] = self._resolve_pending()
+        self._scan_events()
+        expect = {"new": "none", "funding": "none", "open": "open", "posted": "posted", "disputed": "disputed",
+                  "approved": "approved", "paid": "approved", "refunded": "refunded", "released": "refunded"}
+        with new_session(self.engine) as s:
+            rows = s.exec(select(Settlement).where(Settlement.epoch == self.epoch)
+                          .order_by(Settlement.job_id.desc()).limit(500)).all()
+            for st in rows:
+                state = chain.escrow_job(int(st.escrow_job)).state
+                report["checked"] += 1
+                if expect.get(st.status) == state or (st.status == "released" and state == "none"):
+                    continue
+                if st.status in FINAL:
+                    report["mismatch"].append((st.job_id, st.status, state))
+                    log.error("job %d is %s in the database but %s on chain: check the escrow by hand",
+                              st.job_id, st.status, state)
+                else:
+                    report["adopted"].append((st.job_id, st.status, state))
+        if report["adopted"]:
+            log.info("reconcile: the chain is ahead of the database for jobs %s; settling continues from there",
+                     [j for j, _, _ in report["adopted"]])
+        self.report = report
+        return report
+
+    # ------------------------------------------------------------------ transactions
+    def _seam_point(self, kind: str, stage: str) -> None:
+        if self.seam:
+            self.seam(kind, stage)
+        if self._crash_after == f"{kind}:{stage}":
+            log.warning("RENDERHIVE_LEDGER_CRASH_AFTER=%s: exiting now (test seam)", self._crash_after)
+            os._exit(86)
+
+    def _send(self, s: Session, job_id: int | None, kind: str, key: str, call=None, *, to: str | None = None,
+              value: int = 0, detail: str = "") -> ChainTx:
+        """Sign, persist, broadcast, and briefly wait for the receipt of one transaction."""
+        chain = self.chain
+        with self.tx_lock:
+            signed = chain.sign(key, call, to=to, value=value)
+            row = ChainTx(epoch=self.epoch, job_id=job_id, kind=kind, sender=signed.sender, nonce=signed.nonce,
+                          tx_hash=signed.tx_hash, raw=signed.raw, detail=detail[:500])
+            s.add(row)
+            st = s.get(Settlement, job_id) if job_id is not None else None
+            if st is not None and st.error:  # the step that was refused before goes through now
+                st.error = ""
+                s.add(st)
+            s.commit()
+            self._seam_point(kind, "signed")
+            chain.broadcast(signed)
+            row.status, row.updated_at = "sent", time.time()
+            s.add(row)
+            s.commit()
+            self._seam_point(kind, "sent")
+            self._await(s, row, self.tx_wait)
+            log.info("tx %s %s job=%s nonce=%d %s", kind, row.tx_hash, job_id, row.nonce, row.status)
+            return row
+
+    def _await(self, s: Session, row: ChainTx, timeout: float) -> bool:
+        deadline, delay = time.monotonic() + timeout, 0.02
+        while True:
+            rcpt = self.chain.receipt(row.tx_hash)
+            if rcpt is not None:
+                row.status = "mined" if rcpt.ok else "reverted"
+                row.block, row.gas_used, row.updated_at = rcpt.block, rcpt.gas_used, time.time()
+                if not rcpt.ok:
+                    row.error = "reverted on chain"
+                    log.warning("tx %s (%s, job %s) reverted", row.tx_hash, row.kind, row.job_id)
+                s.add(row)
+                s.commit()
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _resolve_pending(self) -> int:
+        """Settle the fate of transactions sent (or only signed) earlier; returns how many are in flight."""
+        pending = 0
+        with new_session(self.engine) as s:
+            for row in s.exec(select(ChainTx).where(ChainTx.status.in_(UNRESOLVED)).order_by(ChainTx.id)).all():
+                if self._await(s, row, 0):
+                    continue
+                if not self.chain.knows(row.tx_hash):
+                    try:  # never reached the node (crash before broadcast, node restarted without it)
+                        self.chain.broadcast(ch.SignedTx(row.sender, row.nonce, row.tx_hash, row.raw))
+                    except ch.TxRejected as exc:  # its nonce went to another transaction: it can never mine
+                        row.status, row.error = "dropped", str(exc)[:500]
+                        s.add(row)
+                        s.commit()
+                        continue
+                    row.status = "sent"
+                    s.add(row)
+                    s.commit()
+                if not self._await(s, row, self.tx_wait):
+                    pending += 1
+        return pending
+
+    def _scan_events(self) -> int:
+        """Mirror the escrow's events into ChainEvent rows (idempotent, from a persisted cursor)."""
+        chain, added = self.chain, 0
+        head = chain.block_number()
+        with new_session(self.engine) as s:
+            cur = int(self._meta(s, "event_block", str(self.deployment.get("deploy_block", 0))))
+            keys = {st.escrow_job: st.job_id for st in s.exec(select(Settlement).where(Settlement.epoch == self.epoch))}
+            while cur <= head:
+                to = min(head, cur + EVENT_RANGE - 1)
+                for ev in chain.events(cur, to):
+                    if s.exec(select(ChainEvent.id).where(ChainEvent.epoch == self.epoch)
+                              .where(ChainEvent.tx_hash == ev.tx_hash).where(ChainEvent.log_index == ev.log_index)
+                              ).first():
+                        continue
+                    key = str(ev.args.get("job_id", ""))
+                    args = {k: (str(v) if isinstance(v, int) and abs(v) > 2**53 else v) for k, v in ev.args.items()}
+                    s.add(ChainEvent(epoch=self.epoch, escrow=chain.escrow.address, block=ev.block, tx_hash=ev.tx_hash,
+                                     log_index=ev.log_index, name=ev.name, escrow_job=key, job_id=keys.get(key),
+                                     args=json.loads(json.dumps(args, default=str))))
+                    added += 1
+                cur = to + 1
+                self._set_meta(s, "event_block", str(cur))
+                s.commit()
+        return added
+
+    # ------------------------------------------------------------------ the settlement loop
+    def sync(self) -> None:
+        """One pass over every unsettled job (see the module docstring)."""
+        self.ensure_ready()
+        with self.tx_lock:
+            if self._resolve_pending():
+                return  # a transaction is still in flight: its effect decides what comes next
+            self._open_settlements()
+            self._scan_events()
+            for job_id in self._due():
+                for _ in range(STEPS_PER_JOB):
+                    try:
+                        if not self._advance(job_id):
+                            break
+                    except ch.TxRejected as exc:
+                        self._note_error(job_id, str(exc))
+                        break
+                    if self._resolve_pending():
+                        return
+        self._scan_events()
+
+    def _due(self) -> list[int]:
+        """Unsettled jobs to look at now: those where the DB asks for a step, those with new escrow events
+        (a creator's own refund or approval), and every other one once per RECHECK_SECONDS (a job still
+        rendering has nothing to settle)."""
+        now, due = time.monotonic(), []
+        with new_session(self.engine) as s:
+            mark = self._event_mark
+            for ev_id, job_id in s.exec(select(ChainEvent.id, ChainEvent.job_id).where(ChainEvent.id > mark)).all():
+                self._event_mark = max(self._event_mark, ev_id)
+                if job_id is not None:
+                    self._looked.pop(job_id, None)
+            for st, status in s.exec(select(Settlement, Job.status).join(Job, Job.id == Settlement.job_id)
+                                     .where(Settlement.status.notin_(FINAL)).order_by(Settlement.job_id)).all():
+                idle = (status in RENDERING and st.status in ("open", "posted", "disputed") and not st.reject_pending
+                        and not st.error)
+                if not idle or now - self._looked.get(st.job_id, -RECHECK_SECONDS) >= RECHECK_SECONDS:
+                    self._looked[st.job_id] = now
+                    due.append(st.job_id)
+        return due
+
+    def _note_error(self, job_id: int, error: str) -> None:
+        with new_session(self.engine) as s:
+            st = s.get(Settlement, job_id)
+            if st and st.error != error[:2000]:
+                log.warning("job %d: settlement step refused: %s", job_id, error)
+                st.error, st.updated_at = error[:2000], time.time()
+                s.add(st)
+                s.commit()
+
+    def _open_settlements(self) -> None:
+        """A Settlement (with the estimate and the deposit to take) for every started job lacking one."""
+        with new_session(self.engine) as s:
+            have = select(Settlement.job_id)
+            for job in s.exec(select(Job).where(Job.status.in_(STARTED)).where(Job.id.notin_(have))).all():
+                est = pr.estimate_job(s, self.pricing, job)
+                s.add(Settlement(job_id=job.id, epoch=self.epoch, escrow_job=str(ch.job_key(self.namespace, job.id)),
+                                 estimate=est["cost"], deposit=est["deposit"]))
+            s.commit()
+
+    def _advance(self, job_id: int) -> bool:
+        """Move one job's escrow one step towards the job's state; True when a transaction was sent."""
+        chain = self.chain
+        with new_session(self.engine) as s:
+            st, job = s.get(Settlement, job_id), s.get(Job, job_id)
+            ej = chain.escrow_job(int(st.escrow_job))
+            if ej.state == "approved":
+                self._credited(s, st, ej)
+                return False
+            if ej.state == "refunded":
+                st.status = "released" if job.status in ENDED else "refunded"
+                if job.status == JobStatus.approved.value:
+                    st.error = "the deposit was refunded (deadline passed) before the approval was settled"
+                s.add(st)
+                s.commit()
+                return False
+            if job.status in ENDED:
+                if ej.state == "none":
+                    st.status = "released"
+                    s.add(st)
+                    s.commit()
+                    return False
+                self._send(s, job_id, "release", chain.operator_key, chain.fn("escrow", "release", int(st.escrow_job)))
+                return True
+            if ej.state == "none":
+                return self._deposit(s, st, job)
+            if st.status in ("new", "funding") or st.deposit != str(ej.deposit):
+                st.status, st.deposit, st.deadline, st.creator = ej.state, str(ej.deposit), ej.deadline, ej.creator
+            if st.reject_pending:
+                if ej.state in ("open", "posted"):
+                    reason = ch.text_hash(st.reject_reason)
+                    sig = chain.sign_reject(self._creator_key(job.owner_id), int(st.escrow_job), ej.round, reason)
+                    self._send(s, job_id, "reject", chain.operator_key,
+                               chain.fn("escrow", "reject_by_sig", int(st.escrow_job), reason, sig))
+                    return True
+                st.reject_pending = False
+            if job.status in (JobStatus.rendered.value, JobStatus.approved.value):
+                if st.needs_payouts:
+                    self._compute(s, st, job, ej.deposit)
+                if ej.state in ("open", "disputed") or ej.payouts_hash != st.payouts_hash:
+                    wallets, amounts = self._current_list(s, st)
+                    self._send(s, job_id, "post", chain.operator_key,
+                               chain.fn("escrow", "post_payouts", int(st.escrow_job), wallets, amounts),
+                               detail=f"round {st.payout_round}: {len(wallets)} wallets")
+                    return True
+                if job.status == JobStatus.approved.value:
+                    wallets, amounts = self._current_list(s, st)
+                    sig = chain.sign_approve(self._creator_key(job.owner_id), int(st.escrow_job), ej.round,
+                                             ej.payouts_hash)
+                    self._send(s, job_id, "approve", chain.operator_key,
+                               chain.fn("escrow", "approve_by_sig", int(st.escrow_job), wallets, amounts, sig))
+                    return True
+            if st.status != ej.state:
+                st.status = ej.state
+            st.updated_at = time.time()
+            s.add(st)
+            s.commit()
+            return False
+
+    def _deposit(self, s: Session, st: Settlement, job: Job) -> bool:
+        """Take the deposit from the creator's wallet: gas money and demo tokens first on a dev token,
+        then the token allowance, then open_job. One transaction per call."""
+        chain = self.chain
+        address, key = self.creator_wallet(s, job.owner_id)
+        deposit = int(st.deposit)
+        st.status, st.creator = "funding", address
+        s.add(st)
+        s.commit()
+        if self.deployment.get("dev_token"):
+            if chain.eth_balance(address) < ch.DEV_ETH // 10:
+                self._send(s, None, "fund", chain.operator_key, to=address, value=ch.DEV_ETH, detail=address)
+                return True
+            balance = chain.token_balance(address)
+            if balance < deposit:
+                self._send(s, None, "mint", chain.operator_key,
+                           chain.fn("token", "mint", address, max(self.pricing.demo_tokens, deposit - balance)),
+                           detail=address)
+                wallet = s.get(CreatorWallet, job.owner_id)
+                wallet.funded_at = time.time()
+                s.add(wallet)
+                s.commit()
+                return True
+        else:
+            balance = chain.token_balance(address)
+            if balance < deposit or chain.eth_balance(address) == 0:
+                self._note_error(job.id, f"the creator's wallet {address} holds {pr.tokens(balance)} tokens; the "
+                                         f"deposit needs {pr.tokens(deposit)} and some gas money: send both to it")
+                return False
+        if chain.allowance(address) < deposit:
+            self._send(s, job.id, "allow", key, chain.fn("token", "approve", chain.escrow.address, deposit))
+            return True
+        deadline = chain.timestamp() + self.pricing.deadline_seconds
+        self._send(s, job.id, "open", key, chain.fn("escrow", "open_job", int(st.escrow_job), deposit, deadline),
+                   detail=f"deposit {pr.tokens(deposit)}")
+        return True
+
+    def _compute(self, s: Session, st: Settlement, job: Job, deposit: int) -> None:
+        shares, capped = pr.shares(s, self.pricing, job.id, deposit, ch.checksum)
+        round_ = st.payout_round + 1
+        for old in s.exec(select(Payout).where(Payout.job_id == job.id).where(Payout.status == "computed")):
+            old.status = "superseded"
+            s.add(old)
+        for x in shares:
+            s.add(Payout(job_id=job.id, round=round_, worker_id=x.worker_id, wallet=x.wallet, work_ms=x.work_ms,
+                         tasks=x.tasks, amount=str(x.amount), status="computed" if x.wallet else "unpayable"))
+            if not x.wallet:
+                log.warning("worker %s gave no valid payout address (farm worker --wallet 0x…): its share of job %d "
+                            "stays with the creator", x.worker_id, job.id)
+        wallets, amounts = pr.onchain_list(shares)
+        if len(wallets) > 512:
+            raise ch.TxRejected(f"{len(wallets)} wallets exceed the escrow's 512 payees per job")
+        st.payout_round, st.payouts_hash = round_, ch.payouts_hash(wallets, amounts)
+        st.payout_total, st.fee = str(sum(amounts)), str(self.pricing.fee(sum(amounts)))
+        st.capped, st.needs_payouts, st.error = capped, False, ""
+        s.add(st)
+        s.commit()
+        if capped:
+            log.warning("job %d cost more than its deposit: payouts scaled to fit %s tokens", job.id,
+                        pr.tokens(deposit))
+
+    def _current_list(self, s: Session, st: Settlement) -> tuple[list[str], list[int]]:
+        rows = s.exec(select(Payout).where(Payout.job_id == st.job_id).where(Payout.round == st.payout_round)).all()
+        return pr.onchain_list([pr.Share(r.worker_id, r.wallet, r.work_ms, r.tasks, int(r.amount)) for r in rows])
+
+    def _credited(self, s: Session, st: Settlement, ej: ch.EscrowJob) -> None:
+        if st.status in ("approved", "paid"):
+            return
+        st.status, st.round, st.updated_at = "approved", ej.round, time.time()
+        if ej.payouts_hash == st.payouts_hash:
+            for p in s.exec(select(Payout).where(Payout.job_id == st.job_id).where(Payout.round == st.payout_round)
+                            .where(Payout.status == "computed")):
+                p.status = "credited"
+                s.add(p)
+        else:
+            st.error = "the chain approved a payout list this database does not have: check the escrow events"
+        s.add(st)
+        s.commit()
+
+    # ------------------------------------------------------------------ finishing (coordinator thread)
+    def to_finalize(self) -> list[int]:
+        with new_session(self.engine) as s:
+            return list(s.exec(select(Settlement.job_id).where(Settlement.status == "approved")).all())
+
+    def finalize(self, job_id: int) -> None:
+        """approved → paid, once the escrow credited the payouts. Idempotent."""
+        with new_session(self.engine) as s:
+            st, job = s.get(Settlement, job_id), s.get(Job, job_id)
+            if st is None or st.status != "approved":
+                return
+            if job.status == JobStatus.approved.value:
+                tx = s.exec(select(ChainTx.tx_hash).where(ChainTx.job_id == job_id).where(ChainTx.kind == "approve")
+                            .where(ChainTx.status == "mined")).first()
+                transition(s, job, JobStatus.paid, reason=f"payouts credited on chain (tx {tx or 'by the creator'})")
+            elif job.status != JobStatus.paid.value:
+                return  # approved on chain while the DB still reviews (a creator using their own wallet)
+            st.status, st.updated_at = "paid", time.time()
+            s.add(st)
+            s.commit()
+
+    # ------------------------------------------------------------------ wallets
+    def _creator_key(self, user_id: int) -> str:
+        return ch.derive_key(self.seed, f"creator:{user_id}")
+
+    def creator_wallet(self, s: Session, user_id: int) -> tuple[str, str]:
+        """The creator's custodial wallet (address, key), created on first use."""
+        key = self._creator_key(user_id)
+        address = ch.address_of(key)
+        if s.get(CreatorWallet, user_id) is None:
+            s.add(CreatorWallet(user_id=user_id, address=address))
+            s.commit()
+        return address, key
+
+    def balances(self, address: str) -> dict[str, Any]:
+        chain = self.require_chain()
+        addr = ch.checksum(address)
+        if addr is None:
+            raise LedgerError(f"{address!r} is not an address (0x and 40 hex digits)", 422)
+        tok, credit, eth = chain.token_balance(addr), chain.credit(addr), chain.eth_balance(addr)
+        return {"address": addr, "token": str(tok), "token_tokens": pr.tokens(tok), "escrow_credit": str(credit),
+                "escrow_credit_tokens": pr.tokens(credit), "eth": str(eth)}
+
+    def withdraw_for(self, address: str) -> dict[str, Any]:
+        """Push ``address``'s escrow credit to it (the operator pays the gas). Any thread."""
+        chain = self.require_chain()
+        addr = ch.checksum(address)
+        if addr is None:
+            raise LedgerError(f"{address!r} is not an address (0x and 40 hex digits)", 422)
+        amount = chain.credit(addr)
+        if amount == 0:
+            raise LedgerError(f"{addr} has nothing to withdraw (its escrow credit is 0)")
+        with new_session(self.engine) as s:
+            try:
+                row = self._send(s, None, "withdraw", chain.operator_key, chain.fn("escrow", "withdraw_for", addr),
+                                 detail=addr)
+            except ch.TxRejected as exc:
+                raise LedgerError(str(exc)) from None
+        return {"address": addr, "amount": str(amount), "amount_tokens": pr.tokens(amount), "tx_hash": row.tx_hash,
+                "status": row.status}
+
+    def require_chain(self) -> ch.Chain:
+        if self.chain is None:
+            raise LedgerError("the chain is not connected yet (starting, or its node is down): retry shortly", 503)
+        return self.chain
+
+
+class Settler:
+    """The ledger as an asyncio background task: sync in a thread, then finalize paid jobs through
+    ``serial`` (the coordinator's thread). A chain that is down is retried with backoff, never skipped."""
+
+    def __init__(self, ledger: Ledger, serial: Callable[..., Any], interval: float | None = None,
+                 max_backoff: float | None = None):
+        self.ledger, self.serial = ledger, serial
+        self.interval = interval or float(os.environ.get("RENDERHIVE_SETTLE_INTERVAL", "1.0"))
+        self.max_backoff = max_backoff or float(os.environ.get("RENDERHIVE_SETTLE_MAX_BACKOFF", "10"))
+        self._wake = asyncio.Event()
+        self._stop = False
+        ledger.wake_hook = self.wake
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        delay, down = self.interval, False
+        while not self._stop:
+            try:
+                await asyncio.to_thread(self.ledger.sync)
+                for job_id in await asyncio.to_thread(self.ledger.to_finalize):
+                    await self.serial(self.ledger.finalize, job_id)
+                if down:
+                    log.info("chain reachable again: settlement resumed")
+                delay, down = self.interval, False
+            except ch.ChainUnavailable as exc:
+                if not down:
+                    log.warning("%s: settlement waits and retries (nothing is lost)", exc)
+                down, delay = True, min(self.max_backoff, delay * 2)
+            except Exception:
+                log.exception("settlement pass failed; retrying")
+                delay = min(self.max_backoff, delay * 2)
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()

@@ -1,0 +1,189 @@
+"""Pricing and metering: what a job is estimated to cost, what it did cost, and who earned what.
+
+Work is metered in **work units**. Until reputation-weighted scheduling lands its benchmark-normalised
+unit, one work unit is one second of render time of an *accepted* task, as reported by the worker that
+rendered it (``Attempt.render_seconds`` of the attempt whose result was accepted). Invariants:
+
+* only attempts with outcome ``done`` that are the current attempt of a task in state ``accepted`` count:
+  failed, lost, canceled, voided or rejected attempts are never paid (fencing by (task, attempt));
+* amounts are integers in the token's smallest unit, computed from integer milliseconds, so the same
+  database always yields the same payout list (its hash is what the creator approves);
+* payouts plus the operator fee never exceed the deposit: when the actual cost is higher than the
+  deposit, the shares are scaled down to fit (the deposit is the creator's budget) and ``capped`` is set.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+from typing import Any
+
+from sqlmodel import Session, select
+
+from farm.kinds import frames as splitter
+from farm.store.models import Attempt, Job, Task, Worker
+from farm.store.states import TaskStatus
+
+TOKEN_DECIMALS = 18
+WEI = 10**TOKEN_DECIMALS
+BPS = 10_000
+HISTORY_TASKS = 200  # recent accepted tasks the seconds-per-frame guess looks at
+
+
+def to_wei(tokens: str | int | float | Decimal) -> int:
+    return int((Decimal(str(tokens)) * WEI).to_integral_value(ROUND_CEILING))
+
+
+def tokens(wei: int | str) -> str:
+    """A human amount of tokens: '12.5', '0.000001'."""
+    d = Decimal(int(wei)) / WEI
+    return format(d.normalize(), "f") if d else "0"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"RENDERHIVE_{name}") or default
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Prices and escrow terms. Every field can be set through an environment variable."""
+    price_per_unit: int = to_wei("0.01")  # wei per work unit (a render second): RENDERHIVE_PRICE_PER_UNIT tokens
+    deposit_margin: Decimal = Decimal("1.5")  # deposit = estimate × margin (+ fee): RENDERHIVE_DEPOSIT_MARGIN
+    min_deposit: int = to_wei("1")  # RENDERHIVE_MIN_DEPOSIT tokens
+    default_seconds_per_frame: float = 10.0  # with no render history: RENDERHIVE_DEFAULT_SECONDS_PER_FRAME
+    fee_bps: int = 250  # operator fee in basis points of the payouts: RENDERHIVE_OPERATOR_FEE_BPS
+    deadline_seconds: int = 7 * 24 * 3600  # refund possible after this: RENDERHIVE_ESCROW_DEADLINE
+    demo_tokens: int = to_wei("1000")  # minted to each creator on a dev token: RENDERHIVE_DEMO_TOKENS
+
+    @classmethod
+    def from_env(cls) -> "Pricing":
+        return cls(price_per_unit=to_wei(_env("PRICE_PER_UNIT", "0.01")),
+                   deposit_margin=Decimal(_env("DEPOSIT_MARGIN", "1.5")),
+                   min_deposit=to_wei(_env("MIN_DEPOSIT", "1")),
+                   default_seconds_per_frame=float(_env("DEFAULT_SECONDS_PER_FRAME", "10")),
+                   fee_bps=int(_env("OPERATOR_FEE_BPS", "250")),
+                   deadline_seconds=int(float(_env("ESCROW_DEADLINE", str(7 * 24 * 3600)))),
+                   demo_tokens=to_wei(_env("DEMO_TOKENS", "1000")))
+
+    def cost(self, work_ms: int) -> int:
+        return work_ms * self.price_per_unit // 1000
+
+    def fee(self, total: int) -> int:
+        return total * self.fee_bps // BPS  # the escrow computes it the same way
+
+    def budget(self, deposit: int) -> int:
+        """The largest payout total whose fee still fits in ``deposit``."""
+        return deposit * BPS // (BPS + self.fee_bps)
+
+
+# ------------------------------------------------------------------ estimate
+def seconds_per_unit(s: Session, pricing: Pricing, scene: str | None, settings: dict[str, Any] | None,
+                     kind: str = "render") -> tuple[float, str]:
+    """A guess of render seconds per frame and how it was made: from earlier accepted tasks of the same
+    scene and settings, else the farm's recent median, else a configured default. (Once workers report a
+    benchmark score, the unit becomes benchmark-normalised and this guess divides by the farm's score.)"""
+    rows = s.exec(select(Task.render_seconds, Task.progress_total, Task.spec, Job.spec)
+                  .join(Job, Job.id == Task.job_id)
+                  .where(Task.status == TaskStatus.accepted.value).where(Task.kind == kind)
+                  .where(Task.render_seconds > 0)
+                  .order_by(Task.id.desc()).limit(HISTORY_TASKS)).all()
+    same, any_ = [], []
+    for secs, units, tspec, jspec in rows:
+        per = secs / max(1, units or 1)
+        any_.append(per)
+        if scene and jspec.get("scene_sha256") == scene and (settings is None or tspec.get("settings") == settings):
+            same.append(per)
+    if same:
+        return statistics.median(same), f"median of {len(same)} earlier tasks of this scene and settings"
+    if any_:
+        return statistics.median(any_), f"median of the farm's last {len(any_)} accepted tasks"
+    return pricing.default_seconds_per_frame, "default (no render history yet)"
+
+
+def estimate(s: Session, pricing: Pricing, units: int, scene: str | None = None,
+             settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``units`` frames will probably cost, and the deposit taken at job start."""
+    per, basis = seconds_per_unit(s, pricing, scene, settings)
+    return _priced(pricing, units, per, basis)
+
+
+def _priced(pricing: Pricing, units: int, per: float, basis: str) -> dict[str, Any]:
+    work_ms = int(round(units * per * 1000))
+    cost = pricing.cost(work_ms)
+    deposit = max(pricing.min_deposit,
+                  int((Decimal(cost) * pricing.deposit_margin).to_integral_value(ROUND_CEILING)))
+    deposit += pricing.fee(deposit)
+    return {"units": units, "seconds_per_unit": round(per, 4), "basis": basis,
+            "work_seconds": work_ms / 1000, "price_per_unit": str(pricing.price_per_unit),
+            "cost": str(cost), "deposit": str(deposit), "fee_bps": pricing.fee_bps,
+            "cost_tokens": tokens(cost), "deposit_tokens": tokens(deposit),
+            "price_per_unit_tokens": tokens(pricing.price_per_unit)}
+
+
+def estimate_request(s: Session, pricing: Pricing, req: dict[str, Any]) -> dict[str, Any]:
+    """The estimate of a job request (the body of POST /api/jobs), before it is submitted."""
+    settings = splitter.render_settings(req.get("format", "PNG"), req.get("color_depth"), req.get("samples"),
+                                        req.get("resolution_percent"), req.get("resolution"))
+    units = len(splitter.parse_frames(str(req.get("frames", ""))))
+    return estimate(s, pricing, units, req.get("scene_sha256") or None, settings)
+
+
+def estimate_job(s: Session, pricing: Pricing, job: Job) -> dict[str, Any]:
+    """The estimate of a stored job, in units of its main kind of task (frames, tiles, images)."""
+    kind = s.exec(select(Task.kind).where(Task.job_id == job.id).order_by(Task.index)).first() or "render"
+    units = sum(s.exec(select(Task.progress_total).where(Task.job_id == job.id).where(Task.kind == kind)).all())
+    per, basis = seconds_per_unit(s, pricing, job.spec.get("scene_sha256"), job.spec.get("settings"), kind)
+    return _priced(pricing, units or job.tasks_total, per, basis)
+
+
+# ------------------------------------------------------------------ actual cost and payouts
+@dataclass
+class Share:
+    worker_id: str
+    wallet: str  # checksummed address, or "" when the worker gave none (not payable)
+    work_ms: int
+    tasks: int
+    amount: int = 0
+
+
+def accepted_work(s: Session, job_id: int) -> dict[str, tuple[int, int]]:
+    """worker id → (work units in ms, tasks) of the job's accepted tasks, by their accepting attempt."""
+    rows = s.exec(select(Attempt.worker_id, Attempt.render_seconds)
+                  .join(Task, (Task.id == Attempt.task_id) & (Task.attempt == Attempt.attempt))
+                  .where(Attempt.job_id == job_id).where(Attempt.outcome == "done")
+                  .where(Task.check_id.is_(None))  # checks are the farm's cost, not the creator's
+                  .where(Task.status == TaskStatus.accepted.value)).all()
+    work: dict[str, tuple[int, int]] = {}
+    for worker_id, secs in rows:
+        ms, n = work.get(worker_id, (0, 0))
+        work[worker_id] = (ms + int(round(max(0.0, secs) * 1000)), n + 1)
+    return work
+
+
+def shares(s: Session, pricing: Pricing, job_id: int, deposit: int,
+           checksum=lambda a: a or None) -> tuple[list[Share], bool]:
+    """Each worker's share of the job, scaled to fit the deposit when needed. Returns (shares, capped).
+    ``checksum`` normalises a wallet address (None when it is not one)."""
+    out = []
+    for worker_id, (ms, n) in sorted(accepted_work(s, job_id).items()):
+        w = s.get(Worker, worker_id)
+        wallet = (checksum(w.wallet) if w and w.wallet else None) or ""
+        out.append(Share(worker_id, wallet, ms, n, pricing.cost(ms)))
+    payable = sum(x.amount for x in out if x.wallet)
+    budget = pricing.budget(deposit)
+    capped = payable > budget
+    if capped:
+        for x in out:
+            x.amount = x.amount * budget // payable
+    return out, capped
+
+
+def onchain_list(shares_: list[Share]) -> tuple[list[str], list[int]]:
+    """The escrow's payout list: payable shares summed per wallet, sorted by address, no zero amounts."""
+    by_wallet: dict[str, int] = {}
+    for x in shares_:
+        if x.wallet and x.amount > 0:
+            by_wallet[x.wallet] = by_wallet.get(x.wallet, 0) + x.amount
+    wallets = sorted(by_wallet, key=str.lower)
+    return wallets, [by_wallet[w] for w in wallets]

@@ -1,0 +1,170 @@
+"""Content-addressed blob store on the coordinator's disk.
+
+A blob lives at ``ROOT/ab/abcdef…`` named by its sha256; it is written to a temporary file first, verified
+by hash, then renamed into place (atomic), so a reader never sees a partial blob. Partial uploads from
+workers (chunked over ZeroMQ) live under ``ROOT/partial/`` until complete, so an upload resumes after a
+reconnect from the bytes already stored. Partial files are bounded: each by its declared size (at most
+``max_bytes``), their number by ``max_partials``; one left idle for ``partial_idle`` seconds is deleted
+when another upload starts. A probe (an empty chunk) never creates one.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import tempfile
+import time
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+from common.hashing import BlobError, check_sha, file_sha256
+from common.limits import MAX_UPLOAD_BYTES
+
+MAX_PARTIALS = 256
+"""Unfinished worker uploads kept at once (a worker uploads one output at a time per task)."""
+
+PARTIAL_IDLE_SECONDS = 3600.0
+"""An unfinished upload that got no chunk for this long is abandoned (its worker resumes from scratch)."""
+
+
+class BlobStore:
+    def __init__(self, root: Path, max_bytes: int = MAX_UPLOAD_BYTES, max_partials: int = MAX_PARTIALS,
+                 partial_idle: float = PARTIAL_IDLE_SECONDS):
+        self.root = Path(root)
+        self._root = str(self.root)
+        self.max_bytes = max_bytes
+        self.max_partials = max_partials
+        self.partial_idle = partial_idle
+        (self.root / "partial").mkdir(parents=True, exist_ok=True)
+        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha: str) -> Path:
+        check_sha(sha)
+        return self.root / sha[:2] / sha
+
+    def has(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+    def size(self, sha: str) -> int:
+        return self.path(sha).stat().st_size
+
+    def file_size(self, sha: str) -> int | None:
+        """The size of blob ``sha``, None when it is not stored (``has`` and ``size`` in one stat)."""
+        check_sha(sha)
+        try:
+            st = os.stat(os.path.join(self._root, sha[:2], sha))
+        except OSError as exc:  # as Path.is_file: these mean "not there", others are raised
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+                return None
+            raise
+        except ValueError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def missing(self, hashes: Iterable[str]) -> list[str]:
+        return [h for h in dict.fromkeys(hashes) if not self.has(h)]
+
+    def read(self, sha: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:  # f.read(-1) would read the whole blob into memory
+            raise BlobError(f"offset {offset} and length {length} must not be negative")
+        with open(self.path(sha), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def _commit(self, tmp: Path, sha: str) -> Path:
+        dest = self.path(sha)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+        return dest
+
+    def write_stream(self, sha: str, chunks: Iterable[bytes]) -> int:
+        """Store the bytes of ``chunks`` as blob ``sha``; raise BlobError (storing nothing) if they do
+        not hash to ``sha`` or exceed the size limit. Returns the size."""
+        check_sha(sha)
+        h = hashlib.sha256()
+        size = 0
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp")
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise BlobError(f"blob is larger than the {self.max_bytes} byte limit")
+                    h.update(chunk)
+                    f.write(chunk)
+            if h.hexdigest() != sha:
+                raise BlobError(f"content hashes to {h.hexdigest()}, not {sha}: the upload was corrupted, "
+                                "send it again")
+            self._commit(tmp, sha)
+            return size
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_bytes(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        if not self.has(sha):
+            self.write_stream(sha, [data])
+        return sha
+
+    # ----------------------------------------------------------- chunked uploads from workers
+    def partial_offset(self, sha: str) -> int:
+        p = self.root / "partial" / check_sha(sha)
+        return p.stat().st_size if p.exists() else 0
+
+    def put_chunk(self, sha: str, offset: int, total: int, data: bytes) -> tuple[int, bool, bool]:
+        """Append a chunk at ``offset``. Returns (bytes stored, finished, chunk taken). A chunk at any
+        other offset than the stored size is not taken (the sender resumes from the bytes stored)."""
+        check_sha(sha)
+        if self.has(sha):
+            return self.size(sha), True, True  # the stored size, not the one this sender declares
+        if not 0 <= total <= self.max_bytes:
+            raise BlobError(f"declared size {total} is not between 0 and the {self.max_bytes} byte limit")
+        part = self.root / "partial" / sha
+        have = part.stat().st_size if part.exists() else 0
+        if part.exists() and have >= total:
+            # Complete but never verified (the coordinator stopped between the last write and the check), or
+            # begun under a larger declared size: no chunk could ever finish it, and a sender that resumes
+            # from ``have`` would wait forever. Finish it now, or start over.
+            if have == total and file_sha256(part) == sha:
+                self._commit(part, sha)
+                return have, True, True
+            part.unlink()
+            have = 0
+        if offset != have or offset + len(data) > total:
+            return have, False, False
+        if not have:
+            if not data and total:
+                return 0, False, True  # a probe of an upload not begun: nothing to create
+            self._make_room()
+        with open(part, "ab") as f:
+            f.write(data)
+        have += len(data)
+        if have < total:
+            return have, False, True
+        if file_sha256(part) != sha:
+            part.unlink()
+            raise BlobError(f"uploaded bytes do not hash to {sha}: upload discarded, send it again")
+        self._commit(part, sha)
+        return have, True, True
+
+    def _make_room(self) -> None:
+        """Before a new partial upload: delete idle ones; refuse when max_partials are still in progress."""
+        now, live = time.time(), 0
+        for p in (self.root / "partial").iterdir():
+            try:
+                idle = now - p.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if idle > self.partial_idle:
+                p.unlink(missing_ok=True)
+            else:
+                live += 1
+        if live >= self.max_partials:
+            raise BlobError(f"{live} uploads are in progress on the coordinator, its limit: send this output "
+                            "again later")
+
+
+def read_chunks(f: BinaryIO, size: int = 1 << 20) -> Iterable[bytes]:
+    return iter(lambda: f.read(size), b"")

@@ -1,0 +1,123 @@
+"""Payment tables: the database's mirror of the escrow on chain (used by :mod:`farm.payments.ledger`).
+
+Token amounts are in the token's smallest unit (wei, 18 decimals) and are stored as decimal strings,
+because they overflow the 64-bit integers of SQLite and PostgreSQL. Invariants:
+
+* one :class:`Settlement` per job (its primary key): settling is idempotent per job, and the escrow's job
+  id is derived from the farm's namespace and the job id, so the contract refuses a second deposit;
+* ``epoch`` numbers the deployments: a chain that was reset (the embedded EVM after a restart) gets a new
+  escrow and a new epoch, so its transactions and events never mix with the old chain's (a fresh dev
+  chain replays the very same transaction hashes);
+* every transaction is written as a :class:`ChainTx` with its signed bytes *before* it is broadcast, so a
+  coordinator that dies between "sent" and "receipt" finds it again and never signs a second one for the
+  same step (re-broadcasting the same bytes cannot pay twice: same hash, same nonce);
+* :class:`ChainEvent` rows are the escrow's events as read from the chain (unique per escrow, transaction
+  and log index), whoever sent the transactions;
+* :class:`Payout` rows of one (job, round) are the list posted on chain for that round; only the rows of
+  the round the creator approved become ``credited``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def _now() -> float:
+    return time.time()
+
+
+class CreatorWallet(SQLModel, table=True):
+    """A creator's wallet. Custodial (the default): its key is derived from the farm's wallet seed and the
+    user id, so the farm deposits and signs approvals for the creator through the API; on a dev chain it
+    is given gas money and demo tokens."""
+    user_id: int = Field(foreign_key="user.id", primary_key=True)
+    address: str = Field(index=True)
+    custodial: bool = True
+    funded_at: Optional[float] = None
+    created_at: float = Field(default_factory=_now)
+
+
+class Settlement(SQLModel, table=True):
+    """The escrow of one job. ``status``: new → open → posted ⇄ disputed → approved → paid; or refunded
+    (deadline passed) / released (job canceled or failed: the operator gave the deposit back)."""
+    job_id: int = Field(foreign_key="job.id", primary_key=True)
+    epoch: int = 0  # the deployment holding this escrow
+    escrow_job: str = Field(index=True)  # the escrow's uint256 job id, decimal
+    creator: str = ""
+    status: str = Field(default="new", index=True)
+    estimate: str = "0"
+    deposit: str = "0"
+    deadline: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))  # unix time past 2038
+    round: int = 0                 # round of the list posted on chain
+    payout_round: int = 0          # newest list computed here
+    payouts_hash: str = ""         # hash of the newest computed list
+    payout_total: str = "0"
+    fee: str = "0"
+    capped: bool = False           # the actual cost exceeded the deposit; payouts were scaled to fit
+    needs_payouts: bool = True     # compute a new list once the job is rendered
+    reject_pending: bool = False   # the creator rejected; the dispute is not on chain yet
+    reject_reason: str = ""
+    error: str = ""
+    created_at: float = Field(default_factory=_now)
+    updated_at: float = Field(default_factory=_now)
+
+
+class Payout(SQLModel, table=True):
+    """One worker's share of one posted round: work units (milliseconds of render time of its accepted
+    attempts) and the amount. ``status``: computed | credited | superseded | unpayable (no wallet)."""
+    __table_args__ = (UniqueConstraint("job_id", "round", "worker_id"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    job_id: int = Field(index=True)
+    round: int
+    worker_id: str
+    wallet: str = ""
+    work_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    tasks: int = 0
+    amount: str = "0"
+    status: str = "computed"
+    created_at: float = Field(default_factory=_now)
+
+
+class ChainTx(SQLModel, table=True):
+    """A transaction the farm signed. ``status``: signed → sent → mined | reverted | dropped."""
+    __table_args__ = (UniqueConstraint("epoch", "tx_hash"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    epoch: int = 0
+    job_id: Optional[int] = Field(default=None, index=True)
+    kind: str  # fund | mint | allow | open | post | reject | approve | release | withdraw
+    sender: str
+    nonce: int
+    tx_hash: str = Field(index=True)
+    raw: str
+    status: str = Field(default="signed", index=True)
+    block: Optional[int] = None
+    gas_used: Optional[int] = None
+    detail: str = ""
+    error: str = ""
+    created_at: float = Field(default_factory=_now)
+    updated_at: float = Field(default_factory=_now)
+
+
+class ChainEvent(SQLModel, table=True):
+    """An escrow event read from the chain."""
+    __table_args__ = (UniqueConstraint("epoch", "tx_hash", "log_index"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    epoch: int = 0
+    escrow: str
+    block: int = Field(index=True)
+    tx_hash: str
+    log_index: int
+    name: str
+    escrow_job: str = Field(default="", index=True)
+    job_id: Optional[int] = Field(default=None, index=True)
+    args: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    at: float = Field(default_factory=_now)
+
+
+class ChainMeta(SQLModel, table=True):
+    """Small facts about the chain connection: the deployment, the farm's namespace, the event cursor."""
+    key: str = Field(primary_key=True)
+    value: str = ""

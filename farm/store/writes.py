@@ -1,0 +1,349 @@
+"""Write-behind for the coordinator's step: the rows one transaction changes, sent as a few executemany
+statements instead of one ORM unit-of-work entry per object.
+
+An ORM flush costs about ten times a Core executemany per row (object state, history, one statement per
+dirty object), and the step's hot path (lease, RESULT, accept) writes ~8 rows per task: task updates,
+Event and Attempt rows, Output rows, job and worker counters. :class:`StepSession` is the session of one
+:meth:`farm.core.coordinator.Coordinator.step`; :func:`set_values` and :func:`add_row` write through its buffer
+(and through plain ORM attributes on any other session, so the same code serves the API's sessions).
+
+Invariants:
+
+* a row updated through the buffer is updated in memory too (the session's instance, when loaded), with
+  no ORM history, so reads in the step see the new values and the ORM never writes them a second time;
+* writes reach the database in the order they were made: the buffer is written before every ORM
+  statement of the session (a query sees it) and before every ORM flush, and a buffered write made while
+  the ORM has unflushed changes flushes those first;
+* nothing is written outside the session's transaction: a rollback drops the buffer with the session;
+* a *fenced* row (:meth:`Writes.fence`: a row the coordinator read from memory, not from the database) is
+  updated only while it still holds the fenced values: the update names them in its WHERE clause, and
+  :class:`StaleRow` is raised (the step rolls back) when any such update matched no row.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Float, and_, bindparam, event, insert, inspect, update
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.state import InstanceState
+from sqlmodel import Session
+
+
+class StaleRow(Exception):
+    """A fenced update matched no row: the database no longer holds what the in-memory copy said."""
+
+
+class Writes:
+    """The buffered updates (coalesced per row: one statement row per row and flush), increments and
+    inserts of one session."""
+
+    def __init__(self, session: "StepSession"):
+        self.session = session
+        self.updates: dict[tuple[type, tuple], dict[str, Any]] = {}
+        self.adds: dict[tuple[type, tuple], dict[str, Any]] = {}     # column += value
+        self.inserts: list[tuple[type, dict[str, Any]]] = []
+        self.fences: dict[tuple[type, tuple], dict[str, Any]] = {}   # expected values of fenced rows
+        self.statements = 0  # executemany statements sent (for benchmarks and tests)
+
+    def clear(self) -> None:
+        self.inserts.clear()
+        self.updates.clear()
+        self.adds.clear()
+        self.fences.clear()
+
+    def fence(self, model: type, pk: Any, expect: dict[str, Any]) -> None:
+        """Update the row of ``model`` with primary key ``pk`` only where it still holds ``expect`` (its next
+        buffered update checks it; :class:`StaleRow` when it does not). Once written, the row is held by
+        this transaction, so later updates need no fence."""
+        self.fences.setdefault((model, pk if isinstance(pk, tuple) else (pk,)), expect)
+
+    def unfence(self, model: type, pk: Any) -> None:
+        """Drop the fence of a row the caller has read again from the database (it is current now)."""
+        self.fences.pop((model, pk if isinstance(pk, tuple) else (pk,)), None)
+
+    def _order(self) -> None:
+        # ORM changes made before this write must reach the database before it (they would come after
+        # the buffer otherwise); _is_clean is the session's own O(1) test for pending changes.
+        s = self.session
+        if s._new or s._deleted or s.identity_map._modified:  # not s._is_clean(), inlined (hot)
+            s.flush()
+
+    def update(self, state: InstanceState, values: dict[str, Any]) -> None:
+        self._order()
+        _set_committed(state, values)
+        key = (state.class_, state.identity)
+        pending = self.updates.get(key)
+        if pending is None:
+            self.updates[key] = dict(values)
+        else:
+            pending.update(values)
+
+    def update_key(self, model: type, pk: Any, values: dict[str, Any], key: tuple[str, ...] | None = None) -> None:
+        """Update the row of ``model`` with primary key ``pk``, loaded or not; ``key``: the names of the
+        (unique) columns ``pk`` gives, when not the primary key (the session's instance is not updated)."""
+        self._order()
+        pk = pk if isinstance(pk, tuple) else (pk,)
+        if key is None:
+            row = self.session.identity_map.get((model, pk, None))  # identity_key(model, pk), without its cost
+            if row is not None:
+                _set_committed(instance_state(row), values)
+        self.updates.setdefault((model, pk) if key is None else (model, pk, key), {}).update(values)
+
+    def add(self, model: type, pk: Any, deltas: dict[str, Any]) -> None:
+        """``column += delta`` for the row of ``model`` with primary key ``pk`` (in the database, so that a
+        stale in-memory copy cannot undo another change; the session's instance follows when loaded)."""
+        self._order()
+        pk = pk if isinstance(pk, tuple) else (pk,)
+        row = self.session.identity_map.get((model, pk, None))  # identity_key(model, pk), without its cost
+        if row is not None:
+            state = instance_state(row)
+            _set_committed(state, {k: state.dict[k] + d for k, d in deltas.items() if k in state.dict})
+        pending = self.adds.setdefault((model, pk), {})
+        for k, d in deltas.items():
+            pending[k] = pending.get(k, 0) + d
+
+    def insert(self, model: type, values: dict[str, Any]) -> None:
+        self._order()
+        for name, default in _python_defaults(model):  # what the ORM or Core would fill in
+            if name not in values:
+                values[name] = default.arg if default.is_scalar else default.arg(None)
+        self.inserts.append((model, values))
+
+    def flush(self) -> None:
+        if not (self.inserts or self.updates or self.adds):
+            return
+        inserts, updates, adds, fences = self.inserts, self.updates, self.adds, self.fences
+        self.inserts, self.updates, self.adds = [], {}, {}
+        conn = self.session.connection()
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for model, values in inserts:  # dicts keep first-seen order: rows of one table stay in order
+            groups.setdefault((model, "insert", tuple(values), (), None), []).append(values)
+        for op, changes in (("update", updates), ("add", adds)):
+            for key, values in changes.items():
+                model, pk = key[0], key[1]
+                fence = fences.pop(key, None) if fences else None
+                row = dict(zip(_PK_NAMES, pk))
+                if fence:
+                    for k, v in fence.items():
+                        row[_fence_name(k)] = v
+                row.update(values)
+                groups.setdefault((model, op, tuple(sorted(values)), tuple(sorted(fence or ())),
+                                   key[2] if len(key) > 2 else None), []).append(row)
+        for key, rows in groups.items():
+            matched = _compiled(conn.dialect, *key).run(conn, rows)
+            self.statements += 1
+            if key[3] and matched != len(rows):
+                raise StaleRow(f"{len(rows) - matched} of {len(rows)} fenced {key[0].__name__} rows changed "
+                               "in the database since they were read")
+
+
+_PK_NAMES = tuple(f"_pk{i}" for i in range(8))  # a row's key columns as statement parameters
+
+
+@functools.cache
+def _fence_name(column: str) -> str:
+    return f"_f_{column}"
+
+
+def _set_committed(state: InstanceState, values: dict[str, Any]) -> None:
+    """:func:`sqlalchemy.orm.attributes.set_committed_value` for several column attributes at once: the
+    values become the loaded state, with no history for the ORM to flush."""
+    state.dict.update(values)
+    # state._commit(state.dict, values), without its set(keys).intersection(dict) per call
+    committed = state.committed_state
+    for k in values:
+        committed.pop(k, None)
+    state.expired = False
+    if state.expired_attributes:
+        state.expired_attributes.difference_update(values)
+    if state.callables:
+        for k in values:
+            state.callables.pop(k, None)
+
+
+@functools.cache
+def _python_defaults(model: type) -> list[tuple[str, Any]]:
+    return [(c.key, c.default) for c in model.__table__.columns
+            if c.default is not None and (c.default.is_scalar or c.default.is_callable)]
+
+
+class _Compiled:
+    """An INSERT or UPDATE compiled once for a dialect, run with the driver's executemany. (SQLAlchemy's
+    own executemany processes every parameter of every row in Python, which costs more than SQLite's work
+    for these small rows.) Values go through the column types' bind processors, as SQLAlchemy would.
+    ``op``: insert, update (``SET k = v``) or add (``SET k = k + v``); ``fence``: columns the row must
+    still hold; ``by``: the unique columns naming the row, when not the primary key."""
+
+    def __init__(self, dialect, model: type, op: str, keys: tuple[str, ...], fence: tuple[str, ...] = (),
+                 by: tuple[str, ...] | None = None):
+        table = model.__table__
+        if op == "insert":  # inline: no RETURNING of the new ids (nobody reads them)
+            stmt = insert(table).inline().values({k: bindparam(f"v_{k}") for k in keys})
+            cols = {f"v_{k}": table.c[k] for k in keys}
+        else:
+            pks = inspect(model).primary_key if by is None else [table.c[k] for k in by]
+            where = [c == bindparam(f"_pk{i}") for i, c in enumerate(pks)]
+            where += [table.c[k] == bindparam(f"_f_{k}") for k in fence]
+            values = {k: bindparam(f"v_{k}") if op == "update" else table.c[k] + bindparam(f"v_{k}") for k in keys}
+            stmt = update(table).where(and_(*where)).values(values)
+            cols = {**{f"_pk{i}": c for i, c in enumerate(pks)}, **{f"_f_{k}": table.c[k] for k in fence},
+                    **{f"v_{k}": table.c[k] for k in keys}}
+        self.stmt = stmt
+        # a fenced update counts its rows: one statement per row where the driver cannot sum executemany's
+        self.count_each = bool(fence) and not dialect.supports_sane_multi_rowcount
+        # JSON values: the drivers' adaptation differs (psycopg needs SQLAlchemy's wrapping); those rare
+        # statements go through SQLAlchemy's executemany
+        self.raw = not any(isinstance(c.type, JSON) for c in cols.values())
+        compiled = stmt.compile(dialect=dialect)
+        self.sql = compiled.string
+        self.names = list(compiled.positiontup) if compiled.positional else list(compiled.binds)
+        self.positional = compiled.positional
+        procs = [cols[n].type.bind_processor(dialect) for n in self.names]
+        if dialect.name == "sqlite":  # REAL affinity and sqlite3's own bool binding do what these do
+            procs = [None if isinstance(cols[n].type, (Float, Boolean)) else p for n, p in zip(self.names, procs)]
+        # parameter name → (row key, processor): row dicts hold column names (and _pk0 …)
+        self.fields = [(n[2:] if n.startswith("v_") else n, p) for n, p in zip(self.names, procs)]
+        keys = [k for k, _p in self.fields]
+        # no processor to run (SQLite's types, mostly): a row's parameters are one C call away
+        self.plain = not any(procs) and self.positional
+        self.getter = operator.itemgetter(*keys) if len(keys) > 1 else (lambda r, k=keys[0]: (r[k],))
+
+    def run(self, conn, rows: list[dict[str, Any]]) -> int:
+        """Run for ``rows``; returns the number of rows the statement matched (updates)."""
+        if self.count_each and len(rows) > 1:
+            return sum(self.run(conn, [r]) for r in rows)
+        fields = self.fields
+        if not self.raw:
+            return conn.execute(self.stmt, [{n: r[k] for n, (k, _p) in zip(self.names, fields)} for r in rows]).rowcount
+        if self.plain:
+            params = list(map(self.getter, rows))
+        elif self.positional:
+            params = [tuple(p(r[k]) if p else r[k] for k, p in fields) for r in rows]
+        else:
+            params = [{n: (p(r[k]) if p else r[k]) for n, (k, p) in zip(self.names, fields)} for r in rows]
+        # the driver's own executemany, on the session's connection and transaction (SQLAlchemy's
+        # exec_driver_sql costs ~10x SQLite's work for a statement of a few rows)
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.executemany(self.sql, params)
+            return cursor.rowcount
+        finally:
+            cursor.close()
+
+
+_COMPILED: dict[tuple, _Compiled] = {}
+
+
+def _compiled(dialect, model: type, op: str, keys: tuple[str, ...], fence: tuple[str, ...] = (),
+              by: tuple[str, ...] | None = None) -> _Compiled:
+    key = (type(dialect), dialect.paramstyle, model, op, keys, fence, by)
+    stmt = _COMPILED.get(key)
+    if stmt is None:
+        stmt = _COMPILED[key] = _Compiled(dialect, model, op, keys, fence, by)
+    return stmt
+
+
+class StepSession(Session):
+    """A session whose :func:`set_values` / :func:`add_row` writes are buffered until the next statement,
+    flush or commit. ``expire_on_commit=False`` as in :func:`farm.store.db.session`."""
+
+    def __init__(self, engine):
+        super().__init__(engine, expire_on_commit=False)
+        self.writes = Writes(self)
+
+    def flush(self, objects=None) -> None:
+        self.writes.flush()
+        super().flush(objects)
+
+    def commit(self) -> None:
+        self.writes.flush()
+        super().commit()
+        self.writes.fences.clear()  # rows read, never written: nothing left to check
+
+    def rollback(self) -> None:
+        self.writes.clear()
+        super().rollback()
+
+
+@event.listens_for(StepSession, "do_orm_execute")
+def _before_statement(state) -> None:  # every ORM statement, Session.get loads included
+    state.session.writes.flush()
+
+
+class PlainRow:
+    """A row read as plain columns (not an ORM instance) that :func:`set_values` (and so
+    :func:`farm.store.states.transition`) can still update: by primary key, through :func:`update_row`, and in
+    the object itself. Subclasses name the mapped class in ``model``; ``id`` is the primary key."""
+    __slots__ = ()
+    model: type
+
+
+def set_values(session, row: Any, **values: Any) -> None:
+    """Set columns of ``row`` (a mapped instance of ``session``, or a :class:`PlainRow`): buffered in a
+    step session, plain ORM attribute changes otherwise."""
+    set_columns(session, row, values)
+
+
+def set_columns(session, row: Any, values: dict[str, Any]) -> None:
+    """:func:`set_values` with the columns in a dict (which the caller no longer changes)."""
+    w = getattr(session, "writes", None)
+    if isinstance(row, PlainRow):
+        for k, v in values.items():
+            setattr(row, k, v)
+        if w is not None:  # update_row, without packing the values again
+            w.update_key(row.model, row.id, values)
+        else:
+            update_row(session, row.model, row.id, **values)
+        return
+    if w is not None:
+        state = instance_state(row)
+        # persistent in this session (a new row is inserted by the ORM, with these values)
+        if state.persistent and state.session_id == session.hash_key:
+            w.update(state, values)
+            return
+    for k, v in values.items():
+        setattr(row, k, v)
+    session.add(row)
+
+
+def add_row(session, model: type, **values: Any) -> None:
+    """Insert a row nobody reads back in this transaction by its object (its id is not needed)."""
+    w = getattr(session, "writes", None)
+    if w is not None:
+        w.insert(model, values)
+    else:
+        session.add(model(**values))
+
+
+def update_row(session, model: type, pk: Any, **values: Any) -> None:
+    """Update the row of ``model`` with primary key ``pk`` without loading it (buffered in a step session)."""
+    w = getattr(session, "writes", None)
+    if w is not None:
+        w.update_key(model, pk, values)
+        return
+    row = session.get(model, pk)
+    if row is not None:
+        set_values(session, row, **values)
+
+
+def update_by(session, model: type, key: dict[str, Any], **values: Any) -> None:
+    """Update the row of ``model`` whose unique columns hold ``key``, without loading it."""
+    w = getattr(session, "writes", None)
+    if w is not None:
+        w.update_key(model, tuple(key.values()), values, key=tuple(key))
+        return
+    session.exec(update(model).where(and_(*[getattr(model, k) == v for k, v in key.items()])).values(**values))
+
+
+def add_to(session, model: type, pk: Any, **deltas: Any) -> None:
+    """``column += delta`` for the row of ``model`` with primary key ``pk`` (buffered in a step session)."""
+    w = getattr(session, "writes", None)
+    if w is not None:
+        w.add(model, pk, deltas)
+        return
+    pks = inspect(model).primary_key
+    pk = pk if isinstance(pk, tuple) else (pk,)
+    session.exec(update(model).where(and_(*[c == v for c, v in zip(pks, pk)]))
+                 .values({k: getattr(model, k) + d for k, d in deltas.items()}))

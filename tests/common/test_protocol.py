@@ -1,0 +1,87 @@
+"""Every protocol message round-trips; malformed frames raise ProtocolError and never reach handlers."""
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common import protocol as P
+from common.limits import MAX_MESSAGE_BYTES, PROTOCOL_HEADER
+
+SAMPLES = [
+    P.Hello("w1", "0xabc", 2, {"runtimes": ["blender"], "devices": [{"type": "CPU"}]}, [[1, 2]], "0.1.0"),
+    P.Ready(2), P.Heartbeat([[3, 1]]), P.Heartbeat(),
+    P.Progress(7, 1, 3, 8, "frame 3"),
+    P.Result(7, 1, [{"frame": 1, "sha256": "a" * 64, "size": 10, "name": "frame_0001.png", "seconds": 0.5}], 0.5),
+    P.Failed(7, 2, "no camera", False), P.BlobGet("b" * 64, 0, 262144),
+    P.BlobPut("c" * 64, 0, 3, b"abc"), P.Bye("shutdown"),
+    P.Welcome("w1", 1.0, 3, 262144, 8),
+    P.Task(7, 1, 3, 30.0, "render", {"frames": [1, 2], "settings": {"format": "PNG"}}, ["d" * 64]),
+    P.Cancel(7, 1, "job canceled"), P.Blob("e" * 64, 0, 3, b"xyz"), P.Blob("e" * 64, 0, 0, b"", "unknown blob"),
+    P.BlobAck("f" * 64, 3, True), P.Ack(7, 1, False, "stale"), P.Disconnect("reconnect"), P.Error("bad"),
+    P.Hello("w2", "", 1, {"runtimes": []}, enroll_token="rhe_token"),
+]
+
+
+def test_every_message_type_is_covered():
+    assert {type(m) for m in SAMPLES} == set(P.MESSAGES.values())
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    frames = P.encode(msg)
+    assert frames[0] == PROTOCOL_HEADER and len(frames) == 3
+    assert P.decode(frames) == msg
+
+
+def _frames(cmd: int, body) -> list[bytes]:
+    return [PROTOCOL_HEADER, bytes([cmd]), msgpack.packb(body, use_bin_type=True)]
+
+
+@pytest.mark.parametrize("frames, why", [
+    ([PROTOCOL_HEADER, b"\x02"], "expected 3 frames"),
+    ([b"RHIVE/0", b"\x02", msgpack.packb({"free_slots": 1})], "upgrade the worker"),
+    ([PROTOCOL_HEADER, b"\x7f", msgpack.packb({})], "unknown command"),
+    ([PROTOCOL_HEADER, b"\x02\x02", msgpack.packb({})], "unknown command"),
+    ([PROTOCOL_HEADER, b"\x02", b"\xc1garbage"], "not valid msgpack"),
+    ([PROTOCOL_HEADER, b"\x02", msgpack.packb([1, 2])], "must be a map"),
+    (_frames(0x02, {}), "missing field"),
+    (_frames(0x02, {"free_slots": "1"}), "expected int"),
+    (_frames(0x02, {"free_slots": True}), "expected int"),
+    (_frames(0x02, {"free_slots": 1, "extra": 2}), "unknown fields"),
+    (_frames(0x02, {"free_slots": 2**64 - 1}), "expected int"),
+    (_frames(0x05, {"task_id": 1, "attempt": 1, "outputs": {"a": 1}, "render_seconds": 1.0}), "expected a list"),
+    (_frames(0x01, {"worker_id": "w", "wallet": "", "slots": 1, "capabilities": {1: 2}}), "key"),
+    ([PROTOCOL_HEADER, b"\x08", b"\x00" * (MAX_MESSAGE_BYTES + 1)], "byte limit"),
+    # a declared length far beyond the bytes present (a 4 GiB bin header)
+    ([PROTOCOL_HEADER, b"\x08", b"\x84\xa6sha256\xc6\xff\xff\xff\xff"], "not valid msgpack"),
+    # a truncated valid message
+    ([PROTOCOL_HEADER, b"\x05", P.encode(SAMPLES[5])[2][:-5]], "not valid msgpack"),
+])
+def test_malformed_frames_are_rejected(frames, why):
+    with pytest.raises(P.ProtocolError, match=why):
+        P.decode(frames)
+
+
+def test_encode_refuses_non_messages():
+    with pytest.raises(P.ProtocolError):
+        P.encode({"free_slots": 1})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=5))
+def test_random_frames_never_raise_anything_but_protocol_error(frames):
+    try:
+        P.decode(frames)
+    except P.ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(P.MESSAGES)), st.dictionaries(st.text(max_size=12), st.one_of(
+    st.integers(-(2**63), 2**64 - 1), st.text(max_size=8), st.binary(max_size=8), st.booleans(), st.none(), st.floats(allow_nan=False),
+    st.lists(st.integers(-(2**63), 2**64 - 1), max_size=3)), max_size=6))
+def test_random_bodies_never_raise_anything_but_protocol_error(cmd, body):
+    try:
+        P.decode(_frames(cmd, body))
+    except P.ProtocolError:
+        pass

@@ -1,0 +1,257 @@
+"""Blob transfer on the worker plane, for real: a Broker (ROUTER on a random loopback port) with a
+Coordinator, and WorkerDaemons whose connection loop ``_session()`` runs in the same asyncio loop.
+No Blender is started: the daemons only fetch and upload, and TASKs are recorded instead of run."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+import zmq.asyncio
+
+from common import limits as C
+from farm.plane.broker import Broker
+from farm.store.models import Blob
+from tests.fixtures_inproc import get, make_engine_and_store, make_job, make_user, new_coordinator, sha256
+from worker.daemon import TaskFailure, WorkerDaemon
+
+CHUNK = C.BLOB_CHUNK_SIZE
+
+
+async def until(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+class Plane:
+    """A running broker + coordinator, and the daemons connected to it; everything stops on exit."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.engine, self.blobs = make_engine_and_store(root / "farm")
+        self.coord = new_coordinator(self.engine, self.blobs)
+        self.sessions: list[tuple[WorkerDaemon, asyncio.Task]] = []
+
+    async def __aenter__(self):
+        self.ctx = zmq.asyncio.Context()
+        self.broker = Broker(self.coord, "tcp://127.0.0.1:0", ctx=self.ctx)
+        self.broker_task = asyncio.create_task(self.broker.run())
+        self.endpoint = await self.broker.ready()
+        return self
+
+    async def daemon(self, cache: str = "cache", worker_id: str | None = None, **kw) -> WorkerDaemon:
+        """Start a daemon's connection loop (no runtimes) and wait until its HELLO is on the wire."""
+        d = WorkerDaemon(self.endpoint, self.root / cache, worker_id=worker_id, **kw)
+        d.ctx = self.ctx
+        d.ready_info = {}
+        self.sessions.append((d, asyncio.create_task(d._session())))
+        await until(lambda: d.sock is not None, what="the daemon's socket")
+        return d
+
+    async def kill(self, d: WorkerDaemon) -> None:
+        """Stop a daemon abruptly, as a crash would: its tasks die, its socket closes, no BYE."""
+        for daemon, task in self.sessions:
+            if daemon is d:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def __aexit__(self, *exc):
+        for _, task in self.sessions:
+            task.cancel()
+        await asyncio.gather(*(t for _, t in self.sessions), return_exceptions=True)
+        self.broker.stop()
+        await asyncio.wait_for(self.broker_task, 10)
+        self.ctx.destroy(linger=0)
+
+
+def run(tmp_path: Path, body, timeout: float = 25.0):
+    """Run ``body(plane)`` in a fresh event loop with a running farm plane."""
+    async def main():
+        async with Plane(tmp_path) as plane:
+            await asyncio.wait_for(body(plane), timeout)
+    asyncio.run(main())
+
+
+def chunks_for(size: int) -> int:
+    return -(-size // CHUNK)
+
+
+def test_multi_chunk_fetch_lands_verified_and_is_cached(tmp_path):
+    data = os.urandom(3 * 1024 * 1024 + 12345)
+
+    async def body(p: Plane):
+        sha = p.blobs.write_bytes(data)
+        d = await p.daemon()
+        path = await d.fetch(sha)
+        assert path == d.cache.path(sha) and path.read_bytes() == data
+        assert not d.cache.partial(sha).exists()
+        assert d.stats["bytes_downloaded"] == len(data)
+        assert p.coord.stats["chunks_out"] == chunks_for(len(data)), "each chunk requested once"
+        assert await d.fetch(sha) == path
+        assert d.stats["bytes_downloaded"] == len(data), "a cached blob downloads nothing"
+        # two tasks wanting the same blob at once share one download
+        other = p.blobs.write_bytes(data[::-1])
+        a, b = await asyncio.gather(d.fetch(other), d.fetch(other))
+        assert a == b and a.read_bytes() == data[::-1]
+        assert d.stats["bytes_downloaded"] == 2 * len(data)
+        # tiny and empty blobs
+        for small in (b"", b"x"):
+            assert (await d.fetch(p.blobs.write_bytes(small))).read_bytes() == small
+
+    run(tmp_path, body)
+
+
+def test_unknown_blob_fails_the_fetch(tmp_path):
+    async def body(p: Plane):
+        d = await p.daemon()
+        with pytest.raises(TaskFailure) as exc:
+            await d.fetch(sha256(b"not on the coordinator"))
+        assert exc.value.retryable and "unknown blob" in str(exc.value)
+        assert not d.cache.has(sha256(b"not on the coordinator"))
+
+    run(tmp_path, body)
+
+
+def test_interrupted_download_resumes_in_a_new_daemon(tmp_path):
+    data = os.urandom(3 * 1024 * 1024)
+
+    async def body(p: Plane):
+        sha = p.blobs.write_bytes(data)
+        d1 = await p.daemon(worker_id="w1")
+        part = d1.cache.partial(sha)
+        fetch = asyncio.create_task(d1.fetch(sha))
+        await until(lambda: part.exists() and part.stat().st_size >= 1024 * 1024, what="1 MiB downloaded")
+        fetch.cancel()  # as a CANCEL of the task that wanted the blob does
+        await asyncio.gather(fetch, return_exceptions=True)
+        assert fetch.cancelled(), "the cancellation was not swallowed by a chunk arriving at the same time"
+        await p.kill(d1)
+        have = part.stat().st_size
+        assert CHUNK <= have < len(data) and have % CHUNK == 0
+        assert not d1.cache.has(sha)
+
+        d2 = await p.daemon(worker_id="w1")  # a restarted worker: same cache dir, same id
+        path = await d2.fetch(sha)
+        assert path.read_bytes() == data and not part.exists()
+        assert d2.stats["bytes_downloaded"] == len(data) - have, "resumed from the partial file"
+        served = p.coord.stats["chunks_out"] * CHUNK
+        assert served <= chunks_for(len(data)) * CHUNK + C.BLOB_CREDIT * CHUNK, \
+            "at most the requests in flight at the interruption were served twice"
+
+    run(tmp_path, body)
+
+
+def test_corrupted_partial_fails_the_hash_check_then_refetches(tmp_path):
+    data = os.urandom(1024 * 1024 + 777)
+
+    async def body(p: Plane):
+        sha = p.blobs.write_bytes(data)
+        d = await p.daemon()
+        part = d.cache.partial(sha)
+        bad = bytearray(data[:2 * CHUNK])
+        bad[1000] ^= 0xFF
+        part.write_bytes(bytes(bad))
+        with pytest.raises(TaskFailure) as exc:
+            await d.fetch(sha)
+        assert "hash check" in str(exc.value) and exc.value.retryable
+        assert d.stats["bytes_downloaded"] == len(data) - 2 * CHUNK, "it resumed after the corrupt bytes"
+        assert not part.exists() and not d.cache.has(sha), "the corrupt download is thrown away"
+        path = await d.fetch(sha)
+        assert path.read_bytes() == data
+        assert d.stats["bytes_downloaded"] == 2 * len(data) - 2 * CHUNK
+
+        # a partial file longer than the blob cannot be right either
+        other = p.blobs.write_bytes(b"short blob")
+        d.cache.partial(other).write_bytes(b"short blob, with trailing junk")
+        with pytest.raises(TaskFailure):
+            await d.fetch(other)
+        assert (await d.fetch(other)).read_bytes() == b"short blob"
+
+    run(tmp_path, body)
+
+
+def test_upload_while_holding_a_lease(tmp_path):
+    out = os.urandom(3 * CHUNK + 100)
+
+    async def body(p: Plane):
+        user, _ = make_user(p.engine, "alice")
+        job_id = make_job(p.engine, p.blobs, user, "1")  # one task: only the first daemon gets a lease
+        leases = []
+        d = await p.daemon(worker_id="w1")
+        d._start_task = leases.append  # record the TASK instead of rendering it
+        await until(lambda: leases, what="a TASK for w1 (sent after WELCOME and READY)")
+        assert (leases[0].job_id, leases[0].attempt) == (job_id, 1)
+        idle = await p.daemon(cache="idle", worker_id="idle")
+        idle._start_task = leases.append
+        src = p.root / "frame_0001.png"
+        src.write_bytes(out)
+        sha = sha256(out)
+
+        with pytest.raises(TaskFailure) as exc:
+            await idle.upload(src, sha)
+        assert "task lease" in str(exc.value)
+        assert not p.blobs.has(sha) and len(leases) == 1
+
+        await d.upload(src, sha)
+        assert p.blobs.read(sha, 0, len(out) + 1) == out
+        row = get(p.engine, Blob, sha)
+        assert (row.size, row.origin) == (len(out), "worker")
+        assert d.stats["bytes_uploaded"] == len(out)
+        await d.upload(src, sha)
+        assert d.stats["bytes_uploaded"] == len(out), "stored already: nothing is sent again"
+
+        # an upload interrupted earlier resumes from the bytes the coordinator stored
+        second = p.root / "frame_0002.png"
+        second.write_bytes(out[::-1])
+        sha2 = sha256(out[::-1])
+        p.blobs.put_chunk(sha2, 0, len(out), out[::-1][:2 * CHUNK])
+        await d.upload(second, sha2)
+        assert p.blobs.read(sha2, 0, len(out) + 1) == out[::-1]
+        assert d.stats["bytes_uploaded"] == 2 * len(out) - 2 * CHUNK
+
+    run(tmp_path, body)
+
+
+def test_lru_cap_evicts_least_recently_used_but_never_pinned(tmp_path):
+    size = 100_000
+    blobs_data = {name: os.urandom(size) for name in "ABCD"}
+
+    async def body(p: Plane):
+        sha = {name: p.blobs.write_bytes(b) for name, b in blobs_data.items()}
+        d = await p.daemon(cache_bytes=int(2.5 * size))
+        cache = d.cache
+
+        def age(name: str, seconds_ago: float):
+            t = time.time() - seconds_ago
+            os.utime(cache.path(sha[name]), (t, t))
+
+        def held() -> set[str]:
+            return {n for n, h in sha.items() if cache.path(h).exists()}
+
+        await d.fetch(sha["A"])
+        await d.fetch(sha["B"])
+        age("A", 100)
+        age("B", 50)
+        assert cache.has(sha["A"])  # A is used again: B is now the least recently used
+        await d.fetch(sha["C"])
+        assert held() == {"A", "C"}
+
+        cache.pin(sha["A"])
+        age("A", 200)
+        age("C", 100)
+        await d.fetch(sha["D"])
+        assert held() == {"A", "D"}, "the pinned blob stays although it is the oldest"
+        assert cache.evict() == [], "under the cap nothing more goes"
+
+        cache.unpin(sha["A"])
+        age("A", 200)
+        await d.fetch(sha["B"])
+        assert held() == {"D", "B"}
+        assert sum(cache.path(sha[n]).stat().st_size for n in held()) <= cache.cap
+        assert all(cache.path(sha[n]).read_bytes() == blobs_data[n] for n in held())
+
+    run(tmp_path, body)

@@ -1,0 +1,152 @@
+"""``farm models tiny --out DIR``: a tiny Stable Diffusion pipeline with random weights, for tests, the demo
+and benchmarks.
+
+Responsibility: build a complete ``StableDiffusionPipeline`` (UNet2DConditionModel, AutoencoderKL,
+CLIPTextModel, CLIPTokenizer, a scheduler) from small configs and save it with ``save_pretrained``, so
+that every other part of the farm loads it with ``from_pretrained(DIR)`` exactly like a real model folder.
+No file is downloaded: the tokenizer's ``vocab.json`` and ``merges.txt`` are written here (CLIP's byte
+level BPE alphabet plus merges for a few hundred prompt words).
+
+Invariants:
+
+* deterministic: the weights come from a fixed seed in a forked RNG, and the files carry no dates, so two
+  builds with the same library versions give byte-identical folders (the same model hash);
+* small: about a million parameters; a 64x64 image in a few steps takes tens of milliseconds on a CPU;
+* the VAE downsamples by 8 and the text encoder takes 77 tokens, like SD 1.x, so sizes and prompt limits
+  are validated exactly as for a real model.
+
+Only this module, :mod:`worker.runtimes.diffusion` and the tests import torch; the worker daemon never does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+SEED = 20240601
+"""Seed of the random weights (any fixed value; changing it changes the tiny model's hash)."""
+
+MAX_TOKENS = 77
+"""Tokens the text encoder takes, start and end tokens included (CLIP ViT-L/14, as in SD 1.x)."""
+
+# Words that get whole-word BPE merges, so ordinary prompts take about one token per word (like the real
+# CLIP vocabulary) instead of one per character.
+WORDS = """
+a an the of in on at by with and or to from for over under into through near far above below behind
+photo photograph painting drawing sketch illustration render rendering portrait landscape still life
+watercolor oil acrylic ink pencil charcoal pastel digital art style styled concept matte cinematic
+lighting light dark bright soft hard warm cold golden hour sunset sunrise dusk dawn night day morning
+evening noon storm rain snow fog mist cloud clouds sky sun moon stars star city street town village
+house castle tower bridge road river lake sea ocean beach island mountain mountains hill forest tree
+trees flower flowers garden field desert cave waterfall ship boat car train plane robot dragon knight
+cat dog bird horse fox wolf owl fish man woman child girl boy old young face eyes hair hat dress
+red orange yellow green blue purple pink brown black white gray grey silver gold colorful vivid pale
+highly detailed intricate sharp focus bokeh wide angle close up macro aerial view shot lens mm film
+grain vintage retro futuristic ancient medieval modern fantasy science fiction surreal abstract
+minimal minimalist epic beautiful dramatic moody calm peaceful quiet busy crowded empty lonely
+turntable monkey suzanne blender cycles eevee frame sequence animation stylized stylised toon
+cartoon anime comic noir gothic baroque impressionist impressionism cubism pop neon glow glowing
+blurry blur low quality ugly deformed extra bad worst jpeg artifacts watermark text signature
+trending artstation unreal engine octane volumetric ray tracing studio by artist masterpiece best
+""".split()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map from bytes to printable unicode characters (the BPE alphabet)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def tokenizer_files() -> tuple[dict[str, int], list[str]]:
+    """The vocabulary and merges of the tiny tokenizer, in CLIP's format."""
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    seen_merges: set[str] = set()
+    known = set(tokens)
+    for word in dict.fromkeys(WORDS):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        cur = parts[0]
+        for nxt in parts[1:]:  # merge left to right: "w a", "wa t", "wat e", …
+            merge = f"{cur} {nxt}"
+            cur += nxt
+            if merge not in seen_merges:
+                seen_merges.add(merge)
+                merges.append(merge)
+            if cur not in known:
+                known.add(cur)
+                tokens.append(cur)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def write_tokenizer_source(folder: Path) -> None:
+    """vocab.json and merges.txt as the original CLIP release ships them."""
+    vocab, merges = tokenizer_files()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def build(out: Path) -> Path:
+    """Build the tiny pipeline and save it into ``out`` (replaced if it exists). Returns ``out``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_source(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        vae = AutoencoderKL(  # four blocks: downsamples by 8 like SD's VAE
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(8, 16, 16, 16), sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                                   unet=unet.eval(), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    tmp_out = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    pipe.save_pretrained(tmp_out, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_out.rename(out)  # a half-written folder never carries the model's name
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="farm models tiny", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="model folder to write (its name is the model's name)")
+    args = ap.parse_args(argv)
+    path = build(Path(args.out))
+    print(f"tiny Stable Diffusion pipeline written to {path.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""A worker's own tunables: reconnect backoff, blob cache, runtime memory ceiling, render and diffusion
+threads, tile overscan margins and the benchmark that measures its speed. Each with the reason it has its
+value; tests shrink some through environment variables (``RENDERHIVE_<NAME>``).
+
+Shared wire limits are in :mod:`common.limits`; the coordinator's policy in ``farm.constants``.
+"""
+from __future__ import annotations
+
+import os
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(f"RENDERHIVE_{name}")
+    return float(raw) if raw else default
+
+
+RECONNECT_INITIAL = 1.0
+"""First reconnect delay of a worker that lost the coordinator, in seconds."""
+
+RECONNECT_MAX = 32.0
+"""Cap of the exponential reconnect backoff (1 → 2 → 4 … → 32 s)."""
+
+BLOB_TRANSFER_TIMEOUT = 5.0
+"""Seconds without a chunk after which a transfer re-requests from its last verified offset."""
+
+WORKER_CACHE_BYTES = int(_env_float("WORKER_CACHE_BYTES", 20 * 1024**3))
+"""Default size cap of a worker's blob cache (LRU)."""
+
+RUNTIME_MAX_RSS_BYTES = int(_env_float("RUNTIME_MAX_RSS_BYTES", 16 * 1024**3))
+"""A runtime child whose resident memory exceeds this after a task is restarted before the next one
+(Blender and torch can fragment or leak over many scenes; a restart costs about a second)."""
+
+DIFFUSION_CACHE_BYTES = int(_env_float("DIFFUSION_CACHE_BYTES", 0))
+"""Memory for loaded pipelines in one diffusion runtime (LRU by model); 0: 70% of the GPU's memory on
+CUDA, 40% of RAM on the CPU. The pipeline in use is always kept, even when it alone is bigger."""
+
+TILE_OVERSCAN_DENOISE = 16
+"""Pixels rendered around each tile, and cropped off, when the scene denoises (OpenImageDenoise needs
+context across the seam). Measured on the sample scene, 4x4: seam error 2.8/255 with no margin, 0.24/255
+with 16 px (below one 8-bit step: invisible), 0.17/255 with 32 px at twice the extra render area."""
+
+TILE_OVERSCAN_ADAPTIVE = 4
+"""Margin when Cycles adaptive sampling is on (and no denoising), up to TILE_OVERSCAN_ADAPTIVE_SAMPLES
+samples; doubled for every 4x more samples, up to TILE_OVERSCAN_DENOISE. A pixel's sample count depends
+on its neighbours' convergence at every check, so the reach grows with the number of checks. Measured
+(sample scene, 4x4 and 8x8 tiles, bit-exact = no pixel differs): 256 samples: 2-3 px exact, 1 px not;
+4096: 4 px exact, 3 px not (8x8, threshold 0.002); 16384: 8 px exact, 4 px differs on 10 pixels by at most
+0.0017."""
+
+TILE_OVERSCAN_ADAPTIVE_SAMPLES = 4096
+"""Sample count up to which TILE_OVERSCAN_ADAPTIVE suffices (see there)."""
+
+RENDER_THREADS = int(_env_float("RENDER_THREADS", 0))
+"""Render threads of each Blender child (0: Blender's automatic choice, all cores). Set it when several
+workers share one host, e.g. to measure how tiles of one frame spread over workers."""
+
+VIDEO_DEFAULT_FPS = 24.0
+"""Frame rate of a video whose frames carry no scene frame rate (see the Blender runtime's fps note)."""
+
+DIFFUSION_THREADS = int(_env_float("DIFFUSION_THREADS", 0))
+"""CPU threads of each diffusion runtime (``torch.set_num_threads``); 0: torch's default, every core. On a
+CPU worker with several slots, or a host shared with other work, give cores ÷ slots: torch's OpenMP threads
+spin-wait for each other, and one that loses its core slows a step down many times over."""
+
+BENCH_FRAME = 1
+"""Frame of sample_scenes/turntable.blend rendered by the Blender benchmark."""
+
+BENCH_BLENDER_SETTINGS = {"resolution_percent": 75, "samples": 16, "format": "PNG", "color_depth": "8"}
+"""Render settings of the benchmark frame: 240x180, 16 samples, Cycles, no denoising. About 0.25 s on 2
+CPU cores (50 % took 0.11 s, too short to time well; 100 % took 0.43 s); changing them changes every score
+(they are part of the cache key)."""
+
+BENCH_RUNS = 2
+"""Renders of the benchmark frame; the score comes from the fastest (the first also loads the scene,
+builds the BVH and compiles shaders, which a worker pays once per scene, not per frame)."""
+
+BENCH_DIFFUSION = {"steps": 1, "width": 64, "height": 64, "seed": 1234, "guidance": 7.5,
+                   "prompt": "a photo of a red cube on a table"}
+"""The fixed generation of the diffusion benchmark, with the first model the worker holds (its hash is part
+of the cache key: scores of different models do not compare)."""
+
+BENCH_TIMEOUT = _env_float("BENCH_TIMEOUT", 300.0)
+"""Seconds one benchmark measurement may take before it is abandoned (the worker then reports no score)."""
