@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from client import localfarm  # noqa: E402
 from common import rasters  # noqa: E402
-from farm.kinds.tiles import tile_name  # noqa: E402
+from common.tiles import tile_name  # noqa: E402
 from worker.runtimes.process import RuntimeProcess  # noqa: E402
 from worker.tasks.assemble import assemble_frame  # noqa: E402
 

@@ -1,17 +1,17 @@
 """Assignment: which queued task goes to which free worker, and the lease that records it.
 
-A mixin of :class:`farm.core.coordinator.Coordinator` (its state: connections, scheduler, verifier, the
-read-ahead copy of the queue), kept apart so that the step's message handling and the assignment round
-each stay readable. :meth:`Assignment._assign` runs at the end of a step when work or capacity may have
-appeared: it reads the head of the queue (``ReadAhead``, or the database one priority level at a time),
+:class:`Assignment` is owned by :class:`farm.core.coordinator.Coordinator`, which runs a round at the end
+of a step when work or capacity may have appeared (:meth:`Assignment.run`). A round reads the head of the
+queue (its own :class:`~farm.core.leases.ReadAhead` copy, or the database one priority level at a time),
 filters the free workers that may take each task (runtime, tier, blocklist, a check's rules) and lets
 :class:`farm.core.scheduler.Scheduler` choose among them; :meth:`Assignment._lease` records the lease (task,
-Attempt row, event) in the step's transaction and queues the TASK message.
+Attempt row, event) in the step's transaction and queues the TASK message. What it needs from its owner is
+handed to it explicitly: the step's cached job lookup and the rule for who may run a check.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import bindparam, func, or_
 from sqlmodel import Session, select
@@ -20,7 +20,7 @@ from common import protocol as P
 from common.logs import ctx
 from farm import constants as C
 from farm.core.leases import COLUMNS, ReadAhead, TaskRow
-from farm.core.scheduler import RUNTIME_FOR_KIND, Conn, fits
+from farm.core.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, fits
 from farm.store.models import Attempt, Job, JobWorker, Task
 from farm.store.states import JOB_SCHEDULABLE, QUEUE_EPOCH, JobStatus, TaskStatus, transition
 from farm.store.writes import add_row
@@ -51,14 +51,18 @@ _BLOCKED = (select(JobWorker.job_id, JobWorker.worker_id)
 
 
 class Assignment:
-    """Assignment rounds and leases (see the module docstring); mixed into the Coordinator."""
+    """Assignment rounds and leases (see the module docstring)."""
 
-    def _assign(self, s: Session, now: float, out: Outgoing) -> None:
-        self.want_assign = False
-        for conn in self.conns.values():  # workers on probation earn their way back with probes
-            if conn.tier == "probation" and conn.free > 0 and self.verifier.enabled:
-                self.verifier.probe(s, conn, now)
-        free = [c for c in self.conns.values() if c.free > 0]
+    def __init__(self, scheduler: Scheduler, job_of: Callable[[Session, int], Job | None],
+                 may_take_check: Callable[[Task, Conn], bool]):
+        self.scheduler = scheduler
+        self.ahead = ReadAhead()  # the head of the queue: rounds need not read it again
+        self._job = job_of  # the step's job lookup (loaded, cached from the last step, or read)
+        self._may_take_check = may_take_check  # whether a worker may run a check task (never the checked one)
+
+    def run(self, s: Session, conns: Iterable[Conn], now: float, out: Outgoing) -> None:
+        """Lease queued tasks to the free slots of ``conns``, in priority-then-FIFO order."""
+        free = [c for c in conns if c.free > 0]
         capacity = sum(c.free for c in free)
         if not capacity:
             return
@@ -153,7 +157,7 @@ class Assignment:
         if not fits(task.kind, conn, task.spec):
             return False
         if is_check(task):
-            return self.verifier.may_take(task, conn)
+            return self._may_take_check(task, conn)
         return conn.tier != "probation" and R.at_least(conn.tier, job.spec.get("min_tier"))
 
     def _assign_deeper(self, s: Session, conn: Conn, now: float, out: Outgoing) -> None:

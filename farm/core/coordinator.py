@@ -11,8 +11,11 @@ sockets, so tests drive it directly. Invariants:
   silent for HEARTBEAT_LIVENESS intervals, says BYE, reconnects without it, or lets it expire;
 * a malformed message is answered with ERROR and never raises out of ``step``.
 
-The assignment round and the lease it grants are in :mod:`farm.core.assignment` (mixed in); the in-memory
-copies the hot path reads (live leases, the head of the queue) are in :mod:`farm.core.leases`.
+The assignment round and the lease it grants are :class:`farm.core.assignment.Assignment`, which the
+coordinator owns; the in-memory copies the hot path reads (live leases, the head of the queue) are in
+:mod:`farm.core.leases`. Verification (:mod:`farm.verify`) is owned too, and reaches back only through
+the typed port it declares (:class:`farm.verify.port.Core`: accept, evidence, revoke, request an
+assignment round, the connected workers).
 """
 from __future__ import annotations
 
@@ -31,9 +34,10 @@ from common import protocol as P
 from common.logs import ctx
 from farm import constants as C
 from farm.core.assignment import Assignment
-from farm.core.leases import LeaseBook, ReadAhead, TaskRow
-from farm.core.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler
-from farm.kinds import diffusion
+from farm.core.leases import LeaseBook, TaskRow
+from farm.core.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, fits
+from farm.kinds import jobs
+from farm.kinds.registry import JOB_STATUS_LISTENERS, JobListener
 from farm.store.blobs import BlobError, BlobStore
 from farm.store.db import session as new_session
 from farm.store.models import Attempt, Job, JobWorker, Output, Task, TaskDep, Worker
@@ -64,9 +68,10 @@ _TASKS = select(Task).where(Task.id.in_(bindparam("ids", expanding=True)))
 _JOBS = select(Job).where(Job.id.in_(bindparam("ids", expanding=True)))
 
 
-class Coordinator(Assignment):
+class Coordinator:
     def __init__(self, engine, blobs: BlobStore, scheduler: Scheduler | None = None,
-                 clock: Callable[[], float] = time.time, verify: bool = True):
+                 clock: Callable[[], float] = time.time, verify: bool = True,
+                 listeners: tuple[JobListener, ...] = JOB_STATUS_LISTENERS):
         self.engine = engine
         self.blobs = blobs
         self.scheduler = scheduler or Scheduler()
@@ -75,11 +80,11 @@ class Coordinator(Assignment):
         self.by_worker: dict[str, bytes] = {}
         self.pending: Outgoing = []      # replies queued from outside step (cancel via the API)
         self.want_assign = True          # set when work or capacity may have appeared
+        self.listeners = listeners       # job-status reactions of the job kinds (farm.kinds.registry)
         self._last_sweep = 0.0
         self.stats = defaultdict(int)
         self._needed: dict[int, frozenset[int]] = {}  # job id → ids of its tasks that other tasks wait for
         self.book = LeaseBook()  # live leases' tasks: RESULT and friends need not read them again
-        self.ahead = ReadAhead()  # the head of the queue: assignment rounds need not read it again
         # jobs as the last committed step left them (detached), good while QUEUE_EPOCH holds: every job
         # change made elsewhere moves it (farm/core/leases.py), and status changes are fenced (farm/store/states.py)
         self._jobs: dict[int, Job] = {}
@@ -87,6 +92,7 @@ class Coordinator(Assignment):
         # called by step, in its thread, as it starts to commit (the broker receives meanwhile)
         self.on_commit: Callable[[], None] | None = None
         self.verifier = Verifier(self, enabled=verify, seed=None if scheduler is None else scheduler.rng.random())
+        self.assignment = Assignment(self.scheduler, self._job, Verifier.may_take)
         # message class → its handler, _on_<name> (HELLO is handled before a connection exists)
         self._handlers = {cls: getattr(self, f"_on_{cls.__name__.lower()}") for cls in P.MESSAGES.values()
                           if hasattr(self, f"_on_{cls.__name__.lower()}")}
@@ -177,21 +183,26 @@ class Coordinator(Assignment):
                     self.conns[ident].free = n
             self.want_assign = want or True
             self.book.clear()  # its copies may hold changes that were never committed
-            self.ahead.clear()
+            self.assignment.ahead.clear()
             self._jobs.clear()
             raise
 
     def cancel_job(self, job_id: int, user) -> dict[str, Any]:
         """Cancel a job for the API. Runs on the coordinator's thread (like ``step``), so task rows are
         never written by two threads at once. Returns the job's view."""
-        from farm.kinds import jobs
         with new_session(self.engine) as s:
             job = jobs.get_job(s, job_id, user)
             leases = jobs.cancel_job(s, job)
-            diffusion.on_job_status(s, job, self.clock())  # img2img jobs waiting for its frames fail
+            self._job_changed(s, job, self.clock())
             s.commit()
             self.revoke(leases, "the job was canceled")
             return jobs.job_view(s, job)
+
+    def _job_changed(self, s: Session, job: Job, now: float) -> None:
+        """Tell the job kinds' listeners that ``job`` changed status (a chained job may start or fail)."""
+        for listener in self.listeners:
+            if listener(s, job, now):
+                self.want_assign = True
 
     def revoke(self, leases: list[tuple[str, int, int]], reason: str) -> None:
         """Queue CANCEL for leases already ended in the database. Coordinator thread only."""
@@ -275,6 +286,16 @@ class Coordinator(Assignment):
             out.append((ident, P.Error(f"{type(msg).__name__} is not a worker message")))
             return
         handler(s, conn, msg, now, out)
+
+    def _assign(self, s: Session, now: float, out: Outgoing) -> None:
+        """The assignment round: probes for workers on probation first (they get no other work), then
+        leases of queued tasks to every free slot."""
+        self.want_assign = False
+        if self.verifier.enabled:
+            for conn in self.conns.values():  # workers on probation earn their way back with probes
+                if conn.tier == "probation" and conn.free > 0:
+                    self.verifier.probe(s, conn, now)
+        self.assignment.run(s, self.conns.values(), now, out)
 
     def _maintain(self, s: Session, now: float, out: Outgoing) -> None:
         if now - self._last_sweep >= C.SWEEP_INTERVAL:
@@ -459,8 +480,7 @@ class Coordinator(Assignment):
             transition(s, job, JobStatus.rendered, reason="every task accepted", now=now)
             for measured in R.measure_job(s, job.id, now):
                 self.refresh_standing(measured)
-            if diffusion.on_job_status(s, job, now):  # img2img jobs waiting for these frames start
-                self.want_assign = True
+            self._job_changed(s, job, now)
 
     def _check_outputs(self, task: Task, outputs: list[dict[str, Any]], sizes: dict[str, int] | None = None) -> str:
         """Why ``outputs`` is not a valid result of ``task`` ("" when it is): it must name exactly the
@@ -578,7 +598,7 @@ class Coordinator(Assignment):
             t.worker_id, t.lease_expires = None, None
             transition(s, t, TaskStatus.canceled, reason="the job failed", attempt=t.attempt, now=now)
         transition(s, job, JobStatus.failed, reason=reason, now=now)
-        diffusion.on_job_status(s, job, now)
+        self._job_changed(s, job, now)
 
     def _lose(self, s: Session, task: Task, now: float, reason: str, out: Outgoing) -> None:
         """The lease of ``task`` ended without a result: requeue it (or fail it when out of attempts)."""
@@ -621,6 +641,16 @@ class Coordinator(Assignment):
         """Record reputation evidence about ``w`` and give the scheduler its new standing at once."""
         R.record(s, w, kind, now, job_id, task_id, detail)
         self.refresh_standing(w)
+
+    def request_assignment(self) -> None:
+        """Run an assignment round at the end of this step (work or capacity may have appeared)."""
+        self.want_assign = True
+
+    def seats(self) -> list[Conn]:
+        """The connected workers (verification's port)."""
+        return list(self.conns.values())
+
+    fits = staticmethod(fits)
 
     def refresh_standing(self, w: Worker) -> None:
         """Copy ``w``'s reputation, tier and speed to its connection, if it is connected."""

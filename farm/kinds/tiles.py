@@ -24,7 +24,7 @@ import re
 from typing import Any
 
 from common import limits as C
-from common.tiles import edges, tile_name, tile_rect, too_many_tiles  # noqa: F401  (the plan's geometry)
+from common.tiles import tile_name, too_many_tiles
 from farm.kinds import frames as splitter
 from farm.kinds.frames import SpecError, TaskPlan
 

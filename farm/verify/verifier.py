@@ -24,7 +24,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import Session, select
@@ -32,14 +32,11 @@ from sqlmodel import Session, select
 from common import rasters
 from common.logs import ctx
 from farm import constants as C
-from farm.core.scheduler import fits
 from farm.store.models import Attempt, Check, Event, Job, JobWorker, Output, Task, TaskDep, Worker
 from farm.store.states import TASK_LEASED, TaskStatus, transition
 from farm.verify import compare
 from farm.verify import reputation as R
-
-if TYPE_CHECKING:
-    from farm.core.coordinator import Coordinator
+from farm.verify.port import Core, Seat
 
 log = logging.getLogger("farm.verify.verifier")
 
@@ -63,8 +60,8 @@ def public_spec(spec: dict) -> dict:
 
 
 class Verifier:
-    def __init__(self, coord: "Coordinator", enabled: bool = True, seed: int | None = None):
-        self.coord = coord
+    def __init__(self, core: Core, enabled: bool = True, seed: int | None = None):
+        self.core = core
         self.enabled = enabled
         self.rng = random.Random(seed)
         self.probe_after: dict[str, float] = {}   # worker id → earliest time of its next probe
@@ -79,7 +76,7 @@ class Verifier:
         for o in outputs:
             if Path(o["name"]).suffix.lower() not in PICTURES:
                 continue
-            found = compare.inspect(self.coord.blobs.path(o["sha256"]), o["name"])
+            found = compare.inspect(self.core.blobs.path(o["sha256"]), o["name"])
             if found.problem:
                 return found.problem, ""
             suspicious = suspicious or found.suspicious
@@ -125,7 +122,7 @@ class Verifier:
         return check
 
     def _crops(self, out: Output) -> list[list[int]]:
-        w, h = compare.image_size(self.coord.blobs.path(out.sha256))
+        w, h = compare.image_size(self.core.blobs.path(out.sha256))
         side = math.sqrt(C.CHECK_CROP_FRACTION)
         cw, ch = max(1, min(w, round(w * side))), max(1, min(h, round(h * side)))
         regions = []
@@ -164,17 +161,17 @@ class Verifier:
         s.add(Event(at=now, kind="task", job_id=task.job_id, task_id=vt.id, new="queued",
                     worker_id=check.suspect_id,
                     detail=f"check {check.id} ({check.mode}) of task {task.index} {out.name}: {check.reason}"))
-        self.coord.want_assign = True
+        self.core.request_assignment()
         return vt
 
     # ------------------------------------------------------------------ who may run a check
     def _someone_else(self, kind: str, suspect: str, spec: dict) -> bool:
         check_kind = "diffusion" if kind == "diffusion" else "verify"
-        return any(c.worker_id != suspect and c.tier != "probation" and fits(check_kind, c, spec)
-                   for c in self.coord.conns.values())
+        return any(c.worker_id != suspect and c.tier != "probation" and self.core.fits(check_kind, c, spec)
+                   for c in self.core.seats())
 
     @staticmethod
-    def may_take(task: Task, conn) -> bool:
+    def may_take(task: Task, conn: Seat) -> bool:
         """Whether ``conn`` may run check task ``task`` (never the worker checked; probes only the probed)."""
         only = task.spec.get("only_worker")
         if only:
@@ -215,7 +212,7 @@ class Verifier:
                        parent=check, exclude=[check.suspect_id, verifier.id])
 
     def _result(self, s: Session, check: Check) -> rasters.Raster:
-        return rasters.read(self.coord.blobs.path(self._output(s, check).sha256))
+        return rasters.read(self.core.blobs.path(self._output(s, check).sha256))
 
     def _output(self, s: Session, check: Check) -> Output:
         return s.exec(select(Output).where(Output.task_id == check.task_id).where(Output.attempt == check.attempt)
@@ -229,7 +226,7 @@ class Verifier:
         worst: dict = {"passed": True, "equal": True, "ssim": 1.0, "max_diff": 0.0, "why": "", "exact": exact}
         for box, sha in zip(boxes, shas):
             try:
-                got = rasters.read(self.coord.blobs.path(sha))
+                got = rasters.read(self.core.blobs.path(sha))
             except (rasters.RasterError, OSError) as exc:
                 return {"passed": False, "why": f"the re-render cannot be read: {exc}", "exact": exact}
             r = compare.compare(ref, tuple(box) if box else None, got, exact)
@@ -242,14 +239,14 @@ class Verifier:
     def _passed(self, s, check: Check, task: Task, suspect: Worker, verifier: Worker, result: dict,
                 now: float) -> None:
         self._close(s, check, "passed", result, now)
-        self.coord.evidence(s, suspect, "check_passed", now, task.job_id, task.id, f"check {check.id} ({check.mode})")
+        self.core.evidence(s, suspect, "check_passed", now, task.job_id, task.id, f"check {check.id} ({check.mode})")
         self._event(s, task, suspect.id, f"check {check.id} passed ({check.mode}, by {verifier.id})", now)
-        self.coord.accept(s, task, s.get(Job, task.job_id), suspect.id, now)
+        self.core.accept(s, task, s.get(Job, task.job_id), suspect.id, now)
 
     def _failed(self, s, check: Check, task: Task, suspect: Worker, result: dict, now: float) -> None:
         self._close(s, check, "failed", result, now)
         why = result.get("why", "")
-        self.coord.evidence(s, suspect, "check_failed", now, task.job_id, task.id, f"check {check.id}: {why}")
+        self.core.evidence(s, suspect, "check_failed", now, task.job_id, task.id, f"check {check.id}: {why}")
         job = s.get(Job, task.job_id)
         jw = s.get(JobWorker, (job.id, suspect.id)) or JobWorker(job_id=job.id, worker_id=suspect.id)
         failed_here = s.exec(select(func.count()).select_from(Check).where(Check.job_id == job.id)
@@ -293,14 +290,14 @@ class Verifier:
         if check.mode != "probe" and task is not None and task.attempt == check.attempt \
                 and task.status == TaskStatus.verifying.value:
             self._event(s, task, check.suspect_id, f"unverified: check {check.id}: {reason}", now)
-            self.coord.accept(s, task, s.get(Job, task.job_id), check.suspect_id, now)
+            self.core.accept(s, task, s.get(Job, task.job_id), check.suspect_id, now)
 
     def expire(self, s: Session, now: float) -> None:
         """Checks queued longer than CHECK_WAIT that no connected worker may run (the only other worker
         left): the result stands unverified rather than holding the job up for ever."""
         for vt in s.exec(select(Task).where(Task.status == TaskStatus.queued.value)
                          .where(Task.check_id.is_not(None)).where(Task.created_at < now - C.CHECK_WAIT)).all():
-            if any(fits(vt.kind, c, vt.spec) and self.may_take(vt, c) for c in self.coord.conns.values()):
+            if any(self.core.fits(vt.kind, c, vt.spec) and self.may_take(vt, c) for c in self.core.seats()):
                 continue
             transition(s, vt, TaskStatus.canceled, reason=f"no worker could check it within {C.CHECK_WAIT:g} s",
                        attempt=vt.attempt, now=now)
@@ -312,7 +309,7 @@ class Verifier:
         first = s.get(Worker, parent.verifier_id) if parent else None
         if vs_suspect["passed"]:  # the third agrees with the result: the first verifier re-rendered wrongly
             if first is not None:
-                self.coord.evidence(s, first, "check_failed", now, task.job_id, task.id,
+                self.core.evidence(s, first, "check_failed", now, task.job_id, task.id,
                                     f"its re-render for check {parent.id} disagreed with two workers")
             self._passed(s, check, task, suspect, third, vs_suspect, now)
             return
@@ -321,8 +318,8 @@ class Verifier:
         if agree:
             exact = compare.device_class(first.capabilities) == compare.device_class(third.capabilities)
             for a, b in zip(parent.metric["outputs"], shas):
-                r = compare.compare(rasters.read(self.coord.blobs.path(a)), None,
-                                    rasters.read(self.coord.blobs.path(b)), exact)
+                r = compare.compare(rasters.read(self.core.blobs.path(a)), None,
+                                    rasters.read(self.core.blobs.path(b)), exact)
                 agree = agree and r["passed"]
         if agree:
             self._failed(s, check, task, suspect, {**vs_suspect, "why": f"two workers ({first.id}, {third.id}) "
@@ -331,7 +328,7 @@ class Verifier:
             self._close(s, check, "unverified", {**vs_suspect, "why": "three workers rendered it differently"}, now)
             self._event(s, task, suspect.id, "unverified: three workers rendered it differently; accepted "
                         "without a verdict", now)
-            self.coord.accept(s, task, s.get(Job, task.job_id), suspect.id, now)
+            self.core.accept(s, task, s.get(Job, task.job_id), suspect.id, now)
 
     def _close(self, s, check: Check, status: str, metric: dict, now: float) -> None:
         check.status, check.decided_at = status, now
@@ -363,7 +360,7 @@ class Verifier:
         transition(s, task, TaskStatus.queued, reason=f"voided: {reason}", worker_id=worker_id,
                    attempt=task.attempt, now=now)
         self._revert_dependents(s, task, job, now)
-        self.coord.want_assign = True
+        self.core.request_assignment()
 
     def _revert_dependents(self, s, task: Task, job: Job, now: float) -> None:
         for dep in s.exec(select(TaskDep).where(TaskDep.needs_id == task.id)).all():
@@ -372,7 +369,7 @@ class Verifier:
                                          TaskStatus.failed.value):
                 continue
             if t.status in [x.value for x in TASK_LEASED]:
-                self.coord.revoke_one(s, t, "an input of this task was voided", now)
+                self.core.revoke_one(s, t, "an input of this task was voided", now)
             elif t.status == TaskStatus.accepted.value:
                 self.void(s, t, job, "", "an input was voided", now)  # recursive: its own dependents too
             if t.status != TaskStatus.waiting.value:
@@ -381,7 +378,7 @@ class Verifier:
                            attempt=t.attempt, now=now)
 
     # ------------------------------------------------------------------ probation and probes
-    def probe(self, s: Session, conn, now: float) -> bool:
+    def probe(self, s: Session, conn: Seat, now: float) -> bool:
         """Queue a probe for a worker on probation (one at a time, backing off after failures)."""
         if now < self.probe_after.get(conn.worker_id, 0.0):
             return False
@@ -395,7 +392,7 @@ class Verifier:
                      .order_by(func.random()).limit(1)).first()
         self.probe_after[conn.worker_id] = now + C.PROBE_BACKOFF
         if row is None or row[1].spec.get("settings", {}).get("tile") or \
-                Path(row[0].name).suffix.lower() not in PICTURES or not fits("verify", conn, None):
+                Path(row[0].name).suffix.lower() not in PICTURES or not self.core.fits("verify", conn, None):
             return False
         out, task = row
         job = s.get(Job, task.job_id)
@@ -415,10 +412,10 @@ class Verifier:
             self._close(s, check, "canceled", {"why": "the reference result is gone"}, now)
             return
         author = s.get(Worker, out.worker_id) or probed
-        result = self._compare(rasters.read(self.coord.blobs.path(out.sha256)), shas, [], author, probed)
+        result = self._compare(rasters.read(self.core.blobs.path(out.sha256)), shas, [], author, probed)
         passed = bool(result["passed"])
         self._close(s, check, "passed" if passed else "failed", result, now)
-        self.coord.evidence(s, probed, "probe_passed" if passed else "probe_failed", now, check.job_id,
+        self.core.evidence(s, probed, "probe_passed" if passed else "probe_failed", now, check.job_id,
                             check.task_id, f"probe {check.id}: {result.get('why', '')}")
         back = self.probe_backoff.get(probed.id, C.PROBE_BACKOFF)
         self.probe_backoff[probed.id] = C.PROBE_BACKOFF if passed else min(3600.0, back * 2)

@@ -22,7 +22,8 @@ from sqlmodel import Session, select
 
 from common.hashing import check_sha
 from common.keys import is_key
-from farm.kinds import diffusion, jobs
+from farm.kinds import jobs
+from farm.kinds.registry import create_job
 from farm.store.blobs import BlobError, BlobStore
 from farm.store.db import session as new_session
 from farm.store.models import Blob, Job, ReputationEvent, User, Worker
@@ -201,7 +202,7 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
     async def submit(body: JobCreate, user: UserDep) -> dict[str, Any]:
         def create():
             with new_session(engine) as s:
-                job = jobs.create_blender_job(s, user, blobs, body.model_dump())
+                job = create_job("blender", s, user, blobs, body.model_dump())
                 s.commit()
                 return jobs.job_view(s, job)
         view = await asyncio.to_thread(create)
@@ -215,7 +216,7 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
         coordinator's thread, so a source job cannot become rendered between the check and the commit."""
         def create():
             with new_session(engine) as s:
-                job = diffusion.create_diffusion_job(s, user, body.model_dump())
+                job = create_job("diffusion", s, user, blobs, body.model_dump())
                 s.commit()
                 return jobs.job_view(s, job)
         return await serial(create)

@@ -549,14 +549,14 @@ def test_a_failing_batch_is_rolled_back_without_losing_slots_or_the_assignment_r
     job = make_job(engine, blobs, user, "1-2")
     d.hello(b"w1", slots=1)
     boom = {"n": 1}
-    real_lease = coord._lease
+    real_lease = coord.assignment._lease
 
     def flaky_lease(*args, **kwargs):
         real_lease(*args, **kwargs)
         if boom["n"]:
             boom["n"] -= 1
             raise RuntimeError("simulated bug after a lease")
-    monkeypatch.setattr(coord, "_lease", flaky_lease)
+    monkeypatch.setattr(coord.assignment, "_lease", flaky_lease)
     tasks = of(d.send((b"w1", P.Ready(1))), P.Task, b"w1")
     assert len(tasks) == 1  # the retry leased again, once
     leased = [t for t in tasks_of(engine, job) if t.status == "assigned"]

@@ -17,6 +17,7 @@ import pytest
 
 from client.api import ApiError
 from common import rasters
+from common import tiles as geometry
 from farm.kinds import frames as splitter
 from farm.kinds import tiles
 from farm.kinds.frames import SpecError
@@ -57,12 +58,12 @@ def test_grid_covers_every_pixel_exactly_once(width, height):
             cover = np.zeros((height, width), np.int32)
             for r in range(rows):
                 for c in range(cols):
-                    x0, x1, y0, y1 = tiles.tile_rect(cols, rows, c, r, width, height)
+                    x0, x1, y0, y1 = geometry.tile_rect(cols, rows, c, r, width, height)
                     assert x1 > x0 and y1 > y0, "no empty tile"
                     cover[y0:y1, x0:x1] += 1
             assert (cover == 1).all(), f"{cols}x{rows} of {width}x{height}: gap or overlap"
-    assert tiles.too_many_tiles(16, 16, 333, 197) == ""
-    msg = tiles.too_many_tiles(16, 16, 10, 8)
+    assert geometry.too_many_tiles(16, 16, 333, 197) == ""
+    msg = geometry.too_many_tiles(16, 16, 10, 8)
     assert "at least 16x16 pixels" in msg and "10x8" in msg and "at most 10x8" in msg
 
 
@@ -151,7 +152,7 @@ def test_assembling_odd_sized_tiles_is_exact(tmp_path, kind):
     for r in range(rows):
         grid.append([])
         for c in range(cols):
-            x0, x1, y0, y1 = tiles.tile_rect(cols, rows, c, r, w, h)
+            x0, x1, y0, y1 = geometry.tile_rect(cols, rows, c, r, w, h)
             grid[-1].append(rasters.write(tmp_path / f"t{r}{c}.{ext}", full.crop(x0, x1, y0, y1)))
     assert assemble_frame(grid, tmp_path / f"frame.{ext}") == {"width": w, "height": h}
     assert same_bits(rasters.read(tmp_path / f"frame.{ext}"), full)
@@ -224,7 +225,7 @@ def render_tiles(request, scene, out_dir, cols, rows, fmt="PNG", frame=5, **sett
             assert not ev["reloaded"], "tiles of one frame never reload the scene"
             loads.add(ev["loads"])
     assert len(loads) == 1
-    grid = [[out_dir / tiles.tile_name(frame, r, c, fmt) for c in range(cols)] for r in range(rows)]
+    grid = [[out_dir / geometry.tile_name(frame, r, c, fmt) for c in range(cols)] for r in range(rows)]
     ext = "exr" if fmt == "EXR" else "png"
     assemble_frame(grid, out_dir / f"assembled_{cols}x{rows}.{ext}")
     return out_dir / f"assembled_{cols}x{rows}.{ext}"
@@ -263,9 +264,9 @@ def seam_error(got: np.ndarray, ref: np.ndarray, cols: int, rows: int) -> tuple[
     """Mean |got - ref| (in 8-bit steps) on 2-pixel bands across the internal seams, and elsewhere."""
     h, w = ref.shape[:2]
     band = np.zeros((h, w), bool)
-    for x in tiles.edges(cols, w)[1:-1]:
+    for x in geometry.edges(cols, w)[1:-1]:
         band[:, x - 2:x + 2] = True
-    for y in tiles.edges(rows, h)[1:-1]:
+    for y in geometry.edges(rows, h)[1:-1]:
         band[y - 2:y + 2, :] = True
     diff = np.abs(got[..., :3].astype(np.float64) - ref[..., :3]).mean(-1) / 257  # 16-bit → 8-bit steps
     return diff[band].mean(), diff[~band].mean()

@@ -66,7 +66,7 @@ import traceback
 # again because the scene's own values count too.
 from common import limits as L
 from common.limits import MAX_RESOLUTION, MAX_SAMPLES
-from farm.kinds.tiles import tile_name, tile_rect, too_many_tiles
+from common.tiles import tile_name, tile_rect, too_many_tiles
 from worker import settings as C
 
 GPU_TYPES = ("OPTIX", "CUDA", "HIP", "ONEAPI", "METAL")   # order of preference

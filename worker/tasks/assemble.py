@@ -29,7 +29,7 @@ import numpy as np
 
 from common import limits as L
 from common import rasters
-from farm.kinds.tiles import edges
+from common.tiles import edges
 from worker import settings as C
 
 FPS_NOTE = re.compile(r"renderhive fps=([0-9.]+)/([0-9.]+)")

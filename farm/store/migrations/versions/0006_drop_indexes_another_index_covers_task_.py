@@ -7,7 +7,6 @@ Create Date: 2026-11-25 14:40:16.039657
 """
 from typing import Sequence, Union
 
-import sqlalchemy as sa
 import sqlmodel  # noqa: F401  (autogenerate writes sqlmodel.sql.sqltypes.AutoString)
 from alembic import op
 

@@ -1,0 +1,41 @@
+"""Job kinds behind one registry: how a job of each kind is planned from a creator's request, and how kinds
+react to other jobs' status changes.
+
+* :data:`CREATORS`: kind → ``create(session, owner, blobs, request) -> Job``, which validates the request
+  (raising :class:`farm.kinds.jobs.JobError` with the fix), plans its tasks and stores them in the session;
+  the web API looks a kind up here and knows nothing of frames, tiles or prompts.
+* :data:`JOB_STATUS_LISTENERS`: hooks the coordinator's core calls after it changed a job's status, in its
+  thread and transaction (``listener(session, job, now) -> bool``, True when tasks were queued, so that an
+  assignment round follows). Chains live here: an img2img job waits for its source job's frames.
+
+A new kind adds its planner module to this package and one line to each table; the core does not change.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sqlmodel import Session
+
+from farm.kinds import diffusion, jobs
+from farm.store.blobs import BlobStore
+from farm.store.models import Job, User
+
+Creator = Callable[[Session, User, BlobStore, dict[str, Any]], Job]
+JobListener = Callable[[Session, Job, float], bool]
+
+CREATORS: dict[str, Creator] = {
+    "blender": jobs.create_blender_job,  # frames, chunks, tiles, video (farm.kinds.frames, farm.kinds.tiles)
+    "diffusion": lambda session, owner, blobs, req: diffusion.create_diffusion_job(session, owner, req),
+}
+
+JOB_STATUS_LISTENERS: tuple[JobListener, ...] = (
+    diffusion.on_job_status,  # img2img jobs over a render start when it is rendered, fail when it fails
+)
+
+
+def create_job(kind: str, session: Session, owner: User, blobs: BlobStore, req: dict[str, Any]) -> Job:
+    """Plan and store a job of ``kind`` (one of :data:`CREATORS`)."""
+    create = CREATORS.get(kind)
+    if create is None:
+        raise jobs.JobError(f"unknown job kind {kind!r}: choose one of {', '.join(sorted(CREATORS))}")
+    return create(session, owner, blobs, req)
