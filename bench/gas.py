@@ -49,25 +49,25 @@ def measure(n: int) -> dict[str, int]:
     workers2 = [ch.address_of(ch.new_key()) for _ in range(n)]  # job 2 pays other, equally fresh addresses
     amounts = [(i + 1) * T for i in range(n)]
     deposit = sum(amounts) * 2
-    gas(c, op, c.fn("token", "mint", creator_addr, 4 * deposit))
-    gas(c, creator, c.fn("token", "approve", c.escrow.address, 2**256 - 1))
+    gas(c, op, c.mint(creator_addr, 4 * deposit))
+    gas(c, creator, c.approve_spend(c.escrow.address, 2**256 - 1))
     out: dict[str, int] = {}
     deadline = c.timestamp() + 3600
-    out["open"] = gas(c, creator, c.fn("escrow", "open_job", 1, deposit, deadline))
-    gas(c, creator, c.fn("escrow", "open_job", 2, deposit, deadline))
-    out["post"] = gas(c, op, c.fn("escrow", "post_payouts", 1, workers, amounts))
-    gas(c, op, c.fn("escrow", "post_payouts", 2, workers2, amounts))
-    out["approve"] = gas(c, creator, c.fn("escrow", "approve", 1, workers, amounts))
+    out["open"] = gas(c, creator, c.open_job(1, deposit, deadline))
+    gas(c, creator, c.open_job(2, deposit, deadline))
+    out["post"] = gas(c, op, c.post_payouts(1, workers, amounts))
+    gas(c, op, c.post_payouts(2, workers2, amounts))
+    out["approve"] = gas(c, creator, c.approve(1, workers, amounts))
     j = c.escrow_job(2)
     sig = c.sign_approve(creator, 2, j.round, j.payouts_hash)
-    out["approve_by_sig"] = gas(c, op, c.fn("escrow", "approve_by_sig", 2, workers2, amounts, sig))
+    out["approve_by_sig"] = gas(c, op, c.approve_by_sig(2, workers2, amounts, sig))
     # workers need gas money to withdraw themselves
     for addr in workers[: min(n, 20)]:
         c.wait(c.sign(op, to=addr, value=T))
-    out["withdraw"] = int(statistics.median(gas(c, k, c.fn("escrow", "withdraw")) for k in worker_keys[:20]))
+    out["withdraw"] = int(statistics.median(gas(c, k, c.withdraw()) for k in worker_keys[:20]))
     # baseline: pay the same workers directly, one ERC-20 transfer each, to fresh addresses
     fresh = [ch.address_of(ch.new_key()) for _ in range(n)]
-    out["baseline_transfers"] = sum(gas(c, creator, c.fn("token", "transfer", a, amt))
+    out["baseline_transfers"] = sum(gas(c, creator, c.transfer(a, amt))
                                     for a, amt in zip(fresh, amounts))
     out["job_total"] = out["open"] + out["post"] + out["approve_by_sig"] + n * out["withdraw"]
     return out

@@ -85,9 +85,6 @@ TIER_TRUSTED = (0.75, 3.0)
 TIER_TOP = (0.9, 20.0)
 """(minimum reputation, minimum decayed passed checks) of the "top" tier."""
 
-TIERS = ("probation", "new", "trusted", "top")
-"""Tiers from worst to best. A job may ask for a minimum tier (``min_tier``)."""
-
 CHECK_RATE = {"probation": 1.0, "new": 1.0,
               "trusted": _env_float("CHECK_RATE_TRUSTED", 0.1), "top": _env_float("CHECK_RATE_TOP", 0.03)}
 """Fraction of a worker's results that are spot-checked, by tier. Every result of a new worker is checked

@@ -25,6 +25,7 @@ from farm.store.models import Attempt, Job, JobWorker, Task
 from farm.store.states import JOB_SCHEDULABLE, QUEUE_EPOCH, JobStatus, TaskStatus, transition
 from farm.store.writes import add_row
 from farm.verify import reputation as R
+from farm.verify.reputation import Tier
 from farm.verify.verifier import is_check, public_spec
 
 log = logging.getLogger("farm.core.coordinator")
@@ -158,7 +159,7 @@ class Assignment:
             return False
         if is_check(task):
             return self._may_take_check(task, conn)
-        return conn.tier != "probation" and R.at_least(conn.tier, job.spec.get("min_tier"))
+        return conn.tier != Tier.probation and R.at_least(conn.tier, job.spec.get("min_tier"))
 
     def _assign_deeper(self, s: Session, conn: Conn, now: float, out: Outgoing) -> None:
         """Lease to ``conn`` the first queued tasks that it may take (kind fits, job not blocklisted),

@@ -45,6 +45,7 @@ from farm.store.models import Blob as BlobRow
 from farm.store.states import QUEUE_EPOCH, TASK_LEASED, JobStatus, TaskStatus, transition
 from farm.store.writes import StaleRow, StepSession, add_row, add_to, set_values, update_by
 from farm.verify import reputation as R
+from farm.verify.reputation import Tier
 from farm.verify.verifier import Verifier, is_check
 
 log = logging.getLogger("farm.core.coordinator")
@@ -293,7 +294,7 @@ class Coordinator:
         self.want_assign = False
         if self.verifier.enabled:
             for conn in self.conns.values():  # workers on probation earn their way back with probes
-                if conn.tier == "probation" and conn.free > 0:
+                if conn.tier == Tier.probation and conn.free > 0:
                     self.verifier.probe(s, conn, now)
         self.assignment.run(s, self.conns.values(), now, out)
 

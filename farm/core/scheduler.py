@@ -33,7 +33,7 @@ class Conn:
     models: set[str] = field(default_factory=set)      # hashes of the diffusion models it advertised
     loaded: list[str] = field(default_factory=list)    # model hashes it was last given tasks for, newest first
     reputation: float = 0.5                            # copies of the Worker row's standing (farm/verify/reputation.py)
-    tier: str = "new"
+    tier: str = "new"  # a farm.verify.reputation.Tier value
     speed: float | None = None                         # work units a second; None: unknown
     speeds: dict[str, float | None] = field(default_factory=dict)  # the same, per runtime
 

@@ -19,6 +19,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
@@ -47,7 +48,17 @@ CONTRACTS_DIR = REPO / "contracts"
 BUILD_DIR = Path(os.environ.get("RENDERHIVE_CONTRACT_CACHE") or REPO / "build" / "contracts")
 
 # Escrow job states, as numbered in contracts/JobEscrow.vy.
-STATE_NAMES = {0: "none", 1: "open", 2: "posted", 3: "disputed", 4: "approved", 5: "refunded"}
+class EscrowState(str, enum.Enum):
+    """A job's state in the JobEscrow contract (its ``jobs(key).state``, 0-5)."""
+    none = "none"
+    open = "open"
+    posted = "posted"
+    disputed = "disputed"
+    approved = "approved"
+    refunded = "refunded"
+
+
+STATE_NAMES = {i: s.value for i, s in enumerate(EscrowState)}
 EIP712_DOMAIN = ("RenderhiveEscrow", "1")
 APPROVE_TYPES = {"Approve": [{"name": "jobId", "type": "uint256"}, {"name": "round", "type": "uint256"},
                              {"name": "payoutsHash", "type": "bytes32"}]}
@@ -353,10 +364,54 @@ class Chain:
         return self._io(lambda: self.w3.eth.get_transaction_count(to_checksum_address(address),
                                                                   "pending" if pending else "latest"))
 
-    # ---- calls the ledger signs (contract functions, unsent)
-    def fn(self, contract: str, name: str, *args):
-        c = self.token if contract == "token" else self.escrow
-        return getattr(c.functions, name)(*args)
+    # ---- calls the ledger signs (contract functions, built but unsent: ``sign`` them, store, broadcast).
+    # Typed, one per contract function the farm uses: no contract method name is a string outside this module.
+    def mint(self, to: str, amount: int):
+        """RenderToken.mint (dev chains: the demo's custodial wallets are funded with it)."""
+        return self.token.functions.mint(to, amount)
+
+    def approve_spend(self, spender: str, amount: int):
+        """RenderToken.approve: let ``spender`` (the escrow) take ``amount`` from the signer."""
+        return self.token.functions.approve(spender, amount)
+
+    def transfer(self, to: str, amount: int):
+        return self.token.functions.transfer(to, amount)
+
+    def open_job(self, job: int, deposit: int, deadline: int):
+        """JobEscrow.open_job: the creator deposits ``deposit`` for ``job`` until ``deadline``."""
+        return self.escrow.functions.open_job(job, deposit, deadline)
+
+    def post_payouts(self, job: int, wallets: list[str], amounts: list[int]):
+        """JobEscrow.post_payouts (operator): the round's payout list (its hash is stored)."""
+        return self.escrow.functions.post_payouts(job, wallets, amounts)
+
+    def approve(self, job: int, wallets: list[str], amounts: list[int]):
+        """JobEscrow.approve: the creator approves the posted list from their own wallet."""
+        return self.escrow.functions.approve(job, wallets, amounts)
+
+    def approve_by_sig(self, job: int, wallets: list[str], amounts: list[int], sig: bytes):
+        """JobEscrow.approve_by_sig: a relayed EIP-712 approval signed by the creator."""
+        return self.escrow.functions.approve_by_sig(job, wallets, amounts, sig)
+
+    def reject_by_sig(self, job: int, reason: bytes, sig: bytes):
+        """JobEscrow.reject_by_sig: a relayed EIP-712 rejection signed by the creator."""
+        return self.escrow.functions.reject_by_sig(job, reason, sig)
+
+    def release(self, job: int):
+        """JobEscrow.release (operator): a canceled or failed job's deposit back to its creator."""
+        return self.escrow.functions.release(job)
+
+    def refund(self, job: int):
+        """JobEscrow.refund (creator): the deposit back after the deadline."""
+        return self.escrow.functions.refund(job)
+
+    def withdraw(self):
+        """JobEscrow.withdraw: the signer's credit to the signer."""
+        return self.escrow.functions.withdraw()
+
+    def withdraw_for(self, address: str):
+        """JobEscrow.withdraw_for (anyone): ``address``'s credit to ``address``."""
+        return self.escrow.functions.withdraw_for(address)
 
     # ---- views
     def token_balance(self, address: str) -> int:

@@ -34,20 +34,32 @@ from sqlmodel import Session, select
 
 from farm.payments import chain as ch
 from farm.payments import pricing as pr
+from farm.payments.chain import EscrowState
 from farm.store.db import session as new_session
-from farm.store.ledger_models import ChainEvent, ChainMeta, ChainTx, CreatorWallet, Payout, Settlement
+from farm.store.ledger_models import (
+    SETTLEMENT_FINAL,
+    ChainEvent,
+    ChainMeta,
+    ChainTx,
+    CreatorWallet,
+    Payout,
+    PayoutStatus,
+    Settlement,
+    SettlementStatus,
+    TxStatus,
+)
 from farm.store.models import Job
 from farm.store.states import JobStatus, transition
 
 log = logging.getLogger("farm.payments.ledger")
 
-FINAL = ("paid", "refunded", "released")
+FINAL = SETTLEMENT_FINAL
 STARTED = tuple(s.value for s in (JobStatus.queued, JobStatus.active, JobStatus.paused, JobStatus.rendered,
                                   JobStatus.rejected, JobStatus.approved))
 ENDED = (JobStatus.canceled.value, JobStatus.failed.value)
 EVENT_RANGE = 2000      # blocks per eth_getLogs
 STEPS_PER_JOB = 8       # transactions one job may advance by in one pass (automining chains answer at once)
-UNRESOLVED = ("signed", "sent")
+UNRESOLVED = (TxStatus.signed.value, TxStatus.sent.value)
 RENDERING = tuple(s.value for s in (JobStatus.queued, JobStatus.active, JobStatus.paused, JobStatus.rejected))
 RECHECK_SECONDS = 30.0  # how often a job that is still rendering has its escrow looked at anyway
 
@@ -163,10 +175,10 @@ class Ledger:
     def _forget_old_chain(self, s: Session, epoch: int) -> None:
         """After a chain reset, unsettled jobs start their escrow again; paid ones stay paid (history)."""
         for tx in s.exec(select(ChainTx).where(ChainTx.status.in_(UNRESOLVED))):
-            tx.status, tx.error = "dropped", "the chain was reset"
+            tx.status, tx.error = TxStatus.dropped.value, "the chain was reset"
             s.add(tx)
         for st in s.exec(select(Settlement).where(Settlement.status.notin_(FINAL))):
-            st.status, st.round, st.needs_payouts, st.reject_pending, st.epoch = "new", 0, True, False, epoch
+            st.status, st.round, st.needs_payouts, st.reject_pending, st.epoch = SettlementStatus.new.value, 0, True, False, epoch
             st.error = "the chain was reset: depositing again"
             s.add(st)
         for w in s.exec(select(CreatorWallet)):
@@ -181,15 +193,16 @@ class Ledger:
         with self.tx_lock:
             report["unresolved"] = self._resolve_pending()
         self._scan_events()
-        expect = {"new": "none", "funding": "none", "open": "open", "posted": "posted", "disputed": "disputed",
-                  "approved": "approved", "paid": "approved", "refunded": "refunded", "released": "refunded"}
+        expect = {SettlementStatus.new: EscrowState.none, SettlementStatus.funding: EscrowState.none, SettlementStatus.open: EscrowState.open, SettlementStatus.posted: EscrowState.posted,
+                  SettlementStatus.disputed: EscrowState.disputed, SettlementStatus.approved: EscrowState.approved, SettlementStatus.paid: EscrowState.approved,
+                  SettlementStatus.refunded: EscrowState.refunded, SettlementStatus.released: EscrowState.refunded}
         with new_session(self.engine) as s:
             rows = s.exec(select(Settlement).where(Settlement.epoch == self.epoch)
                           .order_by(Settlement.job_id.desc()).limit(500)).all()
             for st in rows:
                 state = chain.escrow_job(int(st.escrow_job)).state
                 report["checked"] += 1
-                if expect.get(st.status) == state or (st.status == "released" and state == "none"):
+                if expect.get(st.status) == state or (st.status == SettlementStatus.released and state == EscrowState.none):
                     continue
                 if st.status in FINAL:
                     report["mismatch"].append((st.job_id, st.status, state))
@@ -227,7 +240,7 @@ class Ledger:
             s.commit()
             self._seam_point(kind, "signed")
             chain.broadcast(signed)
-            row.status, row.updated_at = "sent", time.time()
+            row.status, row.updated_at = TxStatus.sent.value, time.time()
             s.add(row)
             s.commit()
             self._seam_point(kind, "sent")
@@ -240,7 +253,7 @@ class Ledger:
         while True:
             rcpt = self.chain.receipt(row.tx_hash)
             if rcpt is not None:
-                row.status = "mined" if rcpt.ok else "reverted"
+                row.status = (TxStatus.mined if rcpt.ok else TxStatus.reverted).value
                 row.block, row.gas_used, row.updated_at = rcpt.block, rcpt.gas_used, time.time()
                 if not rcpt.ok:
                     row.error = "reverted on chain"
@@ -264,11 +277,11 @@ class Ledger:
                     try:  # never reached the node (crash before broadcast, node restarted without it)
                         self.chain.broadcast(ch.SignedTx(row.sender, row.nonce, row.tx_hash, row.raw))
                     except ch.TxRejected as exc:  # its nonce went to another transaction: it can never mine
-                        row.status, row.error = "dropped", str(exc)[:500]
+                        row.status, row.error = TxStatus.dropped.value, str(exc)[:500]
                         s.add(row)
                         s.commit()
                         continue
-                    row.status = "sent"
+                    row.status = TxStatus.sent.value
                     s.add(row)
                     s.commit()
                 if not self._await(s, row, self.tx_wait):
@@ -334,7 +347,7 @@ class Ledger:
                     self._looked.pop(job_id, None)
             for st, status in s.exec(select(Settlement, Job.status).join(Job, Job.id == Settlement.job_id)
                                      .where(Settlement.status.notin_(FINAL)).order_by(Settlement.job_id)).all():
-                idle = (status in RENDERING and st.status in ("open", "posted", "disputed") and not st.reject_pending
+                idle = (status in RENDERING and st.status in (SettlementStatus.open, SettlementStatus.posted, SettlementStatus.disputed) and not st.reject_pending
                         and not st.error)
                 if not idle or now - self._looked.get(st.job_id, -RECHECK_SECONDS) >= RECHECK_SECONDS:
                     self._looked[st.job_id] = now
@@ -366,43 +379,43 @@ class Ledger:
         with new_session(self.engine) as s:
             st, job = s.get(Settlement, job_id), s.get(Job, job_id)
             ej = chain.escrow_job(int(st.escrow_job))
-            if ej.state == "approved":
+            if ej.state == EscrowState.approved:
                 self._credited(s, st, ej)
                 return False
-            if ej.state == "refunded":
-                st.status = "released" if job.status in ENDED else "refunded"
+            if ej.state == EscrowState.refunded:
+                st.status = (SettlementStatus.released if job.status in ENDED else SettlementStatus.refunded).value
                 if job.status == JobStatus.approved.value:
                     st.error = "the deposit was refunded (deadline passed) before the approval was settled"
                 s.add(st)
                 s.commit()
                 return False
             if job.status in ENDED:
-                if ej.state == "none":
-                    st.status = "released"
+                if ej.state == EscrowState.none:
+                    st.status = SettlementStatus.released.value
                     s.add(st)
                     s.commit()
                     return False
-                self._send(s, job_id, "release", chain.operator_key, chain.fn("escrow", "release", int(st.escrow_job)))
+                self._send(s, job_id, "release", chain.operator_key, chain.release(int(st.escrow_job)))
                 return True
-            if ej.state == "none":
+            if ej.state == EscrowState.none:
                 return self._deposit(s, st, job)
-            if st.status in ("new", "funding") or st.deposit != str(ej.deposit):
+            if st.status in (SettlementStatus.new, SettlementStatus.funding) or st.deposit != str(ej.deposit):
                 st.status, st.deposit, st.deadline, st.creator = ej.state, str(ej.deposit), ej.deadline, ej.creator
             if st.reject_pending:
-                if ej.state in ("open", "posted"):
+                if ej.state in (EscrowState.open, EscrowState.posted):
                     reason = ch.text_hash(st.reject_reason)
                     sig = chain.sign_reject(self._creator_key(job.owner_id), int(st.escrow_job), ej.round, reason)
                     self._send(s, job_id, "reject", chain.operator_key,
-                               chain.fn("escrow", "reject_by_sig", int(st.escrow_job), reason, sig))
+                               chain.reject_by_sig(int(st.escrow_job), reason, sig))
                     return True
                 st.reject_pending = False
             if job.status in (JobStatus.rendered.value, JobStatus.approved.value):
                 if st.needs_payouts:
                     self._compute(s, st, job, ej.deposit)
-                if ej.state in ("open", "disputed") or ej.payouts_hash != st.payouts_hash:
+                if ej.state in (EscrowState.open, EscrowState.disputed) or ej.payouts_hash != st.payouts_hash:
                     wallets, amounts = self._current_list(s, st)
                     self._send(s, job_id, "post", chain.operator_key,
-                               chain.fn("escrow", "post_payouts", int(st.escrow_job), wallets, amounts),
+                               chain.post_payouts(int(st.escrow_job), wallets, amounts),
                                detail=f"round {st.payout_round}: {len(wallets)} wallets")
                     return True
                 if job.status == JobStatus.approved.value:
@@ -410,7 +423,7 @@ class Ledger:
                     sig = chain.sign_approve(self._creator_key(job.owner_id), int(st.escrow_job), ej.round,
                                              ej.payouts_hash)
                     self._send(s, job_id, "approve", chain.operator_key,
-                               chain.fn("escrow", "approve_by_sig", int(st.escrow_job), wallets, amounts, sig))
+                               chain.approve_by_sig(int(st.escrow_job), wallets, amounts, sig))
                     return True
             if st.status != ej.state:
                 st.status = ej.state
@@ -425,7 +438,7 @@ class Ledger:
         chain = self.chain
         address, key = self.creator_wallet(s, job.owner_id)
         deposit = int(st.deposit)
-        st.status, st.creator = "funding", address
+        st.status, st.creator = SettlementStatus.funding.value, address
         s.add(st)
         s.commit()
         if self.deployment.get("dev_token"):
@@ -435,7 +448,7 @@ class Ledger:
             balance = chain.token_balance(address)
             if balance < deposit:
                 self._send(s, None, "mint", chain.operator_key,
-                           chain.fn("token", "mint", address, max(self.pricing.demo_tokens, deposit - balance)),
+                           chain.mint(address, max(self.pricing.demo_tokens, deposit - balance)),
                            detail=address)
                 wallet = s.get(CreatorWallet, job.owner_id)
                 wallet.funded_at = time.time()
@@ -449,22 +462,22 @@ class Ledger:
                                          f"deposit needs {pr.tokens(deposit)} and some gas money: send both to it")
                 return False
         if chain.allowance(address) < deposit:
-            self._send(s, job.id, "allow", key, chain.fn("token", "approve", chain.escrow.address, deposit))
+            self._send(s, job.id, "allow", key, chain.approve_spend(chain.escrow.address, deposit))
             return True
         deadline = chain.timestamp() + self.pricing.deadline_seconds
-        self._send(s, job.id, "open", key, chain.fn("escrow", "open_job", int(st.escrow_job), deposit, deadline),
+        self._send(s, job.id, "open", key, chain.open_job(int(st.escrow_job), deposit, deadline),
                    detail=f"deposit {pr.tokens(deposit)}")
         return True
 
     def _compute(self, s: Session, st: Settlement, job: Job, deposit: int) -> None:
         shares, capped = pr.shares(s, self.pricing, job.id, deposit, ch.checksum)
         round_ = st.payout_round + 1
-        for old in s.exec(select(Payout).where(Payout.job_id == job.id).where(Payout.status == "computed")):
-            old.status = "superseded"
+        for old in s.exec(select(Payout).where(Payout.job_id == job.id).where(Payout.status == PayoutStatus.computed.value)):
+            old.status = PayoutStatus.superseded.value
             s.add(old)
         for x in shares:
             s.add(Payout(job_id=job.id, round=round_, worker_id=x.worker_id, wallet=x.wallet, work_ms=x.work_ms,
-                         tasks=x.tasks, amount=str(x.amount), status="computed" if x.wallet else "unpayable"))
+                         tasks=x.tasks, amount=str(x.amount), status=(PayoutStatus.computed if x.wallet else PayoutStatus.unpayable).value))
             if not x.wallet:
                 log.warning("worker %s gave no valid payout address (farm worker --wallet 0x…): its share of job %d "
                             "stays with the creator", x.worker_id, job.id)
@@ -485,13 +498,13 @@ class Ledger:
         return pr.onchain_list([pr.Share(r.worker_id, r.wallet, r.work_ms, r.tasks, int(r.amount)) for r in rows])
 
     def _credited(self, s: Session, st: Settlement, ej: ch.EscrowJob) -> None:
-        if st.status in ("approved", "paid"):
+        if st.status in (SettlementStatus.approved, SettlementStatus.paid):
             return
-        st.status, st.round, st.updated_at = "approved", ej.round, time.time()
+        st.status, st.round, st.updated_at = SettlementStatus.approved.value, ej.round, time.time()
         if ej.payouts_hash == st.payouts_hash:
             for p in s.exec(select(Payout).where(Payout.job_id == st.job_id).where(Payout.round == st.payout_round)
-                            .where(Payout.status == "computed")):
-                p.status = "credited"
+                            .where(Payout.status == PayoutStatus.computed.value)):
+                p.status = PayoutStatus.credited.value
                 s.add(p)
         else:
             st.error = "the chain approved a payout list this database does not have: check the escrow events"
@@ -501,21 +514,21 @@ class Ledger:
     # ------------------------------------------------------------------ finishing (coordinator thread)
     def to_finalize(self) -> list[int]:
         with new_session(self.engine) as s:
-            return list(s.exec(select(Settlement.job_id).where(Settlement.status == "approved")).all())
+            return list(s.exec(select(Settlement.job_id).where(Settlement.status == SettlementStatus.approved.value)).all())
 
     def finalize(self, job_id: int) -> None:
         """approved → paid, once the escrow credited the payouts. Idempotent."""
         with new_session(self.engine) as s:
             st, job = s.get(Settlement, job_id), s.get(Job, job_id)
-            if st is None or st.status != "approved":
+            if st is None or st.status != SettlementStatus.approved:
                 return
             if job.status == JobStatus.approved.value:
                 tx = s.exec(select(ChainTx.tx_hash).where(ChainTx.job_id == job_id).where(ChainTx.kind == "approve")
-                            .where(ChainTx.status == "mined")).first()
+                            .where(ChainTx.status == TxStatus.mined.value)).first()
                 transition(s, job, JobStatus.paid, reason=f"payouts credited on chain (tx {tx or 'by the creator'})")
             elif job.status != JobStatus.paid.value:
                 return  # approved on chain while the DB still reviews (a creator using their own wallet)
-            st.status, st.updated_at = "paid", time.time()
+            st.status, st.updated_at = SettlementStatus.paid.value, time.time()
             s.add(st)
             s.commit()
 
@@ -552,7 +565,7 @@ class Ledger:
             raise LedgerError(f"{addr} has nothing to withdraw (its escrow credit is 0)")
         with new_session(self.engine) as s:
             try:
-                row = self._send(s, None, "withdraw", chain.operator_key, chain.fn("escrow", "withdraw_for", addr),
+                row = self._send(s, None, "withdraw", chain.operator_key, chain.withdraw_for(addr),
                                  detail=addr)
             except ch.TxRejected as exc:
                 raise LedgerError(str(exc)) from None

@@ -18,11 +18,45 @@ because they overflow the 64-bit integers of SQLite and PostgreSQL. Invariants:
 """
 from __future__ import annotations
 
+import enum
 import time
 from typing import Any, Optional
 
 from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+
+class SettlementStatus(str, enum.Enum):
+    """Where a job's escrow stands (``Settlement.status``), as the ledger last saw it on chain."""
+    new = "new"              # no deposit yet
+    funding = "funding"      # the creator's wallet is being funded and the token allowance set
+    open = "open"            # deposited; rendering
+    posted = "posted"        # the payout list is on chain, waiting for the creator's approval
+    disputed = "disputed"    # the creator rejected the posted list: a new round follows
+    approved = "approved"    # the creator approved: workers are credited
+    paid = "paid"            # the operator's fee and the refund are out: settled
+    refunded = "refunded"    # the deposit went back (deadline passed)
+    released = "released"    # a canceled or failed job's deposit went back
+
+
+SETTLEMENT_FINAL = (SettlementStatus.paid.value, SettlementStatus.refunded.value, SettlementStatus.released.value)
+
+
+class PayoutStatus(str, enum.Enum):
+    """One worker's share of a payout round (``Payout.status``)."""
+    computed = "computed"      # in the round's list
+    credited = "credited"      # the creator approved this round: the escrow credits the wallet
+    superseded = "superseded"  # a later round replaced it
+    unpayable = "unpayable"    # the worker gave no wallet
+
+
+class TxStatus(str, enum.Enum):
+    """A transaction the farm signed (``ChainTx.status``): signed → sent → mined | reverted | dropped."""
+    signed = "signed"
+    sent = "sent"
+    mined = "mined"
+    reverted = "reverted"
+    dropped = "dropped"
 
 
 def _now() -> float:

@@ -29,6 +29,16 @@ class JobStatus(str, enum.Enum):
     failed = "failed"
 
 
+class CheckStatus(str, enum.Enum):
+    """The verdict of a spot check (``Check.status``), set once by farm.verify.verifier."""
+    pending = "pending"          # its re-render is queued or running
+    passed = "passed"            # the re-render matched: the result is accepted
+    failed = "failed"            # it did not: the result is voided, the worker loses reputation
+    disputed = "disputed"        # a verifier not yet trusted disagreed: a third worker settles it
+    unverified = "unverified"    # no decision could be made (no worker to run it, three different renders)
+    canceled = "canceled"        # the checked task went away, or the check could not be rendered
+
+
 class TaskStatus(str, enum.Enum):
     waiting = "waiting"      # depends on tasks not accepted yet (assembling tiles, encoding a video)
     queued = "queued"        # waiting for a worker (also after a lost lease or a retryable failure)

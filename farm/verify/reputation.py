@@ -18,13 +18,23 @@ measured one. A claim more than SPEED_OVERCLAIM times the measured speed is itse
 """
 from __future__ import annotations
 
+import enum
 import math
 from typing import Any
 
 from farm import constants as C
 from farm.store.models import ReputationEvent, Worker
 
-TIER_RANK = {t: i for i, t in enumerate(C.TIERS)}
+
+class Tier(str, enum.Enum):
+    """A worker's standing, worst to best (``Worker.tier`` holds the value). A job may ask for a minimum."""
+    probation = "probation"  # below REP_FLOOR: no work, only probes, until passed probes lift it
+    new = "new"              # every result checked
+    trusted = "trusted"      # TIER_TRUSTED: a sample of results checked (CHECK_RATE)
+    top = "top"              # TIER_TOP: fewer still
+
+
+TIER_RANK = {t.value: i for i, t in enumerate(Tier)}
 MIN_SPEED_SAMPLES = 3  # measurements before the measured speed replaces the claimed one
 
 
@@ -32,14 +42,14 @@ def score(good: float, bad: float) -> float:
     return (1.0 + good) / (2.0 + good + bad)
 
 
-def tier_of(rep: float, good: float) -> str:
+def tier_of(rep: float, good: float) -> Tier:
     if rep < C.REP_FLOOR:
-        return "probation"
+        return Tier.probation
     if rep >= C.TIER_TOP[0] and good >= C.TIER_TOP[1]:
-        return "top"
+        return Tier.top
     if rep >= C.TIER_TRUSTED[0] and good >= C.TIER_TRUSTED[1]:
-        return "trusted"
-    return "new"
+        return Tier.trusted
+    return Tier.new
 
 
 def at_least(tier: str, minimum: str | None) -> bool:
@@ -66,7 +76,7 @@ def record(s, w: Worker, kind: str, now: float, job_id: int | None = None, task_
     elif kind in ("check_failed", "probe_failed"):
         w.checks_failed += 1
     w.reputation = round(score(w.rep_good, w.rep_bad), 6)
-    w.tier = tier_of(w.reputation, w.rep_good)
+    w.tier = tier_of(w.reputation, w.rep_good).value
     s.add(w)
     s.add(ReputationEvent(at=now, worker_id=w.id, kind=kind, good=good, bad=bad, score=w.reputation,
                           tier=w.tier, job_id=job_id, task_id=task_id, detail=detail[:500]))
@@ -128,7 +138,7 @@ def measure_job(s, job_id: int, now: float) -> list[Worker]:
             per.setdefault(worker_id, []).append(seconds)
     workers = {wid: s.get(Worker, wid) for wid in per}
     units = {wid: sum(v) / len(v) * y for wid, v in per.items() if (w := workers[wid]) is not None
-             and at_least(w.tier, "trusted") and (y := _yardstick(w))}  # work units a frame, by trusted workers
+             and at_least(w.tier, Tier.trusted) and (y := _yardstick(w))}  # work units a frame, by trusted workers
     measured = []
     for wid, secs in per.items():
         refs = sorted(u for other, u in units.items() if other != wid)

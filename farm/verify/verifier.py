@@ -33,10 +33,11 @@ from common import rasters
 from common.logs import ctx
 from farm import constants as C
 from farm.store.models import Attempt, Check, Event, Job, JobWorker, Output, Task, TaskDep, Worker
-from farm.store.states import TASK_LEASED, TaskStatus, transition
+from farm.store.states import TASK_LEASED, CheckStatus, TaskStatus, transition
 from farm.verify import compare
 from farm.verify import reputation as R
 from farm.verify.port import Core, Seat
+from farm.verify.reputation import Tier
 
 log = logging.getLogger("farm.verify.verifier")
 
@@ -101,8 +102,8 @@ class Verifier:
         if not self._someone_else(task.kind, worker_id, task.spec):
             self._event(s, task, worker_id, "unverified: no other worker is online to check this result", now)
             return False
-        full = bool(suspicious) or (C.CHECK_FULL_WHILE_NEW and R.TIER_RANK[tier] <= R.TIER_RANK["new"])
-        reason = suspicious or ("new worker" if tier in ("new", "probation") else f"sampled at {rate:.0%}")
+        full = bool(suspicious) or (C.CHECK_FULL_WHILE_NEW and R.TIER_RANK[tier] <= R.TIER_RANK[Tier.new])
+        reason = suspicious or ("new worker" if tier in (Tier.new, Tier.probation) else f"sampled at {rate:.0%}")
         transition(s, task, TaskStatus.verifying, reason=f"spot check: {reason}", worker_id=worker_id,
                    attempt=task.attempt, now=now)
         self.start(s, task, job, worker_id, self.rng.choice(pictures), "full" if full else "crops", reason, now)
@@ -167,7 +168,7 @@ class Verifier:
     # ------------------------------------------------------------------ who may run a check
     def _someone_else(self, kind: str, suspect: str, spec: dict) -> bool:
         check_kind = "diffusion" if kind == "diffusion" else "verify"
-        return any(c.worker_id != suspect and c.tier != "probation" and self.core.fits(check_kind, c, spec)
+        return any(c.worker_id != suspect and c.tier != Tier.probation and self.core.fits(check_kind, c, spec)
                    for c in self.core.seats())
 
     @staticmethod
@@ -176,13 +177,13 @@ class Verifier:
         only = task.spec.get("only_worker")
         if only:
             return conn.worker_id == only
-        return conn.worker_id not in task.spec.get("exclude", []) and conn.tier != "probation"
+        return conn.worker_id not in task.spec.get("exclude", []) and conn.tier != Tier.probation
 
     # ------------------------------------------------------------------ results of checks
     def on_check_result(self, s: Session, vt: Task, verifier: Worker, outputs: list[dict[str, Any]],
                         now: float) -> None:
         check = s.get(Check, vt.check_id)
-        if check is None or check.status != "pending":
+        if check is None or check.status != CheckStatus.pending:
             return
         check.verifier_id = verifier.id
         task = s.get(Task, check.task_id)
@@ -193,7 +194,7 @@ class Verifier:
             return
         stale = task is None or task.attempt != check.attempt or task.status != TaskStatus.verifying.value
         if stale:  # the task moved on (canceled, voided by another check): nothing to decide
-            self._close(s, check, "canceled", {"why": f"task is {task.status if task else 'gone'}"}, now)
+            self._close(s, check, CheckStatus.canceled, {"why": f"task is {task.status if task else 'gone'}"}, now)
             return
         ref = self._result(s, check)
         suspect = s.get(Worker, check.suspect_id)
@@ -202,10 +203,10 @@ class Verifier:
             self._decide_tiebreak(s, check, task, suspect, verifier, result, shas, now)
         elif result["passed"]:
             self._passed(s, check, task, suspect, verifier, result, now)
-        elif R.at_least(verifier.tier, "trusted") or verifier.vouched:
+        elif R.at_least(verifier.tier, Tier.trusted) or verifier.vouched:
             self._failed(s, check, task, suspect, result, now)
         else:  # two untrusted workers disagree: a third settles it
-            self._close(s, check, "disputed", result, now)
+            self._close(s, check, CheckStatus.disputed, result, now)
             job = s.get(Job, task.job_id)
             out = self._output(s, check)
             self.start(s, task, job, check.suspect_id, out, "tiebreak", f"check {check.id} disputed", now,
@@ -238,19 +239,19 @@ class Verifier:
 
     def _passed(self, s, check: Check, task: Task, suspect: Worker, verifier: Worker, result: dict,
                 now: float) -> None:
-        self._close(s, check, "passed", result, now)
+        self._close(s, check, CheckStatus.passed, result, now)
         self.core.evidence(s, suspect, "check_passed", now, task.job_id, task.id, f"check {check.id} ({check.mode})")
         self._event(s, task, suspect.id, f"check {check.id} passed ({check.mode}, by {verifier.id})", now)
         self.core.accept(s, task, s.get(Job, task.job_id), suspect.id, now)
 
     def _failed(self, s, check: Check, task: Task, suspect: Worker, result: dict, now: float) -> None:
-        self._close(s, check, "failed", result, now)
+        self._close(s, check, CheckStatus.failed, result, now)
         why = result.get("why", "")
         self.core.evidence(s, suspect, "check_failed", now, task.job_id, task.id, f"check {check.id}: {why}")
         job = s.get(Job, task.job_id)
         jw = s.get(JobWorker, (job.id, suspect.id)) or JobWorker(job_id=job.id, worker_id=suspect.id)
         failed_here = s.exec(select(func.count()).select_from(Check).where(Check.job_id == job.id)
-                             .where(Check.suspect_id == suspect.id).where(Check.status == "failed")).one()
+                             .where(Check.suspect_id == suspect.id).where(Check.status == CheckStatus.failed.value)).one()
         jw.failures += 1
         jw.blocked = jw.blocked or failed_here >= C.CHECK_BLOCKLIST_AFTER
         s.add(jw)
@@ -275,17 +276,17 @@ class Verifier:
         if not canceled and vt.status != TaskStatus.failed.value:
             transition(s, vt, TaskStatus.failed, reason=reason, attempt=vt.attempt, now=now)
         check = s.get(Check, vt.check_id)
-        if check is None or check.status != "pending":
+        if check is None or check.status != CheckStatus.pending:
             return
         task = s.get(Task, check.task_id)
         live = task is not None and task.attempt == check.attempt and task.status == TaskStatus.verifying.value
         if check.mode == "crops" and not canceled and live:
             # regions are refused for some scenes (EEVEE, a compositor reading neighbours): check it whole
-            self._close(s, check, "canceled", {"why": f"regions could not be rendered: {reason}"[:500]}, now)
+            self._close(s, check, CheckStatus.canceled, {"why": f"regions could not be rendered: {reason}"[:500]}, now)
             self.start(s, task, s.get(Job, task.job_id), check.suspect_id, self._output(s, check), "full",
                        f"{check.reason}; regions refused", now)
             return
-        self._close(s, check, "unverified" if check.mode != "probe" else "canceled",
+        self._close(s, check, CheckStatus.unverified if check.mode != "probe" else CheckStatus.canceled,
                     {"why": f"the re-render failed: {reason}"[:500]}, now)
         if check.mode != "probe" and task is not None and task.attempt == check.attempt \
                 and task.status == TaskStatus.verifying.value:
@@ -325,13 +326,13 @@ class Verifier:
             self._failed(s, check, task, suspect, {**vs_suspect, "why": f"two workers ({first.id}, {third.id}) "
                                                    f"re-rendered it alike; {vs_suspect.get('why', '')}"}, now)
         else:  # three different answers: this scene does not render alike on these workers
-            self._close(s, check, "unverified", {**vs_suspect, "why": "three workers rendered it differently"}, now)
+            self._close(s, check, CheckStatus.unverified, {**vs_suspect, "why": "three workers rendered it differently"}, now)
             self._event(s, task, suspect.id, "unverified: three workers rendered it differently; accepted "
                         "without a verdict", now)
             self.core.accept(s, task, s.get(Job, task.job_id), suspect.id, now)
 
-    def _close(self, s, check: Check, status: str, metric: dict, now: float) -> None:
-        check.status, check.decided_at = status, now
+    def _close(self, s, check: Check, status: CheckStatus, metric: dict, now: float) -> None:
+        check.status, check.decided_at = status.value, now
         check.metric = {**check.metric, **{k: v for k, v in metric.items() if k != "region" or v is not None}}
         s.add(check)
 
@@ -383,7 +384,7 @@ class Verifier:
         if now < self.probe_after.get(conn.worker_id, 0.0):
             return False
         pending = s.exec(select(Check.id).where(Check.suspect_id == conn.worker_id).where(Check.mode == "probe")
-                         .where(Check.status == "pending")).first()
+                         .where(Check.status == CheckStatus.pending.value)).first()
         if pending:
             return False
         row = s.exec(select(Output, Task).join(Task, (Task.id == Output.task_id) & (Task.attempt == Output.attempt))
@@ -409,12 +410,12 @@ class Verifier:
                      ).first()
         task = s.get(Task, check.task_id)
         if out is None or task is None or task.status != TaskStatus.accepted.value:
-            self._close(s, check, "canceled", {"why": "the reference result is gone"}, now)
+            self._close(s, check, CheckStatus.canceled, {"why": "the reference result is gone"}, now)
             return
         author = s.get(Worker, out.worker_id) or probed
         result = self._compare(rasters.read(self.core.blobs.path(out.sha256)), shas, [], author, probed)
         passed = bool(result["passed"])
-        self._close(s, check, "passed" if passed else "failed", result, now)
+        self._close(s, check, CheckStatus.passed if passed else CheckStatus.failed, result, now)
         self.core.evidence(s, probed, "probe_passed" if passed else "probe_failed", now, check.job_id,
                             check.task_id, f"probe {check.id}: {result.get('why', '')}")
         back = self.probe_backoff.get(probed.id, C.PROBE_BACKOFF)

@@ -238,9 +238,9 @@ def test_refund_after_the_deadline_is_mirrored(tmp_path):
     key = f.ledger._creator_key(f.alice.id)
     escrow_job = int(f.st(job_id).escrow_job)
     with pytest.raises(ch.TxRejected, match="deadline not reached"):
-        f.chain.sign(key, f.chain.fn("escrow", "refund", escrow_job))
+        f.chain.sign(key, f.chain.refund(escrow_job))
     f.chain.advance_time(120)
-    f.chain.wait(f.chain.sign(key, f.chain.fn("escrow", "refund", escrow_job)))  # the creator's own tx
+    f.chain.wait(f.chain.sign(key, f.chain.refund(escrow_job)))  # the creator's own tx
     f.settle()
     assert f.st(job_id).status == "refunded"
     assert [e.name for e in rows(f.engine, ChainEvent, ChainEvent.job_id == job_id)] == ["JobOpened", "JobRefunded"]

@@ -17,7 +17,7 @@ from common import rasters
 from farm import constants as C
 from farm.core.coordinator import Coordinator
 from farm.core.scheduler import EXPLORE, Conn, Scheduler
-from farm.store.models import Attempt, Check, Job, JobWorker, Output, ReputationEvent, Task, Worker
+from farm.store.models import Attempt, Check, Job, Output, ReputationEvent, Task, Worker
 from farm.verify import reputation as R
 from tests.fixtures_inproc import Driver, get, make_engine_and_store, make_job, make_user, of, put_scene, rows
 
