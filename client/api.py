@@ -120,7 +120,7 @@ class Client:
         return self.request("POST", "/api/jobs", job)
 
     def submit_diffusion(self, **job: Any) -> dict[str, Any]:
-        """A Stable Diffusion job (see DiffusionJobCreate in farm/web/app.py); None values take the defaults."""
+        """A Stable Diffusion job (see DiffusionJobCreate in farm/web/schemas.py); None values take the defaults."""
         return self.request("POST", "/api/jobs/diffusion", {k: v for k, v in job.items() if v is not None})
 
     def jobs(self, status: str | None = None) -> list[dict[str, Any]]:

@@ -72,7 +72,7 @@ def files_under(root: Path) -> set[str]:
 
 # ------------------------------------------------------------------ the size limit
 def test_the_limit_comes_from_the_environment():
-    code = ("from farm import constants; from farm.store.blobs import BlobStore; import tempfile; "
+    code = ("from common import limits as constants; from farm.store.blobs import BlobStore; import tempfile; "
             "print(constants.MAX_UPLOAD_BYTES, BlobStore(tempfile.mkdtemp()).max_bytes)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60,
                          env={**os.environ, "RENDERHIVE_MAX_UPLOAD_BYTES": "12345"})

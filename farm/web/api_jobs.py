@@ -1,0 +1,119 @@
+"""Jobs: submit (any kind, through :mod:`farm.kinds.registry`), list, follow (server-sent events),
+cancel (on the coordinator's thread), and the outputs, released in full only after approval.
+
+Creators see only their own jobs: another creator's job is a 404, never a 403 that would confirm it exists.
+"""
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse, StreamingResponse
+from sqlmodel import select
+
+from farm.kinds import jobs
+from farm.kinds.registry import create_job
+from farm.store.db import session as new_session
+from farm.store.models import Job
+from farm.store.states import JOB_TERMINAL, JobStatus
+from farm.web.deps import Api
+from farm.web.schemas import DiffusionJobCreate, JobCreate
+
+
+def job_router(api: Api) -> APIRouter:
+    r = APIRouter()
+    engine, blobs, broker = api.engine, api.blobs, api.broker
+    SessionDep, UserDep = api.SessionDep, api.UserDep
+    serial = api.serial
+
+    @r.post("/api/jobs", status_code=201)
+    async def submit(body: JobCreate, user: UserDep) -> dict[str, Any]:
+        def create():
+            with new_session(engine) as s:
+                job = create_job("blender", s, user, blobs, body.model_dump())
+                s.commit()
+                return jobs.job_view(s, job)
+        view = await asyncio.to_thread(create)
+        if broker is not None:
+            broker.wake()
+        return view
+
+    @r.post("/api/jobs/diffusion", status_code=201)
+    async def submit_diffusion(body: DiffusionJobCreate, user: UserDep) -> dict[str, Any]:
+        """Images from prompts (or img2img over another job's frames) plus a contact sheet. Created on the
+        coordinator's thread, so a source job cannot become rendered between the check and the commit."""
+        def create():
+            with new_session(engine) as s:
+                job = create_job("diffusion", s, user, blobs, body.model_dump())
+                s.commit()
+                return jobs.job_view(s, job)
+        return await serial(create)
+
+    @r.get("/api/jobs")
+    def list_jobs(user: UserDep, s: SessionDep, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        q = select(Job).order_by(Job.id.desc()).limit(max(1, min(limit, 500)))
+        if not user.is_admin:
+            q = q.where(Job.owner_id == user.id)
+        if status:
+            q = q.where(Job.status == status)
+        return [jobs.job_view(s, j) for j in s.exec(q)]
+
+    @r.get("/api/jobs/{job_id}")
+    def get_job(job_id: int, user: UserDep, s: SessionDep) -> dict[str, Any]:
+        return jobs.job_view(s, jobs.get_job(s, job_id, user), detail=True)
+
+    @r.post("/api/jobs/{job_id}/cancel")
+    async def cancel(job_id: int, user: UserDep) -> dict[str, Any]:
+        if broker is not None:
+            return await broker.call(broker.coord.cancel_job, job_id, user)
+
+        def direct():
+            with new_session(engine) as s:
+                job = jobs.get_job(s, job_id, user)
+                jobs.cancel_job(s, job)
+                s.commit()
+                return jobs.job_view(s, job)
+        return await asyncio.to_thread(direct)
+
+    @r.get("/api/jobs/{job_id}/outputs")
+    def list_outputs(job_id: int, user: UserDep, s: SessionDep) -> list[dict[str, Any]]:
+        job = jobs.get_job(s, job_id, user)
+        return [{"name": o.name, "frame": o.frame, "sha256": o.sha256, "size": o.size,
+                 "worker_id": o.worker_id, "render_seconds": o.render_seconds} for o in jobs.outputs(s, job)]
+
+    @r.get("/api/jobs/{job_id}/outputs/{name}")
+    def get_output(job_id: int, name: str, user: UserDep, s: SessionDep):
+        job = jobs.get_job(s, job_id, user)
+        if job.status not in (JobStatus.approved.value, JobStatus.paid.value):
+            raise HTTPException(403, f"full-resolution outputs of job {job_id} are released after you approve it: "
+                                     f"review the watermarked previews on the job page (/jobs/{job_id}), then "
+                                     f"approve (`farm approve {job_id}` or POST /api/jobs/{job_id}/approve)")
+        for o in jobs.outputs(s, job):
+            if o.name == name:
+                media = {".exr": "image/x-exr", ".mp4": "video/mp4"}.get(Path(name).suffix, "image/png")
+                return FileResponse(blobs.path(o.sha256), media_type=media, filename=name)
+        raise HTTPException(404, f"job {job_id} has no output {name!r} (yet): see GET /api/jobs/{job_id}/outputs")
+
+    @r.get("/api/jobs/{job_id}/events")
+    async def follow(job_id: int, user: UserDep) -> StreamingResponse:
+        """Server-sent events: the job's view whenever it changes, until it reaches a final state."""
+        def snapshot():
+            with new_session(engine) as s:
+                return jobs.job_view(s, jobs.get_job(s, job_id, user))
+        first = await asyncio.to_thread(snapshot)  # raises 404 before the stream starts
+
+        async def stream():
+            last, view = None, first
+            while True:
+                data = json.dumps(view, sort_keys=True)
+                if data != last:
+                    yield f"event: job\ndata: {data}\n\n"
+                    last = data
+                if view["status"] in {s.value for s in JOB_TERMINAL} | {JobStatus.rendered.value, JobStatus.approved.value}:
+                    return
+                await asyncio.sleep(0.5)
+                view = await asyncio.to_thread(snapshot)
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return r

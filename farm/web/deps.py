@@ -1,0 +1,47 @@
+"""What every API router shares: the database session, the signed-in user, and the coordinator's thread.
+
+:class:`Api` is made once by :func:`farm.web.app.create_app` and handed to each router factory; its
+``SessionDep`` and ``UserDep`` are FastAPI ``Annotated`` dependencies. Every route but ``/api/health``
+needs ``Authorization: Bearer <token>``.
+"""
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, HTTPException
+from sqlmodel import Session
+
+from farm.store.blobs import BlobStore
+from farm.store.db import session as new_session
+from farm.store.models import User
+from farm.web import auth
+
+
+class Api:
+    """The state the routers close over: engine, blob store, broker (None in tests without one), ledger."""
+
+    def __init__(self, engine, blobs: BlobStore, broker=None, info: dict[str, Any] | None = None, ledger=None):
+        self.engine, self.blobs, self.broker, self.info, self.ledger = engine, blobs, broker, info or {}, ledger
+
+        def get_session():
+            with new_session(engine) as s:
+                yield s
+
+        self.get_session = get_session
+        self.SessionDep = Annotated[Session, Depends(get_session)]
+
+        def get_user(s: self.SessionDep, authorization: Annotated[str | None, Header()] = None) -> User:
+            token = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
+            user = auth.user_for_token(s, token)
+            if user is None:
+                raise HTTPException(401, "missing or unknown API token: pass 'Authorization: Bearer <token>' "
+                                         "(farm --token, or RENDERHIVE_TOKEN)")
+            return user
+
+        self.get_user = get_user
+        self.UserDep = Annotated[User, Depends(get_user)]
+
+    async def serial(self, fn, *args):
+        """Run on the coordinator thread when a broker is attached (tests may run without one)."""
+        if self.broker is not None:
+            return await self.broker.call(fn, *args)
+        return await asyncio.to_thread(fn, *args)

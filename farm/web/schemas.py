@@ -1,0 +1,73 @@
+"""Request bodies of the creator plane's JSON API: each field bounded, each described for the OpenAPI page.
+
+Ranges that depend on the kind of job are checked by its planner (:mod:`farm.kinds`), whose errors say
+what to change; these models only keep malformed or oversized requests out.
+"""
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorOut(BaseModel):
+    """Every error answer. Routes explain in a sentence what went wrong and what to do; FastAPI's own
+    request validation lists the bad fields. (Documented for 422, which carries both.)"""
+    detail: str | list[dict[str, Any]]
+
+
+class MissingRequest(BaseModel):
+    hashes: list[str] = Field(max_length=10000)
+
+
+class WorkerKeyRequest(BaseModel):
+    worker: str = Field(min_length=1, max_length=100, description="a worker's public key (Z85, 40 characters) "
+                        "or, to revoke, a worker id (its key is looked up)")
+
+
+class UserCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+
+
+class JobCreate(BaseModel):
+    scene_sha256: str
+    frames: str = Field(min_length=1, max_length=2000)
+    chunk: int = Field(1, ge=1, le=10000)
+    format: str = "PNG"
+    color_depth: str | None = None
+    samples: int | None = None
+    resolution_percent: int | None = None
+    resolution: list[int] | None = Field(None, min_length=2, max_length=2,
+                                         description="output [width, height] in pixels (percentage then 100)")
+    tiles: str | None = Field(None, max_length=10, description="COLSxROWS tiles per frame, 1x1 to 16x16, "
+                              "each frame stitched exactly from its tiles")
+    overscan: int | None = Field(None, ge=0, le=256, description="tile margin in pixels (default: from the "
+                                 "scene: 16 with denoising, 4-16 with adaptive sampling, else 0)")
+    video: bool = Field(False, description="also encode the frames to video.mp4 (H.264, the scene's fps)")
+    priority: int = Field(0, ge=-100, le=100)
+    min_tier: Literal["", "new", "trusted", "top"] = Field("", description="only workers of this reputation "
+                                                           "tier or better render it (farm workers shows tiers)")
+    name: str = Field("", max_length=200)
+    scene_name: str = Field("", max_length=200)
+    client_key: str = Field("", max_length=100, description="idempotency key: a retried submit returns the same job")
+
+
+class DiffusionJobCreate(BaseModel):
+    """A Stable Diffusion batch. Ranges are checked by farm.kinds.diffusion, whose errors say what to change."""
+    model: str = Field(min_length=1, max_length=300, description="model name or hub id that workers advertise")
+    model_hash: str = Field("", max_length=64, description="pin this version (sha256 of the model folder)")
+    prompts: list[str] = Field(min_length=1, max_length=1000)
+    negative: str = Field("", max_length=2000)
+    count: int = Field(1, description="images per prompt (txt2img)")
+    seed: int | None = Field(None, description="base seed: image k uses seed + k (default: random, recorded)")
+    steps: int = 30
+    guidance: float = 7.5
+    width: int | None = Field(None, description="multiple of 8 (default 512; img2img: the source frames')")
+    height: int | None = None
+    scheduler: str = "default"
+    per_task: int = Field(1, description="images per task (micro-batch)")
+    init_from_job: int | None = Field(None, description="img2img: frame i of this job becomes image i")
+    strength: float = 0.5
+    priority: int = Field(0, ge=-100, le=100)
+    min_tier: Literal["", "new", "trusted", "top"] = Field("", description="only workers of this reputation "
+                                                           "tier or better render it (farm workers shows tiers)")
+    name: str = Field("", max_length=200)
+    client_key: str = Field("", max_length=100, description="idempotency key: a retried submit returns the same job")
