@@ -306,7 +306,7 @@ def test_benchmark_is_measured_cached_and_forced(loop, tmp_path, monkeypatch):
     d4, caps4, _ = start_daemon(loop, cache, "off")          # farm worker --no-benchmark
     assert d4.benchmark is None and "benchmark" not in caps4
 
-    monkeypatch.setattr(C, "RENDER_THREADS", 1)              # another setup: another key, measured again
+    monkeypatch.setattr(W, "RENDER_THREADS", 1)              # another setup: another key, measured again
     _, caps5, _ = start_daemon(loop, cache, "auto")
     assert caps5["benchmark"]["key"] != b1["key"] and "threads=1" in caps5["benchmark"]["key"]
     assert len(json.loads((cache / bench.CACHE_FILE).read_text())["entries"]) == 2
