@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: install demo test bench addon browser anvil postgres clean
+.PHONY: install demo test bench addon browser anvil postgres sandbox clean
 
 install: $(STAMP)
 
@@ -16,10 +16,10 @@ $(STAMP):
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-demo: install
+demo: install sandbox
 	$(BIN)/python -m client.demo $(DEMO_ARGS)
 
-test: install browser anvil postgres
+test: install browser anvil postgres sandbox
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Debian's Chromium for the browser tests (Playwright drives it; no browser download). Installed only
@@ -37,6 +37,13 @@ postgres:
 	@[ -n "$$PG_BINDIR" ] || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql; }
+
+# bubblewrap (Debian's `bubblewrap`, what Flatpak uses) for the worker's OS sandbox of runtime children
+# (worker/sandbox.py). Installed only when missing; needs root or sudo, as apt does.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq bubblewrap; }
 
 # anvil (Foundry's dev EVM node) for the payment tests: the npm package's binary, installed into .tools/
 # (ignored by git) only when missing. ANVIL=/path/to/anvil overrides it for the tests.

@@ -270,8 +270,14 @@ def cmd_worker(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from worker.daemon import main
-    main(args.coordinator, Path(args.cache), args.slots, args.wallet, args.gpus, args.worker_id, args.models,
-         benchmark=args.benchmark, server_key=server_key, enroll_token=token)
+    from worker.sandbox import SandboxUnavailable
+    try:
+        main(args.coordinator, Path(args.cache), args.slots, args.wallet, args.gpus, args.worker_id, args.models,
+             benchmark=args.benchmark, server_key=server_key, enroll_token=token, sandbox=not args.no_sandbox,
+             memory_bytes=int(args.max_memory * 1024**3) if args.max_memory else None)
+    except SandboxUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -319,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--enroll-token", default=os.environ.get("RENDERHIVE_ENROLL_TOKEN", ""),
                    help="the farm's enrollment token (or a file holding it; or RENDERHIVE_ENROLL_TOKEN): admits "
                    "this worker's key on a farm in token mode")
+    w.add_argument("--no-sandbox", action="store_true",
+                   help="run scenes and models WITHOUT the OS sandbox (bubblewrap): they can then read and write "
+                   "this machine's files and reach the network. Only for a host that cannot sandbox, and only "
+                   "with scenes you trust")
+    w.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                   help="memory each runtime child may use, in GiB (default: 3/4 of this machine's RAM)")
     w.add_argument("--print-key", action="store_true",
                    help="print this worker's public key (made on first use, in the cache dir) and exit")
     w.add_argument("--models", action="append", help="diffusion model folder, or a folder of them (repeatable; "

@@ -18,10 +18,12 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from common import protocol as P
 from common.hashing import file_sha256
 from worker import benchmark as bench
 from worker import keys
+from worker import sandbox as sandboxing
 from worker import settings as C
 from worker.blobcache import BlobCache
 from worker.runtimes.process import RuntimeCrashed, RuntimeProcess
@@ -65,7 +68,7 @@ class WorkerDaemon:
     def __init__(self, coordinator: str, cache_dir: Path, slots: int = 1, wallet: str = "",
                  gpus: str = "all", worker_id: str | None = None, cache_bytes: int = C.WORKER_CACHE_BYTES,
                  models: list[Path] | None = None, benchmark: str = "auto", server_key: bytes | None = None,
-                 enroll_token: str = ""):
+                 enroll_token: str = "", sandbox: bool = True, limits: sandboxing.Limits | None = None):
         self.endpoint = coordinator
         self.dir = Path(cache_dir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +94,11 @@ class WorkerDaemon:
         self.fetch_locks: dict[str, asyncio.Lock] = {}
         self.stopping = asyncio.Event()
         self.stats = {"bytes_downloaded": 0, "bytes_uploaded": 0, "tasks": 0, "reconnects": 0}
+        # the OS sandbox of every runtime child (worker.sandbox); False only with --no-sandbox
+        self.sandboxed = sandbox
+        self.limits = limits or sandboxing.Limits()
+        self.policies: dict[tuple[str, int], sandboxing.Policy] = {}
+        self.sandbox_info = ""  # what probe() found, for the start-up line and HELLO
 
     def _load_id(self) -> str:
         path = self.dir / "worker.id"
@@ -101,12 +109,59 @@ class WorkerDaemon:
         return wid
 
     # ------------------------------------------------------------------ runtimes
+    def runtime_dir(self, name: str, slot: int) -> Path:
+        return self.dir / "runtime" / f"{name}-slot{slot}"
+
+    def policy(self, name: str, slot: int) -> sandboxing.Policy | None:
+        """The sandbox of the slot's ``name`` child (None with --no-sandbox)."""
+        if not self.sandboxed:
+            return None
+        key = (name, slot)
+        if key not in self.policies:
+            readonly = []
+            for m in self.models if name == "diffusion" else []:
+                if m.ok:  # a hub snapshot's files link into the repo's blobs: the whole repo folder, then
+                    readonly.append(m.path.parents[1] if m.path.parent.name == "snapshots" else m.path)
+            self.policies[key] = sandboxing.Policy(
+                self.runtime_dir(name, slot), tuple(dict.fromkeys(readonly)), self.limits,
+                uid=sandboxing.SANDBOX_UID_BASE + slot if os.geteuid() == 0 else None)
+        return self.policies[key]
+
+    def task_dir(self, name: str | None, slot: int, label: str) -> Path:
+        """Where a task writes its outputs: inside the runtime child's own folder when a sandboxed child
+        makes them (the only place it may write)."""
+        if name is None or not self.sandboxed:
+            return self.dir / "work" / label
+        return self.runtime_dir(name, slot) / "out" / label
+
+    def stage(self, name: str | None, slot: int, files: dict[str, Path]) -> dict[str, Path]:
+        """The task's input files as the runtime child sees them: hard links in its read-only ``inputs``
+        folder (the blob cache itself stays invisible); links of earlier tasks are removed first."""
+        policy = self.policy(name, slot) if name else None
+        if policy is None:
+            return files
+        policy.inputs.mkdir(parents=True, exist_ok=True)
+        for old in policy.inputs.iterdir():
+            if old.name not in files:
+                old.unlink(missing_ok=True)
+        staged = {}
+        for key, src in files.items():
+            dst = policy.inputs / key
+            if not dst.exists():
+                try:
+                    os.link(src, dst)
+                except OSError:  # another filesystem (or no hard links): a copy
+                    shutil.copyfile(src, dst)
+            staged[key] = dst
+        return staged
+
     async def _runtime(self, slot: int, name: str = "blender") -> RuntimeProcess:
         """The slot's child of runtime ``name``, started (again) if it is not running."""
         rt = self.runtimes.get((name, slot))
         if rt is None or not rt.alive:
             module, args = RUNTIMES[name]
-            rt = RuntimeProcess(module, args(self.gpu_args[slot]), self.dir / "runtime" / f"{name}-slot{slot}")
+            rt = RuntimeProcess(module, args(self.gpu_args[slot]), self.runtime_dir(name, slot),
+                                sandbox=self.policy(name, slot))
             info = await rt.start()
             if name == "blender":
                 self.ready_info = self.ready_info or info
@@ -114,6 +169,15 @@ class WorkerDaemon:
         return rt
 
     async def start_runtimes(self) -> None:
+        if self.sandboxed:
+            self.sandbox_info = await asyncio.to_thread(sandboxing.probe)  # raises with what to install
+            print(f"worker {self.id}: runtime children sandboxed ({self.sandbox_info}; memory "
+                  f"{self.limits.memory_bytes / 1024**3:.1f} GiB, {self.limits.processes} threads)", flush=True)
+        else:
+            print("\n" + "!" * 100 + f"\nworker {self.id}: --no-sandbox: runtime children are NOT sandboxed. A "
+                  "submitted scene or model can read\nthis machine's files (this worker's keys too), write "
+                  "them and reach the network. Only for scenes you trust.\n" + "!" * 100 + "\n",
+                  file=sys.stderr, flush=True)
         self.models = await asyncio.to_thread(model_folders.scan, self.model_dirs, self.dir / "model_hashes.json")
         for m in self.models:
             print(f"worker {self.id}: model {m.name} " + (f"({m.hash[:12]}) at {m.path}" if m.ok else
@@ -140,6 +204,7 @@ class WorkerDaemon:
                 "devices": self.ready_info.get("devices", []), "gpu": bool(self.ready_info.get("gpu")),
                 "bpy": self.ready_info.get("bpy_version", ""), "hostname": socket.gethostname(),
                 "cached": self.cache.hashes()[:1000], "models": [m.advert() for m in self.models],
+                "sandbox": self.sandbox_info if self.sandboxed else "none",
                 **({"benchmark": self.benchmark} if self.benchmark else {})}
 
     # ------------------------------------------------------------------ connection
@@ -272,7 +337,8 @@ class WorkerDaemon:
 
     async def _run_task(self, msg: P.Task, slot: int) -> None:
         key = (msg.task_id, msg.attempt)
-        out_dir = self.dir / "work" / f"task{msg.task_id}-{msg.attempt}"
+        runtime_name = EXECUTORS[msg.kind][0] if msg.kind in EXECUTORS else None
+        out_dir = self.task_dir(runtime_name, slot, f"task{msg.task_id}-{msg.attempt}")
         final: Any = None
         for sha in msg.inputs:
             self.cache.pin(sha)
@@ -286,7 +352,12 @@ class WorkerDaemon:
         except TaskFailure as exc:
             final = P.Failed(msg.task_id, msg.attempt, str(exc), exc.retryable)
         except RuntimeCrashed as exc:
-            final = P.Failed(msg.task_id, msg.attempt, f"the runtime crashed: {exc}", True)
+            rt = self.runtimes.get((runtime_name, slot)) if runtime_name else None
+            why = rt.limit_reason(exc) if rt is not None else ""
+            if why:  # a sandbox limit stopped it: the scene's doing, not the worker's (no reputation lost)
+                final = P.Failed(msg.task_id, msg.attempt, f"the task was stopped: {why}", False)
+            else:
+                final = P.Failed(msg.task_id, msg.attempt, f"the runtime crashed: {exc}", True)
         except Exception as exc:  # keep the daemon up whatever happens in one task
             log.exception("task %s failed", key)
             final = P.Failed(msg.task_id, msg.attempt, f"worker error: {exc!r}", True)
@@ -306,10 +377,12 @@ class WorkerDaemon:
         if msg.kind not in EXECUTORS:
             raise TaskFailure(f"this worker cannot run {msg.kind!r} tasks", True)
         runtime_name, executor = EXECUTORS[msg.kind]
-        inputs = {sha: await self.fetch(sha) for sha in msg.inputs}
+        inputs = self.stage(runtime_name, slot, {sha: await self.fetch(sha) for sha in msg.inputs})
         total = int(msg.spec.get("units", 0)) or len(msg.spec.get("outputs", [])) or 1
         self.send(P.Progress(msg.task_id, msg.attempt, 0, total, "inputs ready"))
         out_dir.mkdir(parents=True, exist_ok=True)
+        if runtime_name and (policy := self.policy(runtime_name, slot)) is not None:
+            sandboxing.give(policy, out_dir)
 
         def progress(done: int, of: int, message: str) -> None:
             self.send(P.Progress(msg.task_id, msg.attempt, done, of, message))
@@ -319,7 +392,8 @@ class WorkerDaemon:
         ctx = TaskContext(msg.task_id, msg.attempt, msg.kind, msg.spec, inputs, out_dir, progress, runtime,
                           models={m.hash: m.path for m in self.models if m.ok})
         result, seconds = [], 0.0
-        for p in await executor(ctx):
+        produced = await (self._limited(ctx, runtime_name, slot, executor) if runtime_name else executor(ctx))
+        for p in produced:
             sha = await asyncio.to_thread(file_sha256, p.path)
             await self.upload(p.path, sha)
             result.append({"frame": p.frame, "sha256": sha, "size": p.path.stat().st_size, "name": p.name,
@@ -327,13 +401,31 @@ class WorkerDaemon:
             seconds += p.seconds
         return P.Result(msg.task_id, msg.attempt, result, seconds)
 
+    async def _limited(self, ctx: TaskContext, runtime_name: str, slot: int, executor) -> list:
+        """Run ``executor`` under the task's wall-clock and CPU-time limits (from its job, else TASK_SECONDS
+        a frame): the slot's runtime child is stopped when it passes one, and the task fails for good."""
+        settings = ctx.spec.get("settings") if isinstance(ctx.spec.get("settings"), dict) else {}
+        per = settings.get("time_limit") or ctx.spec.get("time_limit") or C.TASK_SECONDS
+        per = float(per) if type(per) in (int, float) and 0 < per <= 30 * 86400 else C.TASK_SECONDS
+        units = max(1, len(ctx.spec.get("frames") or ctx.spec.get("images") or [1]))
+        wall = per * units
+        cpu = wall * max(1, C.RENDER_THREADS or os.cpu_count() or 1)
+        rt = await self._runtime(slot, runtime_name)
+        watch = asyncio.create_task(rt.watch(wall, cpu))
+        try:
+            return await executor(ctx)
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
     async def _recycle_if_bloated(self, slot: int) -> None:
         """Restart a runtime child that grew past RUNTIME_MAX_RSS_BYTES (it is started again lazily)."""
         for (name, sl), rt in list(self.runtimes.items()):
-            if sl != slot or not rt.alive or rt.pid is None:
+            if sl != slot or not rt.alive or rt.host_pid is None:
                 continue
             try:
-                status = Path(f"/proc/{rt.pid}/status").read_text()
+                status = Path(f"/proc/{rt.host_pid}/status").read_text()
                 rss = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmRSS:"))) * 1024
             except (OSError, StopIteration, ValueError):
                 continue
@@ -432,7 +524,7 @@ class WorkerDaemon:
 
 def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, worker_id: str | None,
          models: list[str] | None = None, benchmark: str = "auto", server_key: bytes | None = None,
-         enroll_token: str = "") -> None:
+         enroll_token: str = "", sandbox: bool = True, memory_bytes: int | None = None) -> None:
     import signal
 
     from common.logs import setup
@@ -441,7 +533,9 @@ def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, 
     async def _main() -> None:
         daemon = WorkerDaemon(coordinator, cache_dir, slots, wallet, gpus, worker_id,
                               models=model_folders.configured_dirs(models) if models else None,
-                              benchmark=benchmark, server_key=server_key, enroll_token=enroll_token)
+                              benchmark=benchmark, server_key=server_key, enroll_token=enroll_token,
+                              sandbox=sandbox, limits=sandboxing.Limits(
+                                  **({"memory_bytes": memory_bytes} if memory_bytes else {})))
         if server_key:
             print(f"worker {daemon.id}: key {daemon.keypair[0].decode()}; pins the coordinator key "
                   f"{server_key.decode()}", flush=True)

@@ -81,3 +81,30 @@ of the cache key: scores of different models do not compare)."""
 
 BENCH_TIMEOUT = _env_float("BENCH_TIMEOUT", 300.0)
 """Seconds one benchmark measurement may take before it is abandoned (the worker then reports no score)."""
+
+# ------------------------------------------------------------------ the sandbox of runtime children (worker.sandbox)
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 16 * 1024**3
+
+
+SANDBOX_MEMORY_BYTES = int(_env_float("SANDBOX_MEMORY_BYTES", 0)) or max(2 * 1024**3, int(_ram_bytes() * 0.75))
+"""RLIMIT_DATA of each runtime child (heap and private writable mappings, not GPU memory): a scene that
+needs more fails its task with "the scene needs more than N GiB", and the host keeps the rest. Default
+three quarters of the host's RAM (``farm worker --max-memory`` sets it); bpy alone maps about 1 GiB of data
+with a thread per core, so below 2 GiB nothing renders."""
+
+SANDBOX_FILE_BYTES = int(_env_float("SANDBOX_FILE_BYTES", 8 * 1024**3))
+"""RLIMIT_FSIZE of each runtime child: the largest single file it may write (an output frame, a cache
+file of its own). 8 GiB holds a 16k×16k float EXR."""
+
+SANDBOX_PROCESSES = int(_env_float("SANDBOX_PROCESSES", 4096))
+"""RLIMIT_NPROC of each runtime child: its processes and threads together (Blender and torch start about
+two threads a core; a fork bomb stops here, not at the host's limit)."""
+
+TASK_SECONDS = _env_float("TASK_SECONDS", 6 * 3600.0)
+"""Wall-clock limit of one task in a runtime child when its job sets none (``time_limit`` in the task's
+settings, seconds per frame): a scene that runs longer is stopped and its task failed for good, with the
+limit in the message. The CPU-time limit is this times the child's render threads (every core)."""
