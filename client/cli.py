@@ -96,7 +96,8 @@ def cmd_submit(args, client: Client) -> int:
         except ValueError:
             raise ApiError(f"--resolution {args.resolution}: write WIDTHxHEIGHT, e.g. 1920x1080") from None
     sha, sent = upload_scene(client, scene, args.json)
-    optional = {"resolution": resolution, "tiles": args.tiles, "overscan": args.overscan, "video": args.video or None}
+    optional = {"resolution": resolution, "tiles": args.tiles, "overscan": args.overscan, "video": args.video or None,
+                "time_limit": args.time_limit}
     job = client.submit(scene_sha256=sha, scene_name=scene.name, frames=args.frames, chunk=args.chunk,
                         format=args.format, color_depth=args.color_depth, samples=args.samples,
                         resolution_percent=args.resolution_percent, priority=args.priority,
@@ -349,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--format", default="PNG", choices=["PNG", "EXR"])
     sm.add_argument("--color-depth", default=None, help="8/16 for PNG, 16/32 for EXR")
     sm.add_argument("--samples", type=int, default=None)
+    sm.add_argument("--time-limit", type=int, default=None, metavar="SECONDS",
+                    help="seconds one frame may take on a worker (default: the worker's own limit)")
     sm.add_argument("--resolution-percent", type=int, default=None)
     sm.add_argument("--resolution", default=None, help="output size WIDTHxHEIGHT in pixels (percentage 100)")
     sm.add_argument("--tiles", default=None, help="split each frame into COLSxROWS tiles (1x1 to 16x16) "

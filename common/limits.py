@@ -64,3 +64,8 @@ VIDEO_CRF = 20
 BENCH_WORK_UNITS = 100.0
 """Work units in one benchmark frame (and one benchmark image). A worker's score is BENCH_WORK_UNITS ÷ the
 seconds it takes, in work units a second: the unit in which work is metered and paid, like OctaneBench."""
+
+
+MAX_BLEND_BYTES = int(_env_float("MAX_BLEND_BYTES", 16 * 1024**3))
+"""Largest .blend a worker loads, decompressed (a worker also stops at half its runtime's memory limit): a
+1.9 MB zstd file can expand to 5 GB inside Blender, so the decompressed size is counted before opening."""

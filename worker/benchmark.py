@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from common import limits as L
+from worker import sandbox as sandboxing
 from worker import settings as C
 
 log = logging.getLogger("worker.benchmark")
@@ -168,22 +169,34 @@ async def measure_worker(daemon, mode: str) -> dict[str, Any] | None:
     if mode == "off":
         return None
     work = daemon.dir / "work" / "benchmark"
+    works = []  # the folders the measurements write in (inside each sandboxed child's own folder)
+
+    def workdir(name: str) -> Path:
+        d = daemon.task_dir(name, 0, "benchmark")
+        d.mkdir(parents=True, exist_ok=True)
+        if (policy := daemon.policy(name, 0)) is not None:
+            sandboxing.give(policy, d)
+        works.append(d)
+        return d
     jobs: dict[str, tuple[str, Any]] = {}
     blender = daemon.runtimes.get(("blender", 0))
     if not SCENE.is_file():
         log.warning("no %s: reporting no blender benchmark score", SCENE)
     elif blender is not None and blender.alive:
         async def run_blender():
-            return await _killing_on_failure(daemon, "blender", lambda rt: measure_blender(rt, work))
+            scene = daemon.stage("blender", 0, {"benchmark.blend": SCENE})["benchmark.blend"]  # as a task's input
+            return await _killing_on_failure(daemon, "blender", lambda rt: measure_blender(rt, workdir("blender"),
+                                                                                        scene))
         jobs["blender"] = (blender_key(blender.ready or {}, daemon.gpu_args[0]), run_blender)
     model = next((m for m in daemon.models if m.ok), None)
     diffusion = daemon.runtimes.get(("diffusion", 0))
     if model is not None and diffusion is not None and diffusion.alive:
         async def run_diffusion():
             return await _killing_on_failure(daemon, "diffusion", lambda rt: measure_diffusion(
-                rt, work, model.path, model.name, model.hash))
+                rt, workdir("diffusion"), model.path, model.name, model.hash))
         jobs["diffusion"] = (diffusion_key(diffusion.ready or {}, daemon.gpu_args[0], model.hash), run_diffusion)
     try:
         return await scores(daemon.dir, mode, jobs)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        for d in [work, *works]:
+            shutil.rmtree(d, ignore_errors=True)

@@ -168,10 +168,11 @@ def _system_binds() -> list[str]:
             args += ["--symlink", os.readlink(p), str(p)]
         elif p.is_dir():
             args += ["--ro-bind", str(p), str(p)]
-    for etc in ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime", "nsswitch.conf",
-                "ssl/certs", "fonts", "OpenCL", "vulkan", "glvnd", "nvidia"):
+    # Not nsswitch.conf: with it, glibc loads the host's NSS modules for a user lookup (libnss_systemd…),
+    # which crashed bpy's import here (SIGSEGV); without it, lookups read the (absent) /etc/passwd only.
+    for etc in ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime", "ssl/certs", "fonts",
+                "OpenCL", "vulkan", "glvnd", "nvidia"):
         args += ["--ro-bind-try", f"/etc/{etc}", f"/etc/{etc}"]
-    # the passwd entry of the child's uid, so getpwuid() (Python's os.path.expanduser, Blender) works
     return args + ["--ro-bind-try", "/sys", "/sys"]
 
 

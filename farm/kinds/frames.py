@@ -51,11 +51,18 @@ def chunks(frames: list[int], chunk: int) -> list[list[int]]:
     return [frames[i:i + chunk] for i in range(0, len(frames), chunk)]
 
 
+MAX_TIME_LIMIT = 7 * 86400
+"""Longest a job may let one frame take (seconds)."""
+
+
 def render_settings(fmt: str = "PNG", color_depth: str | None = None, samples: int | None = None,
                     resolution_percent: int | None = None,
-                    resolution: list[int] | tuple[int, int] | None = None) -> dict[str, Any]:
+                    resolution: list[int] | tuple[int, int] | None = None,
+                    time_limit: int | None = None) -> dict[str, Any]:
     """Validated render overrides for a Blender job (None: keep the scene's own value). A ``resolution``
-    [width, height] is the output size in pixels: the percentage then defaults to 100, not the scene's."""
+    [width, height] is the output size in pixels: the percentage then defaults to 100, not the scene's.
+    ``time_limit``: seconds one frame may take on a worker (its sandbox stops it then; None: the worker's
+    default, worker.settings.TASK_SECONDS)."""
     fmt = fmt.upper()
     if fmt not in FORMATS:
         raise SpecError(f"format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
@@ -66,8 +73,12 @@ def render_settings(fmt: str = "PNG", color_depth: str | None = None, samples: i
         raise SpecError(f"samples must be between 1 and {MAX_SAMPLES}")
     if resolution_percent is not None and not 1 <= resolution_percent <= 1000:
         raise SpecError("resolution percent must be between 1 and 1000")
+    if time_limit is not None and (type(time_limit) is not int or not 1 <= time_limit <= MAX_TIME_LIMIT):
+        raise SpecError(f"time limit must be 1 to {MAX_TIME_LIMIT} seconds a frame")
     settings = {"format": fmt, "color_depth": depth, "samples": samples,
                 "resolution_percent": resolution_percent, "max_resolution": MAX_RESOLUTION}
+    if time_limit is not None:
+        settings["time_limit"] = time_limit
     if resolution is not None:
         if (not isinstance(resolution, (list, tuple)) or len(resolution) != 2
                 or any(type(v) is not int or not 4 <= v <= MAX_RESOLUTION for v in resolution)):

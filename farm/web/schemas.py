@@ -42,6 +42,8 @@ class JobCreate(BaseModel):
     overscan: int | None = Field(None, ge=0, le=256, description="tile margin in pixels (default: from the "
                                  "scene: 16 with denoising, 4-16 with adaptive sampling, else 0)")
     video: bool = Field(False, description="also encode the frames to video.mp4 (H.264, the scene's fps)")
+    time_limit: int | None = Field(None, ge=1, le=7 * 86400, description="seconds one frame may take on a "
+                                   "worker; its sandbox stops a task that runs longer (default: the worker's)")
     priority: int = Field(0, ge=-100, le=100)
     min_tier: Literal["", "new", "trusted", "top"] = Field("", description="only workers of this reputation "
                                                            "tier or better render it (farm workers shows tiers)")

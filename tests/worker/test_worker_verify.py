@@ -18,7 +18,6 @@ import pytest
 
 from common import limits as L
 from common import rasters
-from farm import constants as C
 from tests.conftest import PY, SAMPLE, TEST_SETTINGS, submit_sample, wait_for, wait_workers
 from tests.helpers.cheater import MODES, STALE_OFFSET, Cheater
 from worker import benchmark as bench

@@ -2,7 +2,7 @@
 
 Responsibility: load untrusted .blend files safely and render frames of them,
 driven by JSON-line requests from the parent (`worker.runtimes.process.RuntimeProcess`).
-This is the only module of the project that imports `bpy`.
+This is the only module of the project that imports `bpy` (scene_checks is handed it).
 
     python -m worker.runtimes.blender [--gpus all|none|0,1]
 
@@ -46,6 +46,9 @@ Invariants:
   Tiles never reload the scene (same scene_key) and EEVEE is refused.
   Regions take the same path (without the tile-grid checks), so a region
   equals the same rectangle of a full render bit for bit.
+- Scene checks live in `worker.runtimes.scene_checks` (before opening, after
+  opening, and after every frame_set); the OS sandbox of `worker.sandbox` is
+  the defence, the checks make refusals readable.
 - Scene faults (unreadable file, no camera, linked or external data, caps,
   more tiles than pixels, EEVEE tiles, regions outside the frame) give
   retryable=false with a message the creator can act on; a failure of
@@ -68,9 +71,10 @@ from common import limits as L
 from common.limits import MAX_RESOLUTION, MAX_SAMPLES
 from common.tiles import tile_name, tile_rect, too_many_tiles
 from worker import settings as C
+from worker.runtimes import scene_checks as checks
+from worker.runtimes.scene_checks import SceneError
 
 GPU_TYPES = ("OPTIX", "CUDA", "HIP", "ONEAPI", "METAL")   # order of preference
-PACK_HINT = "pack it into the .blend (File > External Data > Pack Resources) and submit again"
 # Optional overrides: recorded after each load so a task with null settings
 # renders with the file's own values. Format fields are set on every task and
 # need no record.
@@ -97,10 +101,6 @@ def region_name(frame: int, region: list, fmt: str) -> str:
     """Output name of a region render, e.g. ``region_0007_16_48_8_40.png`` (x0, x1, y0, y1)."""
     x0, x1, y0, y1 = region
     return f"region_{frame:04d}_{x0}_{x1}_{y0}_{y1}.{'exr' if fmt == 'EXR' else 'png'}"
-
-
-class SceneError(Exception):
-    """The scene or the request is at fault: another worker would fail too."""
 
 
 class RenderFailed(Exception):
@@ -195,6 +195,7 @@ class Runtime:
         bpy.context.preferences.filepaths.use_scripts_auto_execute = False
         if not os.path.isfile(path):
             raise SceneError(f"scene file not found on the worker: {path}")
+        checks.check_file(path, _blend_cap())
         try:
             bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
         except RuntimeError as e:
@@ -204,92 +205,11 @@ class Runtime:
         self.loads += 1
         sc = bpy.context.scene
         self.recorded = {(o, a): getattr(getattr(sc, o), a) for o, a in RECORDED}
-        self._check_scene(sc)
-        self._mute_file_outputs()
+        checks.check_loaded(bpy, sc)
+        checks.check_frame(bpy, sc, sc.frame_current)  # as saved; each frame is checked again as it renders
+        checks.mute_file_outputs(bpy)
         sc.render.use_persistent_data = True    # keeps BVH/shaders between frames
         self.scene_key = key
-
-    def _check_scene(self, sc) -> None:
-        if sc.camera is None:
-            raise SceneError(f"scene {sc.name!r} has no active camera; set one in "
-                             "Scene Properties > Camera and resubmit")
-        # Packed libraries and 5.0 "archive" libraries (packed linked data)
-        # are self-contained; anything else reads another .blend from disk.
-        linked = [bpy.path.abspath(lib.filepath) for lib in bpy.data.libraries
-                  if lib.packed_file is None and not lib.is_archive]
-        if linked:
-            raise SceneError("the scene links data from other .blend files (" + ", ".join(linked)
-                             + "); make it local (Object > Relations > Make Local) or pack "
-                             "the libraries (File > External Data > Pack Resources) and resubmit")
-        for img in bpy.data.images:
-            if img.source not in {"FILE", "SEQUENCE", "TILED", "MOVIE"} or len(img.packed_files):
-                continue
-            if img.users <= int(img.use_fake_user):   # kept but used nowhere: harmless
-                continue
-            self._external(f"image {img.name!r}", img.filepath, img.library,
-                           movie=img.source in {"SEQUENCE", "MOVIE"})
-        for coll, label in ((bpy.data.fonts, "font"), (bpy.data.volumes, "volume")):
-            for idb in coll:
-                if idb.packed_file is None and idb.filepath and idb.filepath != "<builtin>":
-                    self._external(f"{label} {idb.name!r}", idb.filepath, idb.library)
-        # Alembic/USD caches and movie clips cannot be packed at all.
-        for coll, label in ((bpy.data.cache_files, "cache file"), (bpy.data.movieclips, "movie clip")):
-            for idb in coll:
-                if idb.users > int(idb.use_fake_user):
-                    self._external(f"{label} {idb.name!r}", idb.filepath, idb.library, movie=True)
-        # Other ways to read files of the worker by path (or, for fluid
-        # caches, to write them), with no data-block to pack.
-        if sc.render.engine == "CYCLES" and sc.cycles.shading_system:
-            raise SceneError("Open Shading Language is not allowed on the farm (OSL shaders can read "
-                             "files by path); turn off Render Properties > Open Shading Language and resubmit")
-        if sc.sequence_editor is not None and sc.render.use_sequencer:
-            for st in sc.sequence_editor.strips_all:
-                if st.type in {"IMAGE", "MOVIE"}:
-                    raise SceneError(f"video sequencer strip {st.name!r} reads external media, which the "
-                                     "farm cannot ship; remove it or turn off Output > Post Processing > "
-                                     "Sequencer and resubmit")
-        for tree in bpy.data.node_groups:
-            for node in tree.nodes:
-                if node.bl_idname.startswith("GeometryNodeImport"):
-                    raise SceneError(f"node {node.name!r} in {tree.name!r} imports a file by path at render "
-                                     "time; apply or realize its result (e.g. apply the modifier) and resubmit")
-        # Refusing a fluid domain stops it from rendering, but Blender has
-        # already simulated it once while loading and written cache files to
-        # the domain's cache_directory, a path the scene chooses. Only an OS
-        # sandbox (output folder the only writable place) closes that.
-        for obj in bpy.data.objects:
-            for mod in obj.modifiers:
-                if mod.type == "FLUID" and mod.fluid_type == "DOMAIN":
-                    raise SceneError(f"fluid domain {obj.name!r}: fluid simulations are not supported on "
-                                     "the farm (their cache is read and written in a folder on disk)")
-
-    @staticmethod
-    def _external(what: str, filepath: str, library, movie: bool = False) -> None:
-        """Refuse an unpacked external file, missing or not.
-
-        A missing one renders silently wrong (images come out pink); an
-        existing one is a file of *this* host, which a scene must not be able
-        to read into its output. So both are refused.
-        """
-        path = bpy.path.abspath(filepath, library=library)
-        state = "is missing on the worker" if not os.path.exists(path) else "is not packed"
-        fix = ("this kind of file cannot be packed: convert it (e.g. to packed single images "
-               "or baked geometry)" if movie else PACK_HINT)
-        raise SceneError(f"{what} uses the external file {path!r}, which {state}; {fix}")
-
-    @staticmethod
-    def _mute_file_outputs() -> int:
-        # File Output nodes write wherever the scene says, scripts or not.
-        # In 5.0 every compositor tree (the scene's compositing_node_group,
-        # nested groups, VSE compositor modifiers) is in bpy.data.node_groups.
-        # `mute` is not animatable, so no driver or keyframe can undo this.
-        muted = 0
-        for tree in bpy.data.node_groups:
-            for node in tree.nodes:
-                if node.bl_idname == "CompositorNodeOutputFile":
-                    node.mute = True
-                    muted += 1
-        return muted
 
     # ---- rendering ------------------------------------------------------
     def _apply(self, sc, s: dict) -> str:
@@ -478,6 +398,7 @@ class Runtime:
             sc.frame_set(f)
             if sc.camera is None:               # camera markers can switch it per frame
                 raise SceneError(f"scene {sc.name!r} has no active camera at frame {f}")
+            checks.check_frame(bpy, sc, f)      # what keyframes and drivers turned on, as it will render
             if part is None:
                 path = render_path = os.path.join(out_dir, f"frame_{f:04d}{ext}")
             else:
@@ -501,6 +422,14 @@ class Runtime:
             self.emit(event="frame", id=rid, **outputs[-1])
         self.emit(event="done", id=rid, outputs=outputs, reloaded=reloaded,
                   loads=self.loads, rss_bytes=_rss_bytes())
+
+
+def _blend_cap() -> int:
+    """Largest decompressed .blend this child loads: half of its memory limit (the sandbox's RLIMIT_DATA),
+    at most the farm-wide cap."""
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    return min(L.MAX_BLEND_BYTES, soft // 2) if soft != resource.RLIM_INFINITY else L.MAX_BLEND_BYTES
 
 
 def _rss_bytes() -> int:
