@@ -31,6 +31,9 @@ from typing import Any, Iterable
 MODEL_INDEX = "model_index.json"
 BUILD_HINT = ("save a complete pipeline there (DiffusionPipeline.save_pretrained(DIR)), copy the model folder "
               "again, or for tests run `farm models tiny --out DIR`")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Weight files in Python's pickle format (torch.save): loading one runs whatever code it carries."""
+
 DEFAULT_TOKEN_LIMIT = 77
 
 
@@ -145,9 +148,15 @@ def _component_problem(folder: Path, key: str, cls: str) -> str:
         need = "preprocessor_config.json"
     else:
         need = "config.json"
-        weights = [f for f in files if f.endswith((".safetensors", ".bin")) or f.endswith(".index.json")]
+        pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+        if pickled:  # unpickling runs code: a model folder is as untrusted as a scene
+            return (f"{key}/{pickled[0]} holds pickled weights, which can run code when loaded: only "
+                    "safetensors are accepted (convert with DiffusionPipeline.from_pretrained(DIR)"
+                    ".save_pretrained(DIR, safe_serialization=True) on a machine you trust, then delete the "
+                    f"{', '.join(sorted({Path(f).suffix for f in pickled}))} files)")
+        weights = [f for f in files if f.endswith(".safetensors") or f.endswith(".safetensors.index.json")]
         if not weights:
-            return f"{key}/ has no weights (*.safetensors or *.bin)"
+            return f"{key}/ has no weights (*.safetensors)"
         for f in sorted(w for w in weights if w.endswith(".safetensors")):
             problem = _safetensors_problem(sub / f)
             if problem:

@@ -122,9 +122,15 @@ class WorkerDaemon:
             for m in self.models if name == "diffusion" else []:
                 if m.ok:  # a hub snapshot's files link into the repo's blobs: the whole repo folder, then
                     readonly.append(m.path.parents[1] if m.path.parent.name == "snapshots" else m.path)
+            uid = sandboxing.SANDBOX_UID_BASE + slot if os.geteuid() == 0 else None
+            if uid is not None and not all(map(sandboxing.world_readable, readonly)):
+                # model files only root may read (safetensors saves them 0600): this child keeps uid 0 in a
+                # user namespace of its own, without any capability (see worker.sandbox)
+                log.info("slot %d: model folders are readable by root only: their %s child runs as uid 0 in a "
+                         "user namespace instead of uid %d", slot, name, uid)
+                uid = None
             self.policies[key] = sandboxing.Policy(
-                self.runtime_dir(name, slot), tuple(dict.fromkeys(readonly)), self.limits,
-                uid=sandboxing.SANDBOX_UID_BASE + slot if os.geteuid() == 0 else None)
+                self.runtime_dir(name, slot), tuple(dict.fromkeys(readonly)), self.limits, uid=uid)
         return self.policies[key]
 
     def task_dir(self, name: str | None, slot: int, label: str) -> Path:

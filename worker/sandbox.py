@@ -13,7 +13,9 @@ from a declared :class:`Policy`:
   ``--unshare-net``), and seccomp refuses IPv4, IPv6 and packet sockets outright.
 * **privilege**: a worker running as root starts the child under an unprivileged uid of its own
   (``SANDBOX_UID_BASE`` + slot; ``setpriv``, every capability and the bounding set dropped); any other
-  worker starts it in a user namespace. Either way ``no_new_privs`` is set (bubblewrap always does), the
+  worker starts it in a user namespace. (A root worker whose model folders only root may read starts its
+  diffusion children in a user namespace too: uid 0 there, without any capability, and seeing nothing but
+  what is bound in; ``RLIMIT_NPROC`` does not bind uid 0, so their thread limit is not enforced.) Either way ``no_new_privs`` is set (bubblewrap always does), the
   pid, IPC, UTS and cgroup namespaces are new, and the seccomp filter below refuses what rendering never
   needs (ptrace, mount, namespaces, kexec, bpf, module loading, keyrings, perf, reboot, …).
 * **resources**: ``RLIMIT_DATA`` (memory: the heap and every private writable mapping — unlike
@@ -246,6 +248,19 @@ def give(policy: Policy, path: Path) -> None:
     """Hand a folder the daemon made inside the child's folder (a task's output folder) to the child."""
     if policy.uid is not None:
         os.chown(path, policy.uid, policy.uid)
+
+
+def world_readable(folder: Path) -> bool:
+    """Whether every file under ``folder`` is readable by any user (an unprivileged uid can load it)."""
+    for dirpath, _dirs, files in os.walk(folder, followlinks=True):
+        for name in [dirpath, *(os.path.join(dirpath, f) for f in files)]:
+            try:
+                mode = os.stat(name).st_mode
+            except OSError:
+                return False
+            if not mode & 0o004 or (os.path.isdir(name) and not mode & 0o001):
+                return False
+    return True
 
 
 def find_bwrap() -> str | None:

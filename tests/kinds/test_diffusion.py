@@ -6,6 +6,7 @@ one that has it loaded), and an img2img job waits for its source job and takes i
 """
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import time
@@ -383,3 +384,42 @@ def test_runtime_schedulers_errors_and_pipeline_cache(tiny_model, tmp_path):
     rt.budget = rt.cache[digest]["bytes"] + 1
     rt.generate(6, {**base, "model_path": str(other), "model_hash": "1" * 64})
     assert list(rt.cache) == ["1" * 64]
+
+
+class _Payload:
+    """What a hostile model file carries: unpickling it calls ``open(marker, "w")``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_weights_are_refused_before_anything_loads_them(tiny_model, tmp_path):
+    """A model folder is untrusted like a scene: a pickle runs code when loaded, so a folder holding one is
+    unusable (with the way to convert it), the runtime refuses to load it, and the payload never runs."""
+    import pickle
+    import shutil
+
+    import diffusers
+    import torch
+
+    import worker.runtimes.diffusion as R
+    from common.model_folders import check, folder_hash, scan
+    hostile = tmp_path / "models" / "hostile-sd"
+    shutil.copytree(tiny_model, hostile)
+    marker = tmp_path / "payload-ran"
+    (hostile / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Payload(str(marker))))
+    problem = check(hostile)
+    assert "unet/diffusion_pytorch_model.bin holds pickled weights" in problem and "safetensors" in problem
+    [found] = scan([tmp_path / "models"], tmp_path / "hashes.json", hub=False)
+    assert not found.ok and "pickled" in found.error  # never advertised, so no task is sent for it
+    R.torch, R.diffusers = torch, diffusers
+    rt = R.Runtime(io.StringIO(), "none")
+    with pytest.raises(R.WorkerFault, match="pickled weights"):
+        rt.generate(1, {"model_path": str(hostile), "model_name": "hostile", "model_hash": folder_hash(hostile),
+                        "mode": "txt2img", "steps": 1, "guidance": 7.5, "width": 64, "height": 64,
+                        "out_dir": str(tmp_path / "out"), "images": [{"name": "image_0000.png", "index": 0,
+                                                                      "seed": 1, "prompt": "a cat"}]})
+    assert not marker.exists(), "the pickle was loaded"

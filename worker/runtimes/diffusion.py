@@ -149,7 +149,8 @@ class Runtime:
         t0 = time.perf_counter()
         try:
             pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-                str(path), local_files_only=True, variant=_variant(path), **_dtype_arg(self.dtype))
+                str(path), local_files_only=True, use_safetensors=True,  # never unpickle: it runs code
+                variant=_variant(path), **_dtype_arg(self.dtype))
             pipe = pipe.to(self.device)
         except Exception as e:
             traceback.print_exc()
