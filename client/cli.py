@@ -247,7 +247,7 @@ def cmd_serve(args) -> int:
     from farm.payments.ledger import ChainConfigError
     try:
         asyncio.run(serve(Path(args.data), args.db, args.bind, args.http, args.chain_rpc, args.chain_key_file,
-                          args.admit))
+                          args.admit, args.require_sandbox))
     except ChainConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which worker keys may connect (or RENDERHIVE_ADMIT): open = any key; token = keys that "
                    "enroll with DATA/curve/enroll.token, and listed ones; allowlist = only keys in DATA/curve/allowed "
                    "(farm workers allow KEY); auto (default) = open on a loopback --bind, token otherwise")
+    s.add_argument("--require-sandbox", action="store_true",
+                   help="admit only workers that run scenes in the OS sandbox (refuse `farm worker --no-sandbox`)")
     s.add_argument("--print-key", action="store_true",
                    help="print the coordinator's public key (made on first use) for workers' --server-key, and exit")
     s.set_defaults(func=cmd_serve, needs_client=False)

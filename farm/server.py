@@ -37,7 +37,7 @@ _ADMISSION = {
 
 
 async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_rpc: str | None = None,
-                chain_key_file: str | None = None, admit: str = "auto") -> None:
+                chain_key_file: str | None = None, admit: str = "auto", require_sandbox: bool = False) -> None:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     try:  # the schema is brought to the newest migration here (farm.store.migrate)
@@ -57,7 +57,10 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
     print(f"worker plane encrypted (CurveZMQ); coordinator key {keyring.server_key}: workers pin it with "
           f"`farm worker --server-key '{keyring.server_key}'`", flush=True)
     print(f"workers admitted: {_ADMISSION[keyring.mode].format(dir=keyring.dir)}", flush=True)
-    coord = Coordinator(engine, blobs)
+    coord = Coordinator(engine, blobs, require_sandbox=require_sandbox)
+    if require_sandbox:
+        print("workers must sandbox their runtime children (a worker started with --no-sandbox is refused)",
+              flush=True)
     broker = Broker(coord, bind, keyring=keyring)
     broker_task = asyncio.create_task(broker.run())
     endpoint = await broker.ready()

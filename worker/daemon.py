@@ -93,7 +93,7 @@ class WorkerDaemon:
         self.inbox: dict[str, asyncio.Queue] = {}   # blob transfers waiting for BLOB / BLOB_ACK
         self.fetch_locks: dict[str, asyncio.Lock] = {}
         self.stopping = asyncio.Event()
-        self.stats = {"bytes_downloaded": 0, "bytes_uploaded": 0, "tasks": 0, "reconnects": 0}
+        self.stats = {"bytes_downloaded": 0, "bytes_uploaded": 0, "tasks": 0, "reconnects": 0, "welcomes": 0}
         # the OS sandbox of every runtime child (worker.sandbox); False only with --no-sandbox
         self.sandboxed = sandbox
         self.limits = limits or sandboxing.Limits()
@@ -290,6 +290,7 @@ class WorkerDaemon:
                 last_recv = time.monotonic()
                 if isinstance(msg, P.Welcome):
                     welcomed = True
+                    self.stats["welcomes"] += 1  # the coordinator committed this HELLO (persist, then ack)
                     interval = msg.heartbeat_interval
                     print(f"worker {self.id}: connected to {self.endpoint}", flush=True)
                     for final in list(self.outbox.values()):

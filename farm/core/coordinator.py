@@ -72,7 +72,7 @@ _JOBS = select(Job).where(Job.id.in_(bindparam("ids", expanding=True)))
 class Coordinator:
     def __init__(self, engine, blobs: BlobStore, scheduler: Scheduler | None = None,
                  clock: Callable[[], float] = time.time, verify: bool = True,
-                 listeners: tuple[JobListener, ...] = JOB_STATUS_LISTENERS):
+                 listeners: tuple[JobListener, ...] = JOB_STATUS_LISTENERS, require_sandbox: bool = False):
         self.engine = engine
         self.blobs = blobs
         self.scheduler = scheduler or Scheduler()
@@ -82,6 +82,7 @@ class Coordinator:
         self.pending: Outgoing = []      # replies queued from outside step (cancel via the API)
         self.want_assign = True          # set when work or capacity may have appeared
         self.listeners = listeners       # job-status reactions of the job kinds (farm.kinds.registry)
+        self.require_sandbox = require_sandbox  # refuse workers whose runtime children are not sandboxed
         self._last_sweep = 0.0
         self.stats = defaultdict(int)
         self._needed: dict[int, frozenset[int]] = {}  # job id → ids of its tasks that other tasks wait for
@@ -319,6 +320,10 @@ class Coordinator:
         lists = [msg.capabilities.get("runtimes", []), msg.capabilities.get("cached", []) or []]
         if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists):
             out.append((ident, P.Error("HELLO capabilities 'runtimes' and 'cached' must be lists of strings")))
+            return
+        if self.require_sandbox and str(msg.capabilities.get("sandbox") or "none") == "none":
+            out.append((ident, P.Disconnect("this farm admits sandboxed workers only: install bubblewrap and start "
+                                            "`farm worker` without --no-sandbox")))
             return
         old = self.by_worker.get(msg.worker_id)
         if old is not None and old != ident:
@@ -671,6 +676,11 @@ class Coordinator:
 
     # ------------------------------------------------------------------ blobs over the worker plane
     def _on_blobget(self, s, conn: Conn, msg: P.BlobGet, now, out) -> None:
+        if not self._may_fetch(s, conn, msg.sha256):
+            self.stats["blob_refused"] += 1
+            out.append((conn.identity, P.Blob(msg.sha256, msg.offset, 0, b"", error=(
+                "not an input of a task you hold: a worker fetches only the inputs of its own leases"))))
+            return
         try:
             total = self.blobs.size(msg.sha256)
         except (BlobError, OSError):
@@ -697,6 +707,23 @@ class Coordinator:
         # chunk gets none: the sender times out and resumes from its last acked offset.
         if taken or done or not msg.data:
             out.append((conn.identity, P.BlobAck(msg.sha256, stored, done)))
+
+    def _may_fetch(self, s: Session, conn: Conn, sha: str) -> bool:
+        """Whether ``conn`` holds a lease whose inputs name blob ``sha``: blobs go to workers by need only
+        (another job's frames, or this job's before approval, are no one else's to download). A grant
+        stays for the connection's life once seen (the worker may fetch it again, resuming)."""
+        if sha in conn.granted:
+            return True
+        for row in self.book.rows.values():  # live leases, in memory
+            if row.worker_id == conn.worker_id and sha in row.inputs:
+                conn.granted.add(sha)
+                return True
+        leased = s.exec(select(Task.inputs).where(Task.worker_id == conn.worker_id)
+                        .where(Task.status.in_(LEASED)).limit(256)).all()
+        if any(sha in inputs for inputs in leased):
+            conn.granted.add(sha)
+            return True
+        return False
 
     def _leases_of(self, s: Session, conn: Conn) -> list[Task]:
         return list(s.exec(select(Task).where(Task.worker_id == conn.worker_id).where(Task.status.in_(LEASED))

@@ -486,6 +486,17 @@ def test_blob_get(env):
     sha = blobs.write_bytes(data)
     assert of(d.send((b"w1", P.BlobGet(sha, 0, 10))), P.Disconnect), "HELLO first"
     d.hello(b"w1")
+    [(_, blob)] = d.send((b"w1", P.BlobGet(sha, 0, 10)))
+    assert blob.data == b"" and "not an input of a task you hold" in blob.error, "blobs go by need only"
+    make_job(engine, blobs, user, "1")
+    [task] = of(d.send((b"w1", P.Ready(1))), P.Task, b"w1")
+    with new_session(engine) as s:  # a task whose inputs name the blob (and two hashes never uploaded)
+        row = s.get(Task, task.task_id)
+        row.inputs = [*row.inputs, sha, sha256(b"nope"), "not-a-hash"]
+        s.add(row)
+        s.commit()
+    [(_, blob)] = d.send((b"w1", P.BlobGet(task.inputs[0], 0, 10)))
+    assert blob.error == "" and blob.data, "its own task's scene"
     [(_, blob)] = d.send((b"w1", P.BlobGet(sha, 1000, 300)))
     assert blob == P.Blob(sha, 1000, len(data), data[1000:1300])
     [(_, blob)] = d.send((b"w1", P.BlobGet(sha, 5, 10 * L.BLOB_CHUNK_SIZE)))
@@ -604,3 +615,17 @@ def test_dependent_task_waits_then_gets_the_outputs_it_needs(env):
     assert get(engine, Job, job_id).status == "rendered"
     with new_session(engine) as s:
         assert [o.name for o in jobs.outputs(s, s.get(Job, job_id))] == ["frame_0001.png.x", "frame_0002.png.x"]
+
+
+def test_a_farm_that_requires_sandboxes_refuses_unsandboxed_workers(env):
+    """`farm serve --require-sandbox`: a worker that says it runs scenes unconfined (--no-sandbox) is
+    disconnected with the fix and gets no Worker row and no work; a sandboxed one is served."""
+    engine, blobs, user, coord, d = env
+    coord.require_sandbox = True
+    make_job(engine, blobs, user, "1-2")
+    out = d.hello(b"bare", sandbox="none")
+    assert [type(m).__name__ for _, m in out] == ["Disconnect"]
+    assert "sandboxed workers only" in out[0][1].reason and "without --no-sandbox" in out[0][1].reason
+    assert of(d.send((b"bare", P.Ready(1))), P.Task) == [] and {w.id for w in rows(engine, Worker)} == set()
+    d.hello(b"boxed", sandbox="bubblewrap 0.8.0, seccomp, uid 61000+slot")
+    assert [t.spec["frames"] for t in of(d.send((b"boxed", P.Ready(1))), P.Task, b"boxed")] == [[1]]

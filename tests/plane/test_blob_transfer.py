@@ -53,6 +53,22 @@ class Plane:
         await until(lambda: d.sock is not None, what="the daemon's socket")
         return d
 
+    async def need(self, d: WorkerDaemon, *shas: str) -> None:
+        """Give ``d`` a lease whose inputs are ``shas``: a worker fetches only the inputs of tasks it holds.
+        (After its WELCOME: a HELLO requeues the leases it does not list.)"""
+        from farm.store.db import session
+        from farm.store.models import Job, Task
+        await until(lambda: d.stats["welcomes"] > 0, what="WELCOME (sent once its HELLO is committed)")
+        with session(self.engine) as s:
+            if not hasattr(self, "_owner"):
+                self._owner = make_user(self.engine, "transfer-tests")[0]
+            job = Job(owner_id=self._owner.id, kind="blender", spec={}, tasks_total=1)
+            s.add(job)
+            s.flush()
+            s.add(Task(job_id=job.id, index=0, kind="render", spec={}, inputs=list(shas), status="assigned",
+                       attempt=1, worker_id=d.id, lease_expires=time.time() + 3600))
+            s.commit()
+
     async def kill(self, d: WorkerDaemon) -> None:
         """Stop a daemon abruptly, as a crash would: its tasks die, its socket closes, no BYE."""
         for daemon, task in self.sessions:
@@ -87,6 +103,7 @@ def test_multi_chunk_fetch_lands_verified_and_is_cached(tmp_path):
     async def body(p: Plane):
         sha = p.blobs.write_bytes(data)
         d = await p.daemon()
+        await p.need(d, sha)
         path = await d.fetch(sha)
         assert path == d.cache.path(sha) and path.read_bytes() == data
         assert not d.cache.partial(sha).exists()
@@ -96,11 +113,13 @@ def test_multi_chunk_fetch_lands_verified_and_is_cached(tmp_path):
         assert d.stats["bytes_downloaded"] == len(data), "a cached blob downloads nothing"
         # two tasks wanting the same blob at once share one download
         other = p.blobs.write_bytes(data[::-1])
+        await p.need(d, other)
         a, b = await asyncio.gather(d.fetch(other), d.fetch(other))
         assert a == b and a.read_bytes() == data[::-1]
         assert d.stats["bytes_downloaded"] == 2 * len(data)
         # tiny and empty blobs
         for small in (b"", b"x"):
+            await p.need(d, sha256(small))
             assert (await d.fetch(p.blobs.write_bytes(small))).read_bytes() == small
 
     run(tmp_path, body)
@@ -109,6 +128,7 @@ def test_multi_chunk_fetch_lands_verified_and_is_cached(tmp_path):
 def test_unknown_blob_fails_the_fetch(tmp_path):
     async def body(p: Plane):
         d = await p.daemon()
+        await p.need(d, sha256(b"not on the coordinator"))  # named by its task, but never uploaded
         with pytest.raises(TaskFailure) as exc:
             await d.fetch(sha256(b"not on the coordinator"))
         assert exc.value.retryable and "unknown blob" in str(exc.value)
@@ -123,6 +143,7 @@ def test_interrupted_download_resumes_in_a_new_daemon(tmp_path):
     async def body(p: Plane):
         sha = p.blobs.write_bytes(data)
         d1 = await p.daemon(worker_id="w1")
+        await p.need(d1, sha)
         part = d1.cache.partial(sha)
         fetch = asyncio.create_task(d1.fetch(sha))
         await until(lambda: part.exists() and part.stat().st_size >= 1024 * 1024, what="1 MiB downloaded")
@@ -135,6 +156,7 @@ def test_interrupted_download_resumes_in_a_new_daemon(tmp_path):
         assert not d1.cache.has(sha)
 
         d2 = await p.daemon(worker_id="w1")  # a restarted worker: same cache dir, same id
+        await p.need(d2, sha)  # its HELLO requeued the lease it did not list: it is leased the task again
         path = await d2.fetch(sha)
         assert path.read_bytes() == data and not part.exists()
         assert d2.stats["bytes_downloaded"] == len(data) - have, "resumed from the partial file"
@@ -151,6 +173,7 @@ def test_corrupted_partial_fails_the_hash_check_then_refetches(tmp_path):
     async def body(p: Plane):
         sha = p.blobs.write_bytes(data)
         d = await p.daemon()
+        await p.need(d, sha)
         part = d.cache.partial(sha)
         bad = bytearray(data[:2 * CHUNK])
         bad[1000] ^= 0xFF
@@ -166,6 +189,7 @@ def test_corrupted_partial_fails_the_hash_check_then_refetches(tmp_path):
 
         # a partial file longer than the blob cannot be right either
         other = p.blobs.write_bytes(b"short blob")
+        await p.need(d, other)
         d.cache.partial(other).write_bytes(b"short blob, with trailing junk")
         with pytest.raises(TaskFailure):
             await d.fetch(other)
@@ -223,6 +247,7 @@ def test_lru_cap_evicts_least_recently_used_but_never_pinned(tmp_path):
     async def body(p: Plane):
         sha = {name: p.blobs.write_bytes(b) for name, b in blobs_data.items()}
         d = await p.daemon(cache_bytes=int(2.5 * size))
+        await p.need(d, *sha.values())
         cache = d.cache
 
         def age(name: str, seconds_ago: float):
@@ -253,5 +278,33 @@ def test_lru_cap_evicts_least_recently_used_but_never_pinned(tmp_path):
         assert held() == {"D", "B"}
         assert sum(cache.path(sha[n]).stat().st_size for n in held()) <= cache.cap
         assert all(cache.path(sha[n]).read_bytes() == blobs_data[n] for n in held())
+
+    run(tmp_path, body)
+
+
+def test_a_worker_cannot_fetch_blobs_it_holds_no_lease_for(tmp_path):
+    """The attack: a creator connects a worker of their own and asks for a rendered frame (or another
+    creator's scene) by hash. Blobs go by need: only inputs of a lease the connection holds."""
+    frame = os.urandom(2 * CHUNK + 5)
+
+    async def body(p: Plane):
+        user, _ = make_user(p.engine, "alice")
+        make_job(p.engine, p.blobs, user, "1")          # its scene is leased to w1 below, not to the thief
+        leases = []
+        honest = await p.daemon(worker_id="w1")
+        honest._start_task = leases.append
+        await until(lambda: leases, what="a TASK for w1")
+        scene = leases[0].inputs[0]
+        stolen = p.blobs.write_bytes(frame)              # another job's full-resolution output
+        thief = await p.daemon(cache="thief", worker_id="thief")
+        thief._start_task = leases.append
+        for sha in (stolen, scene):
+            with pytest.raises(TaskFailure) as exc:
+                await thief.fetch(sha)
+            assert "not an input of a task you hold" in str(exc.value)
+            part = thief.cache.partial(sha)
+            assert not thief.cache.has(sha) and (not part.exists() or part.stat().st_size == 0)
+        assert thief.stats["bytes_downloaded"] == 0 and p.coord.stats["blob_refused"] >= 2
+        assert (await honest.fetch(scene)).read_bytes() == p.blobs.read(scene, 0, 1 << 20)  # its own input
 
     run(tmp_path, body)

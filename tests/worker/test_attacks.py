@@ -174,3 +174,21 @@ def test_malicious_scenes_touch_nothing_and_are_refused_with_the_fix(farm, worke
         client.download_output(job["id"], o["name"], out / o["name"])
     for frame in (1, 2):
         assert np.array_equal(pixels(out / f"frame_{frame:04d}.png"), pixels(reference_frames[frame]))
+
+
+@pytest.mark.slow
+def test_the_fluid_scene_does_write_outside_when_opened_unconfined(scenes):
+    """Positive control of the canary check above: opened by plain bpy (no sandbox, no checks), the fluid
+    scene writes its cache into the canary folder while loading. In the sandboxed worker it did not."""
+    cache = scenes["canary"] / "fluid_cache"
+    assert not cache.exists()
+    code = ("import bpy, os, sys; bpy.ops.wm.open_mainfile(filepath=sys.argv[1], load_ui=False, use_scripts=False); "
+            "os._exit(0)")
+    env = {**os.environ, "BLENDER_USER_RESOURCES": str(scenes["dir"] / ".bu2"),
+           "XDG_CACHE_HOME": str(scenes["dir"] / ".xc2")}
+    subprocess.run([PY, "-c", code, str(scenes["dir"] / "fluid_cache_outside.blend")], env=env,
+                   capture_output=True, timeout=120)
+    try:
+        assert cache.exists() and any(cache.rglob("*")), "the control wrote nothing: the canary check proves nothing"
+    finally:
+        subprocess.run(["rm", "-rf", str(cache)], check=True)
