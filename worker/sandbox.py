@@ -15,7 +15,8 @@ from a declared :class:`Policy`:
   (``SANDBOX_UID_BASE`` + slot; ``setpriv``, every capability and the bounding set dropped); any other
   worker starts it in a user namespace. (A root worker whose model folders only root may read starts its
   diffusion children in a user namespace too: uid 0 there, without any capability, and seeing nothing but
-  what is bound in; ``RLIMIT_NPROC`` does not bind uid 0, so their thread limit is not enforced.) Either way ``no_new_privs`` is set (bubblewrap always does), the
+  what is bound in; ``RLIMIT_NPROC`` does not bind uid 0, so their thread limit is not enforced.)
+  Either way ``no_new_privs`` is set (bubblewrap always does), the
   pid, IPC, UTS and cgroup namespaces are new, and the seccomp filter below refuses what rendering never
   needs (ptrace, mount, namespaces, kexec, bpf, module loading, keyrings, perf, reboot, …).
 * **resources**: ``RLIMIT_DATA`` (memory: the heap and every private writable mapping — unlike
@@ -211,7 +212,8 @@ def command(policy: Policy, argv: list[str], seccomp_fd: int, bwrap: str = "bwra
         args += ["--unshare-user", "--cap-drop", "ALL"]
     else:  # a root worker: setpriv drops to the child's own uid, which ends every capability (these three
         # serve bubblewrap's chdir into the child's folder and setpriv alone; setpriv is the only program run with them)
-        args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_DAC_OVERRIDE"]
+        args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+                 "--cap-add", "CAP_DAC_OVERRIDE"]
     binds = _python_binds()
     for p in policy.readonly:
         binds += ["--ro-bind", str(p), str(p)]

@@ -3,5 +3,5 @@ to an EVM node: deployment, typed escrow and token calls, signing, receipts, eve
 job's escrow moved one step at a time from the chain's state; every transaction stored signed before it
 is broadcast).
 
-May import: ``common``, ``farm.store``, ``farm.kinds``.
+May import: ``common``, ``farm.store``, ``farm.kinds``, ``farm.verify`` (tiers, for whose timing sets the rate).
 """

@@ -59,6 +59,7 @@ STARTED = tuple(s.value for s in (JobStatus.queued, JobStatus.active, JobStatus.
 ENDED = (JobStatus.canceled.value, JobStatus.failed.value)
 EVENT_RANGE = 2000      # blocks per eth_getLogs
 STEPS_PER_JOB = 8       # transactions one job may advance by in one pass (automining chains answer at once)
+WAITING = (SettlementStatus.open, SettlementStatus.posted, SettlementStatus.disputed)  # on the chain, still rendering
 UNRESOLVED = (TxStatus.signed.value, TxStatus.sent.value)
 RENDERING = tuple(s.value for s in (JobStatus.queued, JobStatus.active, JobStatus.paused, JobStatus.rejected))
 RECHECK_SECONDS = 30.0  # how often a job that is still rendering has its escrow looked at anyway
@@ -178,7 +179,8 @@ class Ledger:
             tx.status, tx.error = TxStatus.dropped.value, "the chain was reset"
             s.add(tx)
         for st in s.exec(select(Settlement).where(Settlement.status.notin_(FINAL))):
-            st.status, st.round, st.needs_payouts, st.reject_pending, st.epoch = SettlementStatus.new.value, 0, True, False, epoch
+            st.status, st.round, st.needs_payouts = SettlementStatus.new.value, 0, True
+            st.reject_pending, st.epoch = False, epoch
             st.error = "the chain was reset: depositing again"
             s.add(st)
         for w in s.exec(select(CreatorWallet)):
@@ -193,16 +195,20 @@ class Ledger:
         with self.tx_lock:
             report["unresolved"] = self._resolve_pending()
         self._scan_events()
-        expect = {SettlementStatus.new: EscrowState.none, SettlementStatus.funding: EscrowState.none, SettlementStatus.open: EscrowState.open, SettlementStatus.posted: EscrowState.posted,
-                  SettlementStatus.disputed: EscrowState.disputed, SettlementStatus.approved: EscrowState.approved, SettlementStatus.paid: EscrowState.approved,
-                  SettlementStatus.refunded: EscrowState.refunded, SettlementStatus.released: EscrowState.refunded}
+        expect = {  # the escrow's state that each settlement status stands for
+            SettlementStatus.new: EscrowState.none, SettlementStatus.funding: EscrowState.none,
+            SettlementStatus.open: EscrowState.open, SettlementStatus.posted: EscrowState.posted,
+            SettlementStatus.disputed: EscrowState.disputed, SettlementStatus.approved: EscrowState.approved,
+            SettlementStatus.paid: EscrowState.approved, SettlementStatus.refunded: EscrowState.refunded,
+            SettlementStatus.released: EscrowState.refunded}
         with new_session(self.engine) as s:
             rows = s.exec(select(Settlement).where(Settlement.epoch == self.epoch)
                           .order_by(Settlement.job_id.desc()).limit(500)).all()
             for st in rows:
                 state = chain.escrow_job(int(st.escrow_job)).state
                 report["checked"] += 1
-                if expect.get(st.status) == state or (st.status == SettlementStatus.released and state == EscrowState.none):
+                released = st.status == SettlementStatus.released and state == EscrowState.none
+                if expect.get(st.status) == state or released:
                     continue
                 if st.status in FINAL:
                     report["mismatch"].append((st.job_id, st.status, state))
@@ -347,8 +353,7 @@ class Ledger:
                     self._looked.pop(job_id, None)
             for st, status in s.exec(select(Settlement, Job.status).join(Job, Job.id == Settlement.job_id)
                                      .where(Settlement.status.notin_(FINAL)).order_by(Settlement.job_id)).all():
-                idle = (status in RENDERING and st.status in (SettlementStatus.open, SettlementStatus.posted, SettlementStatus.disputed) and not st.reject_pending
-                        and not st.error)
+                idle = (status in RENDERING and st.status in WAITING and not st.reject_pending and not st.error)
                 if not idle or now - self._looked.get(st.job_id, -RECHECK_SECONDS) >= RECHECK_SECONDS:
                     self._looked[st.job_id] = now
                     due.append(st.job_id)
@@ -472,12 +477,14 @@ class Ledger:
     def _compute(self, s: Session, st: Settlement, job: Job, deposit: int) -> None:
         shares, capped = pr.shares(s, self.pricing, job.id, deposit, ch.checksum)
         round_ = st.payout_round + 1
-        for old in s.exec(select(Payout).where(Payout.job_id == job.id).where(Payout.status == PayoutStatus.computed.value)):
+        computed = select(Payout).where(Payout.job_id == job.id).where(Payout.status == PayoutStatus.computed.value)
+        for old in s.exec(computed):
             old.status = PayoutStatus.superseded.value
             s.add(old)
         for x in shares:
             s.add(Payout(job_id=job.id, round=round_, worker_id=x.worker_id, wallet=x.wallet, work_ms=x.work_ms,
-                         tasks=x.tasks, amount=str(x.amount), status=(PayoutStatus.computed if x.wallet else PayoutStatus.unpayable).value))
+                         tasks=x.tasks, amount=str(x.amount),
+                         status=(PayoutStatus.computed if x.wallet else PayoutStatus.unpayable).value))
             if not x.wallet:
                 log.warning("worker %s gave no valid payout address (farm worker --wallet 0x…): its share of job %d "
                             "stays with the creator", x.worker_id, job.id)
@@ -514,7 +521,8 @@ class Ledger:
     # ------------------------------------------------------------------ finishing (coordinator thread)
     def to_finalize(self) -> list[int]:
         with new_session(self.engine) as s:
-            return list(s.exec(select(Settlement.job_id).where(Settlement.status == SettlementStatus.approved.value)).all())
+            approved = select(Settlement.job_id).where(Settlement.status == SettlementStatus.approved.value)
+            return list(s.exec(approved).all())
 
     def finalize(self, job_id: int) -> None:
         """approved → paid, once the escrow credited the payouts. Idempotent."""

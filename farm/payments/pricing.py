@@ -1,8 +1,15 @@
 """Pricing and metering: what a job is estimated to cost, what it did cost, and who earned what.
 
-Work is metered in **work units**. Until reputation-weighted scheduling lands its benchmark-normalised
-unit, one work unit is one second of render time of an *accepted* task, as reported by the worker that
-rendered it (``Attempt.render_seconds`` of the attempt whose result was accepted). Invariants:
+Work is **measured, not claimed**, in *reference seconds*. A job's reference work per unit (a frame, a
+tile, an image) comes from the coordinator's own clock: each accepted attempt took ``ended_at -
+started_at`` seconds of the coordinator's time (lease to result) for its units; the reference is the mean
+of the fastest third of those per-unit times, from trusted workers when the job has any (spot-check
+re-renders by other workers count: a lone worker's job still has someone else's timing). Every accepted
+task is then worth its units × the reference, whoever rendered it and however long it took: a slow or
+padding worker earns no more for the same frame than a fast honest one, and the seconds a worker reports
+(``Attempt.render_seconds``) are a statistic only. (A price per benchmark work unit across jobs is the
+market's business, issue 23; within a job the fastest renders set the rate.)
+Invariants:
 
 * only attempts with outcome ``done`` that are the current attempt of a task in state ``accepted`` count:
   failed, lost, canceled, voided or rejected attempts are never paid (fencing by (task, attempt));
@@ -24,6 +31,7 @@ from sqlmodel import Session, select
 from farm.kinds import frames as splitter
 from farm.store.models import Attempt, Job, Task, Worker
 from farm.store.states import TaskStatus
+from farm.verify import reputation as R  # tiers: whose timing is the reference
 
 TOKEN_DECIMALS = 18
 WEI = 10**TOKEN_DECIMALS
@@ -48,7 +56,7 @@ def _env(name: str, default: str) -> str:
 @dataclass(frozen=True)
 class Pricing:
     """Prices and escrow terms. Every field can be set through an environment variable."""
-    price_per_unit: int = to_wei("0.01")  # wei per work unit (a render second): RENDERHIVE_PRICE_PER_UNIT tokens
+    price_per_unit: int = to_wei("0.01")  # wei per reference second (measured): RENDERHIVE_PRICE_PER_UNIT tokens
     deposit_margin: Decimal = Decimal("1.5")  # deposit = estimate × margin (+ fee): RENDERHIVE_DEPOSIT_MARGIN
     min_deposit: int = to_wei("1")  # RENDERHIVE_MIN_DEPOSIT tokens
     default_seconds_per_frame: float = 10.0  # with no render history: RENDERHIVE_DEFAULT_SECONDS_PER_FRAME
@@ -147,17 +155,41 @@ class Share:
     amount: int = 0
 
 
+def reference_work(s: Session, job_id: int) -> float:
+    """Reference seconds one unit (frame, tile, image) of job ``job_id`` is worth (module docstring)."""
+    rows = s.exec(select(Attempt.worker_id, Attempt.started_at, Attempt.ended_at, Task.progress_total)
+                  .join(Task, (Task.id == Attempt.task_id) & (Task.attempt == Attempt.attempt))
+                  .where(Attempt.job_id == job_id).where(Attempt.outcome == "done")
+                  .where(Task.status == TaskStatus.accepted.value)).all()  # checks too: other workers' timing
+    trusted, anyone = [], []
+    tiers: dict[str, bool] = {}
+    for worker_id, started, ended, units in rows:
+        if ended is None or started is None or ended <= started:
+            continue
+        if worker_id not in tiers:
+            w = s.get(Worker, worker_id)
+            tiers[worker_id] = w is not None and R.at_least(w.tier, R.Tier.trusted)
+        (trusted if tiers[worker_id] else anyone).append((ended - started) / max(1, units or 1))
+    pool = sorted(trusted or anyone)
+    if not pool:
+        return 0.0
+    fastest = pool[:max(1, len(pool) // 3)]
+    return sum(fastest) / len(fastest)
+
+
 def accepted_work(s: Session, job_id: int) -> dict[str, tuple[int, int]]:
-    """worker id → (work units in ms, tasks) of the job's accepted tasks, by their accepting attempt."""
-    rows = s.exec(select(Attempt.worker_id, Attempt.render_seconds)
+    """worker id → (measured work in milli-units, tasks) of the job's accepted tasks, by their accepting
+    attempt: each task is worth its units × the job's reference work (:func:`reference_work`)."""
+    ref = reference_work(s, job_id)
+    rows = s.exec(select(Attempt.worker_id, Task.progress_total)
                   .join(Task, (Task.id == Attempt.task_id) & (Task.attempt == Attempt.attempt))
                   .where(Attempt.job_id == job_id).where(Attempt.outcome == "done")
                   .where(Task.check_id.is_(None))  # checks are the farm's cost, not the creator's
                   .where(Task.status == TaskStatus.accepted.value)).all()
     work: dict[str, tuple[int, int]] = {}
-    for worker_id, secs in rows:
+    for worker_id, units in rows:
         ms, n = work.get(worker_id, (0, 0))
-        work[worker_id] = (ms + int(round(max(0.0, secs) * 1000)), n + 1)
+        work[worker_id] = (ms + int(round(max(1, units or 1) * ref * 1000)), n + 1)
     return work
 
 

@@ -114,7 +114,7 @@ def measure(s, w: Worker, units: float, seconds: float, now: float, job_id: int 
     return w.speed_measured
 
 
-def _yardstick(w: Worker) -> float | None:
+def yardstick(w: Worker) -> float | None:
     """The speed of a reference worker, conservatively: the lower of its claim and its measurement (a
     boaster used as a reference before it is measured would make everyone it is compared with look fast)."""
     known = [v for v in (claimed_speed(w), w.speed_measured if w.speed_samples else None) if v]
@@ -138,7 +138,7 @@ def measure_job(s, job_id: int, now: float) -> list[Worker]:
             per.setdefault(worker_id, []).append(seconds)
     workers = {wid: s.get(Worker, wid) for wid in per}
     units = {wid: sum(v) / len(v) * y for wid, v in per.items() if (w := workers[wid]) is not None
-             and at_least(w.tier, Tier.trusted) and (y := _yardstick(w))}  # work units a frame, by trusted workers
+             and at_least(w.tier, Tier.trusted) and (y := yardstick(w))}  # work units a frame, by trusted workers
     measured = []
     for wid, secs in per.items():
         refs = sorted(u for other, u in units.items() if other != wid)

@@ -42,7 +42,7 @@ def shares(client, job_id: int) -> dict[str, int]:
     price = int(client.estimate(frames="1")["price_per_unit"])
     out = {}
     for w in pay["workers"]:
-        assert int(w["amount"]) == round(w["work_seconds"] * 1000) * price // 1000, "paid by render seconds"
+        assert int(w["amount"]) == round(w["work_seconds"] * 1000) * price // 1000, "paid by measured work"
         out[w["wallet"]] = out.get(w["wallet"], 0) + int(w["amount"])
     return out
 
@@ -125,3 +125,33 @@ def test_coordinator_killed_after_sending_the_approval_pays_once(farm, worker, a
     payment_is(alice, second["id"], "paid")
     assert [e["name"] for e in alice.payment(second["id"])["events"]].count("JobApproved") == 1
     assert int(alice.wallet(addr)["escrow_credit"]) == owed + owed2
+
+
+def test_a_padding_worker_that_lies_about_its_seconds_earns_no_more_a_frame(farm, worker, procs):
+    """The attack: a worker holds each task 3 s longer than its render and reports a million seconds of
+    render time; it passes every check (its pixels are Blender's). Pay is measured by the coordinator's
+    clock at the job's fastest rate: per frame it earns what the honest worker earns, not 87 times more."""
+    from client import localfarm
+    from tests.conftest import TEST_ENV
+    f = farm(dict(FAST))
+    worker(f, "honest", env={"RENDERHIVE_WALLET": wallet_of("honest")})
+    liar = localfarm.WorkerProc(f.root / "liar", f, "liar", localfarm.process_env(
+        {**TEST_ENV, "RENDERHIVE_WALLET": wallet_of("liar")}), gpus="none", module="tests.helpers.slow_worker",
+        argv_prefix=["--delay", "3", "--claim", "1000000"])
+    procs.append(liar)
+    liar.start()
+    alice = f.creator("alice")
+    wait_workers(alice, 2)
+    job = submit_sample(alice, "1-6")
+    assert wait_job(alice, job["id"])["status"] == "rendered"
+    payment_is(alice, job["id"], "posted")
+    rows = {w["worker_id"]: w for w in alice.payouts(job["id"])["workers"]}
+    assert {"honest", "liar"} <= set(rows), rows  # both rendered frames of the job
+    per_frame = {w: int(r["amount"]) / r["tasks"] for w, r in rows.items()}
+    assert per_frame["liar"] <= per_frame["honest"], per_frame  # the same rate a frame, whoever is slower
+    # its lie is recorded as a statistic only: the coordinator paid none of the million seconds
+    assert rows["liar"]["work_seconds"] < 3 * rows["liar"]["tasks"], rows["liar"]
+    owed = shares(alice, job["id"])
+    alice.approve(job["id"])
+    payment_is(alice, job["id"], "paid")
+    assert int(alice.wallet(wallet_of("liar"))["escrow_credit"]) == owed[wallet_of("liar")]
