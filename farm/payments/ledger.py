@@ -62,6 +62,8 @@ STEPS_PER_JOB = 8       # transactions one job may advance by in one pass (autom
 WAITING = (SettlementStatus.open, SettlementStatus.posted, SettlementStatus.disputed)  # on the chain, still rendering
 UNRESOLVED = (TxStatus.signed.value, TxStatus.sent.value)
 RENDERING = tuple(s.value for s in (JobStatus.queued, JobStatus.active, JobStatus.paused, JobStatus.rejected))
+REVIEW_WINDOW_SECONDS = float(os.environ.get("RENDERHIVE_REVIEW_WINDOW", 72 * 3600))
+"""Seconds a rendered job waits for its creator's approval or rejection before it is approved (and paid)."""
 RECHECK_SECONDS = 30.0  # how often a job that is still rendering has its escrow looked at anyway
 
 
@@ -97,8 +99,10 @@ def chain_factory(rpc: str | None = None, key_file: str | None = None) -> Callab
 
 class Ledger:
     def __init__(self, engine, data_dir: Path, factory: Callable[[], ch.Chain],
-                 pricing: pr.Pricing | None = None, token_address: str | None = None, tx_wait: float = 5.0):
+                 pricing: pr.Pricing | None = None, token_address: str | None = None, tx_wait: float = 5.0,
+                 clock: Callable[[], float] = time.time):
         self.engine = engine
+        self.clock = clock  # the coordinator's clock: job times (the review window) are measured by it
         self.data_dir = Path(data_dir)
         self.factory = factory
         self.pricing = pricing or pr.Pricing.from_env()
@@ -323,6 +327,7 @@ class Ledger:
     def sync(self) -> None:
         """One pass over every unsettled job (see the module docstring)."""
         self.ensure_ready()
+        self.auto_approve()
         with self.tx_lock:
             if self._resolve_pending():
                 return  # a transaction is still in flight: its effect decides what comes next
@@ -339,6 +344,25 @@ class Ledger:
                     if self._resolve_pending():
                         return
         self._scan_events()
+
+    def auto_approve(self, now: float | None = None) -> list[int]:
+        """Approve every job left rendered, neither approved nor rejected, for longer than the review window
+        (REVIEW_WINDOW_SECONDS; Render Network's is 72 h): silence must not leave its workers unpaid. The
+        creator was shown the previews all along; the approval is an ordinary one, recorded as automatic.
+        Returns the jobs approved."""
+        now = self.clock() if now is None else now
+        window = REVIEW_WINDOW_SECONDS
+        done = []
+        with new_session(self.engine) as s:
+            for job in s.exec(select(Job).where(Job.status == JobStatus.rendered.value)
+                              .where(Job.updated_at < now - window).limit(500)).all():
+                transition(s, job, JobStatus.approved, now=now,
+                           reason=f"approved automatically: not reviewed within {window / 3600:g} h of rendering")
+                done.append(job.id)
+            s.commit()
+        if done:
+            log.info("jobs %s approved at the end of their review window", done)
+        return done
 
     def _due(self) -> list[int]:
         """Unsettled jobs to look at now: those where the DB asks for a step, those with new escrow events

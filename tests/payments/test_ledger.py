@@ -20,7 +20,7 @@ from farm.payments import pricing as pr
 from farm.payments.ledger import Ledger
 from farm.store.db import session as new_session
 from farm.store.ledger_models import ChainEvent, ChainTx, Payout, Settlement
-from farm.store.models import Attempt, Job
+from farm.store.models import Attempt, Event, Job
 from farm.web import review
 from farm.web.app import create_app
 from tests.anvil import anvil  # noqa: F401  (fixture)
@@ -54,13 +54,14 @@ class Farm:
         self.engine, self.blobs = make_engine_and_store(root, url=url)
         self.alice, self.alice_token = make_user(self.engine, "alice")
         self.pricing = pricing or pr.Pricing(price_per_unit=pr.to_wei("0.01"), fee_bps=250)
-        self.ledger = Ledger(self.engine, root, factory, self.pricing, tx_wait=5.0)
         self.d = Driver(new_coordinator(self.engine, self.blobs))
+        self.ledger = Ledger(self.engine, root, factory, self.pricing, tx_wait=5.0, clock=lambda: self.d.now)
 
     def restart_ledger(self, factory=None) -> Ledger:
         """A new Ledger on the same database and data dir (a restarted coordinator); same chain by default."""
         chain = self.ledger.chain
-        self.ledger = Ledger(self.engine, self.root, factory or (lambda: chain), self.pricing, tx_wait=5.0)
+        self.ledger = Ledger(self.engine, self.root, factory or (lambda: chain), self.pricing, tx_wait=5.0,
+                             clock=lambda: self.d.now)
         return self.ledger
 
     def connect(self, ident: bytes, wallet: str | None = None) -> None:
@@ -408,3 +409,21 @@ def test_anvil_restart_of_the_coordinator_after_tx_sent_pays_once(tmp_path, anvi
     assert f.job(job_id).status == "paid" and len(f.events("JobApproved", job_id)) == 1
     assert len(f.txs("approve", job_id)) == 1
     assert f.chain.credit(wallet_of("w1")) == f.pricing.cost(4000)
+
+
+def test_a_job_left_unreviewed_is_approved_and_paid_after_the_review_window(farm):
+    """Silence does not leave workers unpaid: a rendered job neither approved nor rejected within the
+    review window (72 h) is approved and settled like any other; within the window, nothing happens."""
+    from farm.payments.ledger import REVIEW_WINDOW_SECONDS
+    f = farm
+    job_id = rendered_job(f)
+    f.d.now += REVIEW_WINDOW_SECONDS - 60
+    f.settle()
+    assert f.job(job_id).status == "rendered" and f.chain.credit(wallet_of("w1")) == 0
+    f.d.now += 61
+    assert f.ledger.auto_approve() == [job_id]
+    f.settle()
+    assert f.job(job_id).status == "paid"
+    assert f.chain.credit(wallet_of("w1")) == f.pricing.cost(5000) == f.chain.credit(wallet_of("w2"))
+    events = [e for e in rows(f.engine, Event, Event.job_id == job_id) if e.kind == "job" and e.new == "approved"]
+    assert len(events) == 1 and "not reviewed within 72 h" in events[0].detail
