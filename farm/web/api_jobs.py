@@ -78,9 +78,13 @@ def job_router(api: Api) -> APIRouter:
 
     @r.get("/api/jobs/{job_id}/outputs")
     def list_outputs(job_id: int, user: UserDep, s: SessionDep) -> list[dict[str, Any]]:
+        """The job's results. Their content hashes are given only once they are released (approved): before
+        that a hash would name a full-resolution frame to anyone who can ask a worker plane for blobs."""
         job = jobs.get_job(s, job_id, user)
-        return [{"name": o.name, "frame": o.frame, "sha256": o.sha256, "size": o.size,
-                 "worker_id": o.worker_id, "render_seconds": o.render_seconds} for o in jobs.outputs(s, job)]
+        released = job.status in (JobStatus.approved.value, JobStatus.paid.value)
+        return [{"name": o.name, "frame": o.frame, "size": o.size, "worker_id": o.worker_id,
+                 "render_seconds": o.render_seconds, **({"sha256": o.sha256} if released else {})}
+                for o in jobs.outputs(s, job)]
 
     @r.get("/api/jobs/{job_id}/outputs/{name}")
     def get_output(job_id: int, name: str, user: UserDep, s: SessionDep):

@@ -128,12 +128,14 @@ def test_img2img_waits_for_a_render_job_and_keeps_each_frame_traceable(farm, wor
     assert wait_job(alice, render["id"])["status"] == "rendered"
     done = wait_job(alice, sd["id"], timeout=120)
     assert done["status"] == "rendered", done
-    frames = {o["name"]: o for o in alice.outputs(render["id"])}
     outs = [o for o in alice.outputs(sd["id"]) if o["name"] != "contact_sheet.png"]
     assert [(o["name"], o["frame"]) for o in outs] == \
         [(f"image_{i:04d}_frame_{i + 1:04d}.png", i + 1) for i in range(4)]
+    assert all("sha256" not in o for o in outs), "no content hash before the job is approved"
     files = outputs_by_name(alice, sd["id"], tmp_path / "sd")
     src_files = outputs_by_name(alice, render["id"], tmp_path / "frames")
+    frames = {o["name"]: o for o in alice.outputs(render["id"])}  # approved: hashes released
+    outs = [o for o in alice.outputs(sd["id"]) if o["name"] != "contact_sheet.png"]
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
     i2i = StableDiffusionImg2ImgPipeline.from_pipe(pipe)

@@ -330,3 +330,19 @@ def test_nul_characters_and_huge_ids_are_4xx_on_every_backend(db_url, tmp_path):
         r = http.post("/api/users", json={"name": "eve\x00"}, headers=alice)
         assert r.status_code == 403, "not the admin: refused before the name is looked at"
     engine.dispose()
+
+
+def test_output_hashes_are_released_with_the_outputs(rendered):
+    """Before approval the API names a job's outputs but not their content hashes (a hash is what a
+    worker plane would be asked for); approving releases both the files and their hashes."""
+    http, d, blobs, job = rendered["http"], rendered["driver"], rendered["blobs"], rendered["job"]
+    for t in rendered["tasks"]:
+        outs = [output_blob(blobs, f, "hash") for f in t.spec["frames"]]
+        assert of(d.send((b"w1", P.Result(t.task_id, t.attempt, outs, 1.0))), P.Ack)[0].accepted
+    alice = rendered["alice"]
+    before = http.get(f"/api/jobs/{job}/outputs", headers=alice).json()
+    assert before and all("sha256" not in o and o["name"] for o in before), before
+    assert http.post(f"/api/jobs/{job}/approve", headers=alice).status_code == 200
+    after = http.get(f"/api/jobs/{job}/outputs", headers=alice).json()
+    assert [o["name"] for o in after] == [o["name"] for o in before]
+    assert all(blobs.has(o["sha256"]) for o in after)
