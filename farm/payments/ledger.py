@@ -3,7 +3,9 @@
 The :class:`Ledger` drives every job's escrow towards what the database says (level-triggered, like a
 controller): a started job gets a deposit from its creator's wallet, a rendered job gets its payout list
 posted, an approved job gets the creator's approval relayed, a rejected job gets its dispute recorded, a
-canceled or failed job gets its deposit released. Each :meth:`Ledger.sync` reads the escrow's state of
+canceled job pays the work it had accepted (its list posted and approved: cancelling approves that work)
+and gets the rest back, and a failed job, or a canceled one with no accepted work, gets its deposit
+released; a job left rendered past the review window is approved (:meth:`Ledger.auto_approve`). Each :meth:`Ledger.sync` reads the escrow's state of
 each unsettled job and sends at most the one transaction that moves it on. :class:`Settler` runs it as an
 asyncio background task of ``farm serve``, and moves approved jobs to ``paid`` on the coordinator's thread.
 
@@ -418,7 +420,10 @@ class Ledger:
                 s.add(st)
                 s.commit()
                 return False
-            if job.status in ENDED:
+            # a canceled job pays for the work it had accepted: cancelling is approving that work, and only
+            # the rest of the deposit goes back (a rendered job cannot be cancelled for free)
+            pays_done_work = job.status == JobStatus.canceled.value and bool(pr.accepted_work(s, job_id))
+            if job.status in ENDED and not pays_done_work:
                 if ej.state == EscrowState.none:
                     st.status = SettlementStatus.released.value
                     s.add(st)
@@ -438,7 +443,7 @@ class Ledger:
                                chain.reject_by_sig(int(st.escrow_job), reason, sig))
                     return True
                 st.reject_pending = False
-            if job.status in (JobStatus.rendered.value, JobStatus.approved.value):
+            if job.status in (JobStatus.rendered.value, JobStatus.approved.value) or pays_done_work:
                 if st.needs_payouts:
                     self._compute(s, st, job, ej.deposit)
                 if ej.state in (EscrowState.open, EscrowState.disputed) or ej.payouts_hash != st.payouts_hash:
@@ -447,7 +452,7 @@ class Ledger:
                                chain.post_payouts(int(st.escrow_job), wallets, amounts),
                                detail=f"round {st.payout_round}: {len(wallets)} wallets")
                     return True
-                if job.status == JobStatus.approved.value:
+                if job.status == JobStatus.approved.value or pays_done_work:
                     wallets, amounts = self._current_list(s, st)
                     sig = chain.sign_approve(self._creator_key(job.owner_id), int(st.escrow_job), ej.round,
                                              ej.payouts_hash)
@@ -558,7 +563,7 @@ class Ledger:
                 tx = s.exec(select(ChainTx.tx_hash).where(ChainTx.job_id == job_id).where(ChainTx.kind == "approve")
                             .where(ChainTx.status == TxStatus.mined.value)).first()
                 transition(s, job, JobStatus.paid, reason=f"payouts credited on chain (tx {tx or 'by the creator'})")
-            elif job.status != JobStatus.paid.value:
+            elif job.status not in (JobStatus.paid.value, JobStatus.canceled.value):  # canceled: stays so
                 return  # approved on chain while the DB still reviews (a creator using their own wallet)
             st.status, st.updated_at = SettlementStatus.paid.value, time.time()
             s.add(st)

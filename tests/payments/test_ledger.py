@@ -226,7 +226,7 @@ def test_a_chain_that_is_down_delays_settlement_without_losing_it(farm, monkeypa
     assert f.job(job_id).status == "paid" and len(f.events("JobApproved", job_id)) == 1
 
 
-def test_canceled_job_gets_its_deposit_back(farm):
+def test_canceled_job_with_no_accepted_work_gets_its_deposit_back(farm):
     f = farm
     job_id = make_job(f.engine, f.blobs, f.alice, frames="1-3")
     f.settle()
@@ -237,6 +237,32 @@ def test_canceled_job_gets_its_deposit_back(farm):
     f.settle()
     assert f.st(job_id).status == "released"
     assert f.chain.credit(st.creator) == int(st.deposit)
+
+
+@pytest.mark.parametrize("when", ["mid_render", "rendered"])
+def test_cancel_pays_the_work_already_accepted_and_refunds_only_the_rest(farm, when):
+    """The attack: let the workers render, then cancel to get the whole deposit back. Cancelling settles
+    the accepted work first (as an approval of it would) and refunds only the rest; a rendered job
+    cancelled is a rendered job approved."""
+    f = farm
+    job_id = make_job(f.engine, f.blobs, f.alice, frames="1-4")
+    f.settle()
+    st = f.st(job_id)
+    f.connect(b"w1")
+    f.render(b"w1", 2 if when == "mid_render" else 4, 2.0)
+    if when == "rendered":
+        assert f.job(job_id).status == "rendered"
+        f.settle()
+    f.d.coord.cancel_job(job_id, f.alice)
+    assert f.job(job_id).status == "canceled"
+    f.settle()
+    f.settle()
+    done = 2 if when == "mid_render" else 4
+    paid = f.pricing.cost(done * 2000)
+    assert f.chain.credit(wallet_of("w1")) == paid, "the worker is paid for every frame it delivered"
+    assert f.chain.credit(st.creator) == int(st.deposit) - paid - f.pricing.fee(paid), "only the rest comes back"
+    assert f.st(job_id).status == "paid" and f.job(job_id).status == "canceled"
+    assert f.txs("release", job_id) == [] and len(f.events("JobApproved", job_id)) == 1
 
 
 def test_refund_after_the_deadline_is_mirrored(tmp_path):
