@@ -29,7 +29,6 @@ def _progress():
         DownloadColumn,
         Progress,
         TextColumn,
-        TimeElapsedColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
@@ -233,7 +232,6 @@ def cmd_user(args, client: Client) -> int:
 # ------------------------------------------------------------------ daemons
 def cmd_serve(args) -> int:
     import asyncio
-    import logging
 
     from farm.server import serve
     if args.print_key:  # made on first use, as `farm serve` would

@@ -191,7 +191,13 @@ def demo_run(con, creator: Client, scene_sha: str, root: Path) -> int:
                                      init_from_job=frames["id"], strength=0.6, seed=99, steps=20,
                                      name=f"img2img over job {frames['id']}")
     con.print(f"job {frames['id']} renders frames 1, 7, 13, 19; job {chain['id']} (img2img) waits for them: "
-              f"{chain['tasks'].get('waiting', 0)} tasks waiting")
+              f"{chain['tasks'].get('waiting', 0)} tasks waiting until you approve the frames")
+    from client.cli import wait_for_job
+    if wait_for_job(creator, frames["id"], quiet=False)["status"] != "rendered":
+        con.print(f"[red]the frames (job {frames['id']}) did not render")
+        return 1
+    creator.approve(frames["id"])  # frames feed another job only once paid for (fair exchange)
+    con.print(f"approved job {frames['id']}: its frames are released to job {chain['id']}")
     if not _demo_finish(con, creator, chain, root / "img2img", "img2img over the rendered frames"):
         return 1
     con.print("each image's PNG metadata holds its prompt, seed, steps, guidance, scheduler, model and model "

@@ -37,7 +37,7 @@ from farm.core.assignment import Assignment
 from farm.core.leases import LeaseBook, TaskRow
 from farm.core.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, fits
 from farm.kinds import jobs
-from farm.kinds.registry import JOB_STATUS_LISTENERS, JobListener
+from farm.kinds.registry import JOB_STATUS_LISTENERS, SWEEPS, JobListener, Sweep
 from farm.store.blobs import BlobError, BlobStore
 from farm.store.db import session as new_session
 from farm.store.models import Attempt, Job, JobWorker, Output, Task, TaskDep, Worker
@@ -72,7 +72,8 @@ _JOBS = select(Job).where(Job.id.in_(bindparam("ids", expanding=True)))
 class Coordinator:
     def __init__(self, engine, blobs: BlobStore, scheduler: Scheduler | None = None,
                  clock: Callable[[], float] = time.time, verify: bool = True,
-                 listeners: tuple[JobListener, ...] = JOB_STATUS_LISTENERS, require_sandbox: bool = False):
+                 listeners: tuple[JobListener, ...] = JOB_STATUS_LISTENERS, require_sandbox: bool = False,
+                 sweeps: tuple[Sweep, ...] = SWEEPS):
         self.engine = engine
         self.blobs = blobs
         self.scheduler = scheduler or Scheduler()
@@ -82,6 +83,7 @@ class Coordinator:
         self.pending: Outgoing = []      # replies queued from outside step (cancel via the API)
         self.want_assign = True          # set when work or capacity may have appeared
         self.listeners = listeners       # job-status reactions of the job kinds (farm.kinds.registry)
+        self.sweeps = sweeps             # and their periodic ones (changes made off this thread)
         self.require_sandbox = require_sandbox  # refuse workers whose runtime children are not sandboxed
         self._last_sweep = 0.0
         self.stats = defaultdict(int)
@@ -673,6 +675,9 @@ class Coordinator:
             self._lose(s, task, now, "lease expired", out)
         if self.verifier.enabled:
             self.verifier.expire(s, now)
+        for sweep in self.sweeps:
+            if sweep(s, now):
+                self.want_assign = True
 
     # ------------------------------------------------------------------ blobs over the worker plane
     def _on_blobget(self, s, conn: Conn, msg: P.BlobGet, now, out) -> None:

@@ -43,7 +43,9 @@ FRAME_NAME = re.compile(r"^(?:frame|image)_(\d+)[^/]*\.png$")
 MAX_PROMPTS = 1000
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1 - C.MAX_DIFFUSION_IMAGES
-SOURCE_DONE = (JobStatus.rendered.value, JobStatus.approved.value, JobStatus.paid.value)
+SOURCE_DONE = (JobStatus.approved.value, JobStatus.paid.value)
+"""Source job states whose frames an img2img job may start from: released, i.e. approved (fair exchange:
+frames nobody has paid for feed no other job)."""
 SOURCE_DEAD = (JobStatus.failed.value, JobStatus.canceled.value)
 HOW_TO_ADD = ("start a worker with `farm worker --models DIR` where DIR holds the model folder (for a test model: "
               "`farm models tiny --out DIR/tiny-sd`)")
@@ -272,9 +274,22 @@ def _fail(session: Session, job: Job, reason: str, now: float) -> None:
                reason=reason, now=now)
 
 
+def release_ready(session: Session, now: float) -> bool:
+    """Release (or fail) the img2img jobs whose source job has been approved (or ended) since: approval
+    happens off the coordinator's thread (the web page, the review window), so the core sweeps for it.
+    One query when nothing waits. Returns True when tasks were queued."""
+    waiting_on = (select(Job.spec["init_from_job"].as_integer()).where(Job.kind == "diffusion")
+                  .where(Job.status.in_([JobStatus.queued.value, JobStatus.paused.value])))
+    queued = False
+    for src in session.exec(select(Job).where(Job.id.in_(waiting_on.scalar_subquery()))
+                            .where(Job.status.in_(SOURCE_DONE + SOURCE_DEAD))).all():
+        queued = on_job_status(session, src, now) or queued
+    return queued
+
+
 def on_job_status(session: Session, job: Job, now: float) -> bool:
     """Hook for the coordinator after ``job`` changed status: release the img2img jobs waiting for it when
-    it is rendered, fail them when it failed or was canceled. Returns True when tasks were queued."""
+    it is approved, fail them when it failed or was canceled. Returns True when tasks were queued."""
     if job.status not in SOURCE_DONE + SOURCE_DEAD:
         return False
     queued = False

@@ -6,7 +6,8 @@ react to other jobs' status changes.
   the web API looks a kind up here and knows nothing of frames, tiles or prompts.
 * :data:`JOB_STATUS_LISTENERS`: hooks the coordinator's core calls after it changed a job's status, in its
   thread and transaction (``listener(session, job, now) -> bool``, True when tasks were queued, so that an
-  assignment round follows). Chains live here: an img2img job waits for its source job's frames.
+  assignment round follows); :data:`SWEEPS`: the same for changes made elsewhere, run every sweep. Chains
+  live here: an img2img job waits for its source job's frames to be approved.
 
 A new kind adds its planner module to this package and one line to each table; the core does not change.
 """
@@ -29,8 +30,16 @@ CREATORS: dict[str, Creator] = {
 }
 
 JOB_STATUS_LISTENERS: tuple[JobListener, ...] = (
-    diffusion.on_job_status,  # img2img jobs over a render start when it is rendered, fail when it fails
+    diffusion.on_job_status,  # img2img jobs over a render fail when it fails (and start once it is approved)
 )
+
+Sweep = Callable[[Session, float], bool]
+SWEEPS: tuple[Sweep, ...] = (
+    diffusion.release_ready,  # img2img jobs start from their source's frames once it is approved, anywhere
+)
+"""Reactions the core runs at every sweep, in its transaction (``sweep(session, now) -> bool``, True when
+tasks were queued): for changes made off the coordinator's thread (approval by the web page or the
+review window), which no status listener sees."""
 
 
 def create_job(kind: str, session: Session, owner: User, blobs: BlobStore, req: dict[str, Any]) -> Job:

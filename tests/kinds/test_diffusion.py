@@ -21,6 +21,7 @@ from common import protocol as P
 from farm.kinds import diffusion
 from farm.kinds.jobs import JobError
 from farm.store.models import Job, Task
+from farm.web import review
 from tests.conftest import PY, REPO, pixels, submit_sample, wait_for, wait_job, wait_workers
 from tests.fixtures_inproc import (
     Driver,
@@ -126,6 +127,9 @@ def test_img2img_waits_for_a_render_job_and_keeps_each_frame_traceable(farm, wor
                                 strength=0.75, seed=7, steps=STEPS)
     assert sd["status"] == "queued" and sd["tasks"].get("waiting") == 5, sd["tasks"]  # held until the frames exist
     assert wait_job(alice, render["id"])["status"] == "rendered"
+    time.sleep(1.5)  # a few sweeps: rendered is not enough, the frames are not paid for
+    assert alice.job(sd["id"])["tasks"].get("waiting") == 5, "img2img started from frames nobody approved"
+    alice.approve(render["id"])
     done = wait_job(alice, sd["id"], timeout=120)
     assert done["status"] == "rendered", done
     outs = [o for o in alice.outputs(sd["id"]) if o["name"] != "contact_sheet.png"]
@@ -305,7 +309,7 @@ def test_img2img_job_is_released_by_its_render_job_and_fails_with_it(env):
     images = tasks[0].spec["images"]
     assert [(im["name"], im["prompt"], im["init_name"]) for im in images] == \
         [("image_0000_frame_0001.png", "a", "frame_0001.png"), ("image_0001_frame_0002.png", "b", "frame_0002.png")]
-    # the render job is rendered: its frames become the img2img task's inputs, and it is leased at once
+    # once the render job is approved, its frames become the img2img task's inputs, and it is leased
     shas = {}
     for _ in range(2):
         (task,) = of(d.send((b"w1", P.Ready(1))), P.Task, b"w1")
@@ -315,7 +319,10 @@ def test_img2img_job_is_released_by_its_render_job_and_fails_with_it(env):
         out = d.send((b"w1", P.Result(task.task_id, task.attempt, outs, 1.0)))
         assert of(out, P.Ack)[0].accepted
     assert get(engine, Job, render_id).status == "rendered"
-    out = d.send((b"w1", P.Ready(1)))
+    d.tick(dt=1.0)  # sweeps run: rendered is not enough, nobody has paid for the frames yet
+    assert [t.status for t in rows(engine, Task, Task.job_id == sd_id, order=Task.index)] == ["waiting", "waiting"]
+    review.approve_job(engine, render_id, user)  # the creator pays for the frames: now they may feed a job
+    out = d.send((b"w1", P.Ready(1)), dt=1.0)
     (task,) = of(out, P.Task, b"w1")
     assert task.job_id == sd_id and task.kind == "diffusion"
     assert task.inputs == [shas["frame_0001.png"], shas["frame_0002.png"]]
