@@ -22,6 +22,7 @@ from farm.web.api_blobs import blob_router
 from farm.web.api_jobs import job_router
 from farm.web.api_workers import worker_router
 from farm.web.deps import Api
+from farm.web.guard import Guard
 from farm.web.payments import payments_router
 from farm.web.schemas import ErrorOut
 
@@ -65,6 +66,7 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
     # payments and review: estimate, deposit status, approve, reject, payouts, wallets
     app.include_router(payments_router(engine, api.get_user, api.serial, ledger))
     _mount_web(app, engine, blobs, api.serial, ledger)
+    app.add_middleware(Guard, engine=engine, blob_limit=blobs.max_bytes)  # outermost: before any body is read
     return app
 
 

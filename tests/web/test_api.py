@@ -248,6 +248,7 @@ def test_outputs_list_and_download_exact_bytes(farm):
     r = http.get(f"/api/jobs/{job_id}/outputs/{listing[0]['name']}", headers=alice)
     assert r.status_code == 403 and "approve" in r.json()["detail"], "full resolution only after approval"
     assert http.post(f"/api/jobs/{job_id}/approve", headers=alice).status_code == 200
+    listing = http.get(f"/api/jobs/{job_id}/outputs", headers=alice).json()  # released: with their hashes
     for o in listing:
         r = http.get(f"/api/jobs/{job_id}/outputs/{o['name']}", headers=alice)
         assert r.status_code == 200 and r.content == frames[o["frame"]]
@@ -324,3 +325,50 @@ def test_client_explains_an_unreachable_coordinator():
     with pytest.raises(ApiError) as exc:
         Client(f"http://127.0.0.1:{port}", "rh_x", timeout=5).jobs()
     assert "cannot reach" in str(exc.value) and exc.value.status == 0
+
+
+# ------------------------------------------------------------------ the guard (farm/web/guard.py)
+def _raw(url: str, head: str, body: bytes = b"", timeout: float = 5.0) -> tuple[int, dict, float]:
+    """Send ``head`` and ``body`` on a raw socket (the body may be far shorter than it declares) and read the
+    answer: (status, JSON body, seconds it took)."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+    u = urlsplit(url)
+    t0 = time.monotonic()
+    with socket.create_connection((u.hostname, u.port), timeout=timeout) as s:
+        s.sendall(head.encode() + b"\r\n\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+                dict(l.split(": ", 1) for l in data.split(b"\r\n\r\n")[0].decode().split("\r\n")[1:])
+                .get("content-length", "0")):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head_part, payload = data.split(b"\r\n\r\n", 1)
+    return int(head_part.split()[1]), json.loads(payload or b"{}"), time.monotonic() - t0
+
+
+def test_an_anonymous_gigabyte_is_refused_before_its_body_is_read(served):
+    """The attack: an unauthenticated POST declaring 1 GB. It is answered 401 at once, from its headers,
+    with 10 bytes of the body sent; the server read none of it (it would wait for the rest)."""
+    host = served["url"].split("//")[1]
+    for token in ("", "Authorization: Bearer not-a-token\r\n"):
+        status, body, seconds = _raw(served["url"], f"POST /api/jobs HTTP/1.1\r\nHost: {host}\r\n{token}"
+                                     "Content-Type: application/json\r\nContent-Length: 1000000000", b'{"frames":')
+        assert status == 401 and "the body was not read" in body["detail"] and seconds < 2, (status, body, seconds)
+
+
+def test_bodies_are_limited_per_route_before_and_while_they_are_read(farm):
+    http, alice = farm["http"], farm["alice"]  # alice: her Authorization header
+    big = b'{"prompts": ["' + b"x" * (5 * 1024 * 1024) + b'"]}'
+    r = http.post("/api/jobs/diffusion", content=big, headers={**alice, "Content-Type": "application/json"})
+    assert r.status_code == 413 and "exceeds its 4 MiB limit: send less per request" in r.json()["detail"]
+    r = http.post("/api/jobs/diffusion", content=iter([big[:3 << 20], big[3 << 20:]]),  # chunked: no length
+                  headers={**alice, "Content-Type": "application/json"})
+    assert r.status_code == 413 and "exceeds its 4 MiB limit" in r.json()["detail"]
+    r = http.post("/login", content=b"name=" + b"a" * 70_000,
+                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413 and "64 KiB limit" in r.json()["detail"]
+    assert http.post("/api/blobs/missing", json={"hashes": []}, headers=alice).status_code == 200
