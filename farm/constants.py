@@ -15,6 +15,21 @@ def _env_float(name: str, default: float) -> float:
     return float(raw) if raw else default
 
 
+LEASE_STALL_SECONDS = _env_float("LEASE_STALL_SECONDS", 3600.0)
+"""Leases need progress: a lease whose task has shown no progress (a frame, an image, its inputs fetched)
+for this long is no longer renewed by heartbeats, so it runs out and the task goes to another worker. Used
+while the job has no measured frame yet; once it has, the limit is LEASE_STALL_FACTOR × its median frame
+(coordinator-timed, at least LEASE_STALL_MIN), and a job's own ``time_limit`` a frame when it sets one."""
+
+LEASE_STALL_FACTOR = 4.0
+"""How many times the job's median measured frame a task may go without progress (frames of one job cost
+about the same; 4× leaves room for a slower worker and a heavier frame; set ``time_limit`` for a job whose
+frames vary more)."""
+
+LEASE_STALL_MIN = _env_float("LEASE_STALL_MIN", 60.0)
+"""Least time without progress after which a lease is taken back (short frames: a slow fetch or a GC
+pause is not a stall)."""
+
 LEASE_SECONDS = _env_float("LEASE_SECONDS", 30.0)
 """Length of a task lease. Every heartbeat that lists the task renews it, so a live worker never loses a
 lease to a long frame; a coordinator that restarts waits at most this long for silent workers."""

@@ -629,3 +629,33 @@ def test_a_farm_that_requires_sandboxes_refuses_unsandboxed_workers(env):
     assert of(d.send((b"bare", P.Ready(1))), P.Task) == [] and {w.id for w in rows(engine, Worker)} == set()
     d.hello(b"boxed", sandbox="bubblewrap 0.8.0, seccomp, uid 61000+slot")
     assert [t.spec["frames"] for t in of(d.send((b"boxed", P.Ready(1))), P.Task, b"boxed")] == [[1]]
+
+
+def test_a_lease_without_progress_is_taken_back_though_its_worker_heartbeats(env):
+    """The attack: a worker takes a lease and does nothing but heartbeat, which used to renew it for ever.
+    Leases need progress: once the job has measured frames, a task that shows none for LEASE_STALL_FACTOR
+    × the job's median frame (at least LEASE_STALL_MIN) is no longer renewed, runs out, and is leased to
+    another worker; a worker that makes progress keeps its lease."""
+    engine, blobs, user, coord, d = env
+    job = make_job(engine, blobs, user, "1-2")
+    [t1] = lease(d, b"w1", 1)
+    d.send((b"w1", P.Progress(t1.task_id, t1.attempt, 1, 1, "frame 1")), dt=2.0)
+    assert of(d.send((b"w1", result_for(blobs, t1))), P.Ack)[0].accepted  # a frame takes 2 s here
+    [t2] = of(d.send((b"w1", P.Ready(1))), P.Task, b"w1")
+    assert of(d.hello(b"w2"), P.Welcome)
+    assert not of(d.send((b"w2", P.Ready(1))), P.Task)  # free, nothing left to lease
+    limit = max(C.LEASE_STALL_MIN, C.LEASE_STALL_FACTOR * 2.0)
+    for _ in range(int(limit + C.LEASE_SECONDS) + 5):  # heartbeats every second, no progress
+        d.send((b"w1", P.Heartbeat([[t2.task_id, t2.attempt]])), (b"w2", P.Heartbeat([])), dt=1.0)
+    row = get(engine, Task, t2.task_id)
+    assert (row.worker_id, row.attempt, row.failed_workers) == ("w2", t2.attempt + 1, ["w1"]), row
+    again = P.Task(row.id, row.attempt, job, 0, "render", {}, [])
+    assert coord.stats["stalled"] > 0
+    lost = [a for a in rows(engine, Attempt, Attempt.task_id == t2.task_id) if a.worker_id == "w1"]
+    assert [a.outcome for a in lost] == ["lost"] and "no progress" in lost[0].error
+    # the same time with progress: the lease holds
+    d.send((b"w2", P.Progress(again.task_id, again.attempt, 0, 1, "inputs ready")), dt=1.0)
+    for i in range(int(limit) - 5):
+        d.send((b"w2", P.Heartbeat([[again.task_id, again.attempt]])), dt=1.0)
+    assert get(engine, Task, again.task_id).worker_id == "w2"
+    assert get(engine, Job, job).status == "active"

@@ -25,7 +25,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from common import limits as C
 from common import protocol as P
 from farm.store.blobs import BlobError, BlobStore
-from farm.store.models import Blob
+from farm.store.db import session as new_session
+from farm.store.models import Blob, Task
 from tests.fixtures_inproc import Driver, get, make_engine_and_store, make_job, make_user, new_coordinator, of, rows
 
 LIMIT = 4096  # a small size limit, so that "over the limit" is cheap to reach
@@ -34,6 +35,9 @@ CONTENTS = [b"", b"x", _RNG.randbytes(100), _RNG.randbytes(LIMIT), _RNG.randbyte
 HASHES = [hashlib.sha256(c).hexdigest() for c in CONTENTS]
 BAD_NAMES = ["", "../../etc/passwd", "../" + HASHES[2][3:], "A" * 64, HASHES[2][:63], HASHES[2] + "0",
              HASHES[2][:62] + "/x", "\x00" * 64, "a" * 64 + "\n", "ab/" + "c" * 61]
+GRANTED = HASHES + [n for n in BAD_NAMES if "\x00" not in n]
+"""The names the leased task's inputs list (a worker may fetch only those): the store's own checks of
+them are what these tests are about."""
 SHAS = st.sampled_from(HASHES) | st.sampled_from(BAD_NAMES) | st.text("0123456789abcdef", min_size=64, max_size=64)
 SIZES = st.sampled_from([0, 1, 100, LIMIT, LIMIT + 1, -1, -(2**63), 2**63 - 1]) | st.integers(-10, 2 * LIMIT)
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
@@ -182,7 +186,12 @@ def plane(tmp_path):
     d = Driver(new_coordinator(engine, blobs))
     d.hello(b"w1")
     d.hello(b"idle")
-    assert of(d.send((b"w1", P.Ready(1))), P.Task), "w1 holds a lease: it may upload"
+    [task] = of(d.send((b"w1", P.Ready(1))), P.Task)  # w1 holds a lease: it may upload
+    with new_session(engine) as s:  # and its task names every blob here, so it may fetch them (by need)
+        row = s.get(Task, task.task_id)
+        row.inputs = [*row.inputs, *GRANTED]
+        s.add(row)
+        s.commit()
     return engine, blobs, d
 
 
@@ -226,7 +235,9 @@ def test_random_blob_traffic_through_step(plane, batches):
         assert len(acks) <= len(puts) and len(chunks) == len(gets), "at most one answer a message"
         for m, blob in zip(gets, chunks):
             content = content_of(m.sha256)
-            if content is None or not blobs.has(m.sha256):
+            if m.sha256 not in GRANTED:
+                assert "not an input of a task you hold" in blob.error and blob.data == b""
+            elif content is None or not blobs.has(m.sha256):
                 assert blob.error == "unknown blob" and blob.data == b""
             else:
                 off, n = max(0, m.offset), max(0, min(m.length, C.BLOB_CHUNK_SIZE))
