@@ -34,7 +34,7 @@ from common import protocol as P
 from common.logs import ctx
 from farm import constants as C
 from farm.core.assignment import Assignment
-from farm.core.leases import LeaseBook, TaskRow
+from farm.core.leases import LeaseBook, ProgressWatch, TaskRow
 from farm.core.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, fits
 from farm.kinds import jobs
 from farm.kinds.registry import JOB_STATUS_LISTENERS, SWEEPS, JobListener, Sweep
@@ -88,9 +88,7 @@ class Coordinator:
         self._last_sweep = 0.0
         self.stats = defaultdict(int)
         self._needed: dict[int, frozenset[int]] = {}  # job id → ids of its tasks that other tasks wait for
-        self._progress_at: dict[tuple[int, int], float] = {}  # (task, attempt) → when it last made progress
-        self._stalls: set[tuple[int, int]] = set()  # leases left to run out for want of progress
-        self._unit_times: dict[int, list[float]] = {}  # job id → its last accepted units' coordinator seconds
+        self.progress = ProgressWatch()  # leases need progress: heartbeats alone do not keep them
         self.book = LeaseBook()  # live leases' tasks: RESULT and friends need not read them again
         # jobs as the last committed step left them (detached), good while QUEUE_EPOCH holds: every job
         # change made elsewhere moves it (farm/core/leases.py), and status changes are fenced (farm/store/states.py)
@@ -388,31 +386,12 @@ class Coordinator:
             task = self._task(s, task_id)
             if not self._holds(task, conn, attempt):
                 out.append((conn.identity, P.Cancel(task_id, attempt, "this lease is no longer yours")))
-            elif self._stalled(task, now):
+            elif self.progress.stalled(task, now):
                 self.stats["stalled"] += 1  # not renewed: the lease runs out and the task goes elsewhere
-                if len(self._stalls) > 100_000:
-                    self._stalls.clear()
-                self._stalls.add((task.id, task.attempt))
                 if isinstance(task, TaskRow):  # read, not written: the sweep may take it back this step
                     s.writes.unfence(Task, task.id)
             elif task.lease_expires - now < C.LEASE_SECONDS / 2:
                 set_values(s, task, lease_expires=now + C.LEASE_SECONDS)
-
-    def _stalled(self, task: Task | TaskRow, now: float) -> bool:
-        """Whether ``task``'s lease has shown no progress for longer than its job allows: leases need
-        progress, heartbeats alone do not keep them (see farm.constants.LEASE_STALL_SECONDS)."""
-        key = (task.id, task.attempt)
-        since = self._progress_at.get(key)
-        if since is None:  # no progress seen yet (or a coordinator restart): count from its lease
-            if len(self._progress_at) > 100_000:
-                self._progress_at.clear()
-            since = self._progress_at[key] = getattr(task, "started_at", 0.0) or now
-        limit = (task.spec.get("settings") or {}).get("time_limit") if isinstance(task.spec, dict) else None
-        if not (type(limit) in (int, float) and limit > 0):
-            times = self._unit_times.get(task.job_id)
-            limit = C.LEASE_STALL_SECONDS if not times else max(
-                C.LEASE_STALL_MIN, C.LEASE_STALL_FACTOR * sorted(times)[len(times) // 2])
-        return now - since > limit
 
     def _on_bye(self, s, conn: Conn, msg: P.Bye, now, out) -> None:
         self._drop(s, conn, now, f"said bye: {msg.reason}"[:200], out)
@@ -435,8 +414,7 @@ class Coordinator:
         if task.status == TaskStatus.assigned.value:
             transition(s, task, TaskStatus.running, worker_id=conn.worker_id, attempt=task.attempt, now=now)
         done = max(0, min(msg.done, task.progress_total or msg.done))
-        if done > (task.progress_done or 0) or (task.id, task.attempt) not in self._progress_at:  # progress
-            self._progress_at[(task.id, task.attempt)] = now
+        if self.progress.progressed(task, done, now):  # a repeated count renews nothing
             set_values(s, task, progress_done=done, lease_expires=now + C.LEASE_SECONDS)
 
     def _on_result(self, s, conn: Conn, msg: P.Result, now, out) -> None:
@@ -468,12 +446,7 @@ class Coordinator:
         seconds = max(0.0, float(msg.render_seconds))
         if started:  # a worker cannot claim more time than the lease lasted
             seconds = min(seconds, max(0.0, now - started))
-            if len(self._unit_times) > 10_000:
-                self._unit_times.clear()
-            times = self._unit_times.setdefault(task.job_id, [])
-            times.append((now - started) / max(1, task.progress_total or 1))
-            del times[:-64]  # the median of the last 64 units: what a unit of this job usually takes
-        self._progress_at.pop((task.id, task.attempt), None)
+        self.progress.finished(task, now - started if started else None)
         update_by(s, Attempt, {"task_id": task.id, "attempt": task.attempt}, outcome="done", ended_at=now,
                   render_seconds=seconds)
         transition(s, task, TaskStatus.done, worker_id=conn.worker_id, attempt=task.attempt, now=now,
@@ -583,7 +556,7 @@ class Coordinator:
     # ------------------------------------------------------------------ failures and lost leases
     def _end_attempt(self, s: Session, task: Task, outcome: str, error: str, now: float) -> None:
         self.book.drop(task.id)
-        self._progress_at.pop((task.id, task.attempt), None)
+        self.progress.finished(task)
         att = self._attempt(s, task)
         if att and att.outcome == "leased":
             att.outcome, att.ended_at, att.error = outcome, now, error[:2000]
@@ -707,8 +680,7 @@ class Coordinator:
             self._drop(s, conn, now, "missed heartbeats", out)
             out.append((conn.identity, P.Disconnect("missed heartbeats: reconnect")))
         for task in s.exec(select(Task).where(Task.status.in_(LEASED)).where(Task.lease_expires < now)):
-            if (task.id, task.attempt) in self._stalls:  # its worker heart-beat but made no progress
-                self._stalls.discard((task.id, task.attempt))
+            if self.progress.take_stall(task):  # its worker heart-beat but made no progress
                 # not this worker again while another can take it (as after a failure)
                 task.failed_workers = sorted(set(task.failed_workers) | {task.worker_id})
                 self._lose(s, task, now, "lease expired: no progress for longer than this job's frames take", out)

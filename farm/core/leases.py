@@ -1,5 +1,5 @@
-"""Tasks as the coordinator's hot path holds them: plain rows, the in-memory book of live leases, and
-the head of the queue read ahead.
+"""Tasks as the coordinator's hot path holds them: plain rows, the in-memory book of live leases, the
+head of the queue read ahead, and when each lease last made progress.
 
 A task is read from the database when it is leased (the assignment window reads it as a plain
 :class:`TaskRow`) and, while the lease lasts, only the coordinator changes it: its RESULT, PROGRESS and
@@ -17,6 +17,8 @@ again. The copy is only a cache, never trusted blindly:
 :class:`ReadAhead` does the same for queued tasks: the assignment rounds lease from a copy of the first
 few hundred queued tasks while :data:`farm.store.states.QUEUE_EPOCH` says nothing queued, requeued or
 re-prioritised since it was read, each lease fenced on (status queued, attempt).
+
+:class:`ProgressWatch` keeps what leases need to stay alive: progress, not heartbeats alone.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import json
 from sqlalchemy import Text, event, type_coerce
 from sqlalchemy.orm import Session
 
+from farm import constants as C
 from farm.store.models import Job, JobWorker, Task
 from farm.store.states import QUEUE_EPOCH
 from farm.store.writes import PlainRow
@@ -177,3 +180,68 @@ def _committed(session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _rolled_back(session) -> None:
     session.info.pop("queue_changed", None)
+
+
+class ProgressWatch:
+    """Leases need progress: a heartbeat keeps a lease only while its task makes progress.
+
+    Remembers when each live lease ((task, attempt): a new attempt starts afresh) last made progress (its
+    lease, its inputs fetched, a frame or an image done: a PROGRESS whose count grew) and how long a unit
+    of each job usually takes on the coordinator's clock (the median of its last 64 accepted units). A lease
+    with no progress for longer than its job allows (:meth:`stalled`) is not renewed; the sweep then finds
+    it expired and hands the task to another worker. In memory only: after a restart every lease counts from
+    the first heartbeat seen, which errs towards keeping it."""
+
+    def __init__(self):
+        self.last: dict[tuple[int, int], float] = {}   # (task, attempt) → when it last made progress
+        self.units: dict[int, list[float]] = {}        # job id → its last accepted units' seconds
+        self.stalls: set[tuple[int, int]] = set()      # leases left to run out for want of progress
+
+    def progressed(self, task, done: int, now: float) -> bool:
+        """Note a PROGRESS of ``task`` reporting ``done`` units; True when it is progress (renew the lease)."""
+        key = (task.id, task.attempt)
+        if done > (task.progress_done or 0) or key not in self.last:
+            self.last[key] = now
+            return True
+        return False
+
+    def stalled(self, task, now: float) -> bool:
+        """Whether ``task``'s lease has gone without progress for longer than its job allows: the job's own
+        ``time_limit`` a frame when it sets one, else LEASE_STALL_FACTOR × its median unit (at least
+        LEASE_STALL_MIN), else LEASE_STALL_SECONDS. Marks it, for :meth:`take_stall`."""
+        key = (task.id, task.attempt)
+        since = self.last.get(key)
+        if since is None:  # no progress seen yet (or a coordinator restart): count from its lease
+            if len(self.last) > 100_000:
+                self.last.clear()
+            since = self.last[key] = getattr(task, "started_at", 0.0) or now
+        spec = task.spec if isinstance(task.spec, dict) else {}
+        limit = (spec.get("settings") or {}).get("time_limit")
+        if not (type(limit) in (int, float) and limit > 0):
+            times = self.units.get(task.job_id)
+            limit = C.LEASE_STALL_SECONDS if not times else max(
+                C.LEASE_STALL_MIN, C.LEASE_STALL_FACTOR * sorted(times)[len(times) // 2])
+        if now - since <= limit:
+            return False
+        if len(self.stalls) > 100_000:
+            self.stalls.clear()
+        self.stalls.add(key)
+        return True
+
+    def take_stall(self, task) -> bool:
+        """Whether ``task``'s lease ran out because it stalled (once: the mark is removed)."""
+        key = (task.id, task.attempt)
+        if key in self.stalls:
+            self.stalls.discard(key)
+            return True
+        return False
+
+    def finished(self, task, seconds: float | None = None) -> None:
+        """``task``'s lease ended; ``seconds``: it was accepted after that many coordinator seconds."""
+        self.last.pop((task.id, task.attempt), None)
+        if seconds:
+            if len(self.units) > 10_000:
+                self.units.clear()
+            times = self.units.setdefault(task.job_id, [])
+            times.append(seconds / max(1, task.progress_total or 1))
+            del times[:-64]

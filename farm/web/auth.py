@@ -33,6 +33,13 @@ def create_user(s: Session, name: str, is_admin: bool = False) -> tuple[User, st
     return user, token
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (None when there is none)."""
+    if not authorization or not authorization.lower().startswith("bearer "):
+        return None
+    return authorization[7:].strip() or None
+
+
 def user_for_token(s: Session, token: str | None) -> User | None:
     if not token:
         return None

@@ -30,8 +30,7 @@ class Api:
         self.SessionDep = Annotated[Session, Depends(get_session)]
 
         def get_user(s: self.SessionDep, authorization: Annotated[str | None, Header()] = None) -> User:
-            token = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
-            user = auth.user_for_token(s, token)
+            user = auth.user_for_token(s, auth.bearer_token(authorization))
             if user is None:
                 raise HTTPException(401, "missing or unknown API token: pass 'Authorization: Bearer <token>' "
                                          "(farm --token, or RENDERHIVE_TOKEN)")

@@ -108,8 +108,7 @@ class Guard:
                 await _answer(send, exc.status_code, str(exc.detail))
 
     async def _known(self, headers: dict[str, str]) -> bool:
-        value = headers.get("authorization", "")
-        token = value[7:].strip() if value.lower().startswith("bearer ") else ""
+        token = auth.bearer_token(headers.get("authorization"))
         if not token or len(token) > 200:
             return False
         return await asyncio.to_thread(self._lookup, token)
