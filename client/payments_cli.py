@@ -20,7 +20,7 @@ def cmd_estimate(args, client: Client) -> int:
     est = client.estimate(frames=args.frames, chunk=args.chunk, samples=args.samples,
                           resolution_percent=args.resolution_percent)
     _print(args, est, f"{est['units']} frames × {est['seconds_per_unit']} s ({est['basis']}) × "
-                      f"{est['price_per_unit_tokens']} per render second ≈ {est['cost_tokens']} tokens; "
+                      f"{est['price_per_unit_tokens']} per measured second ≈ {est['cost_tokens']} tokens; "
                       f"deposit taken at start: {est['deposit_tokens']} (the rest is refunded)")
     return 0
 
@@ -47,7 +47,7 @@ def cmd_payouts(args, client: Client) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
-    table = Table("worker", "wallet", "render s", "tasks", "tokens", "status")
+    table = Table("worker", "wallet", "measured s", "tasks", "tokens", "status")
     for w in pay["workers"]:
         table.add_row(w["worker_id"], w["wallet"] or "(none: not paid)", f"{w['work_seconds']:.2f}", str(w["tasks"]),
                       w["amount_tokens"], w["status"])
@@ -138,6 +138,6 @@ def demo_payments(con, creator: Client, job_id: int, wallets: dict[str, str], ti
             creator.withdraw(addr)
         after = int(creator.wallet(addr)["token"])
         share = shares.get(addr.lower())
-        secs = f"{share['work_seconds']:.1f} render s" if share else "no accepted work"
+        secs = f"{share['work_seconds']:.1f} s of measured work" if share else "no accepted work"
         con.print(f"  {w} {addr}: {before[w] / 1e18:.6f} → {after / 1e18:.6f} tokens "
                   f"([green]+{(after - before[w]) / 1e18:.6f}[/], {secs})")

@@ -73,7 +73,7 @@ def payouts_view(s: Session, ledger: Ledger | None, job: Job) -> dict[str, Any]:
     total = sum(int(r["amount"]) for r in rows if r["wallet"])
     return {"job_id": job.id, "preview": preview, "round": st.payout_round if st else 0,
             "status": st.status if st else "none", "price_per_unit_tokens": pr.tokens(pricing.price_per_unit),
-            "unit": "render second", "total": str(total), "total_tokens": pr.tokens(total), "workers": rows}
+            "unit": "reference second (measured)", "total": str(total), "total_tokens": pr.tokens(total), "workers": rows}
 
 
 def payments_router(engine, get_user: Callable, serial: Callable, ledger: Ledger | None) -> APIRouter:
