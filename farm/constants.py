@@ -57,6 +57,14 @@ a partial frame sequence is of no use to an artist, and failing fast saves their
 MAX_FRAMES_PER_JOB = 100_000
 """Largest number of frames in one job."""
 
+MAX_TASKS_PER_JOB = int(_env_float("MAX_TASKS_PER_JOB", 20_000))
+"""Most tasks one job may have (frames ÷ chunk × tiles, images ÷ micro-batch, plus assembly and encode):
+creating one writes a row each in one transaction, and frames 1-100000 one a task took about a minute and
+locked the database. Bigger work is split into jobs, or chunked (``--chunk``)."""
+
+MAX_ACTIVE_TASKS_PER_CREATOR = int(_env_float("MAX_ACTIVE_TASKS_PER_CREATOR", 100_000))
+"""Most unfinished tasks one creator may have queued across their jobs (one creator cannot fill the queue)."""
+
 BATCH_MAX_MESSAGES = 512
 """Messages the coordinator handles per step: one transaction, one commit, then all replies."""
 

@@ -15,6 +15,7 @@ from sqlalchemy import case, func
 from sqlmodel import Session, select
 
 from common.hashing import check_sha
+from farm import constants as C
 from farm.kinds import frames as splitter
 from farm.kinds import tiles
 from farm.store.blobs import BlobStore
@@ -113,7 +114,18 @@ def job_for_key(session: Session, owner: User, client_key: str) -> Job | None:
 
 def store_plans(session: Session, owner: User, kind: str, name: str, priority: int, spec: dict[str, Any],
                 plans: list[splitter.TaskPlan], what: str) -> Job:
-    """Create the job and its tasks from a plan (tasks that wait for others start as ``waiting``)."""
+    """Create the job and its tasks from a plan (tasks that wait for others start as ``waiting``). Refuses,
+    before writing, a job over MAX_TASKS_PER_JOB tasks or a creator over MAX_ACTIVE_TASKS_PER_CREATOR."""
+    if len(plans) > C.MAX_TASKS_PER_JOB:
+        raise JobError(f"this job would have {len(plans)} tasks, more than the farm's {C.MAX_TASKS_PER_JOB}: render "
+                       "several frames per task (--chunk), use fewer tiles, or split it into several jobs", 413)
+    active = session.exec(select(func.count()).select_from(Task).join(Job, Job.id == Task.job_id)
+                          .where(Job.owner_id == owner.id).where(Task.check_id.is_(None))
+                          .where(Task.status.in_([TaskStatus.waiting.value, TaskStatus.queued.value]))).one()
+    if active + len(plans) > C.MAX_ACTIVE_TASKS_PER_CREATOR:
+        raise JobError(f"you have {active} tasks waiting in the queue; {len(plans)} more would pass the "
+                       f"{C.MAX_ACTIVE_TASKS_PER_CREATOR} a creator may have: wait for your jobs to render, or "
+                       "cancel some", 429)
     spec = {**spec, "outputs_total": sum(len(p.outputs) for p in plans if p.final)}
     job = Job(owner_id=owner.id, name=name, kind=kind, priority=priority, spec=spec, tasks_total=len(plans))
     session.add(job)

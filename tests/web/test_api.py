@@ -372,3 +372,26 @@ def test_bodies_are_limited_per_route_before_and_while_they_are_read(farm):
                   headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 413 and "64 KiB limit" in r.json()["detail"]
     assert http.post("/api/blobs/missing", json={"hashes": []}, headers=alice).status_code == 200
+
+
+def test_jobs_are_capped_in_tasks_per_job_and_per_creator(farm, monkeypatch):
+    """The attack: frames 1-100000, one task each, took a minute to create and locked the database. A job
+    over MAX_TASKS_PER_JOB tasks is refused before anything is written, in well under a second, with the
+    fix; a creator's waiting tasks are capped too."""
+    from sqlmodel import select
+
+    from farm import constants as C
+    from farm.store.db import session as new_session
+    from farm.store.models import Task
+    http, alice, engine = farm["http"], farm["alice"], farm["engine"]
+    scene = upload_scene(http, alice)
+    t0 = time.monotonic()
+    r = submit(http, alice, scene_sha256=scene, frames="1-100000")
+    detail = r.json()["detail"]
+    assert r.status_code == 413 and "more than the farm's 20000" in detail and "--chunk" in detail
+    with new_session(engine) as s:
+        assert time.monotonic() - t0 < 5 and s.exec(select(Task)).first() is None, "nothing written"
+    assert submit(http, alice, scene_sha256=scene, frames="1-100000", chunk=10).status_code == 201  # 10,000 tasks
+    monkeypatch.setattr(C, "MAX_ACTIVE_TASKS_PER_CREATOR", 10_005)
+    r = submit(http, alice, scene_sha256=scene, frames="1-10")
+    assert r.status_code == 429 and "you have 10000 tasks waiting" in r.json()["detail"]
