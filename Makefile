@@ -62,6 +62,7 @@ bench: install
 	$(BIN)/python bench/gas.py
 	$(BIN)/python bench/verify.py
 	$(BIN)/python bench/tiles.py
+	$(BIN)/python bench/sandbox.py
 
 # The Blender extension zip (client/blender_addon + a copy of client/api.py), built offline by
 # Blender's own extension builder: install it with Edit > Preferences > Get Extensions > Install from Disk.
