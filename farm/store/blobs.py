@@ -69,8 +69,11 @@ class BlobStore:
         if offset < 0 or length < 0:  # f.read(-1) would read the whole blob into memory
             raise BlobError(f"offset {offset} and length {length} must not be negative")
         with open(self.path(sha), "rb") as f:
+            size = os.fstat(f.fileno()).st_size  # bounded by the blob: a length of 2**63 reads no more
+            if offset >= size:
+                return b""
             f.seek(offset)
-            return f.read(length)
+            return f.read(min(length, size - offset))
 
     def _commit(self, tmp: Path, sha: str) -> Path:
         dest = self.path(sha)
