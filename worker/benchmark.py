@@ -168,7 +168,6 @@ async def measure_worker(daemon, mode: str) -> dict[str, Any] | None:
     sample scene is there) and diffusion (if it holds a usable model), in slot 0's children."""
     if mode == "off":
         return None
-    work = daemon.dir / "work" / "benchmark"
     works = []  # the folders the measurements write in (inside each sandboxed child's own folder)
 
     def workdir(name: str) -> Path:
@@ -184,7 +183,8 @@ async def measure_worker(daemon, mode: str) -> dict[str, Any] | None:
         log.warning("no %s: reporting no blender benchmark score", SCENE)
     elif blender is not None and blender.alive:
         async def run_blender():
-            scene = daemon.stage("blender", 0, {"benchmark.blend": SCENE})["benchmark.blend"]  # as a task's input
+            name = f"benchmark-{_sha12(SCENE)}.blend"  # named by content, like a task's input
+            scene = daemon.stage("blender", 0, {name: SCENE})[name]
             return await _killing_on_failure(daemon, "blender", lambda rt: measure_blender(rt, workdir("blender"),
                                                                                         scene))
         jobs["blender"] = (blender_key(blender.ready or {}, daemon.gpu_args[0]), run_blender)
@@ -198,5 +198,5 @@ async def measure_worker(daemon, mode: str) -> dict[str, Any] | None:
     try:
         return await scores(daemon.dir, mode, jobs)
     finally:
-        for d in [work, *works]:
+        for d in works:
             shutil.rmtree(d, ignore_errors=True)

@@ -429,13 +429,9 @@ class WorkerDaemon:
     async def _recycle_if_bloated(self, slot: int) -> None:
         """Restart a runtime child that grew past RUNTIME_MAX_RSS_BYTES (it is started again lazily)."""
         for (name, sl), rt in list(self.runtimes.items()):
-            if sl != slot or not rt.alive or rt.host_pid is None:
+            if sl != slot or not rt.alive:
                 continue
-            try:
-                status = Path(f"/proc/{rt.host_pid}/status").read_text()
-                rss = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmRSS:"))) * 1024
-            except (OSError, StopIteration, ValueError):
-                continue
+            rss = rt.usage()[2]  # the runtime itself (in a sandbox: bubblewrap's last descendant)
             if rss > C.RUNTIME_MAX_RSS_BYTES:
                 log.warning("%s runtime of slot %d uses %d MB, over the ceiling: restarting it", name, slot, rss >> 20)
                 await rt.stop()
