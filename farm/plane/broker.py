@@ -194,9 +194,11 @@ class Broker:
                 if not batch and not await sock.poll(0):
                     poll = asyncio.ensure_future(sock.poll(int(timeout * 1000) + 1))
                     wake = asyncio.ensure_future(self._wake.wait())
-                    await asyncio.wait({poll, wake}, return_when=asyncio.FIRST_COMPLETED)
-                    for f in (poll, wake):
-                        f.cancel()
+                    try:
+                        await asyncio.wait({poll, wake}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:  # also when cancelled: a poll left pending on a socket closed below never ends
+                        for f in (poll, wake):
+                            f.cancel()
                     self._wake.clear()
                 self._drain(batch)
                 out = await loop.run_in_executor(self._pool, self.coord.step, batch)

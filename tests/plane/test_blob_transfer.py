@@ -59,15 +59,18 @@ class Plane:
         from farm.store.db import session
         from farm.store.models import Job, Task
         await until(lambda: d.stats["welcomes"] > 0, what="WELCOME (sent once its HELLO is committed)")
-        with session(self.engine) as s:
-            if not hasattr(self, "_owner"):
-                self._owner = make_user(self.engine, "transfer-tests")[0]
-            job = Job(owner_id=self._owner.id, kind="blender", spec={}, tasks_total=1)
-            s.add(job)
-            s.flush()
-            s.add(Task(job_id=job.id, index=0, kind="render", spec={}, inputs=list(shas), status="assigned",
-                       attempt=1, worker_id=d.id, lease_expires=time.time() + 3600))
-            s.commit()
+
+        def write():  # in a thread: the broker's step may hold SQLite's write lock meanwhile
+            with session(self.engine) as s:
+                if not hasattr(self, "_owner"):
+                    self._owner = make_user(self.engine, "transfer-tests")[0]
+                job = Job(owner_id=self._owner.id, kind="blender", spec={}, tasks_total=1)
+                s.add(job)
+                s.flush()
+                s.add(Task(job_id=job.id, index=0, kind="render", spec={}, inputs=list(shas), status="assigned",
+                           attempt=1, worker_id=d.id, lease_expires=time.time() + 3600))
+                s.commit()
+        await asyncio.to_thread(write)
 
     async def kill(self, d: WorkerDaemon) -> None:
         """Stop a daemon abruptly, as a crash would: its tasks die, its socket closes, no BYE."""
@@ -81,15 +84,26 @@ class Plane:
             task.cancel()
         await asyncio.gather(*(t for _, t in self.sessions), return_exceptions=True)
         self.broker.stop()
-        await asyncio.wait_for(self.broker_task, 10)
-        self.ctx.destroy(linger=0)
+        try:
+            await asyncio.wait_for(self.broker_task, 10)
+        finally:
+            self.ctx.destroy(linger=0)
 
 
-def run(tmp_path: Path, body, timeout: float = 25.0):
-    """Run ``body(plane)`` in a fresh event loop with a running farm plane."""
+def run(tmp_path: Path, body, timeout: float = 60.0):
+    """Run ``body(plane)`` in a fresh event loop with a running farm plane. Whatever is left running at the
+    end is cancelled here, with a bound: a task that ignored its cancellation fails the test with its stack
+    (asyncio.run would wait for it forever, and pytest-timeout would hide the body's own error)."""
     async def main():
-        async with Plane(tmp_path) as plane:
-            await asyncio.wait_for(body(plane), timeout)
+        try:
+            async with Plane(tmp_path) as plane:
+                await asyncio.wait_for(body(plane), timeout)
+        finally:
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in left:
+                t.cancel()
+            _, pending = await asyncio.wait(left, timeout=10) if left else (set(), set())
+            assert not pending, f"tasks ignored their cancellation: {[t.get_stack() for t in pending]}"
     asyncio.run(main())
 
 
