@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import quote
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 CHUNK = 1 << 20
@@ -90,8 +91,11 @@ class Client:
     def health(self) -> dict[str, Any]:
         return self.request("GET", "/api/health")
 
-    def create_user(self, name: str) -> dict[str, Any]:
-        return self.request("POST", "/api/users", {"name": name})
+    def create_user(self, name: str, credit_line: bool = False) -> dict[str, Any]:
+        return self.request("POST", "/api/users", {"name": name, "credit_line": credit_line})
+
+    def set_credit_line(self, name: str, credit_line: bool) -> dict[str, Any]:
+        return self.request("PUT", f"/api/users/{quote(name, safe='')}/credit", {"credit_line": credit_line})
 
     def missing(self, hashes: list[str]) -> list[str]:
         return self.request("POST", "/api/blobs/missing", {"hashes": hashes})["missing"]

@@ -224,8 +224,13 @@ def cmd_workers(args, client: Client) -> int:
 
 
 def cmd_user(args, client: Client) -> int:
-    user = client.create_user(args.name)
-    _out(args, user, f"user {user['name']} created; token (shown once): {user['token']}")
+    if args.set_credit is not None:
+        user = client.set_credit_line(args.name, args.set_credit == "on")
+        _out(args, user, f"user {user['name']}: credit line {'on' if user['credit_line'] else 'off'}")
+        return 0
+    user = client.create_user(args.name, args.credit_line)
+    _out(args, user, f"user {user['name']} created; token (shown once): {user['token']}"
+                     + ("; credit line on: its jobs start before their deposit is confirmed" if args.credit_line else ""))
     return 0
 
 
@@ -383,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = client_cmd("user", "create a creator account (admin token needed)")
     u.add_argument("name")
+    u.add_argument("--credit-line", action="store_true",
+                   help="lease its jobs before their deposit is confirmed in escrow (you carry the risk)")
+    u.add_argument("--set-credit", choices=["on", "off"], default=None,
+                   help="change an existing creator's credit line")
     u.set_defaults(func=cmd_user)
 
     from client.payments_cli import add_commands  # estimate, approve, reject, payouts, wallet

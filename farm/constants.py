@@ -65,6 +65,19 @@ locked the database. Bigger work is split into jobs, or chunked (``--chunk``).""
 MAX_ACTIVE_TASKS_PER_CREATOR = int(_env_float("MAX_ACTIVE_TASKS_PER_CREATOR", 100_000))
 """Most unfinished tasks one creator may have queued across their jobs (one creator cannot fill the queue)."""
 
+# ---- reviews: a creator rejects frames to have them re-rendered, unpaid; bounded, or it is a free render
+MAX_REJECT_ROUNDS_PER_JOB = int(_env_float("MAX_REJECT_ROUNDS_PER_JOB", 2))
+"""Times a rendered job may be sent back for re-rendering; after that it is approved or disputed by the operator."""
+
+MAX_JOB_REJECT_SHARE = _env_float("MAX_JOB_REJECT_SHARE", 0.5)
+"""Most of a job's frames (a share of its tasks, counting every round) that its creator may reject."""
+
+MAX_CREATOR_REJECT_RATE = _env_float("MAX_CREATOR_REJECT_RATE", 0.25)
+"""Most of all the frames delivered to a creator that they may have rejected (their standing)."""
+
+REJECT_GRACE_FRAMES = int(_env_float("REJECT_GRACE_FRAMES", 8))
+"""Rejected frames a creator may always have, whatever their rate (a new creator's first test job)."""
+
 BATCH_MAX_MESSAGES = 512
 """Messages the coordinator handles per step: one transaction, one commit, then all replies."""
 

@@ -16,7 +16,6 @@ from sqlmodel import select
 from common import protocol as P
 from farm.core.coordinator import Coordinator
 from farm.core.scheduler import Scheduler
-from farm.kinds import jobs
 from farm.store.blobs import BlobStore
 from farm.store.db import make_engine
 from farm.store.db import session as new_session
@@ -47,12 +46,14 @@ def put_scene(blobs: BlobStore, tag: bytes = b"") -> str:
 
 
 def make_job(engine, blobs: BlobStore, user: User, frames: str = "1", chunk: int = 1, priority: int = 0,
-             scene: str | None = None, **extra: Any) -> int:
-    """Create a Blender job through farm.kinds.jobs (the API's own path) and return its id."""
+             scene: str | None = None, hold_for_deposit: bool = False, **extra: Any) -> int:
+    """Create a Blender job through farm.kinds.registry (the API's own path) and return its id;
+    ``hold_for_deposit``: as the API does when payments are on (the job starts ``funding``)."""
+    from farm.kinds.registry import create_job
     req = {"scene_sha256": scene or put_scene(blobs), "frames": frames, "chunk": chunk, "priority": priority,
            **extra}
     with new_session(engine) as s:
-        job = jobs.create_blender_job(s, user, blobs, req)
+        job = create_job("blender", s, user, blobs, req, hold_for_deposit)
         s.commit()
         return job.id
 

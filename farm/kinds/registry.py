@@ -19,7 +19,8 @@ from sqlmodel import Session
 
 from farm.kinds import diffusion, jobs
 from farm.store.blobs import BlobStore
-from farm.store.models import Job, User
+from farm.store.models import Event, Job, User
+from farm.store.states import JobStatus
 
 Creator = Callable[[Session, User, BlobStore, dict[str, Any]], Job]
 JobListener = Callable[[Session, Job, float], bool]
@@ -42,9 +43,19 @@ tasks were queued): for changes made off the coordinator's thread (approval by t
 review window), which no status listener sees."""
 
 
-def create_job(kind: str, session: Session, owner: User, blobs: BlobStore, req: dict[str, Any]) -> Job:
-    """Plan and store a job of ``kind`` (one of :data:`CREATORS`)."""
+def create_job(kind: str, session: Session, owner: User, blobs: BlobStore, req: dict[str, Any],
+               hold_for_deposit: bool = False) -> Job:
+    """Plan and store a job of ``kind`` (one of :data:`CREATORS`). ``hold_for_deposit``: the farm takes
+    payments and this creator has no credit line, so the new job starts ``funding``: none of its tasks is
+    leased before the ledger has confirmed its deposit in escrow (farm.payments.ledger)."""
     create = CREATORS.get(kind)
     if create is None:
         raise jobs.JobError(f"unknown job kind {kind!r}: choose one of {', '.join(sorted(CREATORS))}")
-    return create(session, owner, blobs, req)
+    job = create(session, owner, blobs, req)
+    if hold_for_deposit:  # a job created now (its creation event is not written yet), not a retried submit's
+        for ev in list(session.new):
+            if isinstance(ev, Event) and ev.kind == "job" and ev.job_id == job.id and not ev.old:
+                job.status = JobStatus.funding.value
+                ev.new, ev.detail = job.status, f"{ev.detail}; leased once its deposit is confirmed in escrow"
+                session.add(job)
+    return job

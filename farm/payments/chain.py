@@ -176,8 +176,9 @@ def text_hash(text: str) -> str:
     return "0x" + keccak(text.encode()).hex()
 
 
-def job_key(namespace: str, job_id: int) -> int:
-    """The escrow's uint256 job id of a farm job: unique per farm instance (its namespace)."""
+def job_key(namespace: str, job_id: int | str) -> int:
+    """The escrow's uint256 job id of a farm job: unique per farm instance (its namespace). A job whose id
+    was taken by someone else's deposit re-keys with ``"{job_id}:{old key}"``."""
     return int.from_bytes(keccak(f"renderhive:{namespace}:{job_id}".encode()), "big")
 
 
@@ -268,6 +269,11 @@ class Chain:
             if ev["type"] == "event":
                 sig = f"{ev['name']}({','.join(i['type'] for i in ev['inputs'])})"
                 self._topics[keccak(sig.encode())] = getattr(self.escrow.events, ev["name"])()
+
+    def escrow_terms(self) -> tuple[str, str]:
+        """The attached escrow's (token, operator), as its code says: an escrow at the right address but over
+        another token, or run by another operator, is not ours."""
+        return self._io(lambda: (self.escrow.functions.TOKEN().call(), self.escrow.functions.OPERATOR().call()))
 
     def deploy_contract(self, name: str, *args, key: str | None = None, contracts_dir: Path = CONTRACTS_DIR):
         """Deploy ``contracts_dir/name.vy`` with constructor ``args``; returns (address, receipt)."""

@@ -56,14 +56,14 @@ from farm.store.states import JobStatus, transition
 log = logging.getLogger("farm.payments.ledger")
 
 FINAL = SETTLEMENT_FINAL
-STARTED = tuple(s.value for s in (JobStatus.queued, JobStatus.active, JobStatus.paused, JobStatus.rendered,
+STARTED = tuple(s.value for s in (JobStatus.funding, JobStatus.queued, JobStatus.active, JobStatus.paused, JobStatus.rendered,
                                   JobStatus.rejected, JobStatus.approved))
 ENDED = (JobStatus.canceled.value, JobStatus.failed.value)
 EVENT_RANGE = 2000      # blocks per eth_getLogs
 STEPS_PER_JOB = 8       # transactions one job may advance by in one pass (automining chains answer at once)
 WAITING = (SettlementStatus.open, SettlementStatus.posted, SettlementStatus.disputed)  # on the chain, still rendering
 UNRESOLVED = (TxStatus.signed.value, TxStatus.sent.value)
-RENDERING = tuple(s.value for s in (JobStatus.queued, JobStatus.active, JobStatus.paused, JobStatus.rejected))
+RENDERING = tuple(s.value for s in (JobStatus.funding, JobStatus.queued, JobStatus.active, JobStatus.paused, JobStatus.rejected))
 REVIEW_WINDOW_SECONDS = float(os.environ.get("RENDERHIVE_REVIEW_WINDOW", 72 * 3600))
 """Seconds a rendered job waits for its creator's approval or rejection before it is approved (and paid)."""
 RECHECK_SECONDS = 30.0  # how often a job that is still rendering has its escrow looked at anyway
@@ -156,8 +156,9 @@ class Ledger:
             self._set_meta(s, "namespace", self.namespace)
             dep = json.loads(self._meta(s, "deployment", "{}"))
             if (dep and dep.get("genesis") == genesis and dep.get("chain_id") == chain_id
-                    and chain.has_code(dep["escrow"]) and chain.has_code(dep["token"])):
-                chain.attach(dep["token"], dep["escrow"])
+                    and chain.has_code(dep["escrow"]) and chain.has_code(dep["token"])
+                    and self._terms_match(chain, dep)):
+                pass  # attached by _terms_match
             else:
                 reset = bool(dep)
                 if reset:
@@ -174,6 +175,18 @@ class Ledger:
         self.deployment, self.chain = dep, chain
         self.reconcile()
         return chain
+
+    @staticmethod
+    def _terms_match(chain: ch.Chain, dep: dict[str, Any]) -> bool:
+        """Attach the recorded escrow if its code holds the recorded token and our operator (a deposit is
+        only a deposit in the job's token, in an escrow that our operator settles)."""
+        chain.attach(dep["token"], dep["escrow"])
+        token, operator = chain.escrow_terms()
+        if token.lower() == dep["token"].lower() and operator.lower() == chain.operator.lower():
+            return True
+        log.warning("the escrow at %s holds token %s and operator %s, not %s and %s: deploying our own",
+                    dep["escrow"], token, operator, dep["token"], chain.operator)
+        return False
 
     @property
     def epoch(self) -> int:
@@ -433,8 +446,20 @@ class Ledger:
                 return True
             if ej.state == EscrowState.none:
                 return self._deposit(s, st, job)
-            if st.status in (SettlementStatus.new, SettlementStatus.funding) or st.deposit != str(ej.deposit):
-                st.status, st.deposit, st.deadline, st.creator = ej.state, str(ej.deposit), ej.deadline, ej.creator
+            problem = self._escrow_problem(s, st, job, ej)
+            if problem:  # nothing is leased, approved or released against an escrow that is not this job's
+                if ej.creator.lower() != st.creator.lower() and st.status in (SettlementStatus.new,
+                                                                            SettlementStatus.funding):
+                    # someone else opened this escrow id first (a front-run open_job): deposit under a new one
+                    st.escrow_job = str(ch.job_key(self.namespace, f"{job.id}:{st.escrow_job}"))
+                    st.status = SettlementStatus.new.value
+                st.error, st.updated_at = problem[:2000], time.time()
+                s.add(st)
+                s.commit()
+                log.warning("job %d: %s", job_id, problem)
+                return False
+            if st.status in (SettlementStatus.new, SettlementStatus.funding):
+                st.status, st.deadline, st.error = ej.state, ej.deadline, ""
             if st.reject_pending:
                 if ej.state in (EscrowState.open, EscrowState.posted):
                     reason = ch.text_hash(st.reject_reason)
@@ -465,6 +490,39 @@ class Ledger:
             s.add(st)
             s.commit()
             return False
+
+    def _escrow_problem(self, s: Session, st: Settlement, job: Job, ej: ch.EscrowJob) -> str:
+        """Why the escrow under this job's id is not its deposit ("" when it is): it must come from the
+        job's creator's wallet and hold at least the deposit the job's quote asked for (the token is the
+        escrow's own, checked when the ledger attached it). Checked before the job is leased, and at every
+        step after, so approval and release never act on someone else's escrow."""
+        creator, _ = self.creator_wallet(s, job.owner_id)
+        if ej.creator.lower() != creator.lower():
+            return (f"escrow job {st.escrow_job} was opened by {ej.creator}, not by the creator's wallet {creator}: "
+                    "it is not this job's deposit; the job deposits under a new escrow id")
+        if ej.deposit < int(st.deposit):
+            return (f"the escrow holds {pr.tokens(ej.deposit)} tokens for this job, less than its deposit of "
+                    f"{pr.tokens(int(st.deposit))}: the job is not started (a fee-on-transfer token?); cancel it "
+                    "to get the tokens back")
+        return ""
+
+    def to_fund(self) -> list[int]:
+        """Jobs waiting in ``funding`` whose deposit is confirmed in escrow (checked by :meth:`_escrow_problem`)."""
+        with new_session(self.engine) as s:
+            return list(s.exec(select(Job.id).join(Settlement, Settlement.job_id == Job.id)
+                               .where(Job.status == JobStatus.funding.value)
+                               .where(Settlement.status.in_([SettlementStatus.open.value, SettlementStatus.posted.value]))
+                               .where(Settlement.error == "")).all())
+
+    def fund(self, job_id: int) -> None:
+        """funding → queued, on the coordinator's thread, once the deposit is confirmed. Idempotent."""
+        with new_session(self.engine) as s:
+            job, st = s.get(Job, job_id), s.get(Settlement, job_id)
+            if job is None or st is None or job.status != JobStatus.funding.value:
+                return
+            transition(s, job, JobStatus.queued, now=self.clock(),
+                       reason=f"deposit of {pr.tokens(int(st.deposit))} tokens confirmed in escrow {st.escrow_job}")
+            s.commit()
 
     def _deposit(self, s: Session, st: Settlement, job: Job) -> bool:
         """Take the deposit from the creator's wallet: gas money and demo tokens first on a dev token,
@@ -640,6 +698,8 @@ class Settler:
         while not self._stop:
             try:
                 await asyncio.to_thread(self.ledger.sync)
+                for job_id in await asyncio.to_thread(self.ledger.to_fund):
+                    await self.serial(self.ledger.fund, job_id)
                 for job_id in await asyncio.to_thread(self.ledger.to_finalize):
                     await self.serial(self.ledger.finalize, job_id)
                 if down:

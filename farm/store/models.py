@@ -24,6 +24,8 @@ class User(SQLModel, table=True):
     name: str = Field(index=True, unique=True)
     token_hash: str = Field(index=True, unique=True)
     is_admin: bool = False
+    # the operator trusts this creator to pay: its jobs are leased before their deposit is confirmed
+    credit_line: bool = False
     created_at: float = Field(default_factory=_now)
 
 

@@ -18,6 +18,7 @@ from farm.store.writes import PlainRow, add_row, set_columns
 
 
 class JobStatus(str, enum.Enum):
+    funding = "funding"      # submitted; its deposit is not confirmed in escrow yet: no leases
     queued = "queued"        # submitted, no task started yet
     active = "active"        # at least one task leased
     paused = "paused"        # creator paused it: no new leases
@@ -54,6 +55,7 @@ class TaskStatus(str, enum.Enum):
 J, T = JobStatus, TaskStatus
 
 JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    J.funding: frozenset({J.queued, J.canceled, J.failed}),
     J.queued: frozenset({J.active, J.paused, J.canceled, J.failed}),
     J.active: frozenset({J.paused, J.rendered, J.canceled, J.failed}),
     J.paused: frozenset({J.queued, J.active, J.canceled}),

@@ -17,7 +17,7 @@ from farm.store.db import session as new_session
 from farm.store.models import Blob, User
 from farm.web import auth
 from farm.web.deps import Api
-from farm.web.schemas import MissingRequest, UserCreate
+from farm.web.schemas import CreditLine, MissingRequest, UserCreate
 
 
 def blob_router(api: Api) -> APIRouter:
@@ -32,8 +32,24 @@ def blob_router(api: Api) -> APIRouter:
         if s.exec(select(User).where(User.name == body.name)).first():
             raise HTTPException(409, f"user {body.name!r} exists already: pick another name")
         new, token = auth.create_user(s, body.name)
+        new.credit_line = body.credit_line
+        s.add(new)
         s.commit()
-        return {"id": new.id, "name": new.name, "token": token}
+        return {"id": new.id, "name": new.name, "token": token, "credit_line": new.credit_line}
+
+    @r.put("/api/users/{name}/credit")
+    def set_credit(name: str, body: CreditLine, user: UserDep, s: SessionDep) -> dict[str, Any]:
+        """Give or take a creator's credit line: with one, its jobs are leased before their deposit is
+        confirmed in escrow (the deposit is still taken; the operator carries the risk meanwhile)."""
+        if not user.is_admin:
+            raise HTTPException(403, "only the admin sets credit lines (use the token in DATA/admin.token)")
+        target = s.exec(select(User).where(User.name == name)).first()
+        if target is None:
+            raise HTTPException(404, f"no user {name!r}: create it first (farm user {name})")
+        target.credit_line = body.credit_line
+        s.add(target)
+        s.commit()
+        return {"name": target.name, "credit_line": target.credit_line}
 
     @r.post("/api/blobs/missing")
     def missing(body: MissingRequest, user: UserDep) -> dict[str, list[str]]:

@@ -31,12 +31,13 @@ def job_router(api: Api) -> APIRouter:
     async def submit(body: JobCreate, user: UserDep) -> dict[str, Any]:
         def create():
             with new_session(engine) as s:
-                job = create_job("blender", s, user, blobs, body.model_dump())
+                job = create_job("blender", s, user, blobs, body.model_dump(), api.hold_for_deposit(user))
                 s.commit()
                 return jobs.job_view(s, job)
         view = await asyncio.to_thread(create)
         if broker is not None:
             broker.wake()
+        api.wake_ledger()  # a funding job waits for its deposit: take it now, not at the next pass
         return view
 
     @r.post("/api/jobs/diffusion", status_code=201)
@@ -45,10 +46,12 @@ def job_router(api: Api) -> APIRouter:
         coordinator's thread, so a source job cannot become rendered between the check and the commit."""
         def create():
             with new_session(engine) as s:
-                job = create_job("diffusion", s, user, blobs, body.model_dump())
+                job = create_job("diffusion", s, user, blobs, body.model_dump(), api.hold_for_deposit(user))
                 s.commit()
                 return jobs.job_view(s, job)
-        return await serial(create)
+        view = await serial(create)
+        api.wake_ledger()
+        return view
 
     @r.get("/api/jobs")
     def list_jobs(user: UserDep, s: SessionDep, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:

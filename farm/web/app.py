@@ -17,7 +17,7 @@ from sqlalchemy.exc import DataError
 
 from farm.kinds import jobs
 from farm.store.blobs import BlobStore
-from farm.web import metrics
+from farm.web import metrics, review
 from farm.web.api_blobs import blob_router
 from farm.web.api_jobs import job_router
 from farm.web.api_workers import worker_router
@@ -47,8 +47,9 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
         return {"ok": True, **(info or {})}
 
     @app.get("/api/me")
-    def me(user: UserDep) -> dict[str, Any]:
-        return {"id": user.id, "name": user.name, "is_admin": user.is_admin}
+    def me(user: UserDep, s: api.SessionDep) -> dict[str, Any]:
+        return {"id": user.id, "name": user.name, "is_admin": user.is_admin, "credit_line": user.credit_line,
+                "standing": review.standing(s, user.id)}
 
     app.include_router(blob_router(api))
     app.include_router(job_router(api))
@@ -78,7 +79,6 @@ def _mount_web(app: FastAPI, engine, blobs: BlobStore, serial, ledger) -> None:
 
     from farm.web import pages as web
     from farm.web import payments as payments_api
-    from farm.web import review
     from farm.web.previews import PreviewCache
 
     previews = PreviewCache(blobs.root.parent / "previews")

@@ -39,6 +39,17 @@ class Api:
         self.get_user = get_user
         self.UserDep = Annotated[User, Depends(get_user)]
 
+    def hold_for_deposit(self, user: User) -> bool:
+        """Whether ``user``'s new jobs wait for their deposit before any task is leased: always when the farm
+        takes payments, unless the operator gave this creator a credit line (``farm user NAME --credit-line``)."""
+        return self.ledger is not None and not user.credit_line
+
+    def wake_ledger(self) -> None:
+        """Ask the settler for a pass soon (a new job's deposit, an approval)."""
+        hook = getattr(self.ledger, "wake_hook", None)
+        if hook is not None:
+            hook()
+
     async def serial(self, fn, *args):
         """Run on the coordinator thread when a broker is attached (tests may run without one)."""
         if self.broker is not None:

@@ -18,15 +18,16 @@ import json
 import time
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import delete, func
 from sqlmodel import Session, select
 
+from farm import constants as C
 from farm.kinds import frames as splitter
 from farm.kinds import jobs
 from farm.kinds.jobs import JobError
 from farm.store.db import session as new_session
 from farm.store.ledger_models import Settlement
-from farm.store.models import Attempt, Job, Output, Task, TaskDep, User
+from farm.store.models import Attempt, Event, Job, Output, Task, TaskDep, User
 from farm.store.states import JobStatus, TaskStatus, transition
 
 MAX_REASON = 1000
@@ -88,6 +89,7 @@ def reject_job(engine, job_id: int, user: User, frames: list[int] | str, reason:
         if s.exec(select(TaskDep).where(TaskDep.task_id.in_(task_ids))).first():
             raise JobError("these frames were assembled from tiles; rejecting tiled frames is not supported "
                            "yet: submit the frames again as a new job", 422)
+        _check_reject_bounds(s, job, user, sum(t.status == TaskStatus.accepted.value for t in tasks))
         requeued = 0
         for task in tasks:
             if task.status != TaskStatus.accepted.value:
@@ -119,6 +121,46 @@ def reject_job(engine, job_id: int, user: User, frames: list[int] | str, reason:
         view = jobs.job_view(s, job)
         view["requeued_tasks"] = requeued
         return view
+
+
+def standing(s: Session, user_id: int) -> dict[str, Any]:
+    """A creator's review record: the frames (tasks) delivered to them and how many they rejected. Part of
+    their standing: past :data:`~farm.constants.MAX_CREATOR_REJECT_RATE` they may not reject more."""
+    rows = s.exec(select(Attempt.outcome, func.count()).join(Task, Task.id == Attempt.task_id)
+                  .join(Job, Job.id == Task.job_id).where(Job.owner_id == user_id).where(Task.check_id.is_(None))
+                  .where(Attempt.outcome.in_(["done", "rejected"])).group_by(Attempt.outcome)).all()
+    counts = dict(rows)
+    rejected, delivered = counts.get("rejected", 0), counts.get("done", 0) + counts.get("rejected", 0)
+    return {"frames_delivered": delivered, "frames_rejected": rejected,
+            "reject_rate": round(rejected / delivered, 4) if delivered else 0.0,
+            "max_reject_rate": C.MAX_CREATOR_REJECT_RATE, "reject_grace_frames": C.REJECT_GRACE_FRAMES}
+
+
+def _check_reject_bounds(s: Session, job: Job, user: User, new: int) -> None:
+    """Refuse a rejection past the bounds (nothing written): reject-and-re-render must not be a way to get
+    renders unpaid. Per job: MAX_REJECT_ROUNDS_PER_JOB rounds and MAX_JOB_REJECT_SHARE of its tasks; per
+    creator: MAX_CREATOR_REJECT_RATE of what was delivered to them, past a grace of REJECT_GRACE_FRAMES."""
+    if new <= 0:
+        return
+    fix = ("approve the job (cancelling it approves its accepted work too), or ask the farm's operator to "
+           "arbitrate: they can re-render frames that are really wrong")
+    if job.status == JobStatus.rendered.value:
+        rounds = s.exec(select(func.count()).select_from(Event).where(Event.job_id == job.id)
+                        .where(Event.kind == "job").where(Event.new == JobStatus.rejected.value)).one()
+        if rounds >= C.MAX_REJECT_ROUNDS_PER_JOB:
+            raise JobError(f"job {job.id} was sent back for re-rendering {rounds} times already, the most a job "
+                           f"may be: {fix}", 409)
+    earlier = s.exec(select(func.count()).select_from(Attempt).where(Attempt.job_id == job.id)
+                     .where(Attempt.outcome == "rejected")).one()
+    if earlier + new > C.MAX_JOB_REJECT_SHARE * max(1, job.tasks_total):
+        raise JobError(f"rejecting {new} more tasks would make {earlier + new} of job {job.id}'s {job.tasks_total} "
+                       f"rejected, more than the {C.MAX_JOB_REJECT_SHARE:.0%} a job may have: {fix}", 409)
+    mine = standing(s, user.id)
+    rejected, delivered = mine["frames_rejected"] + new, max(1, mine["frames_delivered"])
+    if rejected > C.REJECT_GRACE_FRAMES and rejected / delivered > C.MAX_CREATOR_REJECT_RATE:
+        raise JobError(f"you have rejected {mine['frames_rejected']} of the {mine['frames_delivered']} frames "
+                       f"delivered to you; {new} more would be {rejected / delivered:.0%}, above the "
+                       f"{C.MAX_CREATOR_REJECT_RATE:.0%} a creator may reject: {fix}", 409)
 
 
 def _fmt(frames: list[int]) -> str:

@@ -25,6 +25,11 @@ class WorkerKeyRequest(BaseModel):
 
 class UserCreate(BaseModel):
     name: str = Field(min_length=1, max_length=100)
+    credit_line: bool = False  # its jobs are leased before their deposit is confirmed (the operator trusts it)
+
+
+class CreditLine(BaseModel):
+    credit_line: bool
 
 
 class JobCreate(BaseModel):

@@ -139,7 +139,7 @@ def test_make_addon_zip_installs_offline_and_its_operators_work(farm, addon_zip,
     assert len(res["registered"]["classes"]) == 10 and res["registered"]["scene_prop"]
     assert res["submit"]["error"] == "", res["submit"]
     job = alice.job(res["job_id"])
-    assert job["frames_total"] == 2 and job["name"] == "turntable" and job["status"] == "queued"
+    assert job["frames_total"] == 2 and job["name"] == "turntable" and job["status"] == "funding"
     accepted = set(alice.request("GET", "/openapi.json")["components"]["schemas"]["JobCreate"]["properties"])
     if "tiles" not in accepted:
         assert "does not support tiles" in res["warning"]

@@ -51,7 +51,7 @@ def test_two_workers_render_identical_to_direct_bpy(farm, worker, reference_fram
     alice = f.creator("alice")
     wait_workers(alice, 2)
     job = submit_sample(alice, "1-8")
-    assert job["tasks"]["total"] == 8 and job["status"] == "queued"
+    assert job["tasks"]["total"] == 8 and job["status"] == "funding", "payments on: leased once the deposit is in"
     done = wait_job(alice, job["id"])
     assert done["status"] == "rendered", done
     outs = assert_frames_match(alice, job["id"], range(1, 9), reference_frames, tmp_path / "out")

@@ -88,6 +88,8 @@ class Farm:
 
     def settle(self) -> None:
         self.ledger.sync()
+        for job_id in self.ledger.to_fund():  # as the Settler does, on the coordinator's thread
+            self.ledger.fund(job_id)
         for job_id in self.ledger.to_finalize():
             self.ledger.finalize(job_id)
 
@@ -118,9 +120,11 @@ def farm(tmp_path, db_url):  # the tests taking it run on SQLite and on PostgreS
 
 def rendered_job(f: Farm, frames: str = "1-4", split=((b"w1", 2, 2.5), (b"w2", 2, 4.0))) -> int:
     """A job whose deposit is in escrow, rendered by the given workers (ident, tasks, seconds each)."""
-    job_id = make_job(f.engine, f.blobs, f.alice, frames=frames)
+    job_id = make_job(f.engine, f.blobs, f.alice, frames=frames, hold_for_deposit=True)
+    assert f.job(job_id).status == "funding"
     f.settle()
     assert f.st(job_id).status == "open", f.st(job_id)
+    assert f.job(job_id).status == "queued", "leased once its deposit is confirmed"
     for ident, n, secs in split:
         f.connect(ident)
         f.render(ident, n, secs)
