@@ -47,10 +47,10 @@ def cmd_payouts(args, client: Client) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
-    table = Table("worker", "wallet", "measured s", "tasks", "tokens", "status")
+    table = Table("worker", "wallet", "measured s", "tasks", "checks (s)", "tokens", "status")
     for w in pay["workers"]:
         table.add_row(w["worker_id"], w["wallet"] or "(none: not paid)", f"{w['work_seconds']:.2f}", str(w["tasks"]),
-                      w["amount_tokens"], w["status"])
+                      f"{w.get('checks', 0)} ({w.get('check_seconds', 0):.2f})", w["amount_tokens"], w["status"])
     con = Console()
     con.print(f"job {pay['job_id']}: {'preview, ' if pay['preview'] else ''}round {pay['round']}, {pay['status']}, "
               f"{pay['price_per_unit_tokens']} tokens per {pay['unit']}, total {pay['total_tokens']}")

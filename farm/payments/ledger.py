@@ -570,7 +570,7 @@ class Ledger:
             s.add(old)
         for x in shares:
             s.add(Payout(job_id=job.id, round=round_, worker_id=x.worker_id, wallet=x.wallet, work_ms=x.work_ms,
-                         tasks=x.tasks, amount=str(x.amount),
+                         tasks=x.tasks, check_ms=x.check_ms, checks=x.checks, amount=str(x.amount),
                          status=(PayoutStatus.computed if x.wallet else PayoutStatus.unpayable).value))
             if not x.wallet:
                 log.warning("worker %s gave no valid payout address (farm worker --wallet 0x…): its share of job %d "
@@ -589,7 +589,8 @@ class Ledger:
 
     def _current_list(self, s: Session, st: Settlement) -> tuple[list[str], list[int]]:
         rows = s.exec(select(Payout).where(Payout.job_id == st.job_id).where(Payout.round == st.payout_round)).all()
-        return pr.onchain_list([pr.Share(r.worker_id, r.wallet, r.work_ms, r.tasks, int(r.amount)) for r in rows])
+        return pr.onchain_list([pr.Share(r.worker_id, r.wallet, r.work_ms, r.tasks, int(r.amount), r.check_ms, r.checks)
+                                for r in rows])
 
     def _credited(self, s: Session, st: Settlement, ej: ch.EscrowJob) -> None:
         if st.status in (SettlementStatus.approved, SettlementStatus.paid):

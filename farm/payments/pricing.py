@@ -7,7 +7,8 @@ of the fastest third of those per-unit times, from trusted workers when the job 
 re-renders by other workers count: a lone worker's job still has someone else's timing). Every accepted
 task is then worth its units × the reference, whoever rendered it and however long it took: a slow or
 padding worker earns no more for the same frame than a fast honest one, and the seconds a worker reports
-(``Attempt.render_seconds``) are a statistic only. (A price per benchmark work unit across jobs is the
+(``Attempt.render_seconds``) are a statistic only. Spot checks are paid to their verifier by the job, at
+the same reference (:func:`check_work`), and shown apart in each share. (A price per benchmark work unit across jobs is the
 market's business, issue 23; within a job the fastest renders set the rate.)
 Invariants:
 
@@ -28,9 +29,10 @@ from typing import Any
 
 from sqlmodel import Session, select
 
+from farm import constants as VC  # spot-check sizes: what a check re-renders
 from farm.kinds import frames as splitter
-from farm.store.models import Attempt, Job, Task, Worker
-from farm.store.states import TaskStatus
+from farm.store.models import Attempt, Check, Job, Task, Worker
+from farm.store.states import CheckStatus, TaskStatus
 from farm.verify import reputation as R  # tiers: whose timing is the reference
 
 TOKEN_DECIMALS = 18
@@ -153,6 +155,8 @@ class Share:
     work_ms: int
     tasks: int
     amount: int = 0
+    check_ms: int = 0  # spot checks it ran for the job (paid by the job, shown apart)
+    checks: int = 0
 
 
 def reference_work(s: Session, job_id: int) -> float:
@@ -177,14 +181,14 @@ def reference_work(s: Session, job_id: int) -> float:
     return sum(fastest) / len(fastest)
 
 
-def accepted_work(s: Session, job_id: int) -> dict[str, tuple[int, int]]:
+def accepted_work(s: Session, job_id: int, ref: float | None = None) -> dict[str, tuple[int, int]]:
     """worker id → (measured work in milli-units, tasks) of the job's accepted tasks, by their accepting
     attempt: each task is worth its units × the job's reference work (:func:`reference_work`)."""
-    ref = reference_work(s, job_id)
+    ref = reference_work(s, job_id) if ref is None else ref
     rows = s.exec(select(Attempt.worker_id, Task.progress_total)
                   .join(Task, (Task.id == Attempt.task_id) & (Task.attempt == Attempt.attempt))
                   .where(Attempt.job_id == job_id).where(Attempt.outcome == "done")
-                  .where(Task.check_id.is_(None))  # checks are the farm's cost, not the creator's
+                  .where(Task.check_id.is_(None))  # checks are counted apart (check_work)
                   .where(Task.status == TaskStatus.accepted.value)).all()
     work: dict[str, tuple[int, int]] = {}
     for worker_id, units in rows:
@@ -193,15 +197,49 @@ def accepted_work(s: Session, job_id: int) -> dict[str, tuple[int, int]]:
     return work
 
 
+CHECK_VERDICTS = (CheckStatus.passed.value, CheckStatus.failed.value)
+"""Checks whose verifier is paid: those whose re-render decided the verdict. A check that ended disputed
+(its verifier disagreed and a tiebreak followed) pays only the tiebreak's verifier; one left unverified or
+canceled pays nobody."""
+
+
+def check_fraction(mode: str) -> float:
+    """How much of a unit a check of ``mode`` re-renders: crops are CHECK_CROPS × CHECK_CROP_FRACTION of the
+    frame, the other modes the whole of it."""
+    return min(1.0, VC.CHECK_CROPS * VC.CHECK_CROP_FRACTION) if mode == "crops" else 1.0
+
+
+def check_work(s: Session, job_id: int, ref: float | None = None) -> dict[str, tuple[int, int]]:
+    """worker id → (measured work in milli-units, checks) of the spot checks it ran for the job that decided a
+    verdict: paid by the job, at its reference work per unit × the share of the unit a check re-renders
+    (:func:`check_fraction`), like any other work: measured, not claimed."""
+    ref = reference_work(s, job_id) if ref is None else ref
+    rows = s.exec(select(Attempt.worker_id, Task.progress_total, Check.mode)
+                  .join(Task, (Task.id == Attempt.task_id) & (Task.attempt == Attempt.attempt))
+                  .join(Check, Check.id == Task.check_id)
+                  .where(Attempt.job_id == job_id).where(Attempt.outcome == "done")
+                  .where(Task.status == TaskStatus.accepted.value)
+                  .where(Check.status.in_(CHECK_VERDICTS)).where(Check.verifier_id == Attempt.worker_id)).all()
+    work: dict[str, tuple[int, int]] = {}
+    for worker_id, units, mode in rows:
+        ms, n = work.get(worker_id, (0, 0))
+        work[worker_id] = (ms + int(round(max(1, units or 1) * ref * check_fraction(mode) * 1000)), n + 1)
+    return work
+
+
 def shares(s: Session, pricing: Pricing, job_id: int, deposit: int,
            checksum=lambda a: a or None) -> tuple[list[Share], bool]:
-    """Each worker's share of the job, scaled to fit the deposit when needed. Returns (shares, capped).
-    ``checksum`` normalises a wallet address (None when it is not one)."""
+    """Each worker's share of the job — its accepted work plus the checks it ran for the job — scaled to fit
+    the deposit when needed. Returns (shares, capped). ``checksum`` normalises a wallet address (None when
+    it is not one)."""
     out = []
-    for worker_id, (ms, n) in sorted(accepted_work(s, job_id).items()):
+    ref = reference_work(s, job_id)
+    work, checks = accepted_work(s, job_id, ref), check_work(s, job_id, ref)
+    for worker_id in sorted(set(work) | set(checks)):
+        (ms, n), (cms, cn) = work.get(worker_id, (0, 0)), checks.get(worker_id, (0, 0))
         w = s.get(Worker, worker_id)
         wallet = (checksum(w.wallet) if w and w.wallet else None) or ""
-        out.append(Share(worker_id, wallet, ms, n, pricing.cost(ms)))
+        out.append(Share(worker_id, wallet, ms, n, pricing.cost(ms + cms), check_ms=cms, checks=cn))
     payable = sum(x.amount for x in out if x.wallet)
     budget = pricing.budget(deposit)
     capped = payable > budget

@@ -100,8 +100,8 @@ class Settlement(SQLModel, table=True):
 
 
 class Payout(SQLModel, table=True):
-    """One worker's share of one posted round: work units (milliseconds of render time of its accepted
-    attempts) and the amount. ``status``: computed | credited | superseded | unpayable (no wallet)."""
+    """One worker's share of one posted round: work units (measured milliseconds of its accepted attempts),
+    the spot checks it ran for the job (``check_ms``, ``checks``: paid by the job too) and the amount. ``status``: computed | credited | superseded | unpayable (no wallet)."""
     __table_args__ = (UniqueConstraint("job_id", "round", "worker_id"),)
     id: Optional[int] = Field(default=None, primary_key=True)
     job_id: int = Field(index=True)
@@ -110,6 +110,8 @@ class Payout(SQLModel, table=True):
     wallet: str = ""
     work_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     tasks: int = 0
+    check_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))  # checks it ran
+    checks: int = 0
     amount: str = "0"
     status: str = "computed"
     created_at: float = Field(default_factory=_now)

@@ -61,14 +61,14 @@ def payouts_view(s: Session, ledger: Ledger | None, job: Job) -> dict[str, Any]:
         for p in s.exec(select(Payout).where(Payout.job_id == job.id).where(Payout.round == st.payout_round)
                         .order_by(Payout.worker_id)):
             rows.append({"worker_id": p.worker_id, "wallet": p.wallet, "work_seconds": p.work_ms / 1000,
-                         "tasks": p.tasks, "amount": p.amount, "amount_tokens": pr.tokens(p.amount),
-                         "status": p.status})
+                         "tasks": p.tasks, "check_seconds": p.check_ms / 1000, "checks": p.checks,
+                         "amount": p.amount, "amount_tokens": pr.tokens(p.amount), "status": p.status})
     else:
         deposit = int(st.deposit) if st else 10**40
         from farm.payments.chain import checksum
         shares, _ = pr.shares(s, pricing, job.id, deposit, checksum)
         rows = [{"worker_id": x.worker_id, "wallet": x.wallet, "work_seconds": x.work_ms / 1000, "tasks": x.tasks,
-                 "amount": str(x.amount), "amount_tokens": pr.tokens(x.amount),
+                 "check_seconds": x.check_ms / 1000, "checks": x.checks, "amount": str(x.amount), "amount_tokens": pr.tokens(x.amount),
                  "status": "preview" if x.wallet else "unpayable"} for x in shares]
     total = sum(int(r["amount"]) for r in rows if r["wallet"])
     return {"job_id": job.id, "preview": preview, "round": st.payout_round if st else 0,

@@ -145,7 +145,7 @@ def test_new_workers_are_checked_in_full_then_trusted_and_sampled(env):
         assert w.tier == "trusted" and w.checks_failed == 0 and w.checks_passed >= 3
         assert w.reputation == pytest.approx(R.score(w.rep_good, w.rep_bad))
         assert len(rows(engine, ReputationEvent, ReputationEvent.worker_id == wid)) == w.checks_passed
-    # the checks are not the job's tasks: not counted, not in its task list, not paid
+    # the checks are not the job's tasks: not counted, not in its task list, not paid as the job's frames
     from farm.kinds import jobs
     from farm.payments import pricing
     from farm.store.db import session as new_session
@@ -155,6 +155,17 @@ def test_new_workers_are_checked_in_full_then_trusted_and_sampled(env):
         assert len(view["task_list"]) == 12 and len(view["checks"]) == len(checks)
         paid_tasks = sum(n for _, n in pricing.accepted_work(s, job).values())
         assert paid_tasks == 12
+        # ... but their verifiers are paid, by the job, at its reference work × the share re-rendered
+        ref = pricing.reference_work(s, job)
+        p = pricing.Pricing(price_per_unit=10**16)
+        shares, capped = pricing.shares(s, p, job, 10**30)
+        assert not capped and sum(x.checks for x in shares) == len(checks)
+        for x in shares:
+            mine = [c for c in checks if c.verifier_id == x.worker_id]
+            want = sum(round(ref * pricing.check_fraction(c.mode) * 1000) for c in mine)
+            assert x.checks == len(mine) and abs(x.check_ms - want) <= len(mine), (x, want)
+            assert x.amount == p.cost(x.work_ms + x.check_ms) and x.check_ms > 0
+        assert pricing.check_fraction("crops") == pytest.approx(C.CHECK_CROPS * C.CHECK_CROP_FRACTION)
 
 
 def test_a_lone_worker_is_accepted_unverified(env):
@@ -253,6 +264,21 @@ def test_a_verifier_that_lies_loses_the_tiebreak(env):
     assert all(final_outputs_correct(engine, blobs, j) for j in (job, job + 1))
     assert get(engine, Worker, "h1").checks_failed == 0 and get(engine, Worker, "h3").checks_failed == 0
     assert get(engine, Worker, "liar").checks_failed >= 1
+    # a verifier is paid for a check only when its re-render decided the verdict: the liar's disputed
+    # checks pay it nothing; the tiebreaks' verifiers are paid
+    from farm.payments import pricing
+    from farm.store.db import session as new_session
+    with new_session(engine) as s:
+        disputed = 0
+        for j in (job, job + 1):
+            lied = [c for c in rows(engine, Check, Check.job_id == j) if c.verifier_id == "liar"]
+            paid = pricing.check_work(s, j)
+            disputed += sum(c.status == "disputed" for c in lied)
+            if any(c.status == "disputed" for c in lied):
+                assert paid.get("liar", (0, 0))[1] == sum(c.status in pricing.CHECK_VERDICTS for c in lied)
+                assert any(c.mode == "tiebreak" and c.verifier_id in paid
+                           for c in rows(engine, Check, Check.job_id == j))
+        assert disputed, "the liar disagreed at least once (the case under test)"
 
 
 def test_unreadable_output_is_refused_and_counts_against_the_worker(env):
