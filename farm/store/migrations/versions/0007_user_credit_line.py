@@ -7,10 +7,9 @@ Create Date: 2026-12-02
 """
 from typing import Sequence, Union
 
-from alembic import op
 import sqlalchemy as sa
 import sqlmodel  # noqa: F401  (autogenerate writes sqlmodel.sql.sqltypes.AutoString)
-
+from alembic import op
 
 # revision identifiers, used by Alembic.
 revision: str = '0007'
