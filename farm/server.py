@@ -23,7 +23,7 @@ from farm.plane.gate import Keyring, resolve_mode
 from farm.store.blobs import BlobStore
 from farm.store.db import DatabaseUnavailable, database_url, make_engine, session
 from farm.store.migrate import SchemaMismatch
-from farm.web import auth
+from farm.web import auth, connections
 from farm.web.app import create_app
 
 log = logging.getLogger("farm.server")
@@ -72,8 +72,10 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
     host, _, port = http.rpartition(":")
     app = create_app(engine, blobs, broker, info={"worker_endpoint": endpoint, "server_key": keyring.server_key},
                      ledger=ledger)
+    limits = connections.HttpLimits.from_env()  # caps, header and body deadlines (issue 18)
+    connections.raise_open_file_limit(limits)  # so the caps, not the OS's descriptor limit, are what binds
     server = uvicorn.Server(uvicorn.Config(app, host=host or "127.0.0.1", port=int(port), log_level="warning",
-                                           lifespan="off"))
+                                           lifespan="off", **connections.uvicorn_options(limits)))
     server.install_signal_handlers = lambda: None  # we own the signals
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
