@@ -10,6 +10,8 @@ against a real GPU render (none was available to measure).
 
 Cheap checks (:func:`inspect`) read the file: unreadable or absurd files are rejected outright; a uniform
 image is suspicious (an empty scene can render black, so it forces a full check instead of a verdict).
+Results are untrusted: the header is checked against the task's size (:func:`size_bound`) before a
+pixel is decoded, and :func:`image_size` reads the header only.
 """
 from __future__ import annotations
 
@@ -33,8 +35,24 @@ class Inspection:
     height: int = 0
 
 
-def inspect(path: Path, name: str) -> Inspection:
-    """Read an output file: decodable as the format its name says, a sane size, not one flat colour."""
+def size_bound(kind: str, spec: dict) -> tuple[int, int]:
+    """The largest (width, height) a result of a task of ``kind`` with ``spec`` can be: a render's
+    ``resolution`` × its percentage where the job gave one (a tile or region is smaller still), a
+    diffusion image's ``width``×``height``, else MAX_RESOLUTION (the scene's own size is not known here)."""
+    cap = L.MAX_RESOLUTION
+    if kind == "diffusion" and spec.get("width") and spec.get("height"):
+        return min(cap, int(spec["width"])), min(cap, int(spec["height"]))
+    settings = spec.get("settings") or {}
+    res, pct = settings.get("resolution"), settings.get("resolution_percent") or 100
+    cap = min(cap, int(settings.get("max_resolution") or cap))
+    if kind == "render" and isinstance(res, (list, tuple)) and len(res) == 2:
+        return min(cap, int(res[0]) * int(pct) // 100), min(cap, int(res[1]) * int(pct) // 100)
+    return cap, cap
+
+
+def inspect(path: Path, name: str, max_size: tuple[int, int] | None = None) -> Inspection:
+    """Read an output file: decodable as the format its name says, at most ``max_size`` (width, height; None:
+    MAX_RESOLUTION) by its header before it is decoded, not one flat colour."""
     ext = Path(name).suffix.lower()
     if ext not in (".png", ".exr"):
         return Inspection()  # videos, contact sheets in other formats: no pixel checks here
@@ -42,19 +60,18 @@ def inspect(path: Path, name: str) -> Inspection:
         head = path.open("rb").read(8)
         if (ext == ".png") != (head[:8] == rasters.PNG_SIGNATURE) or (ext == ".exr") != (head[:4] == rasters.EXR_MAGIC):
             return Inspection(problem=f"{name} is not a {ext[1:].upper()} file")
-        r = rasters.read(path)
-    except (rasters.RasterError, OSError, ValueError) as exc:
+        r = rasters.read(path, *(max_size or (L.MAX_RESOLUTION, L.MAX_RESOLUTION)), name=name)
+    except (rasters.RasterError, OSError) as exc:
         return Inspection(problem=f"{name} cannot be read: {exc}")
     w, h = r.width, r.height
-    if not (1 <= w <= L.MAX_RESOLUTION and 1 <= h <= L.MAX_RESOLUTION):
-        return Inspection(problem=f"{name} is {w}x{h} pixels", width=w, height=h)
     flat = all(p.size == 0 or (p == p.reshape(-1, *p.shape[2:])[0]).all() for p in r.planes.values())
     return Inspection(suspicious=f"{name} is a single flat colour" if flat else "", width=w, height=h)
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    r = rasters.read(path)
-    return r.width, r.height
+    """(width, height) from the file's header, without decoding it (raises RasterError)."""
+    header = rasters.probe(path)
+    return header.width, header.height
 
 
 def _stack(r: rasters.Raster) -> np.ndarray:
