@@ -78,6 +78,14 @@ MAX_CREATOR_REJECT_RATE = _env_float("MAX_CREATOR_REJECT_RATE", 0.25)
 REJECT_GRACE_FRAMES = int(_env_float("REJECT_GRACE_FRAMES", 8))
 """Rejected frames a creator may always have, whatever their rate (a new creator's first test job)."""
 
+PEER_SEND_QUEUE = int(_env_float("PEER_SEND_QUEUE", 128))
+"""Messages queued for one worker that has not read them (ZeroMQ's per-peer SNDHWM): at most 128 × a
+chunk (~40 MB) per peer; a peer whose queue stays full for the liveness time is dropped (it reads nothing)."""
+
+BLOB_GETS_PER_STEP = int(_env_float("BLOB_GETS_PER_STEP", 32))
+"""BLOB_GETs served per connection in one step: a worker keeps BLOB_CREDIT (8) in flight per blob; a
+flood past this is not read from disk or answered."""
+
 BATCH_MAX_MESSAGES = 512
 """Messages the coordinator handles per step: one transaction, one commit, then all replies."""
 

@@ -81,6 +81,10 @@ class Coordinator:
         self.conns: dict[bytes, Conn] = {}
         self.by_worker: dict[str, bytes] = {}
         self.pending: Outgoing = []      # replies queued from outside step (cancel via the API)
+        # peers whose send queue is full (they read nothing): routing id → since when (set by the broker's
+        # sends, cleared by its next send that fits); served nothing more, and dropped after the liveness time
+        self.congested: dict[bytes, float] = {}
+        self._gets: dict[bytes, int] = {}  # BLOB_GETs handled per connection in this step
         self.want_assign = True          # set when work or capacity may have appeared
         self.listeners = listeners       # job-status reactions of the job kinds (farm.kinds.registry)
         self.sweeps = sweeps             # and their periodic ones (changes made off this thread)
@@ -113,6 +117,7 @@ class Coordinator:
         if self._jobs_epoch != QUEUE_EPOCH.value:
             self._jobs.clear()
             self._jobs_epoch = QUEUE_EPOCH.value
+        self._gets.clear()
         try:
             with self._undo_on_error():
                 with StepSession(self.engine) as s:
@@ -679,6 +684,13 @@ class Coordinator:
         for conn in [c for c in self.conns.values() if c.last_seen < deadline]:
             self._drop(s, conn, now, "missed heartbeats", out)
             out.append((conn.identity, P.Disconnect("missed heartbeats: reconnect")))
+        for ident, since in list(self.congested.items()):
+            if ident not in self.conns:
+                self.congested.pop(ident, None)
+            elif since < deadline:  # it has read nothing for the liveness time: it is not a working peer
+                self.congested.pop(ident, None)
+                self.stats["congested_dropped"] += 1
+                self._drop(s, self.conns[ident], now, "its send queue stayed full: it reads none of its messages", out)
         for task in s.exec(select(Task).where(Task.status.in_(LEASED)).where(Task.lease_expires < now)):
             if self.progress.take_stall(task):  # its worker heart-beat but made no progress
                 # not this worker again while another can take it (as after a failure)
@@ -694,6 +706,12 @@ class Coordinator:
 
     # ------------------------------------------------------------------ blobs over the worker plane
     def _on_blobget(self, s, conn: Conn, msg: P.BlobGet, now, out) -> None:
+        # credit: a worker has at most BLOB_CREDIT requests in flight per blob (a few blobs at once); past
+        # that in one step, or while its send queue is full, requests are not served (nothing is read for them)
+        n = self._gets[conn.identity] = self._gets.get(conn.identity, 0) + 1
+        if n > C.BLOB_GETS_PER_STEP or conn.identity in self.congested:
+            self.stats["blob_gets_dropped"] += 1
+            return
         if not self._may_fetch(s, conn, msg.sha256):
             self.stats["blob_refused"] += 1
             out.append((conn.identity, P.Blob(msg.sha256, msg.offset, 0, b"", error=(

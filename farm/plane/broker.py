@@ -96,6 +96,7 @@ class Broker:
 
     async def _send(self, out) -> None:
         raw, send = self._raw, _SEND
+        congested, clock = self.coord.congested, self.coord.clock
         for ident, msg in out:
             header, command, body = P.encode(msg)
             try:  # ROUTER refuses (or drops) a message at its first frame only
@@ -103,8 +104,16 @@ class Broker:
                 send(raw, header, _MORE_NB)
                 send(raw, command, _MORE_NB)
                 send(raw, body, _NB)
-            except zmq.Again:  # peer's queue full or peer gone: heartbeats/sweeps recover
-                log.debug("dropped %s to %s", type(msg).__name__, ident.hex())
+            except zmq.Again:  # the peer's queue is full: it reads nothing (the coordinator decides what next)
+                congested.setdefault(ident, clock())
+                log.debug("dropped %s to %s: its send queue is full", type(msg).__name__, ident.hex())
+                continue
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; heartbeats and sweeps recover
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                continue
+            if congested:
+                congested.pop(ident, None)
 
     def _recv(self) -> list[bytes] | None:
         """The next waiting message (raises zmq.Again when none is), or None when the gate refused it."""
@@ -172,8 +181,10 @@ class Broker:
         if self.keyring:
             curve.secure_server(sock, self.keyring)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        sock.setsockopt(zmq.SNDHWM, 10000)
+        # a full peer queue raises (EAGAIN) instead of dropping silently: the coordinator marks the peer
+        # congested, serves it nothing more, and drops it after the liveness time (farm.core.coordinator)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, C.PEER_SEND_QUEUE)
         sock.setsockopt(zmq.RCVHWM, 10000)
         sock.setsockopt(zmq.MAXMSGSIZE, L.MAX_MESSAGE_BYTES + 1024)
         if self.bind.endswith(":0"):

@@ -56,21 +56,25 @@ class Plane:
     async def need(self, d: WorkerDaemon, *shas: str) -> None:
         """Give ``d`` a lease whose inputs are ``shas``: a worker fetches only the inputs of tasks it holds.
         (After its WELCOME: a HELLO requeues the leases it does not list.)"""
-        from farm.store.db import session
-        from farm.store.models import Job, Task
         await until(lambda: d.stats["welcomes"] > 0, what="WELCOME (sent once its HELLO is committed)")
 
-        def write():  # in a thread: the broker's step may hold SQLite's write lock meanwhile
-            with session(self.engine) as s:
-                if not hasattr(self, "_owner"):
-                    self._owner = make_user(self.engine, "transfer-tests")[0]
-                job = Job(owner_id=self._owner.id, kind="blender", spec={}, tasks_total=1)
-                s.add(job)
-                s.flush()
-                s.add(Task(job_id=job.id, index=0, kind="render", spec={}, inputs=list(shas), status="assigned",
-                           attempt=1, worker_id=d.id, lease_expires=time.time() + 3600))
-                s.commit()
-        await asyncio.to_thread(write)
+        await asyncio.to_thread(self.lease_row, d.id, *shas)  # the broker's step may hold SQLite's write lock
+
+    def lease_row(self, worker_id: str, *shas: str) -> int:
+        """Write a task leased to ``worker_id`` whose inputs are ``shas`` (as an assignment would); its id."""
+        from farm.store.db import session
+        from farm.store.models import Job, Task
+        with session(self.engine) as s:
+            if not hasattr(self, "_owner"):
+                self._owner = make_user(self.engine, "transfer-tests")[0]
+            job = Job(owner_id=self._owner.id, kind="blender", spec={}, tasks_total=1)
+            s.add(job)
+            s.flush()
+            task = Task(job_id=job.id, index=0, kind="render", spec={}, inputs=list(shas), status="assigned",
+                        attempt=1, worker_id=worker_id, lease_expires=time.time() + 3600)
+            s.add(task)
+            s.commit()
+            return task.id
 
     async def kill(self, d: WorkerDaemon) -> None:
         """Stop a daemon abruptly, as a crash would: its tasks die, its socket closes, no BYE."""

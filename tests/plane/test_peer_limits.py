@@ -1,0 +1,81 @@
+"""Bounded work per peer on the worker plane (issue 18): a connection that floods BLOB_GETs and reads
+none costs the coordinator a bounded send queue (ZeroMQ's per-peer SNDHWM, ROUTER_MANDATORY), is served
+nothing while its queue is full, and is dropped once it has read nothing for the liveness time — while an
+honest worker on the same plane keeps its heartbeats and its downloads. A real Broker (ROUTER on a loopback
+port), a real Coordinator and SQLite file, a raw DEALER as the attacker and a real WorkerDaemon."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import zmq
+
+from common import protocol as P
+from farm import constants as FC
+from tests.plane.test_blob_transfer import run, until
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_peer_that_floods_blob_gets_and_reads_nothing_is_bounded_then_dropped(tmp_path):
+    data = os.urandom(4 * 1024 * 1024)
+
+    async def body(p):
+        sha = p.blobs.write_bytes(data)
+        honest = await p.daemon(worker_id="honest")
+        await p.need(honest, sha)
+        # the attacker: a raw DEALER that holds a lease on the same blob, then asks for it 3,000 times over
+        # and never reads (its own receive queue is one message, its socket buffer small)
+        bad = p.ctx.socket(zmq.DEALER)
+        bad.setsockopt(zmq.RCVHWM, 1)
+        bad.setsockopt(zmq.RCVBUF, 4096)
+        bad.setsockopt(zmq.LINGER, 0)
+        bad.connect(p.endpoint)
+        await bad.send_multipart(P.encode(P.Hello("mallory", "", 1, {"runtimes": ["blender"]}, [])))
+        welcome = P.decode(await asyncio.wait_for(bad.recv_multipart(), 10))  # its HELLO is committed
+        assert isinstance(welcome, P.Welcome)
+        lease = [await asyncio.to_thread(p.lease_row, "mallory", sha), 1]
+        before = rss_mb()
+        t0 = time.monotonic()
+        await bad.send_multipart(P.encode(P.Heartbeat([lease])))
+        for i in range(3000):
+            await bad.send_multipart(P.encode(P.BlobGet(sha, (i % 16) * 256 * 1024, 256 * 1024)))
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+
+        async def keep_alive():  # it heart-beats (and asks on), so only its unread queue can give it away
+            while True:
+                await bad.send_multipart(P.encode(P.Heartbeat([lease])))  # it holds its lease
+                await bad.send_multipart(P.encode(P.BlobGet(sha, 0, 256 * 1024)))
+                await asyncio.sleep(0.3)
+        beats = asyncio.create_task(keep_alive())
+        # meanwhile the honest worker downloads the blob whole and stays connected
+        path = await honest.fetch(sha)
+        assert path.read_bytes() == data
+        try:
+            await until(lambda: p.coord.stats["congested_dropped"] >= 1, timeout=30,
+                        what="the flooding peer dropped for reading nothing")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; stats {dict(p.coord.stats)}, congested {p.coord.congested}, "
+                                 f"conns {[c.worker_id for c in p.coord.conns.values()]}") from None
+        beats.cancel()
+        grown = rss_mb() - before
+        assert not any(c.worker_id == "mallory" for c in p.coord.conns.values())
+        assert any(c.worker_id == "honest" for c in p.coord.conns.values()), "the honest worker stayed"
+        assert p.coord.stats["blob_gets_dropped"] > 0, "requests past its queue were not served"
+        served = p.coord.stats["chunks_out"]
+        assert served <= 2 * FC.PEER_SEND_QUEUE + FC.BLOB_GETS_PER_STEP + 64, \
+            f"{served} chunks read for a peer that reads nothing (and the honest worker's 16)"
+        assert grown < 150, f"the coordinator grew by {grown:.0f} MB for one peer that reads nothing"
+        print(f"flood: {served} chunks served, {p.coord.stats['blob_gets_dropped']} requests dropped, "
+              f"RSS +{grown:.0f} MB, dropped after {time.monotonic() - t0:.1f} s")
+        bad.close(0)
+
+    run(tmp_path, body, timeout=60)
