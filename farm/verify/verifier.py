@@ -74,10 +74,11 @@ class Verifier:
         if not self.enabled or task.kind not in ("render", "diffusion"):
             return "", ""
         suspicious = ""
+        bound = compare.size_bound(task.kind, task.spec)  # refused from its header past the task's size
         for o in outputs:
             if Path(o["name"]).suffix.lower() not in PICTURES:
                 continue
-            found = compare.inspect(self.core.blobs.path(o["sha256"]), o["name"])
+            found = compare.inspect(self.core.blobs.path(o["sha256"]), o["name"], bound)
             if found.problem:
                 return found.problem, ""
             suspicious = suspicious or found.suspicious
@@ -226,8 +227,9 @@ class Verifier:
             return {"passed": False, "why": f"{len(shas)} files for {len(boxes)} regions"}
         worst: dict = {"passed": True, "equal": True, "ssim": 1.0, "max_diff": 0.0, "why": "", "exact": exact}
         for box, sha in zip(boxes, shas):
-            try:
-                got = rasters.read(self.core.blobs.path(sha))
+            try:  # a re-render is no larger than its region (or the frame it re-renders)
+                got = rasters.read(self.core.blobs.path(sha),
+                                   *((box[1] - box[0], box[3] - box[2]) if box else (ref.width, ref.height)))
             except (rasters.RasterError, OSError) as exc:
                 return {"passed": False, "why": f"the re-render cannot be read: {exc}", "exact": exact}
             r = compare.compare(ref, tuple(box) if box else None, got, exact)
@@ -319,8 +321,12 @@ class Verifier:
         if agree:
             exact = compare.device_class(first.capabilities) == compare.device_class(third.capabilities)
             for a, b in zip(parent.metric["outputs"], shas):
-                r = compare.compare(rasters.read(self.core.blobs.path(a)), None,
-                                    rasters.read(self.core.blobs.path(b)), exact)
+                bound = compare.size_bound(task.kind, task.spec)
+                try:
+                    r = compare.compare(rasters.read(self.core.blobs.path(a), *bound), None,
+                                        rasters.read(self.core.blobs.path(b), *bound), exact)
+                except (rasters.RasterError, OSError) as exc:
+                    r = {"passed": False, "why": f"a re-render cannot be read: {exc}"}
                 agree = agree and r["passed"]
         if agree:
             self._failed(s, check, task, suspect, {**vs_suspect, "why": f"two workers ({first.id}, {third.id}) "

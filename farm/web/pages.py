@@ -28,6 +28,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlmodel import select
 
+from common.rasters import RasterError
 from farm.kinds import jobs
 from farm.kinds.jobs import JobError
 from farm.store.blobs import BlobStore
@@ -187,7 +188,10 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
         view = own_job(job_id, user)
         for o in view["outputs"]:
             if o["name"] == name and not name.endswith(".mp4"):
-                path = previews.get(o["sha256"], blobs.path(o["sha256"]))
+                try:
+                    path = previews.get(o["sha256"], blobs.path(o["sha256"]))
+                except RasterError as exc:  # refused from its header, or damaged: say so, not 500
+                    raise HTTPException(422, f"no preview of {name}: {exc}") from None
                 return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
         raise HTTPException(404, "no such preview")
 
