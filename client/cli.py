@@ -191,6 +191,7 @@ def cmd_cancel(args, client: Client) -> int:
 
 
 def cmd_workers(args, client: Client) -> int:
+    args.key = args.key or args.key_option
     if args.action != "list":
         if not args.key:
             raise ApiError(f"farm workers {args.action} needs a worker's public key"
@@ -384,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow KEY: admit a worker's public key; revoke KEY|WORKER_ID: refuse it from now on, "
                     "drop its connection and requeue its tasks")
     wk.add_argument("key", nargs="?", help="a worker's public key (Z85), or for revoke a worker id")
+    wk.add_argument("--key", dest="key_option", metavar="KEY",
+                    help="the same, for a key that starts with '-' (write --key=KEY)")
     wk.set_defaults(func=cmd_workers)
 
     u = client_cmd("user", "create a creator account (admin token needed)")

@@ -152,7 +152,7 @@ def _check_reject_bounds(s: Session, job: Job, user: User, new: int) -> None:
                            f"may be: {fix}", 409)
     earlier = s.exec(select(func.count()).select_from(Attempt).where(Attempt.job_id == job.id)
                      .where(Attempt.outcome == "rejected")).one()
-    if earlier + new > C.MAX_JOB_REJECT_SHARE * max(1, job.tasks_total):
+    if earlier + new > max(1, int(C.MAX_JOB_REJECT_SHARE * job.tasks_total)):  # a one-frame job: its frame
         raise JobError(f"rejecting {new} more tasks would make {earlier + new} of job {job.id}'s {job.tasks_total} "
                        f"rejected, more than the {C.MAX_JOB_REJECT_SHARE:.0%} a job may have: {fix}", 409)
     mine = standing(s, user.id)

@@ -252,7 +252,7 @@ def assert_each_task_paid_once(client, db: SimpleNamespace, payouts: dict) -> No
     assert sum(int(r.amount) for r in rows) == int(st.payout_total) == int(payouts["total"])
     price = int(client.estimate(frames="1")["price_per_unit"])
     if not st.capped:
-        assert all(int(r.amount) == r.work_ms * price // 1000 for r in rows), "paid by measured work"
+        assert all(int(r.amount) == (r.work_ms + r.check_ms) * price // 1000 for r in rows), "paid by measured work"
     for r in rows:
         assert r.wallet == wallet_of(r.worker_id)
         assert int(client.wallet(r.wallet)["escrow_credit"]) == int(r.amount), f"{r.worker_id} credited once"

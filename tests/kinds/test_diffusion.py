@@ -125,7 +125,7 @@ def test_img2img_waits_for_a_render_job_and_keeps_each_frame_traceable(farm, wor
     render = submit_sample(alice, "1-4")
     sd = alice.submit_diffusion(model="tiny-sd", prompts=["an oil painting"], init_from_job=render["id"],
                                 strength=0.75, seed=7, steps=STEPS)
-    assert sd["status"] == "queued" and sd["tasks"].get("waiting") == 5, sd["tasks"]  # held until the frames exist
+    assert sd["status"] == "funding" and sd["tasks"].get("waiting") == 5, sd["tasks"]  # held until the frames exist
     assert wait_job(alice, render["id"])["status"] == "rendered"
     time.sleep(1.5)  # a few sweeps: rendered is not enough, the frames are not paid for
     assert alice.job(sd["id"])["tasks"].get("waiting") == 5, "img2img started from frames nobody approved"

@@ -152,7 +152,7 @@ def test_allowlist_refuses_unknown_key_until_allowed(farm, worker, tmp_path):
     wait_for(_log_has(f, f"refused worker key {key}"), 60, what="the coordinator to log the refused key")
     wait_for(_log_has(w1, "refused this worker's key"), 30, what="the worker to say it was refused")
     assert _online(f.admin) == set()
-    assert "allowed" in _admin_cli(f, "workers", "allow", key)
+    assert "allowed" in _admin_cli(f, "workers", "allow", f"--key={key}")  # a Z85 key may start with '-'
     wait_workers(f.admin, 1, timeout=60)  # its next reconnect (backoff) is admitted
     # an edit of the allow-list is picked up: the key taken off it is expelled at once
     allowed = f.data / "curve" / "allowed"

@@ -93,8 +93,11 @@ def test_users_admin_creates_creators(farm):
     assert r.status_code == 201
     carol = r.json()
     assert carol["name"] == "carol" and carol["token"].startswith("rh_")
-    assert http.get("/api/me", headers=bearer(carol["token"])).json() == {
-        "id": carol["id"], "name": "carol", "is_admin": False}
+    me = http.get("/api/me", headers=bearer(carol["token"])).json()
+    assert {k: me[k] for k in ("id", "name", "is_admin", "credit_line")} == {
+        "id": carol["id"], "name": "carol", "is_admin": False, "credit_line": False}
+    assert me["standing"] == {"frames_delivered": 0, "frames_rejected": 0, "reject_rate": 0.0,
+                              "max_reject_rate": 0.25, "reject_grace_frames": 8}
     r = http.post("/api/users", json={"name": "dave"}, headers=farm["alice"])
     assert r.status_code == 403 and "admin" in r.json()["detail"]
     r = http.post("/api/users", json={"name": "carol"}, headers=bearer(farm["admin"]))
