@@ -86,6 +86,9 @@ BLOB_GETS_PER_STEP = int(_env_float("BLOB_GETS_PER_STEP", 32))
 """BLOB_GETs served per connection in one step: a worker keeps BLOB_CREDIT (8) in flight per blob; a
 flood past this is not read from disk or answered."""
 
+CANCEL_BATCH = int(_env_float("CANCEL_BATCH", 2000))
+"""Tasks of a canceled job moved to ``canceled`` at once (two statements); the rest by the next sweeps."""
+
 BATCH_MAX_MESSAGES = 512
 """Messages the coordinator handles per step: one transaction, one commit, then all replies."""
 

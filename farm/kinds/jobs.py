@@ -11,7 +11,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, func
+from sqlalchemy import case, func, insert
 from sqlmodel import Session, select
 
 from common.hashing import check_sha
@@ -20,7 +20,7 @@ from farm.kinds import frames as splitter
 from farm.kinds import tiles
 from farm.store.blobs import BlobStore
 from farm.store.models import Attempt, Check, Event, Job, Output, Task, TaskDep, User
-from farm.store.states import TASK_LEASED, JobStatus, TaskStatus, transition
+from farm.store.states import QUEUE_EPOCH, TASK_LEASED, JobStatus, TaskStatus, transition, transition_tasks
 
 BLEND_MAGIC = (b"BLENDER", b"\x28\xb5\x2f\xfd", b"\x1f\x8b")  # plain, zstd (Blender ≥ 3.0), gzip
 BLEND_PEEK_BYTES = 1 << 20
@@ -130,19 +130,21 @@ def store_plans(session: Session, owner: User, kind: str, name: str, priority: i
     job = Job(owner_id=owner.id, name=name, kind=kind, priority=priority, spec=spec, tasks_total=len(plans))
     session.add(job)
     session.flush()
-    rows: list[Task] = []
-    for i, p in enumerate(plans):
-        task = Task(job_id=job.id, index=i, kind=p.kind, priority=priority,
-                    spec={**p.spec, "outputs": p.outputs, "final": p.final, "units": p.units},
-                    inputs=list(p.inputs),
-                    progress_total=p.units,
-                    status=TaskStatus.waiting.value if p.needs or p.held else TaskStatus.queued.value)
-        session.add(task)
-        rows.append(task)
-    session.flush()
-    for task, p in zip(rows, plans):
-        for n in p.needs:
-            session.add(TaskDep(task_id=task.id, needs_id=rows[n].id))
+    # one multi-row INSERT per few hundred tasks (Core, not the ORM's unit of work): a 20,000-task job is
+    # written in well under a second, so the database's write lock is not held for seconds
+    now = time.time()
+    rows = [{"job_id": job.id, "index": i, "kind": p.kind, "priority": priority,
+             "spec": {**p.spec, "outputs": p.outputs, "final": p.final, "units": p.units},
+             "inputs": list(p.inputs), "progress_total": p.units, "attempt": 0, "failed_workers": [],
+             "status": TaskStatus.waiting.value if p.needs or p.held else TaskStatus.queued.value,
+             "error": "", "progress_done": 0, "render_seconds": 0.0, "work_units": 0.0,
+             "created_at": now, "updated_at": now} for i, p in enumerate(plans)]
+    session.execute(insert(Task), rows)
+    QUEUE_EPOCH.move(session)
+    if any(p.needs for p in plans):
+        ids = dict(session.exec(select(Task.index, Task.id).where(Task.job_id == job.id)).all())
+        deps = [{"task_id": ids[i], "needs_id": ids[n]} for i, p in enumerate(plans) for n in p.needs]
+        session.execute(insert(TaskDep), deps)
     session.add(Event(kind="job", job_id=job.id, new=JobStatus.queued.value, detail=f"{len(plans)} tasks, {what}"))
     return job
 
@@ -217,18 +219,44 @@ def cancel_job(session: Session, job: Job, reason: str = "canceled by the creato
         return []
     now = time.time()
     revoke = []
-    for task in session.exec(select(Task).where(Task.job_id == job.id)):
-        if task.status in (TaskStatus.waiting.value, TaskStatus.queued.value, TaskStatus.assigned.value,
-                           TaskStatus.running.value, TaskStatus.done.value, TaskStatus.verifying.value):
-            if task.worker_id and task.status in (TaskStatus.assigned.value, TaskStatus.running.value):
-                revoke.append((task.worker_id, task.id, task.attempt))
-                att = session.exec(select(Attempt).where(Attempt.task_id == task.id)
-                                   .where(Attempt.attempt == task.attempt)).first()
-                if att:
-                    att.outcome, att.ended_at = "canceled", now
-                    session.add(att)
-            transition(session, task, TaskStatus.canceled, reason=reason, worker_id=task.worker_id,
-                       attempt=task.attempt, now=now)
-            task.worker_id, task.lease_expires = None, None
+    # the leased tasks now (a few: one per busy slot), each with its attempt ended and a CANCEL to send;
+    # the rest in bounded batches (CANCEL_BATCH), now and by the sweep: a 20,000-task job's cancel must not
+    # hold the coordinator's thread for seconds (it is canceled, so none of them is leased meanwhile)
+    leased = [s.value for s in TASK_LEASED]
+    for task in session.exec(select(Task).where(Task.job_id == job.id).where(Task.status.in_(leased))):
+        if task.worker_id:
+            revoke.append((task.worker_id, task.id, task.attempt))
+            att = session.exec(select(Attempt).where(Attempt.task_id == task.id)
+                               .where(Attempt.attempt == task.attempt)).first()
+            if att:
+                att.outcome, att.ended_at = "canceled", now
+                session.add(att)
+        transition(session, task, TaskStatus.canceled, reason=reason, worker_id=task.worker_id,
+                   attempt=task.attempt, now=now)
+        task.worker_id, task.lease_expires = None, None
     transition(session, job, JobStatus.canceled, reason=reason, now=now)
+    session.flush()
+    cancel_rest(session, job.id, reason, now)
     return revoke
+
+
+UNFINISHED = (TaskStatus.waiting.value, TaskStatus.queued.value, TaskStatus.done.value, TaskStatus.verifying.value)
+"""Task states a canceled job's tasks leave in bulk (leased ones are ended one by one, with their attempts)."""
+
+
+def cancel_rest(session: Session, job_id: int, reason: str, now: float) -> int:
+    """Cancel up to CANCEL_BATCH of a canceled job's unfinished (not leased) tasks; the number moved."""
+    ids = list(session.exec(select(Task.id).where(Task.job_id == job_id).where(Task.status.in_(UNFINISHED))
+                            .order_by(Task.id).limit(C.CANCEL_BATCH)).all())
+    return transition_tasks(session, ids, UNFINISHED, TaskStatus.canceled, reason=reason, now=now)
+
+
+def finish_cancels(session: Session, now: float) -> bool:
+    """Sweep: the next batch of tasks of jobs canceled (or failed) with tasks left over. One query when
+    there are none. Never queues anything (returns False)."""
+    ended = (JobStatus.canceled.value, JobStatus.failed.value)
+    job_id = session.exec(select(Task.job_id).join(Job, Job.id == Task.job_id).where(Job.status.in_(ended))
+                          .where(Task.status.in_(UNFINISHED)).limit(1)).first()
+    if job_id is not None:
+        cancel_rest(session, job_id, f"job {job_id} was canceled", now)
+    return False

@@ -144,6 +144,34 @@ def transition(session, row, new: str | enum.Enum, *, reason: str = "", worker_i
             old=old_s, new=new_s, detail=reason[:2000])
 
 
+def transition_tasks(session, task_ids: list[int], olds: tuple[str, ...], new: str | enum.Enum, *, reason: str,
+                     now: float | None = None) -> int:
+    """Move the tasks ``task_ids`` that are in one of ``olds`` to ``new`` in two statements (an UPDATE and an
+    INSERT … SELECT of their events), for bulk moves of thousands of rows (a big job's cancel) that must not
+    hold the coordinator's thread for seconds. The same table is checked; leased tasks (which have workers
+    and attempts to end) are not for this. Returns the rows moved."""
+    from sqlalchemy import insert, literal, select, update
+    models = _models or _load_models()
+    Task, Event = models.Task, models.Event
+    new_s = new.value if isinstance(new, enum.Enum) else str(new)
+    for old in olds:
+        if not can_transition("task", old, new_s):
+            raise IllegalTransition(f"task: {old} → {new_s} is not allowed")
+    if not task_ids:
+        return 0
+    now = time.time() if now is None else now
+    which = (Task.id.in_(task_ids), Task.status.in_(olds))
+    session.execute(insert(Event).from_select(
+        ["at", "kind", "job_id", "task_id", "attempt", "worker_id", "old", "new", "detail"],
+        select(literal(now), literal("task"), Task.job_id, Task.id, Task.attempt, Task.worker_id, Task.status,
+               literal(new_s), literal(reason[:2000])).where(*which)))
+    moved = session.execute(update(Task).where(*which).values(status=new_s, updated_at=now, worker_id=None,
+                                                              lease_expires=None)
+                            .execution_options(synchronize_session=False)).rowcount
+    QUEUE_EPOCH.move(session)
+    return moved
+
+
 _models = None  # farm.store.models, once imported (it imports this module's enums: not at import time)
 
 

@@ -197,7 +197,8 @@ def test_chaos_kills_lose_no_frame_and_pay_no_task_twice(farm, procs, reference_
     assert_events_account_for_attempts(db.tasks, db.attempts, db.events)
     assert_events_replay_to_status(db.tasks, db.events)
     job_events = [(e.old, e.new) for e in db.events if e.kind == "job"]
-    assert job_events[0] == ("", "queued") and job_events[-2:] == [("rendered", "approved"), ("approved", "paid")]
+    assert job_events[:2] == [("", "funding"), ("funding", "queued")]
+    assert job_events[-2:] == [("rendered", "approved"), ("approved", "paid")]
     print(f"chaos run: {elapsed:.1f} s rendering, {len(worker_kills)} worker kills, 1 coordinator kill, "
           f"{outcomes['lost']} leases lost")
 
