@@ -38,6 +38,14 @@ SWEEP_INTERVAL = 0.5
 """Seconds between sweeps for dead workers and expired leases."""
 
 CURVE_REFUSAL_LOG_INTERVAL = 30.0
+
+MAX_WORKER_IDS_PER_KEY = int(_env_float("MAX_WORKER_IDS_PER_KEY", 16))
+"""Worker ids one CURVE key may claim (each becomes a Worker row): a multi-GPU host runs a few daemons."""
+
+HANDSHAKES_PER_MINUTE = _env_float("HANDSHAKES_PER_MINUTE", 120)
+HANDSHAKE_BURST = _env_float("HANDSHAKE_BURST", 240)
+"""CURVE handshakes one address may start (a worker reconnects after each outage; a flood of throw-away
+keys from one host is refused at the handshake, before it holds a connection the coordinator sees)."""
 """A refused worker key is logged at most once per this many seconds (a refused peer retries, and
 libzmq retries a failed handshake by itself every 100 ms)."""
 

@@ -197,6 +197,10 @@ class Keyring:
         if held is not None:
             return (f"worker id {worker_id!r} belongs to another worker key: give this worker another "
                     "--worker-id, or have the farm's operator revoke the old key (farm workers revoke)")
+        mine = sum(1 for k in self.bindings.values() if k == key)
+        if mine >= C.MAX_WORKER_IDS_PER_KEY:  # one key cannot mint worker rows without end
+            return (f"this worker key holds {mine} worker ids already, the most one key may: reuse one of them "
+                    "(--worker-id), or give each machine its own key (its own cache folder)")
         self.bindings[worker_id] = key
         write_private(self.bindings_file, json.dumps(self.bindings, indent=1, sort_keys=True) + "\n")
         return None
@@ -239,6 +243,24 @@ class Keyring:
         log.warning("refused worker key %s%s: %s%s", key, f" from {peer}" if peer else "", why, more)
 
 
+class AddressBudget:
+    """A token bucket per network address (at most 4,096 addresses remembered, least recent forgotten)."""
+
+    def __init__(self, per_minute: float, burst: float, clock=time.monotonic):
+        self.rate, self.burst, self.clock = per_minute / 60.0, burst, clock
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, address: str) -> bool:
+        now = self.clock()
+        tokens, at = self.buckets.pop(address, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        ok = tokens >= 1
+        self.buckets[address] = (tokens - 1 if ok else tokens, now)  # re-inserted: most recent last
+        if len(self.buckets) > 4096:
+            del self.buckets[next(iter(self.buckets))]
+        return ok
+
+
 # ------------------------------------------------------------------ the ZAP handler
 class ZapHandler(AsyncioAuthenticator):
     """pyzmq's asyncio ZAP authenticator with the keyring as its CURVE credentials provider. The ZAP
@@ -249,6 +271,8 @@ class ZapHandler(AsyncioAuthenticator):
         super().__init__(context, log=logging.getLogger("farm.plane.gate.zap"))
         self.keyring = keyring
         self._peer = ""
+        # connections that are not (yet) workers cost a socket each: an address may open only so many a minute
+        self.handshakes = AddressBudget(C.HANDSHAKES_PER_MINUTE, C.HANDSHAKE_BURST)
         self.configure_curve_callback(ZAP_DOMAIN, self)
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
@@ -257,6 +281,9 @@ class ZapHandler(AsyncioAuthenticator):
 
     def callback(self, domain: str, key: bytes) -> bool:
         k = key.decode("ascii", "replace")
+        if not self.handshakes.take(self._peer):  # the ZAP request's address: the peer's IP
+            self.keyring.note_refusal(k, "too many handshakes from this address; wait and retry", self._peer)
+            return False
         ok, why = self.keyring.admits_handshake(k)
         if not ok:
             self.keyring.note_refusal(k, f"{why}; handshake refused", self._peer)

@@ -7,6 +7,7 @@ admission; a revoked worker's lease goes to another worker. Then the keyring's f
 """
 from __future__ import annotations
 
+import json
 import socket
 import stat
 import subprocess
@@ -257,3 +258,31 @@ def test_keyring_files_are_private_and_reloaded(tmp_path):
 def test_auto_admission_is_open_only_on_loopback(bind, mode):
     assert curve.resolve_mode("auto", bind) == mode
     assert curve.resolve_mode("allowlist", bind) == "allowlist"
+
+
+def test_one_key_claims_at_most_max_worker_ids_and_an_address_only_so_many_handshakes(tmp_path):
+    """The attack: 1,023 fake worker ids from one key each got a permanent Worker row; throw-away keys from
+    one host each held a connection. A key holds at most MAX_WORKER_IDS_PER_KEY ids (refused with the fix
+    in its DISCONNECT), and an address starts at most HANDSHAKE_BURST handshakes, then HANDSHAKES_PER_MINUTE."""
+    from farm import constants as C
+    kr = curve.Keyring(tmp_path, "open")
+    gate = curve.Gate(kr)
+    key = zmq.curve_keypair()[0].decode()
+    admitted = [gate.admit([f"peer{i}".encode(), *P.encode(P.Hello(f"fake-{i}", "", 1, {}, []))], key)
+                for i in range(C.MAX_WORKER_IDS_PER_KEY + 5)]
+    assert admitted == [True] * C.MAX_WORKER_IDS_PER_KEY + [False] * 5
+    why = gate.out[-1][1].reason
+    assert why.startswith(f"this worker key holds {C.MAX_WORKER_IDS_PER_KEY} worker ids already, the most one "
+                          "key may: reuse one of them (--worker-id)")
+    assert gate.admit([b"again", *P.encode(P.Hello("fake-3", "", 1, {}, []))], key), "its own ids stay usable"
+    assert len(json.loads((tmp_path / "curve" / "workers").read_text())) == C.MAX_WORKER_IDS_PER_KEY
+
+    now = [0.0]
+    budget = curve.AddressBudget(per_minute=60, burst=3, clock=lambda: now[0])
+    assert [budget.take("10.0.0.1") for _ in range(4)] == [True, True, True, False]
+    assert budget.take("10.0.0.2"), "another address has its own budget"
+    now[0] += 1.0
+    assert budget.take("10.0.0.1") and not budget.take("10.0.0.1"), "one a second comes back"
+    for i in range(5000):
+        budget.take(f"host-{i}")
+    assert len(budget.buckets) <= 4096, "the budget's memory is bounded"
