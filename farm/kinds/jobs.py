@@ -211,6 +211,23 @@ def outputs(session: Session, job: Job) -> list[Output]:
                              .order_by(Output.frame, Output.name)))
 
 
+def released_outputs(session: Session, job: Job) -> list[Output] | None:
+    """The outputs the creator may have in full (their files and hashes), or None while none is released:
+    all of an approved or paid job's; of a canceled job whose accepted work has been paid on chain (its
+    settlement is ``paid``), those of its accepted tasks, the frames it paid for."""
+    if job.status in (JobStatus.approved.value, JobStatus.paid.value):
+        return outputs(session, job)
+    if job.status != JobStatus.canceled.value:
+        return None
+    from farm.store.ledger_models import Settlement, SettlementStatus
+    st = session.get(Settlement, job.id)
+    if st is None or st.status != SettlementStatus.paid.value:
+        return None
+    return list(session.exec(select(Output).join(Task, (Task.id == Output.task_id) & (Task.attempt == Output.attempt))
+                             .where(Output.job_id == job.id).where(Output.final)
+                             .where(Task.status == TaskStatus.accepted.value).order_by(Output.frame, Output.name)))
+
+
 def cancel_job(session: Session, job: Job, reason: str = "canceled by the creator") -> list[tuple[str, int, int]]:
     """Cancel the job and its unfinished tasks. Returns (worker_id, task_id, attempt) of the leases the
     broker must revoke. Canceling a finished job is a no-op (idempotent)."""

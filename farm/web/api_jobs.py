@@ -84,19 +84,22 @@ def job_router(api: Api) -> APIRouter:
         """The job's results. Their content hashes are given only once they are released (approved): before
         that a hash would name a full-resolution frame to anyone who can ask a worker plane for blobs."""
         job = jobs.get_job(s, job_id, user)
-        released = job.status in (JobStatus.approved.value, JobStatus.paid.value)
+        released = {o.id for o in jobs.released_outputs(s, job) or []}
         return [{"name": o.name, "frame": o.frame, "size": o.size, "worker_id": o.worker_id,
-                 "render_seconds": o.render_seconds, **({"sha256": o.sha256} if released else {})}
+                 "render_seconds": o.render_seconds, **({"sha256": o.sha256} if o.id in released else {})}
                 for o in jobs.outputs(s, job)]
 
     @r.get("/api/jobs/{job_id}/outputs/{name}")
     def get_output(job_id: int, name: str, user: UserDep, s: SessionDep):
         job = jobs.get_job(s, job_id, user)
-        if job.status not in (JobStatus.approved.value, JobStatus.paid.value):
+        released = jobs.released_outputs(s, job)
+        if released is None:
             raise HTTPException(403, f"full-resolution outputs of job {job_id} are released after you approve it: "
                                      f"review the watermarked previews on the job page (/jobs/{job_id}), then "
-                                     f"approve (`farm approve {job_id}` or POST /api/jobs/{job_id}/approve)")
-        for o in jobs.outputs(s, job):
+                                     f"approve (`farm approve {job_id}` or POST /api/jobs/{job_id}/approve)"
+                                + (" (a canceled job's paid frames are released once their payment is settled)"
+                                   if job.status == JobStatus.canceled.value else ""))
+        for o in released:
             if o.name == name:
                 media = {".exr": "image/x-exr", ".mp4": "video/mp4"}.get(Path(name).suffix, "image/png")
                 return FileResponse(blobs.path(o.sha256), media_type=media, filename=name)

@@ -259,9 +259,20 @@ def test_cancel_pays_the_work_already_accepted_and_refunds_only_the_rest(farm, w
         f.settle()
     f.d.coord.cancel_job(job_id, f.alice)
     assert f.job(job_id).status == "canceled"
+    http = TestClient(create_app(f.engine, f.blobs, ledger=f.ledger))
+    auth = {"Authorization": f"Bearer {f.alice_token}"}
+    outs = http.get(f"/api/jobs/{job_id}/outputs", headers=auth).json()
+    assert outs and not any("sha256" in o for o in outs), "not released before the frames are paid"
+    refused = http.get(f"/api/jobs/{job_id}/outputs/{outs[0]['name']}", headers=auth)
+    assert refused.status_code == 403 and "once their payment is settled" in refused.json()["detail"]
     f.settle()
     f.settle()
     done = 2 if when == "mid_render" else 4
+    # the frames it paid for are the creator's: released once the payment is settled
+    outs = [o for o in http.get(f"/api/jobs/{job_id}/outputs", headers=auth).json() if "sha256" in o]
+    assert len(outs) == done
+    got = http.get(f"/api/jobs/{job_id}/outputs/{outs[0]['name']}", headers=auth)
+    assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == outs[0]["sha256"]
     paid = f.pricing.cost(done * 2000)
     assert f.chain.credit(wallet_of("w1")) == paid, "the worker is paid for every frame it delivered"
     assert f.chain.credit(st.creator) == int(st.deposit) - paid - f.pricing.fee(paid), "only the rest comes back"
