@@ -97,6 +97,9 @@ flood past this is not read from disk or answered."""
 CANCEL_BATCH = int(_env_float("CANCEL_BATCH", 2000))
 """Tasks of a canceled job moved to ``canceled`` at once (two statements); the rest by the next sweeps."""
 
+UPLOADS_PER_CONNECTION = int(_env_float("UPLOADS_PER_CONNECTION", 64))
+"""Unfinished uploads (partial files) one worker connection may have: a task's outputs, several tasks'."""
+
 BATCH_MAX_MESSAGES = 512
 """Messages the coordinator handles per step: one transaction, one commit, then all replies."""
 

@@ -732,11 +732,21 @@ class Coordinator:
         if not self._leases_of(s, conn):
             out.append((conn.identity, P.BlobAck(msg.sha256, 0, False, "uploads need a task lease")))
             return
+        if msg.sha256 not in conn.uploading and len(conn.uploading) >= C.UPLOADS_PER_CONNECTION:
+            # each begun upload is a partial file on disk: one connection may not start them without end
+            out.append((conn.identity, P.BlobAck(msg.sha256, 0, False, (
+                f"{len(conn.uploading)} uploads of this connection are unfinished, the most one may have: "
+                "finish them (or reconnect) before starting another"))))
+            return
         try:
             stored, done, taken = self.blobs.put_chunk(msg.sha256, msg.offset, msg.total, msg.data)
         except BlobError as exc:
             out.append((conn.identity, P.BlobAck(msg.sha256, 0, False, str(exc))))
             return
+        if done:
+            conn.uploading.discard(msg.sha256)
+        elif taken and msg.data:
+            conn.uploading.add(msg.sha256)
         if done and not s.get(BlobRow, msg.sha256):
             s.add(BlobRow(sha256=msg.sha256, size=stored, origin="worker"))
         # Acks go to taken chunks and to probes (empty chunks, asking where to resume); an out-of-order

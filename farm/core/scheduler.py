@@ -31,6 +31,7 @@ class Conn:
     free: int = 0
     held_blobs: set[str] = field(default_factory=set)  # inputs it fetched or reported as cached
     granted: set[str] = field(default_factory=set)     # blobs it may fetch: inputs of leases it held
+    uploading: set[str] = field(default_factory=set)   # blobs it began uploading and has not finished
     models: set[str] = field(default_factory=set)      # hashes of the diffusion models it advertised
     loaded: list[str] = field(default_factory=list)    # model hashes it was last given tasks for, newest first
     reputation: float = 0.5                            # copies of the Worker row's standing (farm/verify/reputation.py)

@@ -79,3 +79,35 @@ def test_a_peer_that_floods_blob_gets_and_reads_nothing_is_bounded_then_dropped(
         bad.close(0)
 
     run(tmp_path, body, timeout=60)
+
+
+def test_a_connection_may_have_only_so_many_unfinished_uploads(tmp_path):
+    """The attack: a worker holding one lease begins uploads of thousands of made-up blobs, each a partial
+    file on the coordinator's disk. A connection has at most UPLOADS_PER_CONNECTION unfinished ones; the
+    next is refused with the fix, and finishing one makes room."""
+    import hashlib
+
+    from tests.fixtures_inproc import Driver, make_engine_and_store, make_job, make_user, new_coordinator, of
+    engine, blobs = make_engine_and_store(tmp_path / "farm")
+    alice, _ = make_user(engine, "alice")
+    make_job(engine, blobs, alice, frames="1")
+    d = Driver(new_coordinator(engine, blobs))
+    d.hello(b"w1")
+    assert of(d.send((b"w1", P.Ready(1))), P.Task, b"w1"), "it holds a lease: uploads are open to it"
+    bodies = [os.urandom(2048) for _ in range(FC.UPLOADS_PER_CONNECTION + 1)]
+    acks = []
+    for body in bodies:
+        sha = hashlib.sha256(body).hexdigest()
+        acks += of(d.send((b"w1", P.BlobPut(sha, 0, len(body), body[:1024]))), P.BlobAck, b"w1")
+    assert [a.error for a in acks[:-1]] == [""] * FC.UPLOADS_PER_CONNECTION
+    assert acks[-1].error == (f"{FC.UPLOADS_PER_CONNECTION} uploads of this connection are unfinished, the most "
+                              "one may have: finish them (or reconnect) before starting another")
+    assert len(list((blobs.root / "partial").iterdir())) == FC.UPLOADS_PER_CONNECTION
+    first = bodies[0]
+    done = of(d.send((b"w1", P.BlobPut(hashlib.sha256(first).hexdigest(), 1024, len(first), first[1024:]))),
+              P.BlobAck, b"w1")
+    assert done[0].done and blobs.has(hashlib.sha256(first).hexdigest())
+    last = bodies[-1]
+    again = of(d.send((b"w1", P.BlobPut(hashlib.sha256(last).hexdigest(), 0, len(last), last[:1024]))),
+               P.BlobAck, b"w1")
+    assert again[0].error == "" and again[0].offset == 1024, "a finished upload made room for another"
