@@ -63,6 +63,7 @@ bench: install
 	$(BIN)/python bench/verify.py
 	$(BIN)/python bench/tiles.py
 	$(BIN)/python bench/sandbox.py
+	$(BIN)/python bench/hostile.py
 
 # The Blender extension zip (client/blender_addon + a copy of client/api.py), built offline by
 # Blender's own extension builder: install it with Edit > Preferences > Get Extensions > Install from Disk.
