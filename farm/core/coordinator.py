@@ -35,7 +35,7 @@ from common.logs import ctx
 from farm import constants as C
 from farm.core.assignment import Assignment
 from farm.core.leases import LeaseBook, ProgressWatch, TaskRow
-from farm.core.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, fits
+from farm.core.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, claim_ratio, fits, yardstick
 from farm.kinds import jobs
 from farm.kinds.registry import JOB_STATUS_LISTENERS, SWEEPS, JobListener, Sweep
 from farm.store.blobs import BlobError, BlobStore
@@ -85,6 +85,7 @@ class Coordinator:
         # sends, cleared by its next send that fits); served nothing more, and dropped after the liveness time
         self.congested: dict[bytes, float] = {}
         self._gets: dict[bytes, int] = {}  # BLOB_GETs handled per connection in this step
+        self.median_speed: float | None = None  # scheduler.yardstick of the connected workers (each sweep)
         self.want_assign = True          # set when work or capacity may have appeared
         self.listeners = listeners       # job-status reactions of the job kinds (farm.kinds.registry)
         self.sweeps = sweeps             # and their periodic ones (changes made off this thread)
@@ -391,7 +392,7 @@ class Coordinator:
             task = self._task(s, task_id)
             if not self._holds(task, conn, attempt):
                 out.append((conn.identity, P.Cancel(task_id, attempt, "this lease is no longer yours")))
-            elif self.progress.stalled(task, now):
+            elif self.progress.stalled(task, now, claim_ratio(conn, self.median_speed)):
                 self.stats["stalled"] += 1  # not renewed: the lease runs out and the task goes elsewhere
                 if isinstance(task, TaskRow):  # read, not written: the sweep may take it back this step
                     s.writes.unfence(Task, task.id)
@@ -681,6 +682,7 @@ class Coordinator:
 
     def _sweep(self, s: Session, now: float, out: Outgoing) -> None:
         deadline = now - L.HEARTBEAT_INTERVAL * L.HEARTBEAT_LIVENESS
+        self.median_speed = yardstick(self.conns.values())
         for conn in [c for c in self.conns.values() if c.last_seen < deadline]:
             self._drop(s, conn, now, "missed heartbeats", out)
             out.append((conn.identity, P.Disconnect("missed heartbeats: reconnect")))
@@ -693,8 +695,17 @@ class Coordinator:
                 self._drop(s, self.conns[ident], now, "its send queue stayed full: it reads none of its messages", out)
         for task in s.exec(select(Task).where(Task.status.in_(LEASED)).where(Task.lease_expires < now)):
             if self.progress.take_stall(task):  # its worker heart-beat but made no progress
-                # not this worker again while another can take it (as after a failure)
+                # not this worker again while another can take it (as after a failure); one that never
+                # finished a frame of this job is off the job (a flock of fresh ids must not pass the task
+                # round, each sitting on it for a stall limit)
                 task.failed_workers = sorted(set(task.failed_workers) | {task.worker_id})
+                if task.worker_id and not s.exec(select(Attempt.id).where(Attempt.job_id == task.job_id)
+                                                  .where(Attempt.worker_id == task.worker_id)
+                                                  .where(Attempt.outcome == "done").limit(1)).first():
+                    jw = (s.get(JobWorker, (task.job_id, task.worker_id))
+                          or JobWorker(job_id=task.job_id, worker_id=task.worker_id))
+                    jw.failures, jw.blocked = jw.failures + 1, True
+                    s.add(jw)
                 self._lose(s, task, now, "lease expired: no progress for longer than this job's frames take", out)
             else:
                 self._lose(s, task, now, "lease expired", out)

@@ -38,6 +38,7 @@ class Conn:
     tier: str = "new"  # a farm.verify.reputation.Tier value
     speed: float | None = None                         # work units a second; None: unknown
     speeds: dict[str, float | None] = field(default_factory=dict)  # the same, per runtime
+    measured: bool = False                             # its speed is the coordinator's measure, not its claim
 
     def __post_init__(self) -> None:
         # tolerant on purpose: a malformed entry is ignored rather than stopping every assignment round
@@ -49,12 +50,36 @@ class Conn:
         """Copy reputation, tier and speed from the worker's row (after HELLO and every change)."""
         from farm.verify import reputation
         self.reputation, self.tier, self.speed = w.reputation, w.tier, reputation.speed(w)
+        self.measured = w.speed_samples >= reputation.MIN_SPEED_SAMPLES and w.speed_measured > 0
         self.speeds = {rt: reputation.speed(w, rt) for rt in {*RUNTIME_FOR_KIND.values(), "diffusion"}}
 
     def note_model(self, model_hash: str | None, keep: int = 2) -> None:
         """Remember that the worker now has ``model_hash`` loaded (its runtime keeps recent pipelines)."""
         if model_hash:
             self.loaded = [model_hash, *[h for h in self.loaded if h != model_hash]][:keep]
+
+
+UNMEASURED_SPEED_CAP = 2.0
+"""A benchmark claim the coordinator has not measured yet weighs at most twice the :func:`yardstick`
+(boasting 10⁸ work units a second must not win every task of a new job)."""
+
+
+def yardstick(conns) -> float | None:
+    """The speed unmeasured claims are held to: the median of the measured speeds, or with none measured
+    yet the lowest claim (a flock of fresh ids boasting 10⁸ cannot move it up; claiming low only hurts
+    the claimer). None when no speed is known."""
+    measured = [c.speed for c in conns if c.speed and c.measured]
+    if measured:
+        return statistics.median(measured)
+    claims = [c.speed for c in conns if c.speed]
+    return min(claims) if claims else None
+
+
+def claim_ratio(conn: Conn, stick: float | None) -> float:
+    """How many times the :func:`yardstick` speed ``conn`` claims (1.0 when unknown, or measured)."""
+    if conn.measured or not conn.speed or not stick:
+        return 1.0
+    return conn.speed / stick
 
 
 RUNTIME_FOR_KIND = {"render": "blender", "assemble": "assemble", "encode": "encode", "verify": "blender"}
@@ -84,11 +109,15 @@ class Scheduler:
         """The probability of each candidate (they sum to 1). (Called once per task leased: written for
         speed, the same arithmetic as the module docstring's.)"""
         speeds = [c.speed for c in candidates if c.speed]
-        ref = statistics.median(speeds) if speeds else 1.0
+        measured = [c.speed for c in candidates if c.speed and c.measured]
+        ref = statistics.median(measured or speeds) if speeds else 1.0
         if not speeds:  # no benchmarks: every speed factor is 1
             raw = [c.reputation if c.reputation > 1e-3 else 1e-3 for c in candidates]
-        else:
-            raw = [(c.reputation if c.reputation > 1e-3 else 1e-3) * (c.speed or ref) / ref for c in candidates]
+        else:  # a claim not measured yet counts for at most UNMEASURED_SPEED_CAP × the yardstick
+            cap = yardstick(candidates) * UNMEASURED_SPEED_CAP
+            raw = [(c.reputation if c.reputation > 1e-3 else 1e-3) * min(c.speed or ref, cap if not c.measured
+                                                                          else float("inf")) / ref
+                   for c in candidates]
         if task_inputs:
             inputs = set(task_inputs)
             k, bonus = len(inputs), LOCALITY_BONUS - 1

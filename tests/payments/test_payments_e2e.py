@@ -42,7 +42,8 @@ def shares(client, job_id: int) -> dict[str, int]:
     price = int(client.estimate(frames="1")["price_per_unit"])
     out = {}
     for w in pay["workers"]:
-        assert int(w["amount"]) == round(w["work_seconds"] * 1000) * price // 1000, "paid by measured work"
+        measured_ms = round(w["work_seconds"] * 1000) + round(w["check_seconds"] * 1000)  # frames and checks
+        assert int(w["amount"]) == measured_ms * price // 1000, "paid by measured work"
         out[w["wallet"]] = out.get(w["wallet"], 0) + int(w["amount"])
     return out
 
@@ -147,8 +148,8 @@ def test_a_padding_worker_that_lies_about_its_seconds_earns_no_more_a_frame(farm
     payment_is(alice, job["id"], "posted")
     rows = {w["worker_id"]: w for w in alice.payouts(job["id"])["workers"]}
     assert {"honest", "liar"} <= set(rows), rows  # both rendered frames of the job
-    per_frame = {w: int(r["amount"]) / r["tasks"] for w, r in rows.items()}
-    assert per_frame["liar"] <= per_frame["honest"], per_frame  # the same rate a frame, whoever is slower
+    per_frame = {w: r["work_seconds"] / r["tasks"] for w, r in rows.items()}  # checks are paid apart
+    assert per_frame["liar"] <= per_frame["honest"] + 1e-9, per_frame  # the same rate a frame, whoever is slower
     # its lie is recorded as a statistic only: the coordinator paid none of the million seconds
     assert rows["liar"]["work_seconds"] < 3 * rows["liar"]["tasks"], rows["liar"]
     owed = shares(alice, job["id"])

@@ -317,9 +317,43 @@ def _conn(name: str, rep: float, speed: float | None, held: set[str] = frozenset
     return c
 
 
+def test_an_unmeasured_boast_weighs_at_most_twice_the_measured_median_and_stalls_sooner():
+    """The attack (found by tests/e2e/test_hostile_load.py): twelve fresh ids claiming 10⁸ work units a
+    second took every task of a new job and sat on them, for no frame of it was measured yet. An unmeasured
+    claim now weighs at most UNMEASURED_SPEED_CAP × the measured median, and its own claim sets how long its
+    first lease may go without progress (LEASE_STALL_SECONDS ÷ the claim's ratio, at least LEASE_STALL_MIN)."""
+    from farm.core import scheduler as S
+    from farm.core.leases import ProgressWatch
+    honest = [_conn("h1", 0.8, 150.0), _conn("h2", 0.8, 160.0)]
+    for c in honest:
+        c.measured = True
+    boaster = _conn("boast", 0.8, 1e8)
+    p = Scheduler.weights([], [*honest, boaster])
+    # capped at twice the measured median (0.5 of the draw; the exploration floor lifts the others a little);
+    # uncapped it would be all of it
+    assert 0.4 < p[2] <= 2 * 155 / (150 + 160 + 2 * 155) + 1e-9, p
+    assert S.claim_ratio(boaster, 155.0) == pytest.approx(1e8 / 155) and S.claim_ratio(honest[0], 155.0) == 1.0
+    # a fresh farm (nothing measured yet): the yardstick is the lowest claim, which a flock cannot raise
+    fresh = [_conn("h1", 0.5, 142.0), _conn("h2", 0.5, 150.0), *[_conn(f"b{i}", 0.5, 1e8) for i in range(12)]]
+    assert S.yardstick(fresh) == 142.0 and S.claim_ratio(fresh[5], 142.0) == pytest.approx(1e8 / 142)
+    q = Scheduler.weights([], fresh)
+    assert q[2] / q[0] <= 2 * 142 / 142 + 1e-9, "each boaster weighs at most twice the lowest claim"
+
+    class T:  # a lease as the watch sees it (id, attempt, job, spec, when it started)
+        id, attempt, job_id, spec, started_at = 1, 1, 9, {}, 1000.0
+    watch = ProgressWatch()
+    assert not watch.stalled(T, 1000 + C.LEASE_STALL_MIN - 1, claim=1e6)
+    assert watch.stalled(T, 1000 + C.LEASE_STALL_MIN + 1, claim=1e6), "a boaster's first frame may not stall long"
+    fresh = ProgressWatch()
+    assert not fresh.stalled(T, 1000 + C.LEASE_STALL_MIN + 1, claim=1.0), "an honest claim keeps the long limit"
+    assert not fresh.stalled(T, 1000 + C.LEASE_STALL_SECONDS - 1) and fresh.stalled(T, 1000 + C.LEASE_STALL_SECONDS + 1)
+
+
 def test_weighted_choice_matches_reputation_times_speed_with_an_exploration_floor():
     cands = [_conn("top", 0.95, 200.0), _conn("fast", 0.8, 400.0), _conn("new", 0.5, None),
              _conn("weak", 0.31, 50.0, {"scene"})]
+    for c in cands:  # speeds the coordinator measured (an unmeasured claim is capped: the test above)
+        c.measured = c.speed is not None
     sched = Scheduler(seed=1234)
     p = Scheduler.weights(["scene"], cands)
     ref = 200.0  # median of the known speeds 50, 200, 400
@@ -332,6 +366,8 @@ def test_weighted_choice_matches_reputation_times_speed_with_an_exploration_floo
     assert chi2 < 16.27, f"chi2 {chi2:.2f} over 3 degrees of freedom (p=0.001 critical value 16.27)"
     # the floor: a worker with almost no reputation or speed still gets EXPLORE / n of the work
     starved = [_conn("a", 0.99, 1000.0), _conn("b", 0.001, 1.0)]
+    for c in starved:
+        c.measured = True
     share = Counter(sched.choose([], starved).worker_id for _ in range(20_000))["b"] / 20_000
     assert share == pytest.approx(EXPLORE / 2, abs=0.01)
 
