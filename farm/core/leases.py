@@ -205,10 +205,13 @@ class ProgressWatch:
             return True
         return False
 
-    def stalled(self, task, now: float) -> bool:
+    def stalled(self, task, now: float, claim: float = 1.0) -> bool:
         """Whether ``task``'s lease has gone without progress for longer than its job allows: the job's own
         ``time_limit`` a frame when it sets one, else LEASE_STALL_FACTOR × its median unit (at least
-        LEASE_STALL_MIN), else LEASE_STALL_SECONDS. Marks it, for :meth:`take_stall`."""
+        LEASE_STALL_MIN), else — no frame of the job measured yet — LEASE_STALL_SECONDS divided by how many
+        times the yardstick speed its worker claims (``claim``, when above 1; at least LEASE_STALL_MIN):
+        a worker that says it is 10⁶ times faster has its own word held against it. Marks it, for
+        :meth:`take_stall`."""
         key = (task.id, task.attempt)
         since = self.last.get(key)
         if since is None:  # no progress seen yet (or a coordinator restart): count from its lease
@@ -219,7 +222,7 @@ class ProgressWatch:
         limit = (spec.get("settings") or {}).get("time_limit")
         if not (type(limit) in (int, float) and limit > 0):
             times = self.units.get(task.job_id)
-            limit = C.LEASE_STALL_SECONDS if not times else max(
+            limit = max(C.LEASE_STALL_MIN, C.LEASE_STALL_SECONDS / max(1.0, claim)) if not times else max(
                 C.LEASE_STALL_MIN, C.LEASE_STALL_FACTOR * sorted(times)[len(times) // 2])
         if now - since <= limit:
             return False
