@@ -149,6 +149,12 @@ def cmd_status(args, client: Client) -> int:
         c = _console()
         c.print(f"[bold]job {job['id']}[/] {job['name']} — {job['status']}, {job['frames_done']}/"
                 f"{job['frames_total']} frames ({job['progress']:.0%})" + (f"\n[red]{job['error']}[/]" if job["error"] else ""))
+        q = job.get("queue")
+        if q:
+            eta = f"about {q['eta_seconds']:.0f} s" if q["eta_seconds"] is not None else "unknown"
+            c.print(f"queue: position {q['position']} ({q['tasks_ahead']} tasks ahead, {q['tasks_left']} of its own "
+                    f"left), {q['slots_able']} slots on {q['workers_able']} workers can run it; ETA {eta} "
+                    f"at {q['seconds_per_task']:.2f} s a task ({q['basis']})" + (f" — {q['note']}" if q["note"] else ""))
         table = Table("task", "frames", "status", "attempt", "worker", "progress", "error")
         for t in job["task_list"]:
             fr = t["frames"] or []

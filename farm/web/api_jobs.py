@@ -18,6 +18,7 @@ from farm.store.db import session as new_session
 from farm.store.models import Job
 from farm.store.states import JOB_TERMINAL, JobStatus
 from farm.web.deps import Api
+from farm.web.queue import queue_view
 from farm.web.schemas import DiffusionJobCreate, JobCreate
 
 
@@ -64,7 +65,8 @@ def job_router(api: Api) -> APIRouter:
 
     @r.get("/api/jobs/{job_id}")
     def get_job(job_id: int, user: UserDep, s: SessionDep) -> dict[str, Any]:
-        return jobs.job_view(s, jobs.get_job(s, job_id, user), detail=True)
+        job = jobs.get_job(s, job_id, user)
+        return {**jobs.job_view(s, job, detail=True), "queue": queue_view(s, job)}
 
     @r.post("/api/jobs/{job_id}/cancel")
     async def cancel(job_id: int, user: UserDep) -> dict[str, Any]:
