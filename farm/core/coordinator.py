@@ -25,7 +25,7 @@ import time
 from collections import defaultdict
 from typing import Any, Callable
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, func, update
 from sqlalchemy.orm.attributes import instance_state
 from sqlmodel import Session, select
 
@@ -551,6 +551,16 @@ class Coordinator:
             transition(s, waiting, TaskStatus.queued, reason="every task it waits for is accepted", now=now)
             self.want_assign = True
 
+    def _someone_else_for(self, s: Session, task: Task, job: Job | None) -> bool:
+        """Whether a connected worker that has not failed ``task`` may run it (its runtime, not blocked)."""
+        for c in self.conns.values():
+            if c.worker_id in task.failed_workers or not fits(task.kind, c, task.spec):
+                continue
+            jw = s.get(JobWorker, (task.job_id, c.worker_id)) if job is not None else None
+            if jw is None or not jw.blocked:
+                return True
+        return False
+
     def _on_failed(self, s, conn: Conn, msg: P.Failed, now, out) -> None:
         task = s.get(Task, msg.task_id)  # the ORM row: _fail changes it (and the lease ends, leaving the book)
         if not self._holds(task, conn, msg.attempt):
@@ -576,6 +586,10 @@ class Coordinator:
         job = s.get(Job, task.job_id)
         jw = s.get(JobWorker, (task.job_id, worker_id)) or JobWorker(job_id=task.job_id, worker_id=worker_id)
         jw.failures += 1
+        # an unreadable or oversized result is the worker's doing, never the scene's: it costs the worker (and
+        # blocks it from the job at JOB_WORKER_FAILURE_LIMIT), not the task's budget — sybils sending bombs
+        # must not fail the job (only a hard cap of 4 × TASK_MAX_ATTEMPTS attempts ends such a task)
+        worker_fault = evidence == "invalid_result"
         jw.blocked = jw.failures >= C.JOB_WORKER_FAILURE_LIMIT
         s.add(jw)
         w = s.get(Worker, worker_id)
@@ -587,8 +601,17 @@ class Coordinator:
         task.failed_workers = sorted(set(task.failed_workers) | {worker_id})
         task.error = reason
         task.worker_id, task.lease_expires = None, None
-        final = (not retryable or task.attempt >= C.TASK_MAX_ATTEMPTS
-                 or len(task.failed_workers) >= C.TASK_DISTINCT_WORKER_FAILURES)
+        # "the scene's fault" (not retryable) is a stranger's word: it ends the task when a trusted worker
+        # says it, when a second worker failed the task too, or when no other worker could try it; else the
+        # task goes to another worker first (one hostile worker must not fail any job it is leased)
+        scene_fault = not retryable and (
+            (w is not None and R.at_least(w.tier, R.Tier.trusted)) or len(task.failed_workers) >= 2
+            or not self._someone_else_for(s, task, job))
+        if not retryable and not scene_fault:
+            self.stats["scene_faults_doubted"] += 1
+        final = (scene_fault or task.attempt >= 4 * C.TASK_MAX_ATTEMPTS
+                 or (not worker_fault and (task.attempt >= C.TASK_MAX_ATTEMPTS
+                                           or len(task.failed_workers) >= C.TASK_DISTINCT_WORKER_FAILURES)))
         if final and is_check(task):
             self.verifier.check_failed(s, task, reason, now)
         elif final:
@@ -636,11 +659,20 @@ class Coordinator:
         if ident in self.conns:  # still connected (lease expired): it does not hold the task, so the slot is free
             conn = self.conns[ident]
             conn.free = min(conn.slots, conn.free + 1)
-        if task.attempt >= C.TASK_MAX_ATTEMPTS and is_check(task):
+        spent = task.attempt
+        if spent >= C.TASK_MAX_ATTEMPTS and spent < 4 * C.TASK_MAX_ATTEMPTS:
+            # leases lost by workers since blocked from the job (a staller that never finished a frame of it,
+            # a worker that failed it too often) are their fault, not the task's: sybils must not burn a
+            # task's attempts until its job fails (a hard cap of 4 × TASK_MAX_ATTEMPTS still ends it)
+            theirs = (JobWorker.job_id == Attempt.job_id) & (JobWorker.worker_id == Attempt.worker_id)
+            spent -= s.exec(select(func.count()).select_from(Attempt).join(JobWorker, theirs)
+                            .where(Attempt.task_id == task.id).where(Attempt.outcome == "lost")
+                            .where(JobWorker.blocked)).one()
+        if spent >= C.TASK_MAX_ATTEMPTS and is_check(task):
             transition(s, task, TaskStatus.queued, reason=f"lease lost: {reason}", worker_id=worker_id,
                        attempt=task.attempt, now=now)
             self.verifier.check_failed(s, task, f"lost {task.attempt} leases: {reason}", now)
-        elif task.attempt >= C.TASK_MAX_ATTEMPTS:
+        elif spent >= C.TASK_MAX_ATTEMPTS:
             self._task_failed(s, task, s.get(Job, task.job_id), f"lost {task.attempt} leases: {reason}",
                               f"task {task.index} lost {task.attempt} leases", worker_id, now, out)
         else:

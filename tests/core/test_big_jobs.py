@@ -46,3 +46,31 @@ def test_a_20000_task_job_is_canceled_in_bounded_batches_and_nothing_is_left(tmp
     assert {e.old for e in events} == {"queued", "assigned"}
     assert {(c.task_id, c.attempt) for c in revoked} == {(t.task_id, t.attempt) for t in leased}, \
         "the worker is told to stop its four leases"
+
+
+def test_one_stranger_saying_the_scene_is_broken_does_not_fail_the_job(tmp_path):
+    """The attack: a worker leased any task answers FAILED, not retryable ("the scene's fault"), and the
+    job failed at once. A new worker's word now sends the task to another worker first; it fails when a
+    second worker fails it too (or when nobody else could try it)."""
+    from farm.store.models import Job
+    from tests.fixtures_inproc import get
+    engine, blobs = make_engine_and_store(tmp_path / "farm")
+    alice, _ = make_user(engine, "alice")
+    job_id = make_job(engine, blobs, alice, frames="1")
+    d = Driver(new_coordinator(engine, blobs))
+    d.hello(b"liar")
+    d.hello(b"w2")
+    t = of(d.send((b"liar", P.Ready(1))), P.Task, b"liar")[0]
+    d.send((b"liar", P.Failed(t.task_id, t.attempt, "the scene is corrupt (it is not)", False)))
+    assert get(engine, Job, job_id).status != "failed" and d.coord.stats["scene_faults_doubted"] == 1
+    again = of(d.send((b"w2", P.Ready(1)), (b"liar", P.Ready(1))), P.Task)
+    assert [m.task_id for m in again] == [t.task_id], "the task went to the other worker"
+    d.send((b"w2", P.Failed(t.task_id, again[0].attempt, "the scene is really broken", False)))
+    assert get(engine, Job, job_id).status == "failed", "two workers agree: it is the scene"
+
+    lone = make_job(engine, blobs, alice, frames="2")
+    d2 = Driver(new_coordinator(engine, blobs))
+    d2.hello(b"only")
+    t = of(d2.send((b"only", P.Ready(1))), P.Task, b"only")[0]
+    d2.send((b"only", P.Failed(t.task_id, t.attempt, "broken", False)))
+    assert get(engine, Job, lone).status == "failed", "with nobody else to try it, the one report stands"
