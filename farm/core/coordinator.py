@@ -86,6 +86,7 @@ class Coordinator:
         self.congested: dict[bytes, float] = {}
         self._gets: dict[bytes, int] = {}  # BLOB_GETs handled per connection in this step
         self.median_speed: float | None = None  # scheduler.yardstick of the connected workers (each sweep)
+        self._canceling: set[int] | None = None  # canceled jobs with tasks left to cancel (None: not looked yet)
         self.want_assign = True          # set when work or capacity may have appeared
         self.listeners = listeners       # job-status reactions of the job kinds (farm.kinds.registry)
         self.sweeps = sweeps             # and their periodic ones (changes made off this thread)
@@ -206,6 +207,8 @@ class Coordinator:
             leases = jobs.cancel_job(s, job)
             self._job_changed(s, job, self.clock())
             s.commit()
+            if self._canceling is not None:
+                self._canceling.add(job.id)  # the rest of its tasks, a batch a sweep
             self.revoke(leases, "the job was canceled")
             return jobs.job_view(s, job)
 
@@ -743,9 +746,20 @@ class Coordinator:
                 self._lose(s, task, now, "lease expired", out)
         if self.verifier.enabled:
             self.verifier.expire(s, now)
+        self._finish_cancels(s, now)
         for sweep in self.sweeps:
             if sweep(s, now):
                 self.want_assign = True
+
+    def _finish_cancels(self, s: Session, now: float) -> None:
+        """The next batch of a canceled job's tasks (jobs.cancel_rest), for the jobs this coordinator
+        canceled and, once at its first sweep, those a stopped one left half done: the sweep does not scan
+        the queue for them."""
+        if self._canceling is None:
+            self._canceling = set(jobs.leftover_cancels(s))
+        for job_id in sorted(self._canceling)[:1]:
+            if jobs.cancel_rest(s, job_id, f"job {job_id} was canceled", now) < C.CANCEL_BATCH:
+                self._canceling.discard(job_id)
 
     # ------------------------------------------------------------------ blobs over the worker plane
     def _on_blobget(self, s, conn: Conn, msg: P.BlobGet, now, out) -> None:

@@ -237,7 +237,8 @@ def cancel_job(session: Session, job: Job, reason: str = "canceled by the creato
     now = time.time()
     revoke = []
     # the leased tasks now (a few: one per busy slot), each with its attempt ended and a CANCEL to send;
-    # the rest in bounded batches (CANCEL_BATCH), now and by the sweep: a 20,000-task job's cancel must not
+    # the rest in bounded batches (CANCEL_BATCH), now and by the coordinator's sweeps (Coordinator.cancel_job
+    # notes the job; a coordinator finds leftovers at start): a 20,000-task job's cancel must not
     # hold the coordinator's thread for seconds (it is canceled, so none of them is leased meanwhile)
     leased = [s.value for s in TASK_LEASED]
     for task in session.exec(select(Task).where(Task.job_id == job.id).where(Task.status.in_(leased))):
@@ -262,18 +263,16 @@ UNFINISHED = (TaskStatus.waiting.value, TaskStatus.queued.value, TaskStatus.done
 
 
 def cancel_rest(session: Session, job_id: int, reason: str, now: float) -> int:
-    """Cancel up to CANCEL_BATCH of a canceled job's unfinished (not leased) tasks; the number moved."""
+    """Cancel up to CANCEL_BATCH of a canceled job's unfinished (not leased) tasks; the number moved (fewer
+    than CANCEL_BATCH: none is left)."""
     ids = list(session.exec(select(Task.id).where(Task.job_id == job_id).where(Task.status.in_(UNFINISHED))
                             .order_by(Task.id).limit(C.CANCEL_BATCH)).all())
     return transition_tasks(session, ids, UNFINISHED, TaskStatus.canceled, reason=reason, now=now)
 
 
-def finish_cancels(session: Session, now: float) -> bool:
-    """Sweep: the next batch of tasks of jobs canceled (or failed) with tasks left over. One query when
-    there are none. Never queues anything (returns False)."""
+def leftover_cancels(session: Session) -> list[int]:
+    """Jobs canceled (or failed) whose unfinished tasks are not all canceled yet — left by a coordinator
+    that stopped between batches. One scan of the unfinished tasks: for start-up, not for every sweep."""
     ended = (JobStatus.canceled.value, JobStatus.failed.value)
-    job_id = session.exec(select(Task.job_id).join(Job, Job.id == Task.job_id).where(Job.status.in_(ended))
-                          .where(Task.status.in_(UNFINISHED)).limit(1)).first()
-    if job_id is not None:
-        cancel_rest(session, job_id, f"job {job_id} was canceled", now)
-    return False
+    return list(session.exec(select(Task.job_id).join(Job, Job.id == Task.job_id).where(Job.status.in_(ended))
+                             .where(Task.status.in_(UNFINISHED)).distinct()).all())

@@ -37,7 +37,6 @@ JOB_STATUS_LISTENERS: tuple[JobListener, ...] = (
 Sweep = Callable[[Session, float], bool]
 SWEEPS: tuple[Sweep, ...] = (
     diffusion.release_ready,  # img2img jobs start from their source's frames once it is approved, anywhere
-    jobs.finish_cancels,  # a big canceled job's tasks are canceled in bounded batches
 )
 """Reactions the core runs at every sweep, in its transaction (``sweep(session, now) -> bool``, True when
 tasks were queued): for changes made off the coordinator's thread (approval by the web page or the

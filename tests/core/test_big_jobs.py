@@ -12,7 +12,7 @@ from sqlmodel import func, select
 from common import protocol as P
 from farm import constants as C
 from farm.store.db import session as new_session
-from farm.store.models import Event, Task
+from farm.store.models import Event, Job, Task
 from tests.fixtures_inproc import Driver, make_engine_and_store, make_job, make_user, new_coordinator, of, rows
 
 
@@ -74,3 +74,22 @@ def test_one_stranger_saying_the_scene_is_broken_does_not_fail_the_job(tmp_path)
     t = of(d2.send((b"only", P.Ready(1))), P.Task, b"only")[0]
     d2.send((b"only", P.Failed(t.task_id, t.attempt, "broken", False)))
     assert get(engine, Job, lone).status == "failed", "with nobody else to try it, the one report stands"
+
+
+def test_a_cancel_left_half_done_is_finished_by_the_next_coordinator(tmp_path):
+    """A coordinator that stopped between batches leaves a canceled job with queued tasks; the next one
+    finds them once, at its first sweep (the sweeps do not scan the queue for them every time)."""
+    from farm.kinds import jobs
+    engine, blobs = make_engine_and_store(tmp_path / "farm")
+    alice, _ = make_user(engine, "alice")
+    job_id = make_job(engine, blobs, alice, frames=f"1-{2 * C.CANCEL_BATCH + 10}")
+    with new_session(engine) as s:
+        jobs.cancel_job(s, s.get(Job, job_id))  # one batch, then the process "stops"
+        s.commit()
+    left = rows(engine, Task, Task.job_id == job_id, Task.status != "canceled")
+    assert len(left) == C.CANCEL_BATCH + 10
+    d = Driver(new_coordinator(engine, blobs))
+    for _ in range(4):
+        d.tick(dt=C.SWEEP_INTERVAL)
+    assert rows(engine, Task, Task.job_id == job_id, Task.status != "canceled") == []
+    assert d.coord._canceling == set(), "done: nothing left to look at"
