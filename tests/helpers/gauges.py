@@ -88,17 +88,22 @@ class ConnGauge(_Loop):
         except OSError:
             return
         now = time.monotonic()
-        held, any_ = Counter(), Counter()
-        seen = {}
+        # by inode: /proc/net/tcp is printed a page at a time without a lock on the table, so a socket can
+        # be listed twice in one read while hundreds of others open and close (CI saw 68 "held" from an
+        # address that never had more than 60 open)
+        peers: dict[str, str] = {}
         for line in lines:
             f = line.split()
             local, remote, state, inode = f[1], f[2], f[3], f[9]
             if state == "01" and int(local.split(":")[1], 16) == self.port and inode in inodes:
-                addr = socket.inet_ntoa(struct.pack("<I", int(remote.split(":")[0], 16)))
-                seen[inode] = self.seen.get(inode, now)
-                any_[addr] += 1
-                if now - seen[inode] >= self.HELD_FOR:
-                    held[addr] += 1
+                peers[inode] = socket.inet_ntoa(struct.pack("<I", int(remote.split(":")[0], 16)))
+        held, any_ = Counter(), Counter()
+        seen = {}
+        for inode, addr in peers.items():
+            seen[inode] = self.seen.get(inode, now)
+            any_[addr] += 1
+            if now - seen[inode] >= self.HELD_FOR:
+                held[addr] += 1
         self.seen = seen
         for addr in any_:
             self.most[addr] = max(self.most[addr], held[addr])
