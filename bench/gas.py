@@ -40,7 +40,7 @@ def gas(c: ch.Chain, key: str, call) -> int:
 
 def measure(n: int) -> dict[str, int]:
     c = ch.Chain.embedded_evm()
-    c.deploy(None, FEE_BPS)
+    c.deploy(None, FEE_BPS, 72 * 3600)
     op = c.operator_key
     creator = "0x" + c.backend.account_keys[1].to_bytes().hex()
     creator_addr = ch.address_of(creator)

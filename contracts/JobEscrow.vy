@@ -6,7 +6,10 @@
         OPEN | POSTED | DISPUTED --post_payouts (operator)--> POSTED
         OPEN | POSTED --reject (creator)--> DISPUTED        (the farm re-renders)
         POSTED --approve (creator, or the creator's EIP-712 signature relayed)--> APPROVED
-        OPEN | POSTED | DISPUTED --refund (anyone, after the deadline)--> REFUNDED
+        POSTED --settle_unreviewed (operator, REVIEW_SECONDS after posting, the creator silent)--> APPROVED
+        OPEN --refund (anyone, after the deadline)--> REFUNDED
+        POSTED --refund (after the deadline and 2 x REVIEW_SECONDS after posting)--> REFUNDED
+        DISPUTED --refund (after the deadline and REVIEW_SECONDS after the dispute)--> REFUNDED
         OPEN | POSTED | DISPUTED --release (operator gives up its claim)--> REFUNDED
         On approval each worker of the posted list is credited its amount, the
         operator its fee, and the creator the remainder of the deposit. Every
@@ -19,6 +22,11 @@
         - The posted payouts plus the fee never exceed the deposit; only the operator posts.
         - Only the creator approves or rejects; an approval names the exact payout list
           (by its hash and round), so a re-posted list invalidates older signatures.
+        - A creator who stays silent cannot keep the work for free: a posted list the creator
+          neither approves nor rejects within REVIEW_SECONDS is settled by the operator (optimistic
+          settlement: the creator's protection is the dispute, at most MAX_DISPUTES per job), and the
+          deadline's refund never pre-empts the operator's turn (it waits REVIEW_SECONDS after a
+          dispute, twice that after a posting).
         - `withdraw*` zeroes the credit before the token call and holds the re-entrancy lock.
 @dev The payout list is passed as calldata and committed by its keccak hash; the full list is
      published in the PayoutsPosted event and given again to `approve`. Storing it would cost
@@ -36,6 +44,7 @@ exports: eip712_domain_separator.eip712Domain
 
 
 MAX_PAYEES: public(constant(uint256)) = 512
+MAX_DISPUTES: public(constant(uint256)) = 2
 BPS: constant(uint256) = 10_000
 MAX_FEE_BPS: constant(uint256) = 2_000
 
@@ -59,6 +68,8 @@ struct Job:
     payouts_hash: bytes32
     payout_total: uint256
     fee: uint256
+    changed_at: uint256  # when the list was last posted or disputed (the review clock)
+    disputes: uint256
 
 
 event JobOpened:
@@ -87,6 +98,7 @@ event JobApproved:
     total: uint256
     fee: uint256
     remainder: uint256
+    unreviewed: bool
 
 event JobRefunded:
     job_id: indexed(uint256)
@@ -103,18 +115,21 @@ event Withdrawn:
 TOKEN: public(immutable(IERC20))
 OPERATOR: public(immutable(address))
 FEE_BPS: public(immutable(uint256))
+REVIEW_SECONDS: public(immutable(uint256))
 
 jobs: public(HashMap[uint256, Job])
 credit: public(HashMap[address, uint256])
 
 
 @deploy
-def __init__(token_: IERC20, operator_: address, fee_bps_: uint256):
+def __init__(token_: IERC20, operator_: address, fee_bps_: uint256, review_seconds_: uint256):
     assert operator_ != empty(address), "escrow: operator is the zero address"
     assert fee_bps_ <= MAX_FEE_BPS, "escrow: fee above 20%"
+    assert review_seconds_ > 0, "escrow: no review window"
     TOKEN = token_
     OPERATOR = operator_
     FEE_BPS = fee_bps_
+    REVIEW_SECONDS = review_seconds_
     eip712_domain_separator.__init__("RenderhiveEscrow", "1")
 
 
@@ -134,7 +149,8 @@ def open_job(job_id: uint256, amount: uint256, deadline: uint256):
     received: uint256 = staticcall TOKEN.balanceOf(self) - before
     assert received > 0, "escrow: nothing received"
     self.jobs[job_id] = Job(creator=msg.sender, state=ST_OPEN, deposit=received, deadline=deadline, round=0,
-                            payouts_hash=empty(bytes32), payout_total=0, fee=0)
+                            payouts_hash=empty(bytes32), payout_total=0, fee=0,
+                            changed_at=block.timestamp, disputes=0)
     log JobOpened(job_id=job_id, creator=msg.sender, deposit=received, deadline=deadline)
 
 
@@ -161,13 +177,15 @@ def post_payouts(job_id: uint256, workers: DynArray[address, MAX_PAYEES], amount
     job.payouts_hash = h
     job.payout_total = total
     job.fee = fee
+    job.changed_at = block.timestamp
     self.jobs[job_id] = job
     log PayoutsPosted(job_id=job_id, round=job.round, payouts_hash=h, total=total, fee=fee, workers=workers,
                       amounts=amounts)
 
 
 @internal
-def _approve(job_id: uint256, job: Job, workers: DynArray[address, MAX_PAYEES], amounts: DynArray[uint256, MAX_PAYEES]):
+def _approve(job_id: uint256, job: Job, workers: DynArray[address, MAX_PAYEES], amounts: DynArray[uint256, MAX_PAYEES],
+             unreviewed: bool):
     assert keccak256(abi_encode(workers, amounts)) == job.payouts_hash, "escrow: not the posted payout list"
     remainder: uint256 = job.deposit - job.payout_total - job.fee
     self.jobs[job_id].state = ST_APPROVED
@@ -177,7 +195,8 @@ def _approve(job_id: uint256, job: Job, workers: DynArray[address, MAX_PAYEES], 
         self.credit[OPERATOR] += job.fee
     if remainder > 0:
         self.credit[job.creator] += remainder
-    log JobApproved(job_id=job_id, round=job.round, total=job.payout_total, fee=job.fee, remainder=remainder)
+    log JobApproved(job_id=job_id, round=job.round, total=job.payout_total, fee=job.fee, remainder=remainder,
+                    unreviewed=unreviewed)
 
 
 @external
@@ -189,7 +208,7 @@ def approve(job_id: uint256, workers: DynArray[address, MAX_PAYEES], amounts: Dy
     job: Job = self.jobs[job_id]
     assert job.state == ST_POSTED, "escrow: no payouts to approve"
     assert msg.sender == job.creator, "escrow: only the creator approves"
-    self._approve(job_id, job, workers, amounts)
+    self._approve(job_id, job, workers, amounts, False)
 
 
 @external
@@ -205,11 +224,28 @@ def approve_by_sig(job_id: uint256, workers: DynArray[address, MAX_PAYEES],
     digest: bytes32 = eip712_domain_separator._hash_typed_data_v4(
         keccak256(abi_encode(APPROVE_TYPEHASH, job_id, job.round, job.payouts_hash)))
     assert ecdsa._recover_sig(digest, signature) == job.creator, "escrow: not signed by the creator"
-    self._approve(job_id, job, workers, amounts)
+    self._approve(job_id, job, workers, amounts, False)
+
+
+@external
+@nonreentrant
+def settle_unreviewed(job_id: uint256, workers: DynArray[address, MAX_PAYEES], amounts: DynArray[uint256, MAX_PAYEES]):
+    """
+    @dev The operator settles a posted list the creator neither approved nor disputed within
+         REVIEW_SECONDS of its posting (the JobApproved event says `unreviewed`).
+    """
+    assert msg.sender == OPERATOR, "escrow: only the operator settles"
+    job: Job = self.jobs[job_id]
+    assert job.state == ST_POSTED, "escrow: no payouts to settle"
+    assert block.timestamp >= job.changed_at + REVIEW_SECONDS, "escrow: the review window is still open"
+    self._approve(job_id, job, workers, amounts, True)
 
 
 @internal
 def _reject(job_id: uint256, reason_hash: bytes32):
+    assert self.jobs[job_id].disputes < MAX_DISPUTES, "escrow: no disputes left for this job"
+    self.jobs[job_id].disputes += 1
+    self.jobs[job_id].changed_at = block.timestamp
     self.jobs[job_id].state = ST_DISPUTED
     log JobRejected(job_id=job_id, round=self.jobs[job_id].round, reason_hash=reason_hash)
 
@@ -252,9 +288,16 @@ def _refund(job_id: uint256, by_operator: bool):
 @nonreentrant
 def refund(job_id: uint256):
     """
-    @dev After the deadline, an unapproved job's deposit goes back to its creator (anyone may call).
+    @dev After the deadline, an unapproved job's deposit goes back to its creator (anyone may call),
+         but never before the operator's turn: REVIEW_SECONDS after a dispute (to post again), twice
+         that after a posting (to settle it unreviewed).
     """
-    assert block.timestamp > self.jobs[job_id].deadline, "escrow: deadline not reached"
+    job: Job = self.jobs[job_id]
+    assert block.timestamp > job.deadline, "escrow: deadline not reached"
+    if job.state == ST_POSTED:
+        assert block.timestamp >= job.changed_at + 2 * REVIEW_SECONDS, "escrow: the posted list is under review"
+    elif job.state == ST_DISPUTED:
+        assert block.timestamp >= job.changed_at + REVIEW_SECONDS, "escrow: the dispute is being answered"
     self._refund(job_id, False)
 
 

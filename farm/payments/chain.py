@@ -37,6 +37,8 @@ from eth_utils import is_address, keccak, to_checksum_address
 from web3 import Web3
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Exception
 
+from common import eth_sign
+
 try:  # the in-process EVM reports reverts with its own exception type
     from eth_tester.exceptions import TransactionFailed as _TesterRevert
 except ImportError:  # pragma: no cover - eth-tester is a dependency, but only the embedded chain needs it
@@ -59,11 +61,7 @@ class EscrowState(str, enum.Enum):
 
 
 STATE_NAMES = {i: s.value for i, s in enumerate(EscrowState)}
-EIP712_DOMAIN = ("RenderhiveEscrow", "1")
-APPROVE_TYPES = {"Approve": [{"name": "jobId", "type": "uint256"}, {"name": "round", "type": "uint256"},
-                             {"name": "payoutsHash", "type": "bytes32"}]}
-REJECT_TYPES = {"Reject": [{"name": "jobId", "type": "uint256"}, {"name": "round", "type": "uint256"},
-                           {"name": "reasonHash", "type": "bytes32"}]}
+EIP712_DOMAIN = eth_sign.EIP712_DOMAIN
 DEV_ETH = 10 * 10**18  # gas money given to each custodial dev wallet
 
 
@@ -101,6 +99,8 @@ class EscrowJob:
     payouts_hash: str
     payout_total: int
     fee: int
+    changed_at: int = 0  # when the list was last posted or disputed: the review window runs from it
+    disputes: int = 0
 
 
 @dataclass(frozen=True)
@@ -270,10 +270,17 @@ class Chain:
                 sig = f"{ev['name']}({','.join(i['type'] for i in ev['inputs'])})"
                 self._topics[keccak(sig.encode())] = getattr(self.escrow.events, ev["name"])()
 
-    def escrow_terms(self) -> tuple[str, str]:
-        """The attached escrow's (token, operator), as its code says: an escrow at the right address but over
-        another token, or run by another operator, is not ours."""
-        return self._io(lambda: (self.escrow.functions.TOKEN().call(), self.escrow.functions.OPERATOR().call()))
+    def escrow_terms(self) -> tuple[str, str, int]:
+        """The attached escrow's (token, operator, review seconds), as its code says: an escrow at the right
+        address but over another token, run by another operator, or with another review window, is not ours.
+        Code that answers none of them (an older escrow) counts as another escrow."""
+        def read():
+            f = self.escrow.functions
+            return f.TOKEN().call(), f.OPERATOR().call(), f.REVIEW_SECONDS().call()
+        try:
+            return self._io(read)
+        except REVERTS:
+            return "", "", 0
 
     def deploy_contract(self, name: str, *args, key: str | None = None, contracts_dir: Path = CONTRACTS_DIR):
         """Deploy ``contracts_dir/name.vy`` with constructor ``args``; returns (address, receipt)."""
@@ -282,15 +289,17 @@ class Chain:
         rcpt = self.wait(self.sign(key or self.operator_key, factory.constructor(*args)))
         return rcpt["contractAddress"], rcpt
 
-    def deploy(self, token: str | None, fee_bps: int) -> dict[str, Any]:
+    def deploy(self, token: str | None, fee_bps: int, review_seconds: int) -> dict[str, Any]:
         """Deploy the escrow (and a RenderToken when no token address is given); wait for both."""
         dev_token = token is None
         if dev_token:
             token, _ = self.deploy_contract("RenderToken", "Renderhive Token", "RNDR")
-        escrow, rcpt = self.deploy_contract("JobEscrow", to_checksum_address(token), self.operator, fee_bps)
+        escrow, rcpt = self.deploy_contract("JobEscrow", to_checksum_address(token), self.operator, fee_bps,
+                                            review_seconds)
         self.attach(token, escrow)
         return {"token": to_checksum_address(token), "escrow": escrow, "dev_token": dev_token,
-                "deploy_block": rcpt["blockNumber"], "fee_bps": fee_bps, "operator": self.operator}
+                "deploy_block": rcpt["blockNumber"], "fee_bps": fee_bps, "operator": self.operator,
+                "review_seconds": review_seconds}
 
     def wait(self, tx: SignedTx, timeout: float = 60.0):
         self.broadcast(tx)
@@ -399,6 +408,10 @@ class Chain:
         """JobEscrow.approve_by_sig: a relayed EIP-712 approval signed by the creator."""
         return self.escrow.functions.approve_by_sig(job, wallets, amounts, sig)
 
+    def settle_unreviewed(self, job: int, wallets: list[str], amounts: list[int]):
+        """JobEscrow.settle_unreviewed (operator): a posted list the creator left unreviewed past the window."""
+        return self.escrow.functions.settle_unreviewed(job, wallets, amounts)
+
     def reject_by_sig(self, job: int, reason: bytes, sig: bytes):
         """JobEscrow.reject_by_sig: a relayed EIP-712 rejection signed by the creator."""
         return self.escrow.functions.reject_by_sig(job, reason, sig)
@@ -436,7 +449,7 @@ class Chain:
     def escrow_job(self, key: int) -> EscrowJob:
         j = self._io(lambda: self.escrow.functions.jobs(key).call())
         return EscrowJob(j[0], STATE_NAMES.get(j[1], str(j[1])), j[2], j[3], j[4], "0x" + bytes(j[5]).hex(),
-                         j[6], j[7])
+                         j[6], j[7], j[8], j[9])
 
     def events(self, from_block: int, to_block: int) -> list[Event]:
         """The escrow's events in [from_block, to_block], decoded, in chain order."""
@@ -454,25 +467,14 @@ class Chain:
                              log["logIndex"]))
         return out
 
-    # ---- EIP-712 signatures of the creator
-    def _sign_typed(self, key: str, types: dict, message: dict) -> bytes:
-        primary = next(iter(types))
-        data = {"types": {"EIP712Domain": [{"name": "name", "type": "string"}, {"name": "version", "type": "string"},
-                                           {"name": "chainId", "type": "uint256"},
-                                           {"name": "verifyingContract", "type": "address"}], **types},
-                "primaryType": primary,
-                "domain": {"name": EIP712_DOMAIN[0], "version": EIP712_DOMAIN[1], "chainId": self.chain_id(),
-                           "verifyingContract": self.escrow.address},
-                "message": message}
-        return bytes(Account.sign_typed_data(key, full_message=data).signature)
-
+    # ---- EIP-712 signatures of the creator (custodial wallets; built as in common.eth_sign, as wallets do)
     def sign_approve(self, key: str, job: int, round_: int, payouts_hash_: str) -> bytes:
-        return self._sign_typed(key, APPROVE_TYPES, {"jobId": job, "round": round_,
-                                                     "payoutsHash": bytes.fromhex(payouts_hash_[2:])})
+        data = eth_sign.approve_typed(self.chain_id(), self.escrow.address, job, round_, payouts_hash_)
+        return bytes.fromhex(eth_sign.sign_typed(key, data)[2:])
 
     def sign_reject(self, key: str, job: int, round_: int, reason_hash: str) -> bytes:
-        return self._sign_typed(key, REJECT_TYPES, {"jobId": job, "round": round_,
-                                                    "reasonHash": bytes.fromhex(reason_hash[2:])})
+        data = eth_sign.reject_typed(self.chain_id(), self.escrow.address, job, round_, reason_hash)
+        return bytes.fromhex(eth_sign.sign_typed(key, data)[2:])
 
     # ---- dev chains only
     def advance_time(self, seconds: int) -> None:

@@ -164,7 +164,8 @@ class Ledger:
                 if reset:
                     log.warning("the chain has no escrow of ours at %s (a fresh chain, or the embedded one after a "
                                 "restart): deploying again; unsettled jobs will deposit again", dep.get("escrow"))
-                dep = {**chain.deploy(self.token_address, self.pricing.fee_bps), "genesis": genesis,
+                dep = {**chain.deploy(self.token_address, self.pricing.fee_bps, int(REVIEW_WINDOW_SECONDS)),
+                       "genesis": genesis,
                        "chain_id": chain_id, "epoch": int(dep.get("epoch", 0)) + 1}
                 self._set_meta(s, "deployment", json.dumps(dep))
                 self._set_meta(s, "event_block", str(dep["deploy_block"]))
@@ -179,10 +180,12 @@ class Ledger:
     @staticmethod
     def _terms_match(chain: ch.Chain, dep: dict[str, Any]) -> bool:
         """Attach the recorded escrow if its code holds the recorded token and our operator (a deposit is
-        only a deposit in the job's token, in an escrow that our operator settles)."""
+        only a deposit in the job's token, in an escrow that our operator settles) and has a review window
+        (older escrows had none: a silent creator could keep the work for free)."""
         chain.attach(dep["token"], dep["escrow"])
-        token, operator = chain.escrow_terms()
-        if token.lower() == dep["token"].lower() and operator.lower() == chain.operator.lower():
+        token, operator, review = chain.escrow_terms()
+        if token.lower() == dep["token"].lower() and operator.lower() == chain.operator.lower() and review > 0:
+            dep["review_seconds"] = review
             return True
         log.warning("the escrow at %s holds token %s and operator %s, not %s and %s: deploying our own",
                     dep["escrow"], token, operator, dep["token"], chain.operator)

@@ -64,14 +64,27 @@ def _now() -> float:
 
 
 class CreatorWallet(SQLModel, table=True):
-    """A creator's wallet. Custodial (the default): its key is derived from the farm's wallet seed and the
-    user id, so the farm deposits and signs approvals for the creator through the API; on a dev chain it
-    is given gas money and demo tokens."""
+    """A creator's wallet. Custodial (the default): ``address``'s key is derived from the farm's wallet seed
+    and the user id, so the farm deposits and signs approvals for the creator through the API; on a dev chain
+    it is given gas money and demo tokens. Once the creator links a wallet of their own (Sign-In with
+    Ethereum), ``own_address`` is set and ``custodial`` is False: their new jobs are deposited from it and
+    approved or rejected only by its EIP-712 signatures, which the farm cannot make."""
     user_id: int = Field(foreign_key="user.id", primary_key=True)
     address: str = Field(index=True)
     custodial: bool = True
+    own_address: str = Field(default="", index=True)
+    linked_at: Optional[float] = None
     funded_at: Optional[float] = None
     created_at: float = Field(default_factory=_now)
+
+
+class WalletChallenge(SQLModel, table=True):
+    """A Sign-In with Ethereum message issued to an account: its nonce is used once, before it expires."""
+    nonce: str = Field(primary_key=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    message: str
+    expires_at: float
+    used: bool = False
 
 
 class Settlement(SQLModel, table=True):
@@ -94,6 +107,8 @@ class Settlement(SQLModel, table=True):
     needs_payouts: bool = True     # compute a new list once the job is rendered
     reject_pending: bool = False   # the creator rejected; the dispute is not on chain yet
     reject_reason: str = ""
+    approve_sig: str = ""          # a creator's own wallet: its EIP-712 approval, relayed by the ledger
+    reject_sig: str = ""           # ... and its EIP-712 rejection
     error: str = ""
     created_at: float = Field(default_factory=_now)
     updated_at: float = Field(default_factory=_now)

@@ -18,6 +18,7 @@ from farm.payments.chain import TxRejected
 
 T = 10**18
 FEE_BPS = 250
+REVIEW = 3600  # the escrow's review window in these tests
 TESTS_CONTRACTS = Path(__file__).resolve().parents[1] / "contracts"
 
 
@@ -31,7 +32,7 @@ class Env:
         self.creator_addr, self.other_addr = ch.address_of(self.creator), ch.address_of(self.other)
         self.worker_keys = self.keys[3:6]
         self.workers = [ch.address_of(k) for k in self.worker_keys]
-        self.dep = self.c.deploy(token, FEE_BPS)
+        self.dep = self.c.deploy(token, FEE_BPS, REVIEW)
         self.escrow = self.dep["escrow"]
         if token is None:
             for k in (self.creator, self.other):
@@ -181,6 +182,51 @@ def test_refund_only_after_the_deadline_and_only_if_unapproved(env):
     assert env.c.token_balance(env.creator_addr) - before == 100 * T + (50 - 5) * T - 5 * T * FEE_BPS // 10_000
 
 
+def test_a_silent_creator_is_settled_after_the_review_window_not_refunded(env):
+    """A creator with their own wallet who neither approves nor disputes a posted list cannot wait for the
+    deadline and take the deposit back: the operator settles it once the review window has passed, and
+    the deadline's refund waits for the operator's turn (twice the window after a posting)."""
+    env.open(5, 100 * T, deadline_in=60)
+    ws, amounts = env.workers[:1], [20 * T]
+    env.tx(env.op, "escrow", "post_payouts", 5, ws, amounts)
+    env.fails(env.op, "escrow", "settle_unreviewed", 5, ws, amounts, match="review window is still open")
+    env.c.advance_time(120)  # past the deadline, inside the review window
+    env.fails(env.creator, "escrow", "refund", 5, match="under review")
+    env.fails(env.creator, "escrow", "settle_unreviewed", 5, ws, amounts, match="only the operator")
+    env.c.advance_time(REVIEW)
+    env.fails(env.op, "escrow", "settle_unreviewed", 5, ws, [30 * T], match="not the posted payout list")
+    env.tx(env.op, "escrow", "settle_unreviewed", 5, ws, amounts)
+    assert env.job(5).state == "approved" and env.c.credit(ws[0]) == 20 * T
+    ev = [e for e in env.c.events(0, env.c.block_number()) if e.name == "JobApproved"][-1]
+    assert ev.args["unreviewed"] is True
+    # had the operator done nothing, the creator gets the deposit back at last
+    env.open(6, 10 * T, deadline_in=60)
+    env.tx(env.op, "escrow", "post_payouts", 6, ws, [T])
+    env.c.advance_time(2 * REVIEW + 1)
+    env.tx(env.other, "escrow", "refund", 6)
+    assert env.job(6).state == "refunded"
+
+
+def test_disputes_are_bounded_and_a_dispute_does_not_escape_payment(env):
+    """At most MAX_DISPUTES rejections per job: after them the posted list can only be approved or
+    settled; a dispute made just before the deadline gives the operator REVIEW seconds to post again."""
+    env.open(7, 100 * T, deadline_in=60)
+    ws = env.workers[:1]
+    for round_ in (1, 2):
+        env.tx(env.op, "escrow", "post_payouts", 7, ws, [T])
+        env.tx(env.creator, "escrow", "reject", 7, ch.text_hash(f"round {round_}"))
+    env.c.advance_time(61)
+    env.fails(env.creator, "escrow", "refund", 7, match="dispute is being answered")
+    env.tx(env.op, "escrow", "post_payouts", 7, ws, [2 * T])
+    env.fails(env.creator, "escrow", "reject", 7, ch.text_hash("again"), match="no disputes left")
+    sig = env.c.sign_reject(env.creator, 7, env.job(7).round, ch.text_hash("again"))
+    env.fails(env.op, "escrow", "reject_by_sig", 7, ch.text_hash("again"), sig, match="no disputes left")
+    assert env.job(7).disputes == 2
+    env.c.advance_time(REVIEW)
+    env.tx(env.op, "escrow", "settle_unreviewed", 7, ws, [2 * T])
+    assert env.c.credit(ws[0]) == 2 * T
+
+
 def test_release_is_the_operators_early_refund(env):
     env.open(4, 30 * T)
     env.fails(env.creator, "escrow", "release", 4, match="only the operator")
@@ -202,7 +248,7 @@ def test_deposits_are_checked(env):
 def test_a_reentrant_token_cannot_drain_the_escrow():
     env = Env(token=None)
     token, _ = env.c.deploy_contract("ReentrantToken", contracts_dir=TESTS_CONTRACTS)
-    escrow, _ = env.c.deploy_contract("JobEscrow", token, env.c.operator, FEE_BPS)
+    escrow, _ = env.c.deploy_contract("JobEscrow", token, env.c.operator, FEE_BPS, REVIEW)
     env.c.attach(token, escrow)
     bad = env.c.w3.eth.contract(address=token, abi=ch.compile_contract("ReentrantToken", TESTS_CONTRACTS)["abi"])
 
