@@ -1,0 +1,190 @@
+"""Build a Blender *project* for tests, with bpy: a scene whose files sit beside it, as artists work.
+
+    python tests/helpers/make_project.py ROOT [--missing]
+
+Writes under ROOT (all tiny, for 32x32 renders):
+
+* ``scene.blend``: the shot; planes with emission materials reading
+  ``//wood.png`` (next to it), ``//tex/a.png`` (a subfolder), a UDIM set ``//tex/udim/col.<UDIM>.png``
+  (tiles 1001 and 1002), an image sequence ``//seq/f_0001.png`` … ``f_0003.png``, ``ROOT/abs/abs.png``
+  by its **absolute** path, a text object with the font ``//fonts/dejavu.ttf``, and a collection linked
+  from ``//lib/lib.blend``;
+* ``lib/lib.blend``: a plane reading ``//tex/libtex.png`` (relative to the library), and a collection
+  linked from ``//sub/deep.blend``;
+* ``lib/sub/deep.blend``: a plane reading ``//deep.png``.
+
+With ``--missing`` the scene also reads ``//tex/gone.png``, which is not there. Prints one JSON line:
+{"scene": path, "version": bpy version}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+
+def main(argv: list[str]) -> int:
+    root = os.path.abspath(argv[0])
+    missing = "--missing" in argv
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    import bpy
+
+    def fresh():
+        bpy.ops.wm.read_factory_settings(use_empty=True)
+        return bpy.context.scene
+
+    def png(path, rgba, w=4, h=4):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        im = bpy.data.images.new("tmp", w, h)
+        im.pixels = list(rgba) * (w * h)
+        im.filepath_raw = path
+        im.file_format = "PNG"
+        im.save()
+        bpy.data.images.remove(im)
+
+    def material(name, image=None, color=None, sequence=None):
+        mat = bpy.data.materials.new(name)
+        mat.use_nodes = True
+        nt = mat.node_tree
+        nt.nodes.clear()
+        emit = nt.nodes.new("ShaderNodeEmission")
+        outn = nt.nodes.new("ShaderNodeOutputMaterial")
+        nt.links.new(emit.outputs[0], outn.inputs[0])
+        if image is not None:
+            tex = nt.nodes.new("ShaderNodeTexImage")
+            tex.interpolation = "Closest"
+            tex.image = image
+            if sequence:
+                tex.image_user.frame_duration = sequence
+                tex.image_user.frame_start = 1
+                tex.image_user.use_auto_refresh = True
+            nt.links.new(tex.outputs[0], emit.inputs[0])
+        elif color is not None:
+            emit.inputs[0].default_value = color
+        return mat
+
+    def plane(sc, name, mat, x, y, size=0.9, uv_u=(0.0, 1.0)):
+        u0, u1 = uv_u
+        mesh = bpy.data.meshes.new(name)
+        s = size / 2
+        mesh.from_pydata([(x - s, y - s, 0), (x + s, y - s, 0), (x + s, y + s, 0), (x - s, y + s, 0)], [],
+                         [(0, 1, 2, 3)])
+        uv = mesh.uv_layers.new()
+        for loop, (u, v) in zip(uv.data, [(u0, 0), (u1, 0), (u1, 1), (u0, 1)]):
+            loop.uv = (u, v)
+        mesh.materials.append(mat)
+        ob = bpy.data.objects.new(name, mesh)
+        sc.collection.objects.link(ob)
+        return ob
+
+    def load(path, rel):
+        im = bpy.data.images.load(path)
+        im.filepath = rel
+        return im
+
+    # ---- the deepest library: a plane with its own texture, next to it
+    sub = os.path.join(root, "lib", "sub")
+    png(os.path.join(sub, "deep.png"), (1, 1, 0, 1))
+    sc = fresh()
+    coll = bpy.data.collections.new("DeepColl")
+    sc.collection.children.link(coll)
+    ob = plane(sc, "deep", material("deep", load(os.path.join(sub, "deep.png"), "//deep.png")), 1, -1, 0.8)
+    sc.collection.objects.unlink(ob)
+    coll.objects.link(ob)
+    bpy.ops.wm.save_as_mainfile(filepath=os.path.join(sub, "deep.blend"))
+
+    # ---- the library: its own texture, and a collection linked from the deeper one
+    lib = os.path.join(root, "lib")
+    png(os.path.join(lib, "tex", "libtex.png"), (0, 1, 1, 1))
+    sc = fresh()
+    coll = bpy.data.collections.new("LibColl")
+    sc.collection.children.link(coll)
+    ob = plane(sc, "libplane", material("lib", load(os.path.join(lib, "tex", "libtex.png"), "//tex/libtex.png")),
+               -1, -1, 0.8)
+    sc.collection.objects.unlink(ob)
+    coll.objects.link(ob)
+    with bpy.data.libraries.load(os.path.join(sub, "deep.blend"), link=True, relative=True) as (src, dst):
+        dst.collections = ["DeepColl"]
+    coll.children.link(bpy.data.collections["DeepColl"])
+    bpy.ops.wm.save_as_mainfile(filepath=os.path.join(lib, "lib.blend"))
+
+    # ---- the scene
+    png(os.path.join(root, "wood.png"), (0.8, 0.4, 0.1, 1))
+    png(os.path.join(root, "tex", "a.png"), (1, 0, 0, 1))
+    png(os.path.join(root, "tex", "udim", "col.1001.png"), (0, 0, 1, 1))
+    png(os.path.join(root, "tex", "udim", "col.1002.png"), (1, 0, 1, 1))
+    for i, c in enumerate([(0.2, 0.2, 0.2, 1), (0.5, 0.5, 0.5, 1), (0.9, 0.9, 0.9, 1)], 1):
+        png(os.path.join(root, "seq", f"f_{i:04d}.png"), c)
+    png(os.path.join(root, "abs", "abs.png"), (0, 0.5, 0, 1))
+    os.makedirs(os.path.join(root, "fonts"), exist_ok=True)
+    shutil.copyfile(_font(), os.path.join(root, "fonts", "dejavu.ttf"))
+
+    sc = fresh()
+    sc.render.engine = "CYCLES"
+    sc.cycles.device = "CPU"
+    sc.cycles.samples = 2
+    sc.cycles.use_denoising = False
+    sc.render.resolution_x = sc.render.resolution_y = 32
+    sc.frame_start, sc.frame_end = 1, 3
+    cam = bpy.data.objects.new("cam", bpy.data.cameras.new("cam"))
+    cam.data.type = "ORTHO"
+    cam.data.ortho_scale = 4.2
+    cam.location = (0, 0, 5)
+    sc.collection.objects.link(cam)
+    sc.camera = cam
+    world = bpy.data.worlds.new("w")
+    sc.world = world
+    plane(sc, "wood", material("wood", load(os.path.join(root, "wood.png"), "//wood.png")), -1, 1)
+    plane(sc, "a", material("a", load(os.path.join(root, "tex", "a.png"), "//tex/a.png")), 0, 1)
+    udim = bpy.data.images.load(os.path.join(root, "tex", "udim", "col.1001.png"))
+    udim.source = "TILED"
+    udim.filepath = "//tex/udim/col.<UDIM>.png"
+    udim.tiles.new(1002)
+    udim.reload()
+    plane(sc, "udim", material("udim", udim), 1, 1, uv_u=(0.0, 2.0))
+    seq = bpy.data.images.load(os.path.join(root, "seq", "f_0001.png"))
+    seq.source = "SEQUENCE"
+    seq.filepath = "//seq/f_0001.png"
+    plane(sc, "seq", material("seq", seq, sequence=3), -1, 0)
+    absimg = bpy.data.images.load(os.path.join(root, "abs", "abs.png"))  # stays absolute (see the save)
+    plane(sc, "abs", material("abs", absimg), 0, 0)
+    if missing:
+        png(os.path.join(root, "tex", "gone.png"), (1, 1, 1, 1))
+        plane(sc, "gone", material("gone", load(os.path.join(root, "tex", "gone.png"), "//tex/gone.png")), 1, 0)
+    font = bpy.data.fonts.load(os.path.join(root, "fonts", "dejavu.ttf"))
+    font.filepath = "//fonts/dejavu.ttf"
+    txt = bpy.data.curves.new("txt", "FONT")
+    txt.body = "Hi"
+    txt.font = font
+    txt.size = 0.6
+    tob = bpy.data.objects.new("txt", txt)
+    tob.location = (-1.9, -2.0, 0.1)
+    tob.data.materials.append(material("txtmat", color=(1, 1, 1, 1)))
+    sc.collection.objects.link(tob)
+    with bpy.data.libraries.load(os.path.join(lib, "lib.blend"), link=True, relative=True) as (src, dst):
+        dst.collections = ["LibColl"]
+    inst = bpy.data.objects.new("LibInst", None)
+    inst.instance_type = "COLLECTION"
+    inst.instance_collection = bpy.data.collections["LibColl"]
+    sc.collection.objects.link(inst)
+    scene = os.path.join(root, "scene.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=scene, relative_remap=False)
+    if missing:
+        os.remove(os.path.join(root, "tex", "gone.png"))
+    out.write(json.dumps({"scene": scene, "version": bpy.app.version_string}) + "\n")
+    out.flush()
+    return 0
+
+
+def _font() -> str:
+    for p in ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+              "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf"):
+        if os.path.isfile(p):
+            return p
+    raise SystemExit("no TrueType font found: install fonts-dejavu-core")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
