@@ -123,6 +123,17 @@ class Bye:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class Release:
+    """The worker hands the lease (task_id, attempt) back without fault: its owner's schedule or idle rule
+    paused it (``farm worker --schedule/--idle-only``). The task is requeued at once; answered with ACK.
+    Costs the worker no reputation and the task none of its attempts (up to the hard cap)."""
+    command: ClassVar[int] = 0x0A
+    task_id: int
+    attempt: int
+    reason: str = ""
+
+
 # ---------------------------------------------------------------- coordinator → worker
 @dataclass(frozen=True)
 class Welcome:
@@ -203,8 +214,36 @@ class Error:
     reason: str
 
 
-WORKER_MESSAGES = (Hello, Ready, Heartbeat, Progress, Result, Failed, BlobGet, BlobPut, Bye)
-COORDINATOR_MESSAGES = (Welcome, Task, Heartbeat, Cancel, Blob, BlobAck, Ack, Disconnect, Error)
+@dataclass(frozen=True)
+class Price:
+    """What the farm pays now, sent after WELCOME (and again should it change): ``tokens_per_unit`` (a
+    decimal string) per ``unit`` of measured work; ``note`` says why nothing is paid (payments off)."""
+    command: ClassVar[int] = 0x29
+    tokens_per_unit: str
+    unit: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Earned:
+    """The worker's share of job ``job_id`` was credited (the creator approved its payout list): ``amount``
+    in the token's smallest unit and ``tokens``, both decimal strings (wei overflow int64), for
+    ``work_seconds`` of measured work in ``tasks`` tasks plus ``check_seconds`` in ``checks`` spot checks, at
+    ``tokens_per_unit``. Sent when it is credited, and again after HELLO for recent jobs (the worker
+    prints each job once)."""
+    command: ClassVar[int] = 0x2A
+    job_id: int
+    amount: str
+    tokens: str
+    work_seconds: float
+    tasks: int
+    check_seconds: float = 0.0
+    checks: int = 0
+    tokens_per_unit: str = ""
+
+
+WORKER_MESSAGES = (Hello, Ready, Heartbeat, Progress, Result, Failed, BlobGet, BlobPut, Bye, Release)
+COORDINATOR_MESSAGES = (Welcome, Task, Heartbeat, Cancel, Blob, BlobAck, Ack, Disconnect, Error, Price, Earned)
 MESSAGES: dict[int, type] = {cls.command: cls for cls in WORKER_MESSAGES + COORDINATOR_MESSAGES}
 Message = Any  # any of the dataclasses above
 

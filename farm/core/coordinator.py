@@ -8,7 +8,9 @@ sockets, so tests drive it directly. Invariants:
 * every reply about a task carries (task_id, attempt); a message whose pair is not the task's current
   lease held by the sender is stale and changes nothing (fencing);
 * a lease is only granted to a connected worker with a free slot, and is lost when the worker goes
-  silent for HEARTBEAT_LIVENESS intervals, says BYE, reconnects without it, or lets it expire;
+  silent for HEARTBEAT_LIVENESS intervals, says BYE, reconnects without it, or lets it expire; one handed
+  back with RELEASE (its owner paused the worker) is requeued without fault: no reputation evidence, and
+  released attempts do not count against the task's attempts (only against the hard cap);
 * a malformed message is answered with ERROR and never raises out of ``step``.
 
 The assignment round and the lease it grants are :class:`farm.core.assignment.Assignment`, which the
@@ -34,6 +36,7 @@ from common import protocol as P
 from common.logs import ctx
 from farm import constants as C
 from farm.core.assignment import Assignment
+from farm.core.earnings_port import Earnings
 from farm.core.leases import LeaseBook, ProgressWatch, TaskRow
 from farm.core.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, claim_ratio, fits, yardstick
 from farm.kinds import jobs
@@ -73,7 +76,7 @@ class Coordinator:
     def __init__(self, engine, blobs: BlobStore, scheduler: Scheduler | None = None,
                  clock: Callable[[], float] = time.time, verify: bool = True,
                  listeners: tuple[JobListener, ...] = JOB_STATUS_LISTENERS, require_sandbox: bool = False,
-                 sweeps: tuple[Sweep, ...] = SWEEPS):
+                 sweeps: tuple[Sweep, ...] = SWEEPS, earnings: Earnings | None = None):
         self.engine = engine
         self.blobs = blobs
         self.scheduler = scheduler or Scheduler()
@@ -91,6 +94,7 @@ class Coordinator:
         self.listeners = listeners       # job-status reactions of the job kinds (farm.kinds.registry)
         self.sweeps = sweeps             # and their periodic ones (changes made off this thread)
         self.require_sandbox = require_sandbox  # refuse workers whose runtime children are not sandboxed
+        self.earnings = earnings         # prices and credited shares for workers (payments' port), or None
         self._last_sweep = 0.0
         self.stats = defaultdict(int)
         self._needed: dict[int, frozenset[int]] = {}  # job id → ids of its tasks that other tasks wait for
@@ -368,6 +372,9 @@ class Coordinator:
                  conn.tier, extra=ctx(worker=msg.worker_id))
         out.append((ident, P.Welcome(msg.worker_id, L.HEARTBEAT_INTERVAL, L.HEARTBEAT_LIVENESS,
                                      L.BLOB_CHUNK_SIZE, L.BLOB_CREDIT)))
+        if self.earnings is not None:
+            out.append((ident, self.earnings.price()))
+            out.extend((ident, m) for m in self.earnings.recent(s, msg.worker_id))
 
     def _drop(self, s: Session, conn: Conn, now: float, reason: str, out: Outgoing) -> None:
         self.conns.pop(conn.identity, None)
@@ -404,6 +411,27 @@ class Coordinator:
 
     def _on_bye(self, s, conn: Conn, msg: P.Bye, now, out) -> None:
         self._drop(s, conn, now, f"said bye: {msg.reason}"[:200], out)
+
+    def _on_release(self, s, conn: Conn, msg: P.Release, now, out) -> None:
+        """A lease handed back because the worker's owner paused it: requeued at once, nobody's fault."""
+        task = s.get(Task, msg.task_id)  # the ORM row (its lease ends here, leaving the book)
+        if not self._holds(task, conn, msg.attempt):
+            out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, "stale attempt; ignored")))
+            return
+        reason = f"handed back: {msg.reason}"[:200]
+        log.info("lease %s", reason, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
+        self._end_attempt(s, task, "released", reason, now)
+        task.worker_id, task.lease_expires = None, None
+        self.stats["released"] += 1
+        transition(s, task, TaskStatus.queued, reason=reason, worker_id=conn.worker_id, attempt=task.attempt, now=now)
+        self.want_assign = True
+        out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
+
+    @staticmethod
+    def _released(s: Session, task: Task) -> int:
+        """Attempts of ``task`` handed back by paused workers: they spend none of its attempts."""
+        return s.exec(select(func.count()).select_from(Attempt).where(Attempt.task_id == task.id)
+                      .where(Attempt.outcome == "released")).one()
 
     # ------------------------------------------------------------------ task messages (fenced)
     @staticmethod
@@ -612,8 +640,9 @@ class Coordinator:
             or not self._someone_else_for(s, task, job))
         if not retryable and not scene_fault:
             self.stats["scene_faults_doubted"] += 1
+        spent = task.attempt - (self._released(s, task) if task.attempt >= C.TASK_MAX_ATTEMPTS else 0)
         final = (scene_fault or task.attempt >= 4 * C.TASK_MAX_ATTEMPTS
-                 or (not worker_fault and (task.attempt >= C.TASK_MAX_ATTEMPTS
+                 or (not worker_fault and (spent >= C.TASK_MAX_ATTEMPTS
                                            or len(task.failed_workers) >= C.TASK_DISTINCT_WORKER_FAILURES)))
         if final and is_check(task):
             self.verifier.check_failed(s, task, reason, now)
@@ -670,7 +699,7 @@ class Coordinator:
             theirs = (JobWorker.job_id == Attempt.job_id) & (JobWorker.worker_id == Attempt.worker_id)
             spent -= s.exec(select(func.count()).select_from(Attempt).join(JobWorker, theirs)
                             .where(Attempt.task_id == task.id).where(Attempt.outcome == "lost")
-                            .where(JobWorker.blocked)).one()
+                            .where(JobWorker.blocked)).one() + self._released(s, task)
         if spent >= C.TASK_MAX_ATTEMPTS and is_check(task):
             transition(s, task, TaskStatus.queued, reason=f"lease lost: {reason}", worker_id=worker_id,
                        attempt=task.attempt, now=now)
@@ -747,6 +776,9 @@ class Coordinator:
         if self.verifier.enabled:
             self.verifier.expire(s, now)
         self._finish_cancels(s, now)
+        for worker_id, msg in self.earnings.credited(s, now) if self.earnings is not None else ():
+            if (ident := self.by_worker.get(worker_id)) in self.conns:
+                out.append((ident, msg))
         for sweep in self.sweeps:
             if sweep(s, now):
                 self.want_assign = True

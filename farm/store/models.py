@@ -95,7 +95,7 @@ class Attempt(SQLModel, table=True):
     worker_id: str = Field(index=True)
     started_at: float = Field(default_factory=_now)
     ended_at: Optional[float] = None
-    outcome: str = "leased"  # leased | done | failed | lost | canceled
+    outcome: str = "leased"  # leased | done | failed | lost | canceled | released (handed back by a paused worker)
     render_seconds: float = 0.0
     error: str = ""
 

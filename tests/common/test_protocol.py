@@ -19,6 +19,8 @@ SAMPLES = [
     P.Cancel(7, 1, "job canceled"), P.Blob("e" * 64, 0, 3, b"xyz"), P.Blob("e" * 64, 0, 0, b"", "unknown blob"),
     P.BlobAck("f" * 64, 3, True), P.Ack(7, 1, False, "stale"), P.Disconnect("reconnect"), P.Error("bad"),
     P.Hello("w2", "", 1, {"runtimes": []}, enroll_token="rhe_token"),
+    P.Release(7, 1, "outside the schedule 22:00-08:00"), P.Price("0.01", "reference second of measured work"),
+    P.Earned(3, "12300000000000000", "0.0123", 1.23, 4, 0.2, 1, "0.01"),
 ]
 
 
