@@ -111,6 +111,11 @@ class Client:
         finally:
             reader.close()
 
+    def upload_resumable(self, path: Path, sha: str, progress: Callable[[int], None] | None = None) -> int:
+        """Upload blob ``sha`` from ``path``. Returns the bytes sent."""
+        self.upload_blob(Path(path), sha, progress)
+        return Path(path).stat().st_size
+
     def upload_if_missing(self, path: Path, progress: Callable[[int], None] | None = None,
                           sha: str | None = None) -> tuple[str, int]:
         """Upload ``path`` unless the coordinator has it. Returns (sha256, bytes uploaded)."""

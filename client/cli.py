@@ -59,6 +59,38 @@ def upload_scene(client: Client, scene: Path, quiet: bool) -> tuple[str, int]:
     return sha, size
 
 
+def upload_project(client: Client, scene: Path, args) -> tuple[str, int, dict[str, Any]]:
+    """Trace the scene's project (client.project), refuse what cannot ship, upload what the farm lacks.
+    Returns (scene sha256, bytes sent, the job fields that name the project)."""
+    from client import project as proj
+    try:
+        pr = proj.build(scene, Path(args.project_root) if args.project_root else None)
+    except proj.ProjectError as exc:
+        raise ApiError(str(exc)) from None
+    try:
+        if pr.missing and not args.allow_missing:
+            raise ApiError(str(proj.missing_error(pr)))
+        say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
+        say(f"project {pr.root}: {len(pr.manifest.files)} files, {pr.total_bytes} bytes (traced by {pr.tracer} "
+            f"in {pr.seconds:.2f} s)" + (f"; absolute paths made relative in a copy of {', '.join(pr.rewritten)}"
+                                         if pr.rewritten else ""))
+        if pr.missing:
+            say(f"warning: rendering without {len(pr.missing)} missing file(s) (--allow-missing): "
+                + ", ".join(repr(d.written) for d in pr.missing[:10]))
+        if args.json:
+            stats = proj.upload(client, pr)
+        else:
+            with _progress() as prog:
+                t = prog.add_task("uploading", total=pr.total_bytes)
+                stats = proj.upload(client, pr, lambda name, n: prog.update(t, advance=n, description=name))
+        fields: dict[str, Any] = {"project": pr.manifest.to_json()}
+        if pr.missing:
+            fields["missing"] = pr.missing_report()
+        return pr.manifest.files[pr.scene], stats["bytes_sent"], fields
+    finally:
+        pr.close()
+
+
 def wait_for_job(client: Client, job_id: int, quiet: bool) -> dict[str, Any]:
     """Follow a job until it is rendered or final, with a live progress bar of frames."""
     view = client.job(job_id)
@@ -94,16 +126,16 @@ def cmd_submit(args, client: Client) -> int:
             resolution = [int(v) for v in args.resolution.lower().split("x")]
         except ValueError:
             raise ApiError(f"--resolution {args.resolution}: write WIDTHxHEIGHT, e.g. 1920x1080") from None
-    sha, sent = upload_scene(client, scene, args.json)
+    sha, sent, project = upload_project(client, scene, args)
     optional = {"resolution": resolution, "tiles": args.tiles, "overscan": args.overscan, "video": args.video or None,
-                "time_limit": args.time_limit}
+                "time_limit": args.time_limit, **project}
     job = client.submit(scene_sha256=sha, scene_name=scene.name, frames=args.frames, chunk=args.chunk,
                         format=args.format, color_depth=args.color_depth, samples=args.samples,
                         resolution_percent=args.resolution_percent, priority=args.priority,
                         min_tier=args.min_tier or "", name=args.name or scene.stem, **{k: v for k, v in optional.items() if v is not None})
     if not args.json:
         print(f"job {job['id']} queued: {job['tasks']['total']} tasks, {job['frames_total']} frames "
-              f"({'scene uploaded, ' + str(sent) + ' bytes' if sent else 'scene already on the farm, 0 bytes uploaded'})")
+              f"({str(sent) + ' bytes uploaded' if sent else 'everything already on the farm, 0 bytes uploaded'})")
     return follow_submitted(args, client, job)
 
 
@@ -370,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "rendered by different workers and stitched exactly")
     sm.add_argument("--overscan", type=int, default=None, help="tile margin in pixels (default: from the scene)")
     sm.add_argument("--video", action="store_true", help="also encode the frames to video.mp4 (H.264)")
+    sm.add_argument("--project-root", default=None, help="the folder whose files the scene may read (default: "
+                    "the scene's folder); nothing outside it is shipped")
+    sm.add_argument("--allow-missing", action="store_true", help="render although files the scene reads are "
+                    "missing (Blender renders missing textures pink); the job page lists them")
     add_follow_args(sm, "frames")
     sm.set_defaults(func=cmd_submit)
 

@@ -259,7 +259,25 @@ def _rewrite(blend: Path, deps: list[Dependency], root: Path, into: Path) -> Pat
             block.set(fld.name.name_only, value.encode())
     finally:
         blendfile.close_all_cached()
-    return dst
+    return _deterministic(dst)
+
+
+def _deterministic(path: Path) -> Path:
+    """BAT recompresses a changed file with gzip, whose header holds the time: recompress it without one
+    (zstd, as Blender saves), so the same rewrite always hashes the same and a resubmit uploads nothing."""
+    import gzip
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return path
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    try:
+        import zstandard
+        data = zstandard.ZstdCompressor(level=3).compress(raw)
+    except ImportError:
+        data = gzip.compress(raw, mtime=0)
+    path.write_bytes(data)
+    return path
 
 
 def build(scene: Path, root: Path | None = None, hash_progress: Callable[[int], None] | None = None) -> Project:

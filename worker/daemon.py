@@ -148,7 +148,10 @@ class WorkerDaemon:
             return files
         policy.inputs.mkdir(parents=True, exist_ok=True)
         for old in policy.inputs.iterdir():
-            if old.name not in files:
+            if old.is_dir() and not old.is_symlink():  # a project tree a crashed task left (worker.tasks.project)
+                from worker.tasks.project import remove
+                remove(old)
+            elif old.name not in files:
                 old.unlink(missing_ok=True)
         staged = {}
         for key, src in files.items():

@@ -17,7 +17,7 @@ from sqlmodel import Session, select
 from common.hashing import check_sha
 from farm import constants as C
 from farm.kinds import frames as splitter
-from farm.kinds import tiles
+from farm.kinds import projects, tiles
 from farm.store.blobs import BlobStore
 from farm.store.models import Attempt, Check, Event, Job, Output, Task, TaskDep, User
 from farm.store.states import QUEUE_EPOCH, TASK_LEASED, JobStatus, TaskStatus, transition, transition_tasks
@@ -65,6 +65,13 @@ class JobError(ValueError):
 def create_blender_job(session: Session, owner: User, blobs: BlobStore, req: dict[str, Any]) -> Job:
     """Validate a frame-job request, store the job and its tasks. Raises JobError before writing anything."""
     scene = req.get("scene_sha256", "")
+    project = None
+    if req.get("project") is not None:
+        try:
+            project, project_bytes = projects.check(blobs, req["project"], scene)
+        except projects.ProjectRefused as exc:
+            raise JobError(str(exc), exc.status) from None
+        scene = project.files[project.scene]
     try:
         check_sha(scene)
     except ValueError as exc:
@@ -89,10 +96,19 @@ def create_blender_job(session: Session, owner: User, blobs: BlobStore, req: dic
                                bool(req.get("video")), req.get("overscan"))
     except (ValueError, TypeError) as exc:
         raise JobError(str(exc)) from None
+    extra: dict[str, Any] = {}
+    if project is not None:
+        manifest_sha = projects.store(session, blobs, project)
+        missing = projects.missing_warning(req.get("missing"))
+        projects.attach(plans, project, manifest_sha, bool(missing) or bool(req.get("allow_missing")))
+        extra["project"] = {"manifest_sha256": manifest_sha, "scene": project.scene,
+                            "files": len(project.files), "bytes": project_bytes}
+        if missing:
+            extra["missing"] = missing
     spec = {"scene_sha256": scene, "frames": req.get("frames"), "chunk": chunk, "settings": settings,
             "client_key": client_key, "scene_name": str(req.get("scene_name", ""))[:200],
             "tiles": req.get("tiles") or None, "video": bool(req.get("video")), "overscan": req.get("overscan"),
-            "min_tier": min_tier(req)}
+            "min_tier": min_tier(req), **extra}
     return store_plans(session, owner, "blender", str(req.get("name") or "")[:200], int(req.get("priority", 0)),
                        spec, plans, f"frames {req.get('frames')}")
 

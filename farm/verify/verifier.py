@@ -150,10 +150,13 @@ class Verifier:
             n = max(1, len(check.regions))
             spec = {"scene_sha256": task.spec.get("scene_sha256"), "frames": [out.frame], "settings": settings,
                     "regions": check.regions, "outputs": [f"check_{i}{ext}" for i in range(n)]}
+            if task.spec.get("project"):  # the scene's whole project: every input of the render is the tree's
+                spec["project"] = task.spec["project"]
             kind = "verify"
         spec.update(check_id=check.id, exclude=sorted(set(exclude)), only_worker=only)
         vt = Task(job_id=task.job_id, index=task.index, kind=kind, priority=job.priority + 1, spec=spec,
-                  inputs=[i for i in task.inputs if i in (spec.get("scene_sha256"), spec.get("model_hash"))]
+                  inputs=list(task.inputs) if spec.get("project") else
+                  [i for i in task.inputs if i in (spec.get("scene_sha256"), spec.get("model_hash"))]
                   or list(task.inputs), status=TaskStatus.queued.value, progress_total=1, check_id=check.id,
                   created_at=now, updated_at=now)
         s.add(vt)

@@ -33,7 +33,12 @@ class CreditLine(BaseModel):
 
 
 class JobCreate(BaseModel):
-    scene_sha256: str
+    scene_sha256: str = Field("", description="the .blend's blob (with a project: may be left out)")
+    project: dict[str, Any] | None = Field(None, description="a project manifest {scene, files: [{path, sha256}]}: "
+                                           "paths relative to the project root (common/manifest.py); every "
+                                           "file uploaded first")
+    missing: list[dict[str, str]] | None = Field(None, max_length=10000, description="files the scene reads that "
+                                                 "were missing at submit (--allow-missing): shown on the job")
     frames: str = Field(min_length=1, max_length=2000)
     chunk: int = Field(1, ge=1, le=10000)
     format: str = "PNG"

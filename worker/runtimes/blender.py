@@ -11,6 +11,8 @@ Protocol (one JSON object per line; replies on the original stdout):
     -> {"op":"ping","id":N}                  <- {"event":"pong","id":N}
     -> {"op":"quit"}                         the process exits 0 (so does EOF on stdin)
     -> {"op":"render","id":N,"scene":ABS,"scene_key":SHA,"frames":[..],"out_dir":ABS,
+        "project_root":ABS|null (the laid-out project tree holding "scene": paths inside it are
+        allowed), "allow_missing":bool (files of the tree that are absent render pink),
         "settings":{"format","color_depth","samples","resolution_percent","resolution",
                     "tile","region","overscan","stamp_fps"}}
        <- {"event":"frame","id":N,"frame":F,"path":ABS,"seconds":S}   after each frame
@@ -111,6 +113,8 @@ class Runtime:
     def __init__(self, proto, gpus: str):
         self.proto = proto
         self.scene_key: str | None = None
+        self.root: str | None = None           # the laid-out project the loaded scene reads from
+        self.allow_missing = False
         self.loads = 0
         self.recorded: dict[tuple[str, str], object] = {}
         self.devices, self.gpu = self._setup_devices(gpus)
@@ -190,12 +194,16 @@ class Runtime:
         return cpu, False
 
     # ---- loading and checks ---------------------------------------------
-    def _load(self, path: str, key: str) -> None:
+    def _load(self, path: str, key: str, root: str | None = None, allow_missing: bool = False) -> None:
         self.scene_key = None                   # until loaded *and* checked
+        self.root, self.allow_missing = root, allow_missing
         bpy.context.preferences.filepaths.use_scripts_auto_execute = False
         if not os.path.isfile(path):
             raise SceneError(f"scene file not found on the worker: {path}")
-        checks.check_file(path, _blend_cap())
+        if root:  # every .blend of the tree: libraries load with the scene
+            checks.check_project_files(root, _blend_cap())
+        else:
+            checks.check_file(path, _blend_cap())
         try:
             bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
         except RuntimeError as e:
@@ -205,8 +213,8 @@ class Runtime:
         self.loads += 1
         sc = bpy.context.scene
         self.recorded = {(o, a): getattr(getattr(sc, o), a) for o, a in RECORDED}
-        checks.check_loaded(bpy, sc)
-        checks.check_frame(bpy, sc, sc.frame_current)  # as saved; each frame is checked again as it renders
+        checks.check_loaded(bpy, sc, root)
+        checks.check_frame(bpy, sc, sc.frame_current, root, allow_missing)  # as saved; again at each frame
         checks.mute_file_outputs(bpy)
         sc.render.use_persistent_data = True    # keeps BVH/shaders between frames
         self.scene_key = key
@@ -383,9 +391,14 @@ class Runtime:
             raise SceneError(f"'frames' must be a non-empty list of integers, got {frames!r}")
         if not isinstance(settings, dict):
             raise SceneError("'settings' must be an object")
+        root = req.get("project_root")
+        if root is not None and (not isinstance(root, str) or not os.path.isabs(root)
+                                 or os.path.realpath(root) != root or not scene.startswith(root + os.sep)):
+            raise SceneError("'project_root' must be the real absolute folder that holds 'scene'")
+        key = f"{key}@{root}" if root else key   # the same project laid out elsewhere resolves elsewhere
         reloaded = key != self.scene_key
         if reloaded:
-            self._load(scene, key)
+            self._load(scene, key, root, bool(req.get("allow_missing")))
         sc = bpy.context.scene
         ext = self._apply(sc, settings)
         part = self._part(sc, settings, frames)  # a tile or a region of the frame, or None
@@ -398,7 +411,7 @@ class Runtime:
             sc.frame_set(f)
             if sc.camera is None:               # camera markers can switch it per frame
                 raise SceneError(f"scene {sc.name!r} has no active camera at frame {f}")
-            checks.check_frame(bpy, sc, f)      # what keyframes and drivers turned on, as it will render
+            checks.check_frame(bpy, sc, f, self.root, self.allow_missing)  # what keyframes and drivers turned on
             if part is None:
                 path = render_path = os.path.join(out_dir, f"frame_{f:04d}{ext}")
             else:

@@ -64,18 +64,53 @@ def check_file(path: str, cap: int) -> None:
 
 
 # ---------------------------------------------------------------------------- after opening
-def check_loaded(bpy, sc) -> None:
-    """Refuse what must not be loaded at all (see the module docstring)."""
+def check_project_files(root: str, cap: int) -> None:
+    """Before opening a project's scene: its .blend files (any file with a Blender, zstd or gzip header,
+    whatever its name: a library may be linked under any name) together decompress to at most ``cap``."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                head = f.read(7)
+            if head.startswith((GZIP_MAGIC, ZSTD_MAGIC, b"BLENDER")):
+                total += decompressed_size(path, cap - total)
+                if total > cap:
+                    raise SceneError(f"the project's .blend files decompress to more than {cap / 1024**3:.1f} "
+                                     "GiB, more than this worker can load: purge unused data or split the project")
+
+
+def inside_project(bpy, filepath: str, library, root: str | None) -> str | None:
+    """The worker path ``filepath`` (as written in the scene or in ``library``) resolves to, when it lies
+    inside the laid-out project ``root``: ``//`` paths only (resolved against the folder of the .blend that
+    holds them), no ``..`` out of the tree, no symlink on the way. None otherwise."""
+    if not root or not filepath.startswith("//"):
+        return None
+    norm = os.path.normpath(bpy.path.abspath(filepath, library=library))
+    if not norm.startswith(root + os.sep) or os.path.realpath(norm) != norm:
+        return None
+    return norm
+
+
+def _written(filepath: str, library) -> str:
+    """A path as the creator wrote it (never the worker's resolution of it)."""
+    return repr(filepath) + (f" (in library {library.filepath!r})" if library is not None else "")
+
+
+def check_loaded(bpy, sc, root: str | None = None) -> None:
+    """Refuse what must not be loaded at all (see the module docstring). ``root``: the laid-out project
+    tree the scene was opened from, whose files may be read (None: a single .blend)."""
     if sc.camera is None:
         raise SceneError(f"scene {sc.name!r} has no active camera; set one in "
                          "Scene Properties > Camera and resubmit")
     # Packed libraries and 5.0 "archive" libraries (packed linked data) are self-contained; anything else
     # reads another .blend from disk.
-    linked = [bpy.path.abspath(lib.filepath) for lib in bpy.data.libraries
-              if lib.packed_file is None and not lib.is_archive]
+    linked = [lib.filepath for lib in bpy.data.libraries if lib.packed_file is None and not lib.is_archive
+              and not _exists_inside(bpy, lib.filepath, None, root)]
     if linked:
-        raise SceneError("the scene links data from other .blend files (" + ", ".join(linked)
-                         + "); make it local (Object > Relations > Make Local) or pack "
+        raise SceneError("the scene links data from other .blend files that are not in its project ("
+                         + ", ".join(map(repr, linked)) + "); submit with `farm submit` (which ships the "
+                         "libraries the scene links), make it local (Object > Relations > Make Local) or pack "
                          "the libraries (File > External Data > Pack Resources) and resubmit")
     for tree in bpy.data.node_groups:
         for node in tree.nodes:
@@ -112,9 +147,25 @@ def mute_file_outputs(bpy) -> int:
 
 
 # ---------------------------------------------------------------------------- every frame
-def check_frame(bpy, sc, frame: int) -> None:
-    """Refuse what frame ``frame`` would read from a path, as it will render (after ``frame_set``)."""
+def _exists_inside(bpy, filepath: str, library, root: str | None) -> bool:
+    path = inside_project(bpy, filepath, library, root)
+    return path is not None and os.path.isfile(path)
+
+
+def check_frame(bpy, sc, frame: int, root: str | None = None, allow_missing: bool = False) -> None:
+    """Refuse what frame ``frame`` would read from a path, as it will render (after ``frame_set``); with a
+    project ``root``, a path inside the tree is allowed (missing there too only with ``allow_missing``)."""
     at = f" at frame {frame}"
+
+    def _external(what, filepath, library, movie=False, pattern=False):
+        path = inside_project(bpy, filepath, library, root)
+        if path is not None:
+            there = os.path.isdir(os.path.dirname(path)) if pattern else os.path.isfile(path)
+            if there or allow_missing:
+                return
+            raise SceneError(f"{what} uses the file {_written(filepath, library)}, which is not in the "
+                             "project: submit with `farm submit` from the scene's folder, or --allow-missing")
+        _refuse_external(bpy, what, filepath, library, movie, root)
     if sc.render.engine == "CYCLES" and sc.cycles.shading_system:
         raise SceneError("Open Shading Language is not allowed on the farm (OSL shaders can read files by "
                          f"path), and it is on{at}: turn off Render Properties > Open Shading Language, and "
@@ -123,23 +174,26 @@ def check_frame(bpy, sc, frame: int) -> None:
         if img.users <= int(img.use_fake_user):   # kept but used nowhere: harmless
             continue
         if img.source in {"SEQUENCE", "MOVIE"}:   # read frame by frame from the path: never packed
-            _external(bpy, f"image {img.name!r} ({img.source.lower()}{at})", img.filepath, img.library, movie=True)
+            _external(f"image {img.name!r} ({img.source.lower()}{at})", img.filepath, img.library, movie=True,
+                      pattern=img.source == "SEQUENCE")
         elif img.source in {"FILE", "TILED"} and not len(img.packed_files):
-            _external(bpy, f"image {img.name!r}", img.filepath, img.library)
+            _external(f"image {img.name!r}", img.filepath, img.library, pattern=img.source == "TILED")
     for coll, label in ((bpy.data.fonts, "font"), (bpy.data.volumes, "volume"), (bpy.data.sounds, "sound")):
         for idb in coll:
             if idb.packed_file is None and idb.filepath and idb.filepath != "<builtin>":
-                _external(bpy, f"{label} {idb.name!r}", idb.filepath, idb.library)
+                _external(f"{label} {idb.name!r}", idb.filepath, idb.library)
     # Alembic/USD caches and movie clips cannot be packed at all.
     for coll, label in ((bpy.data.cache_files, "cache file"), (bpy.data.movieclips, "movie clip")):
         for idb in coll:
             if idb.users > int(idb.use_fake_user):
-                _external(bpy, f"{label} {idb.name!r}", idb.filepath, idb.library, movie=True)
+                _external(f"{label} {idb.name!r}", idb.filepath, idb.library, movie=True)
     for tree in [*bpy.data.node_groups, *(m.node_tree for m in bpy.data.materials if m.node_tree),
                  *(w.node_tree for w in bpy.data.worlds if w.node_tree),
                  *(lt.node_tree for lt in bpy.data.lights if lt.node_tree)]:
         for node in tree.nodes:
             if node.bl_idname == "ShaderNodeTexIES" and node.mode == "EXTERNAL" and node.filepath:
+                if _exists_inside(bpy, node.filepath, tree.library, root):
+                    continue
                 raise SceneError(f"IES texture {node.name!r} in {tree.name!r} reads the external file "
                                  f"{node.filepath!r}{at}: switch it to Internal and paste the profile into a "
                                  "text block, and resubmit")
@@ -153,14 +207,20 @@ def check_frame(bpy, sc, frame: int) -> None:
                                  "Sequencer and resubmit")
 
 
-def _external(bpy, what: str, filepath: str, library, movie: bool = False) -> None:
-    """Refuse an unpacked external file, missing or not.
+def _refuse_external(bpy, what: str, filepath: str, library, movie: bool, root: str | None) -> None:
+    """Refuse an unpacked external file outside any project tree, missing or not.
 
     A missing one renders silently wrong (images come out pink); an existing one is a file of *this*
-    host, which a scene must not be able to read into its output. So both are refused.
+    host, which a scene must not be able to read into its output. So both are refused. The message names
+    the path as the creator wrote it, never the worker's resolution of it.
     """
-    path = bpy.path.abspath(filepath, library=library)
-    state = "is missing on the worker" if not os.path.exists(path) else "is not packed"
-    fix = ("this kind of file cannot be packed: convert it (e.g. to packed single images "
-           "or baked geometry)" if movie else PACK_HINT)
-    raise SceneError(f"{what} uses the external file {path!r}, which {state}; {fix}")
+    if root and filepath.startswith("//"):
+        state = "resolves outside the project (a '..' too many, or a link)"
+    elif root:
+        state = "is an absolute path, which the farm never reads"
+    else:
+        state = "is missing" if not os.path.exists(bpy.path.abspath(filepath, library=library)) else "is not packed"
+    fix = ("this kind of file cannot be packed: ship it in the project (`farm submit` traces it) or convert it"
+           if movie else "ship it in the project (`farm submit` from the scene's folder makes paths relative), or "
+           + PACK_HINT)
+    raise SceneError(f"{what} uses the external file {_written(filepath, library)}, which {state}; {fix}")

@@ -8,6 +8,7 @@ result only when the names match exactly.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -40,6 +41,11 @@ class TaskContext:
     progress: Callable[[int, int, str], None]
     runtime: Callable[[], Awaitable[Any]]  # the slot's runtime child for this kind (started on demand)
     models: dict[str, Path] = field(default_factory=dict)  # diffusion models this worker holds: hash → folder
+    cleanup: list[Callable[[], None]] = field(default_factory=list)  # run by close(): a laid-out project
+
+    def close(self) -> None:
+        while self.cleanup:
+            self.cleanup.pop()()
 
     def input_named(self, name: str) -> Path:
         """The local path of the dependency output called ``name`` (see spec["input_names"])."""
@@ -60,19 +66,48 @@ async def _blender(ctx: TaskContext, request: dict, on_frame: Callable[[dict], N
     return outputs
 
 
+def _scene(ctx: TaskContext) -> dict:
+    """The scene part of a render request: the single .blend, or the project's tree laid out for it."""
+    spec = ctx.spec
+    project = spec.get("project")
+    if not project:
+        return {"scene": str(ctx.inputs[spec["scene_sha256"]]), "scene_key": spec["scene_sha256"]}
+    from worker.tasks import project as layout
+    msha = project.get("manifest_sha256") if isinstance(project, dict) else None
+    if msha not in ctx.inputs:
+        raise TaskFailure("the task's project manifest is not among its inputs", False)
+    staged = Path(ctx.inputs[msha])
+    # Inside the sandbox the inputs are the slot's own read-only folder: a stable path per project, so the
+    # loaded scene is kept between tasks. Unsandboxed they are the blob cache, shared: one tree per task.
+    name = f"project-{msha[:16]}" + ("" if staged.parent.name == "inputs" else f"-{ctx.task_id}-{ctx.attempt}")
+    root = Path(os.path.realpath(staged.parent)) / name
+    layout.remove(root)
+    try:
+        scene = layout.lay_out(root, layout.read_manifest(staged), ctx.inputs)
+    except layout.LayoutError as exc:
+        layout.remove(root)
+        raise TaskFailure(str(exc), False) from None
+    ctx.cleanup.append(lambda: layout.remove(root))
+    return {"scene": str(scene), "scene_key": msha, "project_root": str(root),
+            "allow_missing": bool(spec.get("allow_missing"))}
+
+
 async def render(ctx: TaskContext) -> list[Produced]:
     """Frames of a Blender scene, rendered by the slot's long-lived Blender child."""
     spec = ctx.spec
     frames = list(spec.get("frames", []))
-    request = {"op": "render", "scene": str(ctx.inputs[spec["scene_sha256"]]), "scene_key": spec["scene_sha256"],
-               "frames": frames, "out_dir": str(ctx.out_dir), "settings": spec.get("settings", {})}
+    request = {"op": "render", **_scene(ctx), "frames": frames, "out_dir": str(ctx.out_dir),
+               "settings": spec.get("settings", {})}
     done = 0
 
     def on_frame(ev: dict) -> None:
         nonlocal done
         done += 1
         ctx.progress(done, len(frames), f"frame {ev['frame']}")
-    outputs = await _blender(ctx, request, on_frame)
+    try:
+        outputs = await _blender(ctx, request, on_frame)
+    finally:
+        ctx.close()
     return [Produced(Path(o["path"]).name, Path(o["path"]), int(o["frame"]), float(o.get("seconds", 0.0)))
             for o in outputs]
 
@@ -102,16 +137,19 @@ async def verify(ctx: TaskContext) -> list[Produced]:
     frame = frames[0]
     scratch = ctx.out_dir / ".verify"          # the runtime's own names never clash with the outputs
     produced = []
-    for i, (region, name) in enumerate(zip(parts, names)):
-        part = settings if region is None else {**settings, "region": region}
-        request = {"op": "render", "scene": str(ctx.inputs[spec["scene_sha256"]]),
-                   "scene_key": spec["scene_sha256"], "frames": [frame], "out_dir": str(scratch / str(i)),
-                   "settings": part}
-        (out,) = await _blender(ctx, request, lambda ev: None)
-        dst = ctx.out_dir / name
-        Path(out["path"]).replace(dst)
-        produced.append(Produced(name, dst, frame, float(out.get("seconds", 0.0))))
-        ctx.progress(i + 1, len(parts), f"frame {frame} " + (f"region {region}" if region else "whole"))
+    scene = _scene(ctx)
+    try:
+        for i, (region, name) in enumerate(zip(parts, names)):
+            part = settings if region is None else {**settings, "region": region}
+            request = {"op": "render", **scene, "frames": [frame], "out_dir": str(scratch / str(i)),
+                       "settings": part}
+            (out,) = await _blender(ctx, request, lambda ev: None)
+            dst = ctx.out_dir / name
+            Path(out["path"]).replace(dst)
+            produced.append(Produced(name, dst, frame, float(out.get("seconds", 0.0))))
+            ctx.progress(i + 1, len(parts), f"frame {frame} " + (f"region {region}" if region else "whole"))
+    finally:
+        ctx.close()
     return produced
 
 
