@@ -432,6 +432,16 @@ class Chain:
         """JobEscrow.withdraw_for (anyone): ``address``'s credit to ``address``."""
         return self.escrow.functions.withdraw_for(address)
 
+    # ---- calls a creator's own wallet sends (the farm builds the calldata; the wallet shows and signs it)
+    def deposit_calls(self, job: int, deposit: int, deadline: int) -> list[dict[str, str]]:
+        """The two transactions of a deposit from the creator's own wallet: the token allowance, then
+        open_job; as eth_sendTransaction params (``to``, ``data``, ``value``)."""
+        escrow = self.escrow.address
+        return [{"to": self.token.address, "data": self.token.encode_abi("approve", args=[escrow, deposit]),
+                 "value": "0x0", "what": f"let the escrow {escrow} take the deposit"},
+                {"to": escrow, "data": self.escrow.encode_abi("open_job", args=[job, deposit, deadline]),
+                 "value": "0x0", "what": f"deposit into escrow job {job} until {deadline}"}]
+
     # ---- views
     def token_balance(self, address: str) -> int:
         return self._io(lambda: self.token.functions.balanceOf(to_checksum_address(address)).call())

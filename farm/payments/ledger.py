@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from sqlmodel import Session, select
 
+from common import eth_sign
 from farm.payments import chain as ch
 from farm.payments import pricing as pr
 from farm.payments.chain import EscrowState
@@ -66,6 +67,8 @@ UNRESOLVED = (TxStatus.signed.value, TxStatus.sent.value)
 RENDERING = tuple(s.value for s in (JobStatus.funding, JobStatus.queued, JobStatus.active, JobStatus.paused, JobStatus.rejected))
 REVIEW_WINDOW_SECONDS = float(os.environ.get("RENDERHIVE_REVIEW_WINDOW", 72 * 3600))
 """Seconds a rendered job waits for its creator's approval or rejection before it is approved (and paid)."""
+MAX_DISPUTES = 2  # the escrow's MAX_DISPUTES
+DEADLINE_SLACK = 0.9  # a creator's own deposit must keep this share of the deadline the farm asks for
 RECHECK_SECONDS = 30.0  # how often a job that is still rendering has its escrow looked at anyway
 
 
@@ -164,7 +167,7 @@ class Ledger:
                 if reset:
                     log.warning("the chain has no escrow of ours at %s (a fresh chain, or the embedded one after a "
                                 "restart): deploying again; unsettled jobs will deposit again", dep.get("escrow"))
-                dep = {**chain.deploy(self.token_address, self.pricing.fee_bps, int(REVIEW_WINDOW_SECONDS)),
+                dep = {**chain.deploy(self.token_address, self.pricing.fee_bps, max(1, int(REVIEW_WINDOW_SECONDS))),
                        "genesis": genesis,
                        "chain_id": chain_id, "epoch": int(dep.get("epoch", 0)) + 1}
                 self._set_meta(s, "deployment", json.dumps(dep))
@@ -464,13 +467,14 @@ class Ledger:
             if st.status in (SettlementStatus.new, SettlementStatus.funding):
                 st.status, st.deadline, st.error = ej.state, ej.deadline, ""
             if st.reject_pending:
-                if ej.state in (EscrowState.open, EscrowState.posted):
+                if ej.state in (EscrowState.open, EscrowState.posted) and ej.disputes < MAX_DISPUTES:
                     reason = ch.text_hash(st.reject_reason)
-                    sig = chain.sign_reject(self._creator_key(job.owner_id), int(st.escrow_job), ej.round, reason)
-                    self._send(s, job_id, "reject", chain.operator_key,
-                               chain.reject_by_sig(int(st.escrow_job), reason, sig))
-                    return True
-                st.reject_pending = False
+                    sig = self._creator_sig(s, st, "reject", ej, reason)
+                    if sig is not None:
+                        self._send(s, job_id, "reject", chain.operator_key,
+                                   chain.reject_by_sig(int(st.escrow_job), reason, sig))
+                        return True
+                st.reject_pending, st.reject_sig = False, ""
             if job.status in (JobStatus.rendered.value, JobStatus.approved.value) or pays_done_work:
                 if st.needs_payouts:
                     self._compute(s, st, job, ej.deposit)
@@ -482,11 +486,17 @@ class Ledger:
                     return True
                 if job.status == JobStatus.approved.value or pays_done_work:
                     wallets, amounts = self._current_list(s, st)
-                    sig = chain.sign_approve(self._creator_key(job.owner_id), int(st.escrow_job), ej.round,
-                                             ej.payouts_hash)
-                    self._send(s, job_id, "approve", chain.operator_key,
-                               chain.approve_by_sig(int(st.escrow_job), wallets, amounts, sig))
-                    return True
+                    sig = self._creator_sig(s, st, "approve", ej, ej.payouts_hash)
+                    if sig is not None:
+                        self._send(s, job_id, "approve", chain.operator_key,
+                                   chain.approve_by_sig(int(st.escrow_job), wallets, amounts, sig))
+                        return True
+                    if chain.timestamp() >= ej.changed_at + self.review_seconds:
+                        # a creator's own wallet that neither signed nor disputed within the review window
+                        self._send(s, job_id, "settle", chain.operator_key,
+                                   chain.settle_unreviewed(int(st.escrow_job), wallets, amounts),
+                                   detail=f"unreviewed for {self.review_seconds} s: settled by the operator")
+                        return True
             if st.status != ej.state:
                 st.status = ej.state
             st.updated_at = time.time()
@@ -499,7 +509,7 @@ class Ledger:
         job's creator's wallet and hold at least the deposit the job's quote asked for (the token is the
         escrow's own, checked when the ledger attached it). Checked before the job is leased, and at every
         step after, so approval and release never act on someone else's escrow."""
-        creator, _ = self.creator_wallet(s, job.owner_id)
+        creator = st.creator or self.creator_wallet(s, job.owner_id)[0]
         if ej.creator.lower() != creator.lower():
             return (f"escrow job {st.escrow_job} was opened by {ej.creator}, not by the creator's wallet {creator}: "
                     "it is not this job's deposit; the job deposits under a new escrow id")
@@ -507,6 +517,12 @@ class Ledger:
             return (f"the escrow holds {pr.tokens(ej.deposit)} tokens for this job, less than its deposit of "
                     f"{pr.tokens(int(st.deposit))}: the job is not started (a fee-on-transfer token?); cancel it "
                     "to get the tokens back")
+        if st.status in (SettlementStatus.new, SettlementStatus.funding):
+            left, want = ej.deadline - self.chain.timestamp(), int(self.pricing.deadline_seconds * DEADLINE_SLACK)
+            if left < want:
+                return (f"the escrow's deadline is {max(0, left)} s away; a deposit must stay at least {want} s "
+                        "(its refund would otherwise come before the work is reviewed): cancel the job, and "
+                        "deposit with the deadline GET /api/jobs/{id}/deposit gives")
         return ""
 
     def to_fund(self) -> list[int]:
@@ -531,11 +547,16 @@ class Ledger:
         """Take the deposit from the creator's wallet: gas money and demo tokens first on a dev token,
         then the token allowance, then open_job. One transaction per call."""
         chain = self.chain
-        address, key = self.creator_wallet(s, job.owner_id)
+        if not st.creator:
+            st.creator = self.creator_wallet(s, job.owner_id)[0]  # chosen once: linking later changes new jobs only
+        address, key = st.creator, self._key_for(s, st, job.owner_id)
         deposit = int(st.deposit)
-        st.status, st.creator = SettlementStatus.funding.value, address
-        s.add(st)
-        s.commit()
+        if st.status != SettlementStatus.funding.value:
+            st.status = SettlementStatus.funding.value
+            s.add(st)
+            s.commit()
+        if key is None:
+            return False  # the creator's own wallet deposits (the job page, or farm deposit): nothing to send
         if self.deployment.get("dev_token"):
             if chain.eth_balance(address) < ch.DEV_ETH // 10:
                 self._send(s, None, "fund", chain.operator_key, to=address, value=ch.DEV_ETH, detail=address)
@@ -635,7 +656,7 @@ class Ledger:
     def _creator_key(self, user_id: int) -> str:
         return ch.derive_key(self.seed, f"creator:{user_id}")
 
-    def creator_wallet(self, s: Session, user_id: int) -> tuple[str, str]:
+    def custodial_wallet(self, s: Session, user_id: int) -> tuple[str, str]:
         """The creator's custodial wallet (address, key), created on first use."""
         key = self._creator_key(user_id)
         address = ch.address_of(key)
@@ -643,6 +664,51 @@ class Ledger:
             s.add(CreatorWallet(user_id=user_id, address=address))
             s.commit()
         return address, key
+
+    def creator_wallet(self, s: Session, user_id: int) -> tuple[str, str | None]:
+        """The wallet the creator's new jobs deposit from: (address, key), the key None for a wallet of their
+        own (linked by signing in with it; the farm holds no key of it)."""
+        address, key = self.custodial_wallet(s, user_id)
+        row = s.get(CreatorWallet, user_id)
+        if row.own_address:
+            return row.own_address, None
+        return address, key
+
+    def _key_for(self, s: Session, st: Settlement, user_id: int) -> str | None:
+        """The key that signs for this escrow: the custodial one when it deposited, else none."""
+        address, key = self.custodial_wallet(s, user_id)
+        return key if st.creator.lower() == address.lower() else None
+
+    def _creator_sig(self, s: Session, st: Settlement, kind: str, ej: ch.EscrowJob, h: str) -> bytes | None:
+        """The creator's EIP-712 signature of Approve/Reject(escrow job, the escrow's round, ``h``): made here
+        with the custodial key, or the one the creator's own wallet gave (checked: a signature for another
+        round or list is dropped, and None returned)."""
+        job = s.get(Job, st.job_id)
+        key = self._key_for(s, st, job.owner_id)
+        chain = self.chain
+        if key is not None:
+            return (chain.sign_approve if kind == "approve" else chain.sign_reject)(key, int(st.escrow_job), ej.round, h)
+        sig = st.approve_sig if kind == "approve" else st.reject_sig
+        if not sig:
+            return None
+        typed = (eth_sign.approve_typed if kind == "approve" else eth_sign.reject_typed)(
+            chain.chain_id(), chain.escrow.address, int(st.escrow_job), ej.round, h)
+        try:
+            good = eth_sign.recover_typed(typed, sig).lower() == st.creator.lower()
+        except eth_sign.SignatureError:
+            good = False
+        if not good:
+            setattr(st, "approve_sig" if kind == "approve" else "reject_sig", "")
+            st.error = (f"the creator's {kind} signature is not for round {ej.round} of escrow job {st.escrow_job}: "
+                        "sign again on the job page")
+            s.add(st)
+            s.commit()
+            return None
+        return bytes.fromhex(sig[2:])
+
+    @property
+    def review_seconds(self) -> int:
+        return int(self.deployment.get("review_seconds") or REVIEW_WINDOW_SECONDS)
 
     def balances(self, address: str) -> dict[str, Any]:
         chain = self.require_chain()

@@ -25,6 +25,7 @@ from farm.web.deps import Api
 from farm.web.guard import Guard
 from farm.web.payments import payments_router
 from farm.web.schemas import ErrorOut
+from farm.web.wallet_api import wallet_router
 
 
 def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | None = None, ledger=None) -> FastAPI:
@@ -66,6 +67,7 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
 
     # payments and review: estimate, deposit status, approve, reject, payouts, wallets
     app.include_router(payments_router(engine, api.get_user, api.serial, ledger))
+    app.include_router(wallet_router(engine, api.get_user, ledger))
     _mount_web(app, engine, blobs, api.serial, ledger)
     app.add_middleware(Guard, engine=engine, blob_limit=blobs.max_bytes)  # outermost: before any body is read
     return app

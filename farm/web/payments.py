@@ -15,6 +15,8 @@ from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
 from farm.kinds import jobs
+from farm.kinds.jobs import JobError
+from farm.payments import own_wallets
 from farm.payments import pricing as pr
 from farm.payments.ledger import Ledger, LedgerError
 from farm.store.db import session as new_session
@@ -26,6 +28,13 @@ from farm.web import review
 class RejectRequest(BaseModel):
     frames: str | list[int] = Field(description="frames to re-render: '3,7-9' or [3, 7, 8, 9]")
     reason: str = Field("", max_length=1000)
+    signature: str = Field("", max_length=200, description="a wallet of your own: its EIP-712 Reject of the "
+                           "typed data POST /api/jobs/{id}/rejection gives (0x-hex)")
+
+
+class ApproveRequest(BaseModel):
+    signature: str = Field("", max_length=200, description="a wallet of your own: its EIP-712 Approve of the "
+                           "typed data GET /api/jobs/{id}/approval gives (0x-hex)")
 
 
 def payment_view(s: Session, ledger: Ledger | None, job: Job) -> dict[str, Any]:
@@ -118,29 +127,67 @@ def payments_router(engine, get_user: Callable, serial: Callable, ledger: Ledger
     def payouts(job_id: int, user: User = Depends(get_user), s: Session = Depends(get_session)) -> dict[str, Any]:
         return payouts_view(s, ledger, jobs.get_job(s, job_id, user))
 
+    async def own_signature(job_id: int, user: User, kind: str, signature: str, record: str = "") -> str:
+        """"" for a custodial job (the farm signs); else the creator's wallet's checked signature, which a
+        job paid from a wallet of their own cannot go without."""
+        if ledger is None:
+            return ""
+
+        def check() -> str:
+            with new_session(engine) as s:
+                job = review._own_job(s, job_id, user)
+                if not own_wallets.is_own(ledger, s, job):
+                    return ""
+                if not signature:
+                    where = "GET /api/jobs/{id}/approval" if kind == "approve" else "POST /api/jobs/{id}/rejection"
+                    raise LedgerError(f"job {job_id} is paid from your own wallet: sign the typed data {where} gives "
+                                      "in that wallet (the Approve/Reject buttons of the job page do) and send the "
+                                      "signature", 409)
+                return own_wallets.check_signature(ledger, s, job, kind, signature, record)
+        try:
+            return await chain_call(check)
+        except JobError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+
     @router.post("/jobs/{job_id}/approve")
-    async def approve(job_id: int, user: User = Depends(get_user)) -> dict[str, Any]:
-        """Approve a rendered job: the escrow pays its workers. Approving twice pays once."""
+    async def approve(job_id: int, body: ApproveRequest | None = Body(None),
+                      user: User = Depends(get_user)) -> dict[str, Any]:
+        """Approve a rendered job: the escrow pays its workers. Approving twice pays once. A job paid from
+        the creator's own wallet needs that wallet's signature (``signature``)."""
+        sig = await own_signature(job_id, user, "approve", body.signature if body else "")
+        if sig:
+            def keep() -> None:
+                with new_session(engine) as s:
+                    st = s.get(Settlement, job_id)
+                    st.approve_sig, st.error = sig, ""
+                    s.add(st)
+                    s.commit()
+            await asyncio.to_thread(keep)
         view = await serial(review.approve_job, engine, job_id, user)
         poke()
         return view
 
     @router.post("/jobs/{job_id}/reject")
     async def reject(job_id: int, body: RejectRequest, user: User = Depends(get_user)) -> dict[str, Any]:
-        """Reject frames of a rendered job: they are rendered again, then the job can be approved."""
-        view = await serial(review.reject_job, engine, job_id, user, body.frames, body.reason)
+        """Reject frames of a rendered job: they are rendered again, then the job can be approved. A job paid
+        from the creator's own wallet needs that wallet's signature of the rejection (``signature``)."""
+        try:
+            _, _, record = review.reject_record(body.frames, body.reason)
+        except JobError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        sig = await own_signature(job_id, user, "reject", body.signature, record)
+        view = await serial(review.reject_job, engine, job_id, user, body.frames, body.reason, None, sig)
         poke()
         return view
 
     @router.get("/wallet")
     async def my_wallet(user: User = Depends(get_user)) -> dict[str, Any]:
-        """The caller's custodial wallet and its balances."""
+        """The caller's wallet and its balances: custodial (the farm holds its key), or linked (their own)."""
         led = need_ledger()
 
         def read():
             with new_session(engine) as s:
-                address, _ = led.creator_wallet(s, user.id)
-            return {**led.balances(address), "custodial": True}
+                return own_wallets.wallet_view(led, s, user)
         return await chain_call(read)
 
     @router.get("/wallets/{address}")

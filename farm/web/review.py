@@ -65,13 +65,21 @@ def parse_frames(frames: list[int] | str) -> list[int]:
     return sorted({int(f) for f in frames})
 
 
-def reject_job(engine, job_id: int, user: User, frames: list[int] | str, reason: str,
-               now: float | None = None) -> dict[str, Any]:
-    """Reject ``frames`` of a rendered job: their tasks are re-queued for a new render. A job already
-    in ``rejected`` (re-rendering) may have more frames rejected. Returns the job's view."""
-    now = time.time() if now is None else now
+def reject_record(frames: list[int] | str, reason: str) -> tuple[list[int], str, str]:
+    """(frames, reason, the record of both whose hash the escrow's Reject names): one canonical text, so the
+    creator's own wallet signs exactly what the ledger relays."""
     reason = (reason or "").strip()[:MAX_REASON] or "no reason given"
     wanted = parse_frames(frames)
+    return wanted, reason, json.dumps({"frames": wanted, "reason": reason}, sort_keys=True)
+
+
+def reject_job(engine, job_id: int, user: User, frames: list[int] | str, reason: str,
+               now: float | None = None, signature: str = "") -> dict[str, Any]:
+    """Reject ``frames`` of a rendered job: their tasks are re-queued for a new render. A job already
+    in ``rejected`` (re-rendering) may have more frames rejected. ``signature``: the creator's own wallet's
+    EIP-712 Reject of this record, checked by the caller. Returns the job's view."""
+    now = time.time() if now is None else now
+    wanted, reason, record = reject_record(frames, reason)
     if not wanted:
         raise JobError("name the frames to re-render (for example 3,7-9)")
     with new_session(engine) as s:
@@ -114,7 +122,7 @@ def reject_job(engine, job_id: int, user: User, frames: list[int] | str, reason:
         if st is not None:
             st.needs_payouts = True
             st.reject_pending = True
-            st.reject_reason = json.dumps({"frames": wanted, "reason": reason}, sort_keys=True)
+            st.reject_reason, st.reject_sig = record, signature
             st.updated_at = now
             s.add(st)
         s.commit()
