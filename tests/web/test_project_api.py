@@ -111,3 +111,21 @@ def test_the_scene_hash_must_be_the_manifests_scene(farm):
     man = project(farm)
     r = submit(farm, man, scene_sha256=man["files"][1]["sha256"])
     assert r.status_code == 422 and "manifest's scene" in r.text
+
+
+def test_the_job_page_warns_of_the_missing_files_as_written(farm):
+    """A job submitted with --allow-missing: its page says so right below the heading, each path as written
+    in the .blend (escaped), with the data-block that reads it; a job without missing files says nothing."""
+    man = project(farm)
+    gone = [{"path": "//tex/gone <1>.png", "used_by": "image 'gone.png'", "blend": "shots/s.blend"}]
+    job = submit(farm, man, missing=gone).json()
+    plain = submit(farm, man).json()
+    http = farm["http"]
+    csrf = http.get("/login").text.split('name="csrf" value="')[1].split('"')[0]
+    assert http.post("/login", data={"csrf": csrf, "token": farm["alice"]["Authorization"][7:]},
+                     follow_redirects=False).status_code == 303
+    page = http.get(f"/jobs/{job['id']}").text
+    assert "Renders without 1 missing file</h2>" in page and "--allow-missing" in page
+    assert "<code>//tex/gone &lt;1&gt;.png</code> read by image &#39;gone.png&#39; in shots/s.blend" in page
+    assert page.index('id="missing"') < page.index('id="status"'), "right below the heading"
+    assert 'id="missing"' not in http.get(f"/jobs/{plain['id']}").text
