@@ -312,12 +312,27 @@ def cmd_worker(args) -> int:
     except KeyFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from worker import availability as avail
+    try:
+        schedule = avail.parse_schedule(args.schedule) if args.schedule else None
+        idle = avail.IdleDetector(args.idle_minutes, args.idle_cpu) if args.idle_only else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rules = avail.Availability(schedule, idle, grace=args.pause_grace) if schedule or idle else None
+    if rules:
+        print("worker: takes work " + " and ".join(
+            ([f"during {args.schedule} (local time)"] if schedule else [])
+            + ([f"while this host is idle ({args.idle_minutes:g} min with other programs under {args.idle_cpu:g} % "
+                "CPU and no terminal input)"] if idle else []))
+            + f"; a task running when that ends gets {args.pause_grace:g} s to finish, else it is handed back",
+            flush=True)
     from worker.daemon import main
     from worker.sandbox import SandboxUnavailable
     try:
         main(args.coordinator, Path(args.cache), args.slots, args.wallet, args.gpus, args.worker_id, args.models,
              benchmark=args.benchmark, server_key=server_key, enroll_token=token, sandbox=not args.no_sandbox,
-             memory_bytes=int(args.max_memory * 1024**3) if args.max_memory else None)
+             memory_bytes=int(args.max_memory * 1024**3) if args.max_memory else None, availability=rules)
     except SandboxUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -380,6 +395,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print this worker's public key (made on first use, in the cache dir) and exit")
     w.add_argument("--models", action="append", help="diffusion model folder, or a folder of them (repeatable; "
                    "default RENDERHIVE_MODELS); the Hugging Face hub cache is searched too")
+    w.add_argument("--schedule", default=os.environ.get("RENDERHIVE_SCHEDULE"), metavar="HH:MM-HH:MM[,...]",
+                   help="take work only in these local-time windows, e.g. 22:00-08:00 (wraps midnight) or "
+                   "00:00-07:30,12:00-13:00 (or RENDERHIVE_SCHEDULE); outside them the worker stays connected "
+                   "but takes no task")
+    w.add_argument("--idle-only", action="store_true",
+                   help="take work only while this host is idle: other programs' CPU below --idle-cpu and no "
+                   "terminal input, for --idle-minutes (desktop mouse/keyboard and GPU use are not seen)")
+    w.add_argument("--idle-minutes", type=float, default=10.0, help="with --idle-only: quiet minutes first (10)")
+    w.add_argument("--idle-cpu", type=float, default=25.0, metavar="PERCENT",
+                   help="with --idle-only: other programs' CPU use, in %% of the whole machine, that counts as "
+                   "in use (25; 100 ignores the CPU)")
+    w.add_argument("--pause-grace", type=float, default=120.0, metavar="SECONDS",
+                   help="when the schedule closes or the host is in use: seconds a running task may take to "
+                   "finish; one that cannot is handed back to the farm at once, without penalty (120)")
     wb = w.add_mutually_exclusive_group()
     wb.add_argument("--benchmark", dest="benchmark", action="store_const", const="force", default="auto",
                     help="measure the benchmark score again (default: reuse the cached score of this setup)")

@@ -17,6 +17,7 @@ import uvicorn
 
 from common.keys import KeyFileError
 from farm.core.coordinator import Coordinator
+from farm.payments.earnings import WorkerEarnings
 from farm.payments.ledger import Ledger, Settler, chain_factory
 from farm.plane.broker import Broker, tune_gc
 from farm.plane.gate import Keyring, resolve_mode
@@ -57,7 +58,8 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
     print(f"worker plane encrypted (CurveZMQ); coordinator key {keyring.server_key}: workers pin it with "
           f"`farm worker --server-key '{keyring.server_key}'`", flush=True)
     print(f"workers admitted: {_ADMISSION[keyring.mode].format(dir=keyring.dir)}", flush=True)
-    coord = Coordinator(engine, blobs, require_sandbox=require_sandbox)
+    # workers hear the current price after WELCOME and each job's credited share (farm.payments.earnings)
+    coord = Coordinator(engine, blobs, require_sandbox=require_sandbox, earnings=WorkerEarnings(payments=bool(factory)))
     if require_sandbox:
         print("workers must sandbox their runtime children (a worker started with --no-sandbox is refused)",
               flush=True)

@@ -11,6 +11,9 @@ Invariants:
 * inputs are fetched into the LRU cache (resumable, hash-verified) and outputs uploaded before RESULT;
 * on silence from the coordinator for HEARTBEAT_LIVENESS intervals, or DISCONNECT, the socket is
   replaced and HELLO is sent again, with reconnect backoff 1 s → 32 s while the coordinator stays away;
+* paused by its owner's rules (:mod:`worker.availability`: ``--schedule``, ``--idle-only``) it offers no
+  slot (READY 0), answers TASK with RELEASE, finishes a running task within the grace or hands it back
+  with RELEASE, and keeps heart-beating until the window opens again;
 * with ``server_key`` (``farm worker`` always has one) the socket is a CURVE client pinned to that key
   (:mod:`worker.keys`): a failed handshake ends the session at once, with the reason logged, and nothing
   is sent in clear. Without one (in-process tests against a plain broker) it speaks plain ZMTP.
@@ -26,7 +29,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +40,13 @@ from common import limits as L
 from common import model_folders
 from common import protocol as P
 from common.hashing import file_sha256
+from worker import availability as avail
 from worker import benchmark as bench
 from worker import keys
 from worker import sandbox as sandboxing
 from worker import settings as C
 from worker.blobcache import BlobCache
+from worker.earnings import EarningsLog
 from worker.runtimes.process import RuntimeCrashed, RuntimeProcess
 from worker.tasks.executors import EXECUTORS, RUNTIMES, TaskContext, TaskFailure
 
@@ -53,6 +58,10 @@ class Running:
     msg: P.Task
     slot: int
     job: asyncio.Task
+    started: float = field(default_factory=time.monotonic)
+    done: int = 0      # units finished so far (its last PROGRESS): whether it can finish within a pause's grace
+    total: int = 0
+    released: bool = False
 
 
 def gpu_assignment(gpus: str, slots: int) -> list[str]:
@@ -68,7 +77,8 @@ class WorkerDaemon:
     def __init__(self, coordinator: str, cache_dir: Path, slots: int = 1, wallet: str = "",
                  gpus: str = "all", worker_id: str | None = None, cache_bytes: int = C.WORKER_CACHE_BYTES,
                  models: list[Path] | None = None, benchmark: str = "auto", server_key: bytes | None = None,
-                 enroll_token: str = "", sandbox: bool = True, limits: sandboxing.Limits | None = None):
+                 enroll_token: str = "", sandbox: bool = True, limits: sandboxing.Limits | None = None,
+                 availability: avail.Availability | None = None):
         self.endpoint = coordinator
         self.dir = Path(cache_dir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +109,9 @@ class WorkerDaemon:
         self.limits = limits or sandboxing.Limits()
         self.policies: dict[tuple[str, int], sandboxing.Policy] = {}
         self.sandbox_info = ""  # what probe() found, for the start-up line and HELLO
+        self.availability = availability  # the owner's schedule / idle rule (None: always available)
+        self.paused, self.paused_at = "", 0.0  # why the worker takes no work now ("" while it does)
+        self.earnings = EarningsLog(self.id, self.dir, wallet)
 
     def _load_id(self) -> str:
         path = self.dir / "worker.id"
@@ -228,7 +241,31 @@ class WorkerDaemon:
         return [list(k) for k in {*self.running, *self.outbox}]
 
     def free_slots(self) -> int:
-        return self.slots - len(self.running)
+        return 0 if self.paused else self.slots - len(self.running)
+
+    def _owner_rules(self, welcomed: bool) -> None:
+        """Pause or resume by the owner's rules; while paused, hand back running tasks that cannot finish
+        within the grace (their lease goes back without fault: RELEASE, not FAILED or BYE)."""
+        why = self.availability.reason() if self.availability else ""
+        if why and not self.paused:
+            self.paused, self.paused_at = why, time.monotonic()
+            print(f"worker {self.id}: paused, {why}: takes no new task"
+                  + (f", finishing or handing back {len(self.running)} running" if self.running else ""), flush=True)
+        elif not why and self.paused:
+            self.paused = ""
+            print(f"worker {self.id}: resumed: takes tasks again", flush=True)
+        else:
+            why = None  # no change
+        if why is not None and welcomed:
+            self.send(P.Ready(self.free_slots()))
+        for key, run in list(self.running.items()) if self.paused else ():
+            if not run.released and avail.hand_back(time.monotonic(), self.paused_at, run.started, run.done,
+                                                    run.total, self.availability.grace):
+                run.released = True
+                run.job.cancel()
+                self.send(P.Release(*key, self.paused[:500]))
+                print(f"worker {self.id}: handed task {key[0]}/{key[1]} back ({run.done}/{run.total} done): "
+                      "it could not finish within the pause's grace", flush=True)
 
     async def run(self) -> None:
         await self.start_runtimes()
@@ -270,6 +307,7 @@ class WorkerDaemon:
             last_recv = time.monotonic()
             next_hb = time.monotonic() + interval
             while not self.stopping.is_set():
+                self._owner_rules(welcomed)
                 now = time.monotonic()
                 if now - last_recv > interval * L.HEARTBEAT_LIVENESS:
                     return welcomed
@@ -331,11 +369,18 @@ class WorkerDaemon:
                 q.put_nowait(msg)
         elif isinstance(msg, P.Error):
             log.error("coordinator says: %s", msg.reason)
+        elif isinstance(msg, P.Price):
+            print(self.earnings.price_line(msg), flush=True)
+        elif isinstance(msg, P.Earned) and (line := self.earnings.earned_line(msg)):
+            print(line, flush=True)
 
     # ------------------------------------------------------------------ tasks
     def _start_task(self, msg: P.Task) -> None:
         key = (msg.task_id, msg.attempt)
         if key in self.running or key in self.outbox:
+            return
+        if self.paused:  # sent before our READY 0 arrived: back at once, without fault
+            self.send(P.Release(msg.task_id, msg.attempt, self.paused[:500]))
             return
         busy = {r.slot for r in self.running.values()}
         free = [i for i in range(self.slots) if i not in busy]
@@ -395,6 +440,8 @@ class WorkerDaemon:
             sandboxing.give(policy, out_dir)
 
         def progress(done: int, of: int, message: str) -> None:
+            if run := self.running.get((msg.task_id, msg.attempt)):
+                run.done, run.total = done, of
             self.send(P.Progress(msg.task_id, msg.attempt, done, of, message))
 
         async def runtime() -> RuntimeProcess:
@@ -530,7 +577,8 @@ class WorkerDaemon:
 
 def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, worker_id: str | None,
          models: list[str] | None = None, benchmark: str = "auto", server_key: bytes | None = None,
-         enroll_token: str = "", sandbox: bool = True, memory_bytes: int | None = None) -> None:
+         enroll_token: str = "", sandbox: bool = True, memory_bytes: int | None = None,
+         availability: avail.Availability | None = None) -> None:
     import signal
 
     from common.logs import setup
@@ -541,7 +589,8 @@ def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, 
                               models=model_folders.configured_dirs(models) if models else None,
                               benchmark=benchmark, server_key=server_key, enroll_token=enroll_token,
                               sandbox=sandbox, limits=sandboxing.Limits(
-                                  **({"memory_bytes": memory_bytes} if memory_bytes else {})))
+                                  **({"memory_bytes": memory_bytes} if memory_bytes else {})),
+                              availability=availability)
         if server_key:
             print(f"worker {daemon.id}: key {daemon.keypair[0].decode()}; pins the coordinator key "
                   f"{server_key.decode()}", flush=True)

@@ -108,3 +108,15 @@ TASK_SECONDS = _env_float("TASK_SECONDS", 6 * 3600.0)
 """Wall-clock limit of one task in a runtime child when its job sets none (``time_limit`` in the task's
 settings, seconds per frame): a scene that runs longer is stopped and its task failed for good, with the
 limit in the message. The CPU-time limit is this times the child's render threads (every core)."""
+
+# ------------------------------------------------------------------ the owner's schedule and idle rule (worker.availability)
+CLOCK_FILE = os.environ.get("RENDERHIVE_CLOCK_FILE", "")
+"""Tests only: a file holding the local time ("HH:MM" or "HH:MM:SS" of today) that ``--schedule`` goes by,
+read again at every look, so a test moves a real worker's clock by rewriting it. Unset: the real clock."""
+
+IDLE_TTYS = tuple(p for p in os.environ.get("RENDERHIVE_IDLE_TTYS", "/dev/pts/*:/dev/tty[0-9]*").split(":") if p)
+"""Terminal devices whose access time tells ``--idle-only`` when someone last typed (colon-separated globs;
+tests point it at files of their own)."""
+
+IDLE_SAMPLE_SECONDS = _env_float("IDLE_SAMPLE_SECONDS", 5.0)
+"""Seconds between two readings of /proc for ``--idle-only`` (one reading lists /proc, about a millisecond)."""

@@ -234,8 +234,11 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
         user, ws = current(request)
         with new_session(engine) as s:
             rows = list(s.exec(select(Worker).order_by(Worker.online.desc(), Worker.id)))
+        from farm.payments import earnings, pricing
         from farm.verify.reputation import speed
-        return render("workers.html", request, user, csrf=ws.csrf, workers=rows, speed=speed)
+        price = pricing.tokens(earnings.current_price(getattr(ledger, "pricing", None) or pricing.Pricing.from_env()))
+        return render("workers.html", request, user, csrf=ws.csrf, workers=rows, speed=speed, price=price,
+                      price_unit=earnings.UNIT, payments=ledger is not None)
 
     return router
 

@@ -1,0 +1,82 @@
+"""Workers' view of the money: the current price, and each worker's credited share of a job, as protocol
+messages (PRICE, EARNED) for the coordinator to send over the worker plane (the port
+:class:`farm.core.earnings_port.Earnings`), and for the Workers page.
+
+:func:`current_price` is the one function that says what the farm pays now; today it is the fixed
+:attr:`Pricing.price_per_unit` (wei per reference second of measured work). A load-based price replaces
+its body, and PRICE, ``farm worker`` and the Workers page follow. Invariants:
+
+* a share is announced only once its round is ``credited`` (the creator approved it): a computed or
+  posted list may still be rejected;
+* finding new credits costs one indexed query a second (settlements not yet credited, by status), and
+  then only the payouts of the jobs that left that set: nothing scans the payout table.
+"""
+from __future__ import annotations
+
+from sqlmodel import Session, select
+
+from common import protocol as P
+from farm.payments import pricing as pr
+from farm.store.ledger_models import Payout, PayoutStatus, Settlement, SettlementStatus
+
+UNIT = "reference second of measured work"
+"""What a unit of paid work is (pricing.py: the job's fastest measured seconds per frame, tile, image)."""
+
+RECENT_JOBS = 50
+"""Newest settled jobs whose credited shares a worker hears of after its HELLO (at most RECENT_SHARES)."""
+RECENT_SHARES = 8
+CHECK_INTERVAL = 1.0
+"""Seconds between two looks for newly credited shares."""
+
+_UNCREDITED = (SettlementStatus.new.value, SettlementStatus.funding.value, SettlementStatus.open.value,
+               SettlementStatus.posted.value, SettlementStatus.disputed.value)
+_CREDITED = (SettlementStatus.approved.value, SettlementStatus.paid.value)
+
+
+def current_price(pricing: pr.Pricing) -> int:
+    """Wei the farm pays now per unit of measured work (fixed today; see the module docstring)."""
+    return pricing.price_per_unit
+
+
+def earned(p: Payout) -> P.Earned:
+    ms = p.work_ms + p.check_ms
+    rate = int(p.amount) * 1000 // ms if ms else 0  # what was paid per unit (less than the price when capped)
+    return P.Earned(p.job_id, str(p.amount), pr.tokens(p.amount), p.work_ms / 1000, p.tasks,
+                    p.check_ms / 1000, p.checks, pr.tokens(rate))
+
+
+class WorkerEarnings:
+    """The core's :class:`~farm.core.earnings_port.Earnings`. ``payments``: False when the farm runs without
+    a chain (``farm serve --chain-rpc off``): PRICE then says nothing is paid."""
+
+    def __init__(self, pricing: pr.Pricing | None = None, payments: bool = True):
+        self.pricing = pricing or pr.Pricing.from_env()
+        self.payments = payments
+        self._waiting: set[int] | None = None  # jobs whose shares are not credited yet (None: not looked yet)
+        self._looked = 0.0
+
+    def price(self) -> P.Price:
+        note = "" if self.payments else "payments are off on this farm (farm serve --chain-rpc off): no job pays"
+        return P.Price(pr.tokens(current_price(self.pricing)), UNIT, note)
+
+    def recent(self, s: Session, worker_id: str) -> list[P.Earned]:
+        jobs = s.exec(select(Settlement.job_id).where(Settlement.status.in_(_CREDITED))
+                      .order_by(Settlement.job_id.desc()).limit(RECENT_JOBS)).all()
+        if not jobs:
+            return []
+        rows = s.exec(select(Payout).where(Payout.job_id.in_(jobs)).where(Payout.worker_id == worker_id)
+                      .where(Payout.status == PayoutStatus.credited.value)
+                      .order_by(Payout.job_id.desc()).limit(RECENT_SHARES)).all()
+        return [earned(p) for p in reversed(rows)]
+
+    def credited(self, s: Session, now: float) -> list[tuple[str, P.Earned]]:
+        if now - self._looked < CHECK_INTERVAL:
+            return []
+        self._looked = now
+        waiting = set(s.exec(select(Settlement.job_id).where(Settlement.status.in_(_UNCREDITED))).all())
+        moved, self._waiting = (self._waiting or set()) - waiting, waiting
+        if not moved:
+            return []
+        rows = s.exec(select(Payout).where(Payout.job_id.in_(sorted(moved)))
+                      .where(Payout.status == PayoutStatus.credited.value).order_by(Payout.job_id)).all()
+        return [(p.worker_id, earned(p)) for p in rows]
