@@ -26,10 +26,12 @@ from typing import Any
 from sqlmodel import Session, delete, select
 
 from common import eth_sign
+from farm.kinds import jobs
 from farm.payments import chain as ch
 from farm.payments import pricing as pr
 from farm.payments.chain import EscrowState
 from farm.payments.ledger import Ledger, LedgerError
+from farm.store.db import session as new_session
 from farm.store.ledger_models import CreatorWallet, Settlement, WalletChallenge
 from farm.store.models import Job, User
 
@@ -223,3 +225,27 @@ def check_signature(ledger: Ledger, s: Session, job: Job, kind: str, signature: 
                           f"{req['round']} (signed by {signer}: another wallet, job or round): sign the typed "
                           f"data GET /api/jobs/{job.id}/{'approval' if kind == 'approve' else 'rejection'} gives", 403)
     return signature
+
+
+def accept_signature(ledger: Ledger, engine, job: int, user: User, kind: str, signature: str,
+                     record: str = "") -> str:
+    """Before an approval or rejection changes anything: "" for a custodial job (the farm signs at relay
+    time); for a job paid from the creator's own wallet, its checked signature (kept for the ledger to
+    relay, for an approval) — and :class:`LedgerError` 409 without one, 403 for a wrong one."""
+    with new_session(engine) as s:
+        j = jobs.get_job(s, job, user)
+        if j.owner_id != user.id:
+            raise LedgerError(f"only the creator of job {job} can review it", 403)
+        if not is_own(ledger, s, j):
+            return ""
+        if not signature:
+            where = (f"GET /api/jobs/{job}/approval" if kind == "approve" else f"POST /api/jobs/{job}/rejection")
+            raise LedgerError(f"job {job} is paid from your own wallet: sign the typed data {where} gives in that "
+                              "wallet (the job page's buttons do) and send the signature", 409)
+        sig = check_signature(ledger, s, j, kind, signature, record)
+        if kind == "approve":
+            st = s.get(Settlement, job)
+            st.approve_sig, st.error = sig, ""
+            s.add(st)
+            s.commit()
+        return sig

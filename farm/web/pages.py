@@ -31,12 +31,15 @@ from sqlmodel import select
 from common.rasters import RasterError
 from farm.kinds import jobs
 from farm.kinds.jobs import JobError
+from farm.payments import own_wallets
+from farm.payments.ledger import LedgerError
 from farm.store.blobs import BlobStore
 from farm.store.db import session as new_session
 from farm.store.models import Job, User, WebSession, Worker
 from farm.store.states import JOB_TERMINAL, JobStatus
 from farm.web import auth
 from farm.web.previews import PreviewCache
+from farm.web.wallet_pages import add_wallet_routes, own_wallet_job
 
 HERE = Path(__file__).parent
 SESSION_COOKIE, PRELOGIN_COOKIE = "rh_session", "rh_prelogin"
@@ -92,6 +95,16 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
                 view["payment"] = payments.payment_view(s, ledger, job)
                 view["payouts"] = payments.payouts_view(s, ledger, job)
             return view
+
+    async def _custodial_only(job_id: int, user: User, kind: str) -> None:
+        """A form approves or rejects for a custodial wallet only; a job paid from the creator's own wallet is
+        reviewed by that wallet's signature (the page's wallet buttons)."""
+        if ledger is None:
+            return
+        try:
+            await asyncio.to_thread(own_wallets.accept_signature, ledger, engine, job_id, user, kind, "")
+        except LedgerError as exc:
+            raise JobError(str(exc), exc.status) from None
 
     @router.get("/login", response_class=HTMLResponse)
     def login_page(request: Request, error: str = "") -> HTMLResponse:
@@ -152,14 +165,19 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
                     view["payment"] = payments.payment_view(s, ledger, j)
                 rows.append(view)
         return render("jobs.html", request, user, csrf=ws.csrf, jobs=rows, status=status,
-                      statuses=[x.value for x in JobStatus])
+                      statuses=[x.value for x in JobStatus], payments=ledger is not None, own_wallet=False)
 
     @router.get("/jobs/{job_id}", response_class=HTMLResponse)
     def job_page(request: Request, job_id: int) -> HTMLResponse:
         user, ws = current(request)
         view = own_job(job_id, user)
+        try:
+            own = own_wallet_job(engine, ledger, job_id, user)
+        except Exception:  # the chain is down: the page still shows the job; the wallet part says so
+            own = False
         return render("job.html", request, user, csrf=ws.csrf, job=view, released=view["status"] in RELEASED,
-                      reviewable=view["status"] in REVIEWABLE, job_json=json.dumps(_live(view)))
+                      reviewable=view["status"] in REVIEWABLE, job_json=json.dumps(_live(view)), own_wallet=own,
+                      payments=ledger is not None)
 
     @router.get("/jobs/{job_id}/live")
     async def live(request: Request, job_id: int) -> StreamingResponse:
@@ -212,6 +230,7 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
     async def approve(request: Request, job_id: int) -> Response:
         user, ws = current(request)
         await form_checked(request, ws)
+        await _custodial_only(job_id, user, "approve")
         await serial(review.approve_job, engine, job_id, user)
         if ledger is not None and getattr(ledger, "wake_hook", None):
             ledger.wake_hook()
@@ -224,6 +243,7 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
         reason = str(form.get("reason", "")).strip()
         if not reason:
             raise JobError("say why the frame is rejected, so the re-render can fix it", 422)
+        await _custodial_only(job_id, user, "reject")
         await serial(review.reject_job, engine, job_id, user, str(form.get("frames", "")), reason)
         if ledger is not None and getattr(ledger, "wake_hook", None):
             ledger.wake_hook()
@@ -240,6 +260,7 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
         return render("workers.html", request, user, csrf=ws.csrf, workers=rows, speed=speed, price=price,
                       price_unit=earnings.UNIT, payments=ledger is not None)
 
+    add_wallet_routes(router, engine, serial, ledger, current)
     return router
 
 

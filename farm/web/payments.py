@@ -128,24 +128,11 @@ def payments_router(engine, get_user: Callable, serial: Callable, ledger: Ledger
         return payouts_view(s, ledger, jobs.get_job(s, job_id, user))
 
     async def own_signature(job_id: int, user: User, kind: str, signature: str, record: str = "") -> str:
-        """"" for a custodial job (the farm signs); else the creator's wallet's checked signature, which a
-        job paid from a wallet of their own cannot go without."""
         if ledger is None:
             return ""
-
-        def check() -> str:
-            with new_session(engine) as s:
-                job = review._own_job(s, job_id, user)
-                if not own_wallets.is_own(ledger, s, job):
-                    return ""
-                if not signature:
-                    where = "GET /api/jobs/{id}/approval" if kind == "approve" else "POST /api/jobs/{id}/rejection"
-                    raise LedgerError(f"job {job_id} is paid from your own wallet: sign the typed data {where} gives "
-                                      "in that wallet (the Approve/Reject buttons of the job page do) and send the "
-                                      "signature", 409)
-                return own_wallets.check_signature(ledger, s, job, kind, signature, record)
         try:
-            return await chain_call(check)
+            return await chain_call(own_wallets.accept_signature, ledger, engine, job_id, user, kind, signature,
+                                    record)
         except JobError as exc:
             raise HTTPException(exc.status, str(exc)) from None
 
@@ -154,15 +141,7 @@ def payments_router(engine, get_user: Callable, serial: Callable, ledger: Ledger
                       user: User = Depends(get_user)) -> dict[str, Any]:
         """Approve a rendered job: the escrow pays its workers. Approving twice pays once. A job paid from
         the creator's own wallet needs that wallet's signature (``signature``)."""
-        sig = await own_signature(job_id, user, "approve", body.signature if body else "")
-        if sig:
-            def keep() -> None:
-                with new_session(engine) as s:
-                    st = s.get(Settlement, job_id)
-                    st.approve_sig, st.error = sig, ""
-                    s.add(st)
-                    s.commit()
-            await asyncio.to_thread(keep)
+        await own_signature(job_id, user, "approve", body.signature if body else "")
         view = await serial(review.approve_job, engine, job_id, user)
         poke()
         return view
