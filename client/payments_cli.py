@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+from client import wallet_cli
 from client.api import ApiError, Client
 
 
@@ -26,7 +27,8 @@ def cmd_estimate(args, client: Client) -> int:
 
 
 def cmd_approve(args, client: Client) -> int:
-    job = client.approve(args.job)
+    signer = wallet_cli.signer_of(args)
+    job = wallet_cli.approve_signed(client, args.job, signer) if signer else client.approve(args.job)
     pay = client.payment(args.job)
     _print(args, {"job": job, "payment": pay},
            f"job {job['id']} {job['status']}: payouts {pay.get('status')} "
@@ -35,7 +37,9 @@ def cmd_approve(args, client: Client) -> int:
 
 
 def cmd_reject(args, client: Client) -> int:
-    job = client.reject(args.job, args.frames, args.reason)
+    signer = wallet_cli.signer_of(args)
+    job = (wallet_cli.reject_signed(client, args.job, args.frames, args.reason, signer) if signer
+           else client.reject(args.job, args.frames, args.reason))
     _print(args, job, f"job {job['id']} {job['status']}: {job.get('requeued_tasks', 0)} tasks queued to render again")
     return 0
 
@@ -58,7 +62,44 @@ def cmd_payouts(args, client: Client) -> int:
     return 0
 
 
+def cmd_deposit(args, client: Client) -> int:
+    signer = wallet_cli.signer_of(args)
+    if signer is None:
+        raise ApiError("farm deposit needs --key-file K: the wallet this job is paid from")
+    hashes = wallet_cli.deposit(client, args.job, signer, args.rpc)
+    _print(args, {"job": args.job, "transactions": hashes},
+           f"job {args.job}: deposited from {signer.address} ({len(hashes)} transactions); the job starts once the "
+           "farm sees the deposit" if hashes else f"job {args.job}: the deposit is in escrow already")
+    return 0
+
+
 def cmd_wallet(args, client: Client) -> int:
+    signer = wallet_cli.signer_of(args)
+    if args.link:
+        if signer is None:
+            raise ApiError("--link needs the wallet to sign with: --key-file K, or --sign-command CMD --address 0x…")
+        w = wallet_cli.link(client, signer)
+        _print(args, w, f"linked {w['own_address']}: your new jobs are paid from it and approved only by its "
+                        f"signatures (farm approve JOB --key-file …); custodial wallet {w['custodial_address']}")
+        return 0
+    if args.move:
+        r = client.request("POST", "/api/wallet/move")
+        _print(args, r, f"moved {r['amount_tokens']} tokens from the custodial wallet {r['from']} to {r['to']}")
+        return 0
+    if args.rpc:
+        address = args.address or (signer.address if signer else None)
+        escrow = args.escrow
+        if not (address and escrow):
+            mine = client.my_wallet()
+            address, escrow = address or mine["address"], escrow or mine["escrow"]
+        got = wallet_cli.onchain_credits(args.rpc, escrow, address)
+        lines = [f"{got['address']} on the node at {args.rpc} (block {got['block']}), escrow {got['escrow']}:"]
+        lines += [f"  escrow job {j['escrow_job'][:12]}… round {j['round']}: {int(j['amount']) / 1e18:.6f} tokens "
+                  f"({j['settled']}, tx {j['tx_hash'][:18]}…)" for j in got["jobs"]]
+        lines.append(f"  credited in all {int(got['credited']) / 1e18:.6f}; not yet withdrawn "
+                     f"{int(got['escrow_credit']) / 1e18:.6f}; in the wallet {int(got['token']) / 1e18:.6f} tokens")
+        _print(args, got, "\n".join(lines))
+        return 0
     if args.withdraw:
         if not args.address:
             raise ApiError("--withdraw needs the address to pay out: farm wallet 0x… --withdraw")
@@ -81,22 +122,46 @@ def add_commands(sub, client_cmd: Callable) -> None:
 
     a = client_cmd("approve", "approve a rendered job: its workers are paid from the escrow")
     a.add_argument("job", type=int)
+    _signing_args(a)
     a.set_defaults(func=cmd_approve)
 
     r = client_cmd("reject", "reject frames of a rendered job: they are rendered again")
     r.add_argument("job", type=int)
     r.add_argument("--frames", required=True, help="frames to re-render, like 3,7-9")
     r.add_argument("--reason", default="", help="what is wrong with them")
+    _signing_args(r)
     r.set_defaults(func=cmd_reject)
+
+    d = client_cmd("deposit", "deposit for a job from your own wallet (its key and a node of its chain)")
+    d.add_argument("job", type=int)
+    d.add_argument("--rpc", required=True, help="JSON-RPC URL of a node of the farm's chain")
+    _signing_args(d)
+    d.set_defaults(func=cmd_deposit)
 
     p = client_cmd("payouts", "each worker's share of a job")
     p.add_argument("job", type=int)
     p.set_defaults(func=cmd_payouts)
 
-    w = client_cmd("wallet", "balances of your wallet or of an address; --withdraw pays out a worker")
+    w = client_cmd("wallet", "balances of your wallet or of an address; --withdraw pays out a worker; --link "
+                             "links a wallet of your own; --rpc checks credits on your own node")
     w.add_argument("address", nargs="?", default=None, help="an address (default: your own wallet)")
     w.add_argument("--withdraw", action="store_true", help="pay the address's escrow credit out to it")
+    w.add_argument("--link", action="store_true", help="link the wallet of --key-file/--sign-command to your account "
+                                                      "(Sign-In with Ethereum): it pays and approves your new jobs")
+    w.add_argument("--move", action="store_true", help="send the custodial wallet's balance to your linked wallet")
+    w.add_argument("--rpc", default=None, help="read from this node (yours, not the farm's) what the escrow "
+                                               "credited the address")
+    w.add_argument("--escrow", default=None, help="with --rpc: the escrow contract (default: the farm's)")
+    _signing_args(w)
     w.set_defaults(func=cmd_wallet)
+
+
+def _signing_args(p) -> None:
+    g = p.add_argument_group("your own wallet (signs here; the farm never sees its key)")
+    g.add_argument("--key-file", default=None, help="a file holding the wallet's hex private key")
+    g.add_argument("--sign-command", default=None, help="an external signer: gets {method, address, data} as JSON "
+                                                        "on stdin, prints the 0x signature")
+    g.add_argument("--address", dest="signer_address", default=None, help="with --sign-command: the wallet's address")
 
 
 # ------------------------------------------------------------------ the demo's payment part
