@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,6 +17,11 @@ from urllib.parse import quote
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 CHUNK = 1 << 20
+RESUMABLE_ABOVE = int(float(os.environ.get("RENDERHIVE_RESUMABLE_MIB", 64)) * (1 << 20))
+"""Files of at least this many bytes are uploaded resumably (``RENDERHIVE_RESUMABLE_MIB``, 64 MiB): a dropped
+connection costs only what was in flight. Smaller files go in one PUT (one request instead of two)."""
+RESUME_ATTEMPTS = 5
+"""Connections an upload may lose before it gives up (each resumes where the farm's copy ends)."""
 
 
 class ApiError(RuntimeError):
@@ -35,14 +41,17 @@ def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> st
 
 
 class _ProgressReader:
-    """A file-like body that reports bytes as urllib reads them (upload progress)."""
+    """A file-like body that reports bytes as urllib reads them (upload progress), from ``offset`` on."""
 
-    def __init__(self, path: Path, progress: Callable[[int], None] | None):
+    def __init__(self, path: Path, progress: Callable[[int], None] | None, offset: int = 0):
         self.f = open(path, "rb")
+        self.f.seek(offset)
         self.progress = progress
+        self.sent = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(CHUNK if n is None or n < 0 else n)
+        self.sent += len(data)
         if data and self.progress:
             self.progress(len(data))
         return data
@@ -111,10 +120,77 @@ class Client:
         finally:
             reader.close()
 
-    def upload_resumable(self, path: Path, sha: str, progress: Callable[[int], None] | None = None) -> int:
-        """Upload blob ``sha`` from ``path``. Returns the bytes sent."""
+    def upload_standing(self, sha: str) -> dict[str, Any]:
+        """Where this user's resumable upload of ``sha`` stands: {"offset", "size", "complete"}."""
+        return self.request("GET", f"/api/blobs/{sha}/upload")
+
+    def upload_resumable(self, path: Path, sha: str, progress: Callable[[int], None] | None = None,
+                         attempts: int = RESUME_ATTEMPTS, pause: float = 1.0) -> int:
+        """Upload blob ``sha`` from ``path`` from where the farm's partial copy ends, resuming after a dropped
+        connection (at most ``attempts`` times); the farm checks the hash of the whole. ``progress`` gets the
+        bytes the farm has, sent now or before. Returns the bytes sent by this call."""
+        path = Path(path)
+        size = path.stat().st_size
+        try:
+            at = self.upload_standing(sha)
+        except ApiError as exc:
+            if exc.status in (404, 405):   # a coordinator without resumable uploads: one PUT
+                self.upload_blob(path, sha, progress)
+                return size
+            raise
+        if at["complete"]:
+            return 0
+        if at["size"] not in (None, size):   # begun for another file size: cannot be this file
+            self.request("DELETE", f"/api/blobs/{sha}/upload")
+            at = {"offset": 0}
+        sent, shown = 0, 0
+        for attempt in range(attempts):
+            offset = at["offset"]
+            if progress and offset > shown:
+                progress(offset - shown)
+                shown = offset
+            reader = _ProgressReader(path, None, offset)
+            if progress:
+                def tick(n: int) -> None:
+                    nonlocal shown
+                    if reader.sent + offset > shown:
+                        progress(min(n, reader.sent + offset - shown))
+                        shown = reader.sent + offset
+                reader.progress = tick
+            try:
+                with self._open("PATCH", f"/api/blobs/{sha}/upload?offset={offset}&size={size}", data=reader,
+                                headers={"Content-Type": "application/octet-stream",
+                                         "Content-Length": str(size - offset)}) as resp:
+                    done = json.loads(resp.read())
+                sent += reader.sent
+                if done["complete"]:
+                    return sent
+                at = done
+                continue
+            except ApiError as exc:
+                sent += reader.sent
+                if exc.status == 422 and "discarded" in str(exc):
+                    raise ApiError(f"upload of {path.name}: {exc}", exc.status) from None
+                if exc.status not in (0, 408, 409, 500, 502, 503, 504) or attempt == attempts - 1:
+                    raise
+            finally:
+                reader.close()
+            time.sleep(pause * (attempt + 1))
+            at = self.upload_standing(sha)   # where the farm's copy ends now: resume from there
+            if at["complete"]:
+                return sent
+        raise ApiError(f"upload of {path.name} did not finish after {attempts} attempts: run the submit again "
+                       "(it resumes where the farm's copy ends)")
+
+    def upload_any(self, path: Path, sha: str, progress: Callable[[int], None] | None = None,
+                   resumable_above: int | None = None) -> int:
+        """Upload blob ``sha``: resumably from ``resumable_above`` bytes (default RESUMABLE_ABOVE), else one PUT.
+        Returns the bytes sent."""
+        size = Path(path).stat().st_size
+        if size >= (RESUMABLE_ABOVE if resumable_above is None else resumable_above):
+            return self.upload_resumable(path, sha, progress)
         self.upload_blob(Path(path), sha, progress)
-        return Path(path).stat().st_size
+        return size
 
     def upload_if_missing(self, path: Path, progress: Callable[[int], None] | None = None,
                           sha: str | None = None) -> tuple[str, int]:

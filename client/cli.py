@@ -77,12 +77,14 @@ def upload_project(client: Client, scene: Path, args) -> tuple[str, int, dict[st
         if pr.missing:
             say(f"warning: rendering without {len(pr.missing)} missing file(s) (--allow-missing): "
                 + ", ".join(repr(d.written) for d in pr.missing[:10]))
+        above = int(args.resumable_above * (1 << 20)) if args.resumable_above is not None else None
         if args.json:
-            stats = proj.upload(client, pr)
+            stats = proj.upload(client, pr, resumable_above=above)
         else:
             with _progress() as prog:
                 t = prog.add_task("uploading", total=pr.total_bytes)
-                stats = proj.upload(client, pr, lambda name, n: prog.update(t, advance=n, description=name))
+                stats = proj.upload(client, pr, lambda name, n: prog.update(t, advance=n, description=name),
+                                    resumable_above=above)
         fields: dict[str, Any] = {"project": pr.manifest.to_json()}
         if pr.missing:
             fields["missing"] = pr.missing_report()
@@ -435,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the scene's folder); nothing outside it is shipped")
     sm.add_argument("--allow-missing", action="store_true", help="render although files the scene reads are "
                     "missing (Blender renders missing textures pink); the job page lists them")
+    sm.add_argument("--resumable-above", type=float, default=None, metavar="MiB",
+                    help="upload files of this many MiB or more resumably: a dropped connection is resumed "
+                    "where the farm's copy ends (default 64, or RENDERHIVE_RESUMABLE_MIB)")
     add_follow_args(sm, "frames")
     sm.set_defaults(func=cmd_submit)
 

@@ -12,7 +12,11 @@ needed), or with bpy in a child process when BAT cannot read the file (:func:`tr
   holds them (BAT's own rewriting; the creator's file is never touched), so the worker opens the same tree;
 * hashes every file: the manifest maps path relative to the root → sha256 (:mod:`common.manifest`).
 
-Nothing is uploaded here; :func:`upload` sends only the blobs the farm lacks.
+Nothing is uploaded here; :func:`upload` sends only the blobs the farm lacks (resumably when they are big).
+
+Standard library plus ``common.manifest`` and, when installed, BAT: ``make addon`` bundles this file as
+``renderhive_project.py`` with ``common/manifest.py`` as ``renderhive_manifest.py`` (and its hashing checks),
+so that the Blender add-on traces and ships projects with this very code.
 """
 from __future__ import annotations
 
@@ -28,7 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from common.manifest import Manifest, ManifestError, check_path, parse
+if __name__.endswith("renderhive_project"):   # the add-on's bundled copy: remote.py loaded its dependency first
+    _dep = sys.modules[__name__.replace("renderhive_project", "renderhive_manifest")]
+    Manifest, ManifestError, check_path, parse = _dep.Manifest, _dep.ManifestError, _dep.check_path, _dep.parse
+else:
+    from common.manifest import Manifest, ManifestError, check_path, parse
 
 ID_NAMES = {"IM": "image", "LI": "library", "VF": "font", "SO": "sound", "VO": "volume", "CF": "cache file",
             "MC": "movie clip", "NT": "node group", "MA": "material", "SC": "scene", "OB": "object",
@@ -135,7 +143,7 @@ import json, os, sys
 out = os.fdopen(os.dup(1), "w"); os.dup2(2, 1)
 import bpy
 bpy.context.preferences.filepaths.use_scripts_auto_execute = False
-bpy.ops.wm.open_mainfile(filepath=sys.argv[1], load_ui=False, use_scripts=False)
+bpy.ops.wm.open_mainfile(filepath=sys.argv[-1], load_ui=False, use_scripts=False)
 res = []
 def add(kind, idb, path, pattern=False):
     if path and path != "<builtin>" and getattr(idb, "library", None) is None:
@@ -184,7 +192,16 @@ def _expand(blend: Path, written: str, pattern: bool) -> list[Path]:
         return []
 
 
-def trace_bpy(scene: Path, python: str | None = None) -> list[Dependency]:
+def _bpy_command(blend: Path, python: str | None, blender: str | None) -> list[str]:
+    """How to run the tracing script on ``blend``: a Blender binary (inside Blender, whose Python has no bpy
+    module), or a Python with the bpy module (default: this one)."""
+    if blender:
+        return [blender, "--background", "--factory-startup", "--disable-autoexec", "--python-exit-code", "1",
+                "--python-expr", _BPY_TRACE, "--", str(blend)]
+    return [python or sys.executable, "-c", _BPY_TRACE, str(blend)]
+
+
+def trace_bpy(scene: Path, python: str | None = None, blender: str | None = None) -> list[Dependency]:
     """The same, read by Blender itself in a child process (scripts off), for files BAT cannot read."""
     deps: list[Dependency] = []
     todo, seen = [Path(os.path.abspath(scene))], set()
@@ -193,10 +210,10 @@ def trace_bpy(scene: Path, python: str | None = None) -> list[Dependency]:
         if blend in seen:
             continue
         seen.add(blend)
-        with tempfile.TemporaryDirectory(prefix="rh-trace-") as home:
+        with tempfile.TemporaryDirectory(prefix="renderhive-trace-") as home:
             env = {**os.environ, "BLENDER_USER_RESOURCES": home, "XDG_CACHE_HOME": home}
-            res = subprocess.run([python or sys.executable, "-c", _BPY_TRACE, str(blend)], capture_output=True,
-                                 text=True, env=env, timeout=600)
+            res = subprocess.run(_bpy_command(blend, python, blender), capture_output=True, text=True, env=env,
+                                 timeout=600, stdin=subprocess.DEVNULL)
         if res.returncode != 0:
             raise ProjectError(f"Blender could not read {blend}: {res.stderr.strip()[-500:]}")
         for item in json.loads(res.stdout.strip().splitlines()[-1]):
@@ -208,18 +225,20 @@ def trace_bpy(scene: Path, python: str | None = None) -> list[Dependency]:
     return deps
 
 
-def trace(scene: Path) -> tuple[list[Dependency], str]:
-    """(dependencies, tracer used): BAT, else bpy in a child process when BAT fails on this file."""
+def trace(scene: Path, blender: str | None = None) -> tuple[list[Dependency], str]:
+    """(dependencies, tracer used): BAT, else bpy in a child process when BAT fails on this file or is not
+    installed (inside Blender: ``blender`` is its binary)."""
     try:
         return trace_bat(scene), "bat"
     except Exception as exc:  # BAT raises its own errors on file versions it cannot parse
-        try:
-            import importlib.util
-            if importlib.util.find_spec("bpy") is None:
-                raise ProjectError(f"cannot trace {scene} (BAT: {exc}); install bpy to trace it with Blender")
-        except ValueError:
-            pass
-        return trace_bpy(scene), "bpy"
+        if not blender:
+            try:
+                import importlib.util
+                if importlib.util.find_spec("bpy") is None:
+                    raise ProjectError(f"cannot trace {scene} (BAT: {exc}); install bpy to trace it with Blender")
+            except ValueError:
+                pass
+        return trace_bpy(scene, blender=blender), "bpy"
 
 
 # ------------------------------------------------------------------ the project
@@ -280,9 +299,11 @@ def _deterministic(path: Path) -> Path:
     return path
 
 
-def build(scene: Path, root: Path | None = None, hash_progress: Callable[[int], None] | None = None) -> Project:
+def build(scene: Path, root: Path | None = None, hash_progress: Callable[[int], None] | None = None,
+          blender: str | None = None) -> Project:
     """Trace ``scene``, check its files against the project ``root`` (default: the scene's folder), rewrite
-    absolute paths, and hash everything. Raises ProjectError when a path cannot go in a manifest."""
+    absolute paths, and hash everything. Raises ProjectError when a path cannot go in a manifest.
+    ``blender``: a Blender binary to trace with when BAT cannot (the add-on passes its own)."""
     t0 = time.perf_counter()
     scene = Path(os.path.abspath(scene))
     root = Path(os.path.abspath(root or scene.parent))
@@ -290,7 +311,7 @@ def build(scene: Path, root: Path | None = None, hash_progress: Callable[[int], 
     if scene_rel is None:
         raise ProjectError(f"the scene {scene} is not inside the project root {root}: pick a --project-root "
                            "that holds it")
-    deps, tracer = trace(scene)
+    deps, tracer = trace(scene, blender)
     files: dict[str, Path] = {scene_rel: scene}
     missing, outside, to_rewrite = [], [], {}
     for d in deps:
@@ -320,7 +341,7 @@ def build(scene: Path, root: Path | None = None, hash_progress: Callable[[int], 
         raise ProjectError("absolute paths found, which only a BAT-readable file can have rewritten: make them "
                            "relative in Blender (File > External Data > Make Paths Relative) and save")
     if to_rewrite:
-        project._tmp = tempfile.TemporaryDirectory(prefix="rh-rewrite-")
+        project._tmp = tempfile.TemporaryDirectory(prefix="renderhive-rewrite-")
         for blend, ds in to_rewrite.items():
             rel = _inside(blend, root)
             files[rel] = _rewrite(blend, ds, root, Path(project._tmp.name))
@@ -334,17 +355,20 @@ def build(scene: Path, root: Path | None = None, hash_progress: Callable[[int], 
     return project
 
 
-def missing_error(project: Project) -> ProjectError:
+MISSING_ADVICE = "or submit with --allow-missing to render without them"
+
+
+def missing_error(project: Project, advice: str = MISSING_ADVICE) -> ProjectError:
+    """The refusal of a project with missing files; ``advice``: how to render without them anyway."""
     lines = "\n".join(f"  - {d.describe(project.root)}" for d in project.missing[:100])
-    return ProjectError(f"{len(project.missing)} file(s) the scene reads are missing on this machine:\n{lines}\n"
+    return ProjectError(f"{len(project.missing)} file(s) the scene reads do not exist on this machine:\n{lines}\n"
                         "put them back (or fix the paths in Blender: File > External Data > Find Missing Files) "
-                        "and submit again, or submit with --allow-missing to render without them (Blender "
-                        "renders missing textures pink)")
+                        f"and submit again, {advice} (Blender renders missing textures pink)")
 
 
 # ------------------------------------------------------------------ upload
-def upload(client, project: Project, progress: Callable[[str, int], None] | None = None) -> dict[str, int]:
-    """Upload the project's blobs the farm lacks. Returns {"files", "blobs_sent", "bytes_sent"}."""
+def lacking(client, project: Project) -> dict[str, Path]:
+    """The project's blobs the farm lacks: sha256 → the local file to send."""
     by_sha: dict[str, Path] = {}
     for rel, sha in project.manifest.files.items():
         by_sha.setdefault(sha, project.files[rel])
@@ -352,9 +376,17 @@ def upload(client, project: Project, progress: Callable[[str, int], None] | None
     missing: list[str] = []
     for i in range(0, len(hashes), 10000):  # the API's bound on one question
         missing += client.missing(hashes[i:i + 10000])
+    return {sha: by_sha[sha] for sha in missing}
+
+
+def upload(client, project: Project, progress: Callable[[str, int], None] | None = None,
+           resumable_above: int | None = None, todo: dict[str, Path] | None = None) -> dict[str, int]:
+    """Upload the project's blobs the farm lacks (``todo``: from :func:`lacking`, asked here by default),
+    those of ``resumable_above`` bytes or more resumably (default: the client's RESUMABLE_ABOVE).
+    Returns {"files", "blobs_sent", "bytes_sent"}."""
+    missing = lacking(client, project) if todo is None else todo
     sent = 0
-    for sha in missing:
-        path = by_sha[sha]
-        client.upload_resumable(path, sha, (lambda n, _p=path: progress(_p.name, n)) if progress else None)
-        sent += path.stat().st_size
+    for sha, path in missing.items():
+        sent += client.upload_any(path, sha, (lambda n, _p=path: progress(_p.name, n)) if progress else None,
+                                  resumable_above)
     return {"files": len(project.manifest.files), "blobs_sent": len(missing), "bytes_sent": sent}

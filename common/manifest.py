@@ -27,10 +27,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
-from common.hashing import BlobError, check_sha
+if __name__.endswith("renderhive_manifest"):   # the add-on's bundled copy: remote.py loaded its dependency first
+    _dep = sys.modules[__name__.replace("renderhive_manifest", "renderhive_hashing")]
+    BlobError, check_sha = _dep.BlobError, _dep.check_sha
+else:
+    from common.hashing import BlobError, check_sha
 
 MAX_PROJECT_FILES = int(os.environ.get("RENDERHIVE_MAX_PROJECT_FILES") or 2000)
 """Most files in one project. Bounded by the worker plane: a task's TASK message names every blob of its

@@ -81,6 +81,11 @@ class BlobStore:
         os.replace(tmp, dest)
         return dest
 
+    def adopt(self, verified: Path, sha: str) -> Path:
+        """Move a file whose sha256 the caller has checked to be ``sha`` into place as that blob (a rename on
+        the same disk: atomic; the resumable uploads of :mod:`farm.store.uploads`)."""
+        return self._commit(verified, sha)
+
     def write_stream(self, sha: str, chunks: Iterable[bytes]) -> int:
         """Store the bytes of ``chunks`` as blob ``sha``; raise BlobError (storing nothing) if they do
         not hash to ``sha`` or exceed the size limit. Returns the size."""

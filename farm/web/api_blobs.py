@@ -1,5 +1,6 @@
 """Users and content-addressed uploads. Ask ``POST /api/blobs/missing`` first, then ``PUT /api/blobs/{sha256}``
-only those: re-submitting a scene uploads nothing. A body is streamed to a temporary file and refused the
+only those: re-submitting a scene uploads nothing (files above the client's threshold go through the
+resumable route instead, :mod:`farm.web.api_uploads`). A body is streamed to a temporary file and refused the
 moment it passes the size limit; its hash is verified before it is stored.
 """
 import asyncio
@@ -13,9 +14,9 @@ from sqlmodel import select
 
 from common.hashing import check_sha
 from farm.store.blobs import BlobError
-from farm.store.db import session as new_session
-from farm.store.models import Blob, User
+from farm.store.models import User
 from farm.web import auth
+from farm.web.api_uploads import record_blob
 from farm.web.deps import Api
 from farm.web.schemas import CreditLine, MissingRequest, UserCreate
 
@@ -91,10 +92,7 @@ def blob_router(api: Api) -> APIRouter:
             raise HTTPException(422, str(exc)) from None
         finally:
             Path(name).unlink(missing_ok=True)
-        with new_session(engine) as s:
-            if not s.get(Blob, sha256):
-                s.add(Blob(sha256=sha256, size=size, origin="upload"))
-                s.commit()
+        record_blob(engine, sha256, size)
         return {"sha256": sha256, "size": size, "stored": True}
 
     return r

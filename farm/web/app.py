@@ -1,6 +1,7 @@
 """The creator plane's app (FastAPI): error handlers, health, metrics, and the routers mounted.
 
 The routes are thin and live in one module per resource: :mod:`farm.web.api_blobs` (users, uploads),
+:mod:`farm.web.api_uploads` (resumable uploads),
 :mod:`farm.web.api_jobs`, :mod:`farm.web.api_workers`, :mod:`farm.web.payments` (estimate, approve,
 reject, payouts) and the approval pages (:mod:`farm.web.pages`). What they share is :class:`farm.web.deps.Api`.
 Every route but ``/api/health`` needs ``Authorization: Bearer <token>``; operations that change tasks
@@ -17,9 +18,11 @@ from sqlalchemy.exc import DataError
 
 from farm.kinds import jobs
 from farm.store.blobs import BlobStore
+from farm.store.uploads import UploadArea
 from farm.web import metrics, review
 from farm.web.api_blobs import blob_router
 from farm.web.api_jobs import job_router
+from farm.web.api_uploads import upload_router
 from farm.web.api_workers import worker_router
 from farm.web.deps import Api
 from farm.web.guard import Guard
@@ -28,7 +31,9 @@ from farm.web.schemas import ErrorOut
 from farm.web.wallet_api import wallet_router
 
 
-def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | None = None, ledger=None) -> FastAPI:
+def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | None = None, ledger=None,
+               uploads: UploadArea | None = None) -> FastAPI:
+    """``uploads``: the resumable uploads' area (default: under the blob store, limits from the environment)."""
     app = FastAPI(title="Renderhive", version="0.1.0",
                   description="Submit Blender jobs, upload scenes, follow progress, download results.",
                   responses={422: {"model": ErrorOut, "description": "Invalid request: what to change"}})
@@ -53,6 +58,7 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
                 "standing": review.standing(s, user.id)}
 
     app.include_router(blob_router(api))
+    app.include_router(upload_router(api, uploads or UploadArea(blobs)))
     app.include_router(job_router(api))
     app.include_router(worker_router(api))
 
@@ -100,7 +106,9 @@ def _mount_web(app: FastAPI, engine, blobs: BlobStore, serial, ledger) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
-        return _page_error(request, exc.status_code, str(exc.detail))
+        response = _page_error(request, exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})   # Retry-After, Upload-Offset
+        return response
 
     @app.exception_handler(jobs.JobError)
     async def _job_error(request, exc: jobs.JobError):

@@ -12,7 +12,8 @@ A pure ASGI middleware (no body buffering of its own):
   uploads may be as large as the blob store allows, JSON requests :data:`JSON_LIMIT`, the pages' forms
   :data:`FORM_LIMIT`;
 * **a rate per user** on what is costly to create (:func:`rate_kind`): job submissions (``POST /api/jobs``,
-  ``POST /api/jobs/diffusion``) and blob uploads (``PUT /api/blobs/...``), each a token bucket per
+  ``POST /api/jobs/diffusion``) and blob uploads (``PUT /api/blobs/...``, and each resumed piece,
+  ``PATCH /api/blobs/.../upload``), each a token bucket per
   authenticated user (:class:`RateLimiter`), answered 429 with ``Retry-After`` when empty. Every attempt
   costs a token, refused or not: a refused submission still costs the coordinator its parse and checks.
   The buckets live in an LRU of :data:`RATE_USERS` users, so the limiter's memory is bounded whatever the
@@ -74,8 +75,13 @@ RATE_ADVICE = {
 }
 
 
+def _is_upload(method: str, path: str) -> bool:
+    """A blob upload: ``PUT /api/blobs/SHA`` whole, or ``PATCH /api/blobs/SHA/upload`` resumed."""
+    return path.startswith("/api/blobs/") and (method == "PUT" or (method == "PATCH" and path.endswith("/upload")))
+
+
 def _limit(method: str, path: str, blob_limit: int) -> int:
-    if method == "PUT" and path.startswith("/api/blobs/"):
+    if _is_upload(method, path):
         return blob_limit
     return JSON_LIMIT if path.startswith("/api/") else FORM_LIMIT
 
@@ -84,7 +90,7 @@ def rate_kind(method: str, path: str) -> str | None:
     """Which rate limit a request counts against, if any."""
     if method == "POST" and path in ("/api/jobs", "/api/jobs/diffusion"):
         return "submit"
-    if method == "PUT" and path.startswith("/api/blobs/"):
+    if _is_upload(method, path):
         return "upload"
     return None
 
@@ -138,7 +144,7 @@ def _human(n: int) -> str:
 
 
 def _too_big(what: str, limit: int, size: str) -> str:
-    if what.startswith("PUT /api/blobs/"):
+    if what.startswith(("PUT /api/blobs/", "PATCH /api/blobs/")):
         return (f"upload of {size} bytes exceeds the {limit} byte limit: reduce the scene (pack fewer or smaller "
                 "textures)")
     return f"the body of {what} ({size} bytes) exceeds its {_human(limit)} limit: send less per request"

@@ -1,9 +1,11 @@
 """A real project through the farm: `farm submit scene.blend` on a folder of textures, UDIMs, a sequence,
 a font, libraries linking libraries, a relative and an absolute path; a real coordinator and a sandboxed
 worker on loopback. The frames equal Blender's own render of the creator's folder; a missing texture is
-reported at submit as written; a resubmit after changing one texture uploads that texture only."""
+reported at submit as written; a resubmit after changing one texture uploads that texture only (resumably,
+with ``--resumable-above 0``)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -54,9 +56,10 @@ def test_a_project_renders_as_blender_renders_its_folder(farm, worker, tmp_path)
     tex = tmp_path / "proj" / "tex" / "a.png"
     data = bytearray(tex.read_bytes())
     tex.write_bytes(bytes(data) + b"\0")   # trailing bytes after IEND: a new blob, the same image
-    again = farm_cli(f, alice, "submit", str(scene), "--frames", "1")
+    again = farm_cli(f, alice, "submit", str(scene), "--frames", "1", "--resumable-above", "0")
     assert again.returncode == 0, again.stderr
-    assert sent(again) == tex.stat().st_size
+    assert sent(again) == tex.stat().st_size   # through the resumable route (every file above 0 MiB)
+    assert alice.upload_standing(hashlib.sha256(tex.read_bytes()).hexdigest())["complete"] is True
     unchanged = farm_cli(f, alice, "submit", str(scene), "--frames", "1")
     assert "0 bytes uploaded" in unchanged.stdout
 
