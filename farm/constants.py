@@ -181,3 +181,7 @@ SPEED_EWMA = 0.2
 
 SPEED_OVERCLAIM = 2.0
 """A worker whose benchmark claims more than this times its measured speed is caught overclaiming."""
+
+RELEASES_PER_JOB = 4
+"""Tasks of one job a worker may hand back (RELEASE: its owner paused it) before it takes none of that job's
+tasks any more. A release costs the task nothing, so this bounds the churn strangers can make with them."""

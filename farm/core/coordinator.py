@@ -423,6 +423,20 @@ class Coordinator:
         self._end_attempt(s, task, "released", reason, now)
         task.worker_id, task.lease_expires = None, None
         self.stats["released"] += 1
+        # a release is free, so it must stay bounded: past RELEASES_PER_JOB hand-backs in one job the worker
+        # takes none of its tasks any more (as a worker that failed it too often); blocked, its leases and
+        # releases cost the task nothing, so strangers that take and hand back cannot wear a task out
+        given_back = s.exec(select(func.count()).select_from(Attempt).where(Attempt.job_id == task.job_id)
+                            .where(Attempt.worker_id == conn.worker_id)
+                            .where(Attempt.outcome == "released")).one()
+        if given_back >= C.RELEASES_PER_JOB:
+            jw = s.get(JobWorker, (task.job_id, conn.worker_id)) or JobWorker(job_id=task.job_id,
+                                                                              worker_id=conn.worker_id)
+            if not jw.blocked:
+                jw.blocked = True
+                s.add(jw)
+                log.info("worker %s handed back %d tasks of job %d: it takes no more of them", conn.worker_id,
+                         given_back, task.job_id, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
         transition(s, task, TaskStatus.queued, reason=reason, worker_id=conn.worker_id, attempt=task.attempt, now=now)
         self.want_assign = True
         out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
@@ -641,7 +655,7 @@ class Coordinator:
         if not retryable and not scene_fault:
             self.stats["scene_faults_doubted"] += 1
         spent = task.attempt - (self._released(s, task) if task.attempt >= C.TASK_MAX_ATTEMPTS else 0)
-        final = (scene_fault or task.attempt >= 4 * C.TASK_MAX_ATTEMPTS
+        final = (scene_fault or task.attempt - self._released(s, task) >= 4 * C.TASK_MAX_ATTEMPTS
                  or (not worker_fault and (spent >= C.TASK_MAX_ATTEMPTS
                                            or len(task.failed_workers) >= C.TASK_DISTINCT_WORKER_FAILURES)))
         if final and is_check(task):
@@ -692,7 +706,7 @@ class Coordinator:
             conn = self.conns[ident]
             conn.free = min(conn.slots, conn.free + 1)
         spent = task.attempt
-        if spent >= C.TASK_MAX_ATTEMPTS and spent < 4 * C.TASK_MAX_ATTEMPTS:
+        if spent >= C.TASK_MAX_ATTEMPTS and spent - self._released(s, task) < 4 * C.TASK_MAX_ATTEMPTS:
             # leases lost by workers since blocked from the job (a staller that never finished a frame of it,
             # a worker that failed it too often) are their fault, not the task's: sybils must not burn a
             # task's attempts until its job fails (a hard cap of 4 × TASK_MAX_ATTEMPTS still ends it)

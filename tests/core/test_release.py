@@ -53,12 +53,43 @@ def test_released_attempts_do_not_spend_the_tasks_attempts(env):  # noqa: F811
     engine, blobs, user, coord, d = env
     make_job(engine, blobs, user, "1")
     [t] = lease(d, b"w1")
-    for _ in range(C.TASK_MAX_ATTEMPTS + 1):  # more hand-backs than the task has attempts
-        out = d.send((b"w1", P.Release(t.task_id, t.attempt)), (b"w1", P.Ready(1)))
-        [t] = of(out, P.Task, b"w1")
-    assert t.attempt == C.TASK_MAX_ATTEMPTS + 2
+    hands = [b"w1", b"w1", b"w2", b"w2", b"w3", b"w3"]  # more hand-backs than the task has attempts
+    for i, ident in enumerate(hands):
+        nxt = hands[i + 1] if i + 1 < len(hands) else b"w1"
+        if nxt not in (c.identity for c in coord.conns.values()):
+            d.hello(nxt, 1)
+        out = d.send((ident, P.Release(t.task_id, t.attempt)), (nxt, P.Ready(1)))
+        [t] = of(out, P.Task, nxt)
+    assert t.attempt == len(hands) + 1 > C.TASK_MAX_ATTEMPTS
     out = d.send((b"w1", P.Failed(t.task_id, t.attempt, "out of memory", True)), (b"w1", P.Ready(0)))
     task = get(engine, Task, t.task_id)
     assert task.status == "queued", "one real failure after many hand-backs is not the task's last attempt"
-    assert [a.outcome for a in rows(engine, Attempt, Attempt.task_id == t.task_id)].count("released") == \
-        C.TASK_MAX_ATTEMPTS + 1
+    assert [a.outcome for a in rows(engine, Attempt, Attempt.task_id == t.task_id)].count("released") == len(hands)
+
+
+def test_strangers_that_take_and_hand_back_cannot_wear_a_task_out(env):  # noqa: F811
+    """Found in review: a release is free, and released attempts used to count against the task's hard cap
+    (4 x TASK_MAX_ATTEMPTS), so sybils taking and handing back one task could end it — and its job — with
+    one real failure after. Now releases never count, and a worker past RELEASES_PER_JOB hand-backs in a job
+    takes none of its tasks any more."""
+    engine, blobs, user, coord, d = env
+    job_id = make_job(engine, blobs, user, "1")
+    sybils = [f"s{i}".encode() for i in range(8)]
+    released = 0
+    for ident in sybils:
+        got = lease(d, ident)
+        for _ in range(C.RELEASES_PER_JOB + 2):
+            if not got:
+                break
+            t = got[0]
+            d.send((ident, P.Release(t.task_id, t.attempt, "paused")))
+            released += 1
+            got = of(d.send((ident, P.Ready(1))), P.Task, ident)
+        assert not got, f"{ident} still takes the job's tasks after {C.RELEASES_PER_JOB} hand-backs"
+        assert get(engine, JobWorker, (job_id, ident.decode())).blocked
+        d.send((ident, P.Bye("gone")))
+    assert released == len(sybils) * C.RELEASES_PER_JOB > 4 * C.TASK_MAX_ATTEMPTS
+    [t] = lease(d, b"honest")
+    d.send((b"honest", P.Failed(t.task_id, t.attempt, "driver reset", True)))
+    assert get(engine, Task, t.task_id).status == "queued", "the task lives on after 32 hand-backs and a failure"
+    assert rows(engine, ReputationEvent, ReputationEvent.worker_id == "s0") == []
