@@ -4,9 +4,11 @@
 
 The extension's source is ``client/blender_addon/``. Inside an installed extension the package is
 ``bl_ext.<repo>.renderhive`` and the ``client`` package of this repository does not exist, so the build
-*stages* the source in a temporary folder together with a copy of the standard-library HTTP client
-``client/api.py`` named ``renderhive_api.py`` (the add-on imports that bundled copy first, and falls back
-to ``client/api.py`` next door only when it runs straight from the source tree). The zip is then made by
+*stages* the source in a temporary folder together with copies of the client code it shares with the CLI
+(:data:`BUNDLED`): the standard-library HTTP client ``client/api.py`` as ``renderhive_api.py``, the
+project tracer ``client/project.py`` as ``renderhive_project.py`` and the manifest checks it needs
+(``common/manifest.py``, ``common/hashing.py``). The add-on imports those bundled copies first, and loads
+the originals by path only when it runs straight from the source tree (``remote.py``). The zip is then made by
 Blender's own extension builder (``blender_ext.py build``, shipped inside the ``bpy`` wheel), which also
 validates the manifest and its tags against Blender's list.
 
@@ -31,6 +33,11 @@ SOURCE = CLIENT / "blender_addon"
 API_SOURCE = CLIENT / "api.py"
 BUNDLED_API = "renderhive_api.py"
 """Name of the bundled copy of client/api.py inside the extension (see remote.py's import)."""
+BUNDLED = {BUNDLED_API: API_SOURCE,
+           "renderhive_hashing.py": CLIENT.parent / "common" / "hashing.py",
+           "renderhive_manifest.py": CLIENT.parent / "common" / "manifest.py",
+           "renderhive_project.py": CLIENT / "project.py"}
+"""Bundled file name → the repository's source (remote.py's ``SHARED`` lists the same names)."""
 
 
 def manifest() -> dict:
@@ -57,9 +64,10 @@ def blender_ext_script() -> tuple[Path, Path | None]:
 
 
 def stage(dest: Path) -> Path:
-    """Copy the add-on source and the bundled API client into ``dest`` (created; must not exist)."""
+    """Copy the add-on source and the bundled client code into ``dest`` (created; must not exist)."""
     shutil.copytree(SOURCE, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
-    shutil.copy2(API_SOURCE, dest / BUNDLED_API)
+    for name, src in BUNDLED.items():
+        shutil.copy2(src, dest / name)
     return dest
 
 

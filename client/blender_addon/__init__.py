@@ -4,8 +4,9 @@ An extension (``blender_manifest.toml``; ``make addon`` builds the installable z
 legacy add-on (``bl_info``; the folder copied or linked into ``scripts/addons/renderhive``).
 
 Modules: :mod:`props` (preferences, scene settings, session state), :mod:`operators` (submit, fetch
-results, refresh, the follow timer), :mod:`panel` (Properties > Output), :mod:`remote` (HTTP work, never
-touches bpy), ``packer.py`` (run in a separate Blender to pack a temporary copy of the scene).
+results, refresh, the follow timer), :mod:`panel` (Properties > Output), :mod:`remote` (HTTP work and project
+tracing, never touches bpy). ``renderhive_*.py`` are the client code shared with the CLI, bundled by
+``make addon`` (``client/build_addon.py``).
 
 Invariant: ``register()``/``unregister()`` are exact inverses; nothing else is registered (no app
 handlers; the follow timer is removed on unregister), so enabling and disabling repeatedly leaks nothing.

@@ -8,19 +8,17 @@ very same job function synchronously, for scripts and background mode (``bpy.ops
 
 Invariants:
 - the worker thread never touches ``bpy``; only :meth:`_Remote.apply` (main thread) writes Blender data;
-- submit never modifies the user's open file: it writes a copy with ``save_as_mainfile(copy=True)`` and
-  packs that copy in a separate Blender process (see ``packer.py``); it has no UNDO flag, so no undo step
-  is pushed that would mark the file modified;
+- submit never modifies the user's open file or session: it ships the file as saved on disk, traced as a
+  project by ``client/project.py`` (bundled) on the runner thread, without packing or re-saving anything;
+  it has no UNDO flag, so no undo step is pushed that would mark the file modified;
 - every failure is reported with ``self.report({"ERROR"}, …)`` and leaves nothing behind: checks that
-  need no file come first, and the temporary folder is deleted by the job function or, if the thread
-  never started, here.
+  need no file come first, and the job function deletes the project's temporary files whatever happens.
+- progress goes to the status bar, the panel and Blender's progress API (``window_manager.progress_*``).
 """
 from __future__ import annotations
 
+import os
 import re
-import shutil
-import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -53,15 +51,6 @@ def _connection(context, timeout: float = 60.0) -> remote.Connection:
     if (msg := remote.check_online(url, bpy.app.online_access)) is not None:
         raise remote.UserError(msg)
     return remote.Connection(url, token, timeout)
-
-
-def pack_command() -> tuple[str, ...]:
-    """How to start the packer: Blender itself, or Python when bpy is a module (no Blender binary)."""
-    script = str(Path(__file__).resolve().with_name("packer.py"))
-    if bpy.app.binary_path:
-        return (bpy.app.binary_path, "--background", "--factory-startup", "--disable-autoexec",
-                "--python-exit-code", "1", "--python", script, "--")
-    return (sys.executable, script)
 
 
 class _Remote:
@@ -103,6 +92,7 @@ class _Remote:
         state.busy, state.progress, state.status_text = True, 0.0, "starting"
         self._runner, self._result = runner, None
         self._timer = context.window_manager.event_timer_add(TIMER_STEP, window=context.window)
+        context.window_manager.progress_begin(0.0, 1.0)
 
     def modal(self, context, event):
         if event.type == "ESC" and event.value == "PRESS":
@@ -128,6 +118,7 @@ class _Remote:
         wm = context.window_manager
         if self._timer is not None:
             wm.event_timer_remove(self._timer)
+            wm.progress_end()
             self._timer = None
         if context.workspace is not None:
             context.workspace.status_text_set(None)
@@ -141,6 +132,8 @@ class _Remote:
             state.progress = msg.fraction
             state.status_text = msg.text + (f" {_size(msg.done)} / {_size(msg.total)}"
                                             if msg.total > 1 << 16 else "")
+            if self._timer is not None:
+                context.window_manager.progress_update(msg.fraction)
             if self._timer is not None and context.workspace is not None:
                 context.workspace.status_text_set(f"Renderhive: {state.status_text} (Esc cancels)")
                 _redraw(context)
@@ -196,7 +189,7 @@ def job_fields(scene) -> tuple[dict, dict]:
 
 
 class RENDERHIVE_OT_submit(_Remote, bpy.types.Operator):
-    """Pack a copy of this scene, upload what the farm lacks and create a render job"""
+    """Ship this scene and the files it reads as a project, upload what the farm lacks, create a render job"""
     bl_idname = "renderhive.submit"
     bl_label = "Submit to Renderhive"
     bl_options = {"REGISTER"}  # no UNDO: an undo push would mark the user's file modified
@@ -209,28 +202,20 @@ class RENDERHIVE_OT_submit(_Remote, bpy.types.Operator):
             raise remote.UserError("save the .blend file first (File > Save): the farm renders a saved "
                                    "scene, and relative paths to textures need its folder")
         job, optional = job_fields(context.scene)
-        blend_name = bpy.path.basename(bpy.data.filepath)
-        temp_dir = tempfile.mkdtemp(prefix="renderhive-submit-")
-        copy = Path(temp_dir) / blend_name
-        try:
-            # copy=True: the open file keeps its path, bytes and dirty state; relative paths are
-            # remapped so they still resolve from the temporary folder.
-            bpy.ops.wm.save_as_mainfile(filepath=str(copy), copy=True, check_existing=False,
-                                        compress=False, relative_remap=True)
-        except RuntimeError as exc:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            raise remote.UserError(f"could not save a temporary copy of the scene ({exc})") from None
-        except BaseException:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            raise
-        return remote.SubmitRequest(conn, temp_dir, str(copy), pack_command(), job, optional,
-                                    client_key=uuid.uuid4().hex)
+        s = context.scene.renderhive
+        root = bpy.path.abspath(s.project_root) if s.project_root.strip() else ""
+        # the farm renders the file as saved; in background mode is_dirty means nothing (always True)
+        unsaved = bpy.data.is_dirty and not bpy.app.background
+        return remote.SubmitRequest(conn, os.path.abspath(bpy.data.filepath), job, optional,
+                                    client_key=uuid.uuid4().hex, project_root=root, allow_missing=s.allow_missing,
+                                    blender=bpy.app.binary_path or "", unsaved=unsaved)
 
     def finish(self, context, msg: remote.Submitted) -> None:
         state = context.window_manager.renderhive
         state.last_job_id = msg.job["id"]
         state.upsert_job(msg.job)
-        sent = f"{_size(msg.uploaded)} uploaded" if msg.uploaded else "scene already on the farm"
+        sent = (f"{msg.blobs_sent} of {msg.files} files uploaded, {_size(msg.uploaded)}" if msg.blobs_sent
+                else f"all {msg.files} files already on the farm")
         self.report({"INFO"}, f"Renderhive: job {msg.job['id']} queued, {msg.job['frames_total']} frames "
                               f"({sent})")
         follow()

@@ -52,6 +52,8 @@ class RENDERHIVE_PT_submit(bpy.types.Panel):
         col.prop(s, "priority")
         col.prop(s, "min_tier")
         col.prop(s, "name", placeholder=bpy.path.display_name_from_filepath(bpy.data.filepath) or "untitled")
+        col.prop(s, "project_root", placeholder="the .blend's folder")
+        col.prop(s, "allow_missing")
 
         # "n/a" until the coordinator has answered an estimate for these very frames
         current = state.estimate_for == s.frames_spec(scene)

@@ -90,6 +90,12 @@ class RenderhiveSettings(bpy.types.PropertyGroup):
     min_tier: EnumProperty(name="Minimum worker tier", items=TIERS, default="ANY",
                            description="Lowest worker reputation tier allowed to render the job")
     name: StringProperty(name="Job name", default="", description="Name on the farm (empty: the file name)")
+    project_root: StringProperty(name="Project root", default="", subtype="DIR_PATH",
+                                 description="The folder whose files the scene may read, all shipped with it "
+                                             "(empty: the folder of the .blend); nothing outside it is sent")
+    allow_missing: BoolProperty(name="Render with missing files", default=False,
+                                description="Submit although files the scene reads are missing (Blender renders "
+                                            "missing textures pink); the job page lists them")
 
     def frames_spec(self, scene) -> str:
         if self.frames.strip():

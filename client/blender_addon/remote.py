@@ -7,24 +7,29 @@ function takes a frozen request (plain data captured on the main thread), an ``e
 :class:`Note`, then **exactly one** terminal message (:class:`Submitted`, :class:`Fetched`,
 :class:`JobsListed`, :class:`Failed` or :class:`Canceled`). The main thread drains them into the UI.
 
+Submitting ships the scene's *project* as ``farm submit`` does, with the same code (``client/project.py``,
+bundled): the saved .blend is traced (BAT, else Blender in a child process), every file it reads is hashed
+into a manifest, only the blobs the farm lacks are uploaded (big ones resumably), and the job names the
+manifest. Nothing is packed or re-saved: the scene blob is the saved file itself, or BAT's copy of it with
+absolute paths made relative.
+
 Invariants:
-- the submission's temporary folder (the packed copy) is deleted by :func:`submit` whatever happens;
+- the submission's temporary files (a rewritten copy of the scene) are deleted by :func:`submit` whatever
+  happens, before its last message goes out;
 - no job is created after a failure or a cancel seen before the create request; a cancel that arrives
   while the create request is in flight cancels the job it created, so Esc never leaves a job behind;
 - a retried create request carries the same ``client_key``, so the farm never queues the job twice.
 
-The HTTP client is the repository's standard-library ``client/api.py``: ``make addon`` bundles it as
-``renderhive_api.py``; straight from the source tree it is loaded from ``client/api.py`` by path.
+The HTTP client (``client/api.py``) and the project tracer (``client/project.py``, with ``common/manifest.py``
+and ``common/hashing.py``) are the repository's own: ``make addon`` bundles them as ``renderhive_*.py``
+(:data:`SHARED`); straight from the source tree they are loaded from the repository by path.
 """
 from __future__ import annotations
 
-import hashlib
+import importlib
 import importlib.util
 import ipaddress
-import json
 import queue
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -34,24 +39,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+SHARED = (("renderhive_hashing", "common/hashing.py"), ("renderhive_manifest", "common/manifest.py"),
+          ("renderhive_project", "client/project.py"), ("renderhive_api", "client/api.py"))
+"""The client code bundled into the add-on (client/build_addon.py), in import order: name, source."""
 
-def _load_api():
-    """The bundled copy of client/api.py, or client/api.py itself when running from the source tree."""
+
+def _load(name: str, source: str):
+    """The bundled copy ``name``, or its source in the repository when running from the source tree."""
     here = Path(__file__).resolve().parent
-    if (here / "renderhive_api.py").is_file() and __package__:
-        return importlib.import_module(f"{__package__}.renderhive_api")
-    for src in (here / "renderhive_api.py", here.parent / "api.py"):
+    if (here / f"{name}.py").is_file() and __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    for src in (here / f"{name}.py", here.parents[1] / source):
         if src.is_file():
-            name = f"{__package__}.renderhive_api" if __package__ else "renderhive_api"
-            spec = importlib.util.spec_from_file_location(name, src)
+            full = f"{__package__}.{name}" if __package__ else name
+            spec = importlib.util.spec_from_file_location(full, src)
             mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
+            sys.modules[full] = mod
             spec.loader.exec_module(mod)
             return mod
-    raise ImportError("renderhive: renderhive_api.py is missing from the add-on; build it with `make addon`")
+    raise ImportError(f"renderhive: {name}.py is missing from the add-on; build it with `make addon`")
 
 
-api = _load_api()
+_shared = {name: _load(name, source) for name, source in SHARED}
+api, project = _shared["renderhive_api"], _shared["renderhive_project"]
 
 FINAL = frozenset({"rendered", "approved", "paid", "canceled", "failed", "rejected"})
 """Job statuses after which nothing renders any more (the follow timer stops polling them)."""
@@ -63,7 +73,7 @@ TIER_FIELDS = ("min_tier", "min_worker_tier")
 OPTIONAL_LABELS = {"tiles": "tiles", "min_tier": "a minimum worker tier"}
 CREATE_ATTEMPTS = 3
 """Create requests tried on a connection error; the same client_key makes a retry safe."""
-PACK_TIMEOUT = 900.0
+MISSING_ADVICE = "or tick Render with Missing Files (Output > Renderhive) to render without them"
 
 
 class Cancelled(Exception):
@@ -97,6 +107,8 @@ class Submitted:
     job: dict
     uploaded: int
     scene_sha256: str
+    files: int = 1
+    blobs_sent: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,12 +156,14 @@ class Connection:
 @dataclass(frozen=True)
 class SubmitRequest:
     conn: Connection
-    temp_dir: str                 # owned by submit() from now on: it deletes it
-    blend: str                    # the unpacked copy inside temp_dir, packed in place by the packer
-    pack_command: tuple[str, ...]
+    blend: str                    # the saved .blend (absolute): traced, never modified
     job: dict                     # JobCreate fields the farm always accepts (scene_sha256 added here)
     optional: dict = field(default_factory=dict)  # fields sent only if the coordinator accepts them
     client_key: str = ""
+    project_root: str = ""        # the folder whose files the scene may read ("": the scene's folder)
+    allow_missing: bool = False   # render although files are missing (listed on the job page)
+    blender: str = ""             # Blender's binary, to trace files BAT cannot read ("": bpy module)
+    unsaved: bool = False         # the session has changes the saved file lacks
 
 
 @dataclass(frozen=True)
@@ -239,48 +253,10 @@ def accepted_fields(client) -> set[str] | None:
 
 
 # ------------------------------------------------------------------ submit
-def pack(req: SubmitRequest, cancelled: Callable[[], bool]) -> dict:
-    """Pack external files into the temporary copy in a separate Blender process (see packer.py)."""
-    report = Path(req.temp_dir) / "pack-report.json"
-    log = Path(req.temp_dir) / "pack.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*req.pack_command, req.blend, str(report)], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + PACK_TIMEOUT
-        try:
-            while proc.poll() is None:
-                if cancelled() or time.monotonic() > deadline:
-                    proc.kill()
-                    proc.wait()
-                    _check(cancelled)
-                    raise UserError(f"packing took more than {PACK_TIMEOUT:.0f} s")
-                time.sleep(0.05)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    try:
-        result = json.loads(report.read_text())
-    except (OSError, ValueError):
-        tail = log.read_text(errors="replace")[-1500:]
-        raise UserError(f"packing the scene failed (exit code {proc.returncode}):\n{tail}") from None
-    return result
-
-
-def hash_file(path: Path, emit: Callable, cancelled: Callable[[], bool]) -> str:
-    size, done, h = path.stat().st_size, 0, hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(api.CHUNK), b""):
-            _check(cancelled)
-            h.update(block)
-            done += len(block)
-            emit(Progress("hashing the scene", done, size))
-    return h.hexdigest()
-
-
 def submit(req: SubmitRequest, emit: Callable, cancelled: Callable[[], bool]) -> None:
-    """Check the farm, pack, hash, upload what is missing, create the job. Deletes req.temp_dir, before the
-    last message goes out: when the caller hears that the submission ended, the copy is gone."""
+    """Check the farm, trace and hash the project, upload what is missing, create the job. Deletes the
+    project's temporary files before the last message goes out: when the caller hears that the submission
+    ended, they are gone."""
     last: list = []
 
     def hold_the_end(msg) -> None:
@@ -288,40 +264,58 @@ def submit(req: SubmitRequest, emit: Callable, cancelled: Callable[[], bool]) ->
             last.append(msg)
         else:
             emit(msg)
+    holder: list = []
     try:
-        _submit(req, hold_the_end, cancelled)
+        _submit(req, hold_the_end, cancelled, holder)
     finally:
-        shutil.rmtree(req.temp_dir, ignore_errors=True)
+        for pr in holder:
+            pr.close()
     for msg in last:
         emit(msg)
 
 
-def _submit(req: SubmitRequest, emit: Callable, cancelled: Callable[[], bool]) -> None:
+def _counter(emit: Callable, cancelled: Callable[[], bool], text: str, total: int = 0) -> Callable[..., None]:
+    """A progress callback that emits Progress (done of total) and stops the work on Esc."""
+    done = [0]
+
+    def tick(*args) -> None:
+        _check(cancelled)   # raising here aborts hashing or the upload mid-body
+        done[0] += args[-1]
+        name = args[0] if len(args) > 1 else ""
+        emit(Progress(f"{text} {name}".strip(), done[0], total))
+    return tick
+
+
+def _submit(req: SubmitRequest, emit: Callable, cancelled: Callable[[], bool], holder: list) -> None:
     client = req.conn.client()
     emit(Progress("contacting the farm"))
     client.request("GET", "/api/me")          # unreachable or a wrong token: fail before any work
     _check(cancelled)
-    emit(Progress("packing external files into a copy"))
-    report = pack(req, cancelled)
-    if report.get("problems"):
-        raise UserError("the scene cannot be sent: " + "; ".join(report["problems"]))
+    if req.unsaved:
+        emit(Note("the farm renders the file as saved on disk: save (File > Save) to include your latest changes"))
+    emit(Progress("tracing the files the scene reads"))
+    try:
+        pr = project.build(Path(req.blend), Path(req.project_root) if req.project_root else None,
+                           _counter(emit, cancelled, "hashing the scene and its files"), req.blender or None)
+    except project.ProjectError as exc:
+        raise UserError(str(exc).replace("submit with --project-root set to",
+                                         "set Project Root (Output > Renderhive) to")) from None
+    holder.append(pr)
+    if pr.missing and not req.allow_missing:
+        raise UserError(str(project.missing_error(pr, MISSING_ADVICE)))
+    if pr.missing:
+        emit(Note(f"rendering without {len(pr.missing)} missing file(s): "
+                  + ", ".join(repr(d.written) for d in pr.missing[:10])))
     _check(cancelled)
-    blend = Path(req.blend)
-    sha = hash_file(blend, emit, cancelled)
     emit(Progress("asking the farm which files it lacks"))
-    uploaded = 0
-    if sha in client.missing([sha]):
-        size = blend.stat().st_size
-        sent = [0]
-
-        def progress(n: int) -> None:
-            _check(cancelled)   # raising here aborts the upload mid-body
-            sent[0] += n
-            emit(Progress("uploading the scene", sent[0], size))
-        client.upload_blob(blend, sha, progress)
-        uploaded = size
+    todo = project.lacking(client, pr)
+    total = sum(p.stat().st_size for p in todo.values())
+    stats = project.upload(client, pr, _counter(emit, cancelled, "uploading", total), todo=todo)
     _check(cancelled)
-    body = {**req.job, "scene_sha256": sha, "client_key": req.client_key}
+    sha = pr.manifest.files[pr.scene]
+    body = {**req.job, "scene_sha256": sha, "client_key": req.client_key, "project": pr.manifest.to_json()}
+    if pr.missing:
+        body["missing"] = pr.missing_report()
     wanted = {k: v for k, v in req.optional.items() if v not in (None, "")}
     if wanted:
         fields = accepted_fields(client) or set()
@@ -339,7 +333,7 @@ def _submit(req: SubmitRequest, emit: Callable, cancelled: Callable[[], bool]) -
         client.cancel(job["id"])
         emit(Canceled(f"canceled: job {job['id']} was created and canceled at once"))
         return
-    emit(Submitted(job, uploaded, sha))
+    emit(Submitted(job, stats["bytes_sent"], sha, stats["files"], stats["blobs_sent"]))
 
 
 def _create(client, body: dict) -> dict:

@@ -10,6 +10,7 @@ session (data-block names, every image's path, source and packed state, render s
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ import pytest
 
 from client import build_addon
 from client.localfarm import free_port
-from tests.conftest import PY, REPO, SAMPLE, pixels, wait_workers
+from tests.conftest import PY, REPO, SAMPLE, direct_render, pixels, wait_workers
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +127,9 @@ def test_blenders_validator_accepts_the_package(tmp_path):
 def test_make_addon_zip_installs_offline_and_its_operators_work(farm, addon_zip, tmp_path):
     with zipfile.ZipFile(addon_zip) as z:
         names = set(z.namelist())
-    assert {"blender_manifest.toml", "__init__.py", "renderhive_api.py", "remote.py", "packer.py"} <= names
+    assert {"blender_manifest.toml", "__init__.py", "renderhive_api.py", "remote.py", "renderhive_project.py",
+            "renderhive_manifest.py", "renderhive_hashing.py"} <= names
+    assert "packer.py" not in names, "the add-on ships projects; it packs nothing"
     assert not any("__pycache__" in n for n in names)
     f = farm()
     alice = f.creator("alice")
@@ -206,13 +209,13 @@ def test_submit_renders_on_a_worker_and_fetch_brings_the_frames_back(farm, worke
     job = alice.job(sample["job_id"])
     assert job["status"] in ("approved", "paid") and job["tasks"]["total"] == 2, "frames 1-3 in chunks of 2"
 
-    ext = res["external"]   # texture in an external file: the worker refuses unpacked ones, so it was packed
+    ext = res["external"]   # a texture beside the scene's folder: shipped as a project with Project Root above
     assert ext["submit"]["error"] == "" and ext["fetch"]["error"] == "", ext
     assert ext["files"] == ["frame_0002.png"]
     assert ext["before"] == ext["after"]
     assert ext["after"]["images"]["checker"] == ["//../textures/checker.png", "FILE", 0], "still unpacked here"
 
-    linked = res["linked"]   # a linked library: packed into the copy (the worker refuses linked files)
+    linked = res["linked"]   # a linked library: shipped as a file of the project
     assert linked["submit"]["error"] == "" and linked["fetch"]["error"] == "", linked
     assert linked["files"] == ["frame_0004.png"] and linked["before"] == linked["after"]
     assert linked["libraries"] == [["//library.blend", False]], "still linked, not packed, in the session"
@@ -229,10 +232,68 @@ def test_submit_renders_on_a_worker_and_fetch_brings_the_frames_back(farm, worke
     assert threaded["reports"][-1][0] == "INFO" and f"job {threaded['job_id']} queued" in threaded["reports"][-1][1]
     assert {"contacting the farm", "creating the job"} <= set(threaded["statuses"]), threaded["statuses"]
     assert any(s.startswith("hashing the scene") for s in threaded["statuses"])
+    assert "tracing the files the scene reads" in threaded["statuses"]
     assert threaded["temp_exists"] is False and threaded["pass_through"] == ["PASS_THROUGH"]
     jobs = {j["id"] for j in alice.jobs()}
     assert jobs == {sample["job_id"], ext["job_id"], linked["job_id"], res["failing_job_id"], threaded["job_id"]}, \
         "the canceled submission created no job"
+    assert res["temp_dirs"] == [] and res["client_imported"] is False
+
+
+def test_the_addon_ships_a_project_as_the_cli_does_without_repacking(farm, worker, addons_dir, tmp_path):
+    """A project of tests/helpers/make_project.py submitted from the add-on (the UI path: a runner thread and
+    the modal timer): the frames equal Blender's own render of the folder; the scene blob is the scene as
+    client/project.py rewrites it (not a packed copy) and each texture is its own blob; a resubmit after
+    one texture changed uploads that texture only."""
+    from client import project as P
+    from common import manifest as M
+    from tests.client.test_project import make_project
+    scene = make_project(tmp_path / "proj")
+    expected = P.build(scene)   # computed before the add-on runs: the resubmit changes tex/a.png
+    try:
+        want_files, rewritten = dict(expected.manifest.files), list(expected.rewritten)
+    finally:
+        expected.close()
+    ref = direct_render(scene, tmp_path / "ref", [1, 2, 3])
+    f = farm()
+    worker(f, "w1")
+    alice = f.creator("alice")
+    wait_workers(alice, 1)
+    out = tmp_path / "frames"
+    res = drive("project", tmp_path / "run", addons=str(addons_dir), url=f.url, token=alice.token, out=str(out),
+                blend=str(scene))
+    first, again = res["first"], res["again"]
+    assert first["results"] == [["FINISHED"]], first
+    assert first["reports"][-1][1].startswith(f"Renderhive: job {first['job_id']} queued, 3 frames (14 of 14 files "
+                                              "uploaded"), first["reports"]
+    assert {"tracing the files the scene reads", "asking the farm which files it lacks"} <= set(first["statuses"])
+    assert any(s.startswith("uploading") and "MB" in s for s in first["statuses"]), first["statuses"]
+    assert res["before"] == res["after"], "the user's file and session are untouched"
+    assert Path(res["project_module"]) == REPO / "client" / "project.py", "the CLI's own tracer"
+
+    job = alice.job(first["job_id"])
+    assert rewritten == ["scene.blend"], "the scene has an absolute path, made relative in a copy"
+    assert job["spec"]["scene_sha256"] == want_files["scene.blend"], "the scene blob is the rewritten scene"
+    manifest = M.loads((f.data / "blobs" / job["spec"]["project"]["manifest_sha256"][:2]
+                        / job["spec"]["project"]["manifest_sha256"]).read_bytes())
+    assert manifest.files == want_files and len(want_files) == 14
+    for rel in ("wood.png", "lib/lib.blend", "tex/udim/col.1002.png", "fonts/dejavu.ttf", "tex/a.png"):
+        sha = want_files[rel]
+        local = (tmp_path / "proj" / rel).read_bytes()   # tex/a.png has the resubmit's extra byte since
+        stored = (f.data / "blobs" / sha[:2] / sha).read_bytes()
+        assert stored == (local[:-1] if rel == "tex/a.png" else local), f"{rel} is a blob of its own, as is"
+    assert alice.missing(list(want_files.values())) == [], "every file is its own blob on the farm"
+
+    assert again["results"] == [["FINISHED"]], again
+    assert "(1 of 14 files uploaded" in again["reports"][-1][1], again["reports"]
+    tex = tmp_path / "proj" / "tex" / "a.png"
+    assert alice.job(again["job_id"])["spec"]["scene_sha256"] == want_files["scene.blend"]
+    assert alice.missing([hashlib.sha256(tex.read_bytes()).hexdigest()]) == []
+
+    assert res["fetch"]["error"] == "", res["fetch"]
+    for frame, path in ref.items():
+        got = pixels(Path(res["fetch_dir"]) / f"frame_{frame:04d}.png")
+        assert np.array_equal(got, pixels(path)), f"frame {frame} differs from Blender's own render"
     assert res["temp_dirs"] == [] and res["client_imported"] is False
 
 
@@ -259,7 +320,8 @@ def test_errors_are_clear_and_leave_nothing_behind(farm, addons_dir, tmp_path):
     assert "job 999999 not found" in error("fetch_unknown")
     assert "no job to fetch" in error("fetch_nothing")
     missing = error("missing_texture")
-    assert "image 'checker'" in missing and "does not exist" in missing and "Find Missing Files" in missing
+    assert "image 'checker'" in missing and "do not exist on this machine" in missing
+    assert "Find Missing Files" in missing and "Render with Missing Files" in missing
     for case in ("unreachable", "wrong_token", "no_token", "offline", "missing_texture"):
         assert res[case]["temp"] == [], f"{case} left temporary files"
     assert res["before"] == res["after"], "failed submissions did not touch the user's file"

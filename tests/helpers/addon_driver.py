@@ -273,7 +273,7 @@ def run_modal(bpy, module: str, esc: bool) -> dict:
         time.sleep(0.02)
     state = ctx.window_manager.renderhive
     return {"results": results, "reports": op.reports, "statuses": sorted(statuses - {""}),
-            "busy_after": state.busy, "job_id": state.last_job_id, "temp_exists": Path(req.temp_dir).exists(),
+            "busy_after": state.busy, "job_id": state.last_job_id, "temp_exists": renderhive_temp_dirs() != [],
             "pass_through": sorted(op.modal(ctx, SimpleNamespace(type="MOUSEMOVE", value="NOTHING")))}
 
 
@@ -299,11 +299,13 @@ def scenario_submit(bpy, args: dict) -> dict:
     module = load_addon(bpy, args)
     configure(bpy, module, args["url"], args["token"], args["out"])
     res = {"module": module, "sample": _submit_and_fetch(bpy, module, args["blend"], "1-3"),
-           "external": _submit_and_fetch(bpy, module, ext_blend, "2"),
+           "external": _submit_and_fetch(bpy, module, ext_blend, "2", project_root=args["work"]),
            "linked": _submit_and_fetch(bpy, module, linked_blend, "4")}
-    # a job the worker refuses (no camera): the fetch waits for it and reports why it failed
+    # a job the worker refuses (no camera): the fetch waits for it and reports why it failed (the farm
+    # renders the file as saved: the camera-less scene is saved under another name first)
     open_blend(bpy, args["blend"])
     bpy.context.scene.camera = None
+    bpy.ops.wm.save_as_mainfile(filepath=str(Path(args["blend"]).with_name("nocam.blend")))
     settings(bpy, frames="1", samples=4, resolution_percent=20)
     res["failing_submit"] = call(bpy.ops.renderhive.submit)
     res["failing_job_id"] = bpy.context.window_manager.renderhive.last_job_id
@@ -391,8 +393,37 @@ def scenario_installed(bpy, args: dict) -> dict:
     return res
 
 
+def scenario_project(bpy, args: dict) -> dict:
+    """A project (tests/helpers/make_project.py) submitted through the UI path (modal, a runner thread), then
+    resubmitted after one texture changed; the frames are fetched after the test approves."""
+    sys.meta_path.insert(0, _NoClientPackage())
+    module = load_addon(bpy, args)
+    configure(bpy, module, args["url"], args["token"], args["out"])
+    open_blend(bpy, args["blend"])
+    settings(bpy, frames="1-3", chunk=1)
+    before = fingerprint(bpy)
+    res = {"first": run_modal(bpy, module, esc=False), "before": before, "after": fingerprint(bpy)}
+    tex = Path(args["blend"]).parent / "tex" / "a.png"
+    tex.write_bytes(tex.read_bytes() + b"\0")   # trailing bytes after IEND: a new blob, the same image
+    res["again"] = run_modal(bpy, module, esc=False)
+    prefs = bpy.context.preferences.addons[module].preferences
+    api = sys.modules[f"{module}.remote"].api.Client(prefs.url, prefs.token)
+    first = res["first"]["job_id"]
+    deadline = time.monotonic() + 240
+    while api.job(first)["status"] not in ("rendered", "failed", "canceled") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if api.job(first)["status"] == "rendered":
+        api.approve(first)
+    res["fetch"] = call(bpy.ops.renderhive.fetch_results, job_id=first, wait=True, timeout=240)
+    res["fetch_dir"] = bpy.context.window_manager.renderhive.last_fetch_dir
+    res["temp_dirs"] = renderhive_temp_dirs()
+    res["project_module"] = sys.modules[f"{module}.remote"].project.__file__
+    res["client_imported"] = any(m == "client" or m.startswith("client.") for m in sys.modules)
+    return res
+
+
 SCENARIOS = {"lifecycle": scenario_lifecycle, "submit": scenario_submit, "errors": scenario_errors,
-             "installed": scenario_installed}
+             "installed": scenario_installed, "project": scenario_project}
 
 
 def main() -> int:
