@@ -174,6 +174,11 @@ def test_a_signature_for_one_job_is_refused_on_another(own):
     r = c.http.post(f"/api/jobs/{b}/approve", json={"signature": sig_a}, headers=c.auth)
     assert r.status_code == 403 and "another wallet, job or round" in r.json()["detail"]
     assert f.job(b).status == "rendered" and f.chain.escrow_job(int(f.st(b).escrow_job)).state == "posted"
+    # and the escrow refuses it too, relayed straight to the contract
+    wallets, amounts = f.ledger._current_list(new_session(f.engine), f.st(b))
+    with pytest.raises(ch.TxRejected, match="not signed by the creator"):
+        f.chain.sign(f.chain.operator_key, f.chain.approve_by_sig(int(f.st(b).escrow_job), wallets, amounts,
+                                                                 bytes.fromhex(sig_a[2:])))
 
 
 def test_rejection_is_the_wallets_signature_of_exactly_these_frames_and_reason(own):
