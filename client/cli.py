@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client import payments_cli
 from client.api import ApiError, Client, file_sha256
 
 FINAL = {"rendered", "approved", "paid", "canceled", "failed", "rejected"}
@@ -134,10 +135,13 @@ def cmd_submit(args, client: Client) -> int:
     job = client.submit(scene_sha256=sha, scene_name=scene.name, frames=args.frames, chunk=args.chunk,
                         format=args.format, color_depth=args.color_depth, samples=args.samples,
                         resolution_percent=args.resolution_percent, priority=args.priority,
-                        min_tier=args.min_tier or "", name=args.name or scene.stem, **{k: v for k, v in optional.items() if v is not None})
+                        min_tier=args.min_tier or "", name=args.name or scene.stem,
+                        **{k: v for k, v in {**optional, **payments_cli.priced_args(args)}.items() if v is not None})
     if not args.json:
         print(f"job {job['id']} queued: {job['tasks']['total']} tasks, {job['frames_total']} frames "
               f"({str(sent) + ' bytes uploaded' if sent else 'everything already on the farm, 0 bytes uploaded'})")
+        if quote := (job.get("spec") or {}).get("quote"):
+            print(payments_cli.quote_line(quote))
     return follow_submitted(args, client, job)
 
 
@@ -146,6 +150,7 @@ def add_follow_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--priority", type=int, default=0)
     parser.add_argument("--min-tier", choices=["new", "trusted", "top"], default=None,
                         help="only workers of this reputation tier or better (see `farm workers`)")
+    payments_cli.add_priced_args(parser)
     parser.add_argument("--name", default="")
     parser.add_argument("--wait", action="store_true", help="follow progress until it is done")
     parser.add_argument("--out", default=None, help=f"with --wait --approve: download the {what} here")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client import payments_cli
 from client.api import ApiError, Client
 
 
@@ -72,7 +73,7 @@ def cmd_submit_diffusion(args, client: Client) -> int:
         "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "width": width, "height": height,
         "scheduler": args.scheduler, "per_task": args.per_task, "init_from_job": args.init_from_job,
         "strength": args.strength, "priority": args.priority, "min_tier": args.min_tier or "",
-        "name": args.name}
+        "name": args.name, **{k: v for k, v in payments_cli.priced_args(args).items() if v is not None}}
     job = client.submit_diffusion(**body)
     spec = job["spec"]
     if not args.json:

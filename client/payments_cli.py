@@ -17,12 +17,38 @@ def _print(args, data: Any, human: str) -> None:
     print(json.dumps(data, indent=2) if args.json else human)
 
 
+def add_priced_args(parser) -> None:
+    """--tier and --max-price, on every submit command."""
+    parser.add_argument("--tier", choices=["any", "trusted", "top"], default=None,
+                        help="the priced tier: any worker (1x), trusted (1.5x) or top (2x) of the market price "
+                             "(`farm estimate` shows the farm's multipliers); sets --min-tier")
+    parser.add_argument("--max-price", default=None, metavar="TOKENS",
+                        help="refuse to start if the job's rate (tokens per measured second) is above this")
+
+
+def priced_args(args) -> dict[str, Any]:
+    return {"tier": getattr(args, "tier", None), "max_price": getattr(args, "max_price", None)}
+
+
+def quote_line(q: dict[str, Any]) -> str:
+    """The quote a submitted job got, locked for it (farm.payments.quotes)."""
+    eta = q.get("eta_seconds")
+    return (f"quote (locked for this job): {q['rate_tokens']} tokens per measured second "
+            f"({q['price_per_unit_tokens']} market price × {q['multiplier']} tier {q['tier']}), "
+            f"≈ {q['cost_tokens']} tokens, deposit {q['deposit_tokens']}"
+            + (f", ETA {eta:.0f} s" if eta is not None else ""))
+
+
 def cmd_estimate(args, client: Client) -> int:
     est = client.estimate(frames=args.frames, chunk=args.chunk, samples=args.samples,
-                          resolution_percent=args.resolution_percent)
+                          resolution_percent=args.resolution_percent, tier=args.tier, priority=args.priority)
+    q = est.get("quote") or {}
+    tiers = ", ".join(f"{k} {v}x" for k, v in (est.get("tiers") or {}).items())
     _print(args, est, f"{est['units']} frames × {est['seconds_per_unit']} s ({est['basis']}) × "
                       f"{est['price_per_unit_tokens']} per measured second ≈ {est['cost_tokens']} tokens; "
-                      f"deposit taken at start: {est['deposit_tokens']} (the rest is refunded)")
+                      f"deposit taken at start: {est['deposit_tokens']} (the rest is refunded)"
+                      + (f"\nrate: {q['price_per_unit_tokens']} market price (load {q['load']}) × {q['multiplier']} "
+                         f"for tier {q['tier']}; tiers: {tiers}; the price is locked when you submit" if q else ""))
     return 0
 
 
@@ -118,6 +144,8 @@ def add_commands(sub, client_cmd: Callable) -> None:
     e.add_argument("--chunk", type=int, default=1)
     e.add_argument("--samples", type=int, default=None)
     e.add_argument("--resolution-percent", type=int, default=None)
+    e.add_argument("--tier", choices=["any", "trusted", "top"], default=None)
+    e.add_argument("--priority", type=int, default=None, help="a positive priority pays the priority multiplier")
     e.set_defaults(func=cmd_estimate)
 
     a = client_cmd("approve", "approve a rendered job: its workers are paid from the escrow")

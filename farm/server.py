@@ -16,9 +16,11 @@ from pathlib import Path
 import uvicorn
 
 from common.keys import KeyFileError
+from common.limits import cap_recursion
 from farm.core.coordinator import Coordinator
 from farm.payments.earnings import WorkerEarnings
 from farm.payments.ledger import Ledger, Settler, chain_factory
+from farm.payments.market import Market
 from farm.plane.broker import Broker, tune_gc
 from farm.plane.gate import Keyring, resolve_mode
 from farm.store.blobs import BlobStore
@@ -59,7 +61,10 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
           f"`farm worker --server-key '{keyring.server_key}'`", flush=True)
     print(f"workers admitted: {_ADMISSION[keyring.mode].format(dir=keyring.dir)}", flush=True)
     # workers hear the current price after WELCOME and each job's credited share (farm.payments.earnings)
-    coord = Coordinator(engine, blobs, require_sandbox=require_sandbox, earnings=WorkerEarnings(payments=bool(factory)))
+    # one market (the price by load, farm.payments.market) for the workers' PRICE, the pages and the quotes
+    market = Market.for_farm(engine)
+    coord = Coordinator(engine, blobs, require_sandbox=require_sandbox,
+                        earnings=WorkerEarnings(payments=bool(factory), market=market))
     if require_sandbox:
         print("workers must sandbox their runtime children (a worker started with --no-sandbox is refused)",
               flush=True)
@@ -73,7 +78,9 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
     settle_task = asyncio.create_task(settler.run()) if settler else None
     host, _, port = http.rpartition(":")
     app = create_app(engine, blobs, broker, info={"worker_endpoint": endpoint, "server_key": keyring.server_key},
-                     ledger=ledger)
+                     ledger=ledger, market=market)
+    market_stop = asyncio.Event()
+    market_task = asyncio.create_task(market.run(market_stop))  # samples the load every few seconds
     limits = connections.HttpLimits.from_env()  # caps, header and body deadlines (issue 18)
     connections.raise_open_file_limit(limits)  # so the caps, not the OS's descriptor limit, are what binds
     server = uvicorn.Server(uvicorn.Config(app, host=host or "127.0.0.1", port=int(port), log_level="warning",
@@ -83,6 +90,7 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: (broker.stop(), setattr(server, "should_exit", True)))
     tune_gc()  # start-up is done: what exists now lives as long as the process
+    cap_recursion()  # after every import: nested JSON from strangers must raise, not overflow the C stack
     print(f"coordinator ready: workers connect to {endpoint}, API on http://{host}:{port}", flush=True)
     http_task = asyncio.create_task(server.serve())
     done, _ = await asyncio.wait({broker_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -90,7 +98,10 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
     server.should_exit = True
     if settler:
         settler.stop()
-    await asyncio.gather(broker_task, http_task, *([settle_task] if settle_task else []), return_exceptions=True)
+    market_stop.set()
+    market_task.cancel()
+    await asyncio.gather(broker_task, http_task, market_task, *([settle_task] if settle_task else []),
+                         return_exceptions=True)
     for t in done:
         if t.exception():
             raise t.exception()

@@ -113,7 +113,16 @@ def create_blender_job(session: Session, owner: User, blobs: BlobStore, req: dic
                        spec, plans, f"frames {req.get('frames')}")
 
 
+PRICED_TIERS = {"any": "", "trusted": "trusted", "top": "top"}
+"""A priced tier (``tier``, farm.payments.quotes) → the minimum worker tier it stands for."""
+
+
 def min_tier(req: dict[str, Any]) -> str:
+    """The minimum worker tier of a request: its priced ``tier`` when it names one, else ``min_tier``."""
+    if req.get("tier"):
+        if req["tier"] not in PRICED_TIERS:
+            raise JobError(f"tier must be any, trusted or top, got {req['tier']!r:.40}", 422)
+        return PRICED_TIERS[req["tier"]]
     tier = req.get("min_tier") or ""
     if tier not in ("", "new", "trusted", "top"):
         raise JobError(f"min_tier must be new, trusted or top, got {tier!r}")

@@ -2,9 +2,11 @@
 messages (PRICE, EARNED) for the coordinator to send over the worker plane (the port
 :class:`farm.core.earnings_port.Earnings`), and for the Workers page.
 
-:func:`current_price` is the one function that says what the farm pays now; today it is the fixed
-:attr:`Pricing.price_per_unit` (wei per reference second of measured work). A load-based price replaces
-its body, and PRICE, ``farm worker`` and the Workers page follow. Invariants:
+:func:`current_price` is the one function that says what the farm pays now: the market price
+(:mod:`farm.payments.market`, wei per reference second of measured work, set by the farm's load within the
+operator's floor and ceiling), or the fixed :attr:`Pricing.price_per_unit` without a market. PRICE, ``farm
+worker`` and the Workers page follow it. (A job pays the price locked at its submit × its tier's multiplier,
+:mod:`farm.payments.quotes`: a trusted-tier job pays its trusted workers 1.5 × by default.) Invariants:
 
 * a share is announced only once its round is ``credited`` (the creator approved it): a computed or
   posted list may still be rejected;
@@ -17,6 +19,7 @@ from sqlmodel import Session, select
 
 from common import protocol as P
 from farm.payments import pricing as pr
+from farm.payments.market import Market
 from farm.store.ledger_models import Payout, PayoutStatus, Settlement, SettlementStatus
 
 UNIT = "reference second of measured work"
@@ -33,9 +36,9 @@ _UNCREDITED = (SettlementStatus.new.value, SettlementStatus.funding.value, Settl
 _CREDITED = (SettlementStatus.approved.value, SettlementStatus.paid.value)
 
 
-def current_price(pricing: pr.Pricing) -> int:
-    """Wei the farm pays now per unit of measured work (fixed today; see the module docstring)."""
-    return pricing.price_per_unit
+def current_price(pricing: pr.Pricing, market: Market | None = None) -> int:
+    """Wei the farm pays now per unit of measured work of an any-tier job (see the module docstring)."""
+    return market.price() if market is not None else pricing.price_per_unit
 
 
 def earned(p: Payout) -> P.Earned:
@@ -49,15 +52,16 @@ class WorkerEarnings:
     """The core's :class:`~farm.core.earnings_port.Earnings`. ``payments``: False when the farm runs without
     a chain (``farm serve --chain-rpc off``): PRICE then says nothing is paid."""
 
-    def __init__(self, pricing: pr.Pricing | None = None, payments: bool = True):
+    def __init__(self, pricing: pr.Pricing | None = None, payments: bool = True, market: Market | None = None):
         self.pricing = pricing or pr.Pricing.from_env()
         self.payments = payments
+        self.market = market
         self._waiting: set[int] | None = None  # jobs whose shares are not credited yet (None: not looked yet)
         self._looked = 0.0
 
     def price(self) -> P.Price:
         note = "" if self.payments else "payments are off on this farm (farm serve --chain-rpc off): no job pays"
-        return P.Price(pr.tokens(current_price(self.pricing)), UNIT, note)
+        return P.Price(pr.tokens(current_price(self.pricing, self.market)), UNIT, note)
 
     def recent(self, s: Session, worker_id: str) -> list[P.Earned]:
         jobs = s.exec(select(Settlement.job_id).where(Settlement.status.in_(_CREDITED))

@@ -8,8 +8,9 @@ re-renders by other workers count: a lone worker's job still has someone else's 
 task is then worth its units × the reference, whoever rendered it and however long it took: a slow or
 padding worker earns no more for the same frame than a fast honest one, and the seconds a worker reports
 (``Attempt.render_seconds``) are a statistic only. Spot checks are paid to their verifier by the job, at
-the same reference (:func:`check_work`), and shown apart in each share. (A price per benchmark work unit across jobs is the
-market's business, issue 23; within a job the fastest renders set the rate.)
+the same reference (:func:`check_work`), and shown apart in each share. The price of a unit is the
+job's rate, locked in its quote at submit (farm.payments.market sets the price by load, farm.payments.quotes
+adds the tier's multiplier); within a job the fastest renders set how many units a task is worth.
 Invariants:
 
 * only attempts with outcome ``done`` that are the current attempt of a task in state ``accepted`` count:
@@ -76,8 +77,9 @@ class Pricing:
                    deadline_seconds=int(float(_env("ESCROW_DEADLINE", str(7 * 24 * 3600)))),
                    demo_tokens=to_wei(_env("DEMO_TOKENS", "1000")))
 
-    def cost(self, work_ms: int) -> int:
-        return work_ms * self.price_per_unit // 1000
+    def cost(self, work_ms: int, rate: int | None = None) -> int:
+        """Wei for ``work_ms`` milli-units at ``rate`` wei per unit (default: the fixed price)."""
+        return work_ms * (self.price_per_unit if rate is None else rate) // 1000
 
     def fee(self, total: int) -> int:
         return total * self.fee_bps // BPS  # the escrow computes it the same way
@@ -112,39 +114,55 @@ def seconds_per_unit(s: Session, pricing: Pricing, scene: str | None, settings: 
 
 
 def estimate(s: Session, pricing: Pricing, units: int, scene: str | None = None,
-             settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What ``units`` frames will probably cost, and the deposit taken at job start."""
+             settings: dict[str, Any] | None = None, rate: int | None = None) -> dict[str, Any]:
+    """What ``units`` frames will probably cost at ``rate`` wei per unit (default: the fixed price), and the
+    deposit taken at job start."""
     per, basis = seconds_per_unit(s, pricing, scene, settings)
-    return _priced(pricing, units, per, basis)
+    return _priced(pricing, units, per, basis, rate)
 
 
-def _priced(pricing: Pricing, units: int, per: float, basis: str) -> dict[str, Any]:
+def _priced(pricing: Pricing, units: int, per: float, basis: str, rate: int | None = None) -> dict[str, Any]:
+    rate = pricing.price_per_unit if rate is None else rate
     work_ms = int(round(units * per * 1000))
-    cost = pricing.cost(work_ms)
+    cost = pricing.cost(work_ms, rate)
     deposit = max(pricing.min_deposit,
                   int((Decimal(cost) * pricing.deposit_margin).to_integral_value(ROUND_CEILING)))
     deposit += pricing.fee(deposit)
     return {"units": units, "seconds_per_unit": round(per, 4), "basis": basis,
-            "work_seconds": work_ms / 1000, "price_per_unit": str(pricing.price_per_unit),
+            "work_seconds": work_ms / 1000, "price_per_unit": str(rate),
             "cost": str(cost), "deposit": str(deposit), "fee_bps": pricing.fee_bps,
             "cost_tokens": tokens(cost), "deposit_tokens": tokens(deposit),
-            "price_per_unit_tokens": tokens(pricing.price_per_unit)}
+            "price_per_unit_tokens": tokens(rate)}
 
 
-def estimate_request(s: Session, pricing: Pricing, req: dict[str, Any]) -> dict[str, Any]:
+def estimate_request(s: Session, pricing: Pricing, req: dict[str, Any], rate: int | None = None) -> dict[str, Any]:
     """The estimate of a job request (the body of POST /api/jobs), before it is submitted."""
     settings = splitter.render_settings(req.get("format", "PNG"), req.get("color_depth"), req.get("samples"),
                                         req.get("resolution_percent"), req.get("resolution"))
     units = len(splitter.parse_frames(str(req.get("frames", ""))))
-    return estimate(s, pricing, units, req.get("scene_sha256") or None, settings)
+    return estimate(s, pricing, units, req.get("scene_sha256") or None, settings, rate)
 
 
-def estimate_job(s: Session, pricing: Pricing, job: Job) -> dict[str, Any]:
-    """The estimate of a stored job, in units of its main kind of task (frames, tiles, images)."""
+def estimate_job(s: Session, pricing: Pricing, job: Job, rate: int | None = None) -> dict[str, Any]:
+    """The estimate of a stored job, in units of its main kind of task (frames, tiles, images), at ``rate``;
+    without one, a job quoted at submit gets its locked quote (farm.payments.quotes): the deposit it was
+    told, however the farm's history or price moved since."""
+    quote = job.spec.get("quote")
+    if rate is None and quote:
+        return {k: quote[k] for k in ("units", "seconds_per_unit", "basis", "cost", "deposit", "fee_bps",
+                                      "cost_tokens", "deposit_tokens")} | {
+            "price_per_unit": quote["rate"], "price_per_unit_tokens": tokens(quote["rate"])}
     kind = s.exec(select(Task.kind).where(Task.job_id == job.id).order_by(Task.index)).first() or "render"
     units = sum(s.exec(select(Task.progress_total).where(Task.job_id == job.id).where(Task.kind == kind)).all())
     per, basis = seconds_per_unit(s, pricing, job.spec.get("scene_sha256"), job.spec.get("settings"), kind)
-    return _priced(pricing, units or job.tasks_total, per, basis)
+    return _priced(pricing, units or job.tasks_total, per, basis, job_rate(pricing, job) if rate is None else rate)
+
+
+def job_rate(pricing: Pricing, job: Job | None) -> int:
+    """Wei per unit of measured work that ``job`` pays: the rate locked in its quote (the market price ×
+    its tier's multipliers, farm.payments.quotes), else the fixed price."""
+    quote = job.spec.get("quote") if job is not None else None
+    return int(quote["rate"]) if quote else pricing.price_per_unit
 
 
 # ------------------------------------------------------------------ actual cost and payouts
@@ -233,13 +251,14 @@ def shares(s: Session, pricing: Pricing, job_id: int, deposit: int,
     the deposit when needed. Returns (shares, capped). ``checksum`` normalises a wallet address (None when
     it is not one)."""
     out = []
+    rate = job_rate(pricing, s.get(Job, job_id))
     ref = reference_work(s, job_id)
     work, checks = accepted_work(s, job_id, ref), check_work(s, job_id, ref)
     for worker_id in sorted(set(work) | set(checks)):
         (ms, n), (cms, cn) = work.get(worker_id, (0, 0)), checks.get(worker_id, (0, 0))
         w = s.get(Worker, worker_id)
         wallet = (checksum(w.wallet) if w and w.wallet else None) or ""
-        out.append(Share(worker_id, wallet, ms, n, pricing.cost(ms + cms), check_ms=cms, checks=cn))
+        out.append(Share(worker_id, wallet, ms, n, pricing.cost(ms + cms, rate), check_ms=cms, checks=cn))
     payable = sum(x.amount for x in out if x.wallet)
     budget = pricing.budget(deposit)
     capped = payable > budget

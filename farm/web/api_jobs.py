@@ -1,5 +1,6 @@
-"""Jobs: submit (any kind, through :mod:`farm.kinds.registry`), list, follow (server-sent events),
-cancel (on the coordinator's thread), and the outputs, released in full only after approval.
+"""Jobs: submit (any kind, through :mod:`farm.kinds.registry`, quoted and its price locked by
+:mod:`farm.payments.quotes`), list, follow (server-sent events), cancel (on the coordinator's thread), and
+the outputs, released in full only after approval.
 
 Creators see only their own jobs: another creator's job is a 404, never a 403 that would confirm it exists.
 """
@@ -14,6 +15,7 @@ from sqlmodel import select
 
 from farm.kinds import jobs
 from farm.kinds.registry import create_job
+from farm.payments import quotes
 from farm.store.db import session as new_session
 from farm.store.models import Job
 from farm.store.states import JOB_TERMINAL, JobStatus
@@ -28,14 +30,26 @@ def job_router(api: Api) -> APIRouter:
     SessionDep, UserDep = api.SessionDep, api.UserDep
     serial = api.serial
 
+    def create_quoted(kind: str, req: dict[str, Any], user) -> dict[str, Any]:
+        """Create the job with its quote locked (farm.payments.quotes), in one transaction: a max_price above
+        the rate now refuses it before anything is written; a retried submit gets its job and its quote."""
+        with new_session(engine) as s:
+            existing = jobs.job_for_key(s, user, str(req.get("client_key") or "")[:100])
+            if existing is not None:
+                return jobs.job_view(s, existing)
+            try:
+                offer = quotes.offer(api.market, api.tiers, req)
+            except quotes.QuoteRefused as exc:
+                raise HTTPException(exc.status, str(exc)) from None
+            job = create_job(kind, s, user, blobs, req, api.hold_for_deposit(user))
+            s.flush()
+            quotes.lock(s, api.pricing, job, offer, queue_view(s, job))
+            s.commit()
+            return jobs.job_view(s, job)
+
     @r.post("/api/jobs", status_code=201)
     async def submit(body: JobCreate, user: UserDep) -> dict[str, Any]:
-        def create():
-            with new_session(engine) as s:
-                job = create_job("blender", s, user, blobs, body.model_dump(), api.hold_for_deposit(user))
-                s.commit()
-                return jobs.job_view(s, job)
-        view = await asyncio.to_thread(create)
+        view = await asyncio.to_thread(create_quoted, "blender", body.model_dump(), user)
         if broker is not None:
             broker.wake()
         api.wake_ledger()  # a funding job waits for its deposit: take it now, not at the next pass
@@ -45,12 +59,7 @@ def job_router(api: Api) -> APIRouter:
     async def submit_diffusion(body: DiffusionJobCreate, user: UserDep) -> dict[str, Any]:
         """Images from prompts (or img2img over another job's frames) plus a contact sheet. Created on the
         coordinator's thread, so a source job cannot become rendered between the check and the commit."""
-        def create():
-            with new_session(engine) as s:
-                job = create_job("diffusion", s, user, blobs, body.model_dump(), api.hold_for_deposit(user))
-                s.commit()
-                return jobs.job_view(s, job)
-        view = await serial(create)
+        view = await serial(create_quoted, "diffusion", body.model_dump(), user)
         api.wake_ledger()
         return view
 

@@ -32,8 +32,9 @@ from farm.web.wallet_api import wallet_router
 
 
 def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | None = None, ledger=None,
-               uploads: UploadArea | None = None) -> FastAPI:
-    """``uploads``: the resumable uploads' area (default: under the blob store, limits from the environment)."""
+               uploads: UploadArea | None = None, market=None) -> FastAPI:
+    """``uploads``: the resumable uploads' area (default: under the blob store, limits from the environment);
+    ``market``: the farm's :class:`farm.payments.market.Market` (default: one reading this database)."""
     app = FastAPI(title="Renderhive", version="0.1.0",
                   description="Submit Blender jobs, upload scenes, follow progress, download results.",
                   responses={422: {"model": ErrorOut, "description": "Invalid request: what to change"}})
@@ -45,7 +46,7 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
         return JSONResponse({"detail": f"a value in this request cannot be stored ({why}): remove NUL characters "
                                        "and keep whole numbers within 64 bits"}, status_code=422)
 
-    api = Api(engine, blobs, broker, info, ledger)
+    api = Api(engine, blobs, broker, info, ledger, market)
     SessionDep, UserDep = api.SessionDep, api.UserDep
 
     @app.get("/api/health")
@@ -72,14 +73,14 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # payments and review: estimate, deposit status, approve, reject, payouts, wallets
-    app.include_router(payments_router(engine, api.get_user, api.serial, ledger))
+    app.include_router(payments_router(engine, api.get_user, api.serial, ledger, api.market, api.tiers))
     app.include_router(wallet_router(engine, api.get_user, ledger))
-    _mount_web(app, engine, blobs, api.serial, ledger)
+    _mount_web(app, engine, blobs, api.serial, ledger, api.market)
     app.add_middleware(Guard, engine=engine, blob_limit=blobs.max_bytes)  # outermost: before any body is read
     return app
 
 
-def _mount_web(app: FastAPI, engine, blobs: BlobStore, serial, ledger) -> None:
+def _mount_web(app: FastAPI, engine, blobs: BlobStore, serial, ledger, market) -> None:
     """The approval pages (farm.web.pages) and their static files; page errors are HTML, API errors JSON."""
     from fastapi.responses import HTMLResponse, RedirectResponse
     from fastapi.staticfiles import StaticFiles
@@ -91,7 +92,7 @@ def _mount_web(app: FastAPI, engine, blobs: BlobStore, serial, ledger) -> None:
 
     previews = PreviewCache(blobs.root.parent / "previews")
     app.mount("/static", StaticFiles(directory=web.HERE / "static"), name="static")
-    app.include_router(web.web_router(engine, blobs, previews, serial, ledger, review, payments_api))
+    app.include_router(web.web_router(engine, blobs, previews, serial, ledger, review, payments_api, market))
 
     @app.exception_handler(web.Unauthorized)
     async def _signin(request, _exc):

@@ -10,6 +10,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, HTTPException
 from sqlmodel import Session
 
+from farm.payments.market import Market
+from farm.payments.pricing import Pricing
+from farm.payments.quotes import TierTerms
 from farm.store.blobs import BlobStore
 from farm.store.db import session as new_session
 from farm.store.models import User
@@ -17,10 +20,15 @@ from farm.web import auth
 
 
 class Api:
-    """The state the routers close over: engine, blob store, broker (None in tests without one), ledger."""
+    """The state the routers close over: engine, blob store, broker (None in tests without one), ledger, and
+    the market (the price now) with the tiers' multipliers."""
 
-    def __init__(self, engine, blobs: BlobStore, broker=None, info: dict[str, Any] | None = None, ledger=None):
+    def __init__(self, engine, blobs: BlobStore, broker=None, info: dict[str, Any] | None = None, ledger=None,
+                 market: Market | None = None):
         self.engine, self.blobs, self.broker, self.info, self.ledger = engine, blobs, broker, info or {}, ledger
+        self.pricing = ledger.pricing if ledger is not None else Pricing.from_env()
+        self.market = market or Market.for_farm(engine, self.pricing)  # the price by load (farm.payments.market)
+        self.tiers = TierTerms.from_env()
 
         def get_session():
             with new_session(engine) as s:

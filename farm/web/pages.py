@@ -60,8 +60,9 @@ class Unauthorized(Exception):
 
 
 def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callable, ledger=None,
-               review=None, payments=None) -> APIRouter:
-    """Pages under ``/``. ``review`` provides approve_job/reject_job, ``payments`` payment/payouts views."""
+               review=None, payments=None, market=None) -> APIRouter:
+    """Pages under ``/``. ``review`` provides approve_job/reject_job, ``payments`` payment/payouts views,
+    ``market`` the price now (farm.payments.market; None: the fixed price)."""
     router = APIRouter(include_in_schema=False)
 
     def render(name: str, request: Request, user: User | None = None, **ctx) -> HTMLResponse:
@@ -256,9 +257,11 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
             rows = list(s.exec(select(Worker).order_by(Worker.online.desc(), Worker.id)))
         from farm.payments import earnings, pricing
         from farm.verify.reputation import speed
-        price = pricing.tokens(earnings.current_price(getattr(ledger, "pricing", None) or pricing.Pricing.from_env()))
+        price = pricing.tokens(earnings.current_price(getattr(ledger, "pricing", None) or pricing.Pricing.from_env(),
+                                                      market))
         return render("workers.html", request, user, csrf=ws.csrf, workers=rows, speed=speed, price=price,
-                      price_unit=earnings.UNIT, payments=ledger is not None)
+                      price_unit=earnings.UNIT, payments=ledger is not None,
+                      load=round(market.load(), 2) if market else None)
 
     add_wallet_routes(router, engine, serial, ledger, current)
     return router

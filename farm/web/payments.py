@@ -16,9 +16,10 @@ from sqlmodel import Session, select
 
 from farm.kinds import jobs
 from farm.kinds.jobs import JobError
-from farm.payments import own_wallets
+from farm.payments import own_wallets, quotes
 from farm.payments import pricing as pr
 from farm.payments.ledger import Ledger, LedgerError
+from farm.payments.market import Market
 from farm.store.db import session as new_session
 from farm.store.ledger_models import ChainEvent, ChainTx, Payout, Settlement
 from farm.store.models import Job, User
@@ -81,11 +82,12 @@ def payouts_view(s: Session, ledger: Ledger | None, job: Job) -> dict[str, Any]:
                  "status": "preview" if x.wallet else "unpayable"} for x in shares]
     total = sum(int(r["amount"]) for r in rows if r["wallet"])
     return {"job_id": job.id, "preview": preview, "round": st.payout_round if st else 0,
-            "status": st.status if st else "none", "price_per_unit_tokens": pr.tokens(pricing.price_per_unit),
+            "status": st.status if st else "none", "price_per_unit_tokens": pr.tokens(pr.job_rate(pricing, job)),
             "unit": "reference second (measured)", "total": str(total), "total_tokens": pr.tokens(total), "workers": rows}
 
 
-def payments_router(engine, get_user: Callable, serial: Callable, ledger: Ledger | None) -> APIRouter:
+def payments_router(engine, get_user: Callable, serial: Callable, ledger: Ledger | None, market: Market,
+                    tiers: quotes.TierTerms) -> APIRouter:
     router = APIRouter(prefix="/api", tags=["payments"])
 
     def get_session():
@@ -110,14 +112,22 @@ def payments_router(engine, get_user: Callable, serial: Callable, ledger: Ledger
     @router.post("/estimate")
     def estimate(body: dict[str, Any] = Body(..., examples=[{"frames": "1-240", "samples": 64}]),
                  user: User = Depends(get_user), s: Session = Depends(get_session)) -> dict[str, Any]:
-        """What a job would cost (tokens per render second × a seconds-per-frame guess) and the deposit it
-        takes at start. The body is that of POST /api/jobs (``scene_sha256`` optional: with it, earlier
-        renders of the same scene and settings make the guess)."""
+        """What a job would cost (the rate it would be quoted now — market price × its tier's multiplier —
+        × a seconds-per-frame guess) and the deposit it takes at start, with the tiers' multipliers. The body
+        is that of POST /api/jobs (``scene_sha256`` optional: with it, earlier renders of the same scene and
+        settings make the guess; ``tier`` and ``priority`` choose the multiplier)."""
         pricing = ledger.pricing if ledger else pr.Pricing.from_env()
         try:
-            return pr.estimate_request(s, pricing, body)
+            return quotes.estimate_request(s, pricing, market, tiers, body)
+        except quotes.QuoteRefused as exc:
+            raise HTTPException(exc.status, str(exc)) from None
         except (ValueError, TypeError) as exc:
             raise HTTPException(422, f"cannot estimate this job: {exc}") from None
+
+    @router.get("/market")
+    def market_now(user: User = Depends(get_user)) -> dict[str, Any]:
+        """The price now (tokens per unit of measured work), the load behind it, its bounds, the tiers."""
+        return {**market.view(), "tiers": tiers.table(), "unit": "reference second (measured)"}
 
     @router.get("/jobs/{job_id}/payment")
     def payment(job_id: int, user: User = Depends(get_user), s: Session = Depends(get_session)) -> dict[str, Any]:

@@ -57,6 +57,10 @@ class JobCreate(BaseModel):
     priority: int = Field(0, ge=-100, le=100)
     min_tier: Literal["", "new", "trusted", "top"] = Field("", description="only workers of this reputation "
                                                            "tier or better render it (farm workers shows tiers)")
+    tier: Literal["", "any", "trusted", "top"] = Field("", description="the priced tier: any worker (1x), "
+                                                       "trusted (1.5x) or top (2x) of the market price; sets min_tier")
+    max_price: str | float | None = Field(None, description="refuse (409) if the job's rate, in tokens per unit "
+                                          "(market price x tier multiplier), is above this")
     name: str = Field("", max_length=200)
     scene_name: str = Field("", max_length=200)
     client_key: str = Field("", max_length=100, description="idempotency key: a retried submit returns the same job")
@@ -81,5 +85,9 @@ class DiffusionJobCreate(BaseModel):
     priority: int = Field(0, ge=-100, le=100)
     min_tier: Literal["", "new", "trusted", "top"] = Field("", description="only workers of this reputation "
                                                            "tier or better render it (farm workers shows tiers)")
+    tier: Literal["", "any", "trusted", "top"] = Field("", description="the priced tier: any worker (1x), "
+                                                       "trusted (1.5x) or top (2x) of the market price; sets min_tier")
+    max_price: str | float | None = Field(None, description="refuse (409) if the job's rate, in tokens per unit "
+                                          "(market price x tier multiplier), is above this")
     name: str = Field("", max_length=200)
     client_key: str = Field("", max_length=100, description="idempotency key: a retried submit returns the same job")
