@@ -69,3 +69,19 @@ seconds it takes, in work units a second: the unit in which work is metered and 
 MAX_BLEND_BYTES = int(_env_float("MAX_BLEND_BYTES", 16 * 1024**3))
 """Largest .blend a worker loads, decompressed (a worker also stops at half its runtime's memory limit): a
 1.9 MB zstd file can expand to 5 GB inside Blender, so the decompressed size is counted before opening."""
+
+
+SAFE_RECURSION_LIMIT = 12 * 1024
+"""The interpreter's recursion limit in a process that parses strangers' JSON. py-ecc (imported with the
+embedded EVM) raises it to 100,000 at import, and then a 100 KB body of nested ``[`` makes the C JSON
+decoder overflow the 8 MiB stack: the process dies of SIGSEGV (measured). At this limit (py-evm's own
+need: 1,024 EVM call frames) the decoder raises RecursionError instead, in the main thread and in worker
+threads alike, and the request is refused with a 4xx."""
+
+
+def cap_recursion(limit: int = SAFE_RECURSION_LIMIT) -> int:
+    """Lower the recursion limit to ``limit`` if something raised it past that; returns the limit now."""
+    import sys
+    if sys.getrecursionlimit() > limit:
+        sys.setrecursionlimit(limit)
+    return sys.getrecursionlimit()
