@@ -85,3 +85,26 @@ def cap_recursion(limit: int = SAFE_RECURSION_LIMIT) -> int:
     if sys.getrecursionlimit() > limit:
         sys.setrecursionlimit(limit)
     return sys.getrecursionlimit()
+
+
+_JSON_STRING = None
+
+
+def json_nesting(raw: bytes, limit: int) -> int:
+    """How deep ``raw``'s JSON arrays and objects nest, counted up to ``limit + 1`` (strings skipped): to
+    refuse deep nesting before ``json.loads`` sees it, whatever the recursion limit is. Linear in ``raw``."""
+    global _JSON_STRING
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return 0 if not raw else min(limit, raw.count(b"[") + raw.count(b"{"))
+    import re
+    if _JSON_STRING is None:
+        _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, bytes(set(range(256)) - set(b"[]{}")))
+    depth = deepest = 0
+    for b in brackets:
+        depth += 1 if b in (0x5B, 0x7B) else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                break
+    return deepest

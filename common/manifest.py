@@ -31,6 +31,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from common.limits import json_nesting
+
 if __name__.endswith("renderhive_manifest"):   # the add-on's bundled copy: remote.py loaded its dependency first
     _dep = sys.modules[__name__.replace("renderhive_manifest", "renderhive_hashing")]
     BlobError, check_sha = _dep.BlobError, _dep.check_sha
@@ -133,10 +135,15 @@ def parse(data: Any) -> Manifest:
     return Manifest(scene, out)
 
 
+MAX_JSON_NESTING = 16  # a manifest is an object of objects: 3 deep
+
+
 def loads(raw: bytes) -> Manifest:
     """Parse a stored manifest blob (bounded before decoding)."""
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"the manifest is {len(raw)} bytes, more than {MAX_MANIFEST_BYTES}")
+    if json_nesting(raw, MAX_JSON_NESTING) > MAX_JSON_NESTING:  # before json.loads: see common.limits
+        raise ManifestError(f"the manifest is not JSON of a manifest's shape: nested more than {MAX_JSON_NESTING} deep")
     try:
         return parse(json.loads(raw))
     except (ValueError, RecursionError) as exc:
