@@ -236,8 +236,8 @@ def accept_signature(ledger: Ledger, engine, job: int, user: User, kind: str, si
         j = jobs.get_job(s, job, user)
         if j.owner_id != user.id:
             raise LedgerError(f"only the creator of job {job} can review it", 403)
-        if not is_own(ledger, s, j):
-            return ""
+        if not is_own(ledger, s, j) or (kind == "approve" and j.status in ("approved", "paid")):
+            return ""  # custodial (the farm signs), or approved already: approving twice pays once
         if not signature:
             where = (f"GET /api/jobs/{job}/approval" if kind == "approve" else f"POST /api/jobs/{job}/rejection")
             raise LedgerError(f"job {job} is paid from your own wallet: sign the typed data {where} gives in that "

@@ -155,6 +155,8 @@ def test_deposit_from_the_own_wallet_then_approval_by_its_signature_pays_the_wor
     f.settle()
     f.settle()
     assert f.job(job_id).status == "paid"
+    again = c.http.post(f"/api/jobs/{job_id}/approve", json={"signature": good}, headers=c.auth)
+    assert again.status_code == 200 and again.json()["status"] == "paid", "approving a paid job changes nothing"
     share = f.pricing.cost(4000)
     assert f.chain.credit(wallet_of("w1")) == share
     st = f.st(job_id)
