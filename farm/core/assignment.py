@@ -191,6 +191,7 @@ class Assignment:
         task.started_at = now
         s.info.setdefault("leased", []).append(task)  # into the lease book once this step commits
         conn.free -= 1
+        conn.held.add(task.id, attempt)
         conn.held_blobs.update(task.inputs)
         conn.note_model(task.spec.get("model_hash"))
         spec = public_spec(task.spec) if task.check_id is not None else task.spec  # never say it is a check

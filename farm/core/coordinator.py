@@ -35,6 +35,7 @@ from common import limits as L
 from common import protocol as P
 from common.logs import ctx
 from farm import constants as C
+from farm.core import prefetch
 from farm.core.assignment import Assignment
 from farm.core.earnings_port import Earnings
 from farm.core.leases import LeaseBook, ProgressWatch, TaskRow
@@ -189,14 +190,15 @@ class Coordinator:
     def _undo_on_error(self):
         """Restore the in-memory scheduling state when a transaction is rolled back, so that a lease that
         was never committed does not keep a worker's slot, and the assignment round is not forgotten."""
-        free = {ident: c.free for ident, c in self.conns.items()}
+        free = {ident: (c.free, c.held.copy()) for ident, c in self.conns.items()}
         want = self.want_assign
         try:
             yield
         except Exception:
-            for ident, n in free.items():
+            for ident, (n, held) in free.items():
                 if ident in self.conns:
                     self.conns[ident].free = n
+                    self.conns[ident].held.restore(held)
             self.want_assign = want or True
             self.book.clear()  # its copies may hold changes that were never committed
             self.assignment.ahead.clear()
@@ -229,7 +231,7 @@ class Coordinator:
             ident = self.by_worker.get(worker_id)
             if ident is not None:
                 self.pending.append((ident, P.Cancel(task_id, attempt, reason)))
-                self.conns[ident].free = min(self.conns[ident].slots, self.conns[ident].free + 1)
+                self._freed(self.conns[ident], task_id)
         self.want_assign = True
 
     def heartbeats(self) -> Outgoing:
@@ -361,12 +363,16 @@ class Coordinator:
         kept = 0
         for task in s.exec(select(Task).where(Task.worker_id == msg.worker_id).where(Task.status.in_(LEASED))):
             self.book.drop(task.id)  # changed below through the ORM
-            if (task.id, task.attempt) in running:
+            if (task.id, task.attempt) in running and conn.held.room():  # never more than its bound
                 task.lease_expires = now + C.LEASE_SECONDS
                 s.add(task)
+                conn.held.add(task.id, task.attempt)
+                if task.status == TaskStatus.running.value:
+                    conn.held.start(task.id, now)
                 kept += 1
             else:
-                self._lose(s, task, now, "the worker reconnected without this task", out)
+                self._lose(s, task, now, "the worker reconnected without this task" if (task.id, task.attempt)
+                           not in running else "the worker reconnected listing more leases than its slots allow", out)
         conn.free = 0  # until READY
         log.info("worker %s connected (%d slots, %d leases kept, tier %s)", msg.worker_id, msg.slots, kept,
                  conn.tier, extra=ctx(worker=msg.worker_id))
@@ -389,8 +395,16 @@ class Coordinator:
         log.info("worker %s gone: %s", conn.worker_id, reason, extra=ctx(worker=conn.worker_id))
 
     def _on_ready(self, s, conn: Conn, msg: P.Ready, now, out) -> None:
-        conn.free = max(0, min(conn.slots, msg.free_slots))
+        """READY n: n more leases wanted, up to the room its bound leaves (farm/core/prefetch.py)."""
+        if msg.free_slots > conn.held.room():  # asks past the bound: first forget leases that ended
+            conn.held.prune(lambda task_id, attempt: self._holds(self._task(s, task_id), conn, attempt))
+        conn.free = max(0, min(conn.held.room(), msg.free_slots))
         self.want_assign = True
+
+    def _freed(self, conn: Conn, task_id: int) -> None:
+        """A lease of ``conn`` ended on the coordinator's side: its place is free again."""
+        conn.held.end(task_id)
+        conn.free = min(conn.held.room(), conn.free + 1)
 
     def _on_heartbeat(self, s, conn: Conn, msg: P.Heartbeat, now, out) -> None:
         try:
@@ -422,6 +436,7 @@ class Coordinator:
         log.info("lease %s", reason, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
         self._end_attempt(s, task, "released", reason, now)
         task.worker_id, task.lease_expires = None, None
+        conn.held.end(task.id)
         self.stats["released"] += 1
         # a release is free, so it must stay bounded: past RELEASES_PER_JOB hand-backs in one job the worker
         # takes none of its tasks any more (as a worker that failed it too often); blocked, its leases and
@@ -464,9 +479,12 @@ class Coordinator:
             return
         if task.status == TaskStatus.assigned.value:
             transition(s, task, TaskStatus.running, worker_id=conn.worker_id, attempt=task.attempt, now=now)
+        if conn.held.start(task.id, now):  # it waited (prefetched) until now: its own clock starts here
+            self.progress.last[(task.id, task.attempt)] = now
         done = max(0, min(msg.done, task.progress_total or msg.done))
         if self.progress.progressed(task, done, now):  # a repeated count renews nothing
             set_values(s, task, progress_done=done, lease_expires=now + C.LEASE_SECONDS)
+            prefetch.carry(self.progress, conn.held, now)  # what waits behind a visible render is not stalled
 
     def _on_result(self, s, conn: Conn, msg: P.Result, now, out) -> None:
         task = self._task(s, msg.task_id)
@@ -476,6 +494,9 @@ class Coordinator:
                                              "stale attempt: this task was re-leased; result discarded")))
             return
         self.book.drop(task.id)
+        # a prefetched lease's wait behind another render is not its frame's time: count from its first PROGRESS
+        began = conn.held.began.get(task.id) if conn.held.depth else None
+        conn.held.end(task.id)
         sizes: dict[str, int] = {}
         problem = self._check_outputs(task, msg.outputs, sizes)
         suspicious = ""
@@ -494,10 +515,11 @@ class Coordinator:
             started = task.started_at
         else:
             started = (att := self._attempt(s, task)) and att.started_at
+        began = began or started
         seconds = max(0.0, float(msg.render_seconds))
         if started:  # a worker cannot claim more time than the lease lasted
             seconds = min(seconds, max(0.0, now - started))
-        self.progress.finished(task, now - started if started else None)
+        self.progress.finished(task, now - began if began else None)
         update_by(s, Attempt, {"task_id": task.id, "attempt": task.attempt}, outcome="done", ended_at=now,
                   render_seconds=seconds)
         transition(s, task, TaskStatus.done, worker_id=conn.worker_id, attempt=task.attempt, now=now,
@@ -611,6 +633,7 @@ class Coordinator:
         if not self._holds(task, conn, msg.attempt):
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, "stale attempt; ignored")))
             return
+        conn.held.end(task.id)
         self._fail(s, task, conn.worker_id, msg.reason[:2000], msg.retryable, now, out)
         out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
 
@@ -703,8 +726,7 @@ class Coordinator:
             self.evidence(s, w, "lease_lost", now, task.job_id, task.id, reason[:200])
         ident = self.by_worker.get(worker_id)
         if ident in self.conns:  # still connected (lease expired): it does not hold the task, so the slot is free
-            conn = self.conns[ident]
-            conn.free = min(conn.slots, conn.free + 1)
+            self._freed(self.conns[ident], task.id)
         spent = task.attempt
         if spent >= C.TASK_MAX_ATTEMPTS and spent - self._released(s, task) < 4 * C.TASK_MAX_ATTEMPTS:
             # leases lost by workers since blocked from the job (a staller that never finished a frame of it,
@@ -732,7 +754,7 @@ class Coordinator:
         ident = self.by_worker.get(task.worker_id)
         if ident in self.conns:
             self.pending.append((ident, P.Cancel(task.id, task.attempt, reason)))
-            self.conns[ident].free = min(self.conns[ident].slots, self.conns[ident].free + 1)
+            self._freed(self.conns[ident], task.id)
         task.worker_id, task.lease_expires = None, None
         self.want_assign = True
 

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
+from farm.core.prefetch import Held
+from farm.core.prefetch import depth as prefetch_depth
+
 
 @dataclass
 class Conn:
@@ -39,8 +42,11 @@ class Conn:
     speed: float | None = None                         # work units a second; None: unknown
     speeds: dict[str, float | None] = field(default_factory=dict)  # the same, per runtime
     measured: bool = False                             # its speed is the coordinator's measure, not its claim
+    held: Held | None = None                           # its live leases and their bound (farm/core/prefetch.py)
 
     def __post_init__(self) -> None:
+        if self.held is None:
+            self.held = Held(self.slots, prefetch_depth(self.capabilities))
         # tolerant on purpose: a malformed entry is ignored rather than stopping every assignment round
         ads = self.capabilities.get("models")
         self.models |= {m["hash"] for m in (ads if isinstance(ads, list) else [])
