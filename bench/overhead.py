@@ -1,6 +1,6 @@
 """Farm overhead on real renders: the farm end to end against bpy alone, measured side by side.
 
-    python bench/overhead.py [--quick] [--repeat R] [--keep]
+    python bench/overhead.py [--quick] [--repeat R] [--frames N] [--percent P] [--keep]
 
 Frames 1-24 of sample_scenes/turntable.blend at 320x240 (resolution 100 %), 16 Cycles samples, 8-bit
 PNG (``--quick``: frames 1-6 at 160x120, i.e. 50 %):
@@ -216,10 +216,12 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=None, help="runs of (a) and (b), alternating; medians "
                     "(default 3, quick 1)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, frames)")
+    ap.add_argument("--frames", type=int, default=None, help="frames 1..N (default 24, quick 6)")
+    ap.add_argument("--percent", type=int, default=None, help="resolution %% of 320x240 (default 100, quick 50)")
     args = ap.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 3)
-    frames = list(range(1, 7 if args.quick else 25))
-    percent, samples = (50, 16) if args.quick else (100, 16)
+    frames = list(range(1, (args.frames or (6 if args.quick else 24)) + 1))
+    percent, samples = (args.percent or (50 if args.quick else 100)), 16
     size = f"{320 * percent // 100}x{240 * percent // 100}"
     tmp = Path(tempfile.mkdtemp(prefix="rh-overhead-"))
     env = bpy_env(tmp / "bpy")

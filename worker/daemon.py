@@ -9,6 +9,9 @@ Invariants:
 * a final RESULT/FAILED stays in the outbox until the coordinator ACKs it, and is re-sent after every
   reconnect, so a coordinator restart loses no finished work;
 * inputs are fetched into the LRU cache (resumable, hash-verified) and outputs uploaded before RESULT;
+* with prefetch (:mod:`worker.pipeline`) a slot holds one task more than it renders: the next one's
+  inputs are fetched meanwhile, it renders the moment the slot's turn passes, and finished outputs upload
+  while it renders; the worker never asks for more than ``slots × (1 + depth)`` leases;
 * on silence from the coordinator for HEARTBEAT_LIVENESS intervals, or DISCONNECT, the socket is
   replaced and HELLO is sent again, with reconnect backoff 1 s → 32 s while the coordinator stays away;
 * paused by its owner's rules (:mod:`worker.availability`: ``--schedule``, ``--idle-only``) it offers no
@@ -43,6 +46,7 @@ from common.hashing import file_sha256
 from worker import availability as avail
 from worker import benchmark as bench
 from worker import keys
+from worker import pipeline as pipe
 from worker import sandbox as sandboxing
 from worker import settings as C
 from worker.blobcache import BlobCache
@@ -62,6 +66,7 @@ class Running:
     done: int = 0      # units finished so far (its last PROGRESS): whether it can finish within a pause's grace
     total: int = 0
     released: bool = False
+    phase: str = pipe.WAITING  # waiting → rendering → uploading (worker.pipeline)
 
 
 def gpu_assignment(gpus: str, slots: int) -> list[str]:
@@ -78,12 +83,13 @@ class WorkerDaemon:
                  gpus: str = "all", worker_id: str | None = None, cache_bytes: int = C.WORKER_CACHE_BYTES,
                  models: list[Path] | None = None, benchmark: str = "auto", server_key: bytes | None = None,
                  enroll_token: str = "", sandbox: bool = True, limits: sandboxing.Limits | None = None,
-                 availability: avail.Availability | None = None):
+                 availability: avail.Availability | None = None, prefetch: int = C.PREFETCH_DEPTH):
         self.endpoint = coordinator
         self.dir = Path(cache_dir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cache = BlobCache(self.dir / "blobs", cache_bytes)
         self.slots = slots
+        self.pipeline = pipe.Pipeline(slots, prefetch)  # slots' turns; one task more a slot with prefetch
         self.wallet = wallet
         self.id = worker_id or self._load_id()
         self.server_key = server_key
@@ -226,7 +232,7 @@ class WorkerDaemon:
                 "devices": self.ready_info.get("devices", []), "gpu": bool(self.ready_info.get("gpu")),
                 "bpy": self.ready_info.get("bpy_version", ""), "hostname": socket.gethostname(),
                 "cached": self.cache.hashes()[:1000], "models": [m.advert() for m in self.models],
-                "sandbox": self.sandbox_info if self.sandboxed else "none",
+                "sandbox": self.sandbox_info if self.sandboxed else "none", "prefetch": self.pipeline.depth,
                 **({"benchmark": self.benchmark} if self.benchmark else {})}
 
     # ------------------------------------------------------------------ connection
@@ -241,7 +247,7 @@ class WorkerDaemon:
         return [list(k) for k in {*self.running, *self.outbox}]
 
     def free_slots(self) -> int:
-        return 0 if self.paused else self.slots - len(self.running)
+        return 0 if self.paused else self.pipeline.free(len(self.running))
 
     def _owner_rules(self, welcomed: bool) -> None:
         """Pause or resume by the owner's rules; while paused, hand back running tasks that cannot finish
@@ -259,8 +265,8 @@ class WorkerDaemon:
         if why is not None and welcomed:
             self.send(P.Ready(self.free_slots()))
         for key, run in list(self.running.items()) if self.paused else ():
-            if not run.released and avail.hand_back(time.monotonic(), self.paused_at, run.started, run.done,
-                                                    run.total, self.availability.grace):
+            if not run.released and (run.phase == pipe.WAITING or avail.hand_back(  # one not begun: back now
+                    time.monotonic(), self.paused_at, run.started, run.done, run.total, self.availability.grace)):
                 run.released = True
                 run.job.cancel()
                 self.send(P.Release(*key, self.paused[:500]))
@@ -382,13 +388,12 @@ class WorkerDaemon:
         if self.paused:  # sent before our READY 0 arrived: back at once, without fault
             self.send(P.Release(msg.task_id, msg.attempt, self.paused[:500]))
             return
-        busy = {r.slot for r in self.running.values()}
-        free = [i for i in range(self.slots) if i not in busy]
-        if not free:
+        slot = self.pipeline.place(self.running.values())
+        if slot is None:
             self.send(P.Failed(msg.task_id, msg.attempt, "worker has no free slot", True))
             return
-        job = asyncio.create_task(self._run_task(msg, free[0]))
-        self.running[key] = Running(msg, free[0], job)
+        job = asyncio.create_task(self._run_task(msg, slot))
+        self.running[key] = Running(msg, slot, job)
 
     async def _run_task(self, msg: P.Task, slot: int) -> None:
         key = (msg.task_id, msg.attempt)
@@ -399,11 +404,6 @@ class WorkerDaemon:
             self.cache.pin(sha)
         try:
             final = await self._execute(msg, slot, out_dir)
-        except asyncio.CancelledError:
-            for (_name, sl), rt in list(self.runtimes.items()):
-                if sl == slot:
-                    await rt.kill()  # the work in progress is abandoned; a fresh child starts next time
-            raise
         except TaskFailure as exc:
             final = P.Failed(msg.task_id, msg.attempt, str(exc), exc.retryable)
         except RuntimeCrashed as exc:
@@ -417,10 +417,10 @@ class WorkerDaemon:
             log.exception("task %s failed", key)
             final = P.Failed(msg.task_id, msg.attempt, f"worker error: {exc!r}", True)
         finally:
-            await self._recycle_if_bloated(slot)
             for sha in msg.inputs:
                 self.cache.unpin(sha)
             shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(self._taken_dir(out_dir), ignore_errors=True)
             self.running.pop(key, None)
             if final is not None:
                 self.outbox[key] = final
@@ -432,7 +432,33 @@ class WorkerDaemon:
         if msg.kind not in EXECUTORS:
             raise TaskFailure(f"this worker cannot run {msg.kind!r} tasks", True)
         runtime_name, executor = EXECUTORS[msg.kind]
-        inputs = self.stage(runtime_name, slot, {sha: await self.fetch(sha) for sha in msg.inputs})
+        files = {sha: await self.fetch(sha) for sha in msg.inputs}  # meanwhile the slot may still render
+        async with self.pipeline.turn(self.running[(msg.task_id, msg.attempt)], lambda: self._kill_slot(slot)):
+            produced = await self._render(msg, slot, out_dir, runtime_name, executor, files)
+            await self._recycle_if_bloated(slot)
+            produced = pipe.take_outputs(produced, out_dir, self._taken_dir(out_dir))  # out of the child's reach
+        result, seconds = [], 0.0  # the next task renders in the slot while these upload
+        for p in produced:
+            sha = await asyncio.to_thread(file_sha256, p.path)
+            await self.upload(p.path, sha)
+            result.append({"frame": p.frame, "sha256": sha, "size": p.path.stat().st_size, "name": p.name,
+                           "seconds": p.seconds})
+            seconds += p.seconds
+        return P.Result(msg.task_id, msg.attempt, result, seconds)
+
+    def _taken_dir(self, out_dir: Path) -> Path:
+        """Where a finished task's outputs wait for upload: the daemon's own folder, not the child's."""
+        return self.dir / "work" / out_dir.name if self.sandboxed else out_dir
+
+    async def _kill_slot(self, slot: int) -> None:
+        for (_name, sl), rt in list(self.runtimes.items()):
+            if sl == slot:
+                await rt.kill()  # the work in progress is abandoned; a fresh child starts next time
+
+    async def _render(self, msg: P.Task, slot: int, out_dir: Path, runtime_name: str | None, executor,
+                      files: dict[str, Path]) -> list:
+        """The slot's turn: stage the inputs for its child, run the executor; the files it produced."""
+        inputs = self.stage(runtime_name, slot, files)
         total = int(msg.spec.get("units", 0)) or len(msg.spec.get("outputs", [])) or 1
         self.send(P.Progress(msg.task_id, msg.attempt, 0, total, "inputs ready"))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -448,15 +474,7 @@ class WorkerDaemon:
             return await self._runtime(slot, runtime_name)
         ctx = TaskContext(msg.task_id, msg.attempt, msg.kind, msg.spec, inputs, out_dir, progress, runtime,
                           models={m.hash: m.path for m in self.models if m.ok})
-        result, seconds = [], 0.0
-        produced = await (self._limited(ctx, runtime_name, slot, executor) if runtime_name else executor(ctx))
-        for p in produced:
-            sha = await asyncio.to_thread(file_sha256, p.path)
-            await self.upload(p.path, sha)
-            result.append({"frame": p.frame, "sha256": sha, "size": p.path.stat().st_size, "name": p.name,
-                           "seconds": p.seconds})
-            seconds += p.seconds
-        return P.Result(msg.task_id, msg.attempt, result, seconds)
+        return await (self._limited(ctx, runtime_name, slot, executor) if runtime_name else executor(ctx))
 
     async def _limited(self, ctx: TaskContext, runtime_name: str, slot: int, executor) -> list:
         """Run ``executor`` under the task's wall-clock and CPU-time limits (from its job, else TASK_SECONDS

@@ -23,6 +23,12 @@ RECONNECT_MAX = 32.0
 BLOB_TRANSFER_TIMEOUT = 5.0
 """Seconds without a chunk after which a transfer re-requests from its last verified offset."""
 
+PREFETCH_DEPTH = int(_env_float("PREFETCH", 1))
+"""Tasks a slot holds beyond the one it renders (0 or 1; HELLO capability ``prefetch``): the next task's
+lease and inputs arrive while the current one renders, so the slot starts it the moment that render ends
+and the finished outputs upload meanwhile (:mod:`worker.pipeline`). Measured with ``bench/overhead.py``
+(24 frames at 160x120, 16 samples): farm/direct 1.115 with 0, see bench/README.md for 1."""
+
 WORKER_CACHE_BYTES = int(_env_float("WORKER_CACHE_BYTES", 20 * 1024**3))
 """Default size cap of a worker's blob cache (LRU)."""
 
