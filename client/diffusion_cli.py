@@ -63,6 +63,19 @@ def model_ref(model: str) -> tuple[str, str]:
     return name, model_folders.folder_hash(path)
 
 
+def parse_loras(values: list[str] | None) -> list[dict[str, Any]]:
+    """``--lora NAME[:WEIGHT]`` (repeatable; NAME may pin a hash as NAME@SHA256) → the API's ``loras``."""
+    out = []
+    for text in values or []:
+        name, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
+        name, _, digest = name.partition("@")
+        try:
+            out.append({"name": name.strip(), "weight": float(weight), **({"hash": digest} if digest else {})})
+        except ValueError:
+            raise ApiError(f"--lora {text!r}: give NAME or NAME:WEIGHT, e.g. --lora ink:0.8") from None
+    return out
+
+
 def cmd_submit_diffusion(args, client: Client) -> int:
     from client.cli import follow_submitted
     prompts = read_prompts(args)
@@ -73,14 +86,16 @@ def cmd_submit_diffusion(args, client: Client) -> int:
         "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "width": width, "height": height,
         "scheduler": args.scheduler, "per_task": args.per_task, "init_from_job": args.init_from_job,
         "strength": args.strength, "priority": args.priority, "min_tier": args.min_tier or "",
+        "loras": parse_loras(args.lora) or None,
         "name": args.name, **{k: v for k, v in payments_cli.priced_args(args).items() if v is not None}}
     job = client.submit_diffusion(**body)
     spec = job["spec"]
     if not args.json:
         what = (f"img2img over the frames of job {spec['init_from_job']}" if spec.get("init_from_job")
                 else f"{len(spec['prompts'])} prompt(s) × {spec['count']}")
+        loras = "".join(f" + LoRA {lo['name']} ({lo['hash'][:12]}) x{lo['weight']:g}" for lo in spec.get("loras") or [])
         print(f"job {job['id']} {job['status']}: {spec['images_total']} images ({what}) of {spec['model']} "
-              f"({spec['model_hash'][:12]}), seeds {spec['seed']}-{spec['seed'] + spec['images_total'] - 1}, "
+              f"({spec['model_hash'][:12]}){loras}, seeds {spec['seed']}-{spec['seed'] + spec['images_total'] - 1}, "
               f"{job['tasks']['total'] - 1} tasks + a contact sheet")
     return follow_submitted(args, client, job)
 
@@ -96,12 +111,23 @@ def cmd_models(args) -> int:
         print(f"tiny Stable Diffusion pipeline ({model_folders.folder_hash(path)[:12]}) written to {path.resolve()}; "
               f"serve it with: farm worker --models {path.resolve().parent}")
         return 0
+    if args.action == "tiny-lora":
+        from worker.runtimes.tiny_pipeline import build_lora
+        if not args.out or not args.model or not str(args.out).endswith(".safetensors"):
+            print("error: farm models tiny-lora needs --model DIR (a tiny model folder) and --out "
+                  "MODELS/loras/NAME.safetensors", file=sys.stderr)
+            return 2
+        path = build_lora(Path(args.model), Path(args.out), seed=args.seed)
+        print(f"tiny LoRA ({model_folders.HashCache(None).file_sha256(path)[:12]}) written to {path.resolve()}; workers serving "
+              f"--models {path.resolve().parent.parent} hold it as {path.stem!r}")
+        return 0
     models = model_folders.scan(model_folders.configured_dirs(args.models or None))
     if args.json:
         print(json.dumps([{**m.advert(), "path": str(m.path)} for m in models], indent=2))
     else:
         for m in models:
-            print(f"{m.name}\t{m.hash[:12] if m.ok else 'NOT USABLE'}\t{m.path}" + (f"\t{m.error}" if m.error else ""))
+            print(f"{m.name}\t{m.kind}\t{m.hash[:12] if m.ok else 'NOT USABLE'}\t{m.path}"
+                  + (f"\t{m.error}" if m.error else ""))
         if not models:
             print("no model folders found (give --models DIR or set RENDERHIVE_MODELS; the hub cache is searched too)",
                   file=sys.stderr)
@@ -127,12 +153,18 @@ def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
     sd.add_argument("--per-task", type=int, default=1, help="images per task (micro-batch)")
     sd.add_argument("--init-from-job", type=int, default=None, help="img2img over this job's frames")
     sd.add_argument("--strength", type=float, default=0.5, help="img2img: how far from the frame (0-1]")
+    sd.add_argument("--lora", action="append", metavar="NAME[:WEIGHT]",
+                    help="apply a LoRA that workers hold (their loras/ folder), weight default 1; repeatable")
     add_follow_args(sd, "images")
     sd.set_defaults(func=cmd_submit_diffusion)
 
-    m = sub.add_parser("models", help="diffusion model folders: build the tiny test model, list local models")
-    m.add_argument("action", choices=["tiny", "list"], help="tiny: build the tiny test pipeline; list: local models")
-    m.add_argument("--out", default=None, help="tiny: the model folder to write (its name is the model's name)")
+    m = sub.add_parser("models", help="diffusion model folders and LoRAs: build tiny test ones, list local ones")
+    m.add_argument("action", choices=["tiny", "tiny-lora", "list"],
+                   help="tiny: build the tiny test pipeline; tiny-lora: random LoRA weights for it; list: local models")
+    m.add_argument("--out", default=None, help="tiny: the model folder to write (its name is the model's name); "
+                                               "tiny-lora: MODELS/loras/NAME.safetensors")
+    m.add_argument("--model", default=None, help="tiny-lora: the tiny model folder the LoRA is for")
+    m.add_argument("--seed", type=int, default=1, help="tiny-lora: seed of the random weights")
     m.add_argument("--models", action="append", help="list: folders to search (default RENDERHIVE_MODELS)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models, needs_client=False)

@@ -7,7 +7,8 @@ standard library, plus the ``tokenizers`` library (Rust, no torch) for counting 
 A model folder is what ``DiffusionPipeline.save_pretrained`` writes: ``model_index.json`` plus one
 subfolder per component. They are found in folders given by the user (a model folder itself, or a folder
 of model folders, one level down) and in the local Hugging Face hub cache (``models--org--name`` with
-``snapshots/<revision>``, named ``org/name``). Invariants:
+``snapshots/<revision>``, named ``org/name``). LoRA weights are single files in a ``loras/`` folder of a
+models folder (``models/loras/NAME.safetensors``, named NAME), advertised with ``kind: "lora"``. Invariants:
 
 * a model's **hash** is the sha256 over the sorted (relative path, sha256 of the file) of all its files
   (hidden files excluded), so it names the exact weights wherever the folder lives; file hashes are
@@ -15,6 +16,8 @@ of model folders, one level down) and in the local Hugging Face hub cache (``mod
 * :func:`check` finds what would make loading fail (missing component folder, config or weights, a
   truncated safetensors file) without loading anything; a folder that fails it is reported with its
   error and an empty hash, never used;
+* a LoRA is a safetensors file of at most :data:`LORA_MAX_BYTES` whose header names LoRA tensors; its hash
+  is the file's sha256; any other file in ``loras/`` (pickles above all) is reported with its error;
 * nothing here downloads anything.
 """
 from __future__ import annotations
@@ -36,6 +39,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 DEFAULT_TOKEN_LIMIT = 77
 
+LORA_DIR = "loras"
+"""The folder of LoRA files inside a models folder (never itself a model)."""
+LORA_MAX_BYTES = 2 << 30
+"""Largest LoRA file accepted (SDXL LoRAs of rank 128 are about 1.7 GB)."""
+LORA_KEY_MARKS = ("lora_A", "lora_B", "lora_up", "lora_down", "lora.up", "lora.down")
+"""Substrings of the tensor names of a LoRA in the diffusers/peft or kohya layouts."""
+
 
 @dataclass(frozen=True)
 class ModelFolder:
@@ -44,6 +54,7 @@ class ModelFolder:
     path: Path
     hash: str = ""
     error: str = ""
+    kind: str = "pipeline"  # or "lora": one safetensors file of LoRA weights
 
     @property
     def ok(self) -> bool:
@@ -51,7 +62,8 @@ class ModelFolder:
 
     def advert(self) -> dict[str, str]:
         """The entry of HELLO ``capabilities["models"]``."""
-        return {"name": self.name, "hash": self.hash, **({"error": self.error[:300]} if self.error else {})}
+        return {"name": self.name, "hash": self.hash, **({"error": self.error[:300]} if self.error else {}),
+                **({"kind": self.kind} if self.kind != "pipeline" else {})}
 
 
 # ------------------------------------------------------------------ finding
@@ -82,7 +94,7 @@ def find(dirs: Iterable[Path], hub: bool = True) -> list[tuple[str, Path]]:
         if (d / MODEL_INDEX).exists() or not d.is_dir():
             found.setdefault(d.name, d)
             continue
-        subs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        subs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != LORA_DIR)
         for p in subs:
             if (p / MODEL_INDEX).exists() or any(p.iterdir()):
                 found.setdefault(p.name, p)
@@ -110,22 +122,31 @@ def find_hub(cache: Path) -> list[tuple[str, Path]]:
 
 
 # ------------------------------------------------------------------ checking
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(length, JSON header) of a .safetensors file: its tensor names, dtypes, shapes and offsets. Raises
+    ValueError saying what is wrong (OSError when unreadable)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError("is empty or truncated")
+        n = struct.unpack("<Q", raw)[0]
+        if n > min(os.fstat(f.fileno()).st_size - 8, 100 * 1024 * 1024):
+            raise ValueError("has a corrupt header")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("has a corrupt header")
+    return n, header
+
+
 def _safetensors_problem(path: Path) -> str:
     """Why a .safetensors file cannot be loaded ("" when its header and size are consistent)."""
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                return "is empty or truncated"
-            n = struct.unpack("<Q", raw)[0]
-            if n > min(size - 8, 100 * 1024 * 1024):
-                return "has a corrupt header"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as exc:
+        n, header = safetensors_header(path)
+    except ValueError as exc:
+        return str(exc) if str(exc).startswith(("is ", "has ")) else f"cannot be read ({exc})"
+    except OSError as exc:
         return f"cannot be read ({exc})"
-    if not isinstance(header, dict):
-        return "has a corrupt header"
     end = max((v.get("data_offsets", [0, 0])[1] for k, v in header.items()
                if k != "__metadata__" and isinstance(v, dict)), default=0)
     if 8 + n + end != size:
@@ -248,10 +269,62 @@ def folder_hash(folder: Path, cache: HashCache | None = None) -> str:
     return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
 
 
+def find_loras(dirs: Iterable[Path]) -> list[tuple[str, Path]]:
+    """(name, file) of every file in the ``loras/`` folder of each of ``dirs`` (first name wins)."""
+    found: dict[str, Path] = {}
+    for d in dirs:
+        folder = Path(d) / LORA_DIR
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    found.setdefault(p.stem, p)
+    return sorted(found.items())
+
+
+def check_lora(path: Path) -> str:
+    """What makes ``path`` unusable as LoRA weights ("" when it looks right). Reads the header only."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        what = "holds pickled weights, which can run code when loaded" if path.suffix in PICKLE_SUFFIXES else \
+            "is not a .safetensors file"
+        return (f"LoRA file {path.name} {what}: only safetensors LoRAs are accepted (convert it on a machine you "
+                "trust, e.g. safetensors.torch.save_file(torch.load(F), F.with_suffix('.safetensors')), and "
+                "delete the original)")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"LoRA file {path} cannot be read ({exc})"
+    if size > LORA_MAX_BYTES:
+        return f"LoRA file {path.name} is {size / 2**30:.1f} GiB, over the limit of {LORA_MAX_BYTES / 2**30:.0f} GiB"
+    problem = _safetensors_problem(path)
+    if problem:
+        return f"LoRA file {path.name} {problem}: copy it again"
+    keys = [k for k in safetensors_header(path)[1] if k != "__metadata__"]
+    if not any(mark in k for k in keys for mark in LORA_KEY_MARKS):
+        return (f"{path.name} holds no LoRA tensors (no names with lora_A/lora_B or lora_up/lora_down): only LoRA "
+                f"weights belong in {LORA_DIR}/")
+    return ""
+
+
+def scan_loras(dirs: Iterable[Path], cache: HashCache) -> list[ModelFolder]:
+    """Every LoRA file found, checked and hashed (the sha256 of the file)."""
+    out = []
+    for name, path in find_loras(dirs):
+        problem, digest = check_lora(path), ""
+        if not problem:
+            try:
+                digest = cache.file_sha256(path)
+            except OSError as exc:
+                problem = f"cannot read LoRA file {path}: {exc}"
+        out.append(ModelFolder(name, path.resolve(), digest, problem, kind="lora"))
+    return out
+
+
 def scan(dirs: Iterable[Path], cache_file: Path | None = None, hub: bool = True) -> list[ModelFolder]:
-    """Every model folder found, checked and hashed (hashes cached in ``cache_file``)."""
+    """Every model folder and LoRA file found, checked and hashed (hashes cached in ``cache_file``)."""
+    dirs = list(dirs)
     cache = HashCache(cache_file)
-    models = []
+    models = scan_loras(dirs, cache)
     for name, path in find(dirs, hub):
         problem = check(path)
         digest = ""

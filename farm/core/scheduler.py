@@ -92,10 +92,12 @@ RUNTIME_FOR_KIND = {"render": "blender", "assemble": "assemble", "encode": "enco
 
 
 def fits(task_kind: str, conn: Conn, spec: dict[str, Any] | None = None) -> bool:
-    """Whether the worker's runtimes can run a task of this kind (and it holds the model the task names)."""
+    """Whether the worker's runtimes can run a task of this kind (and it holds the model the task names and
+    every other piece in its ``pieces``: LoRA hashes)."""
     runtime = RUNTIME_FOR_KIND.get(task_kind, task_kind)
     model = (spec or {}).get("model_hash")
-    return runtime in conn.capabilities.get("runtimes", ["blender"]) and (not model or model in conn.models)
+    return (runtime in conn.capabilities.get("runtimes", ["blender"]) and (not model or model in conn.models)
+            and all(h in conn.models for h in (spec or {}).get("pieces") or ()))
 
 
 EXPLORE = 0.1

@@ -9,9 +9,10 @@ of them. Every seed, prompt and setting is in the task's spec and in the job's s
 made again. Invariants:
 
 * nothing is written for an invalid request: every check raises :class:`farm.kinds.jobs.JobError` first;
-* the model is pinned at submit: the request names a model (and may pin its hash); the job records the
-  hash, and tasks go only to workers that advertised that hash (see :func:`farm.core.scheduler.fits`). A name
-  that no registered worker ever advertised is an error; so is a model whose every copy is corrupt;
+* the model and its LoRAs are pinned at submit (:mod:`farm.kinds.diffusion_pieces`): the request names
+  them (and may pin their hashes); the job records the hashes (LoRAs also in ``pieces``), and tasks go only
+  to workers that advertised all of them (see :func:`farm.core.scheduler.fits`). A name that no registered
+  worker ever advertised is an error; so is a piece whose every copy is corrupt;
 * prompts are checked against the tokenizer's limit here when the coordinator has the model's folder
   (``RENDERHIVE_MODELS`` or its hub cache, matched by name); the worker's runtime checks again in any case
   and fails the task for good, so an over-long prompt is never silently truncated;
@@ -25,7 +26,6 @@ import math
 import random
 import re
 import time
-from collections import Counter
 from typing import Any
 
 from sqlmodel import Session, select
@@ -33,9 +33,10 @@ from sqlmodel import Session, select
 from common import limits as L
 from common import model_folders
 from farm import constants as C
+from farm.kinds.diffusion_pieces import parse_loras, resolve_loras, resolve_model
 from farm.kinds.frames import TaskPlan
 from farm.kinds.jobs import JobError, get_job, job_for_key, min_tier, store_plans
-from farm.store.models import Job, Output, Task, User, Worker
+from farm.store.models import Job, Output, Task, User
 from farm.store.states import JobStatus, TaskStatus, transition
 
 SHEET_NAME = "contact_sheet.png"
@@ -47,8 +48,6 @@ SOURCE_DONE = (JobStatus.approved.value, JobStatus.paid.value)
 """Source job states whose frames an img2img job may start from: released, i.e. approved (fair exchange:
 frames nobody has paid for feed no other job)."""
 SOURCE_DEAD = (JobStatus.failed.value, JobStatus.canceled.value)
-HOW_TO_ADD = ("start a worker with `farm worker --models DIR` where DIR holds the model folder (for a test model: "
-              "`farm models tiny --out DIR/tiny-sd`)")
 
 
 def image_name(k: int, frame: int | None = None) -> str:
@@ -56,39 +55,6 @@ def image_name(k: int, frame: int | None = None) -> str:
 
 
 # ------------------------------------------------------------------ models
-def advertised(session: Session) -> dict[str, list[tuple[str, str, str]]]:
-    """Model name → [(worker id, hash, error)] from the capabilities of every registered worker."""
-    out: dict[str, list[tuple[str, str, str]]] = {}
-    for w in session.exec(select(Worker)):
-        for m in (w.capabilities or {}).get("models", []) or []:
-            if isinstance(m, dict) and isinstance(m.get("name"), str):
-                out.setdefault(m["name"], []).append((w.id, str(m.get("hash") or ""), str(m.get("error") or "")))
-    return out
-
-
-def resolve_model(session: Session, name: str, want_hash: str = "") -> str:
-    """The hash the job will use: ``want_hash`` if a worker holds it, else the version most workers hold."""
-    if not name:
-        raise JobError("model is empty: name a model folder or hub id that workers hold (see `farm workers`)")
-    held = advertised(session).get(name)
-    if not held:
-        known = sorted(advertised(session))
-        raise JobError(f"no worker has model {name!r} (models on this farm: {', '.join(known) or 'none'}): "
-                       f"{HOW_TO_ADD}")
-    good = Counter(h for _w, h, err in held if h and not err)
-    if not good:
-        worker, _h, err = held[0]
-        raise JobError(f"model {name!r} is corrupt on every worker that has it ({worker}: {err}); "
-                       "repair the folder and restart the worker")
-    if want_hash:
-        if want_hash not in good:
-            raise JobError(f"no worker holds this version of {name!r} (hash {want_hash[:12]}…); workers hold "
-                           f"{', '.join(h[:12] + '…' for h in sorted(good))}: copy your folder to a worker or "
-                           "submit the model by name")
-        return want_hash
-    return min(good, key=lambda h: (-good[h], h))
-
-
 def check_prompts(name: str, texts: list[tuple[str, str]]) -> bool:
     """Raise JobError for a text over the token limit of the coordinator's copy of model ``name``.
     Returns False when the coordinator has no such folder (the worker's runtime checks then)."""
@@ -180,6 +146,7 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any]) -> 
         return existing
     prompts, negative = _prompts(req)
     settings = _settings(req)
+    loras = parse_loras(req.get("loras"))
     per_task = _int(req, "per_task", 1, 1, C.MAX_DIFFUSION_PER_TASK, " images per task")
     seed = req.get("seed")
     seed = random.SystemRandom().randrange(2**32) if seed is None else seed
@@ -215,9 +182,11 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any]) -> 
         mode = "img2img"
     model = str(req.get("model") or "").strip()
     model_hash = resolve_model(session, model, str(req.get("model_hash") or ""))
+    loras = resolve_loras(session, loras, model, model_hash)
     checked = check_prompts(model, [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
                             + ([("the negative prompt", negative)] if negative else []))
     common = {"model": model, "model_hash": model_hash, "mode": mode, **settings,
+              **({"loras": loras, "pieces": sorted({lo["hash"] for lo in loras})} if loras else {}),
               **({"strength": float(strength)} if mode == "img2img" else {})}
     held = src is not None and src.status not in SOURCE_DONE
     plans = []

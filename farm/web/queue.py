@@ -52,8 +52,8 @@ def capable_workers(s: Session, job: Job, kind: str) -> list[Worker]:
         caps = w.capabilities or {}
         if runtime not in caps.get("runtimes", ["blender"]):
             continue
-        if model and not any(isinstance(m, dict) and m.get("hash") == model and not m.get("error")
-                             for m in caps.get("models") or []):
+        held = {m.get("hash") for m in caps.get("models") or [] if isinstance(m, dict) and not m.get("error")}
+        if not {model, *(job.spec.get("pieces") or [])} - {None, ""} <= held:  # the model and its LoRAs
             continue
         out.append(w)
     return out

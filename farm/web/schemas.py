@@ -66,6 +66,13 @@ class JobCreate(BaseModel):
     client_key: str = Field("", max_length=100, description="idempotency key: a retried submit returns the same job")
 
 
+class LoraRef(BaseModel):
+    """A LoRA of a diffusion job, by the name workers advertise (and optionally its file's sha256)."""
+    name: str = Field(min_length=1, max_length=300)
+    weight: float = Field(1.0, ge=-4, le=4)
+    hash: str = Field("", max_length=64, description="pin this version (sha256 of the .safetensors file)")
+
+
 class DiffusionJobCreate(BaseModel):
     """A Stable Diffusion batch. Ranges are checked by farm.kinds.diffusion, whose errors say what to change."""
     model: str = Field(min_length=1, max_length=300, description="model name or hub id that workers advertise")
@@ -82,6 +89,8 @@ class DiffusionJobCreate(BaseModel):
     per_task: int = Field(1, description="images per task (micro-batch)")
     init_from_job: int | None = Field(None, description="img2img: frame i of this job becomes image i")
     strength: float = 0.5
+    loras: list[LoraRef] = Field([], max_length=8, description="LoRAs workers hold (their loras/ folders), "
+                                 "stacked with these weights")
     priority: int = Field(0, ge=-100, le=100)
     min_tier: Literal["", "new", "trusted", "top"] = Field("", description="only workers of this reputation "
                                                            "tier or better render it (farm workers shows tiers)")

@@ -31,8 +31,10 @@ Invariants:
   the one in use is always kept. CUDA with float16 when available, else the CPU in float32.
 - Faults of the request (prompt over the token limit, bad size, unknown scheduler) give retryable=false;
   faults of this worker (model folder missing or unreadable here, out of memory) give retryable=true.
-- PNGs carry their generation parameters as text chunks and no dates, so the same image has the same
-  bytes (and blob hash) on every worker that produces it.
+- LoRAs (:mod:`worker.runtimes.adapters`) are loaded once per pipeline and LoRA hash and set per request;
+  a request without LoRAs runs with them disabled.
+- PNGs carry their generation parameters as text chunks (LoRA names, hashes and weights too) and no
+  dates, so the same image has the same bytes (and blob hash) on every worker that produces it.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from pathlib import Path
 
 from common.limits import DIFFUSION_SCHEDULERS
 from common.model_folders import BUILD_HINT, check
+from worker.runtimes.adapters import AdapterError, apply_loras
 from worker.settings import DIFFUSION_CACHE_BYTES, DIFFUSION_THREADS
 
 torch = None  # imported in main(), after the protocol fd is set aside
@@ -160,6 +163,7 @@ class Runtime:
         size = sum(p.numel() * p.element_size() for m in pipe.components.values()
                    if isinstance(m, torch.nn.Module) for p in [*m.parameters(), *m.buffers()])
         entry = {"pipe": pipe, "img2img": None, "bytes": size, "scheduler": dict(pipe.scheduler.config),
+                 "name": req.get("model_name", ""),
                  "scheduler_class": type(pipe.scheduler).__name__}
         self.cache[key] = entry
         self._evict(keep=key)
@@ -198,6 +202,10 @@ class Runtime:
             if side is not None and (int(side) % 8 or int(side) < 8):
                 raise RequestError(f"image size {width}x{height} is not a multiple of 8")
         entry, loaded, load_seconds = self.pipeline(req)
+        try:
+            apply_loras(entry, req.get("loras") or [])
+        except AdapterError as e:
+            raise (WorkerFault if e.retryable else RequestError)(str(e)) from None
         base = entry["pipe"]
         tok = base.tokenizer
         for im in images:
@@ -263,13 +271,15 @@ class Runtime:
                 "model": req.get("model_name", ""), "model_hash": req["model_hash"], "width": width,
                 "height": height, "mode": req.get("mode", "txt2img"), "index": im["index"], "micro_batch": batch,
                 "device": self.device.split(":")[0], "dtype": str(self.dtype).split(".")[-1]}
+        if req.get("loras"):
+            meta["loras"] = [{k: lo[k] for k in ("name", "hash", "weight")} for lo in req["loras"]]
         if req.get("mode") == "img2img":
             meta["strength"] = req["strength"]
             for k, v in (im.get("source") or {}).items():
                 meta[f"source_{k}"] = v
         info = PngInfo()
         for k, v in meta.items():
-            info.add_text(k, str(v))
+            info.add_text(k, json.dumps(v) if isinstance(v, list) else str(v))
         info.add_text("renderhive", json.dumps(meta, sort_keys=True))
         return info
 

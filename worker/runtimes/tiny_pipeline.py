@@ -15,6 +15,8 @@ Invariants:
 * the VAE downsamples by 8 and the text encoder takes 77 tokens, like SD 1.x, so sizes and prompt limits
   are validated exactly as for a real model.
 
+:func:`build_lora` writes random LoRA weights for that pipeline (``farm models tiny-lora``), the same way.
+
 Only this module, :mod:`worker.runtimes.diffusion` and the tests import torch; the worker daemon never does.
 """
 from __future__ import annotations
@@ -136,6 +138,34 @@ def build(out: Path) -> Path:
     pipe.save_pretrained(tmp_out, safe_serialization=True)
     shutil.rmtree(out, ignore_errors=True)
     tmp_out.rename(out)  # a half-written folder never carries the model's name
+    return out
+
+
+def build_lora(model: Path, out: Path, seed: int = 1, rank: int = 4) -> Path:
+    """Random LoRA weights (rank ``rank``) for the attention layers of ``model``'s UNet and text encoder,
+    saved by diffusers' ``save_lora_weights`` as the safetensors file ``out`` (``models/loras/NAME.safetensors``).
+    The up-projections are random too (peft starts them at zero), so the LoRA visibly changes the images."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    out = Path(out)
+    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers = {}
+        for key, module, targets in (("unet_lora_layers", pipe.unet, ["to_q", "to_k", "to_v", "to_out.0"]),
+                                     ("text_encoder_lora_layers", pipe.text_encoder,
+                                      ["q_proj", "k_proj", "v_proj", "out_proj"])):
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), module)
+            for name, param in module.named_parameters():
+                if "lora_" in name:
+                    torch.nn.init.normal_(param, std=0.5 if "lora_B" in name else 1 / rank)
+            layers[key] = get_peft_model_state_dict(module)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(out.parent, weight_name=out.name, safe_serialization=True, **layers)
     return out
 
 

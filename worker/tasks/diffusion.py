@@ -5,9 +5,9 @@ Registered in :data:`worker.tasks.executors.EXECUTORS`. The daemon never imports
 :mod:`worker.runtimes.diffusion`; this module only translates a task's spec into a runtime request and the
 runtime's events into progress and produced files. Invariants:
 
-* a task runs only on the model folder whose hash the job pinned (``ctx.models``: hash → folder, from the
-  daemon's scan); a worker asked for a model it does not hold fails the task as retryable (another worker
-  has it) and never substitutes another version;
+* a task runs only on the model folder and LoRA files whose hashes the job pinned (``ctx.models``: hash →
+  path, from the daemon's scan of its own folders; a job never names a path); a worker asked for a piece
+  it does not hold fails the task as retryable (another worker has it) and never substitutes another version;
 * every image keeps the name, index and seed the coordinator planned; an img2img image gets the local
   path of its source frame (``spec["input_names"]``) and records where it came from in its metadata;
 * the contact sheet is laid out in image-index order with each image's index and seed under it.
@@ -47,8 +47,15 @@ def runtime_request(ctx: TaskContext) -> dict:
                                   "delivered with the task", True) from None
             item["source"] = im.get("source") or {}
         images.append(item)
+    loras = []
+    for lo in spec.get("loras") or []:
+        lpath = ctx.models.get(str(lo.get("hash") or ""))
+        if lpath is None:
+            raise TaskFailure(f"this worker does not hold LoRA {lo.get('name')!r} with hash "
+                              f"{str(lo.get('hash'))[:12]}…: another worker will take the task", True)
+        loras.append({"name": lo["name"], "hash": lo["hash"], "weight": float(lo["weight"]), "path": str(lpath)})
     return {"op": "generate", "model_path": str(path), "model_name": spec.get("model", ""),
-            "model_hash": spec["model_hash"], "out_dir": str(ctx.out_dir), "images": images,
+            "model_hash": spec["model_hash"], "out_dir": str(ctx.out_dir), "images": images, "loras": loras,
             **{k: spec.get(k) for k in REQUEST_KEYS}}
 
 

@@ -1,0 +1,117 @@
+"""The pieces a diffusion job needs on a worker — its model and its LoRAs — resolved at submit from what
+registered workers advertise, and pinned by hash.
+
+A worker advertises each model folder and each LoRA file it holds as ``{name, hash[, kind][, error]}`` in
+HELLO ``capabilities["models"]`` (``kind`` absent for a pipeline, ``"lora"`` for LoRA weights; see
+:mod:`common.model_folders`). A job names pieces by name (and may pin a hash), never by path. Invariants:
+
+* a name resolves to the hash the request pinned if some worker holds it, else to the version most
+  workers hold; a name nobody advertised, or whose every copy is corrupt, is a :class:`JobError`;
+* at least one registered worker holds the model and every LoRA of the job together (online or not: a
+  job can wait for its worker), so the job is never queued for a combination no worker can run;
+* the job's spec lists every hash beyond the model in ``pieces``: :func:`farm.core.scheduler.fits` leases
+  a task only to a worker that advertised all of them.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+from sqlmodel import Session, select
+
+from farm.kinds.jobs import JobError
+from farm.store.models import Worker
+
+MAX_LORAS = 8
+"""LoRAs one job may stack (each adds its low-rank product to the same layers)."""
+MAX_LORA_WEIGHT = 4.0
+"""Largest absolute LoRA weight (the usual range is 0..1.5; beyond a few the images are noise)."""
+HOW_TO_ADD = ("start a worker with `farm worker --models DIR` where DIR holds the model folder (for a test model: "
+              "`farm models tiny --out DIR/tiny-sd`)")
+HOW_TO_ADD_LORA = ("put the LoRA's .safetensors file in the loras/ folder of a worker's --models DIR and restart "
+                   "the worker (for a test LoRA: `farm models tiny-lora --out DIR/loras/NAME.safetensors`)")
+KIND_WORDS = {"pipeline": "model", "lora": "LoRA"}
+
+
+def advertised(session: Session, kind: str = "pipeline") -> dict[str, list[tuple[str, str, str]]]:
+    """Piece name → [(worker id, hash, error)] of the pieces of ``kind`` every registered worker advertised."""
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for w in session.exec(select(Worker)):
+        for m in (w.capabilities or {}).get("models", []) or []:
+            if isinstance(m, dict) and isinstance(m.get("name"), str) and (m.get("kind") or "pipeline") == kind:
+                out.setdefault(m["name"], []).append((w.id, str(m.get("hash") or ""), str(m.get("error") or "")))
+    return out
+
+
+def resolve(session: Session, name: str, want_hash: str = "", kind: str = "pipeline") -> str:
+    """The hash the job will use: ``want_hash`` if a worker holds it, else the version most workers hold."""
+    word = KIND_WORDS[kind]
+    if not name:
+        raise JobError(f"{word} name is empty: name a {word} that workers hold (see `farm workers`)")
+    ads = advertised(session, kind)
+    held = ads.get(name)
+    if not held:
+        raise JobError(f"no worker has {word} {name!r} ({word}s on this farm: {', '.join(sorted(ads)) or 'none'}): "
+                       + (HOW_TO_ADD if kind == "pipeline" else HOW_TO_ADD_LORA))
+    good = Counter(h for _w, h, err in held if h and not err)
+    if not good:
+        worker, _h, err = held[0]
+        raise JobError(f"{word} {name!r} is corrupt on every worker that has it ({worker}: {err}); "
+                       "repair it and restart the worker")
+    if want_hash:
+        if want_hash not in good:
+            raise JobError(f"no worker holds this version of {word} {name!r} (hash {want_hash[:12]}…); workers "
+                           f"hold {', '.join(h[:12] + '…' for h in sorted(good))}: copy yours to a worker or "
+                           "name it without a hash")
+        return want_hash
+    return min(good, key=lambda h: (-good[h], h))
+
+
+def resolve_model(session: Session, name: str, want_hash: str = "") -> str:
+    return resolve(session, name, want_hash, "pipeline")
+
+
+def parse_loras(value: Any) -> list[dict[str, Any]]:
+    """``[{name, weight, hash?}]`` from the request, checked (at most MAX_LORAS, each name once)."""
+    if value in (None, []):
+        return []
+    if not isinstance(value, list) or len(value) > MAX_LORAS:
+        raise JobError(f"loras must be a list of at most {MAX_LORAS} {{name, weight}} entries")
+    out, seen = [], set()
+    for item in value:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+            raise JobError("each LoRA needs a name, e.g. {\"name\": \"ink\", \"weight\": 0.8} (--lora ink:0.8)")
+        name = item["name"].strip()
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or abs(weight) > MAX_LORA_WEIGHT:
+            raise JobError(f"LoRA {name!r}: weight must be a number from -{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g} "
+                           f"(got {weight!r})")
+        if name in seen:
+            raise JobError(f"LoRA {name!r} is named twice: give it once with the summed weight")
+        seen.add(name)
+        want = item.get("hash") or ""
+        if not isinstance(want, str) or len(want) > 64:
+            raise JobError(f"LoRA {name!r}: hash must be the sha256 of the file (64 hex digits)")
+        out.append({"name": name, "weight": float(weight), "hash": want})
+    return out
+
+
+def resolve_loras(session: Session, loras: list[dict[str, Any]], model: str, model_hash: str) -> list[dict]:
+    """Pin each LoRA's hash, and check that one registered worker holds the model and all of them."""
+    pinned = [{"name": lo["name"], "hash": resolve(session, lo["name"], lo["hash"], "lora"),
+               "weight": lo["weight"]} for lo in loras]
+    if pinned:
+        need = {model_hash, *(lo["hash"] for lo in pinned)}
+        for w in session.exec(select(Worker)):
+            ads = (w.capabilities or {}).get("models", []) or []
+            if need <= {m.get("hash") for m in ads if isinstance(m, dict) and not m.get("error")}:
+                break
+        else:
+            raise JobError(f"no single worker holds model {model!r} together with LoRA(s) "
+                           f"{', '.join(lo['name'] for lo in pinned)} (each is on some worker, not all on one): "
+                           + HOW_TO_ADD_LORA)
+    return pinned
