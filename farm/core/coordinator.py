@@ -457,6 +457,12 @@ class Coordinator:
         out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
 
     @staticmethod
+    def _unstarted(s: Session, task: Task) -> int:
+        """Leases of ``task`` lost before their worker showed progress on them."""
+        return s.exec(select(func.count()).select_from(Attempt).where(Attempt.task_id == task.id)
+                      .where(Attempt.outcome == "lost").where(Attempt.progressed.is_(False))).one()
+
+    @staticmethod
     def _released(s: Session, task: Task) -> int:
         """Attempts of ``task`` handed back by paused workers: they spend none of its attempts."""
         return s.exec(select(func.count()).select_from(Attempt).where(Attempt.task_id == task.id)
@@ -479,6 +485,10 @@ class Coordinator:
             return
         if task.status == TaskStatus.assigned.value:
             transition(s, task, TaskStatus.running, worker_id=conn.worker_id, attempt=task.attempt, now=now)
+            att = self._attempt(s, task)
+            if att is not None and not att.progressed:
+                att.progressed = True
+                s.add(att)
         if conn.held.start(task.id, now):  # it waited (prefetched) until now: its own clock starts here
             self.progress.last[(task.id, task.attempt)] = now
         done = max(0, min(msg.done, task.progress_total or msg.done))
@@ -716,6 +726,8 @@ class Coordinator:
 
     def _lose(self, s: Session, task: Task, now: float, reason: str, out: Outgoing) -> None:
         """The lease of ``task`` ended without a result: requeue it (or fail it when out of attempts)."""
+        if task.status not in LEASED:  # ended already in this step: its job failed or was canceled by an
+            return                     # earlier loss of the same worker (found with prefetching: a 500)
         worker_id = task.worker_id
         log.info("lease lost: %s", reason, extra=ctx(task.job_id, task.id, task.attempt, worker_id))
         self._end_attempt(s, task, "lost", reason, now)
@@ -727,15 +739,18 @@ class Coordinator:
         ident = self.by_worker.get(worker_id)
         if ident in self.conns:  # still connected (lease expired): it does not hold the task, so the slot is free
             self._freed(self.conns[ident], task.id)
-        spent = task.attempt
-        if spent >= C.TASK_MAX_ATTEMPTS and spent - self._released(s, task) < 4 * C.TASK_MAX_ATTEMPTS:
+        # a lease lost before it showed any progress never started (a prefetched task of a worker that died
+        # with its current one; a crash right after the lease): it spends none of the task's attempts, only
+        # the hard cap (found with prefetching: one killed worker cost a task two attempts)
+        spent = task.attempt - self._unstarted(s, task)
+        if spent >= C.TASK_MAX_ATTEMPTS and task.attempt - self._released(s, task) < 4 * C.TASK_MAX_ATTEMPTS:
             # leases lost by workers since blocked from the job (a staller that never finished a frame of it,
             # a worker that failed it too often) are their fault, not the task's: sybils must not burn a
             # task's attempts until its job fails (a hard cap of 4 × TASK_MAX_ATTEMPTS still ends it)
             theirs = (JobWorker.job_id == Attempt.job_id) & (JobWorker.worker_id == Attempt.worker_id)
             spent -= s.exec(select(func.count()).select_from(Attempt).join(JobWorker, theirs)
                             .where(Attempt.task_id == task.id).where(Attempt.outcome == "lost")
-                            .where(JobWorker.blocked)).one() + self._released(s, task)
+                            .where(Attempt.progressed).where(JobWorker.blocked)).one() + self._released(s, task)
         if spent >= C.TASK_MAX_ATTEMPTS and is_check(task):
             transition(s, task, TaskStatus.queued, reason=f"lease lost: {reason}", worker_id=worker_id,
                        attempt=task.attempt, now=now)

@@ -96,6 +96,7 @@ class Attempt(SQLModel, table=True):
     started_at: float = Field(default_factory=_now)
     ended_at: Optional[float] = None
     outcome: str = "leased"  # leased | done | failed | lost | canceled | released (handed back by a paused worker)
+    progressed: bool = False  # the worker showed progress on it (a lease lost before that never started)
     render_seconds: float = 0.0
     error: str = ""
 

@@ -156,3 +156,44 @@ def test_a_prefetched_lease_starts_its_own_clock_when_its_render_begins(env):
     d.send((b"pf", P.Progress(b.task_id, b.attempt, 1, 1, "frame 2")), dt=5.0)
     d.send((b"pf", result_for(blobs, b)))
     assert sorted(coord.progress.units[a.job_id]) == [5.0, 5.0]
+
+
+def test_a_prefetched_lease_lost_with_its_worker_spends_none_of_the_tasks_attempts(env):
+    """Found in review of prefetching: a worker that dies holding its current task and the next one cost
+    the waiting task an attempt too, so crashing workers wore tasks out twice as fast (the chaos test
+    failed a task on PostgreSQL: 'lost 5 leases'). A lease lost before it showed progress never started:
+    it spends none of the task's attempts (the hard cap still bounds it). Here 6 workers each die holding
+    the same two tasks, rendering them by turns: each task has 6 losses, 3 of them started — under
+    TASK_MAX_ATTEMPTS, so neither fails (before: both failed at the 5th crash, and the job with them)."""
+    engine, blobs, user, coord, d = env
+    make_job(engine, blobs, user, "1-2")
+    crashes = C.TASK_MAX_ATTEMPTS + 1
+    for i in range(crashes):
+        ident = f"crashy{i}".encode()
+        got = sorted(connect(d, ident, 2, prefetch=1), key=lambda t: t.task_id)
+        assert len(got) == 2, (i, [(t.id, t.status, t.attempt) for t in rows(engine, Task)])
+        shown = got[i % 2]  # the one it renders; the other waits behind it
+        d.send((ident, P.Progress(shown.task_id, shown.attempt, 0, 1, "rendering")))
+        d.send((ident, P.Bye("crash")))
+    for t in rows(engine, Task):
+        assert t.status == "queued" and t.attempt == crashes, (t.id, t.status, t.attempt, t.error)
+        assert sorted(a.progressed for a in rows(engine, Attempt, Attempt.task_id == t.id)) == \
+            [False] * (crashes // 2) + [True] * (crashes // 2)
+
+
+def test_a_worker_whose_loss_fails_the_job_drops_cleanly_with_its_other_lease(env):
+    """Found with the test above: when one lost lease of a departing worker failed its job, the job's other
+    tasks were canceled — its second lease among them — and losing that one next raised IllegalTransition
+    (canceled → queued) in the step: the BYE was never processed. Now a lease ended earlier in the step is
+    skipped."""
+    engine, blobs, user, coord, d = env
+    job_id = make_job(engine, blobs, user, "1-2")
+    for i in range(C.TASK_MAX_ATTEMPTS):
+        ident = f"crashy{i}".encode()
+        first = min(connect(d, ident, 2, prefetch=1), key=lambda t: t.task_id)
+        d.send((ident, P.Progress(first.task_id, first.attempt, 0, 1, "rendering")))
+        d.send((ident, P.Bye("crash")))
+    from farm.store.models import Job
+    assert get(engine, Job, job_id).status == "failed"
+    assert sorted(t.status for t in rows(engine, Task)) == ["canceled", "failed"]
+    assert not [w for w in coord.conns.values() if w.worker_id.startswith("crashy")], "every BYE was processed"
