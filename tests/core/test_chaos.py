@@ -251,7 +251,8 @@ def assert_each_task_paid_once(client, db: SimpleNamespace, payouts: dict) -> No
     api_rows = {w["worker_id"]: (int(w["amount"]), w["tasks"], w["wallet"]) for w in payouts["workers"]}
     assert api_rows == {r.worker_id: (int(r.amount), r.tasks, r.wallet) for r in rows}
     assert sum(int(r.amount) for r in rows) == int(st.payout_total) == int(payouts["total"])
-    price = int(client.estimate(frames="1")["price_per_unit"])
+    quote = db.job.spec.get("quote")  # the rate locked at submit (the market moves with the queue)
+    price = int(quote["rate"]) if quote else int(client.estimate(frames="1")["price_per_unit"])
     if not st.capped:
         assert all(int(r.amount) == (r.work_ms + r.check_ms) * price // 1000 for r in rows), "paid by measured work"
     for r in rows:

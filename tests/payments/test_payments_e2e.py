@@ -39,7 +39,8 @@ def payment_is(client, job_id: int, *statuses: str, timeout: float = 60):
 
 def shares(client, job_id: int) -> dict[str, int]:
     pay = client.payouts(job_id)
-    price = int(client.estimate(frames="1")["price_per_unit"])
+    quote = client.job(job_id)["spec"].get("quote")  # the rate locked at submit: the market moves with load
+    price = int(quote["rate"]) if quote else int(client.estimate(frames="1")["price_per_unit"])
     out = {}
     for w in pay["workers"]:
         measured_ms = round(w["work_seconds"] * 1000) + round(w["check_seconds"] * 1000)  # frames and checks
