@@ -76,6 +76,20 @@ def parse_loras(values: list[str] | None) -> list[dict[str, Any]]:
     return out
 
 
+def upload_inpaint(args, client: Client) -> dict[str, str]:
+    """``--image F --mask F``: both uploaded (unless the coordinator has them), named by sha256."""
+    if not args.mask and not args.image:
+        return {}
+    if not (args.mask and args.image):
+        raise ApiError("inpainting needs both --image FILE (the picture) and --mask FILE (white: repaint, black: keep)")
+    out = {}
+    for key, path in (("init_image", args.image), ("mask", args.mask)):
+        if not Path(path).is_file():
+            raise ApiError(f"cannot read {path}: give a PNG file")
+        out[key] = client.upload_if_missing(Path(path))[0]
+    return out
+
+
 def cmd_submit_diffusion(args, client: Client) -> int:
     from client.cli import follow_submitted
     prompts = read_prompts(args)
@@ -86,13 +100,14 @@ def cmd_submit_diffusion(args, client: Client) -> int:
         "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "width": width, "height": height,
         "scheduler": args.scheduler, "per_task": args.per_task, "init_from_job": args.init_from_job,
         "strength": args.strength, "priority": args.priority, "min_tier": args.min_tier or "",
-        "loras": parse_loras(args.lora) or None,
+        "loras": parse_loras(args.lora) or None, **upload_inpaint(args, client),
         "name": args.name, **{k: v for k, v in payments_cli.priced_args(args).items() if v is not None}}
     job = client.submit_diffusion(**body)
     spec = job["spec"]
     if not args.json:
         what = (f"img2img over the frames of job {spec['init_from_job']}" if spec.get("init_from_job")
-                else f"{len(spec['prompts'])} prompt(s) × {spec['count']}")
+                else f"{len(spec['prompts'])} prompt(s) × {spec['count']}"
+                + (", inpainting the uploaded image" if spec.get("mode") == "inpaint" else ""))
         loras = "".join(f" + LoRA {lo['name']} ({lo['hash'][:12]}) x{lo['weight']:g}" for lo in spec.get("loras") or [])
         print(f"job {job['id']} {job['status']}: {spec['images_total']} images ({what}) of {spec['model']} "
               f"({spec['model_hash'][:12]}){loras}, seeds {spec['seed']}-{spec['seed'] + spec['images_total'] - 1}, "
@@ -107,8 +122,8 @@ def cmd_models(args) -> int:
         if not args.out:
             print("error: farm models tiny needs --out DIR (the model folder to write)", file=sys.stderr)
             return 2
-        path = build(Path(args.out))
-        print(f"tiny Stable Diffusion pipeline ({model_folders.folder_hash(path)[:12]}) written to {path.resolve()}; "
+        path = build(Path(args.out), inpaint=args.inpaint)
+        print(f"tiny Stable Diffusion {'inpainting ' if args.inpaint else ''}pipeline ({model_folders.folder_hash(path)[:12]}) written to {path.resolve()}; "
               f"serve it with: farm worker --models {path.resolve().parent}")
         return 0
     if args.action == "tiny-lora":
@@ -152,7 +167,10 @@ def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
                                                            "dpm++, heun, unipc")
     sd.add_argument("--per-task", type=int, default=1, help="images per task (micro-batch)")
     sd.add_argument("--init-from-job", type=int, default=None, help="img2img over this job's frames")
-    sd.add_argument("--strength", type=float, default=0.5, help="img2img: how far from the frame (0-1]")
+    sd.add_argument("--strength", type=float, default=None, help="img2img (default 0.5) and inpainting (default 1): "
+                                                                 "how far from the starting image (0-1]")
+    sd.add_argument("--image", default=None, help="inpainting: the PNG to paint into (with --mask)")
+    sd.add_argument("--mask", default=None, help="inpainting: a PNG mask of the image's size, white where to repaint")
     sd.add_argument("--lora", action="append", metavar="NAME[:WEIGHT]",
                     help="apply a LoRA that workers hold (their loras/ folder), weight default 1; repeatable")
     add_follow_args(sd, "images")
@@ -165,6 +183,7 @@ def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
                                                "tiny-lora: MODELS/loras/NAME.safetensors")
     m.add_argument("--model", default=None, help="tiny-lora: the tiny model folder the LoRA is for")
     m.add_argument("--seed", type=int, default=1, help="tiny-lora: seed of the random weights")
+    m.add_argument("--inpaint", action="store_true", help="tiny: an inpainting pipeline (9-channel UNet)")
     m.add_argument("--models", action="append", help="list: folders to search (default RENDERHIVE_MODELS)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models, needs_client=False)

@@ -215,6 +215,14 @@ def check(folder: Path) -> str:
     return ""
 
 
+def inpainting(folder: Path) -> bool:
+    """Whether the model's UNet takes 9 input channels (an inpainting model: it needs an image and a mask)."""
+    try:
+        return json.loads((Path(folder) / "unet" / "config.json").read_text()).get("in_channels") == 9
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 # ------------------------------------------------------------------ hashing
 class HashCache:
     """sha256 of files, remembered by (real path, size, mtime_ns) in a JSON file (thread-safe)."""
@@ -324,7 +332,7 @@ def scan(dirs: Iterable[Path], cache_file: Path | None = None, hub: bool = True)
     """Every model folder and LoRA file found, checked and hashed (hashes cached in ``cache_file``)."""
     dirs = list(dirs)
     cache = HashCache(cache_file)
-    models = scan_loras(dirs, cache)
+    models = []
     for name, path in find(dirs, hub):
         problem = check(path)
         digest = ""
@@ -334,6 +342,7 @@ def scan(dirs: Iterable[Path], cache_file: Path | None = None, hub: bool = True)
             except OSError as exc:
                 problem = f"cannot read model folder {path}: {exc}"
         models.append(ModelFolder(name, Path(path).resolve(), digest, problem))
+    models += scan_loras(dirs, cache)  # after the pipelines: code that takes "the first model" gets one
     try:
         cache.save()
     except OSError:

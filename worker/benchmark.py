@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from common import limits as L
+from common import model_folders
 from worker import sandbox as sandboxing
 from worker import settings as C
 
@@ -188,7 +189,9 @@ async def measure_worker(daemon, mode: str) -> dict[str, Any] | None:
             return await _killing_on_failure(daemon, "blender", lambda rt: measure_blender(rt, workdir("blender"),
                                                                                         scene))
         jobs["blender"] = (blender_key(blender.ready or {}, daemon.gpu_args[0]), run_blender)
-    model = next((m for m in daemon.models if m.ok), None)
+    # a text-to-image pipeline: a LoRA file is no model, and an inpainting model needs an image and a mask
+    model = next((m for m in daemon.models if m.ok and m.kind == "pipeline" and not model_folders.inpainting(m.path)),
+                 None)
     diffusion = daemon.runtimes.get(("diffusion", 0))
     if model is not None and diffusion is not None and diffusion.alive:
         async def run_diffusion():

@@ -4,6 +4,8 @@ img2img jobs onto the render jobs whose frames they start from.
 A txt2img job makes ``count`` images of each prompt: image k (``image_0003.png``) is prompt ``k // count``
 with seed ``seed + k``. An img2img job (``init_from_job``) makes one image per PNG frame of an earlier job:
 image i starts from frame i (``image_0003_frame_0004.png``), prompts taken in turn, seed ``seed + i``.
+An inpainting job (``mask`` and ``init_image``: uploaded PNG blobs, :mod:`farm.kinds.diffusion_inputs`)
+makes ``count`` images of each prompt like txt2img, each repainting the white part of the mask in the image.
 Images are grouped ``per_task`` to a task (micro-batches); one more task, ``contact_sheet``, waits for all
 of them. Every seed, prompt and setting is in the task's spec and in the job's spec, so any image can be
 made again. Invariants:
@@ -33,9 +35,11 @@ from sqlmodel import Session, select
 from common import limits as L
 from common import model_folders
 from farm import constants as C
+from farm.kinds.diffusion_inputs import inpaint_inputs
 from farm.kinds.diffusion_pieces import parse_loras, resolve_loras, resolve_model
 from farm.kinds.frames import TaskPlan
 from farm.kinds.jobs import JobError, get_job, job_for_key, min_tier, store_plans
+from farm.store.blobs import BlobStore
 from farm.store.models import Job, Output, Task, User
 from farm.store.states import JobStatus, TaskStatus, transition
 
@@ -138,8 +142,9 @@ def _source_frames(session: Session, owner: User, src_id: int) -> tuple[Job, lis
     return src, frames
 
 
-def create_diffusion_job(session: Session, owner: User, req: dict[str, Any]) -> Job:
-    """Validate a diffusion request and store the job and its tasks. Raises JobError before writing."""
+def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blobs: BlobStore | None = None) -> Job:
+    """Validate a diffusion request and store the job and its tasks. Raises JobError before writing.
+    ``blobs``: where an inpainting job's uploaded image and mask are (checked here)."""
     client_key = str(req.get("client_key") or "")[:100]
     existing = job_for_key(session, owner, client_key)
     if existing:
@@ -153,7 +158,20 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any]) -> 
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise JobError(f"seed must be a whole number from 0 to {MAX_SEED}")
     src_id = req.get("init_from_job")
-    strength = req.get("strength", 0.5)
+    strength = req.get("strength")
+    inputs: dict[str, str] = {}
+    if req.get("mask") and src_id is not None:
+        raise JobError("inpainting over another job's frames is not supported yet: give --image and --mask")
+    if req.get("mask"):
+        inputs, (w, h) = inpaint_inputs(blobs, req)
+        strength = 1.0 if strength is None else strength
+        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise JobError(f"strength must be a number above 0 and at most 1 (got {strength!r})")
+        settings["width"] = settings["width"] or max(8, w // 8 * 8)
+        settings["height"] = settings["height"] or max(8, h // 8 * 8)
+        if int(settings["steps"] * strength) < 1:
+            raise JobError(f"steps × strength = {settings['steps']} × {strength} is under one denoising step: "
+                           "raise --steps or --strength")
     if src_id is None:
         count = _int(req, "count", 1, 1, C.MAX_DIFFUSION_IMAGES, " images per prompt")
         if count * len(prompts) > C.MAX_DIFFUSION_IMAGES:
@@ -163,8 +181,9 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any]) -> 
         settings["height"] = settings["height"] or 512
         images = [{"name": image_name(k), "index": k, "seed": seed + k, "prompt": prompts[k // count],
                    "negative": negative} for k in range(count * len(prompts))]
-        src, mode = None, "txt2img"
+        src, mode = None, "inpaint" if inputs else "txt2img"
     else:
+        strength = 0.5 if strength is None else strength
         if req.get("count") not in (None, 1):
             raise JobError("with init_from_job each source frame gives one image: leave count at 1")
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
@@ -187,12 +206,14 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any]) -> 
                             + ([("the negative prompt", negative)] if negative else []))
     common = {"model": model, "model_hash": model_hash, "mode": mode, **settings,
               **({"loras": loras, "pieces": sorted({lo["hash"] for lo in loras})} if loras else {}),
-              **({"strength": float(strength)} if mode == "img2img" else {})}
+              **({"strength": float(strength)} if mode in ("img2img", "inpaint") else {}),
+              **({"input_names": inputs} if inputs else {})}
     held = src is not None and src.status not in SOURCE_DONE
     plans = []
     for i in range(0, len(images), per_task):
         batch = images[i:i + per_task]
-        plans.append(TaskPlan("diffusion", {**common, "images": batch}, [], [im["name"] for im in batch],
+        plans.append(TaskPlan("diffusion", {**common, "images": batch}, list(inputs.values()),
+                              [im["name"] for im in batch],
                               units=len(batch), held=held))
     labels = [{"name": im["name"], "label": f"#{im['index']} seed {im['seed']}"} for im in images]
     last = max(im.get("source", {}).get("frame", im["index"]) for im in images)  # outputs list in frame order

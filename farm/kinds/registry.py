@@ -27,7 +27,7 @@ JobListener = Callable[[Session, Job, float], bool]
 
 CREATORS: dict[str, Creator] = {
     "blender": jobs.create_blender_job,  # frames, chunks, tiles, video (farm.kinds.frames, farm.kinds.tiles)
-    "diffusion": lambda session, owner, blobs, req: diffusion.create_diffusion_job(session, owner, req),
+    "diffusion": lambda session, owner, blobs, req: diffusion.create_diffusion_job(session, owner, req, blobs),
 }
 
 JOB_STATUS_LISTENERS: tuple[JobListener, ...] = (

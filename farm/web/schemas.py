@@ -88,7 +88,11 @@ class DiffusionJobCreate(BaseModel):
     scheduler: str = "default"
     per_task: int = Field(1, description="images per task (micro-batch)")
     init_from_job: int | None = Field(None, description="img2img: frame i of this job becomes image i")
-    strength: float = 0.5
+    strength: float | None = Field(None, description="img2img (default 0.5) and inpainting (default 1): how far "
+                                   "from the starting image, (0, 1]")
+    init_image: str = Field("", max_length=64, description="inpainting: sha256 of the uploaded PNG to paint into")
+    mask: str = Field("", max_length=64, description="inpainting: sha256 of the uploaded PNG mask (white: repaint, "
+                      "black: keep), the image's size")
     loras: list[LoraRef] = Field([], max_length=8, description="LoRAs workers hold (their loras/ folders), "
                                  "stacked with these weights")
     priority: int = Field(0, ge=-100, le=100)

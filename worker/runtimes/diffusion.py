@@ -10,9 +10,10 @@ Protocol (one JSON object per line; replies on the original stdout):
     <- {"event":"ready","pid","device","dtype","gpu","devices","torch","diffusers"}   once, at start
     -> {"op":"ping","id":N}                  <- {"event":"pong","id":N}
     -> {"op":"quit"}                         the process exits 0 (so does EOF on stdin)
-    -> {"op":"generate","id":N,"model_path":ABS,"model_name","model_hash","mode":"txt2img"|"img2img",
+    -> {"op":"generate","id":N,"model_path":ABS,"model_name","model_hash","mode":"txt2img"|"img2img"|"inpaint",
         "steps","guidance","width","height","scheduler","strength","out_dir":ABS,
-        "images":[{"name","index","seed","prompt","negative","init":ABS|null,"source":{...}}..]}
+        "loras":[{"name","hash","weight","path":ABS}..],
+        "images":[{"name","index","seed","prompt","negative","init":ABS|null,"mask":ABS|null,"source":{...}}..]}
        <- {"event":"image","id":N,"name","path","index","seconds"}   after each image
        <- {"event":"done","id":N,"outputs":[{"name","path","index","seconds"}..],
            "loaded":bool,"load_seconds","cached":[hash..],"rss_bytes"}
@@ -162,7 +163,8 @@ class Runtime:
         pipe.set_progress_bar_config(disable=True)
         size = sum(p.numel() * p.element_size() for m in pipe.components.values()
                    if isinstance(m, torch.nn.Module) for p in [*m.parameters(), *m.buffers()])
-        entry = {"pipe": pipe, "img2img": None, "bytes": size, "scheduler": dict(pipe.scheduler.config),
+        entry = {"pipe": pipe, "img2img": None, "inpaint": None, "bytes": size,
+                 "scheduler": dict(pipe.scheduler.config),
                  "name": req.get("model_name", ""),
                  "scheduler_class": type(pipe.scheduler).__name__}
         self.cache[key] = entry
@@ -214,24 +216,34 @@ class Runtime:
                 if n > tok.model_max_length:
                     raise RequestError(f"{field} of image {im['index']} is {n} tokens, over the model's limit of "
                                        f"{tok.model_max_length}: shorten it")
-        img2img = req.get("mode") == "img2img"
-        if img2img:
-            if entry["img2img"] is None:  # same modules, no second copy of the weights
-                entry["img2img"] = diffusers.StableDiffusionImg2ImgPipeline.from_pipe(base)
-                entry["img2img"].set_progress_bar_config(disable=True)
-            pipe = entry["img2img"]
-        else:
+        mode = req.get("mode") or "txt2img"
+        if mode not in ("txt2img", "img2img", "inpaint"):
+            raise RequestError(f"unknown mode {mode!r}")
+        if base.unet.config.in_channels == 9 and mode != "inpaint":
+            raise RequestError(f"model {req.get('model_name')!r} is an inpainting model: give it an image and a "
+                               "mask (--image, --mask), or pick a text-to-image model")
+        if mode == "txt2img":
             pipe = base
+        else:
+            if entry.get(mode) is None:  # same modules, no second copy of the weights
+                cls = (diffusers.StableDiffusionImg2ImgPipeline if mode == "img2img"
+                       else diffusers.StableDiffusionInpaintPipeline)
+                entry[mode] = cls.from_pipe(base)
+                entry[mode].set_progress_bar_config(disable=True)
+            pipe = entry[mode]
         pipe.scheduler = self._scheduler(entry, str(req.get("scheduler") or "default"))
         gens = [torch.Generator(device=self.device).manual_seed(int(im["seed"])) for im in images]
         args = dict(prompt=[im["prompt"] for im in images], negative_prompt=[im.get("negative") or "" for im in images],
                     generator=gens, num_inference_steps=int(req["steps"]), guidance_scale=float(req["guidance"]),
                     output_type="pil")
-        if img2img:
+        if mode != "txt2img":
             inits = self._init_images(images, width, height)
             width, height = inits[0].size
             args.update(image=inits, strength=float(req["strength"]))
-        else:
+        if mode == "inpaint":
+            args.update(mask_image=self._init_images(images, width, height, key="mask", what="mask"),
+                        width=int(width), height=int(height))
+        elif mode == "txt2img":
             args.update(width=int(width), height=int(height))
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -248,15 +260,15 @@ class Runtime:
         self.emit(event="done", id=rid, outputs=outputs, loaded=loaded, load_seconds=round(load_seconds, 4),
                   cached=list(self.cache), rss_bytes=_rss_bytes())
 
-    def _init_images(self, images: list[dict], width, height) -> list:
+    def _init_images(self, images: list[dict], width, height, key: str = "init", what: str = "init image") -> list:
         from PIL import Image
         inits = []
         for im in images:
             try:
-                with Image.open(im["init"]) as src:
-                    img = src.convert("RGB")
+                with Image.open(im[key]) as src:
+                    img = src.convert("L" if key == "mask" else "RGB")
             except (OSError, KeyError, TypeError) as e:
-                raise RequestError(f"init image of image {im['index']} cannot be read: {e}") from None
+                raise RequestError(f"{what} of image {im['index']} cannot be read: {e}") from None
             if width is None or height is None:  # the job gave no size: the first frame's, to a multiple of 8
                 width, height = (max(8, img.width // 8 * 8), max(8, img.height // 8 * 8))
             if img.size != (int(width), int(height)):
@@ -273,7 +285,7 @@ class Runtime:
                 "device": self.device.split(":")[0], "dtype": str(self.dtype).split(".")[-1]}
         if req.get("loras"):
             meta["loras"] = [{k: lo[k] for k in ("name", "hash", "weight")} for lo in req["loras"]]
-        if req.get("mode") == "img2img":
+        if req.get("mode") in ("img2img", "inpaint"):
             meta["strength"] = req["strength"]
             for k, v in (im.get("source") or {}).items():
                 meta[f"source_{k}"] = v

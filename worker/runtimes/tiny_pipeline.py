@@ -101,11 +101,19 @@ def write_tokenizer_source(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def build(out: Path) -> Path:
-    """Build the tiny pipeline and save it into ``out`` (replaced if it exists). Returns ``out``."""
+def build(out: Path, inpaint: bool = False) -> Path:
+    """Build the tiny pipeline and save it into ``out`` (replaced if it exists). Returns ``out``. With
+    ``inpaint``: a ``StableDiffusionInpaintPipeline`` whose UNet takes 9 channels (latents, mask, masked
+    image latents), like SD's inpainting checkpoints."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(out)
@@ -115,7 +123,7 @@ def build(out: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            sample_size=8, in_channels=9 if inpaint else 4, out_channels=4, layers_per_block=1,
             block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
@@ -130,9 +138,9 @@ def build(out: Path) -> Path:
             pad_token_id=tokenizer.pad_token_id))
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
-                                   unet=unet.eval(), scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+    pipe = cls(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+               scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     tmp_out = out.with_name(out.name + ".building")
     shutil.rmtree(tmp_out, ignore_errors=True)
     pipe.save_pretrained(tmp_out, safe_serialization=True)
@@ -172,8 +180,9 @@ def build_lora(model: Path, out: Path, seed: int = 1, rank: int = 4) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="farm models tiny", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="model folder to write (its name is the model's name)")
+    ap.add_argument("--inpaint", action="store_true", help="an inpainting pipeline (9-channel UNet)")
     args = ap.parse_args(argv)
-    path = build(Path(args.out))
+    path = build(Path(args.out), inpaint=args.inpaint)
     print(f"tiny Stable Diffusion pipeline written to {path.resolve()}")
     return 0
 

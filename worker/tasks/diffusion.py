@@ -39,7 +39,15 @@ def runtime_request(ctx: TaskContext) -> dict:
     images = []
     for im in spec.get("images", []):
         item = {k: im[k] for k in ("name", "index", "seed", "prompt", "negative") if k in im}
-        if spec.get("mode") == "img2img":
+        if spec.get("mode") == "inpaint":
+            try:
+                item["init"], item["mask"] = (str(ctx.input_named(n)) for n in ("init.png", "mask.png"))
+            except KeyError:
+                raise TaskFailure("the image or mask of the inpainting job was not delivered with the task",
+                                  True) from None
+            item["source"] = {"init_sha256": spec["input_names"]["init.png"],
+                              "mask_sha256": spec["input_names"]["mask.png"]}
+        elif spec.get("mode") == "img2img":
             try:
                 item["init"] = str(ctx.input_named(im["init_name"]))
             except KeyError:
