@@ -76,6 +76,19 @@ def parse_loras(values: list[str] | None) -> list[dict[str, Any]]:
     return out
 
 
+def controls(args, client: Client) -> list[dict[str, Any]] | None:
+    """``--control NAME[:WEIGHT]`` with ``--control-image FILE`` (in the same order): uploaded, by sha256."""
+    names, images = args.control or [], args.control_image or []
+    if len(names) != len(images):
+        raise ApiError(f"{len(names)} --control but {len(images)} --control-image: give one image after each control")
+    out = []
+    for ref, path in zip(parse_loras(names), images):
+        if not Path(path).is_file():
+            raise ApiError(f"cannot read --control-image {path}: give a PNG file")
+        out.append({**ref, "image": client.upload_if_missing(Path(path))[0]})
+    return out or None
+
+
 def upload_inpaint(args, client: Client) -> dict[str, str]:
     """``--image F --mask F``: both uploaded (unless the coordinator has them), named by sha256."""
     if not args.mask and not args.image:
@@ -100,7 +113,7 @@ def cmd_submit_diffusion(args, client: Client) -> int:
         "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "width": width, "height": height,
         "scheduler": args.scheduler, "per_task": args.per_task, "init_from_job": args.init_from_job,
         "strength": args.strength, "priority": args.priority, "min_tier": args.min_tier or "",
-        "loras": parse_loras(args.lora) or None, **upload_inpaint(args, client),
+        "loras": parse_loras(args.lora) or None, "controls": controls(args, client), **upload_inpaint(args, client),
         "name": args.name, **{k: v for k, v in payments_cli.priced_args(args).items() if v is not None}}
     job = client.submit_diffusion(**body)
     spec = job["spec"]
@@ -109,6 +122,7 @@ def cmd_submit_diffusion(args, client: Client) -> int:
                 else f"{len(spec['prompts'])} prompt(s) × {spec['count']}"
                 + (", inpainting the uploaded image" if spec.get("mode") == "inpaint" else ""))
         loras = "".join(f" + LoRA {lo['name']} ({lo['hash'][:12]}) x{lo['weight']:g}" for lo in spec.get("loras") or [])
+        loras += "".join(f" + ControlNet {c['name']} ({c['hash'][:12]}) x{c['weight']:g}" for c in spec.get("controls") or [])
         print(f"job {job['id']} {job['status']}: {spec['images_total']} images ({what}) of {spec['model']} "
               f"({spec['model_hash'][:12]}){loras}, seeds {spec['seed']}-{spec['seed'] + spec['images_total'] - 1}, "
               f"{job['tasks']['total'] - 1} tasks + a contact sheet")
@@ -135,6 +149,16 @@ def cmd_models(args) -> int:
         path = build_lora(Path(args.model), Path(args.out), seed=args.seed)
         print(f"tiny LoRA ({model_folders.HashCache(None).file_sha256(path)[:12]}) written to {path.resolve()}; workers serving "
               f"--models {path.resolve().parent.parent} hold it as {path.stem!r}")
+        return 0
+    if args.action == "tiny-controlnet":
+        from worker.runtimes.tiny_pipeline import build_controlnet
+        if not args.out or not args.model:
+            print("error: farm models tiny-controlnet needs --model DIR (a tiny model folder) and --out "
+                  "MODELS/controlnets/NAME", file=sys.stderr)
+            return 2
+        path = build_controlnet(Path(args.model), Path(args.out), seed=args.seed)
+        print(f"tiny ControlNet ({model_folders.folder_hash(path)[:12]}) written to {path.resolve()}; workers serving "
+              f"--models {path.resolve().parent.parent} hold it as {path.name!r}")
         return 0
     models = model_folders.scan(model_folders.configured_dirs(args.models or None))
     if args.json:
@@ -169,6 +193,11 @@ def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
     sd.add_argument("--init-from-job", type=int, default=None, help="img2img over this job's frames")
     sd.add_argument("--strength", type=float, default=None, help="img2img (default 0.5) and inpainting (default 1): "
                                                                  "how far from the starting image (0-1]")
+    sd.add_argument("--control", action="append", metavar="NAME[:WEIGHT]",
+                    help="a ControlNet that workers hold (their controlnets/ folder), weight default 1; repeatable, "
+                         "each followed by --control-image")
+    sd.add_argument("--control-image", action="append", metavar="FILE", help="the control image (PNG) of the "
+                                                                             "--control before it")
     sd.add_argument("--image", default=None, help="inpainting: the PNG to paint into (with --mask)")
     sd.add_argument("--mask", default=None, help="inpainting: a PNG mask of the image's size, white where to repaint")
     sd.add_argument("--lora", action="append", metavar="NAME[:WEIGHT]",
@@ -177,8 +206,9 @@ def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
     sd.set_defaults(func=cmd_submit_diffusion)
 
     m = sub.add_parser("models", help="diffusion model folders and LoRAs: build tiny test ones, list local ones")
-    m.add_argument("action", choices=["tiny", "tiny-lora", "list"],
-                   help="tiny: build the tiny test pipeline; tiny-lora: random LoRA weights for it; list: local models")
+    m.add_argument("action", choices=["tiny", "tiny-lora", "tiny-controlnet", "list"],
+                   help="tiny: build the tiny test pipeline; tiny-lora / tiny-controlnet: a random LoRA / ControlNet "
+                        "for it; list: local models")
     m.add_argument("--out", default=None, help="tiny: the model folder to write (its name is the model's name); "
                                                "tiny-lora: MODELS/loras/NAME.safetensors")
     m.add_argument("--model", default=None, help="tiny-lora: the tiny model folder the LoRA is for")

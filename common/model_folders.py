@@ -8,7 +8,9 @@ A model folder is what ``DiffusionPipeline.save_pretrained`` writes: ``model_ind
 subfolder per component. They are found in folders given by the user (a model folder itself, or a folder
 of model folders, one level down) and in the local Hugging Face hub cache (``models--org--name`` with
 ``snapshots/<revision>``, named ``org/name``). LoRA weights are single files in a ``loras/`` folder of a
-models folder (``models/loras/NAME.safetensors``, named NAME), advertised with ``kind: "lora"``. Invariants:
+models folder (``models/loras/NAME.safetensors``, named NAME), advertised with ``kind: "lora"``; ControlNets are folders in
+a ``controlnets/`` folder (``models/controlnets/NAME/`` as ``ControlNetModel.save_pretrained`` writes it),
+advertised with ``kind: "controlnet"``. Invariants:
 
 * a model's **hash** is the sha256 over the sorted (relative path, sha256 of the file) of all its files
   (hidden files excluded), so it names the exact weights wherever the folder lives; file hashes are
@@ -18,6 +20,8 @@ models folder (``models/loras/NAME.safetensors``, named NAME), advertised with `
   error and an empty hash, never used;
 * a LoRA is a safetensors file of at most :data:`LORA_MAX_BYTES` whose header names LoRA tensors; its hash
   is the file's sha256; any other file in ``loras/`` (pickles above all) is reported with its error;
+* a ControlNet folder holds a config.json naming ControlNetModel and safetensors weights only (no pickle),
+  at most :data:`CONTROLNET_MAX_BYTES` in all; its hash is the folder hash, like a model's;
 * nothing here downloads anything.
 """
 from __future__ import annotations
@@ -43,6 +47,10 @@ LORA_DIR = "loras"
 """The folder of LoRA files inside a models folder (never itself a model)."""
 LORA_MAX_BYTES = 2 << 30
 """Largest LoRA file accepted (SDXL LoRAs of rank 128 are about 1.7 GB)."""
+CONTROLNET_DIR = "controlnets"
+"""The folder of ControlNet folders inside a models folder (never itself a model)."""
+CONTROLNET_MAX_BYTES = 8 << 30
+"""Largest ControlNet folder accepted (an SDXL ControlNet in float32 is about 5 GB)."""
 LORA_KEY_MARKS = ("lora_A", "lora_B", "lora_up", "lora_down", "lora.up", "lora.down")
 """Substrings of the tensor names of a LoRA in the diffusers/peft or kohya layouts."""
 
@@ -54,7 +62,7 @@ class ModelFolder:
     path: Path
     hash: str = ""
     error: str = ""
-    kind: str = "pipeline"  # or "lora": one safetensors file of LoRA weights
+    kind: str = "pipeline"  # or "lora": one safetensors file of LoRA weights; "controlnet": a ControlNet folder
 
     @property
     def ok(self) -> bool:
@@ -94,7 +102,7 @@ def find(dirs: Iterable[Path], hub: bool = True) -> list[tuple[str, Path]]:
         if (d / MODEL_INDEX).exists() or not d.is_dir():
             found.setdefault(d.name, d)
             continue
-        subs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != LORA_DIR)
+        subs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in (LORA_DIR, CONTROLNET_DIR))
         for p in subs:
             if (p / MODEL_INDEX).exists() or any(p.iterdir()):
                 found.setdefault(p.name, p)
@@ -328,8 +336,48 @@ def scan_loras(dirs: Iterable[Path], cache: HashCache) -> list[ModelFolder]:
     return out
 
 
+def check_controlnet(folder: Path) -> str:
+    """What makes ``folder`` unusable as a ControlNet ("" when it looks complete). Reads headers only."""
+    folder = Path(folder)
+    problem = _component_problem(folder.parent, folder.name, "ControlNetModel")
+    if problem:
+        return f"ControlNet folder {folder} is incomplete or corrupt: {problem.replace(folder.name + '/', '', 1)}; " \
+               "save it with ControlNetModel.save_pretrained(DIR, safe_serialization=True)"
+    try:
+        cls = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        cls = None
+    if cls != "ControlNetModel":
+        return f"{folder}/config.json names {cls!r}, not a ControlNetModel: only ControlNets belong in {CONTROLNET_DIR}/"
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    if size > CONTROLNET_MAX_BYTES:
+        return f"ControlNet {folder.name} is {size / 2**30:.1f} GiB, over the limit of {CONTROLNET_MAX_BYTES >> 30} GiB"
+    return ""
+
+
+def scan_controlnets(dirs: Iterable[Path], cache: HashCache) -> list[ModelFolder]:
+    """Every folder in a ``controlnets/`` folder of ``dirs``, checked and hashed (first name wins)."""
+    found: dict[str, Path] = {}
+    for d in dirs:
+        folder = Path(d) / CONTROLNET_DIR
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                if p.is_dir() and not p.name.startswith("."):
+                    found.setdefault(p.name, p)
+    out = []
+    for name, path in sorted(found.items()):
+        problem, digest = check_controlnet(path), ""
+        if not problem:
+            try:
+                digest = folder_hash(path, cache)
+            except OSError as exc:
+                problem = f"cannot read ControlNet folder {path}: {exc}"
+        out.append(ModelFolder(name, path.resolve(), digest, problem, kind="controlnet"))
+    return out
+
+
 def scan(dirs: Iterable[Path], cache_file: Path | None = None, hub: bool = True) -> list[ModelFolder]:
-    """Every model folder and LoRA file found, checked and hashed (hashes cached in ``cache_file``)."""
+    """Every model folder, LoRA file and ControlNet folder found, checked and hashed (hashes cached in ``cache_file``)."""
     dirs = list(dirs)
     cache = HashCache(cache_file)
     models = []
@@ -342,7 +390,8 @@ def scan(dirs: Iterable[Path], cache_file: Path | None = None, hub: bool = True)
             except OSError as exc:
                 problem = f"cannot read model folder {path}: {exc}"
         models.append(ModelFolder(name, Path(path).resolve(), digest, problem))
-    models += scan_loras(dirs, cache)  # after the pipelines: code that takes "the first model" gets one
+    models += scan_loras(dirs, cache) + scan_controlnets(dirs, cache)  # after the pipelines: code that takes
+    # "the first model" gets one
     try:
         cache.save()
     except OSError:

@@ -6,6 +6,7 @@ with seed ``seed + k``. An img2img job (``init_from_job``) makes one image per P
 image i starts from frame i (``image_0003_frame_0004.png``), prompts taken in turn, seed ``seed + i``.
 An inpainting job (``mask`` and ``init_image``: uploaded PNG blobs, :mod:`farm.kinds.diffusion_inputs`)
 makes ``count`` images of each prompt like txt2img, each repainting the white part of the mask in the image.
+A txt2img job may name ControlNets (``controls``: name, weight, control image blob), all applied to every image.
 Images are grouped ``per_task`` to a task (micro-batches); one more task, ``contact_sheet``, waits for all
 of them. Every seed, prompt and setting is in the task's spec and in the job's spec, so any image can be
 made again. Invariants:
@@ -35,8 +36,15 @@ from sqlmodel import Session, select
 from common import limits as L
 from common import model_folders
 from farm import constants as C
-from farm.kinds.diffusion_inputs import inpaint_inputs
-from farm.kinds.diffusion_pieces import parse_loras, resolve_loras, resolve_model
+from farm.kinds.diffusion_inputs import control_inputs, inpaint_inputs
+from farm.kinds.diffusion_pieces import (
+    check_held_together,
+    parse_controls,
+    parse_loras,
+    resolve_controls,
+    resolve_loras,
+    resolve_model,
+)
 from farm.kinds.frames import TaskPlan
 from farm.kinds.jobs import JobError, get_job, job_for_key, min_tier, store_plans
 from farm.store.blobs import BlobStore
@@ -152,6 +160,7 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     prompts, negative = _prompts(req)
     settings = _settings(req)
     loras = parse_loras(req.get("loras"))
+    controls = parse_controls(req.get("controls"))
     per_task = _int(req, "per_task", 1, 1, C.MAX_DIFFUSION_PER_TASK, " images per task")
     seed = req.get("seed")
     seed = random.SystemRandom().randrange(2**32) if seed is None else seed
@@ -162,6 +171,10 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     inputs: dict[str, str] = {}
     if req.get("mask") and src_id is not None:
         raise JobError("inpainting over another job's frames is not supported yet: give --image and --mask")
+    if controls and (req.get("mask") or src_id is not None):
+        raise JobError("ControlNets work with text-to-image jobs for now: leave out --mask and --init-from-job")
+    if controls:
+        inputs = control_inputs(blobs, controls)
     if req.get("mask"):
         inputs, (w, h) = inpaint_inputs(blobs, req)
         strength = 1.0 if strength is None else strength
@@ -181,7 +194,7 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
         settings["height"] = settings["height"] or 512
         images = [{"name": image_name(k), "index": k, "seed": seed + k, "prompt": prompts[k // count],
                    "negative": negative} for k in range(count * len(prompts))]
-        src, mode = None, "inpaint" if inputs else "txt2img"
+        src, mode = None, "inpaint" if req.get("mask") else "txt2img"
     else:
         strength = 0.5 if strength is None else strength
         if req.get("count") not in (None, 1):
@@ -201,18 +214,22 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
         mode = "img2img"
     model = str(req.get("model") or "").strip()
     model_hash = resolve_model(session, model, str(req.get("model_hash") or ""))
-    loras = resolve_loras(session, loras, model, model_hash)
+    loras = resolve_loras(session, loras)
+    controls = [{"name": c["name"], "hash": c["hash"], "weight": c["weight"], "image_sha256": c["image"]}
+                for c in resolve_controls(session, controls)]
+    check_held_together(session, model, model_hash, loras + controls)
     checked = check_prompts(model, [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
                             + ([("the negative prompt", negative)] if negative else []))
     common = {"model": model, "model_hash": model_hash, "mode": mode, **settings,
-              **({"loras": loras, "pieces": sorted({lo["hash"] for lo in loras})} if loras else {}),
+              **({"loras": loras} if loras else {}), **({"controls": controls} if controls else {}),
+              **({"pieces": sorted({p["hash"] for p in loras + controls})} if loras or controls else {}),
               **({"strength": float(strength)} if mode in ("img2img", "inpaint") else {}),
               **({"input_names": inputs} if inputs else {})}
     held = src is not None and src.status not in SOURCE_DONE
     plans = []
     for i in range(0, len(images), per_task):
         batch = images[i:i + per_task]
-        plans.append(TaskPlan("diffusion", {**common, "images": batch}, list(inputs.values()),
+        plans.append(TaskPlan("diffusion", {**common, "images": batch}, list(dict.fromkeys(inputs.values())),
                               [im["name"] for im in batch],
                               units=len(batch), held=held))
     labels = [{"name": im["name"], "label": f"#{im['index']} seed {im['seed']}"} for im in images]

@@ -1,5 +1,5 @@
-"""Uploaded images a diffusion job starts from — the init image and mask of an inpainting job — checked at
-submit and named for the worker.
+"""Uploaded images a diffusion job starts from — the init image and mask of an inpainting job, the control
+images of its ControlNets — checked at submit and named for the worker.
 
 The creator uploads each file as a blob (``farm submit-diffusion --image F --mask F`` does it) and the
 request names it by sha256, never by path. Invariants:
@@ -9,7 +9,8 @@ request names it by sha256, never by path. Invariants:
   need; anything else is a :class:`JobError` saying what to upload instead;
 * the mask has the init image's size (the pipeline would otherwise stretch one onto the other);
 * each task gets both blobs as inputs and their names in ``input_names`` (``init.png``, ``mask.png``), so
-  the worker fetches exactly them and nothing else; their hashes go into every image's metadata.
+  the worker fetches exactly them and nothing else; their hashes go into every image's metadata; control
+  image i is ``control_i.png``.
 """
 from __future__ import annotations
 
@@ -52,3 +53,19 @@ def inpaint_inputs(blobs: BlobStore | None, req: dict[str, Any]) -> tuple[dict[s
         raise JobError(f"the mask is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}: give a "
                        "mask of the image's size (white: repaint, black: keep)")
     return {INIT_NAME: req["init_image"], MASK_NAME: req["mask"]}, size
+
+
+def control_inputs(blobs: BlobStore | None, controls: list[dict[str, Any]]) -> dict[str, str]:
+    """{input name: sha256} of the control images (each checked like any image input)."""
+    out = {}
+    for i, c in enumerate(controls):
+        if not c.get("image"):
+            raise JobError(f"ControlNet {c['name']!r} needs a control image: give --control-image FILE after "
+                           "its --control (API: image, the sha256 of an uploaded PNG)")
+        image_blob(blobs, c["image"], f"the control image of {c['name']!r}")
+        out[control_name(i)] = c["image"]
+    return out
+
+
+def control_name(i: int) -> str:
+    return f"control_{i}.png"

@@ -1,13 +1,13 @@
-"""The pieces a diffusion job needs on a worker — its model and its LoRAs — resolved at submit from what
-registered workers advertise, and pinned by hash.
+"""The pieces a diffusion job needs on a worker — its model, its LoRAs and its ControlNets — resolved at
+submit from what registered workers advertise, and pinned by hash.
 
 A worker advertises each model folder and each LoRA file it holds as ``{name, hash[, kind][, error]}`` in
-HELLO ``capabilities["models"]`` (``kind`` absent for a pipeline, ``"lora"`` for LoRA weights; see
+HELLO ``capabilities["models"]`` (``kind`` absent for a pipeline, ``"lora"`` for LoRA weights, ``"controlnet"`` for a ControlNet; see
 :mod:`common.model_folders`). A job names pieces by name (and may pin a hash), never by path. Invariants:
 
 * a name resolves to the hash the request pinned if some worker holds it, else to the version most
   workers hold; a name nobody advertised, or whose every copy is corrupt, is a :class:`JobError`;
-* at least one registered worker holds the model and every LoRA of the job together (online or not: a
+* at least one registered worker holds the model and every LoRA and ControlNet of the job together (online or not: a
   job can wait for its worker), so the job is never queued for a combination no worker can run;
 * the job's spec lists every hash beyond the model in ``pieces``: :func:`farm.core.scheduler.fits` leases
   a task only to a worker that advertised all of them.
@@ -31,7 +31,15 @@ HOW_TO_ADD = ("start a worker with `farm worker --models DIR` where DIR holds th
               "`farm models tiny --out DIR/tiny-sd`)")
 HOW_TO_ADD_LORA = ("put the LoRA's .safetensors file in the loras/ folder of a worker's --models DIR and restart "
                    "the worker (for a test LoRA: `farm models tiny-lora --out DIR/loras/NAME.safetensors`)")
-KIND_WORDS = {"pipeline": "model", "lora": "LoRA"}
+HOW_TO_ADD_CONTROLNET = ("put the ControlNet folder (ControlNetModel.save_pretrained) in the controlnets/ folder of a "
+                         "worker's --models DIR and restart the worker (for a test ControlNet: `farm models "
+                         "tiny-controlnet --model DIR/tiny-sd --out DIR/controlnets/NAME`)")
+HOW_TO = {"pipeline": HOW_TO_ADD, "lora": HOW_TO_ADD_LORA, "controlnet": HOW_TO_ADD_CONTROLNET}
+KIND_WORDS = {"pipeline": "model", "lora": "LoRA", "controlnet": "ControlNet"}
+MAX_CONTROLS = 4
+"""ControlNets one job may combine (each runs beside the UNet at every step)."""
+MAX_CONTROL_WEIGHT = 4.0
+"""Largest ControlNet conditioning scale (the usual range is 0.3..1.5)."""
 
 
 def advertised(session: Session, kind: str = "pipeline") -> dict[str, list[tuple[str, str, str]]]:
@@ -53,7 +61,7 @@ def resolve(session: Session, name: str, want_hash: str = "", kind: str = "pipel
     held = ads.get(name)
     if not held:
         raise JobError(f"no worker has {word} {name!r} ({word}s on this farm: {', '.join(sorted(ads)) or 'none'}): "
-                       + (HOW_TO_ADD if kind == "pipeline" else HOW_TO_ADD_LORA))
+                       + HOW_TO[kind])
     good = Counter(h for _w, h, err in held if h and not err)
     if not good:
         worker, _h, err = held[0]
@@ -100,18 +108,50 @@ def parse_loras(value: Any) -> list[dict[str, Any]]:
     return out
 
 
-def resolve_loras(session: Session, loras: list[dict[str, Any]], model: str, model_hash: str) -> list[dict]:
-    """Pin each LoRA's hash, and check that one registered worker holds the model and all of them."""
-    pinned = [{"name": lo["name"], "hash": resolve(session, lo["name"], lo["hash"], "lora"),
-               "weight": lo["weight"]} for lo in loras]
-    if pinned:
-        need = {model_hash, *(lo["hash"] for lo in pinned)}
-        for w in session.exec(select(Worker)):
-            ads = (w.capabilities or {}).get("models", []) or []
-            if need <= {m.get("hash") for m in ads if isinstance(m, dict) and not m.get("error")}:
-                break
-        else:
-            raise JobError(f"no single worker holds model {model!r} together with LoRA(s) "
-                           f"{', '.join(lo['name'] for lo in pinned)} (each is on some worker, not all on one): "
-                           + HOW_TO_ADD_LORA)
-    return pinned
+def resolve_loras(session: Session, loras: list[dict[str, Any]]) -> list[dict]:
+    """Pin each LoRA's hash."""
+    return [{"name": lo["name"], "hash": resolve(session, lo["name"], lo["hash"], "lora"), "weight": lo["weight"]}
+            for lo in loras]
+
+
+def parse_controls(value: Any) -> list[dict[str, Any]]:
+    """``[{name, weight, image, hash?}]`` from the request: at most MAX_CONTROLS, weights 0..MAX_CONTROL_WEIGHT
+    (the image, a blob's sha256, is checked by :mod:`farm.kinds.diffusion_inputs`)."""
+    if value in (None, []):
+        return []
+    if not isinstance(value, list) or len(value) > MAX_CONTROLS:
+        raise JobError(f"controls must be a list of at most {MAX_CONTROLS} {{name, weight, image}} entries")
+    out = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+            raise JobError("each control needs a ControlNet name and an image, e.g. --control depth:0.8 "
+                           "--control-image depth.png")
+        name, weight = item["name"].strip(), item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or not 0 <= weight <= MAX_CONTROL_WEIGHT:
+            raise JobError(f"ControlNet {name!r}: weight must be a number from 0 to {MAX_CONTROL_WEIGHT:g} "
+                           f"(got {weight!r})")
+        want = item.get("hash") or ""
+        if not isinstance(want, str) or len(want) > 64:
+            raise JobError(f"ControlNet {name!r}: hash must be the sha256 of its folder (64 hex digits)")
+        out.append({"name": name, "weight": float(weight), "hash": want, "image": item.get("image")})
+    return out
+
+
+def resolve_controls(session: Session, controls: list[dict[str, Any]]) -> list[dict]:
+    """Pin each ControlNet's hash (the same ControlNet may appear twice, with two images)."""
+    return [{**c, "hash": resolve(session, c["name"], c["hash"], "controlnet")} for c in controls]
+
+
+def check_held_together(session: Session, model: str, model_hash: str, pieces: list[dict]) -> None:
+    """JobError unless one registered worker advertised the model and every piece (by hash)."""
+    if not pieces:
+        return
+    need = {model_hash, *(p["hash"] for p in pieces)}
+    for w in session.exec(select(Worker)):
+        ads = (w.capabilities or {}).get("models", []) or []
+        if need <= {m.get("hash") for m in ads if isinstance(m, dict) and not m.get("error")}:
+            return
+    raise JobError(f"no single worker holds model {model!r} together with {', '.join(p['name'] for p in pieces)} "
+                   "(each is on some worker, not all on one): copy the missing LoRA files (loras/) and ControlNet "
+                   "folders (controlnets/) into one worker's --models DIR and restart it")

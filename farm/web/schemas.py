@@ -73,6 +73,14 @@ class LoraRef(BaseModel):
     hash: str = Field("", max_length=64, description="pin this version (sha256 of the .safetensors file)")
 
 
+class ControlRef(BaseModel):
+    """A ControlNet of a diffusion job: the name workers advertise, its conditioning scale and control image."""
+    name: str = Field(min_length=1, max_length=300)
+    weight: float = Field(1.0, ge=0, le=4)
+    image: str = Field("", max_length=64, description="sha256 of the uploaded control image (PNG)")
+    hash: str = Field("", max_length=64, description="pin this version (sha256 of the ControlNet folder)")
+
+
 class DiffusionJobCreate(BaseModel):
     """A Stable Diffusion batch. Ranges are checked by farm.kinds.diffusion, whose errors say what to change."""
     model: str = Field(min_length=1, max_length=300, description="model name or hub id that workers advertise")
@@ -95,6 +103,8 @@ class DiffusionJobCreate(BaseModel):
                       "black: keep), the image's size")
     loras: list[LoraRef] = Field([], max_length=8, description="LoRAs workers hold (their loras/ folders), "
                                  "stacked with these weights")
+    controls: list[ControlRef] = Field([], max_length=4, description="ControlNets workers hold (their controlnets/ "
+                                       "folders), each with its control image, combined (txt2img)")
     priority: int = Field(0, ge=-100, le=100)
     min_tier: Literal["", "new", "trusted", "top"] = Field("", description="only workers of this reputation "
                                                            "tier or better render it (farm workers shows tiers)")

@@ -146,7 +146,7 @@ def test_lora_jobs_go_only_to_workers_holding_the_model_and_every_lora(env):
     engine, blobs, user, coord, d = env
     d.hello(b"only-ink", runtimes=RUNTIMES, models=[TINY, INK])
     d.hello(b"only-neon", runtimes=RUNTIMES, models=[TINY, NEON, {**INK, "hash": "", "error": "truncated"}])
-    with pytest.raises(JobError, match="no single worker holds model 'tiny-sd' together with LoRA"):
+    with pytest.raises(JobError, match="no single worker holds model 'tiny-sd' together with ink, neon"):
         create(engine, user, loras=[{"name": "ink", "weight": 0.8}, {"name": "neon", "weight": 0.5}])
     d.hello(b"both", runtimes=RUNTIMES, models=[TINY, INK, NEON])
     cases = [({"name": "grain"}, "no worker has LoRA 'grain'"),

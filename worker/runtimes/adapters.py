@@ -1,5 +1,6 @@
-"""LoRA weights on the diffusion runtime's cached pipelines: loaded once per (pipeline, LoRA hash), stacked
-with per-job weights, and switched off for jobs without them.
+"""LoRA weights and ControlNets on the diffusion runtime's cached pipelines: LoRAs loaded once per (pipeline,
+LoRA hash), stacked with per-job weights, and switched off for jobs without them; ControlNets loaded once
+per (pipeline, ControlNet hash) and combined (diffusers' MultiControlNetModel) per job.
 
 Used only by :mod:`worker.runtimes.diffusion` (inside the sandboxed child, after torch is imported). A
 request's LoRAs are ``[{name, hash, weight, path}]``; the path comes from the worker's own scan of its
@@ -12,7 +13,10 @@ request's LoRAs are ``[{name, hash, weight, path}]``; the path comes from the wo
 * the adapter of a LoRA is named after its hash: a job cannot reach another version loaded under the
   same name; at most :data:`MAX_ADAPTERS` stay loaded per pipeline, least recently used deleted first;
 * a job without LoRAs runs with every adapter disabled, so what an earlier job loaded never leaks into
-  its pixels (tested: equal to the pipeline without any LoRA loaded).
+  its pixels (tested: equal to the pipeline without any LoRA loaded);
+* a ControlNet folder is re-checked (:func:`common.model_folders.check_controlnet`) before it is loaded
+  with ``use_safetensors=True``, and one built for another UNet (cross-attention width, blocks) is the
+  job's fault, refused before generating; at most :data:`MAX_CONTROLNETS` stay loaded per pipeline.
 """
 from __future__ import annotations
 
@@ -20,10 +24,12 @@ import math
 from collections import OrderedDict
 from pathlib import Path
 
-from common.model_folders import check_lora
+from common.model_folders import check_controlnet, check_lora
 
 MAX_ADAPTERS = 16
 """LoRA adapters kept loaded on one cached pipeline (each costs its file size in memory)."""
+MAX_CONTROLNETS = 4
+"""ControlNets kept loaded for one cached pipeline (an SD 1.x ControlNet is about 0.7 GB in float16)."""
 
 
 class AdapterError(Exception):
@@ -93,3 +99,38 @@ def _load(entry: dict, lo: dict) -> None:
     size = path.stat().st_size
     entry.setdefault("lora_bytes", {})[str(lo["hash"])] = size
     entry["bytes"] += size
+
+
+def controlnets(entry: dict, controls: list[dict], load) -> tuple[list, list[float]]:
+    """(ControlNet modules, conditioning scales) for ``controls`` (``[{name, hash, weight, path}]``), in order;
+    ``load(path)`` makes a module (on the runtime's device and dtype) for one not loaded yet."""
+    loaded: OrderedDict[str, object] = entry.setdefault("controlnets", OrderedDict())  # hash → ControlNetModel
+    nets = []
+    for c in controls:
+        key = str(c["hash"])
+        weight = c.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise AdapterError(f"ControlNet {c.get('name')!r}: weight {weight!r} is not a number", False)
+        if key in loaded:
+            loaded.move_to_end(key)
+        else:
+            problem = check_controlnet(Path(c["path"]))
+            if problem:
+                raise AdapterError(f"ControlNet {c.get('name')!r} cannot be used on this worker: {problem}", True)
+            net = load(Path(c["path"]))
+            unet = entry["pipe"].unet.config
+            if (net.config.cross_attention_dim, tuple(net.config.block_out_channels)) != \
+                    (unet.cross_attention_dim, tuple(unet.block_out_channels)):
+                raise AdapterError(f"ControlNet {c.get('name')!r} was made for another model family than "
+                                   f"{entry.get('name', '')!r} (its blocks or text width differ): pick one made "
+                                   "for this model", False)
+            in_use = {str(x["hash"]) for x in controls}
+            for old in [k for k in loaded if k not in in_use][:max(0, len(loaded) + 1 - MAX_CONTROLNETS)]:
+                del loaded[old]
+                entry["bytes"] -= entry.get("controlnet_bytes", {}).pop(old, 0)
+            loaded[key] = net
+            size = sum(p.numel() * p.element_size() for p in net.parameters())
+            entry.setdefault("controlnet_bytes", {})[key] = size
+            entry["bytes"] += size
+        nets.append(loaded[key])
+    return nets, [float(c["weight"]) for c in controls]

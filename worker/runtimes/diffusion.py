@@ -12,7 +12,7 @@ Protocol (one JSON object per line; replies on the original stdout):
     -> {"op":"quit"}                         the process exits 0 (so does EOF on stdin)
     -> {"op":"generate","id":N,"model_path":ABS,"model_name","model_hash","mode":"txt2img"|"img2img"|"inpaint",
         "steps","guidance","width","height","scheduler","strength","out_dir":ABS,
-        "loras":[{"name","hash","weight","path":ABS}..],
+        "loras":[{"name","hash","weight","path":ABS}..], "controls":[{"name","hash","weight","path","image"}..],
         "images":[{"name","index","seed","prompt","negative","init":ABS|null,"mask":ABS|null,"source":{...}}..]}
        <- {"event":"image","id":N,"name","path","index","seconds"}   after each image
        <- {"event":"done","id":N,"outputs":[{"name","path","index","seconds"}..],
@@ -51,7 +51,7 @@ from pathlib import Path
 
 from common.limits import DIFFUSION_SCHEDULERS
 from common.model_folders import BUILD_HINT, check
-from worker.runtimes.adapters import AdapterError, apply_loras
+from worker.runtimes.adapters import AdapterError, apply_loras, controlnets
 from worker.settings import DIFFUSION_CACHE_BYTES, DIFFUSION_THREADS
 
 torch = None  # imported in main(), after the protocol fd is set aside
@@ -171,6 +171,14 @@ class Runtime:
         self._evict(keep=key)
         return entry, True, time.perf_counter() - t0
 
+    def _load_controlnet(self, path: Path):
+        try:
+            net = diffusers.ControlNetModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                            **_dtype_arg(self.dtype))
+        except Exception as e:
+            raise WorkerFault(f"cannot load ControlNet from {path}: {type(e).__name__}: {str(e)[:300]}") from None
+        return net.to(self.device).eval()
+
     def _evict(self, keep: str | None, need: int = 0) -> None:
         """Drop least recently used pipelines (never ``keep``) until they plus ``need`` bytes fit the budget."""
         for key in list(self.cache):
@@ -222,7 +230,18 @@ class Runtime:
         if base.unet.config.in_channels == 9 and mode != "inpaint":
             raise RequestError(f"model {req.get('model_name')!r} is an inpainting model: give it an image and a "
                                "mask (--image, --mask), or pick a text-to-image model")
-        if mode == "txt2img":
+        controls = req.get("controls") or []
+        if controls:
+            if mode != "txt2img":
+                raise RequestError("ControlNets work with text-to-image requests only")
+            try:
+                nets, scales = controlnets(entry, controls, self._load_controlnet)
+            except AdapterError as e:
+                raise (WorkerFault if e.retryable else RequestError)(str(e)) from None
+            net = nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets)
+            pipe = diffusers.StableDiffusionControlNetPipeline.from_pipe(base, controlnet=net)
+            pipe.set_progress_bar_config(disable=True)
+        elif mode == "txt2img":
             pipe = base
         else:
             if entry.get(mode) is None:  # same modules, no second copy of the weights
@@ -245,6 +264,11 @@ class Runtime:
                         width=int(width), height=int(height))
         elif mode == "txt2img":
             args.update(width=int(width), height=int(height))
+        if controls:
+            images_in = self._init_images([{"init": c["image"], "index": i} for i, c in enumerate(controls)],
+                                          None, None, what="control image", resize=False)
+            args.update(image=images_in[0] if len(controls) == 1 else images_in,
+                        controlnet_conditioning_scale=scales[0] if len(controls) == 1 else scales)
         t0 = time.perf_counter()
         with torch.inference_mode():
             result = pipe(**args).images
@@ -260,7 +284,8 @@ class Runtime:
         self.emit(event="done", id=rid, outputs=outputs, loaded=loaded, load_seconds=round(load_seconds, 4),
                   cached=list(self.cache), rss_bytes=_rss_bytes())
 
-    def _init_images(self, images: list[dict], width, height, key: str = "init", what: str = "init image") -> list:
+    def _init_images(self, images: list[dict], width, height, key: str = "init", what: str = "init image",
+                     resize: bool = True) -> list:
         from PIL import Image
         inits = []
         for im in images:
@@ -269,6 +294,9 @@ class Runtime:
                     img = src.convert("L" if key == "mask" else "RGB")
             except (OSError, KeyError, TypeError) as e:
                 raise RequestError(f"{what} of image {im['index']} cannot be read: {e}") from None
+            if not resize:  # the pipeline fits it to the image size itself
+                inits.append(img)
+                continue
             if width is None or height is None:  # the job gave no size: the first frame's, to a multiple of 8
                 width, height = (max(8, img.width // 8 * 8), max(8, img.height // 8 * 8))
             if img.size != (int(width), int(height)):
@@ -285,6 +313,8 @@ class Runtime:
                 "device": self.device.split(":")[0], "dtype": str(self.dtype).split(".")[-1]}
         if req.get("loras"):
             meta["loras"] = [{k: lo[k] for k in ("name", "hash", "weight")} for lo in req["loras"]]
+        if req.get("controls"):
+            meta["controls"] = [{k: c[k] for k in ("name", "hash", "weight", "image_sha256")} for c in req["controls"]]
         if req.get("mode") in ("img2img", "inpaint"):
             meta["strength"] = req["strength"]
             for k, v in (im.get("source") or {}).items():

@@ -15,7 +15,8 @@ Invariants:
 * the VAE downsamples by 8 and the text encoder takes 77 tokens, like SD 1.x, so sizes and prompt limits
   are validated exactly as for a real model.
 
-:func:`build_lora` writes random LoRA weights for that pipeline (``farm models tiny-lora``), the same way.
+:func:`build_lora` writes random LoRA weights for that pipeline (``farm models tiny-lora``) and
+:func:`build_controlnet` a random ControlNet (``farm models tiny-controlnet``), the same way.
 
 Only this module, :mod:`worker.runtimes.diffusion` and the tests import torch; the worker daemon never does.
 """
@@ -175,6 +176,25 @@ def build_lora(model: Path, out: Path, seed: int = 1, rank: int = 4) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(out.parent, weight_name=out.name, safe_serialization=True, **layers)
     return out
+
+
+def build_controlnet(model: Path, out: Path, seed: int = 1) -> Path:
+    """A random ControlNet for ``model``'s UNet (``ControlNetModel.from_unet``, its zero convolutions made
+    random so that the control image visibly steers the images), saved as the folder ``out``
+    (``models/controlnets/NAME``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model) / "unet", local_files_only=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ControlNetModel.from_unet(unet)
+        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            for param in block.parameters():
+                torch.nn.init.normal_(param, std=0.3)
+    net.save_pretrained(out, safe_serialization=True)
+    return Path(out)
 
 
 def main(argv: list[str] | None = None) -> int:

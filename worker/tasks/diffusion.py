@@ -62,8 +62,21 @@ def runtime_request(ctx: TaskContext) -> dict:
             raise TaskFailure(f"this worker does not hold LoRA {lo.get('name')!r} with hash "
                               f"{str(lo.get('hash'))[:12]}…: another worker will take the task", True)
         loras.append({"name": lo["name"], "hash": lo["hash"], "weight": float(lo["weight"]), "path": str(lpath)})
+    controls = []
+    for i, c in enumerate(spec.get("controls") or []):
+        cpath = ctx.models.get(str(c.get("hash") or ""))
+        if cpath is None:
+            raise TaskFailure(f"this worker does not hold ControlNet {c.get('name')!r} with hash "
+                              f"{str(c.get('hash'))[:12]}…: another worker will take the task", True)
+        try:
+            image = str(ctx.input_named(f"control_{i}.png"))
+        except KeyError:
+            raise TaskFailure(f"the control image of {c.get('name')!r} was not delivered with the task", True) from None
+        controls.append({**{k: c[k] for k in ("name", "hash", "weight", "image_sha256")}, "path": str(cpath),
+                         "image": image})
     return {"op": "generate", "model_path": str(path), "model_name": spec.get("model", ""),
             "model_hash": spec["model_hash"], "out_dir": str(ctx.out_dir), "images": images, "loras": loras,
+            "controls": controls,
             **{k: spec.get(k) for k in REQUEST_KEYS}}
 
 
