@@ -104,13 +104,15 @@ def queue_view(s: Session, job: Job) -> dict[str, Any] | None:
     before = or_(Task.priority > job.priority, (Task.priority == job.priority) & (Task.job_id < job.id),
                  Task.check_id.is_not(None))
     ahead_q = (select(func.count(), func.count(func.distinct(Task.job_id))).select_from(Task)
-               .join(Job, Job.id == Task.job_id).where(Task.status == TaskStatus.queued.value)
+               .join(Job, Job.id == Task.job_id)
+               # leased but not started yet (a worker's prefetched next task) is work ahead like a queued one
+               .where(Task.status.in_([TaskStatus.queued.value, TaskStatus.assigned.value]))
                .where(Task.job_id != job.id).where(Task.kind == kind)
                .where(or_(Job.status.in_([x.value for x in JOB_SCHEDULABLE]), Task.check_id.is_not(None)))
                .where(before))
     ahead, jobs_ahead = s.exec(ahead_q).one()
     running = s.exec(select(func.count()).select_from(Task).where(Task.job_id != job.id).where(Task.kind == kind)
-                     .where(Task.status.in_([TaskStatus.assigned.value, TaskStatus.running.value]))).one()
+                     .where(Task.status == TaskStatus.running.value)).one()
     workers = capable_workers(s, job, kind)
     slots = sum(max(1, w.slots) for w in workers)
     render, basis = seconds_per_task(s, job, kind)
