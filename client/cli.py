@@ -131,7 +131,7 @@ def cmd_submit(args, client: Client) -> int:
             raise ApiError(f"--resolution {args.resolution}: write WIDTHxHEIGHT, e.g. 1920x1080") from None
     sha, sent, project = upload_project(client, scene, args)
     optional = {"resolution": resolution, "tiles": args.tiles, "overscan": args.overscan, "video": args.video or None,
-                "time_limit": args.time_limit, **project}
+                "time_limit": args.time_limit, "passes": args.passes or None, **project}
     job = client.submit(scene_sha256=sha, scene_name=scene.name, frames=args.frames, chunk=args.chunk,
                         format=args.format, color_depth=args.color_depth, samples=args.samples,
                         resolution_percent=args.resolution_percent, priority=args.priority,
@@ -430,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--format", default="PNG", choices=["PNG", "EXR"])
     sm.add_argument("--color-depth", default=None, help="8/16 for PNG, 16/32 for EXR")
     sm.add_argument("--samples", type=int, default=None)
+    sm.add_argument("--passes", default=None, metavar="depth,normal,mask",
+                    help="also write these render passes of each frame as PNGs (depth_0001.png…), normalised "
+                         "as ControlNet conditions")
     sm.add_argument("--time-limit", type=int, default=None, metavar="SECONDS",
                     help="seconds one frame may take on a worker (default: the worker's own limit)")
     sm.add_argument("--resolution-percent", type=int, default=None)

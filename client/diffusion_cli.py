@@ -79,6 +79,11 @@ def parse_loras(values: list[str] | None) -> list[dict[str, Any]]:
 def controls(args, client: Client) -> list[dict[str, Any]] | None:
     """``--control NAME[:WEIGHT]`` with ``--control-image FILE`` (in the same order): uploaded, by sha256."""
     names, images = args.control or [], args.control_image or []
+    if args.control_from_job is not None:
+        if images:
+            raise ApiError("with --control-from-job the control images are that job's render passes: leave out "
+                           "--control-image")
+        return parse_loras(names) or None
     if len(names) != len(images):
         raise ApiError(f"{len(names)} --control but {len(images)} --control-image: give one image after each control")
     out = []
@@ -114,11 +119,13 @@ def cmd_submit_diffusion(args, client: Client) -> int:
         "scheduler": args.scheduler, "per_task": args.per_task, "init_from_job": args.init_from_job,
         "strength": args.strength, "priority": args.priority, "min_tier": args.min_tier or "",
         "loras": parse_loras(args.lora) or None, "controls": controls(args, client), **upload_inpaint(args, client),
+        "control_from_job": args.control_from_job,
         "name": args.name, **{k: v for k, v in payments_cli.priced_args(args).items() if v is not None}}
     job = client.submit_diffusion(**body)
     spec = job["spec"]
     if not args.json:
-        what = (f"img2img over the frames of job {spec['init_from_job']}" if spec.get("init_from_job")
+        what = (f"ControlNets over the render passes of job {spec['control_from_job']}" if spec.get("control_from_job")
+                else f"img2img over the frames of job {spec['init_from_job']}" if spec.get("init_from_job")
                 else f"{len(spec['prompts'])} prompt(s) × {spec['count']}"
                 + (", inpainting the uploaded image" if spec.get("mode") == "inpaint" else ""))
         loras = "".join(f" + LoRA {lo['name']} ({lo['hash'][:12]}) x{lo['weight']:g}" for lo in spec.get("loras") or [])
@@ -198,6 +205,9 @@ def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
                          "each followed by --control-image")
     sd.add_argument("--control-image", action="append", metavar="FILE", help="the control image (PNG) of the "
                                                                              "--control before it")
+    sd.add_argument("--control-from-job", type=int, default=None, metavar="JOB",
+                    help="ControlNets take the render passes of this job's frames (render it with --passes): image "
+                         "i from frame i; each --control names its pass (depth, normal, mask)")
     sd.add_argument("--image", default=None, help="inpainting: the PNG to paint into (with --mask)")
     sd.add_argument("--mask", default=None, help="inpainting: a PNG mask of the image's size, white where to repaint")
     sd.add_argument("--lora", action="append", metavar="NAME[:WEIGHT]",

@@ -108,3 +108,18 @@ def json_nesting(raw: bytes, limit: int) -> int:
             if deepest > limit:
                 break
     return deepest
+
+RENDER_PASSES = ("depth", "normal", "mask")
+"""Render passes a render job may ask for (``passes``), written next to each frame as ``depth_0001.png``…:
+depth (near white, far black), normal (camera space as RGB), mask (geometry white): see
+worker/runtimes/render_passes.py."""
+
+
+def pass_output(name: str, frame: int) -> str:
+    """The output name of render pass ``name`` of ``frame``."""
+    return f"{name}_{frame:04d}.png"
+
+
+def is_pass_output(name: str) -> bool:
+    """Whether an output name is a render pass (not a frame, a tile or an image)."""
+    return name.split("_", 1)[0] in RENDER_PASSES

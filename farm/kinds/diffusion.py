@@ -35,6 +35,7 @@ from sqlmodel import Session, select
 
 from common import limits as L
 from common import model_folders
+from common.limits import pass_output
 from farm import constants as C
 from farm.kinds.diffusion_inputs import control_inputs, inpaint_inputs
 from farm.kinds.diffusion_pieces import (
@@ -171,9 +172,12 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     inputs: dict[str, str] = {}
     if req.get("mask") and src_id is not None:
         raise JobError("inpainting over another job's frames is not supported yet: give --image and --mask")
+    control_src = req.get("control_from_job")
     if controls and (req.get("mask") or src_id is not None):
         raise JobError("ControlNets work with text-to-image jobs for now: leave out --mask and --init-from-job")
-    if controls:
+    if control_src is not None:
+        passes = _control_passes(controls)
+    elif controls:
         inputs = control_inputs(blobs, controls)
     if req.get("mask"):
         inputs, (w, h) = inpaint_inputs(blobs, req)
@@ -185,7 +189,21 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
         if int(settings["steps"] * strength) < 1:
             raise JobError(f"steps × strength = {settings['steps']} × {strength} is under one denoising step: "
                            "raise --steps or --strength")
-    if src_id is None:
+    if control_src is not None:  # image i from the render passes of frame i of that job
+        if req.get("count") not in (None, 1):
+            raise JobError("with control_from_job each source frame gives one image: leave count at 1")
+        src, frames = _source_frames(session, owner, int(control_src))
+        rendered = (src.spec.get("settings") or {}).get("passes") or []
+        for c, name in zip(controls, passes):
+            if name not in rendered:
+                raise JobError(f"job {src.id} rendered no {name} pass for ControlNet {c['name']!r}: render it with "
+                               f"--passes {','.join(sorted({*rendered, name}))}, or pick a ControlNet of one of "
+                               f"its passes ({', '.join(rendered) or 'none'})")
+        images = [{"name": image_name(i, f), "index": i, "seed": seed + i, "prompt": prompts[i % len(prompts)],
+                   "negative": negative, "control_names": [pass_output(name, f) for name in passes],
+                   "source": {"job": src.id, "frame": f, "name": fname}} for i, (f, fname) in enumerate(frames)]
+        mode = "txt2img"
+    elif src_id is None:
         count = _int(req, "count", 1, 1, C.MAX_DIFFUSION_IMAGES, " images per prompt")
         if count * len(prompts) > C.MAX_DIFFUSION_IMAGES:
             raise JobError(f"{len(prompts)} prompts × {count} = {count * len(prompts)} images: at most "
@@ -215,8 +233,9 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     model = str(req.get("model") or "").strip()
     model_hash = resolve_model(session, model, str(req.get("model_hash") or ""))
     loras = resolve_loras(session, loras)
-    controls = [{"name": c["name"], "hash": c["hash"], "weight": c["weight"], "image_sha256": c["image"]}
-                for c in resolve_controls(session, controls)]
+    controls = [{"name": c["name"], "hash": c["hash"], "weight": c["weight"],
+                 **({"pass": passes[i]} if control_src is not None else {"image_sha256": c["image"]})}
+                for i, c in enumerate(resolve_controls(session, controls))]
     check_held_together(session, model, model_hash, loras + controls)
     checked = check_prompts(model, [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
                             + ([("the negative prompt", negative)] if negative else []))
@@ -236,9 +255,10 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     last = max(im.get("source", {}).get("frame", im["index"]) for im in images)  # outputs list in frame order
     plans.append(TaskPlan("contact_sheet", {"images": labels, "frame": last + 1}, [], [SHEET_NAME],
                           needs=list(range(len(plans)))))
-    per_prompt = len(images) // len(prompts) if mode == "txt2img" else 1
+    per_prompt = len(images) // len(prompts) if mode == "txt2img" and src is None else 1
     spec = {**common, "prompts": prompts, "negative": negative, "seed": seed, "count": per_prompt,
             "per_task": per_task, "images_total": len(images), "init_from_job": src.id if src else None,
+            **({"control_from_job": src.id} if control_src is not None else {}),
             "prompts_checked": checked, "client_key": client_key, "min_tier": min_tier(req)}
     job = store_plans(session, owner, "diffusion", str(req.get("name") or "")[:200] or f"{mode} {model}",
                       int(req.get("priority") or 0), spec, plans,
@@ -251,6 +271,24 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     return job
 
 
+def _control_passes(controls: list[dict]) -> list[str]:
+    """The render pass each control of a control_from_job request takes (its ``pass``, else its name)."""
+    if not controls:
+        raise JobError("control_from_job needs at least one ControlNet: --control NAME[:WEIGHT], named like the "
+                       f"pass it takes ({', '.join(L.RENDER_PASSES)}) or with a pass given (API: render_pass)")
+    passes = []
+    for c in controls:
+        if c.get("image"):
+            raise JobError("with control_from_job the control images are that job's render passes: leave out "
+                           "--control-image")
+        name = c.get("pass") or c["name"]
+        if name not in L.RENDER_PASSES:
+            raise JobError(f"ControlNet {c['name']!r} takes which render pass? Name it like one "
+                           f"({', '.join(L.RENDER_PASSES)}) or give its pass (API: render_pass)")
+        passes.append(name)
+    return passes
+
+
 # ------------------------------------------------------------------ job-level dependencies
 def _release(session: Session, job: Job, src: Job, now: float, queue: bool = True) -> str:
     """Give ``job``'s image tasks the frames of ``src`` as inputs (queue them when ``queue``).
@@ -259,14 +297,18 @@ def _release(session: Session, job: Job, src: Job, now: float, queue: bool = Tru
     tasks = session.exec(select(Task).where(Task.job_id == job.id).where(Task.kind == "diffusion")).all()
     for task in tasks:
         images = [dict(im) for im in task.spec.get("images", [])]
-        missing = [im["init_name"] for im in images if im["init_name"] not in outs]
+        names = [n for im in images for n in ([im["init_name"]] if im.get("init_name") else [])
+                 + im.get("control_names", [])]  # an img2img frame, or a ControlNet job's render passes
+        missing = [n for n in names if n not in outs]
         if missing:
             return f"source job {src.id} has no output {missing[0]}"
         for im in images:
-            im["source"] = {**im["source"], "sha256": outs[im["init_name"]].sha256}
-        task.inputs = list(dict.fromkeys(outs[im["init_name"]].sha256 for im in images))
-        task.spec = {**task.spec, "images": images,
-                     "input_names": {im["init_name"]: outs[im["init_name"]].sha256 for im in images}}
+            shas = {"sha256": outs[im["init_name"]].sha256} if im.get("init_name") else {}
+            if im.get("control_names"):
+                shas["control_sha256"] = [outs[n].sha256 for n in im["control_names"]]
+            im["source"] = {**im["source"], **shas}
+        task.inputs = list(dict.fromkeys(outs[n].sha256 for n in names))
+        task.spec = {**task.spec, "images": images, "input_names": {n: outs[n].sha256 for n in names}}
         session.add(task)
         if queue and task.status == TaskStatus.waiting.value:
             transition(session, task, TaskStatus.queued, reason=f"source job {src.id} is rendered", now=now)

@@ -134,7 +134,10 @@ def parse_controls(value: Any) -> list[dict[str, Any]]:
         want = item.get("hash") or ""
         if not isinstance(want, str) or len(want) > 64:
             raise JobError(f"ControlNet {name!r}: hash must be the sha256 of its folder (64 hex digits)")
-        out.append({"name": name, "weight": float(weight), "hash": want, "image": item.get("image")})
+        take = item.get("render_pass") or ""  # control_from_job: the pass it takes (default: its name)
+        if not isinstance(take, str):
+            raise JobError(f"ControlNet {name!r}: pass must be a render pass name")
+        out.append({"name": name, "weight": float(weight), "hash": want, "image": item.get("image"), "pass": take})
     return out
 
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.limits import MAX_RESOLUTION, MAX_SAMPLES
+from common.limits import MAX_RESOLUTION, MAX_SAMPLES, RENDER_PASSES, pass_output
 from farm.constants import MAX_FRAMES_PER_JOB
 
 _PART = re.compile(r"^\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*(?:x\s*(\d+)\s*)?)?$")
@@ -58,11 +58,12 @@ MAX_TIME_LIMIT = 7 * 86400
 def render_settings(fmt: str = "PNG", color_depth: str | None = None, samples: int | None = None,
                     resolution_percent: int | None = None,
                     resolution: list[int] | tuple[int, int] | None = None,
-                    time_limit: int | None = None) -> dict[str, Any]:
+                    time_limit: int | None = None, passes: list[str] | str | None = None) -> dict[str, Any]:
     """Validated render overrides for a Blender job (None: keep the scene's own value). A ``resolution``
     [width, height] is the output size in pixels: the percentage then defaults to 100, not the scene's.
     ``time_limit``: seconds one frame may take on a worker (its sandbox stops it then; None: the worker's
-    default, worker.settings.TASK_SECONDS)."""
+    default, worker.settings.TASK_SECONDS). ``passes``: render passes written next to each frame
+    (:data:`common.limits.RENDER_PASSES`)."""
     fmt = fmt.upper()
     if fmt not in FORMATS:
         raise SpecError(f"format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
@@ -79,6 +80,13 @@ def render_settings(fmt: str = "PNG", color_depth: str | None = None, samples: i
                 "resolution_percent": resolution_percent, "max_resolution": MAX_RESOLUTION}
     if time_limit is not None:
         settings["time_limit"] = time_limit
+    if passes:
+        if isinstance(passes, str):
+            passes = [p.strip() for p in passes.split(",") if p.strip()]
+        if not isinstance(passes, list) or not passes or not set(passes) <= set(RENDER_PASSES) \
+                or len(set(passes)) != len(passes):
+            raise SpecError(f"passes must name each of {', '.join(RENDER_PASSES)} at most once (got {passes!r})")
+        settings["passes"] = list(passes)
     if resolution is not None:
         if (not isinstance(resolution, (list, tuple)) or len(resolution) != 2
                 or any(type(v) is not int or not 4 <= v <= MAX_RESOLUTION for v in resolution)):
@@ -110,8 +118,10 @@ def plan_blender(scene_sha256: str, frames_spec: str, chunk: int, settings: dict
     """A frame job: one render task per chunk of frames, each returning its frames' files."""
     plans = []
     for c in chunks(parse_frames(frames_spec), chunk):
+        names = [n for f in c for n in [frame_name(f, settings["format"]),
+                                         *(pass_output(p, f) for p in settings.get("passes") or [])]]
         plans.append(TaskPlan("render", {"frames": c, "settings": settings, "scene_sha256": scene_sha256},
-                              [scene_sha256], [frame_name(f, settings["format"]) for f in c], units=len(c)))
+                              [scene_sha256], names, units=len(c)))
     return plans
 
 

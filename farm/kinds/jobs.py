@@ -90,7 +90,7 @@ def create_blender_job(session: Session, owner: User, blobs: BlobStore, req: dic
     try:
         settings = splitter.render_settings(req.get("format", "PNG"), req.get("color_depth"),
                                             req.get("samples"), req.get("resolution_percent"),
-                                            req.get("resolution"), req.get("time_limit"))
+                                            req.get("resolution"), req.get("time_limit"), req.get("passes"))
         chunk = int(req.get("chunk", 1))
         plans = tiles.plan_job(scene, str(req.get("frames", "")), chunk, settings, req.get("tiles"),
                                bool(req.get("video")), req.get("overscan"))

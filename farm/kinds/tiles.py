@@ -60,6 +60,9 @@ def plan_job(scene_sha256: str, frames_spec: str, chunk: int, settings: dict[str
             raise SpecError("overscan applies to tiled jobs only: add tiles (e.g. 4x4) or drop overscan")
         if type(overscan) is not int or not 0 <= overscan <= C.MAX_TILE_OVERSCAN:
             raise SpecError(f"overscan must be 0 to {C.MAX_TILE_OVERSCAN} pixels")
+    if settings.get("passes") and (grid is not None or video or settings.get("format") != "PNG"):
+        raise SpecError("render passes are written for whole PNG frames of a frame job for now: leave out tiles "
+                        "and video, render PNG")
     if video:
         settings = {**settings, "stamp_fps": True}  # frames carry the scene's frame rate to the encoder
     if grid is None:

@@ -30,6 +30,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from common import rasters
+from common.limits import is_pass_output
 from common.logs import ctx
 from farm import constants as C
 from farm.store.models import Attempt, Check, Event, Job, JobWorker, Output, Task, TaskDep, Worker
@@ -94,7 +95,7 @@ class Verifier:
         if not self.enabled or task.kind not in ("render", "diffusion"):
             return False
         outs = s.exec(select(Output).where(Output.task_id == task.id).where(Output.attempt == task.attempt)).all()
-        pictures = [o for o in outs if Path(o.name).suffix.lower() in PICTURES]
+        pictures = [o for o in outs if Path(o.name).suffix.lower() in PICTURES and not is_pass_output(o.name)]
         if not pictures:
             return False
         rate = C.CHECK_RATE.get(tier, 1.0)
@@ -144,9 +145,11 @@ class Verifier:
             # a tile, a whole frame, a probe: rendered again exactly as asked (a render task like any other)
             spec = {**{k: v for k, v in task.spec.items() if k != "final"}, "frames": [out.frame],
                     "outputs": [out.name]}
+            if "passes" in spec.get("settings", {}):  # the frame again, without its passes (not checked yet)
+                spec["settings"] = {k: v for k, v in spec["settings"].items() if k != "passes"}
             kind = "render"
         else:
-            settings = dict(task.spec.get("settings", {}))
+            settings = {k: v for k, v in task.spec.get("settings", {}).items() if k != "passes"}
             n = max(1, len(check.regions))
             spec = {"scene_sha256": task.spec.get("scene_sha256"), "frames": [out.frame], "settings": settings,
                     "regions": check.regions, "outputs": [f"check_{i}{ext}" for i in range(n)]}
@@ -269,7 +272,7 @@ class Verifier:
                             .where(Task.kind.in_(("render", "diffusion")))
                             .where(Attempt.worker_id == suspect.id)).all():
             outs = s.exec(select(Output).where(Output.task_id == other.id).where(Output.attempt == other.attempt)).all()
-            pics = [o for o in outs if Path(o.name).suffix.lower() in PICTURES]
+            pics = [o for o in outs if Path(o.name).suffix.lower() in PICTURES and not is_pass_output(o.name)]
             if not pics:
                 continue
             self._unaccept(s, other, job, now)

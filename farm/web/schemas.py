@@ -52,6 +52,8 @@ class JobCreate(BaseModel):
     overscan: int | None = Field(None, ge=0, le=256, description="tile margin in pixels (default: from the "
                                  "scene: 16 with denoising, 4-16 with adaptive sampling, else 0)")
     video: bool = Field(False, description="also encode the frames to video.mp4 (H.264, the scene's fps)")
+    passes: list[str] | str | None = Field(None, description="render passes written next to each frame: depth, "
+                                           "normal, mask (PNG, normalised as ControlNet conditions)")
     time_limit: int | None = Field(None, ge=1, le=7 * 86400, description="seconds one frame may take on a "
                                    "worker; its sandbox stops a task that runs longer (default: the worker's)")
     priority: int = Field(0, ge=-100, le=100)
@@ -79,6 +81,8 @@ class ControlRef(BaseModel):
     weight: float = Field(1.0, ge=0, le=4)
     image: str = Field("", max_length=64, description="sha256 of the uploaded control image (PNG)")
     hash: str = Field("", max_length=64, description="pin this version (sha256 of the ControlNet folder)")
+    render_pass: str = Field("", max_length=20, description="control_from_job: the render pass it takes "
+                             "(default: its name)")
 
 
 class DiffusionJobCreate(BaseModel):
@@ -98,6 +102,8 @@ class DiffusionJobCreate(BaseModel):
     init_from_job: int | None = Field(None, description="img2img: frame i of this job becomes image i")
     strength: float | None = Field(None, description="img2img (default 0.5) and inpainting (default 1): how far "
                                    "from the starting image, (0, 1]")
+    control_from_job: int | None = Field(None, description="ControlNets take the render passes of this job's "
+                                         "frames: image i from frame i")
     init_image: str = Field("", max_length=64, description="inpainting: sha256 of the uploaded PNG to paint into")
     mask: str = Field("", max_length=64, description="inpainting: sha256 of the uploaded PNG mask (white: repaint, "
                       "black: keep), the image's size")

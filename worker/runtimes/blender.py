@@ -14,8 +14,10 @@ Protocol (one JSON object per line; replies on the original stdout):
         "project_root":ABS|null (the laid-out project tree holding "scene": paths inside it are
         allowed), "allow_missing":bool (files of the tree that are absent render pink),
         "settings":{"format","color_depth","samples","resolution_percent","resolution",
-                    "tile","region","overscan","stamp_fps"}}
+                    "tile","region","overscan","stamp_fps","passes"}}
        <- {"event":"frame","id":N,"frame":F,"path":ABS,"seconds":S}   after each frame
+    "passes": ["depth","normal","mask"] also writes those passes of each whole frame, normalised for
+       ControlNet (worker.runtimes.render_passes), as depth_FFFF.png… listed in "outputs".
     "tile": {"cols","rows","col","row","overscan"} renders one tile of one frame
        (farm.kinds.tiles geometry, row 0 at the top) to tile_FFFF_rR_cC.ext, cropped to
        exactly the tile; overscan null picks the margin from the scene
@@ -70,9 +72,10 @@ import traceback
 # coordinator validates requests against the same values; the worker checks
 # again because the scene's own values count too.
 from common import limits as L
-from common.limits import MAX_RESOLUTION, MAX_SAMPLES
+from common.limits import MAX_RESOLUTION, MAX_SAMPLES, RENDER_PASSES
 from common.tiles import tile_name, tile_rect, too_many_tiles
 from worker import settings as C
+from worker.runtimes import render_passes
 from worker.runtimes import scene_checks as checks
 from worker.runtimes.scene_checks import SceneError
 
@@ -117,6 +120,7 @@ class Runtime:
         self.allow_missing = False
         self.loads = 0
         self.recorded: dict[tuple[str, str], object] = {}
+        self.recorded_passes: dict[str, tuple[bool, bool]] = {}  # view layer → the file's (use_pass_z, normal)
         self.devices, self.gpu = self._setup_devices(gpus)
 
     # ---- plumbing -------------------------------------------------------
@@ -213,6 +217,7 @@ class Runtime:
         self.loads += 1
         sc = bpy.context.scene
         self.recorded = {(o, a): getattr(getattr(sc, o), a) for o, a in RECORDED}
+        self.recorded_passes = {vl.name: (vl.use_pass_z, vl.use_pass_normal) for vl in sc.view_layers}
         checks.check_loaded(bpy, sc, root)
         checks.check_frame(bpy, sc, sc.frame_current, root, allow_missing)  # as saved; again at each frame
         checks.mute_file_outputs(bpy)
@@ -224,6 +229,8 @@ class Runtime:
         r, im = sc.render, sc.render.image_settings
         for (o, a), v in self.recorded.items():
             setattr(getattr(sc, o), a, v)
+        for vl in sc.view_layers:
+            vl.use_pass_z, vl.use_pass_normal = self.recorded_passes.get(vl.name, (vl.use_pass_z, vl.use_pass_normal))
         fmt = s.get("format") or "PNG"
         depth = str(s.get("color_depth") or ("8" if fmt == "PNG" else "16"))
         if fmt == "PNG" and depth in {"8", "16"}:
@@ -402,6 +409,14 @@ class Runtime:
         sc = bpy.context.scene
         ext = self._apply(sc, settings)
         part = self._part(sc, settings, frames)  # a tile or a region of the frame, or None
+        passes = settings.get("passes") or []
+        if not isinstance(passes, list) or not set(passes) <= set(RENDER_PASSES):
+            raise SceneError(f"passes must be a list of {', '.join(RENDER_PASSES)}, got {passes!r}")
+        if passes and part is not None:
+            raise SceneError("render passes are written for whole frames only: leave out tiles or regions")
+        layer = bpy.context.view_layer
+        if passes:
+            render_passes.enable(layer, passes)
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:                    # the worker's disk, not the scene
@@ -433,6 +448,15 @@ class Runtime:
             seconds = round(time.perf_counter() - t0, 4)
             outputs.append({"frame": f, "path": path, "seconds": seconds})
             self.emit(event="frame", id=rid, **outputs[-1])
+            if passes:  # from the same render result: no second render
+                try:
+                    outputs += [{"frame": f, "path": p, "seconds": 0.0}
+                                for p in render_passes.write(bpy, sc, layer.name, out_dir, f, passes)]
+                except KeyError as e:  # the active view layer left out of the render
+                    raise SceneError(f"view layer {layer.name!r} has no {e} pass in the render: turn on its "
+                                     "'Use for Rendering' (or make a rendered layer active) and resubmit") from None
+                except (OSError, RuntimeError) as e:
+                    raise RenderFailed(f"cannot write the render passes of frame {f}: {e}") from None
         self.emit(event="done", id=rid, outputs=outputs, reloaded=reloaded,
                   loads=self.loads, rss_bytes=_rss_bytes())
 

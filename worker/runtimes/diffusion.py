@@ -259,16 +259,22 @@ class Runtime:
             inits = self._init_images(images, width, height)
             width, height = inits[0].size
             args.update(image=inits, strength=float(req["strength"]))
+        if controls:  # per image (the render passes of its frame) or one set for the job (uploaded)
+            per = [self._control_images(im.get("control_images") or [c["image"] for c in controls], im["index"])
+                   for im in images]
+            if width is None or height is None:  # the job gave no size: the first pass's, to a multiple of 8
+                width, height = (max(8, v // 8 * 8) for v in per[0][0].size)
+            if all(not im.get("control_images") for im in images):  # one set for the whole batch: broadcast
+                image = per[0][0] if len(controls) == 1 else per[0]
+            else:  # one control image per image: a list; several ControlNets: [image][control] (diffusers 0.42)
+                image = [p[0] for p in per] if len(controls) == 1 else per
+            args.update(image=image,
+                        controlnet_conditioning_scale=scales[0] if len(controls) == 1 else scales)
         if mode == "inpaint":
             args.update(mask_image=self._init_images(images, width, height, key="mask", what="mask"),
                         width=int(width), height=int(height))
         elif mode == "txt2img":
             args.update(width=int(width), height=int(height))
-        if controls:
-            images_in = self._init_images([{"init": c["image"], "index": i} for i, c in enumerate(controls)],
-                                          None, None, what="control image", resize=False)
-            args.update(image=images_in[0] if len(controls) == 1 else images_in,
-                        controlnet_conditioning_scale=scales[0] if len(controls) == 1 else scales)
         t0 = time.perf_counter()
         with torch.inference_mode():
             result = pipe(**args).images
@@ -283,6 +289,11 @@ class Runtime:
             self.emit(event="image", id=rid, **outputs[-1])
         self.emit(event="done", id=rid, outputs=outputs, loaded=loaded, load_seconds=round(load_seconds, 4),
                   cached=list(self.cache), rss_bytes=_rss_bytes())
+
+    def _control_images(self, paths: list[str], index: int) -> list:
+        """The control images of one image, as RGB (the pipeline fits them to the image size)."""
+        return self._init_images([{"init": p, "index": index} for p in paths], None, None,
+                                 what="control image", resize=False)
 
     def _init_images(self, images: list[dict], width, height, key: str = "init", what: str = "init image",
                      resize: bool = True) -> list:
@@ -314,11 +325,12 @@ class Runtime:
         if req.get("loras"):
             meta["loras"] = [{k: lo[k] for k in ("name", "hash", "weight")} for lo in req["loras"]]
         if req.get("controls"):
-            meta["controls"] = [{k: c[k] for k in ("name", "hash", "weight", "image_sha256")} for c in req["controls"]]
+            meta["controls"] = [{k: c[k] for k in ("name", "hash", "weight", "image_sha256", "pass") if k in c}
+                                for c in req["controls"]]
         if req.get("mode") in ("img2img", "inpaint"):
             meta["strength"] = req["strength"]
-            for k, v in (im.get("source") or {}).items():
-                meta[f"source_{k}"] = v
+        for k, v in (im.get("source") or {}).items():  # where the image started from (frame, passes, mask)
+            meta[f"source_{k}"] = v
         info = PngInfo()
         for k, v in meta.items():
             info.add_text(k, json.dumps(v) if isinstance(v, list) else str(v))

@@ -47,6 +47,13 @@ def runtime_request(ctx: TaskContext) -> dict:
                                   True) from None
             item["source"] = {"init_sha256": spec["input_names"]["init.png"],
                               "mask_sha256": spec["input_names"]["mask.png"]}
+        elif im.get("control_names"):
+            try:
+                item["control_images"] = [str(ctx.input_named(n)) for n in im["control_names"]]
+            except KeyError:
+                raise TaskFailure(f"the render passes of image {im.get('index')} were not delivered with the task",
+                                  True) from None
+            item["source"] = im.get("source") or {}
         elif spec.get("mode") == "img2img":
             try:
                 item["init"] = str(ctx.input_named(im["init_name"]))
@@ -68,12 +75,12 @@ def runtime_request(ctx: TaskContext) -> dict:
         if cpath is None:
             raise TaskFailure(f"this worker does not hold ControlNet {c.get('name')!r} with hash "
                               f"{str(c.get('hash'))[:12]}…: another worker will take the task", True)
-        try:
-            image = str(ctx.input_named(f"control_{i}.png"))
+        try:  # an uploaded image for the whole job, or per image its frame's render pass (below)
+            image = str(ctx.input_named(f"control_{i}.png")) if c.get("image_sha256") else None
         except KeyError:
             raise TaskFailure(f"the control image of {c.get('name')!r} was not delivered with the task", True) from None
-        controls.append({**{k: c[k] for k in ("name", "hash", "weight", "image_sha256")}, "path": str(cpath),
-                         "image": image})
+        controls.append({**{k: c[k] for k in ("name", "hash", "weight", "image_sha256", "pass") if k in c},
+                         "path": str(cpath), "image": image})
     return {"op": "generate", "model_path": str(path), "model_name": spec.get("model", ""),
             "model_hash": spec["model_hash"], "out_dir": str(ctx.out_dir), "images": images, "loras": loras,
             "controls": controls,
