@@ -397,7 +397,9 @@ class Coordinator:
     def _on_ready(self, s, conn: Conn, msg: P.Ready, now, out) -> None:
         """READY n: n more leases wanted, up to the room its bound leaves (farm/core/prefetch.py)."""
         if msg.free_slots > conn.held.room():  # asks past the bound: first forget leases that ended
-            conn.held.prune(lambda task_id, attempt: self._holds(self._task(s, task_id), conn, attempt))
+            # a plain read, not the lease book's fenced copy: the sweep of this same step may still end
+            # one of these leases, and a fence taken here would then fail the whole batch (StaleRow)
+            conn.held.prune(lambda task_id, attempt: self._holds(_get(s, Task, task_id), conn, attempt))
         conn.free = max(0, min(conn.held.room(), msg.free_slots))
         self.want_assign = True
 
