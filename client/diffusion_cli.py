@@ -143,8 +143,12 @@ def cmd_models(args) -> int:
         if not args.out:
             print("error: farm models tiny needs --out DIR (the model folder to write)", file=sys.stderr)
             return 2
-        path = build(Path(args.out), inpaint=args.inpaint)
-        print(f"tiny Stable Diffusion {'inpainting ' if args.inpaint else ''}pipeline ({model_folders.folder_hash(path)[:12]}) written to {path.resolve()}; "
+        if args.xl:
+            from worker.runtimes.tiny_pipeline import build_xl
+            path = build_xl(Path(args.out))
+        else:
+            path = build(Path(args.out), inpaint=args.inpaint)
+        print(f"tiny Stable Diffusion {'XL ' if args.xl else 'inpainting ' if args.inpaint else ''}pipeline ({model_folders.folder_hash(path)[:12]}) written to {path.resolve()}; "
               f"serve it with: farm worker --models {path.resolve().parent}")
         return 0
     if args.action == "tiny-lora":
@@ -224,6 +228,7 @@ def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
     m.add_argument("--model", default=None, help="tiny-lora: the tiny model folder the LoRA is for")
     m.add_argument("--seed", type=int, default=1, help="tiny-lora: seed of the random weights")
     m.add_argument("--inpaint", action="store_true", help="tiny: an inpainting pipeline (9-channel UNet)")
+    m.add_argument("--xl", action="store_true", help="tiny: a Stable Diffusion XL pipeline (two text encoders)")
     m.add_argument("--models", action="append", help="list: folders to search (default RENDERHIVE_MODELS)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models, needs_client=False)

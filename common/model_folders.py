@@ -223,6 +223,15 @@ def check(folder: Path) -> str:
     return ""
 
 
+def family(folder: Path) -> str:
+    """"sdxl" for a Stable Diffusion XL pipeline folder (its model_index names an XL class), else "sd"."""
+    try:
+        name = json.loads((Path(folder) / MODEL_INDEX).read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        return "sd"
+    return "sdxl" if "XL" in str(name) else "sd"
+
+
 def inpainting(folder: Path) -> bool:
     """Whether the model's UNet takes 9 input channels (an inpainting model: it needs an image and a mask)."""
     try:

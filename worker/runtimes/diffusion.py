@@ -28,8 +28,9 @@ Invariants:
   Same seed, settings, model hash, device type and micro-batch grouping give the same pixels.
 - Each request starts from a fresh scheduler built from the model's saved config, so no sampler state
   leaks from one task into the next.
-- Pipelines are cached per model hash, least recently used evicted first, within DIFFUSION_CACHE_BYTES;
-  the one in use is always kept. CUDA with float16 when available, else the CPU in float32.
+- SD 1.x/2.x and SDXL folders (:data:`PIPELINES`, by the class model_index.json names). Pipelines are
+  cached per model hash, least recently used evicted first, within DIFFUSION_CACHE_BYTES; the one in use
+  is always kept. CUDA with float16 when available, else the CPU in float32.
 - Faults of the request (prompt over the token limit, bad size, unknown scheduler) give retryable=false;
   faults of this worker (model folder missing or unreadable here, out of memory) give retryable=true.
 - LoRAs (:mod:`worker.runtimes.adapters`) are loaded once per pipeline and LoRA hash and set per request;
@@ -50,9 +51,16 @@ from collections import OrderedDict
 from pathlib import Path
 
 from common.limits import DIFFUSION_SCHEDULERS
-from common.model_folders import BUILD_HINT, check
+from common.model_folders import BUILD_HINT, check, family
 from worker.runtimes.adapters import AdapterError, apply_loras, controlnets
 from worker.settings import DIFFUSION_CACHE_BYTES, DIFFUSION_THREADS
+
+PIPELINES = {  # family → diffusers class per mode; the modes share the loaded text-to-image pipeline's modules
+    "sd": {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+           "inpaint": "StableDiffusionInpaintPipeline", "control": "StableDiffusionControlNetPipeline"},
+    "sdxl": {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
+             "inpaint": "StableDiffusionXLInpaintPipeline", "control": "StableDiffusionXLControlNetPipeline"},
+}
 
 torch = None  # imported in main(), after the protocol fd is set aside
 diffusers = None
@@ -152,7 +160,8 @@ class Runtime:
         self._evict(keep=None, need=estimate)
         t0 = time.perf_counter()
         try:
-            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            kind = family(path)
+            pipe = getattr(diffusers, PIPELINES[kind]["txt2img"]).from_pretrained(
                 str(path), local_files_only=True, use_safetensors=True,  # never unpickle: it runs code
                 variant=_variant(path), **_dtype_arg(self.dtype))
             pipe = pipe.to(self.device)
@@ -165,7 +174,7 @@ class Runtime:
                    if isinstance(m, torch.nn.Module) for p in [*m.parameters(), *m.buffers()])
         entry = {"pipe": pipe, "img2img": None, "inpaint": None, "bytes": size,
                  "scheduler": dict(pipe.scheduler.config),
-                 "name": req.get("model_name", ""),
+                 "name": req.get("model_name", ""), "family": kind,
                  "scheduler_class": type(pipe.scheduler).__name__}
         self.cache[key] = entry
         self._evict(keep=key)
@@ -239,22 +248,23 @@ class Runtime:
             except AdapterError as e:
                 raise (WorkerFault if e.retryable else RequestError)(str(e)) from None
             net = nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets)
-            pipe = diffusers.StableDiffusionControlNetPipeline.from_pipe(base, controlnet=net)
+            pipe = getattr(diffusers, PIPELINES[entry["family"]]["control"]).from_pipe(base, controlnet=net)
             pipe.set_progress_bar_config(disable=True)
         elif mode == "txt2img":
             pipe = base
         else:
             if entry.get(mode) is None:  # same modules, no second copy of the weights
-                cls = (diffusers.StableDiffusionImg2ImgPipeline if mode == "img2img"
-                       else diffusers.StableDiffusionInpaintPipeline)
-                entry[mode] = cls.from_pipe(base)
+                entry[mode] = getattr(diffusers, PIPELINES[entry["family"]][mode]).from_pipe(base)
                 entry[mode].set_progress_bar_config(disable=True)
             pipe = entry[mode]
         pipe.scheduler = self._scheduler(entry, str(req.get("scheduler") or "default"))
         gens = [torch.Generator(device=self.device).manual_seed(int(im["seed"])) for im in images]
-        args = dict(prompt=[im["prompt"] for im in images], negative_prompt=[im.get("negative") or "" for im in images],
-                    generator=gens, num_inference_steps=int(req["steps"]), guidance_scale=float(req["guidance"]),
-                    output_type="pil")
+        negatives = [im.get("negative") or "" for im in images]
+        args = dict(prompt=[im["prompt"] for im in images], generator=gens, num_inference_steps=int(req["steps"]),
+                    guidance_scale=float(req["guidance"]), output_type="pil",
+                    # none at all is not "": SDXL then uses zeros (force_zeros_for_empty_prompt), as a
+                    # direct call without a negative prompt does; SD 1.x encodes "" either way
+                    **({"negative_prompt": negatives} if any(negatives) else {}))
         if mode != "txt2img":
             inits = self._init_images(images, width, height)
             width, height = inits[0].size

@@ -150,6 +150,47 @@ def build(out: Path, inpaint: bool = False) -> Path:
     return out
 
 
+def build_xl(out: Path) -> Path:
+    """A tiny Stable Diffusion XL pipeline (two text encoders, a UNet with SDXL's text-time embedding), saved
+    into ``out`` like :func:`build`. The UNet's cross-attention takes both encoders' hidden states (32 + 32)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_source(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=32,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        unet = UNet2DConditionModel(  # time ids: 6 × 8, plus the pooled text embedding of 32
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(8, 16, 16, 16), sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        te, te2 = CLIPTextModel(CLIPTextConfig(**text)), CLIPTextModelWithProjection(CLIPTextConfig(**text))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae.eval(), text_encoder=te.eval(), text_encoder_2=te2.eval(),
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet.eval(), scheduler=scheduler)
+    tmp_out = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    pipe.save_pretrained(tmp_out, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_out.rename(out)
+    return out
+
+
 def build_lora(model: Path, out: Path, seed: int = 1, rank: int = 4) -> Path:
     """Random LoRA weights (rank ``rank``) for the attention layers of ``model``'s UNet and text encoder,
     saved by diffusers' ``save_lora_weights`` as the safetensors file ``out`` (``models/loras/NAME.safetensors``).
