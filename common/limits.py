@@ -9,6 +9,7 @@ through environment variables (``RENDERHIVE_<NAME>``).
 from __future__ import annotations
 
 import os
+import re
 
 
 def _env_float(name: str, default: float) -> float:
@@ -87,18 +88,14 @@ def cap_recursion(limit: int = SAFE_RECURSION_LIMIT) -> int:
     return sys.getrecursionlimit()
 
 
-_JSON_STRING = None
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')  # a JSON string, escapes included
 
 
 def json_nesting(raw: bytes, limit: int) -> int:
     """How deep ``raw``'s JSON arrays and objects nest, counted up to ``limit + 1`` (strings skipped): to
     refuse deep nesting before ``json.loads`` sees it, whatever the recursion limit is. Linear in ``raw``."""
-    global _JSON_STRING
     if raw.count(b"[") + raw.count(b"{") <= limit:
         return 0 if not raw else min(limit, raw.count(b"[") + raw.count(b"{"))
-    import re
-    if _JSON_STRING is None:
-        _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
     brackets = _JSON_STRING.sub(b"", raw).translate(None, bytes(set(range(256)) - set(b"[]{}")))
     depth = deepest = 0
     for b in brackets:

@@ -487,10 +487,7 @@ class Coordinator:
             return
         if task.status == TaskStatus.assigned.value:
             transition(s, task, TaskStatus.running, worker_id=conn.worker_id, attempt=task.attempt, now=now)
-            att = self._attempt(s, task)
-            if att is not None and not att.progressed:
-                att.progressed = True
-                s.add(att)
+            update_by(s, Attempt, {"task_id": task.id, "attempt": task.attempt}, progressed=True)  # buffered, no read
         if conn.held.start(task.id, now):  # it waited (prefetched) until now: its own clock starts here
             self.progress.last[(task.id, task.attempt)] = now
         done = max(0, min(msg.done, task.progress_total or msg.done))
