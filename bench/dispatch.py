@@ -1,13 +1,15 @@
 """Dispatch throughput: null tasks through the real coordinator, against a raw ZeroMQ echo ceiling.
 
     python bench/dispatch.py [--quick] [--profile] [--broker-thread] [--procs K] [--n 1,10,50] [--tasks T]
-                             [--repeat R]
+                             [--repeat R] [--db sqlite|pg|postgresql://…]
 
 For each worker count N, two runs, side by side in this one process (alternating, ``--repeat`` times,
 medians reported):
 
 * **farm**: the real :class:`farm.plane.broker.Broker` + :class:`farm.core.coordinator.Coordinator` on a real
-  SQLite file (WAL, synchronous=FULL, as ``farm serve`` runs it) in a temporary directory, bound to
+  SQLite file (WAL, synchronous=FULL, as ``farm serve`` runs it) in a temporary directory, and with
+  ``--db pg`` or ``--db postgresql://…`` also on PostgreSQL (a fresh database per run, durable settings:
+  bench/databases.py), each database in turn in every round, bound to
   ``tcp://127.0.0.1:0``, with one job of T one-frame tasks made by :func:`farm.kinds.jobs.create_blender_job`.
   N DEALER workers speak the real protocol: HELLO, READY, then for each TASK at once a RESULT
   whose outputs (one per frame) all name one tiny blob stored beforehand in the coordinator's BlobStore,
@@ -70,8 +72,11 @@ from farm.store.db import make_engine, session  # noqa: E402
 from farm.store.models import Attempt, Job, Output, Task  # noqa: E402
 from farm.web import auth  # noqa: E402
 
+from bench.databases import Backend, backends, stop_all  # noqa: E402
+
 SCENE = b"BLENDER-v500" + bytes(256)          # passes the .blend magic check; never opened
 OUTPUT = b"\x89PNG\r\n\x1a\nbench-null-output"  # the one output blob every RESULT names
+SQLITE = Backend("sqlite")
 
 
 # ---------------------------------------------------------------- the in-process workers
@@ -450,14 +455,17 @@ class RunResult:
     step_cpu: float = 0.0
     msgs: int = 0
     verified: str = ""
+    db: str = ""
 
     @property
     def rate(self) -> float:
         return self.tasks / self.seconds
 
 
-def setup_farm(tmp: Path, tasks: int):
-    engine = make_engine(f"sqlite:///{tmp / 'farm.db'}")
+def setup_farm(tmp: Path, tasks: int, url: str | None = None):
+    """A farm's database (``url``, or a SQLite file in ``tmp``) and blob store with one job of ``tasks``
+    one-frame tasks; returns (engine, blobs, scene sha, output sha, job id)."""
+    engine = make_engine(url or f"sqlite:///{tmp / 'farm.db'}")
     blobs = BlobStore(tmp / "blobs")
     scene_sha = blobs.write_bytes(SCENE)
     out_sha = blobs.write_bytes(OUTPUT)
@@ -498,11 +506,11 @@ def verify(engine, job_id: int, tasks: int, tally: Tally) -> str:
 
 
 async def run_farm(n: int, tasks: int, in_thread: bool, profile: bool = False, procs: int = 0,
-                   proc_loop: str = "poller"):
-    with tempfile.TemporaryDirectory(prefix="rh-dispatch-") as d:
-        engine, blobs, scene_sha, out_sha, job_id = setup_farm(Path(d), tasks)
+                   proc_loop: str = "poller", backend: Backend | None = None):
+    with tempfile.TemporaryDirectory(prefix="rh-dispatch-") as d, (backend or SQLITE).fresh(Path(d)) as url:
+        engine, blobs, scene_sha, out_sha, job_id = setup_farm(Path(d), tasks, url)
         coord = Coordinator(engine, blobs, verify=False)  # null outputs; bench/verify.py measures checks
-        res = RunResult("farm", n, tasks, 0.0)
+        res = RunResult("farm", n, tasks, 0.0, db=(backend or SQLITE).label)
         step = coord.step
         step_prof = cProfile.Profile() if profile else None
 
@@ -575,15 +583,30 @@ def top(prof: cProfile.Profile, title: str, limit: int = 15, only: str | None = 
     return f"--- {title} (top {limit} by cumulative time)\n" + "\n".join(body)
 
 
-def sqlite_share(prof: cProfile.Profile) -> str:
-    """Seconds inside sqlite3 itself (statement execution; commit = WAL write + fsync), from the profile."""
-    totals = {"execute": 0.0, "commit": 0.0, "fetch": 0.0}
+def driver_share(prof: cProfile.Profile) -> str:
+    """Seconds inside the database driver's own calls, from the profile: sqlite3's (statement execution;
+    commit = WAL write + fsync) and psycopg's (waiting on the server's replies: a round trip each)."""
+    totals: dict[str, float] = {}
     for (filename, _line, name), (_cc, _nc, tt, _ct, _callers) in pstats.Stats(prof).stats.items():
         if filename == "~" and "sqlite3" in name:
-            for key in totals:
+            for key in ("execute", "commit", "fetch"):
                 if key in name:
-                    totals[key] += tt
-    return ", ".join(f"sqlite3 {k} {v:.2f} s" for k, v in totals.items())
+                    totals[f"sqlite3 {key}"] = totals.get(f"sqlite3 {key}", 0.0) + tt
+        elif "psycopg" in filename and name in ("wait", "wait_c", "wait_epoll", "wait_select", "wait_poll"):
+            totals["psycopg waiting for the server"] = totals.get("psycopg waiting for the server", 0.0) + tt
+        elif filename == "~" and ("psycopg" in name or "wait_c" in name):
+            totals["psycopg C calls"] = totals.get("psycopg C calls", 0.0) + tt
+    return ", ".join(f"{k} {v:.2f} s" for k, v in totals.items()) or "no driver calls seen"
+
+
+def top_self(prof: cProfile.Profile, title: str, limit: int = 15) -> str:
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(limit)
+    lines = buf.getvalue().splitlines()
+    start = next((i for i, l in enumerate(lines) if l.lstrip().startswith("ncalls")), 0)
+    body = [re.sub(r"\S*/(?:site-packages|lib/python3\.\d+)/", "", l.replace(str(ROOT) + "/", ""))
+            for l in lines[start:] if l.strip()]
+    return f"--- {title} (top {limit} by own time)\n" + "\n".join(body)
 
 
 async def main_async(args) -> int:
@@ -593,59 +616,77 @@ async def main_async(args) -> int:
     if args.procs:
         where = (f"broker on {'its own loop in a thread' if args.broker_thread else 'the main loop'}; workers in "
                  f"{args.procs} child process(es), each with its own loop")
-    print(f"dispatch benchmark: {where}; coordinator.step in the broker's executor thread; "
-          f"SQLite WAL synchronous=FULL in a temp dir; {args.repeat} run(s) each, medians; "
-          f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}", flush=True)
-    if not args.default_gc:  # as farm serve does once started (farm.plane.broker.tune_gc): the echo runs get it too
-        tune_gc()
+    dbs = backends(args.db)
+    try:
+        print(f"dispatch benchmark: {where}; coordinator.step in the broker's executor thread; "
+              f"{args.repeat} run(s) each, medians; pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}", flush=True)
+        for b in dbs:
+            print(f"  database {b.label}: {b.settings()}; a fresh database per run", flush=True)
+        if not args.default_gc:  # as farm serve does once started (farm.plane.broker.tune_gc): the echo runs get it too
+            tune_gc()
+        return await _measure(args, ns, dbs)
+    finally:
+        stop_all(dbs)
+
+
+async def _measure(args, ns: list[int], dbs: list[Backend]) -> int:
     rows = []
     for n in ns:
-        farm, echo = [], []
-        for _ in range(args.repeat):
+        farm: dict[str, list[RunResult]] = {b.label: [] for b in dbs}
+        echo: list[RunResult] = []
+        for _ in range(args.repeat):  # echo and every database in turn, so that a slow moment hits all alike
             echo.append(await run_echo(n, args.tasks, args.broker_thread, args.procs, args.proc_loop))
-            r, _, _ = await run_farm(n, args.tasks, args.broker_thread, procs=args.procs, proc_loop=args.proc_loop)
-            farm.append(r)
-            print(f"  N={n:<3} farm {r.rate:8.0f} tasks/s ({r.seconds:.2f} s, {r.steps} steps, "
-                  f"{r.msgs / max(1, r.steps):.1f} msgs/step, step busy {r.step_seconds / r.seconds:.0%}, "
-                  f"step CPU {r.step_cpu / r.tasks * 1000:.2f} ms/task); echo {echo[-1].rate:8.0f} tasks/s — {r.verified}", flush=True)
+            for b in dbs:
+                r, _, _ = await run_farm(n, args.tasks, args.broker_thread, procs=args.procs,
+                                         proc_loop=args.proc_loop, backend=b)
+                farm[b.label].append(r)
+                print(f"  N={n:<3} {b.label:<10} farm {r.rate:8.0f} tasks/s ({r.seconds:.2f} s, {r.steps} steps, "
+                      f"{r.msgs / max(1, r.steps):.1f} msgs/step, step busy {r.step_seconds / r.seconds:.0%}, "
+                      f"step CPU {r.step_cpu / r.tasks * 1000:.2f} ms/task); echo {echo[-1].rate:8.0f} tasks/s — "
+                      f"{r.verified}", flush=True)
         rows.append((n, farm, echo))
     print()
     print("one task = READY→TASK + RESULT→ACK (2 requests, 2 replies; RESULT and READY sent back to back); echo msgs/s counts request→reply pairs;")
-    print("ratio = farm completions/s ÷ echo tasks/s (1.00 would be the bare ZeroMQ ceiling of this harness)")
-    hdr = (f"{'N':>4} {'tasks':>6} {'seconds':>8} {'completions/s':>14} {'raw echo msgs/s':>16} "
-           f"{'echo tasks/s':>13} {'ratio':>6} {'msgs/step':>10} {'step busy':>10} {'step CPU/task':>14}")
+    print("ratio = farm completions/s ÷ echo tasks/s (1.00 would be the bare ZeroMQ ceiling of this harness); "
+          f"÷ {dbs[0].label}: completions/s ÷ those on {dbs[0].label} at the same N")
+    hdr = (f"{'N':>4} {'database':>10} {'tasks':>6} {'seconds':>8} {'completions/s':>14} {'echo tasks/s':>13} "
+           f"{'ratio':>6} {'÷ ' + dbs[0].label:>9} {'msgs/step':>10} {'step busy':>10} {'step CPU/task':>14}")
     print(hdr)
     print("-" * len(hdr))
     for n, farm, echo in rows:
-        f_sec = statistics.median(r.seconds for r in farm)
-        f_rate = statistics.median(r.rate for r in farm)
         e_rate = statistics.median(r.rate for r in echo)
-        per_step = statistics.median(r.msgs / max(1, r.steps) for r in farm)
-        busy = statistics.median(r.step_seconds / r.seconds for r in farm)
-        cpu = statistics.median(r.step_cpu / r.tasks * 1000 for r in farm)
-        print(f"{n:>4} {args.tasks:>6} {f_sec:>8.2f} {f_rate:>14.0f} {2 * e_rate:>16.0f} {e_rate:>13.0f} "
-              f"{f_rate / e_rate:>6.3f} {per_step:>10.1f} {busy:>10.0%} {cpu:>11.2f} ms")
+        base = statistics.median(r.rate for r in farm[dbs[0].label])
+        for label, runs in farm.items():
+            f_sec = statistics.median(r.seconds for r in runs)
+            f_rate = statistics.median(r.rate for r in runs)
+            per_step = statistics.median(r.msgs / max(1, r.steps) for r in runs)
+            busy = statistics.median(r.step_seconds / r.seconds for r in runs)
+            cpu = statistics.median(r.step_cpu / r.tasks * 1000 for r in runs)
+            print(f"{n:>4} {label:>10} {args.tasks:>6} {f_sec:>8.2f} {f_rate:>14.0f} {e_rate:>13.0f} "
+                  f"{f_rate / e_rate:>6.3f} {f_rate / base:>9.3f} {per_step:>10.1f} {busy:>10.0%} {cpu:>11.2f} ms")
     print("msgs/step: worker messages per Coordinator.step (one transaction, one commit); step busy: share of "
           "the run's wall time the coordinator thread spent in step; step CPU/task: its CPU time (thread_time) "
-          "per completed task")
+          "per completed task (on PostgreSQL the server's own CPU is not in it)")
     print(f"verified after every farm run: each of the {args.tasks} tasks accepted exactly once "
           "(Task/Attempt/Output rows counted, job rendered, ACKs distinct and accepted)")
     if args.profile:
         n = args.profile_n
-        print(f"\nprofiled farm run: N={n}, {args.tasks} tasks (cProfile slows it down)")
-        r, step_prof, loop_prof = await run_farm(n, args.tasks, args.broker_thread, profile=True, procs=args.procs,
-                                                 proc_loop=args.proc_loop)
-        print(f"  {r.rate:.0f} tasks/s under the profiler; {r.steps} steps, {r.msgs / max(1, r.steps):.1f} "
-              f"msgs/step, step busy {r.step_seconds / r.seconds:.0%} of {r.seconds:.2f} s — {r.verified}")
-        total = pstats.Stats(step_prof).total_tt
-        print(f"  coordinator thread: {total:.2f} s profiled, of which {sqlite_share(step_prof)}; "
-              "the rest is Python (SQLAlchemy ORM, handlers)")
-        print(top(step_prof, "coordinator thread: Coordinator.step"))
-        print(top(step_prof, "coordinator thread, project code only", only=str(ROOT / "farm")))
-        if loop_prof:
-            print(top(loop_prof, "event loop thread: broker + workers"))
-            print("  (time inside zmq send on the loop thread is mostly waiting to re-take the GIL from the "
-                  "busy coordinator thread: pyzmq releases it around each send)")
+        for b in dbs:
+            print(f"\nprofiled farm run on {b.label}: N={n}, {args.tasks} tasks (cProfile slows it down)")
+            r, step_prof, loop_prof = await run_farm(n, args.tasks, args.broker_thread, profile=True,
+                                                     procs=args.procs, proc_loop=args.proc_loop, backend=b)
+            print(f"  {r.rate:.0f} tasks/s under the profiler; {r.steps} steps, {r.msgs / max(1, r.steps):.1f} "
+                  f"msgs/step, step busy {r.step_seconds / r.seconds:.0%} of {r.seconds:.2f} s — {r.verified}")
+            total = pstats.Stats(step_prof).total_tt
+            print(f"  coordinator thread: {total:.2f} s profiled, of which {driver_share(step_prof)}; "
+                  "the rest is Python (SQLAlchemy ORM, handlers)")
+            print(top(step_prof, "coordinator thread: Coordinator.step"))
+            print(top(step_prof, "coordinator thread, project code only", only=str(ROOT / "farm")))
+            print(top_self(step_prof, "coordinator thread"))
+            if loop_prof:
+                print(top(loop_prof, "event loop thread: broker + workers"))
+                print("  (time inside zmq send on the loop thread is mostly waiting to re-take the GIL from the "
+                      "busy coordinator thread: pyzmq releases it around each send)")
     return 0
 
 
@@ -664,11 +705,17 @@ def main() -> int:
     ap.add_argument("--default-gc", action="store_true",
                     help="keep Python's default garbage collector settings (farm serve tunes them: farm.plane.broker.tune_gc)")
     ap.add_argument("--n", default="1,10,50", help="worker counts")
+    ap.add_argument("--db", default="sqlite",
+                    help="comma-separated databases measured side by side: sqlite, pg (a durable PostgreSQL cluster "
+                         "started here with tests/pg.py), or a postgresql://user@host:port/db URL (default sqlite); "
+                         "pg or a URL alone means sqlite,pg")
     ap.add_argument("--tasks", type=int, default=None, help="tasks per run (default 3000, quick 500)")
     ap.add_argument("--repeat", type=int, default=None, help="runs per N (default 3, quick 1)")
     args = ap.parse_args()
     args.tasks = args.tasks or (500 if args.quick else 3000)
     args.repeat = args.repeat or (1 if args.quick else 3)
+    if "sqlite" not in args.db.split(","):  # the ratio to SQLite is the point: always side by side
+        args.db = "sqlite," + args.db
     logging.basicConfig(level=logging.WARNING)
     return asyncio.run(main_async(args))
 

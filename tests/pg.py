@@ -73,8 +73,9 @@ def _alive(pid: int) -> bool:
 
 
 class PgServer:
-    def __init__(self, bindir: Path, account: pwd.struct_passwd | None = None):
+    def __init__(self, bindir: Path, account: pwd.struct_passwd | None = None, options: list[str] | None = None):
         self.bindir, self.account = bindir, account
+        self.options = SERVER_OPTIONS if options is None else options  # bench/databases.py: durable settings
         self.root: Path | None = None
         self.port = 0
         self.names = itertools.count(1)
@@ -109,7 +110,7 @@ class PgServer:
             raise PostgresUnavailable(f"initdb failed:\n{res.stdout[-1500:]}{res.stderr[-1500:]}")
         for _ in range(5):  # a free port can be taken between our probe and the server's bind: try another
             self.port = free_port()
-            opts = " ".join([*SERVER_OPTIONS, "-p", str(self.port), "-k", str(self.root)])
+            opts = " ".join([*self.options, "-p", str(self.port), "-k", str(self.root)])
             res = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", opts,
                             "start")
             if res.returncode == 0:
@@ -164,9 +165,10 @@ def remove_stale() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def start_server() -> PgServer:
-    """A started cluster, or :class:`PostgresUnavailable` saying how to get one."""
+def start_server(options: list[str] | None = None) -> PgServer:
+    """A started cluster, or :class:`PostgresUnavailable` saying how to get one. ``options``: the server's
+    ``-c`` settings instead of SERVER_OPTIONS (the test settings: no fsync)."""
     bindir = find_bindir()
     if bindir is None:
         raise PostgresUnavailable(INSTALL_HINT)
-    return PgServer(bindir, _account()).start()
+    return PgServer(bindir, _account(), options).start()
