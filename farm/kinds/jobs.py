@@ -185,7 +185,7 @@ def get_job(session: Session, job_id: int, user: User) -> Job:
 
 def task_counts(session: Session, job_id: int) -> dict[str, int]:
     rows = session.exec(select(Task.status, func.count()).where(Task.job_id == job_id)
-                        .where(Task.check_id.is_(None)).group_by(Task.status))
+                        .where(Task.check_id.is_(None)).where(Task.probe.is_(False)).group_by(Task.status))
     return {status: n for status, n in rows}
 
 
@@ -200,7 +200,7 @@ def job_view(session: Session, job: Job, detail: bool = False) -> dict[str, Any]
                func.coalesce(func.sum(case((Task.status == TaskStatus.accepted.value, Task.progress_total),
                                            (Task.status.in_([s.value for s in TASK_LEASED]), Task.progress_done),
                                            else_=0)), 0))
-        .where(Task.job_id == job.id).where(Task.check_id.is_(None))).one()
+        .where(Task.job_id == job.id).where(Task.check_id.is_(None)).where(Task.probe.is_(False))).one()
     view = {"id": job.id, "name": job.name, "kind": job.kind, "status": job.status, "priority": job.priority,
             "created_at": job.created_at, "updated_at": job.updated_at, "error": job.error,
             "tasks": {"total": job.tasks_total, **counts}, "frames_total": frames_total,
@@ -208,9 +208,13 @@ def job_view(session: Session, job: Job, detail: bool = False) -> dict[str, Any]
             "units_total": units_total, "units_done": units_done,
             "progress": min(1.0, units_done / units_total) if units_total else 0.0,
             "spec": {k: v for k, v in job.spec.items() if k != "client_key"}}
+    if "probe" in job.spec:  # what the probe render measured (farm.kinds.probe); never its output
+        view["probe"] = {k: v for k, v in job.spec["probe"].items() if k not in ("task_id", "then", "attempt")}
+        view["probe"]["state"] = ("probing" if job.status == JobStatus.probing.value else
+                                  "measured" if "seconds" in job.spec["probe"] else "ended")
     if detail:
         tasks = session.exec(select(Task).where(Task.job_id == job.id).where(Task.check_id.is_(None))
-                             .order_by(Task.index)).all()
+                             .where(Task.probe.is_(False)).order_by(Task.index)).all()
         view["task_list"] = [{"id": t.id, "index": t.index, "status": t.status, "attempt": t.attempt,
                               "worker_id": t.worker_id, "frames": t.spec.get("frames"), "error": t.error,
                               "progress": [t.progress_done, t.progress_total]} for t in tasks]

@@ -135,10 +135,19 @@ def _priced(pricing: Pricing, units: int, per: float, basis: str, rate: int | No
             "price_per_unit_tokens": tokens(rate)}
 
 
+priced = _priced  # the estimate at a given seconds per unit (farm.payments.quotes: a probed job's quote)
+
+
+def request_settings(req: dict[str, Any]) -> dict[str, Any]:
+    """The render settings a job request would be stored with (what history is matched on)."""
+    return splitter.render_settings(req.get("format", "PNG"), req.get("color_depth"), req.get("samples"),
+                                    req.get("resolution_percent"), req.get("resolution"), req.get("time_limit"),
+                                    req.get("passes"))
+
+
 def estimate_request(s: Session, pricing: Pricing, req: dict[str, Any], rate: int | None = None) -> dict[str, Any]:
     """The estimate of a job request (the body of POST /api/jobs), before it is submitted."""
-    settings = splitter.render_settings(req.get("format", "PNG"), req.get("color_depth"), req.get("samples"),
-                                        req.get("resolution_percent"), req.get("resolution"))
+    settings = request_settings(req)
     units = len(splitter.parse_frames(str(req.get("frames", ""))))
     return estimate(s, pricing, units, req.get("scene_sha256") or None, settings, rate)
 
@@ -152,8 +161,9 @@ def estimate_job(s: Session, pricing: Pricing, job: Job, rate: int | None = None
         return {k: quote[k] for k in ("units", "seconds_per_unit", "basis", "cost", "deposit", "fee_bps",
                                       "cost_tokens", "deposit_tokens")} | {
             "price_per_unit": quote["rate"], "price_per_unit_tokens": tokens(quote["rate"])}
-    kind = s.exec(select(Task.kind).where(Task.job_id == job.id).order_by(Task.index)).first() or "render"
-    units = sum(s.exec(select(Task.progress_total).where(Task.job_id == job.id).where(Task.kind == kind)).all())
+    mine = (Task.job_id == job.id) & Task.probe.is_(False)  # a probe render is not the job's work
+    kind = s.exec(select(Task.kind).where(mine).order_by(Task.index)).first() or "render"
+    units = sum(s.exec(select(Task.progress_total).where(mine).where(Task.kind == kind)).all())
     per, basis = seconds_per_unit(s, pricing, job.spec.get("scene_sha256"), job.spec.get("settings"), kind)
     return _priced(pricing, units or job.tasks_total, per, basis, job_rate(pricing, job) if rate is None else rate)
 
@@ -245,6 +255,24 @@ def check_work(s: Session, job_id: int, ref: float | None = None) -> dict[str, t
     return work
 
 
+def probe_work(s: Session, job_id: int, ref: float | None = None) -> dict[str, tuple[int, int]]:
+    """worker id → (measured work in milli-units, 1) for the job's probe render (farm.kinds.probe), when its
+    worker's RESULT was stored: paid by the job, at its reference work per unit × the units a frame holds ×
+    the probe's fraction of a frame's pixels × samples — measured like a check, never claimed."""
+    job = s.get(Job, job_id)
+    probe = (job.spec.get("probe") or {}) if job is not None else {}
+    if not probe.get("worker_id") or "seconds" not in probe:
+        return {}
+    done = s.exec(select(Attempt.id).where(Attempt.task_id == probe["task_id"])
+                  .where(Attempt.attempt == probe.get("attempt")).where(Attempt.worker_id == probe["worker_id"])
+                  .where(Attempt.outcome == "done")).first()
+    if done is None:
+        return {}
+    ref = reference_work(s, job_id) if ref is None else ref
+    units = max(1, int(probe.get("tiles") or 1)) * min(1.0, float(probe.get("fraction") or 1.0))
+    return {probe["worker_id"]: (int(round(ref * units * 1000)), 1)}
+
+
 def shares(s: Session, pricing: Pricing, job_id: int, deposit: int,
            checksum=lambda a: a or None) -> tuple[list[Share], bool]:
     """Each worker's share of the job — its accepted work plus the checks it ran for the job — scaled to fit
@@ -254,6 +282,9 @@ def shares(s: Session, pricing: Pricing, job_id: int, deposit: int,
     rate = job_rate(pricing, s.get(Job, job_id))
     ref = reference_work(s, job_id)
     work, checks = accepted_work(s, job_id, ref), check_work(s, job_id, ref)
+    for worker_id, (ms, n) in probe_work(s, job_id, ref).items():  # the probe is paid as a check is, shown with them
+        cms, cn = checks.get(worker_id, (0, 0))
+        checks[worker_id] = (cms + ms, cn + n)
     for worker_id in sorted(set(work) | set(checks)):
         (ms, n), (cms, cn) = work.get(worker_id, (0, 0)), checks.get(worker_id, (0, 0))
         w = s.get(Worker, worker_id)

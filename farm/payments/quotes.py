@@ -15,6 +15,13 @@ the estimated cost and the deposit at that rate, the ETA — is stored in the jo
 the payouts (:func:`farm.payments.pricing.shares`) use it however the market moves later. A job stored
 without one (created outside the API) pays the fixed ``Pricing.price_per_unit``. ``max_price`` refuses a
 submit whose rate would be above it (tokens per unit), before anything is written.
+
+A job **probed** first (farm.kinds.probe: no history for its scene) gets its rate at submit all the same
+(the price per unit does not depend on the scene, so ``max_price`` is still a 409 at once and nothing is
+written), with ``probing: true`` and the guessed cost; when the probe is measured, :class:`ProbeQuotes`
+re-makes the quote's seconds per unit, cost, deposit and ETA at that locked rate, adds what the probe
+costs (``probe_cost``: paid by the job's deposit, farm.payments.pricing ``probe_work``), and only then is
+the job funded: the deposit taken is the probed one.
 """
 from __future__ import annotations
 
@@ -22,10 +29,11 @@ import os
 import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Callable
 
 from sqlmodel import Session
 
+from farm.kinds import probe as probes
 from farm.kinds.jobs import PRICED_TIERS
 from farm.payments import pricing as pr
 from farm.payments.market import Market
@@ -134,24 +142,64 @@ def offer(market: Market, tiers: TierTerms, req: dict[str, Any]) -> Offer:
 
 
 def estimate_request(s: Session, pricing: pr.Pricing, market: Market, tiers: TierTerms,
-                     req: dict[str, Any]) -> dict[str, Any]:
-    """POST /api/estimate: the estimate at the rate the request would be quoted now, and the tier table."""
+                     req: dict[str, Any], probing: bool = False) -> dict[str, Any]:
+    """POST /api/estimate: the estimate at the rate the request would be quoted now, the tier table, and
+    whether a submit would be probed first (``probing``: this farm probes new scenes)."""
     o = offer(market, tiers, {**req, "max_price": None})
     est = pr.estimate_request(s, pricing, req, o.rate)
+    scene = str(req.get("scene_sha256") or "")
+    would = probing and not probes.has_history(s, scene, pr.request_settings(req))
+    probe = {"would_probe": would,
+             "why": ("no render history for this scene and settings: a submit renders one frame at low "
+                     "resolution first, and the quote (cost, deposit, ETA) is made from it" if would else
+                     "this farm does not probe new scenes (RENDERHIVE_PROBE)" if not probing else
+                     "the farm has rendered this scene with these settings: the estimate is from that history")}
     return {**est, "quote": {**o.view(), "cost": est["cost"], "cost_tokens": est["cost_tokens"],
                              "deposit": est["deposit"], "deposit_tokens": est["deposit_tokens"]},
-            "tiers": tiers.table()}
+            "tiers": tiers.table(), "probe": probe}
 
 
-def lock(s: Session, pricing: pr.Pricing, job: Job, o: Offer, queue: dict[str, Any] | None) -> dict[str, Any]:
-    """Store the quote in a newly created job (a retried submit's job keeps the quote it has)."""
+def lock(s: Session, pricing: pr.Pricing, job: Job, o: Offer, queue: dict[str, Any] | None,
+         probing: bool = False) -> dict[str, Any]:
+    """Store the quote in a newly created job (a retried submit's job keeps the quote it has). ``probing``:
+    the job is probed first; its cost and deposit here are the guess, re-made by :class:`ProbeQuotes`."""
     if "quote" in job.spec:
         return job.spec["quote"]
     est = pr.estimate_job(s, pricing, job, o.rate)
     quote = {**o.view(), "units": est["units"], "seconds_per_unit": est["seconds_per_unit"], "basis": est["basis"],
              "cost": est["cost"], "cost_tokens": est["cost_tokens"], "deposit": est["deposit"],
              "deposit_tokens": est["deposit_tokens"], "fee_bps": pricing.fee_bps, "quoted_at": time.time(),
-             "eta_seconds": (queue or {}).get("eta_seconds")}
+             "eta_seconds": (queue or {}).get("eta_seconds"), "probing": probing}
+    if probing:
+        quote["basis"] = f"probing (until then: {est['basis']})"
     job.spec = {**job.spec, "quote": quote}
     s.add(job)
     return quote
+
+
+class ProbeQuotes:
+    """The core's :class:`farm.kinds.probe.Quoting`: a probed job's quote re-made at its locked rate.
+    ``eta``: the job's ETA now (``farm serve`` passes the queue view's), or None."""
+
+    def __init__(self, pricing: pr.Pricing | None = None,
+                 eta: Callable[[Session, Job], float | None] | None = None):
+        self.pricing = pricing or pr.Pricing.from_env()
+        self.eta = eta
+
+    def quote_probed(self, s: Session, job: Job, seconds_per_unit: float, basis: str) -> dict[str, Any]:
+        old = job.spec.get("quote") or {}
+        rate = int(old["rate"]) if old.get("rate") else pr.job_rate(self.pricing, job)
+        units = int(old.get("units") or job.tasks_total or 1)
+        est = pr.priced(self.pricing, units, seconds_per_unit, basis, rate)
+        fraction = float((job.spec.get("probe") or {}).get("fraction") or 1.0)
+        probe_cost = self.pricing.cost(int(round(seconds_per_unit * fraction * 1000)), rate)
+        quote = {**old, "units": units, "seconds_per_unit": est["seconds_per_unit"], "basis": basis,
+                 "cost": est["cost"], "cost_tokens": est["cost_tokens"], "deposit": est["deposit"],
+                 "deposit_tokens": est["deposit_tokens"], "probing": False, "probed_at": time.time(),
+                 "probe_cost": str(probe_cost), "probe_cost_tokens": pr.tokens(probe_cost),
+                 "guess": {k: old.get(k) for k in ("seconds_per_unit", "cost_tokens", "deposit_tokens")}}
+        job.spec = {**job.spec, "quote": quote}
+        if self.eta is not None:
+            quote["eta_seconds"] = self.eta(s, job)
+            job.spec = {**job.spec, "quote": quote}
+        return quote

@@ -75,6 +75,9 @@ class Task(SQLModel, table=True):
     work_units: float = 0.0  # metered cost of the accepted attempt: seconds × the worker's speed
     # set on the re-render of a spot check (farm/verify/verifier.py): not the job's work, never paid
     check_id: Optional[int] = Field(default=None, index=True)
+    # the probe render of a job without history for its scene (farm/kinds/probe.py): leased while its job is
+    # probing, its output discarded, never counted as the job's work; the worker is not told
+    probe: bool = False
     created_at: float = Field(default_factory=_now)
     updated_at: float = Field(default_factory=_now)
 

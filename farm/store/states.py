@@ -18,6 +18,9 @@ from farm.store.writes import PlainRow, add_row, set_columns
 
 
 class JobStatus(str, enum.Enum):
+    probing = "probing"      # submitted, no render history for its scene: one probe frame measures it first;
+                             # then its quote is locked and it goes on (funding or queued). Only its probe task
+                             # (Task.probe) is leased meanwhile (farm/kinds/probe.py)
     funding = "funding"      # submitted; its deposit is not confirmed in escrow yet: no leases
     queued = "queued"        # submitted, no task started yet
     active = "active"        # at least one task leased
@@ -55,6 +58,7 @@ class TaskStatus(str, enum.Enum):
 J, T = JobStatus, TaskStatus
 
 JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    J.probing: frozenset({J.funding, J.queued, J.canceled, J.failed}),
     J.funding: frozenset({J.queued, J.canceled, J.failed}),
     J.queued: frozenset({J.active, J.paused, J.canceled, J.failed}),
     J.active: frozenset({J.paused, J.rendered, J.canceled, J.failed}),

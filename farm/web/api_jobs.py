@@ -1,5 +1,6 @@
 """Jobs: submit (any kind, through :mod:`farm.kinds.registry`, quoted and its price locked by
-:mod:`farm.payments.quotes`), list, follow (server-sent events), cancel (on the coordinator's thread), and
+:mod:`farm.payments.quotes`; a Blender job of a scene the farm has no history of is probed first,
+:mod:`farm.kinds.probe`), list, follow (server-sent events), cancel (on the coordinator's thread), and
 the outputs, released in full only after approval.
 
 Creators see only their own jobs: another creator's job is a 404, never a 403 that would confirm it exists.
@@ -14,6 +15,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from sqlmodel import select
 
 from farm.kinds import jobs
+from farm.kinds import probe as probes
 from farm.kinds.registry import create_job
 from farm.payments import quotes
 from farm.store.db import session as new_session
@@ -29,6 +31,9 @@ def job_router(api: Api) -> APIRouter:
     engine, blobs, broker = api.engine, api.blobs, api.broker
     SessionDep, UserDep = api.SessionDep, api.UserDep
     serial = api.serial
+    # probes are finished on the coordinator's thread: only a farm with one attached (farm serve) starts them
+    probes_on = (broker is not None and getattr(broker.coord, "quoting", None) is not None
+                 and probes.farm_probes(api.ledger is not None))
 
     def create_quoted(kind: str, req: dict[str, Any], user) -> dict[str, Any]:
         """Create the job with its quote locked (farm.payments.quotes), in one transaction: a max_price above
@@ -42,8 +47,10 @@ def job_router(api: Api) -> APIRouter:
             except quotes.QuoteRefused as exc:
                 raise HTTPException(exc.status, str(exc)) from None
             job = create_job(kind, s, user, blobs, req, api.hold_for_deposit(user))
+            # no history for its scene: one probe frame first, its quote re-made from it (farm.kinds.probe)
+            probing = probes_on and probes.wanted(s, job) and probes.start(s, job) is not None
             s.flush()
-            quotes.lock(s, api.pricing, job, offer, queue_view(s, job))
+            quotes.lock(s, api.pricing, job, offer, queue_view(s, job), probing=probing)
             s.commit()
             return jobs.job_view(s, job)
 

@@ -16,6 +16,7 @@ from sqlmodel import Session, select
 
 from farm.kinds import jobs
 from farm.kinds.jobs import JobError
+from farm.kinds.probe import farm_probes
 from farm.payments import own_wallets, quotes
 from farm.payments import pricing as pr
 from farm.payments.ledger import Ledger, LedgerError
@@ -118,7 +119,7 @@ def payments_router(engine, get_user: Callable, serial: Callable, ledger: Ledger
         settings make the guess; ``tier`` and ``priority`` choose the multiplier)."""
         pricing = ledger.pricing if ledger else pr.Pricing.from_env()
         try:
-            return quotes.estimate_request(s, pricing, market, tiers, body)
+            return quotes.estimate_request(s, pricing, market, tiers, body, probing=farm_probes(ledger is not None))
         except quotes.QuoteRefused as exc:
             raise HTTPException(exc.status, str(exc)) from None
         except (ValueError, TypeError) as exc:

@@ -6,18 +6,21 @@ for before anything else (AI Horde tells every requester its queue position and 
 
 * **capable workers**: only the online workers that can run the job's tasks count — the runtime its kind
   needs, and for a diffusion job the model it names (a job only GPUs with that model can run is not
-  promised the whole farm);
+  promised the whole farm); a trusted- or top-tier job counts only the workers of that tier or
+  better (the scheduler leases it to no other: ``min_tier``), and no job counts a worker on probation;
 * **work ahead**: the queued tasks that those workers take before this job's, in the claim order
   (priority, then job, then index), of jobs that may be leased (``farm.store.states.JOB_SCHEDULABLE``),
   plus the spot checks waiting (they go first: one priority up);
 * **seconds a task**: measured, never guessed when it can be measured — the median of the coordinator's
-  own lease-to-result times of this job's accepted tasks; else of the farm's recent accepted tasks of the
-  same kind; else the pricing default (RENDERHIVE_DEFAULT_SECONDS_PER_FRAME);
+  own lease-to-result times of this job's accepted tasks; else its probe render's measure of a unit
+  (``farm.kinds.probe``) × the units a task holds; else of the farm's recent accepted tasks of the same
+  kind; else the pricing default (RENDERHIVE_DEFAULT_SECONDS_PER_FRAME);
 * **a slot's time a task**: those seconds plus the measured gap between a worker's tasks, times (1 + the
   spot checks the farm's recent job tasks brought): checks and dead time take the same slots;
 * **ETA**: (tasks ahead + this job's tasks left) × a slot's time a task ÷ the capable workers' slots, and
   at least one slot's time a task (a job's tasks run in parallel, but each takes its time).
-  A job waiting for its deposit (``funding``) is given the same figures: they start when it is funded.
+  A job waiting for its deposit (``funding``) or its probe (``probing``) is given the same figures: they
+  start when it is funded.
 
 The ETA is a planning figure; ``tests/e2e/test_queue_eta.py`` measures its error on a real farm.
 """
@@ -32,8 +35,9 @@ from sqlmodel import Session, select
 from farm.payments import pricing as pr
 from farm.store.models import Attempt, Job, Task, Worker
 from farm.store.states import JOB_SCHEDULABLE, JobStatus, TaskStatus
+from farm.verify import reputation as R
 
-WAITING = (JobStatus.funding.value, *(s.value for s in JOB_SCHEDULABLE))
+WAITING = (JobStatus.probing.value, JobStatus.funding.value, *(s.value for s in JOB_SCHEDULABLE))
 LEFT = (TaskStatus.waiting.value, TaskStatus.queued.value, TaskStatus.assigned.value, TaskStatus.running.value)
 RUNTIME = {"render": "blender", "diffusion": "diffusion", "assemble": "assemble", "encode": "encode"}
 SAMPLE = 64  # accepted tasks the seconds-a-task median looks at
@@ -41,14 +45,17 @@ SAMPLE = 64  # accepted tasks the seconds-a-task median looks at
 
 def _main_kind(s: Session, job: Job) -> str:
     return s.exec(select(Task.kind).where(Task.job_id == job.id).where(Task.check_id.is_(None))
-                  .order_by(Task.index)).first() or "render"
+                  .where(Task.probe.is_(False)).order_by(Task.index)).first() or "render"
 
 
 def capable_workers(s: Session, job: Job, kind: str) -> list[Worker]:
     """The online workers whose runtimes (and models) can run ``job``'s tasks of ``kind``."""
     runtime, model = RUNTIME.get(kind, kind), job.spec.get("model_hash")
+    tier = job.spec.get("min_tier") or ""
     out = []
     for w in s.exec(select(Worker).where(Worker.online)).all():
+        if w.tier == R.Tier.probation or not R.at_least(w.tier, tier):  # as farm.core.assignment's filter
+            continue
         caps = w.capabilities or {}
         if runtime not in caps.get("runtimes", ["blender"]):
             continue
@@ -69,6 +76,13 @@ def seconds_per_task(s: Session, job: Job, kind: str) -> tuple[float, str]:
             if x and x > 0]
     if mine:
         return statistics.median(mine), f"median of {len(mine)} of this job's tasks"
+    probe = job.spec.get("probe") or {}
+    if probe.get("seconds_per_unit") is not None:
+        units = s.exec(select(func.coalesce(func.sum(Task.progress_total), 0), func.count())
+                       .where(Task.job_id == job.id).where(Task.kind == kind).where(Task.check_id.is_(None))
+                       .where(Task.probe.is_(False))).one()
+        per_task = units[0] / units[1] if units[1] else 1
+        return probe["seconds_per_unit"] * max(1.0, per_task), "this job's probe render"
     farm = [x for x in s.exec(timed.order_by(Attempt.id.desc()).limit(SAMPLE)).all() if x and x > 0]
     if farm:
         return statistics.median(farm), f"median of the farm's last {len(farm)} {kind} tasks"
@@ -99,7 +113,7 @@ def queue_view(s: Session, job: Job) -> dict[str, Any] | None:
     if job.status not in WAITING:
         return None
     kind = _main_kind(s, job)
-    left = s.exec(select(func.count()).select_from(Task).where(Task.job_id == job.id)
+    left = s.exec(select(func.count()).select_from(Task).where(Task.job_id == job.id).where(Task.probe.is_(False))
                   .where(Task.check_id.is_(None)).where(Task.status.in_(LEFT))).one()
     before = or_(Task.priority > job.priority, (Task.priority == job.priority) & (Task.job_id < job.id),
                  Task.check_id.is_not(None))

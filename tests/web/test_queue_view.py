@@ -63,3 +63,28 @@ def test_only_workers_able_to_run_the_job_count(tmp_path):
     assert q["workers_able"] == 0 and q["eta_seconds"] is None, "a diffusion-only worker cannot render it"
     d.hello(b"gpu", 2)
     assert view(engine, job)["slots_able"] == 2
+
+
+def test_a_trusted_or_top_tier_jobs_eta_counts_only_workers_of_that_tier(tmp_path):
+    """A tier job is leased only to workers of its tier (farm.core.assignment): its ETA is theirs alone. Two
+    new workers, one trusted (vouched), one top: an any-tier job is promised all three slots' worth, a
+    trusted one two, a top one only the top worker's; a worker on probation counts for no job."""
+    from farm.store.models import Worker
+    engine, blobs = make_engine_and_store(tmp_path / "farm")
+    alice, _ = make_user(engine, "alice")
+    any_, trusted, top = (make_job(engine, blobs, alice, frames="1-6", **({"tier": t} if t else {}))
+                          for t in ("", "trusted", "top"))
+    d = Driver(new_coordinator(engine, blobs))
+    for ident in (b"new1", b"new2", b"tr", b"tp", b"bad"):
+        d.hello(ident)
+    with new_session(engine) as s:
+        for wid, tier in (("tr", "trusted"), ("tp", "top"), ("bad", "probation")):
+            s.get(Worker, wid).tier = tier
+        s.commit()
+    q = {name: view(engine, j) for name, j in (("any", any_), ("trusted", trusted), ("top", top))}
+    assert [q[n]["workers_able"] for n in ("any", "trusted", "top")] == [4, 2, 1], q
+    per = q["top"]["seconds_per_task"]
+    # the top job's 6 frames on its one worker; ahead of it the two earlier jobs' 12 tasks (claim order)
+    assert q["top"]["eta_seconds"] == pytest.approx((12 + 6) * per / 1)
+    assert q["trusted"]["eta_seconds"] == pytest.approx((6 + 6) * per / 2)
+    assert q["any"]["eta_seconds"] == pytest.approx(6 * per / 4)
