@@ -14,7 +14,11 @@ the day (a sine, peak at 15:00, trough at 03:00; mean about 0.75 of capacity, th
 10-200 frames in tasks of 4, its seconds a frame log-normal around 30 (σ 0.6), 75 % tier any, 20 %
 trusted, 5 % top; 40 % of creators set ``--max-price`` (1.2-3 × the floor). The estimate a creator is
 quoted uses the farm's median seconds a frame so far (pricing.seconds_per_unit without history for the
-scene): its ratio to the actual cost shows what a probe render would have to fix.
+scene): its ratio to the actual cost shows what a probe render would have to fix. Side by side, the same
+job's estimate after a probe render (:func:`farm.kinds.probe.per_unit`, the code the coordinator runs):
+the probe renders 1/16 of a frame's pixels × samples (:func:`farm.kinds.probe.reduced` of 100 % and 64
+samples) on a random worker, with a fixed part (runtime start, scene load: log-normal around 2 s, σ 0.5)
+that is not scaled; the worker reports its render seconds honestly.
 
 Run: ``.venv/bin/python bench/market.py [--hours 24] [--workers 1000] [--seed 1]``. It checks its own
 results (every price within bounds, every accepted job done, utilisation ≤ 1) and exits non-zero if not.
@@ -34,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from farm.kinds import probe  # noqa: E402
 from farm.payments import market as mk  # noqa: E402
 from farm.payments import pricing as pr  # noqa: E402
 from farm.payments import quotes  # noqa: E402
@@ -43,6 +48,7 @@ CHUNK = 4  # frames a task
 RECENT = 64  # finished tasks the seconds-a-task median looks at (farm.web.queue.SAMPLE)
 GAP = 0.3  # seconds between a worker's tasks (READY round trip, inputs cached)
 TIER_RANK = {"any": 0, "new": 0, "trusted": 1, "top": 2}
+PROBE_FRACTION = probe.reduced({"resolution_percent": 100, "samples": 64})[1]  # 1/16
 
 
 @dataclass
@@ -56,6 +62,7 @@ class Job:
     eta: float
     estimate: int
     cost: int
+    probed: int = 0  # the estimate after a probe render
     left: int = 0
     done_at: float | None = None
 
@@ -71,6 +78,7 @@ class Event:
 class Sim:
     def __init__(self, workers: int, hours: float, seed: int, fixed: bool = False):
         self.rng = random.Random(seed)
+        self.probe_rng = random.Random(seed + 1)
         self.end = hours * 3600
         self.terms = mk.MarketTerms.from_env(pr.Pricing())
         if fixed:  # the baseline: the price before the market, fixed at the floor
@@ -144,6 +152,11 @@ class Sim:
         job = Job(len(self.jobs), self.now, tier, tasks, ref, frames, self.eta(tasks),
                   pr.Pricing().cost(int(frames * per_frame * 1000), offer.rate),
                   pr.Pricing().cost(int(frames * ref * 1000), offer.rate), left=tasks)
+        # the probe render on a random worker (its own generator: the day's draws stay those of the fixed run)
+        render = ref * PROBE_FRACTION / self.speed[self.probe_rng.randrange(len(self.speed))]
+        fixed = self.probe_rng.lognormvariate(math.log(2.0), 0.5)
+        unit, _ = probe.per_unit({"fraction": PROBE_FRACTION, "tiles": 1}, fixed + render, render)
+        job.probed = pr.Pricing().cost(int(frames * unit * 1000), offer.rate)
         self.jobs.append(job)
         for i in range(tasks):
             units = min(CHUNK, frames - i * CHUNK)
@@ -210,6 +223,7 @@ def main() -> int:
     errors = [abs(j.eta - (j.done_at - j.submitted)) / (j.done_at - j.submitted) for j in done]
     signed = [(j.eta - (j.done_at - j.submitted)) / (j.done_at - j.submitted) for j in done]
     est = [j.estimate / j.cost for j in done if j.cost]
+    probed = [j.probed / j.cost for j in done if j.cost]
     util = sim.busy_seconds / (args.workers * sim.end)
     print(f"market bench: {args.workers} workers, {args.hours:g} h simulated twice in {wall:.1f} s; price floor "
           f"{pr.tokens(t.floor)}, ceiling {pr.tokens(t.ceiling)} tokens a unit, half-life {t.half_life:g} s, "
@@ -229,6 +243,8 @@ def main() -> int:
           f"(signed median {statistics.median(signed):+.1%}: + the quote was too long, - too short)")
     print(f"estimate ÷ actual cost (no probe render; the farm's median seconds a frame): median "
           f"{statistics.median(est):.2f}, p10 {pct(est, 0.1):.2f}, p90 {pct(est, 0.9):.2f}")
+    print(f"estimate ÷ actual cost after a probe render (1/{1 / PROBE_FRACTION:.0f} of a frame's pixels × samples): "
+          f"median {statistics.median(probed):.2f}, p10 {pct(probed, 0.1):.2f}, p90 {pct(probed, 0.9):.2f}")
     print("\nagainst the fixed price (the floor all day; same seed and arrival process):")
     print(f"  {'':<28} {'fixed':>10} {'market':>10} {'ratio':>7}")
     for name, f in (("jobs accepted", lambda s: len(s.jobs)), ("utilisation", lambda s: s.busy_seconds / (args.workers * s.end)),

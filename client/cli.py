@@ -303,6 +303,14 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _vram_limit(text: str) -> int:
+    from worker.device_memory import parse_limit
+    try:
+        return parse_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_worker(args) -> int:
     from common.keys import KeyFileError, read_public_key
     from worker import keys
@@ -339,7 +347,8 @@ def cmd_worker(args) -> int:
     try:
         main(args.coordinator, Path(args.cache), args.slots, args.wallet, args.gpus, args.worker_id, args.models,
              benchmark=args.benchmark, server_key=server_key, enroll_token=token, sandbox=not args.no_sandbox,
-             memory_bytes=int(args.max_memory * 1024**3) if args.max_memory else None, availability=rules)
+             memory_bytes=int(args.max_memory * 1024**3) if args.max_memory else None, availability=rules,
+             vram_limit=args.vram_limit)
     except SandboxUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -398,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "with scenes you trust")
     w.add_argument("--max-memory", type=float, default=None, metavar="GIB",
                    help="memory each runtime child may use, in GiB (default: 3/4 of this machine's RAM)")
+    w.add_argument("--vram-limit", type=_vram_limit, default=None, metavar="SIZE",
+                   help="most device memory to lend one diffusion task (GiB, or e.g. 6G, 512M): the farm books no "
+                   "bigger task here (default: the GPU's free memory, or --max-memory on a CPU worker)")
     w.add_argument("--print-key", action="store_true",
                    help="print this worker's public key (made on first use, in the cache dir) and exit")
     w.add_argument("--models", action="append", help="diffusion model folder, or a folder of them (repeatable; "

@@ -36,7 +36,10 @@ def quote_line(q: dict[str, Any]) -> str:
     return (f"quote (locked for this job): {q['rate_tokens']} tokens per measured second "
             f"({q['price_per_unit_tokens']} market price × {q['multiplier']} tier {q['tier']}), "
             f"≈ {q['cost_tokens']} tokens, deposit {q['deposit_tokens']}"
-            + (f", ETA {eta:.0f} s" if eta is not None else ""))
+            + (f", ETA {eta:.0f} s" if eta is not None else "")
+            + (" (a guess until the probe render is measured)" if q.get("probing") else "")
+            + (f"; from the probe render ({q['basis']}), which costs {q['probe_cost_tokens']} of it"
+               if q.get("probe_cost_tokens") else ""))
 
 
 def cmd_estimate(args, client: Client) -> int:

@@ -34,6 +34,9 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str 
 
 
 TEST_ENV = {"RENDERHIVE_LOG": "INFO",
+            # no probe renders of new scenes (farm.kinds.probe) unless a test asks: each test's farm is new to
+            # every scene, and the tests written before the probe count their jobs' leases and events
+            "RENDERHIVE_PROBE": "off",
             # workers must not find (and hash) the developer's own hub models; nothing is ever downloaded
             "HF_HUB_CACHE": str(REPO / ".no-hub-cache-in-tests"), "HF_HUB_OFFLINE": "1"}
 

@@ -39,7 +39,9 @@ _NQ = len(COLUMNS)
 # Statements of the hot path, built once (building one costs about as much as running it).
 _QUEUED = (select(*COLUMNS, Job.id).select_from(Task).join(Job, Job.id == Task.job_id)
            .where(Task.status == TaskStatus.queued.value)
-           .where(or_(Job.status.in_([x.value for x in JOB_SCHEDULABLE]), Task.check_id.is_not(None))))
+           .where(or_(Job.status.in_([x.value for x in JOB_SCHEDULABLE]), Task.check_id.is_not(None),
+                      # a probing job's probe render (farm.kinds.probe), before the job is quoted
+                      Task.probe & (Job.status == JobStatus.probing.value))))
 _TOP = select(func.max(Task.priority)).where(Task.status == TaskStatus.queued.value)
 _NEXT_LEVEL = _TOP.where(Task.priority < bindparam("p"))
 _WINDOW_TOP = (_QUEUED.where(Task.priority == _TOP.scalar_subquery()).order_by(Task.job_id, Task.index)
@@ -149,7 +151,8 @@ class Assignment:
 
     @staticmethod
     def _queued():
-        """Queued tasks of schedulable jobs, and queued checks (a probe may re-check a finished job)."""
+        """Queued tasks of schedulable jobs, queued checks (a probe may re-check a finished job), and the probe
+        renders of probing jobs."""
         return _QUEUED
 
     def _may_take(self, task: Task, job: Job, conn: Conn) -> bool:

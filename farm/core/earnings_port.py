@@ -23,3 +23,6 @@ class Earnings(Protocol):
 
     def credited(self, s: Session, now: float) -> list[tuple[str, P.Earned]]:
         """(worker id, share) of the shares credited since the last call (each sweep)."""
+
+    def moved(self, now: float) -> P.Price | None:
+        """PRICE for every connected worker when the price moved enough since it was last told (each sweep)."""

@@ -8,12 +8,20 @@ operator's floor and ceiling), or the fixed :attr:`Pricing.price_per_unit` witho
 worker`` and the Workers page follow it. (A job pays the price locked at its submit × its tier's multiplier,
 :mod:`farm.payments.quotes`: a trusted-tier job pays its trusted workers 1.5 × by default.) Invariants:
 
+* PRICE is sent after every WELCOME, and again to every connected worker when the price moved by more
+  than :data:`PRICE_STEP` of the last one announced, at most every :data:`PRICE_EVERY` seconds
+  (:meth:`WorkerEarnings.moved`, each sweep): ``farm worker`` shows the live price without a message a
+  sweep for every tick of the market;
+
 * a share is announced only once its round is ``credited`` (the creator approved it): a computed or
   posted list may still be rejected;
 * finding new credits costs one indexed query a second (settlements not yet credited, by status), and
   then only the payouts of the jobs that left that set: nothing scans the payout table.
 """
 from __future__ import annotations
+
+import math
+import os
 
 from sqlmodel import Session, select
 
@@ -30,6 +38,10 @@ RECENT_JOBS = 50
 RECENT_SHARES = 8
 CHECK_INTERVAL = 1.0
 """Seconds between two looks for newly credited shares."""
+PRICE_STEP = float(os.environ.get("RENDERHIVE_PRICE_NOTIFY_STEP") or 0.02)
+"""A move of the price by more than this share of the last announced one is sent to the connected workers."""
+PRICE_EVERY = float(os.environ.get("RENDERHIVE_PRICE_NOTIFY_SECONDS") or 30)
+"""Seconds at least between two announcements of a moved price."""
 
 _UNCREDITED = (SettlementStatus.new.value, SettlementStatus.funding.value, SettlementStatus.open.value,
                SettlementStatus.posted.value, SettlementStatus.disputed.value)
@@ -58,10 +70,25 @@ class WorkerEarnings:
         self.market = market
         self._waiting: set[int] | None = None  # jobs whose shares are not credited yet (None: not looked yet)
         self._looked = 0.0
+        self._told: int | None = None  # the price last announced (wei per unit)
+        self._told_at = -math.inf      # when a moved price was last announced (the coordinator's clock)
 
     def price(self) -> P.Price:
         note = "" if self.payments else "payments are off on this farm (farm serve --chain-rpc off): no job pays"
-        return P.Price(pr.tokens(current_price(self.pricing, self.market)), UNIT, note)
+        wei = current_price(self.pricing, self.market)
+        self._told = wei if self._told is None else self._told  # a later move is measured from the first told
+        return P.Price(pr.tokens(wei), UNIT, note)
+
+    def moved(self, now: float) -> P.Price | None:
+        """PRICE for every connected worker when the price moved past PRICE_STEP since the last announced one
+        and PRICE_EVERY seconds have passed since the last such announcement; else None."""
+        if self.market is None or not self.payments or now - self._told_at < PRICE_EVERY:
+            return None
+        wei = current_price(self.pricing, self.market)
+        if self._told is not None and abs(wei - self._told) <= PRICE_STEP * self._told:
+            return None
+        self._told, self._told_at = wei, now
+        return P.Price(pr.tokens(wei), UNIT, "")
 
     def recent(self, s: Session, worker_id: str) -> list[P.Earned]:
         jobs = s.exec(select(Settlement.job_id).where(Settlement.status.in_(_CREDITED))
