@@ -40,12 +40,12 @@ import zmq
 import zmq.asyncio
 
 from common import limits as L
-from common import model_folders
+from common import model_folders, model_size
 from common import protocol as P
 from common.hashing import file_sha256
 from worker import availability as avail
 from worker import benchmark as bench
-from worker import keys
+from worker import device_memory, keys
 from worker import pipeline as pipe
 from worker import sandbox as sandboxing
 from worker import settings as C
@@ -83,7 +83,8 @@ class WorkerDaemon:
                  gpus: str = "all", worker_id: str | None = None, cache_bytes: int = C.WORKER_CACHE_BYTES,
                  models: list[Path] | None = None, benchmark: str = "auto", server_key: bytes | None = None,
                  enroll_token: str = "", sandbox: bool = True, limits: sandboxing.Limits | None = None,
-                 availability: avail.Availability | None = None, prefetch: int = C.PREFETCH_DEPTH):
+                 availability: avail.Availability | None = None, prefetch: int = C.PREFETCH_DEPTH,
+                 vram_limit: int | None = C.VRAM_LIMIT_BYTES or None):
         self.endpoint = coordinator
         self.dir = Path(cache_dir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,10 @@ class WorkerDaemon:
         self.models: list[model_folders.ModelFolder] = []  # found, checked and hashed in start_runtimes
         self.runtimes: dict[tuple[str, int], RuntimeProcess] = {}  # (runtime name, slot) → child
         self.ready_info: dict[str, Any] = {}
+        self.vram_limit = vram_limit  # caps the memory advertised (farm worker --vram-limit)
+        self.devices: dict[int, str] = {}  # slot → torch device of its diffusion child ("cpu", "cuda:0")
+        self.memory: dict[str, Any] = {}   # capabilities["memory"] (worker.device_memory), set in start_runtimes
+        self.sizes: dict[str, dict[str, Any]] = {}  # model hash → its size figures (common.model_size)
         self.bench_mode = benchmark            # auto (cached when the key matches) | force | off
         self.benchmark: dict[str, Any] | None = None  # capabilities["benchmark"], see worker.benchmark
         self.ctx = zmq.asyncio.Context.instance()
@@ -193,6 +198,8 @@ class WorkerDaemon:
             info = await rt.start()
             if name == "blender":
                 self.ready_info = self.ready_info or info
+            elif name == "diffusion":
+                self.devices[slot] = str((info or {}).get("device") or "cpu")
             self.runtimes[(name, slot)] = rt
         return rt
 
@@ -213,6 +220,13 @@ class WorkerDaemon:
         # with a model on disk the diffusion child starts now too: torch is imported once, not in a task
         names = ["blender"] + (["diffusion"] if any(m.ok for m in self.models) else [])
         await asyncio.gather(*(self._runtime(i, n) for i in range(self.slots) for n in names))
+        self.sizes = await asyncio.to_thread(lambda: {m.hash: model_size.size_of(m.path, m.kind)
+                                                      for m in self.models if m.ok})
+        self.memory = await asyncio.to_thread(device_memory.advert, list(self.devices.values()),
+                                              self.limits.memory_bytes, self.vram_limit)
+        if self.devices:
+            print(f"worker {self.id}: advertises {self.memory['bytes'] / 1024**3:.1f} GiB of "
+                  f"{self.memory['device'].upper()} memory a task ({self.memory['source']})", flush=True)
         devices = self.ready_info.get("devices", [])
         print(f"worker {self.id}: Blender {self.ready_info.get('bpy_version')} ready in {self.slots} slot(s); "
               f"devices: {', '.join(d.get('type', '?') + ' ' + d.get('name', '') for d in devices) or 'CPU'}",
@@ -231,7 +245,10 @@ class WorkerDaemon:
                 "engines": self.ready_info.get("engines", []),
                 "devices": self.ready_info.get("devices", []), "gpu": bool(self.ready_info.get("gpu")),
                 "bpy": self.ready_info.get("bpy_version", ""), "hostname": socket.gethostname(),
-                "cached": self.cache.hashes()[:1000], "models": [m.advert() for m in self.models],
+                "cached": self.cache.hashes()[:1000],
+                "models": [{**m.advert(), **({"size": self.sizes[m.hash]} if m.hash in self.sizes else {})}
+                           for m in self.models],
+                **({"memory": self.memory} if self.memory else {}),
                 "sandbox": self.sandbox_info if self.sandboxed else "none", "prefetch": self.pipeline.depth,
                 **({"benchmark": self.benchmark} if self.benchmark else {})}
 
@@ -596,7 +613,7 @@ class WorkerDaemon:
 def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, worker_id: str | None,
          models: list[str] | None = None, benchmark: str = "auto", server_key: bytes | None = None,
          enroll_token: str = "", sandbox: bool = True, memory_bytes: int | None = None,
-         availability: avail.Availability | None = None) -> None:
+         availability: avail.Availability | None = None, vram_limit: int | None = None) -> None:
     import signal
 
     from common.logs import setup
@@ -608,7 +625,8 @@ def main(coordinator: str, cache_dir: Path, slots: int, wallet: str, gpus: str, 
                               benchmark=benchmark, server_key=server_key, enroll_token=enroll_token,
                               sandbox=sandbox, limits=sandboxing.Limits(
                                   **({"memory_bytes": memory_bytes} if memory_bytes else {})),
-                              availability=availability)
+                              availability=availability,
+                              **({"vram_limit": vram_limit} if vram_limit else {}))
         if server_key:
             print(f"worker {daemon.id}: key {daemon.keypair[0].decode()}; pins the coordinator key "
                   f"{server_key.decode()}", flush=True)

@@ -63,6 +63,11 @@ workers share one host, e.g. to measure how tiles of one frame spread over worke
 VIDEO_DEFAULT_FPS = 24.0
 """Frame rate of a video whose frames carry no scene frame rate (see the Blender runtime's fps note)."""
 
+VRAM_LIMIT_BYTES = int(_env_float("VRAM_LIMIT", 0))
+"""Cap of the device memory a worker advertises for one diffusion task, in bytes (``farm worker
+--vram-limit``; 0: no cap, what worker.device_memory finds). For an owner who shares the GPU with other
+work; the coordinator then books no task bigger than this to the worker (farm.kinds.vram)."""
+
 DIFFUSION_THREADS = int(_env_float("DIFFUSION_THREADS", 0))
 """CPU threads of each diffusion runtime (``torch.set_num_threads``); 0: torch's default, every core. On a
 CPU worker with several slots, or a host shared with other work, give cores ÷ slots: torch's OpenMP threads

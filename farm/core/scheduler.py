@@ -7,8 +7,8 @@ the candidates; a worker with no benchmark counts as the median), times a cache-
 that already holds the task's inputs, mixed with an exploration floor: every candidate gets at least
 EXPLORE / n of the probability, so a new or slow worker still gets work and is measured. A worker that
 has the task's diffusion model loaded is preferred outright (a model load costs seconds to minutes).
-:func:`fits` is the hard filter: the runtime the task's kind needs, and the model hash a diffusion task
-names.
+:func:`fits` is the hard filter: the runtime the task's kind needs, the model hash a diffusion task
+names, and the device memory it books (:mod:`farm.kinds.vram`: never a task to a worker it does not fit).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Any
 
 from farm.core.prefetch import Held
 from farm.core.prefetch import depth as prefetch_depth
+from farm.kinds import vram
 
 
 @dataclass
@@ -43,10 +44,12 @@ class Conn:
     speeds: dict[str, float | None] = field(default_factory=dict)  # the same, per runtime
     measured: bool = False                             # its speed is the coordinator's measure, not its claim
     held: Held | None = None                           # its live leases and their bound (farm/core/prefetch.py)
+    memory: tuple[str, int] = ("cpu", 0)               # (device, bytes a task may use) it advertised (farm/kinds/vram.py)
 
     def __post_init__(self) -> None:
         if self.held is None:
             self.held = Held(self.slots, prefetch_depth(self.capabilities))
+        self.memory = vram.worker_memory(self.capabilities)
         # tolerant on purpose: a malformed entry is ignored rather than stopping every assignment round
         ads = self.capabilities.get("models")
         self.models |= {m["hash"] for m in (ads if isinstance(ads, list) else [])
@@ -93,11 +96,13 @@ RUNTIME_FOR_KIND = {"render": "blender", "assemble": "assemble", "encode": "enco
 
 def fits(task_kind: str, conn: Conn, spec: dict[str, Any] | None = None) -> bool:
     """Whether the worker's runtimes can run a task of this kind (and it holds the model the task names and
-    every other piece in its ``pieces``: LoRA hashes)."""
+    every other piece in its ``pieces``: LoRA hashes), and its advertised memory holds the task's
+    ``memory_need``)."""
     runtime = RUNTIME_FOR_KIND.get(task_kind, task_kind)
     model = (spec or {}).get("model_hash")
     return (runtime in conn.capabilities.get("runtimes", ["blender"]) and (not model or model in conn.models)
-            and all(h in conn.models for h in (spec or {}).get("pieces") or ()))
+            and all(h in conn.models for h in (spec or {}).get("pieces") or ())
+            and (not model or vram.fits(spec.get("memory_need"), conn.memory)))
 
 
 EXPLORE = 0.1

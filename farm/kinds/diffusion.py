@@ -37,6 +37,7 @@ from common import limits as L
 from common import model_folders
 from common.limits import pass_output
 from farm import constants as C
+from farm.kinds import vram
 from farm.kinds.diffusion_inputs import control_inputs, inpaint_inputs
 from farm.kinds.diffusion_pieces import (
     check_held_together,
@@ -237,13 +238,15 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
                  **({"pass": passes[i]} if control_src is not None else {"image_sha256": c["image"]})}
                 for i, c in enumerate(resolve_controls(session, controls))]
     check_held_together(session, model, model_hash, loras + controls)
+    need = vram.job_need(session, model, model_hash, loras, controls, *vram.booked_size(settings, src), per_task)
+    vram.check_some_worker_fits(session, need, model, {model_hash, *(p["hash"] for p in loras + controls)})
     checked = check_prompts(model, [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
                             + ([("the negative prompt", negative)] if negative else []))
     common = {"model": model, "model_hash": model_hash, "mode": mode, **settings,
               **({"loras": loras} if loras else {}), **({"controls": controls} if controls else {}),
               **({"pieces": sorted({p["hash"] for p in loras + controls})} if loras or controls else {}),
               **({"strength": float(strength)} if mode in ("img2img", "inpaint") else {}),
-              **({"input_names": inputs} if inputs else {})}
+              **({"input_names": inputs} if inputs else {}), **({"memory_need": need} if need else {})}
     held = src is not None and src.status not in SOURCE_DONE
     plans = []
     for i in range(0, len(images), per_task):

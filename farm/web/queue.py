@@ -5,9 +5,10 @@ for before anything else (AI Horde tells every requester its queue position and 
 ``farm status JOB``): nothing is stored and nothing runs on the coordinator's thread.
 
 * **capable workers**: only the online workers that can run the job's tasks count — the runtime its kind
-  needs, and for a diffusion job the model it names (a job only GPUs with that model can run is not
-  promised the whole farm); a trusted- or top-tier job counts only the workers of that tier or
-  better (the scheduler leases it to no other: ``min_tier``), and no job counts a worker on probation;
+  needs, and for a diffusion job the model it names and the memory it books (``farm.kinds.vram``: a job
+  only GPUs with that model and memory can run is not promised the whole farm); a trusted- or top-tier
+  job counts only the workers of that tier or better (the scheduler leases it to no other:
+  ``min_tier``), and no job counts a worker on probation;
 * **work ahead**: the queued tasks that those workers take before this job's, in the claim order
   (priority, then job, then index), of jobs that may be leased (``farm.store.states.JOB_SCHEDULABLE``),
   plus the spot checks waiting (they go first: one priority up);
@@ -32,6 +33,7 @@ from typing import Any
 from sqlalchemy import func, or_
 from sqlmodel import Session, select
 
+from farm.kinds import vram
 from farm.payments import pricing as pr
 from farm.store.models import Attempt, Job, Task, Worker
 from farm.store.states import JOB_SCHEDULABLE, JobStatus, TaskStatus
@@ -49,8 +51,9 @@ def _main_kind(s: Session, job: Job) -> str:
 
 
 def capable_workers(s: Session, job: Job, kind: str) -> list[Worker]:
-    """The online workers whose runtimes (and models) can run ``job``'s tasks of ``kind``."""
+    """The online workers whose runtimes (and models, and memory) can run ``job``'s tasks of ``kind``."""
     runtime, model = RUNTIME.get(kind, kind), job.spec.get("model_hash")
+    need = job.spec.get("memory_need") if kind == "diffusion" else None
     tier = job.spec.get("min_tier") or ""
     out = []
     for w in s.exec(select(Worker).where(Worker.online)).all():
@@ -61,6 +64,8 @@ def capable_workers(s: Session, job: Job, kind: str) -> list[Worker]:
             continue
         held = {m.get("hash") for m in caps.get("models") or [] if isinstance(m, dict) and not m.get("error")}
         if not {model, *(job.spec.get("pieces") or [])} - {None, ""} <= held:  # the model and its LoRAs
+            continue
+        if not vram.fits(need, vram.worker_memory(caps)):  # the scheduler never leases it one of these tasks
             continue
         out.append(w)
     return out
