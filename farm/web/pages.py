@@ -38,6 +38,7 @@ from farm.store.db import session as new_session
 from farm.store.models import Job, User, WebSession, Worker
 from farm.store.states import JOB_TERMINAL, JobStatus
 from farm.web import auth
+from farm.web.conditions import condition_blobs, image_conditions
 from farm.web.previews import PreviewCache
 from farm.web.wallet_pages import add_wallet_routes, own_wallet_job
 
@@ -96,6 +97,14 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
                 view["payment"] = payments.payment_view(s, ledger, job)
                 view["payouts"] = payments.payouts_view(s, ledger, job)
             return view
+
+    def own_conditions(job_id: int, user: User) -> dict[str, dict[str, Any]]:
+        """Output name → what made that image (farm.web.conditions), for the creator's own job."""
+        with new_session(engine) as s:
+            job = jobs.get_job(s, job_id, user)
+            if job.owner_id != user.id:
+                raise JobError(f"job {job_id} not found", 404)
+            return image_conditions(s, job)
 
     async def _custodial_only(job_id: int, user: User, kind: str) -> None:
         """A form approves or rejects for a custodial wallet only; a job paid from the creator's own wallet is
@@ -177,6 +186,7 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
         except Exception:  # the chain is down: the page still shows the job; the wallet part says so
             own = False
         return render("job.html", request, user, csrf=ws.csrf, job=view, released=view["status"] in RELEASED,
+                      conditions=own_conditions(job_id, user),
                       reviewable=view["status"] in REVIEWABLE, job_json=json.dumps(_live(view)), own_wallet=own,
                       payments=ledger is not None)
 
@@ -213,6 +223,19 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
                     raise HTTPException(422, f"no preview of {name}: {exc}") from None
                 return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
         raise HTTPException(404, "no such preview")
+
+    @router.get("/jobs/{job_id}/conditions/{sha256}")
+    def condition_thumb(request: Request, job_id: int, sha256: str) -> FileResponse:
+        """A thumbnail of a condition image (control image, render pass, mask, init frame) of one of the
+        creator's jobs: only the blobs that job took as inputs, watermarked and downscaled like a preview."""
+        user, _ = current(request)
+        if sha256 not in condition_blobs(own_conditions(job_id, user)) or not blobs.has(sha256):
+            raise HTTPException(404, "no such condition image in this job")
+        try:
+            path = previews.get(sha256, blobs.path(sha256))
+        except RasterError as exc:
+            raise HTTPException(422, f"no thumbnail of {sha256[:12]}: {exc}") from None
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @router.get("/jobs/{job_id}/download.zip")
     def download_zip(request: Request, job_id: int) -> Response:
