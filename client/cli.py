@@ -497,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub, client_cmd)
     from client import diffusion_cli  # submit-diffusion, models
     diffusion_cli.add_commands(sub, client_cmd)
+    from client import stylise_cli  # stylise: render with passes, then ControlNets over them
+    stylise_cli.add_commands(sub, client_cmd)
     return p
 
 
