@@ -8,9 +8,10 @@ hands its changes to it through ``broker.call``), so no read-modify-write races 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-from sqlalchemy import event
+from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, create_engine
@@ -53,9 +54,8 @@ def make_engine(url: str, upgrade: bool = True) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
     elif url.startswith("postgresql"):
-        # pre_ping: a connection the server closed (restart, idle timeout) is replaced, not handed out
-        engine = create_engine(url, pool_pre_ping=True, isolation_level="READ COMMITTED",
-                               connect_args={"connect_timeout": 10})
+        engine = create_engine(url, isolation_level="READ COMMITTED", connect_args={"connect_timeout": 10})
+        _ping_when_idle(engine)
     else:
         engine = create_engine(url, pool_pre_ping=True)
     if upgrade:
@@ -66,6 +66,31 @@ def make_engine(url: str, upgrade: bool = True) -> Engine:
                                       f"{str(exc.orig).strip()} (check --db or DATABASE_URL, and that the database "
                                       "server runs and the database exists)") from exc
     return engine
+
+
+PING_IDLE_SECONDS = 2.0
+"""A pooled PostgreSQL connection back in the pool for longer than this is pinged before it is handed out."""
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """``pool_pre_ping``, for connections that sat idle only: a connection the server closed (restart, idle
+    timeout) is replaced, not handed out. A ping is a round trip, and the coordinator's step takes its
+    connection back from the pool every few milliseconds: pinging each checkout was one of ~5 round trips
+    of a step (bench/dispatch.py --db pg). A connection that failed while in use is invalidated by
+    SQLAlchemy's own disconnect handling and never returns to the pool."""
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn, record, _proxy) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < PING_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as err:  # the pool then retries the checkout on a new connection
+            raise exc.DisconnectionError(f"pooled connection failed its ping: {err}") from err
 
 
 def session(engine: Engine) -> Session:

@@ -117,6 +117,7 @@ class Writes:
         inserts, updates, adds, fences = self.inserts, self.updates, self.adds, self.fences
         self.inserts, self.updates, self.adds = [], {}, {}
         conn = self.session.connection()
+        pipe = _Pipeline.of(conn)
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for model, values in inserts:  # dicts keep first-seen order: rows of one table stay in order
             groups.setdefault((model, "insert", tuple(values), (), None), []).append(values)
@@ -131,12 +132,80 @@ class Writes:
                 row.update(values)
                 groups.setdefault((model, op, tuple(sorted(values)), tuple(sorted(fence or ())),
                                    key[2] if len(key) > 2 else None), []).append(row)
-        for key, rows in groups.items():
-            matched = _compiled(conn.dialect, *key).run(conn, rows)
-            self.statements += 1
-            if key[3] and matched != len(rows):
-                raise StaleRow(f"{len(rows) - matched} of {len(rows)} fenced {key[0].__name__} rows changed "
-                               "in the database since they were read")
+        if pipe is None:
+            for key, rows in groups.items():
+                _check(key, rows, _compiled(conn.dialect, *key).run(conn, rows))
+                self.statements += 1
+            return
+        try:
+            for key, rows in groups.items():
+                stmt = _compiled(conn.dialect, *key)
+                if stmt.raw:
+                    pipe.add(stmt, key, rows)
+                else:  # through SQLAlchemy, which reads its result at once: what was queued goes first
+                    pipe.sync()
+                    _check(key, rows, stmt.run(conn, rows))
+                self.statements += 1
+            pipe.sync()
+        finally:
+            pipe.close()
+
+
+def _check(key: tuple, rows: list, matched: int) -> None:
+    """A fenced statement (``key[3]`` names its fence columns) must have matched every row."""
+    if key[3] and matched != len(rows):
+        raise StaleRow(f"{len(rows) - matched} of {len(rows)} fenced {key[0].__name__} rows changed "
+                       "in the database since they were read")
+
+
+class _Pipeline:
+    """PostgreSQL (psycopg): a flush's statements sent in one pipeline, with one Sync, so that the step
+    waits for the server once instead of once per statement (psycopg's executemany alone opens and
+    syncs a pipeline of its own per call). A step writes ~8 statements: on a loaded 2-core machine each
+    round trip to the server process costs a context switch or two (bench/dispatch.py --db pg:
+    27 waits for the server a step before). Matched row counts are read once the Sync has returned
+    them; a failed statement raises at the Sync, and the session rolls back as for any error."""
+
+    def __init__(self, dbapi_conn):
+        self.dbapi = dbapi_conn
+        self.ctx = None
+        self.queued: list[tuple[Any, tuple, list]] = []  # (cursor, group key, rows) waiting for the Sync
+
+    @staticmethod
+    def of(conn) -> "_Pipeline | None":
+        dbapi = conn.connection.dbapi_connection
+        return _Pipeline(dbapi) if hasattr(dbapi, "pipeline") and conn.dialect.name == "postgresql" else None
+
+    def add(self, stmt: "_Compiled", key: tuple, rows: list) -> None:
+        if self.ctx is None:
+            self.ctx = self.dbapi.pipeline()
+            self.ctx.__enter__()
+        cursor = self.dbapi.cursor()
+        self.queued.append((cursor, key, rows))
+        cursor.executemany(stmt.sql, stmt.params(rows))  # rides the open pipeline: no Sync of its own
+
+    def sync(self) -> None:
+        """Send what is queued and wait for it; check the fenced statements' counts."""
+        if self.ctx is None:
+            return
+        ctx, self.ctx = self.ctx, None
+        ctx.__exit__(None, None, None)  # the Sync: raises the first failed statement's error
+        queued, self.queued = self.queued, []
+        for cursor, key, rows in queued:
+            _check(key, rows, cursor.rowcount)
+            cursor.close()
+
+    def close(self) -> None:
+        """After an error: leave pipeline mode (the transaction is aborted; the session rolls back)."""
+        if self.ctx is not None:
+            ctx, self.ctx = self.ctx, None
+            try:
+                ctx.__exit__(None, None, None)
+            except Exception:  # noqa: BLE001  (the error being raised already says what failed)
+                pass
+        for cursor, _key, _rows in self.queued:
+            cursor.close()
+        self.queued = []
 
 
 _PK_NAMES = tuple(f"_pk{i}" for i in range(8))  # a row's key columns as statement parameters
@@ -210,19 +279,23 @@ class _Compiled:
         self.plain = not any(procs) and self.positional
         self.getter = operator.itemgetter(*keys) if len(keys) > 1 else (lambda r, k=keys[0]: (r[k],))
 
+    def params(self, rows: list[dict[str, Any]]) -> list:
+        """The driver's parameters for ``rows``, through the columns' bind processors."""
+        fields = self.fields
+        if self.plain:
+            return list(map(self.getter, rows))
+        if self.positional:
+            return [tuple(p(r[k]) if p else r[k] for k, p in fields) for r in rows]
+        return [{n: (p(r[k]) if p else r[k]) for n, (k, p) in zip(self.names, fields)} for r in rows]
+
     def run(self, conn, rows: list[dict[str, Any]]) -> int:
         """Run for ``rows``; returns the number of rows the statement matched (updates)."""
         if self.count_each and len(rows) > 1:
             return sum(self.run(conn, [r]) for r in rows)
-        fields = self.fields
         if not self.raw:
-            return conn.execute(self.stmt, [{n: r[k] for n, (k, _p) in zip(self.names, fields)} for r in rows]).rowcount
-        if self.plain:
-            params = list(map(self.getter, rows))
-        elif self.positional:
-            params = [tuple(p(r[k]) if p else r[k] for k, p in fields) for r in rows]
-        else:
-            params = [{n: (p(r[k]) if p else r[k]) for n, (k, p) in zip(self.names, fields)} for r in rows]
+            return conn.execute(self.stmt, [{n: r[k] for n, (k, _p) in zip(self.names, self.fields)}
+                                            for r in rows]).rowcount
+        params = self.params(rows)
         # the driver's own executemany, on the session's connection and transaction (SQLAlchemy's
         # exec_driver_sql costs ~10x SQLite's work for a statement of a few rows)
         cursor = conn.connection.dbapi_connection.cursor()
