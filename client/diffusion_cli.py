@@ -76,6 +76,30 @@ def parse_loras(values: list[str] | None) -> list[dict[str, Any]]:
     return out
 
 
+def parse_embeddings(values: list[str] | None) -> list[dict[str, Any]]:
+    """``--embedding NAME[:TOKEN]`` (repeatable; NAME may pin a hash as NAME@SHA256) → the API's ``embeddings``."""
+    out = []
+    for text in values or []:
+        name, _, token = text.partition(":")
+        name, _, digest = name.partition("@")
+        if not name.strip():
+            raise ApiError(f"--embedding {text!r}: give NAME or NAME:TOKEN, e.g. --embedding ink:<ink-style>")
+        out.append({"name": name.strip(), **({"token": token} if token else {}), **({"hash": digest} if digest else {})})
+    return out
+
+
+def upscale(args) -> dict[str, Any] | None:
+    """``--upscale NAME[@SHA256]`` with ``--upscale-steps`` and ``--upscale-noise`` → the API's ``upscale``."""
+    if not args.upscale:
+        if args.upscale_steps is not None or args.upscale_noise is not None:
+            raise ApiError("--upscale-steps and --upscale-noise go with --upscale NAME")
+        return None
+    name, _, digest = args.upscale.partition("@")
+    return {"name": name, **({"hash": digest} if digest else {}),
+            **({"steps": args.upscale_steps} if args.upscale_steps is not None else {}),
+            **({"noise_level": args.upscale_noise} if args.upscale_noise is not None else {})}
+
+
 def controls(args, client: Client) -> list[dict[str, Any]] | None:
     """``--control NAME[:WEIGHT]`` with ``--control-image FILE`` (in the same order): uploaded, by sha256."""
     names, images = args.control or [], args.control_image or []
@@ -119,17 +143,22 @@ def cmd_submit_diffusion(args, client: Client) -> int:
         "scheduler": args.scheduler, "per_task": args.per_task, "init_from_job": args.init_from_job,
         "strength": args.strength, "priority": args.priority, "min_tier": args.min_tier or "",
         "loras": parse_loras(args.lora) or None, "controls": controls(args, client), **upload_inpaint(args, client),
-        "control_from_job": args.control_from_job,
+        "control_from_job": args.control_from_job, "mask_from_job": args.mask_from_job,
+        "embeddings": parse_embeddings(args.embedding) or None, "upscale": upscale(args),
         "name": args.name, **{k: v for k, v in payments_cli.priced_args(args).items() if v is not None}}
     job = client.submit_diffusion(**body)
     spec = job["spec"]
     if not args.json:
-        what = (f"ControlNets over the render passes of job {spec['control_from_job']}" if spec.get("control_from_job")
+        what = (f"inpainting the frames of job {spec['mask_from_job']} in their mask pass" if spec.get("mask_from_job")
+                else f"ControlNets over the render passes of job {spec['control_from_job']}" if spec.get("control_from_job")
                 else f"img2img over the frames of job {spec['init_from_job']}" if spec.get("init_from_job")
                 else f"{len(spec['prompts'])} prompt(s) × {spec['count']}"
                 + (", inpainting the uploaded image" if spec.get("mode") == "inpaint" else ""))
         loras = "".join(f" + LoRA {lo['name']} ({lo['hash'][:12]}) x{lo['weight']:g}" for lo in spec.get("loras") or [])
         loras += "".join(f" + ControlNet {c['name']} ({c['hash'][:12]}) x{c['weight']:g}" for c in spec.get("controls") or [])
+        loras += "".join(f" + embedding {e['name']} ({e['hash'][:12]}) as {e['token']}" for e in spec.get("embeddings") or [])
+        if spec.get("upscale"):
+            loras += f", upscaled x{spec['upscale']['scale']} by {spec['upscale']['name']} ({spec['upscale']['hash'][:12]})"
         print(f"job {job['id']} {job['status']}: {spec['images_total']} images ({what}) of {spec['model']} "
               f"({spec['model_hash'][:12]}){loras}, seeds {spec['seed']}-{spec['seed'] + spec['images_total'] - 1}, "
               f"{job['tasks']['total'] - 1} tasks + a contact sheet")
@@ -160,6 +189,23 @@ def cmd_models(args) -> int:
         path = build_lora(Path(args.model), Path(args.out), seed=args.seed)
         print(f"tiny LoRA ({model_folders.HashCache(None).file_sha256(path)[:12]}) written to {path.resolve()}; workers serving "
               f"--models {path.resolve().parent.parent} hold it as {path.stem!r}")
+        return 0
+    if args.action in ("tiny-upscaler", "tiny-embedding"):
+        from worker.runtimes.tiny_pipeline import build_embedding, build_upscaler
+        if args.action == "tiny-embedding":
+            if not args.out or not str(args.out).endswith(".safetensors"):
+                print("error: farm models tiny-embedding needs --out MODELS/embeddings/NAME.safetensors", file=sys.stderr)
+                return 2
+            path = build_embedding(Path(args.out), seed=args.seed)
+            digest = model_folders.HashCache(None).file_sha256(path)
+        else:
+            if not args.out:
+                print("error: farm models tiny-upscaler needs --out MODELS/upscalers/NAME", file=sys.stderr)
+                return 2
+            path = build_upscaler(Path(args.out))
+            digest = model_folders.folder_hash(path)
+        print(f"tiny {args.action[5:]} ({digest[:12]}) written to {path.resolve()}; workers serving "
+              f"--models {path.resolve().parent.parent} hold it as {(path.stem if path.is_file() else path.name)!r}")
         return 0
     if args.action == "tiny-controlnet":
         from worker.runtimes.tiny_pipeline import build_controlnet
@@ -214,15 +260,26 @@ def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
                          "i from frame i; each --control names its pass (depth, normal, mask)")
     sd.add_argument("--image", default=None, help="inpainting: the PNG to paint into (with --mask)")
     sd.add_argument("--mask", default=None, help="inpainting: a PNG mask of the image's size, white where to repaint")
+    sd.add_argument("--mask-from-job", type=int, default=None, metavar="JOB",
+                    help="inpainting over this job's frames, each repainted where its mask pass is white (render it "
+                         "with --passes mask): image i from frame i")
+    sd.add_argument("--embedding", action="append", metavar="NAME[:TOKEN]",
+                    help="a textual-inversion embedding workers hold (their embeddings/ folder); write TOKEN (default "
+                         "NAME) in the prompt; repeatable")
+    sd.add_argument("--upscale", default=None, metavar="NAME",
+                    help="upscale each image x4 with this upscaler workers hold (their upscalers/ folder)")
+    sd.add_argument("--upscale-steps", type=int, default=None, help="the upscaler's steps (default: --steps)")
+    sd.add_argument("--upscale-noise", type=int, default=None, help="noise level added before upscaling (default 20)")
     sd.add_argument("--lora", action="append", metavar="NAME[:WEIGHT]",
                     help="apply a LoRA that workers hold (their loras/ folder), weight default 1; repeatable")
     add_follow_args(sd, "images")
     sd.set_defaults(func=cmd_submit_diffusion)
 
     m = sub.add_parser("models", help="diffusion model folders and LoRAs: build tiny test ones, list local ones")
-    m.add_argument("action", choices=["tiny", "tiny-lora", "tiny-controlnet", "list"],
-                   help="tiny: build the tiny test pipeline; tiny-lora / tiny-controlnet: a random LoRA / ControlNet "
-                        "for it; list: local models")
+    m.add_argument("action", choices=["tiny", "tiny-lora", "tiny-controlnet", "tiny-upscaler", "tiny-embedding", "list"],
+                   help="tiny: build the tiny test pipeline; tiny-lora / tiny-controlnet / tiny-embedding: a random "
+                        "LoRA / ControlNet / textual inversion for it; tiny-upscaler: a tiny x4 upscaler; list: local "
+                        "models")
     m.add_argument("--out", default=None, help="tiny: the model folder to write (its name is the model's name); "
                                                "tiny-lora: MODELS/loras/NAME.safetensors")
     m.add_argument("--model", default=None, help="tiny-lora: the tiny model folder the LoRA is for")

@@ -10,7 +10,9 @@ of model folders, one level down) and in the local Hugging Face hub cache (``mod
 ``snapshots/<revision>``, named ``org/name``). LoRA weights are single files in a ``loras/`` folder of a
 models folder (``models/loras/NAME.safetensors``, named NAME), advertised with ``kind: "lora"``; ControlNets are folders in
 a ``controlnets/`` folder (``models/controlnets/NAME/`` as ``ControlNetModel.save_pretrained`` writes it),
-advertised with ``kind: "controlnet"``. Invariants:
+advertised with ``kind: "controlnet"``; upscalers are pipeline folders (a ``StableDiffusionUpscalePipeline``) in an
+``upscalers/`` folder, ``kind: "upscaler"``; textual-inversion embeddings are safetensors files in an ``embeddings/``
+(or ``textual_inversions/``) folder, ``kind: "embedding"``. Invariants:
 
 * a model's **hash** is the sha256 over the sorted (relative path, sha256 of the file) of all its files
   (hidden files excluded), so it names the exact weights wherever the folder lives; file hashes are
@@ -22,6 +24,10 @@ advertised with ``kind: "controlnet"``. Invariants:
   is the file's sha256; any other file in ``loras/`` (pickles above all) is reported with its error;
 * a ControlNet folder holds a config.json naming ControlNetModel and safetensors weights only (no pickle),
   at most :data:`CONTROLNET_MAX_BYTES` in all; its hash is the folder hash, like a model's;
+* an upscaler folder passes :func:`check` like a model and its model_index names one of :data:`UPSCALERS`;
+* an embedding is a safetensors file of at most :data:`EMBEDDING_MAX_BYTES` whose header holds one or two
+  float tensors of at most :data:`EMBEDDING_MAX_VECTORS` vectors (``emb_params``, ``<token>``, or SDXL's
+  ``clip_l``/``clip_g``); its hash is the file's sha256;
 * nothing here downloads anything.
 """
 from __future__ import annotations
@@ -51,6 +57,19 @@ CONTROLNET_DIR = "controlnets"
 """The folder of ControlNet folders inside a models folder (never itself a model)."""
 CONTROLNET_MAX_BYTES = 8 << 30
 """Largest ControlNet folder accepted (an SDXL ControlNet in float32 is about 5 GB)."""
+UPSCALER_DIR = "upscalers"
+"""The folder of upscaler pipeline folders inside a models folder (never itself a model)."""
+UPSCALERS = {"StableDiffusionUpscalePipeline": 4}
+"""Upscale pipeline classes accepted (model_index ``_class_name``) → their scale factor."""
+EMBEDDING_DIRS = ("embeddings", "textual_inversions")
+"""The folders of textual-inversion embeddings inside a models folder (never themselves models)."""
+EMBEDDING_MAX_BYTES = 16 << 20
+"""Largest embedding file accepted (a 75-vector SDXL embedding in float32 is under 1 MB)."""
+EMBEDDING_MAX_VECTORS = 75
+"""Most vectors one embedding may add (the prompt itself holds 75 tokens)."""
+EMBEDDING_DTYPES = ("F16", "BF16", "F32", "F64")
+NOT_MODELS = (LORA_DIR, CONTROLNET_DIR, UPSCALER_DIR, *EMBEDDING_DIRS)
+"""Folders of a models folder that hold pieces, never pipelines."""
 LORA_KEY_MARKS = ("lora_A", "lora_B", "lora_up", "lora_down", "lora.up", "lora.down")
 """Substrings of the tensor names of a LoRA in the diffusers/peft or kohya layouts."""
 
@@ -62,7 +81,7 @@ class ModelFolder:
     path: Path
     hash: str = ""
     error: str = ""
-    kind: str = "pipeline"  # or "lora": one safetensors file of LoRA weights; "controlnet": a ControlNet folder
+    kind: str = "pipeline"  # or "lora" / "embedding": one safetensors file; "controlnet" / "upscaler": a folder
 
     @property
     def ok(self) -> bool:
@@ -102,7 +121,7 @@ def find(dirs: Iterable[Path], hub: bool = True) -> list[tuple[str, Path]]:
         if (d / MODEL_INDEX).exists() or not d.is_dir():
             found.setdefault(d.name, d)
             continue
-        subs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in (LORA_DIR, CONTROLNET_DIR))
+        subs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_MODELS)
         for p in subs:
             if (p / MODEL_INDEX).exists() or any(p.iterdir()):
                 found.setdefault(p.name, p)
@@ -385,8 +404,84 @@ def scan_controlnets(dirs: Iterable[Path], cache: HashCache) -> list[ModelFolder
     return out
 
 
+def check_upscaler(folder: Path) -> str:
+    """What makes ``folder`` unusable as an upscaler ("" when it looks complete). Reads headers only."""
+    problem = check(folder)
+    if problem:
+        return problem.replace(BUILD_HINT, "save it with StableDiffusionUpscalePipeline.save_pretrained(DIR) (for a "
+                               "test upscaler: `farm models tiny-upscaler --out DIR`)")
+    cls = json.loads((Path(folder) / MODEL_INDEX).read_text()).get("_class_name")
+    if cls not in UPSCALERS:
+        return (f"{folder} is a {cls}, not an upscaler ({', '.join(UPSCALERS)}): only upscale pipelines belong in "
+                f"{UPSCALER_DIR}/")
+    return ""
+
+
+def upscale_factor(folder: Path) -> int:
+    """The scale of the upscaler folder (1 when it is none)."""
+    try:
+        return UPSCALERS.get(json.loads((Path(folder) / MODEL_INDEX).read_text()).get("_class_name"), 1)
+    except (OSError, ValueError, AttributeError):
+        return 1
+
+
+def check_embedding(path: Path) -> str:
+    """What makes ``path`` unusable as a textual-inversion embedding ("" when it looks right). Header only."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        what = "holds pickled weights, which can run code when loaded" if path.suffix in PICKLE_SUFFIXES else \
+            "is not a .safetensors file"
+        return (f"embedding {path.name} {what}: only safetensors embeddings are accepted (convert it on a machine "
+                "you trust, e.g. safetensors.torch.save_file({'emb_params': torch.load(F)['string_to_param']['*']}, "
+                "NAME.safetensors), and delete the original)")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"embedding {path} cannot be read ({exc})"
+    if size > EMBEDDING_MAX_BYTES:
+        return (f"embedding {path.name} is {size / 2**20:.1f} MiB, over the limit of {EMBEDDING_MAX_BYTES >> 20} MiB: "
+                "no textual inversion is that big (is it a LoRA or a model?)")
+    problem = _safetensors_problem(path)
+    if problem:
+        return f"embedding {path.name} {problem}: copy it again"
+    tensors = {k: v for k, v in safetensors_header(path)[1].items() if k != "__metadata__"}
+    if not 1 <= len(tensors) <= 2:
+        return (f"embedding {path.name} holds {len(tensors)} tensors: a textual inversion holds one (emb_params or "
+                "its token) or SDXL's two (clip_l, clip_g)")
+    for key, t in tensors.items():
+        shape = t.get("shape") if isinstance(t, dict) else None
+        if t.get("dtype") not in EMBEDDING_DTYPES or not isinstance(shape, list) or not 1 <= len(shape) <= 2 \
+                or not all(isinstance(n, int) and n > 0 for n in shape) or shape[-1] > 4096 \
+                or (len(shape) == 2 and shape[0] > EMBEDDING_MAX_VECTORS):
+            return (f"embedding {path.name}: tensor {key!r} ({t.get('dtype')} {shape}) is no embedding (float "
+                    f"vectors: [width] or [at most {EMBEDDING_MAX_VECTORS}, width])")
+    return ""
+
+
+def scan_pieces(dirs: Iterable[Path], cache: HashCache) -> list[ModelFolder]:
+    """Every upscaler folder and embedding file found, checked and hashed (first name wins)."""
+    found: dict[tuple[str, str], Path] = {}
+    for d in dirs:
+        for kind, subs in (("upscaler", (UPSCALER_DIR,)), ("embedding", EMBEDDING_DIRS)):
+            for sub in subs:
+                folder = Path(d) / sub
+                for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+                    if not p.name.startswith(".") and (p.is_dir() if kind == "upscaler" else p.is_file()):
+                        found.setdefault((kind, p.stem if kind == "embedding" else p.name), p)
+    out = []
+    for (kind, name), path in sorted(found.items()):
+        problem, digest = (check_upscaler if kind == "upscaler" else check_embedding)(path), ""
+        if not problem:
+            try:
+                digest = folder_hash(path, cache) if kind == "upscaler" else cache.file_sha256(path)
+            except OSError as exc:
+                problem = f"cannot read {kind} {path}: {exc}"
+        out.append(ModelFolder(name, path.resolve(), digest, problem, kind=kind))
+    return out
+
+
 def scan(dirs: Iterable[Path], cache_file: Path | None = None, hub: bool = True) -> list[ModelFolder]:
-    """Every model folder, LoRA file and ControlNet folder found, checked and hashed (hashes cached in ``cache_file``)."""
+    """Every model folder, LoRA file, ControlNet, upscaler and embedding found, checked and hashed (hashes cached in ``cache_file``)."""
     dirs = list(dirs)
     cache = HashCache(cache_file)
     models = []
@@ -399,7 +494,7 @@ def scan(dirs: Iterable[Path], cache_file: Path | None = None, hub: bool = True)
             except OSError as exc:
                 problem = f"cannot read model folder {path}: {exc}"
         models.append(ModelFolder(name, Path(path).resolve(), digest, problem))
-    models += scan_loras(dirs, cache) + scan_controlnets(dirs, cache)  # after the pipelines: code that takes
+    models += scan_loras(dirs, cache) + scan_controlnets(dirs, cache) + scan_pieces(dirs, cache)  # after the pipelines: code that takes
     # "the first model" gets one
     try:
         cache.save()

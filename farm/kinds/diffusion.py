@@ -6,7 +6,9 @@ with seed ``seed + k``. An img2img job (``init_from_job``) makes one image per P
 image i starts from frame i (``image_0003_frame_0004.png``), prompts taken in turn, seed ``seed + i``.
 An inpainting job (``mask`` and ``init_image``: uploaded PNG blobs, :mod:`farm.kinds.diffusion_inputs`)
 makes ``count`` images of each prompt like txt2img, each repainting the white part of the mask in the image.
-A txt2img job may name ControlNets (``controls``: name, weight, control image blob), all applied to every image.
+Any of them may name ControlNets (``controls``: name, weight, control image blob), all applied to every image,
+or take them from a render job's passes (``control_from_job``); ``mask_from_job`` J inpaints over J's frames with
+each frame's mask pass; ``embeddings`` and an ``upscale`` post-process are pieces pinned like LoRAs.
 Images are grouped ``per_task`` to a task (micro-batches); one more task, ``contact_sheet``, waits for all
 of them. Every seed, prompt and setting is in the task's spec and in the job's spec, so any image can be
 made again. Invariants:
@@ -42,10 +44,14 @@ from farm.kinds.diffusion_inputs import control_inputs, inpaint_inputs
 from farm.kinds.diffusion_pieces import (
     check_held_together,
     parse_controls,
+    parse_embeddings,
     parse_loras,
+    parse_upscale,
     resolve_controls,
+    resolve_embeddings,
     resolve_loras,
     resolve_model,
+    resolve_upscale,
 )
 from farm.kinds.frames import TaskPlan
 from farm.kinds.jobs import JobError, get_job, job_for_key, min_tier, store_plans
@@ -163,6 +169,8 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     settings = _settings(req)
     loras = parse_loras(req.get("loras"))
     controls = parse_controls(req.get("controls"))
+    embeddings = parse_embeddings(req.get("embeddings"))
+    upscale = parse_upscale(req.get("upscale"), settings)
     per_task = _int(req, "per_task", 1, 1, C.MAX_DIFFUSION_PER_TASK, " images per task")
     seed = req.get("seed")
     seed = random.SystemRandom().randrange(2**32) if seed is None else seed
@@ -171,40 +179,57 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     src_id = req.get("init_from_job")
     strength = req.get("strength")
     inputs: dict[str, str] = {}
-    if req.get("mask") and src_id is not None:
-        raise JobError("inpainting over another job's frames is not supported yet: give --image and --mask")
-    control_src = req.get("control_from_job")
-    if controls and (req.get("mask") or src_id is not None):
-        raise JobError("ControlNets work with text-to-image jobs for now: leave out --mask and --init-from-job")
+    mask_src, control_src = req.get("mask_from_job"), req.get("control_from_job")
+    if req.get("mask") and (src_id is not None or mask_src is not None):
+        raise JobError("give the mask either as a file (--mask with --image) or as a render job's mask pass "
+                       "(--mask-from-job), not both; over another job's frames use --mask-from-job")
+    if mask_src is not None and src_id is not None:
+        raise JobError("--mask-from-job J inpaints over J's frames already: leave out --init-from-job")
+    frame_src = mask_src if mask_src is not None else src_id  # the job whose frames are the init images
+    if control_src is not None and frame_src is not None and int(control_src) != int(frame_src):
+        raise JobError(f"the render passes (job {control_src}) and the frames (job {frame_src}) must come from the "
+                       "same render job: image i takes frame i and that frame's passes")
     if control_src is not None:
         passes = _control_passes(controls)
     elif controls:
         inputs = control_inputs(blobs, controls)
     if req.get("mask"):
-        inputs, (w, h) = inpaint_inputs(blobs, req)
-        strength = 1.0 if strength is None else strength
-        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise JobError(f"strength must be a number above 0 and at most 1 (got {strength!r})")
+        pictures, (w, h) = inpaint_inputs(blobs, req)
+        inputs = {**inputs, **pictures}
         settings["width"] = settings["width"] or max(8, w // 8 * 8)
         settings["height"] = settings["height"] or max(8, h // 8 * 8)
+    if req.get("mask") or frame_src is not None:  # inpainting (strength 1) or img2img (0.5) by default
+        strength = (1.0 if req.get("mask") or mask_src is not None else 0.5) if strength is None else strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise JobError(f"strength must be a number above 0 and at most 1 (got {strength!r})")
         if int(settings["steps"] * strength) < 1:
             raise JobError(f"steps × strength = {settings['steps']} × {strength} is under one denoising step: "
                            "raise --steps or --strength")
-    if control_src is not None:  # image i from the render passes of frame i of that job
+    if control_src is not None or frame_src is not None:  # image i from frame i of that job (and its passes)
         if req.get("count") not in (None, 1):
-            raise JobError("with control_from_job each source frame gives one image: leave count at 1")
-        src, frames = _source_frames(session, owner, int(control_src))
+            raise JobError("with a source job (init_from_job, mask_from_job, control_from_job) each source frame "
+                           "gives one image: leave count at 1")
+        src, frames = _source_frames(session, owner, int(frame_src if frame_src is not None else control_src))
+        if len(frames) > C.MAX_DIFFUSION_IMAGES:
+            raise JobError(f"job {src.id} has {len(frames)} frames: at most {C.MAX_DIFFUSION_IMAGES} images "
+                           "in one job")
         rendered = (src.spec.get("settings") or {}).get("passes") or []
-        for c, name in zip(controls, passes):
+        for c, name in zip(controls, passes if control_src is not None else []):
             if name not in rendered:
                 raise JobError(f"job {src.id} rendered no {name} pass for ControlNet {c['name']!r}: render it with "
                                f"--passes {','.join(sorted({*rendered, name}))}, or pick a ControlNet of one of "
                                f"its passes ({', '.join(rendered) or 'none'})")
+        if mask_src is not None and "mask" not in rendered:
+            raise JobError(f"job {src.id} rendered no mask pass to inpaint with: render it with --passes "
+                           f"{','.join(sorted({*rendered, 'mask'}))}")
         images = [{"name": image_name(i, f), "index": i, "seed": seed + i, "prompt": prompts[i % len(prompts)],
-                   "negative": negative, "control_names": [pass_output(name, f) for name in passes],
-                   "source": {"job": src.id, "frame": f, "name": fname}} for i, (f, fname) in enumerate(frames)]
-        mode = "txt2img"
-    elif src_id is None:
+                   "negative": negative, "source": {"job": src.id, "frame": f, "name": fname},
+                   **({"init_name": fname} if frame_src is not None else {}),
+                   **({"mask_name": pass_output("mask", f)} if mask_src is not None else {}),
+                   **({"control_names": [pass_output(name, f) for name in passes]} if control_src is not None else {})}
+                  for i, (f, fname) in enumerate(frames)]
+        mode = "inpaint" if mask_src is not None else "img2img" if src_id is not None else "txt2img"
+    else:
         count = _int(req, "count", 1, 1, C.MAX_DIFFUSION_IMAGES, " images per prompt")
         if count * len(prompts) > C.MAX_DIFFUSION_IMAGES:
             raise JobError(f"{len(prompts)} prompts × {count} = {count * len(prompts)} images: at most "
@@ -214,37 +239,24 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
         images = [{"name": image_name(k), "index": k, "seed": seed + k, "prompt": prompts[k // count],
                    "negative": negative} for k in range(count * len(prompts))]
         src, mode = None, "inpaint" if req.get("mask") else "txt2img"
-    else:
-        strength = 0.5 if strength is None else strength
-        if req.get("count") not in (None, 1):
-            raise JobError("with init_from_job each source frame gives one image: leave count at 1")
-        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise JobError(f"strength must be a number above 0 and at most 1 (got {strength!r})")
-        if int(settings["steps"] * strength) < 1:
-            raise JobError(f"steps × strength = {settings['steps']} × {strength} is under one denoising step: "
-                           "raise --steps or --strength")
-        src, frames = _source_frames(session, owner, int(src_id))
-        if len(frames) > C.MAX_DIFFUSION_IMAGES:
-            raise JobError(f"job {src.id} has {len(frames)} frames: at most {C.MAX_DIFFUSION_IMAGES} images "
-                           "in one job")
-        images = [{"name": image_name(i, f), "index": i, "seed": seed + i, "prompt": prompts[i % len(prompts)],
-                   "negative": negative, "init_name": fname, "source": {"job": src.id, "frame": f, "name": fname}}
-                  for i, (f, fname) in enumerate(frames)]
-        mode = "img2img"
     model = str(req.get("model") or "").strip()
     model_hash = resolve_model(session, model, str(req.get("model_hash") or ""))
     loras = resolve_loras(session, loras)
     controls = [{"name": c["name"], "hash": c["hash"], "weight": c["weight"],
                  **({"pass": passes[i]} if control_src is not None else {"image_sha256": c["image"]})}
                 for i, c in enumerate(resolve_controls(session, controls))]
-    check_held_together(session, model, model_hash, loras + controls)
+    embeddings, upscale = resolve_embeddings(session, embeddings), resolve_upscale(session, upscale)
+    extra = embeddings + ([upscale] if upscale else [])  # pieces beyond LoRAs and ControlNets
+    check_held_together(session, model, model_hash, loras + controls + extra)
     need = vram.job_need(session, model, model_hash, loras, controls, *vram.booked_size(settings, src), per_task)
     vram.check_some_worker_fits(session, need, model, {model_hash, *(p["hash"] for p in loras + controls)})
     checked = check_prompts(model, [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
                             + ([("the negative prompt", negative)] if negative else []))
     common = {"model": model, "model_hash": model_hash, "mode": mode, **settings,
               **({"loras": loras} if loras else {}), **({"controls": controls} if controls else {}),
-              **({"pieces": sorted({p["hash"] for p in loras + controls})} if loras or controls else {}),
+              **({"embeddings": embeddings} if embeddings else {}), **({"upscale": upscale} if upscale else {}),
+              **({"pieces": sorted({p["hash"] for p in loras + controls + extra})} if loras or controls or extra
+                 else {}),
               **({"strength": float(strength)} if mode in ("img2img", "inpaint") else {}),
               **({"input_names": inputs} if inputs else {}), **({"memory_need": need} if need else {})}
     held = src is not None and src.status not in SOURCE_DONE
@@ -262,6 +274,7 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     spec = {**common, "prompts": prompts, "negative": negative, "seed": seed, "count": per_prompt,
             "per_task": per_task, "images_total": len(images), "init_from_job": src.id if src else None,
             **({"control_from_job": src.id} if control_src is not None else {}),
+            **({"mask_from_job": src.id} if mask_src is not None else {}),
             "prompts_checked": checked, "client_key": client_key, "min_tier": min_tier(req)}
     job = store_plans(session, owner, "diffusion", str(req.get("name") or "")[:200] or f"{mode} {model}",
                       int(req.get("priority") or 0), spec, plans,
@@ -301,17 +314,22 @@ def _release(session: Session, job: Job, src: Job, now: float, queue: bool = Tru
     for task in tasks:
         images = [dict(im) for im in task.spec.get("images", [])]
         names = [n for im in images for n in ([im["init_name"]] if im.get("init_name") else [])
-                 + im.get("control_names", [])]  # an img2img frame, or a ControlNet job's render passes
+                 + ([im["mask_name"]] if im.get("mask_name") else [])
+                 + im.get("control_names", [])]  # an img2img frame (its mask pass), a ControlNet job's passes
         missing = [n for n in names if n not in outs]
         if missing:
             return f"source job {src.id} has no output {missing[0]}"
         for im in images:
             shas = {"sha256": outs[im["init_name"]].sha256} if im.get("init_name") else {}
+            if im.get("mask_name"):
+                shas["mask_sha256"] = outs[im["mask_name"]].sha256
             if im.get("control_names"):
                 shas["control_sha256"] = [outs[n].sha256 for n in im["control_names"]]
             im["source"] = {**im["source"], **shas}
-        task.inputs = list(dict.fromkeys(outs[n].sha256 for n in names))
-        task.spec = {**task.spec, "images": images, "input_names": {n: outs[n].sha256 for n in names}}
+        uploaded = {k: v for k, v in (job.spec.get("input_names") or {}).items()}  # e.g. control images
+        named = {**uploaded, **{n: outs[n].sha256 for n in names}}
+        task.inputs = list(dict.fromkeys(named.values()))
+        task.spec = {**task.spec, "images": images, "input_names": named}
         session.add(task)
         if queue and task.status == TaskStatus.waiting.value:
             transition(session, task, TaskStatus.queued, reason=f"source job {src.id} is rendered", now=now)

@@ -1,5 +1,5 @@
-"""The pieces a diffusion job needs on a worker — its model, its LoRAs and its ControlNets — resolved at
-submit from what registered workers advertise, and pinned by hash.
+"""The pieces a diffusion job needs on a worker — its model, its LoRAs, ControlNets, textual-inversion
+embeddings and upscaler — resolved at submit from what registered workers advertise, and pinned by hash.
 
 A worker advertises each model folder and each LoRA file it holds as ``{name, hash[, kind][, error]}`` in
 HELLO ``capabilities["models"]`` (``kind`` absent for a pipeline, ``"lora"`` for LoRA weights, ``"controlnet"`` for a ControlNet; see
@@ -15,6 +15,7 @@ HELLO ``capabilities["models"]`` (``kind`` absent for a pipeline, ``"lora"`` for
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from typing import Any
 
@@ -34,8 +35,25 @@ HOW_TO_ADD_LORA = ("put the LoRA's .safetensors file in the loras/ folder of a w
 HOW_TO_ADD_CONTROLNET = ("put the ControlNet folder (ControlNetModel.save_pretrained) in the controlnets/ folder of a "
                          "worker's --models DIR and restart the worker (for a test ControlNet: `farm models "
                          "tiny-controlnet --model DIR/tiny-sd --out DIR/controlnets/NAME`)")
-HOW_TO = {"pipeline": HOW_TO_ADD, "lora": HOW_TO_ADD_LORA, "controlnet": HOW_TO_ADD_CONTROLNET}
-KIND_WORDS = {"pipeline": "model", "lora": "LoRA", "controlnet": "ControlNet"}
+HOW_TO_ADD_EMBEDDING = ("put the embedding's .safetensors file in the embeddings/ folder of a worker's --models DIR and "
+                        "restart the worker (for a test embedding: `farm models tiny-embedding --out "
+                        "DIR/embeddings/NAME.safetensors`)")
+HOW_TO_ADD_UPSCALER = ("put the upscaler folder (StableDiffusionUpscalePipeline.save_pretrained) in the upscalers/ "
+                       "folder of a worker's --models DIR and restart the worker (for a test upscaler: `farm models "
+                       "tiny-upscaler --out DIR/upscalers/NAME`)")
+HOW_TO = {"pipeline": HOW_TO_ADD, "lora": HOW_TO_ADD_LORA, "controlnet": HOW_TO_ADD_CONTROLNET,
+          "embedding": HOW_TO_ADD_EMBEDDING, "upscaler": HOW_TO_ADD_UPSCALER}
+KIND_WORDS = {"pipeline": "model", "lora": "LoRA", "controlnet": "ControlNet", "embedding": "embedding",
+              "upscaler": "upscaler"}
+MAX_EMBEDDINGS = 8
+"""Textual-inversion embeddings one job may use (each adds its token to the prompt's vocabulary)."""
+TOKEN = re.compile(r"^[^\s,:@]{1,64}$")
+"""An embedding's token: one word of the prompt (no spaces; ':' and '@' separate NAME:TOKEN and NAME@HASH)."""
+MAX_UPSCALE_STEPS = 100
+MAX_UPSCALED_SIDE = 4096
+"""Largest side of an upscaled image (the x4 upscaler's VAE decodes it whole: a 4096² decode needs ~20 GB)."""
+MAX_NOISE_LEVEL = 350
+"""Largest noise level of the x4 upscaler (its max_noise_level)."""
 MAX_CONTROLS = 4
 """ControlNets one job may combine (each runs beside the UNet at every step)."""
 MAX_CONTROL_WEIGHT = 4.0
@@ -156,5 +174,74 @@ def check_held_together(session: Session, model: str, model_hash: str, pieces: l
         if need <= {m.get("hash") for m in ads if isinstance(m, dict) and not m.get("error")}:
             return
     raise JobError(f"no single worker holds model {model!r} together with {', '.join(p['name'] for p in pieces)} "
-                   "(each is on some worker, not all on one): copy the missing LoRA files (loras/) and ControlNet "
-                   "folders (controlnets/) into one worker's --models DIR and restart it")
+                   "(each is on some worker, not all on one): copy the missing LoRA files (loras/), ControlNet "
+                   "folders (controlnets/), embeddings (embeddings/) and upscalers (upscalers/) into one worker's "
+                   "--models DIR and restart it")
+
+
+def parse_embeddings(value: Any) -> list[dict[str, Any]]:
+    """``[{name, token?, hash?}]`` from the request: at most MAX_EMBEDDINGS, each name and token once; the token
+    defaults to the name (the file's stem, as in A1111: write it in the prompt)."""
+    if value in (None, []):
+        return []
+    if not isinstance(value, list) or len(value) > MAX_EMBEDDINGS:
+        raise JobError(f"embeddings must be a list of at most {MAX_EMBEDDINGS} {{name, token}} entries")
+    out, tokens = [], set()
+    for item in value:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+            raise JobError("each embedding needs a name, e.g. {\"name\": \"ink\", \"token\": \"<ink>\"} "
+                           "(--embedding ink:<ink>)")
+        name = item["name"].strip()
+        token = item.get("token") or name
+        if not isinstance(token, str) or not TOKEN.match(token):
+            raise JobError(f"embedding {name!r}: token {token!r} must be one word of at most 64 characters, without "
+                           "spaces, ':' or '@' (write it in the prompt where the concept goes)")
+        if token in tokens:
+            raise JobError(f"embedding token {token!r} is given twice: give each embedding its own token")
+        tokens.add(token)
+        want = item.get("hash") or ""
+        if not isinstance(want, str) or len(want) > 64:
+            raise JobError(f"embedding {name!r}: hash must be the sha256 of the file (64 hex digits)")
+        out.append({"name": name, "token": token, "hash": want})
+    return out
+
+
+def resolve_embeddings(session: Session, embeddings: list[dict[str, Any]]) -> list[dict]:
+    """Pin each embedding's hash."""
+    return [{**e, "hash": resolve(session, e["name"], e["hash"], "embedding")} for e in embeddings]
+
+
+def parse_upscale(value: Any, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """``{name, steps, noise_level, hash?}`` from the request's ``upscale`` (a name, or that object); steps
+    default to the job's. A size given must stay within MAX_UPSCALED_SIDE once upscaled (x4)."""
+    if value in (None, "", {}):
+        return None
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"].strip():
+        raise JobError("upscale must name an upscaler workers hold, e.g. \"x4\" or {\"name\": \"x4\", "
+                       "\"steps\": 20, \"noise_level\": 20} (--upscale x4)")
+    name = value["name"].strip()
+    up_steps, noise = value.get("steps"), value.get("noise_level", 20)
+    up_steps = settings["steps"] if up_steps is None else up_steps
+    if max(settings.get("width") or 0, settings.get("height") or 0) * 4 > MAX_UPSCALED_SIDE:
+        raise JobError(f"{settings['width']}x{settings['height']} upscaled x4 is over {MAX_UPSCALED_SIDE} pixels a "
+                       f"side: generate at most {MAX_UPSCALED_SIDE // 4} pixels a side with --upscale")
+    if isinstance(up_steps, bool) or not isinstance(up_steps, int) or not 1 <= up_steps <= MAX_UPSCALE_STEPS:
+        raise JobError(f"upscaler {name!r}: steps must be a whole number from 1 to {MAX_UPSCALE_STEPS} (got {up_steps!r})")
+    if isinstance(noise, bool) or not isinstance(noise, int) or not 0 <= noise <= MAX_NOISE_LEVEL:
+        raise JobError(f"upscaler {name!r}: noise_level must be a whole number from 0 to {MAX_NOISE_LEVEL} "
+                       f"(got {noise!r})")
+    want = value.get("hash") or ""
+    if not isinstance(want, str) or len(want) > 64:
+        raise JobError(f"upscaler {name!r}: hash must be the sha256 of its folder (64 hex digits)")
+    return {"name": name, "steps": up_steps, "noise_level": noise, "hash": want}
+
+
+def resolve_upscale(session: Session, up: dict[str, Any] | None) -> dict | None:
+    """Pin the upscaler's hash and record its scale (4: the only upscale pipeline class accepted)."""
+    if up is None:
+        return None
+    return {**up, "hash": resolve(session, up["name"], up["hash"], "upscaler"), "scale": 4}

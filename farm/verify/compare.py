@@ -38,10 +38,11 @@ class Inspection:
 def size_bound(kind: str, spec: dict) -> tuple[int, int]:
     """The largest (width, height) a result of a task of ``kind`` with ``spec`` can be: a render's
     ``resolution`` × its percentage where the job gave one (a tile or region is smaller still), a
-    diffusion image's ``width``×``height``, else MAX_RESOLUTION (the scene's own size is not known here)."""
+    diffusion image's ``width``×``height`` (times its upscaler's scale), else MAX_RESOLUTION (the scene's own size is not known here)."""
     cap = L.MAX_RESOLUTION
     if kind == "diffusion" and spec.get("width") and spec.get("height"):
-        return min(cap, int(spec["width"])), min(cap, int(spec["height"]))
+        k = int((spec.get("upscale") or {}).get("scale") or 1)  # an upscaled image is k times the generated one
+        return min(cap, int(spec["width"]) * k), min(cap, int(spec["height"]) * k)
     settings = spec.get("settings") or {}
     res, pct = settings.get("resolution"), settings.get("resolution_percent") or 100
     cap = min(cap, int(settings.get("max_resolution") or cap))

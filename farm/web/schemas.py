@@ -85,6 +85,21 @@ class ControlRef(BaseModel):
                              "(default: its name)")
 
 
+class EmbeddingRef(BaseModel):
+    """A textual-inversion embedding of a diffusion job: the name workers advertise and the prompt token."""
+    name: str = Field(min_length=1, max_length=300)
+    token: str = Field("", max_length=64, description="the word of the prompt it stands for (default: its name)")
+    hash: str = Field("", max_length=64, description="pin this version (sha256 of the .safetensors file)")
+
+
+class UpscaleRef(BaseModel):
+    """The upscaler post-process of a diffusion job (an upscale pipeline workers hold in upscalers/)."""
+    name: str = Field(min_length=1, max_length=300)
+    steps: int | None = Field(None, description="its denoising steps (default: the job's)")
+    noise_level: int = Field(20, ge=0, le=350, description="noise added to the image before upscaling")
+    hash: str = Field("", max_length=64, description="pin this version (sha256 of the upscaler folder)")
+
+
 class DiffusionJobCreate(BaseModel):
     """A Stable Diffusion batch. Ranges are checked by farm.kinds.diffusion, whose errors say what to change."""
     model: str = Field(min_length=1, max_length=300, description="model name or hub id that workers advertise")
@@ -110,7 +125,12 @@ class DiffusionJobCreate(BaseModel):
     loras: list[LoraRef] = Field([], max_length=8, description="LoRAs workers hold (their loras/ folders), "
                                  "stacked with these weights")
     controls: list[ControlRef] = Field([], max_length=4, description="ControlNets workers hold (their controlnets/ "
-                                       "folders), each with its control image, combined (txt2img)")
+                                       "folders), each with its control image, combined")
+    embeddings: list[EmbeddingRef] = Field([], max_length=8, description="textual-inversion embeddings workers "
+                                           "hold (their embeddings/ folders), each written in prompts as its token")
+    upscale: UpscaleRef | None = Field(None, description="upscale each image after generation (x4)")
+    mask_from_job: int | None = Field(None, description="inpainting over this job's frames, each with its mask "
+                                      "pass: image i from frame i")
     priority: int = Field(0, ge=-100, le=100)
     min_tier: Literal["", "new", "trusted", "top"] = Field("", description="only workers of this reputation "
                                                            "tier or better render it (farm workers shows tiers)")

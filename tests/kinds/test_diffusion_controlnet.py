@@ -141,8 +141,8 @@ def test_controlnet_jobs_run_where_the_controlnets_are_and_equal_diffusers(farm,
     cases = [(dict(ok, controls=[{"name": "seg", "image": sha[depth]}]), "no worker has ControlNet 'seg'"),
              (dict(ok, controls=[{"name": "depth"}]), "needs a control image"),
              (dict(ok, controls=[{"name": "depth", "image": "ab" * 32}]), "is not uploaded"),
-             (dict(ok, controls=[{"name": "depth", "image": sha[depth]}], init_image=sha[depth], mask=sha[edges]),
-              "ControlNets work with text-to-image jobs")]
+             (dict(ok, controls=[{"name": "depth", "image": sha[depth]}], init_from_job=999999,
+                   control_from_job=999998), "must come from the same render job")]
     before = len(alice.jobs())
     for req, message in cases:
         with pytest.raises(ApiError, match=message):

@@ -1,6 +1,7 @@
-"""LoRA weights and ControlNets on the diffusion runtime's cached pipelines: LoRAs loaded once per (pipeline,
-LoRA hash), stacked with per-job weights, and switched off for jobs without them; ControlNets loaded once
-per (pipeline, ControlNet hash) and combined (diffusers' MultiControlNetModel) per job.
+"""LoRA weights, ControlNets and textual-inversion embeddings on the diffusion runtime's cached pipelines:
+LoRAs loaded once per (pipeline, LoRA hash), stacked with per-job weights, and switched off for jobs without
+them; ControlNets loaded once per (pipeline, ControlNet hash) and combined (diffusers' MultiControlNetModel)
+per job; embeddings loaded for one request and unloaded after it.
 
 Used only by :mod:`worker.runtimes.diffusion` (inside the sandboxed child, after torch is imported). A
 request's LoRAs are ``[{name, hash, weight, path}]``; the path comes from the worker's own scan of its
@@ -16,7 +17,13 @@ request's LoRAs are ``[{name, hash, weight, path}]``; the path comes from the wo
   its pixels (tested: equal to the pipeline without any LoRA loaded);
 * a ControlNet folder is re-checked (:func:`common.model_folders.check_controlnet`) before it is loaded
   with ``use_safetensors=True``, and one built for another UNet (cross-attention width, blocks) is the
-  job's fault, refused before generating; at most :data:`MAX_CONTROLNETS` stay loaded per pipeline.
+  job's fault, refused before generating; at most :data:`MAX_CONTROLNETS` stay loaded per pipeline;
+* an embedding file is re-checked (:func:`common.model_folders.check_embedding`) and loaded with diffusers'
+  ``load_textual_inversion`` under the job's token for that request only; :func:`unload_embeddings` removes
+  the tokens afterwards and verifies that the tokenizer and the text encoder's embedding table are back to
+  their size before, so one job's tokens never reach another job's prompts (tested: a later job writing the
+  token gets the pixels of the pipeline that never loaded it); when that cannot be verified the caller
+  drops the cached pipeline.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import math
 from collections import OrderedDict
 from pathlib import Path
 
-from common.model_folders import check_controlnet, check_lora
+from common.model_folders import check_controlnet, check_embedding, check_lora
 
 MAX_ADAPTERS = 16
 """LoRA adapters kept loaded on one cached pipeline (each costs its file size in memory)."""
@@ -134,3 +141,53 @@ def controlnets(entry: dict, controls: list[dict], load) -> tuple[list, list[flo
             entry["bytes"] += size
         nets.append(loaded[key])
     return nets, [float(c["weight"]) for c in controls]
+
+
+def load_embeddings(entry: dict, embeddings: list[dict]) -> dict | None:
+    """Load ``embeddings`` (``[{name, hash, token, path}]``) into ``entry["pipe"]``'s tokenizer and text encoder
+    for one request. Returns what :func:`unload_embeddings` needs (None when there are none)."""
+    if not embeddings:
+        return None
+    pipe = entry["pipe"]
+    if entry.get("family") == "sdxl":
+        raise AdapterError("textual-inversion embeddings are not supported on SDXL models yet: leave out "
+                           "--embedding or pick an SD 1.x/2.x model", False)
+    before = {"tokens": [], "vocab": len(pipe.tokenizer), "added": set(pipe.tokenizer.get_added_vocab()),
+              "rows": pipe.text_encoder.get_input_embeddings().weight.shape[0]}
+    try:
+        for emb in embeddings:
+            path = Path(emb["path"])
+            problem = check_embedding(path)
+            if problem:
+                raise AdapterError(f"embedding {emb.get('name')!r} cannot be used on this worker: {problem}", True)
+            token = str(emb["token"])
+            if token in pipe.tokenizer.get_vocab():
+                raise AdapterError(f"embedding {emb.get('name')!r}: its token {token!r} is already a word of model "
+                                   f"{entry.get('name', '')!r}: give another token (--embedding NAME:TOKEN)", False)
+            try:
+                pipe.load_textual_inversion(str(path), token=token)
+            except Exception as e:  # the file was checked: what is left is an embedding of another text width
+                raise AdapterError(f"embedding {emb.get('name')!r} does not fit model {entry.get('name', '')!r}: "
+                                   f"{type(e).__name__}: {str(e)[:300]} (an embedding is trained for one text "
+                                   "encoder: pick one made for this model)", False) from None
+            before["tokens"].append(token)
+    except BaseException:
+        unload_embeddings(entry, before)
+        raise
+    return before
+
+
+def unload_embeddings(entry: dict, state: dict | None) -> bool:
+    """Remove the tokens :func:`load_embeddings` added; True when the tokenizer and the embedding table are
+    exactly their size before (False: the caller must drop this cached pipeline)."""
+    if state is None:
+        return True
+    pipe = entry["pipe"]
+    try:
+        new = [t for t in pipe.tokenizer.get_added_vocab() if t not in state["added"]]  # with multi-vector
+        if new:  # tokens' extra ones (TOKEN_1, ...), and even half of a failed load
+            pipe.unload_textual_inversion(new)
+    except Exception:
+        return False
+    return (len(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().weight.shape[0]) == \
+        (state["vocab"], state["rows"]) and not any(t in pipe.tokenizer.get_vocab() for t in state["tokens"])

@@ -13,7 +13,9 @@ Protocol (one JSON object per line; replies on the original stdout):
     -> {"op":"generate","id":N,"model_path":ABS,"model_name","model_hash","mode":"txt2img"|"img2img"|"inpaint",
         "steps","guidance","width","height","scheduler","strength","out_dir":ABS,
         "loras":[{"name","hash","weight","path":ABS}..], "controls":[{"name","hash","weight","path","image"}..],
-        "images":[{"name","index","seed","prompt","negative","init":ABS|null,"mask":ABS|null,"source":{...}}..]}
+        "embeddings":[{"name","hash","token","path":ABS}..], "upscale":{"name","hash","path","steps","noise_level"}|null,
+        "images":[{"name","index","seed","prompt","negative","init":ABS|null,"mask":ABS|null,"control_images":[ABS..],
+                   "source":{...}}..]}
        <- {"event":"image","id":N,"name","path","index","seconds"}   after each image
        <- {"event":"done","id":N,"outputs":[{"name","path","index","seconds"}..],
            "loaded":bool,"load_seconds","cached":[hash..],"rss_bytes"}
@@ -34,7 +36,11 @@ Invariants:
 - Faults of the request (prompt over the token limit, bad size, unknown scheduler) give retryable=false;
   faults of this worker (model folder missing or unreadable here, out of memory) give retryable=true.
 - LoRAs (:mod:`worker.runtimes.adapters`) are loaded once per pipeline and LoRA hash and set per request;
-  a request without LoRAs runs with them disabled.
+  a request without LoRAs runs with them disabled. Textual-inversion embeddings are loaded for one request
+  and unloaded after it (the cached pipeline is dropped when that cannot be verified). ControlNets combine
+  with text-to-image, img2img and inpainting (diffusers' ControlNet, ControlNet img2img and inpaint pipelines).
+- An upscaler (:mod:`worker.runtimes.upscale`) runs on each generated image after generation, in the same
+  request; the PNG is the upscaled image and its metadata names the upscaler and its hash.
 - PNGs carry their generation parameters as text chunks (LoRA names, hashes and weights too) and no
   dates, so the same image has the same bytes (and blob hash) on every worker that produces it.
 """
@@ -52,14 +58,19 @@ from pathlib import Path
 
 from common.limits import DIFFUSION_SCHEDULERS
 from common.model_folders import BUILD_HINT, check, family
-from worker.runtimes.adapters import AdapterError, apply_loras, controlnets
+from worker.runtimes.adapters import AdapterError, apply_loras, controlnets, load_embeddings, unload_embeddings
+from worker.runtimes.upscale import UpscaleError, Upscalers
 from worker.settings import DIFFUSION_CACHE_BYTES, DIFFUSION_THREADS
 
 PIPELINES = {  # family → diffusers class per mode; the modes share the loaded text-to-image pipeline's modules
     "sd": {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
-           "inpaint": "StableDiffusionInpaintPipeline", "control": "StableDiffusionControlNetPipeline"},
+           "inpaint": "StableDiffusionInpaintPipeline", "control": "StableDiffusionControlNetPipeline",
+           "control_img2img": "StableDiffusionControlNetImg2ImgPipeline",
+           "control_inpaint": "StableDiffusionControlNetInpaintPipeline"},
     "sdxl": {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
-             "inpaint": "StableDiffusionXLInpaintPipeline", "control": "StableDiffusionXLControlNetPipeline"},
+             "inpaint": "StableDiffusionXLInpaintPipeline", "control": "StableDiffusionXLControlNetPipeline",
+             "control_img2img": "StableDiffusionXLControlNetImg2ImgPipeline",
+             "control_inpaint": "StableDiffusionXLControlNetInpaintPipeline"},
 }
 
 torch = None  # imported in main(), after the protocol fd is set aside
@@ -89,6 +100,7 @@ class Runtime:
         self.dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         self.cache: OrderedDict[str, dict] = OrderedDict()  # model hash → {"pipe", "img2img", "bytes", ...}
         self.budget = DIFFUSION_CACHE_BYTES or self._default_budget()
+        self.upscalers = Upscalers(diffusers, torch, self.device, self.dtype, _dtype_arg(self.dtype))
 
     def _default_budget(self) -> int:
         if self.device.startswith("cuda"):
@@ -142,6 +154,7 @@ class Runtime:
                 if "out of memory" in str(e).lower():  # start over: the retry reloads what it needs
                     for key in list(self.cache):
                         self._drop(key)
+                    self.upscalers.loaded.clear()
                 self.emit(event="error", id=rid, retryable=True,
                           message=f"internal error in the diffusion runtime: {type(e).__name__}: {e}")
 
@@ -191,7 +204,7 @@ class Runtime:
     def _evict(self, keep: str | None, need: int = 0) -> None:
         """Drop least recently used pipelines (never ``keep``) until they plus ``need`` bytes fit the budget."""
         for key in list(self.cache):
-            if sum(e["bytes"] for e in self.cache.values()) + need <= self.budget:
+            if sum(e["bytes"] for e in self.cache.values()) + self.upscalers.bytes() + need <= self.budget:
                 break
             if key != keep:
                 self._drop(key)
@@ -223,13 +236,22 @@ class Runtime:
         entry, loaded, load_seconds = self.pipeline(req)
         try:
             apply_loras(entry, req.get("loras") or [])
+            tokens = load_embeddings(entry, req.get("embeddings") or [])
         except AdapterError as e:
             raise (WorkerFault if e.retryable else RequestError)(str(e)) from None
+        try:
+            self._generate(rid, req, images, entry, loaded, load_seconds)
+        finally:  # the job's tokens go with it; a pipeline they may have changed is not kept
+            if not unload_embeddings(entry, tokens) and req["model_hash"] in self.cache:
+                self._drop(req["model_hash"])
+
+    def _generate(self, rid, req: dict, images: list[dict], entry: dict, loaded: bool, load_seconds: float) -> None:
+        width, height = req.get("width"), req.get("height")
         base = entry["pipe"]
         tok = base.tokenizer
         for im in images:
-            for field in ("prompt", "negative"):
-                n = len(tok(im.get(field) or "").input_ids)
+            for field in ("prompt", "negative"):  # as the text encoder sees it: an embedding's token is its vectors
+                n = len(tok(base.maybe_convert_prompt(im.get(field) or "", tok)).input_ids)
                 if n > tok.model_max_length:
                     raise RequestError(f"{field} of image {im['index']} is {n} tokens, over the model's limit of "
                                        f"{tok.model_max_length}: shorten it")
@@ -241,14 +263,13 @@ class Runtime:
                                "mask (--image, --mask), or pick a text-to-image model")
         controls = req.get("controls") or []
         if controls:
-            if mode != "txt2img":
-                raise RequestError("ControlNets work with text-to-image requests only")
             try:
                 nets, scales = controlnets(entry, controls, self._load_controlnet)
             except AdapterError as e:
                 raise (WorkerFault if e.retryable else RequestError)(str(e)) from None
             net = nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets)
-            pipe = getattr(diffusers, PIPELINES[entry["family"]]["control"]).from_pipe(base, controlnet=net)
+            kind = "control" if mode == "txt2img" else f"control_{mode}"
+            pipe = getattr(diffusers, PIPELINES[entry["family"]][kind]).from_pipe(base, controlnet=net)
             pipe.set_progress_bar_config(disable=True)
         elif mode == "txt2img":
             pipe = base
@@ -278,16 +299,21 @@ class Runtime:
                 image = per[0][0] if len(controls) == 1 else per[0]
             else:  # one control image per image: a list; several ControlNets: [image][control] (diffusers 0.42)
                 image = [p[0] for p in per] if len(controls) == 1 else per
-            args.update(image=image,
+            args.update(**{"image" if mode == "txt2img" else "control_image": image},  # img2img/inpaint: the init
                         controlnet_conditioning_scale=scales[0] if len(controls) == 1 else scales)
         if mode == "inpaint":
             args.update(mask_image=self._init_images(images, width, height, key="mask", what="mask"),
                         width=int(width), height=int(height))
-        elif mode == "txt2img":
+        elif mode == "txt2img" or controls:
             args.update(width=int(width), height=int(height))
         t0 = time.perf_counter()
         with torch.inference_mode():
             result = pipe(**args).images
+        if req.get("upscale"):
+            try:
+                result = self.upscalers.run({**req["upscale"], "guidance": req["guidance"]}, images, result)
+            except UpscaleError as e:
+                raise (WorkerFault if e.retryable else RequestError)(str(e)) from None
         seconds = round((time.perf_counter() - t0) / len(images), 4)
         out_dir = Path(req["out_dir"])
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -334,6 +360,12 @@ class Runtime:
                 "device": self.device.split(":")[0], "dtype": str(self.dtype).split(".")[-1]}
         if req.get("loras"):
             meta["loras"] = [{k: lo[k] for k in ("name", "hash", "weight")} for lo in req["loras"]]
+        if req.get("embeddings"):
+            meta["embeddings"] = [{k: e[k] for k in ("name", "hash", "token")} for e in req["embeddings"]]
+        if req.get("upscale"):
+            meta["upscaler"], meta["upscaler_hash"] = req["upscale"]["name"], req["upscale"]["hash"]
+            meta["upscale"] = {k: req["upscale"][k] for k in ("name", "hash", "steps", "noise_level", "scale")
+                               if k in req["upscale"]}
         if req.get("controls"):
             meta["controls"] = [{k: c[k] for k in ("name", "hash", "weight", "image_sha256", "pass") if k in c}
                                 for c in req["controls"]]
@@ -343,7 +375,7 @@ class Runtime:
             meta[f"source_{k}"] = v
         info = PngInfo()
         for k, v in meta.items():
-            info.add_text(k, json.dumps(v) if isinstance(v, list) else str(v))
+            info.add_text(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
         info.add_text("renderhive", json.dumps(meta, sort_keys=True))
         return info
 

@@ -15,8 +15,10 @@ Invariants:
 * the VAE downsamples by 8 and the text encoder takes 77 tokens, like SD 1.x, so sizes and prompt limits
   are validated exactly as for a real model.
 
-:func:`build_lora` writes random LoRA weights for that pipeline (``farm models tiny-lora``) and
-:func:`build_controlnet` a random ControlNet (``farm models tiny-controlnet``), the same way.
+:func:`build_lora` writes random LoRA weights for that pipeline (``farm models tiny-lora``),
+:func:`build_controlnet` a random ControlNet (``farm models tiny-controlnet``), :func:`build_upscaler` a tiny x4
+``StableDiffusionUpscalePipeline`` (``farm models tiny-upscaler``) and :func:`build_embedding` a random
+textual-inversion embedding (``farm models tiny-embedding``), the same way.
 
 Only this module, :mod:`worker.runtimes.diffusion` and the tests import torch; the worker daemon never does.
 """
@@ -235,6 +237,68 @@ def build_controlnet(model: Path, out: Path, seed: int = 1) -> Path:
             for param in block.parameters():
                 torch.nn.init.normal_(param, std=0.3)
     net.save_pretrained(out, safe_serialization=True)
+    return Path(out)
+
+
+def build_upscaler(out: Path) -> Path:
+    """A tiny x4 ``StableDiffusionUpscalePipeline`` (its VAE upsamples by 4, its UNet takes the 4 latents plus
+    the 3 channels of the low-resolution image and embeds the noise level as a class), saved into ``out``
+    (``models/upscalers/NAME``) like :func:`build`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_source(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED + 4)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=7, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4, num_class_embeds=400,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+        vae = AutoencoderKL(  # three blocks: latents at a quarter of the image size, as in the x4 upscaler
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(8, 8, 16), sample_size=64, scaling_factor=0.08333,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear"),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction"), max_noise_level=350)
+    tmp_out = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    pipe.save_pretrained(tmp_out, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_out.rename(out)
+    return out
+
+
+def build_embedding(out: Path, seed: int = 1, vectors: int = 2, width: int = 32) -> Path:
+    """A random textual-inversion embedding of ``vectors`` vectors for the tiny pipeline's text encoder
+    (width 32), saved as the safetensors file ``out`` (``models/embeddings/NAME.safetensors``, key
+    ``emb_params`` as A1111 writes it)."""
+    import torch
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        emb = torch.randn(vectors, width)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"emb_params": emb}, str(out))
     return Path(out)
 
 

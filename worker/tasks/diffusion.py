@@ -5,7 +5,7 @@ Registered in :data:`worker.tasks.executors.EXECUTORS`. The daemon never imports
 :mod:`worker.runtimes.diffusion`; this module only translates a task's spec into a runtime request and the
 runtime's events into progress and produced files. Invariants:
 
-* a task runs only on the model folder and LoRA files whose hashes the job pinned (``ctx.models``: hash →
+* a task runs only on the model folder and LoRA, ControlNet, embedding and upscaler files whose hashes the job pinned (``ctx.models``: hash →
   path, from the daemon's scan of its own folders; a job never names a path); a worker asked for a piece
   it does not hold fails the task as retryable (another worker has it) and never substitutes another version;
 * every image keeps the name, index and seed the coordinator planned; an img2img image gets the local
@@ -39,7 +39,16 @@ def runtime_request(ctx: TaskContext) -> dict:
     images = []
     for im in spec.get("images", []):
         item = {k: im[k] for k in ("name", "index", "seed", "prompt", "negative") if k in im}
-        if spec.get("mode") == "inpaint":
+        if im.get("init_name"):  # img2img or inpainting over a source job's frame (its mask pass the mask)
+            try:
+                item["init"] = str(ctx.input_named(im["init_name"]))
+                if im.get("mask_name"):
+                    item["mask"] = str(ctx.input_named(im["mask_name"]))
+            except KeyError:
+                raise TaskFailure(f"source frame {im.get('init_name')} of image {im.get('index')} (or its mask "
+                                  "pass) was not delivered with the task", True) from None
+            item["source"] = im.get("source") or {}
+        elif spec.get("mode") == "inpaint":
             try:
                 item["init"], item["mask"] = (str(ctx.input_named(n)) for n in ("init.png", "mask.png"))
             except KeyError:
@@ -47,20 +56,13 @@ def runtime_request(ctx: TaskContext) -> dict:
                                   True) from None
             item["source"] = {"init_sha256": spec["input_names"]["init.png"],
                               "mask_sha256": spec["input_names"]["mask.png"]}
-        elif im.get("control_names"):
+        if im.get("control_names"):
             try:
                 item["control_images"] = [str(ctx.input_named(n)) for n in im["control_names"]]
             except KeyError:
                 raise TaskFailure(f"the render passes of image {im.get('index')} were not delivered with the task",
                                   True) from None
-            item["source"] = im.get("source") or {}
-        elif spec.get("mode") == "img2img":
-            try:
-                item["init"] = str(ctx.input_named(im["init_name"]))
-            except KeyError:
-                raise TaskFailure(f"source frame {im.get('init_name')} of image {im.get('index')} was not "
-                                  "delivered with the task", True) from None
-            item["source"] = im.get("source") or {}
+            item["source"] = {**item.get("source", {}), **(im.get("source") or {})}
         images.append(item)
     loras = []
     for lo in spec.get("loras") or []:
@@ -81,10 +83,24 @@ def runtime_request(ctx: TaskContext) -> dict:
             raise TaskFailure(f"the control image of {c.get('name')!r} was not delivered with the task", True) from None
         controls.append({**{k: c[k] for k in ("name", "hash", "weight", "image_sha256", "pass") if k in c},
                          "path": str(cpath), "image": image})
+    embeddings = [{"name": e["name"], "hash": e["hash"], "token": e["token"], "path": str(_piece(ctx, e, "embedding"))}
+                  for e in spec.get("embeddings") or []]
+    up = spec.get("upscale")
+    upscale = {**{k: up[k] for k in ("name", "hash", "steps", "noise_level", "scale") if k in up},
+               "path": str(_piece(ctx, up, "upscaler"))} if up else None
     return {"op": "generate", "model_path": str(path), "model_name": spec.get("model", ""),
             "model_hash": spec["model_hash"], "out_dir": str(ctx.out_dir), "images": images, "loras": loras,
-            "controls": controls,
+            "controls": controls, "embeddings": embeddings, "upscale": upscale,
             **{k: spec.get(k) for k in REQUEST_KEYS}}
+
+
+def _piece(ctx: TaskContext, piece: dict, what: str) -> Path:
+    """The local path of a pinned piece (an embedding, an upscaler); TaskFailure (retryable) when not held."""
+    path = ctx.models.get(str(piece.get("hash") or ""))
+    if path is None:
+        raise TaskFailure(f"this worker does not hold {what} {piece.get('name')!r} with hash "
+                          f"{str(piece.get('hash'))[:12]}…: another worker will take the task", True)
+    return Path(path)
 
 
 async def diffusion(ctx: TaskContext) -> list[Produced]:
