@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from typing import Any, Callable
 
-from sqlalchemy import bindparam, func, update
+from sqlalchemy import bindparam, update
 from sqlalchemy.orm.attributes import instance_state
 from sqlmodel import Session, select
 
@@ -35,17 +35,19 @@ from common import limits as L
 from common import protocol as P
 from common.logs import ctx
 from farm import constants as C
-from farm.core import prefetch
+from farm.core import admission, attempts, prefetch
 from farm.core.assignment import Assignment
+from farm.core.blob_requests import BlobRequests
 from farm.core.earnings_port import Earnings
+from farm.core.failures import Failures
 from farm.core.leases import LeaseBook, ProgressWatch, TaskRow
+from farm.core.results import Dependents, check_outputs
 from farm.core.scheduler import RUNTIME_FOR_KIND, Conn, Scheduler, claim_ratio, fits, yardstick
 from farm.kinds import jobs
 from farm.kinds.registry import JOB_STATUS_LISTENERS, SWEEPS, JobListener, Sweep
-from farm.store.blobs import BlobError, BlobStore
+from farm.store.blobs import BlobStore
 from farm.store.db import session as new_session
-from farm.store.models import Attempt, Job, JobWorker, Output, Task, TaskDep, Worker
-from farm.store.models import Blob as BlobRow
+from farm.store.models import Attempt, Job, Output, Task, Worker
 from farm.store.states import QUEUE_EPOCH, TASK_LEASED, JobStatus, TaskStatus, transition
 from farm.store.writes import StaleRow, StepSession, add_row, add_to, set_values, update_by
 from farm.verify import reputation as R
@@ -88,7 +90,6 @@ class Coordinator:
         # peers whose send queue is full (they read nothing): routing id → since when (set by the broker's
         # sends, cleared by its next send that fits); served nothing more, and dropped after the liveness time
         self.congested: dict[bytes, float] = {}
-        self._gets: dict[bytes, int] = {}  # BLOB_GETs handled per connection in this step
         self.median_speed: float | None = None  # scheduler.yardstick of the connected workers (each sweep)
         self._canceling: set[int] | None = None  # canceled jobs with tasks left to cancel (None: not looked yet)
         self.want_assign = True          # set when work or capacity may have appeared
@@ -98,20 +99,24 @@ class Coordinator:
         self.earnings = earnings         # prices and credited shares for workers (payments' port), or None
         self._last_sweep = 0.0
         self.stats = defaultdict(int)
-        self._needed: dict[int, frozenset[int]] = {}  # job id → ids of its tasks that other tasks wait for
+        self.dependents = Dependents()   # tasks waiting for others (assemble, encode), released on accept
         self.progress = ProgressWatch()  # leases need progress: heartbeats alone do not keep them
         self.book = LeaseBook()  # live leases' tasks: RESULT and friends need not read them again
+        self.blob_requests = BlobRequests(blobs, self.book, self.congested, self.stats)
         # jobs as the last committed step left them (detached), good while QUEUE_EPOCH holds: every job
         # change made elsewhere moves it (farm/core/leases.py), and status changes are fenced (farm/store/states.py)
         self._jobs: dict[int, Job] = {}
         self._jobs_epoch: int | None = None
         # called by step, in its thread, as it starts to commit (the broker receives meanwhile)
         self.on_commit: Callable[[], None] | None = None
+        self.failures = Failures(self)
         self.verifier = Verifier(self, enabled=verify, seed=None if scheduler is None else scheduler.rng.random())
         self.assignment = Assignment(self.scheduler, self._job, Verifier.may_take)
         # message class → its handler, _on_<name> (HELLO is handled before a connection exists)
         self._handlers = {cls: getattr(self, f"_on_{cls.__name__.lower()}") for cls in P.MESSAGES.values()
                           if hasattr(self, f"_on_{cls.__name__.lower()}")}
+        self._handlers[P.BlobGet] = self.blob_requests.on_get
+        self._handlers[P.BlobPut] = self.blob_requests.on_put
         with new_session(engine) as s:  # a restart: nobody is connected until they say HELLO again
             s.exec(update(Worker).where(Worker.online).values(online=False))
             s.commit()
@@ -124,7 +129,7 @@ class Coordinator:
         if self._jobs_epoch != QUEUE_EPOCH.value:
             self._jobs.clear()
             self._jobs_epoch = QUEUE_EPOCH.value
-        self._gets.clear()
+        self.blob_requests.new_step()
         try:
             with self._undo_on_error():
                 with StepSession(self.engine) as s:
@@ -211,14 +216,14 @@ class Coordinator:
         with new_session(self.engine) as s:
             job = jobs.get_job(s, job_id, user)
             leases = jobs.cancel_job(s, job)
-            self._job_changed(s, job, self.clock())
+            self.job_changed(s, job, self.clock())
             s.commit()
             if self._canceling is not None:
                 self._canceling.add(job.id)  # the rest of its tasks, a batch a sweep
             self.revoke(leases, "the job was canceled")
             return jobs.job_view(s, job)
 
-    def _job_changed(self, s: Session, job: Job, now: float) -> None:
+    def job_changed(self, s: Session, job: Job, now: float) -> None:
         """Tell the job kinds' listeners that ``job`` changed status (a chained job may start or fail)."""
         for listener in self.listeners:
             if listener(s, job, now):
@@ -231,7 +236,7 @@ class Coordinator:
             ident = self.by_worker.get(worker_id)
             if ident is not None:
                 self.pending.append((ident, P.Cancel(task_id, attempt, reason)))
-                self._freed(self.conns[ident], task_id)
+                self.freed(self.conns[ident], task_id)
         self.want_assign = True
 
     def heartbeats(self) -> Outgoing:
@@ -326,35 +331,16 @@ class Coordinator:
 
     # ------------------------------------------------------------------ worker lifecycle
     def _hello(self, s: Session, ident: bytes, msg: P.Hello, now: float, out: Outgoing) -> None:
-        try:
-            running = P.running_pairs(msg.running)
-        except P.ProtocolError as exc:
-            out.append((ident, P.Error(str(exc))))
+        refused = admission.refusal(msg, self.require_sandbox)
+        if refused is not None:
+            out.append((ident, refused))
             return
-        if not msg.worker_id or len(msg.worker_id) > 100 or not 1 <= msg.slots <= 64:
-            out.append((ident, P.Error("HELLO needs a worker_id of 1-100 characters and 1-64 slots")))
-            return
-        # checked here: the scheduler uses both for every assignment, a bad value would stop it for everyone
-        lists = [msg.capabilities.get("runtimes", []), msg.capabilities.get("cached", []) or []]
-        if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists):
-            out.append((ident, P.Error("HELLO capabilities 'runtimes' and 'cached' must be lists of strings")))
-            return
-        if self.require_sandbox and str(msg.capabilities.get("sandbox") or "none") == "none":
-            out.append((ident, P.Disconnect("this farm admits sandboxed workers only: install bubblewrap and start "
-                                            "`farm worker` without --no-sandbox")))
-            return
+        running = P.running_pairs(msg.running)
         old = self.by_worker.get(msg.worker_id)
         if old is not None and old != ident:
             self.conns.pop(old, None)
             out.append((old, P.Disconnect("this worker id connected again from a new socket")))
-        w = s.get(Worker, msg.worker_id) or Worker(id=msg.worker_id, first_seen=now)
-        w.wallet, w.slots, w.online, w.last_seen = msg.wallet[:100], msg.slots, True, now
-        w.capabilities = msg.capabilities
-        w.hostname = str(msg.capabilities.get("hostname", ""))[:200]
-        bench = msg.capabilities.get("benchmark")
-        w.benchmark = {k: float(v) for k, v in (bench.items() if isinstance(bench, dict) else ())
-                       if k in ("blender", "diffusion") and type(v) in (int, float) and 0 < v < 1e12}
-        s.add(w)
+        w = admission.worker_row(s, msg, now)
         conn = Conn(ident, msg.worker_id, msg.slots, msg.capabilities, now,
                     held_blobs=set(msg.capabilities.get("cached", []) or []))
         conn.set_standing(w)
@@ -371,7 +357,7 @@ class Coordinator:
                     conn.held.start(task.id, now)
                 kept += 1
             else:
-                self._lose(s, task, now, "the worker reconnected without this task" if (task.id, task.attempt)
+                self.failures.lose(s, task, now, "the worker reconnected without this task" if (task.id, task.attempt)
                            not in running else "the worker reconnected listing more leases than its slots allow", out)
         conn.free = 0  # until READY
         log.info("worker %s connected (%d slots, %d leases kept, tier %s)", msg.worker_id, msg.slots, kept,
@@ -391,7 +377,7 @@ class Coordinator:
             w.online, w.last_seen = False, now
             s.add(w)
         for task in s.exec(select(Task).where(Task.worker_id == conn.worker_id).where(Task.status.in_(LEASED))):
-            self._lose(s, task, now, reason, out)
+            self.failures.lose(s, task, now, reason, out)
         log.info("worker %s gone: %s", conn.worker_id, reason, extra=ctx(worker=conn.worker_id))
 
     def _on_ready(self, s, conn: Conn, msg: P.Ready, now, out) -> None:
@@ -403,7 +389,7 @@ class Coordinator:
         conn.free = max(0, min(conn.held.room(), msg.free_slots))
         self.want_assign = True
 
-    def _freed(self, conn: Conn, task_id: int) -> None:
+    def freed(self, conn: Conn, task_id: int) -> None:
         """A lease of ``conn`` ended on the coordinator's side: its place is free again."""
         conn.held.end(task_id)
         conn.free = min(conn.held.room(), conn.free + 1)
@@ -436,49 +422,26 @@ class Coordinator:
             return
         reason = f"handed back: {msg.reason}"[:200]
         log.info("lease %s", reason, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
-        self._end_attempt(s, task, "released", reason, now)
+        self.end_attempt(s, task, "released", reason, now)
         task.worker_id, task.lease_expires = None, None
         conn.held.end(task.id)
         self.stats["released"] += 1
         # a release is free, so it must stay bounded: past RELEASES_PER_JOB hand-backs in one job the worker
         # takes none of its tasks any more (as a worker that failed it too often); blocked, its leases and
         # releases cost the task nothing, so strangers that take and hand back cannot wear a task out
-        given_back = s.exec(select(func.count()).select_from(Attempt).where(Attempt.job_id == task.job_id)
-                            .where(Attempt.worker_id == conn.worker_id)
-                            .where(Attempt.outcome == "released")).one()
-        if given_back >= C.RELEASES_PER_JOB:
-            jw = s.get(JobWorker, (task.job_id, conn.worker_id)) or JobWorker(job_id=task.job_id,
-                                                                              worker_id=conn.worker_id)
-            if not jw.blocked:
-                jw.blocked = True
-                s.add(jw)
-                log.info("worker %s handed back %d tasks of job %d: it takes no more of them", conn.worker_id,
-                         given_back, task.job_id, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
+        given_back = attempts.block_after_releases(s, task, conn.worker_id)
+        if given_back is not None:
+            log.info("worker %s handed back %d tasks of job %d: it takes no more of them", conn.worker_id,
+                     given_back, task.job_id, extra=ctx(task.job_id, task.id, task.attempt, conn.worker_id))
         transition(s, task, TaskStatus.queued, reason=reason, worker_id=conn.worker_id, attempt=task.attempt, now=now)
         self.want_assign = True
         out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
-
-    @staticmethod
-    def _unstarted(s: Session, task: Task) -> int:
-        """Leases of ``task`` lost before their worker showed progress on them."""
-        return s.exec(select(func.count()).select_from(Attempt).where(Attempt.task_id == task.id)
-                      .where(Attempt.outcome == "lost").where(Attempt.progressed.is_(False))).one()
-
-    @staticmethod
-    def _released(s: Session, task: Task) -> int:
-        """Attempts of ``task`` handed back by paused workers: they spend none of its attempts."""
-        return s.exec(select(func.count()).select_from(Attempt).where(Attempt.task_id == task.id)
-                      .where(Attempt.outcome == "released")).one()
 
     # ------------------------------------------------------------------ task messages (fenced)
     @staticmethod
     def _holds(task: Task | None, conn: Conn, attempt: int) -> bool:
         return (task is not None and task.status in LEASED and task.attempt == attempt
                 and task.worker_id == conn.worker_id)
-
-    def _attempt(self, s: Session, task: Task) -> Attempt | None:
-        return s.exec(select(Attempt).where(Attempt.task_id == task.id)
-                      .where(Attempt.attempt == task.attempt)).first()
 
     def _on_progress(self, s, conn: Conn, msg: P.Progress, now, out) -> None:
         task = self._task(s, msg.task_id)
@@ -507,7 +470,7 @@ class Coordinator:
         began = conn.held.began.get(task.id) if conn.held.depth else None
         conn.held.end(task.id)
         sizes: dict[str, int] = {}
-        problem = self._check_outputs(task, msg.outputs, sizes)
+        problem = check_outputs(self.blobs, task, msg.outputs, sizes)
         suspicious = ""
         if not problem:
             problem, suspicious = self.verifier.inspect(s, task, msg.outputs)
@@ -516,14 +479,14 @@ class Coordinator:
                 s.writes.unfence(Task, task.id)
                 task = s.get(Task, task.id)
             if self._holds(task, conn, msg.attempt):
-                self._fail(s, task, conn.worker_id, f"invalid result: {problem}", True, now, out, "invalid_result")
+                self.failures.fail(s, task, conn.worker_id, f"invalid result: {problem}", True, now, out, "invalid_result")
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, problem)))
             return
         job = self._job(s, task.job_id)
         if isinstance(task, TaskRow):
             started = task.started_at
         else:
-            started = (att := self._attempt(s, task)) and att.started_at
+            started = (att := attempts.current(s, task)) and att.started_at
         began = began or started
         seconds = max(0.0, float(msg.render_seconds))
         if started:  # a worker cannot claim more time than the lease lasted
@@ -571,71 +534,14 @@ class Coordinator:
         if known:  # added in the database: the row in memory may be older than another step's change
             add_to(s, Worker, worker_id, tasks_done=1, render_seconds=task.render_seconds, work_units=units)
         add_to(s, Job, job.id, tasks_accepted=1)  # the loaded row follows
-        self._release_dependents(s, task, now)
+        if self.dependents.release(s, task, now):
+            self.want_assign = True
         if job.tasks_accepted >= job.tasks_total and job.status == JobStatus.active.value:
-            self._needed.pop(job.id, None)
+            self.dependents.forget(job.id)
             transition(s, job, JobStatus.rendered, reason="every task accepted", now=now)
             for measured in R.measure_job(s, job.id, now):
                 self.refresh_standing(measured)
-            self._job_changed(s, job, now)
-
-    def _check_outputs(self, task: Task, outputs: list[dict[str, Any]], sizes: dict[str, int] | None = None) -> str:
-        """Why ``outputs`` is not a valid result of ``task`` ("" when it is): it must name exactly the
-        task's expected outputs, each uploaded, with well-typed fields. ``sizes``: filled with the sizes
-        of the uploaded outputs."""
-        want = sorted(task.spec.get("outputs", []))
-        for o in outputs:
-            # types checked here, or building the Output rows raises and the RESULT is never answered
-            if (not isinstance(o.get("name"), str) or type(o.get("frame", 0)) is not int
-                    or type(o.get("seconds", 0.0)) not in (int, float) or not isinstance(o.get("sha256"), str)):
-                return f"malformed outputs list (name and sha256 strings, frame an integer, seconds a number): {o!r:.200}"
-        got = sorted(o["name"] for o in outputs)
-        if got != want:
-            return f"outputs are {got}, the task asked for {want}"
-        for o in outputs:
-            try:
-                size = self.blobs.file_size(o["sha256"])
-                if size is None:
-                    return f"output {o['name']} was not uploaded (BLOB_PUT it before RESULT)"
-                if sizes is not None:
-                    sizes[o["sha256"]] = size
-            except BlobError as exc:
-                return f"output {o['name']}: {exc}"
-        return ""
-
-    def _release_dependents(self, s: Session, task: Task, now: float) -> None:
-        """Queue the tasks that waited for ``task`` once all they wait for is accepted, with the outputs
-        of those tasks as their inputs (``spec["input_names"]`` maps output names to blob hashes)."""
-        needed = self._needed.get(task.job_id)
-        if needed is None:  # a job's dependencies are stored with it and never change: one query per job
-            if len(self._needed) > 10_000:
-                self._needed.clear()
-            needed = self._needed[task.job_id] = frozenset(s.exec(
-                select(TaskDep.needs_id).join(Task, Task.id == TaskDep.needs_id).where(Task.job_id == task.job_id)))
-        if task.id not in needed:
-            return
-        for dep in s.exec(select(TaskDep).where(TaskDep.needs_id == task.id)).all():
-            waiting = s.get(Task, dep.task_id)
-            if waiting is None or waiting.status != TaskStatus.waiting.value:
-                continue
-            needs = s.exec(select(TaskDep.needs_id).where(TaskDep.task_id == waiting.id)).all()
-            if any(s.get(Task, n).status != TaskStatus.accepted.value for n in needs):
-                continue
-            outs = s.exec(select(Output).where(Output.task_id.in_(needs)).order_by(Output.frame, Output.name)).all()
-            waiting.inputs = list(dict.fromkeys([*waiting.inputs, *(o.sha256 for o in outs)]))
-            waiting.spec = {**waiting.spec, "input_names": {o.name: o.sha256 for o in outs}}
-            transition(s, waiting, TaskStatus.queued, reason="every task it waits for is accepted", now=now)
-            self.want_assign = True
-
-    def _someone_else_for(self, s: Session, task: Task, job: Job | None) -> bool:
-        """Whether a connected worker that has not failed ``task`` may run it (its runtime, not blocked)."""
-        for c in self.conns.values():
-            if c.worker_id in task.failed_workers or not fits(task.kind, c, task.spec):
-                continue
-            jw = s.get(JobWorker, (task.job_id, c.worker_id)) if job is not None else None
-            if jw is None or not jw.blocked:
-                return True
-        return False
+            self.job_changed(s, job, now)
 
     def _on_failed(self, s, conn: Conn, msg: P.Failed, now, out) -> None:
         task = s.get(Task, msg.task_id)  # the ORM row: _fail changes it (and the lease ends, leaving the book)
@@ -643,132 +549,23 @@ class Coordinator:
             out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, False, "stale attempt; ignored")))
             return
         conn.held.end(task.id)
-        self._fail(s, task, conn.worker_id, msg.reason[:2000], msg.retryable, now, out)
+        self.failures.fail(s, task, conn.worker_id, msg.reason[:2000], msg.retryable, now, out)
         out.append((conn.identity, P.Ack(msg.task_id, msg.attempt, True)))
 
-    # ------------------------------------------------------------------ failures and lost leases
-    def _end_attempt(self, s: Session, task: Task, outcome: str, error: str, now: float) -> None:
+    # ------------------------------------------------------------------ ends of leases (farm/core/failures.py)
+    def end_attempt(self, s: Session, task: Task, outcome: str, error: str, now: float) -> None:
+        """End ``task``'s current attempt: out of the lease book and the progress watch, its row ended."""
         self.book.drop(task.id)
         self.progress.finished(task)
-        att = self._attempt(s, task)
-        if att and att.outcome == "leased":
-            att.outcome, att.ended_at, att.error = outcome, now, error[:2000]
-            s.add(att)
-
-    def _fail(self, s: Session, task: Task, worker_id: str, reason: str, retryable: bool, now: float,
-              out: Outgoing, evidence: str = "failure") -> None:
-        log.info("task failed (%s): %s", "retryable" if retryable else "final", reason[:300],
-                 extra=ctx(task.job_id, task.id, task.attempt, worker_id))
-        self._end_attempt(s, task, "failed", reason, now)
-        job = s.get(Job, task.job_id)
-        jw = s.get(JobWorker, (task.job_id, worker_id)) or JobWorker(job_id=task.job_id, worker_id=worker_id)
-        jw.failures += 1
-        # an unreadable or oversized result is the worker's doing, never the scene's: it costs the worker (and
-        # blocks it from the job at JOB_WORKER_FAILURE_LIMIT), not the task's budget — sybils sending bombs
-        # must not fail the job (only a hard cap of 4 × TASK_MAX_ATTEMPTS attempts ends such a task)
-        worker_fault = evidence == "invalid_result"
-        jw.blocked = jw.failures >= C.JOB_WORKER_FAILURE_LIMIT
-        s.add(jw)
-        w = s.get(Worker, worker_id)
-        if w:
-            w.tasks_failed += 1
-            if retryable:  # the worker's trouble; a non-retryable failure is the scene's fault
-                self.evidence(s, w, evidence, now, task.job_id, task.id, reason[:200])
-            s.add(w)
-        task.failed_workers = sorted(set(task.failed_workers) | {worker_id})
-        task.error = reason
-        task.worker_id, task.lease_expires = None, None
-        # "the scene's fault" (not retryable) is a stranger's word: it ends the task when a trusted worker
-        # says it, when a second worker failed the task too, or when no other worker could try it; else the
-        # task goes to another worker first (one hostile worker must not fail any job it is leased)
-        scene_fault = not retryable and (
-            (w is not None and R.at_least(w.tier, R.Tier.trusted)) or len(task.failed_workers) >= 2
-            or not self._someone_else_for(s, task, job))
-        if not retryable and not scene_fault:
-            self.stats["scene_faults_doubted"] += 1
-        spent = task.attempt - (self._released(s, task) if task.attempt >= C.TASK_MAX_ATTEMPTS else 0)
-        final = (scene_fault or task.attempt - self._released(s, task) >= 4 * C.TASK_MAX_ATTEMPTS
-                 or (not worker_fault and (spent >= C.TASK_MAX_ATTEMPTS
-                                           or len(task.failed_workers) >= C.TASK_DISTINCT_WORKER_FAILURES)))
-        if final and is_check(task):
-            self.verifier.check_failed(s, task, reason, now)
-        elif final:
-            self._task_failed(s, task, job, reason, f"task {task.index} failed: {reason}", worker_id, now, out)
-        else:
-            transition(s, task, TaskStatus.queued, reason=f"retry after: {reason}", worker_id=worker_id,
-                       attempt=task.attempt, now=now)
-            self.want_assign = True
-
-    def _task_failed(self, s: Session, task: Task, job: Job, reason: str, job_reason: str, worker_id: str | None,
-                     now: float, out: Outgoing) -> None:
-        """Fail ``task`` for good; fail its job once more than JOB_MAX_FAILED_FRACTION of its tasks failed."""
-        transition(s, task, TaskStatus.failed, reason=reason, worker_id=worker_id, attempt=task.attempt, now=now)
-        job.tasks_failed += 1
-        s.add(job)
-        if job.tasks_failed > C.JOB_MAX_FAILED_FRACTION * job.tasks_total:
-            self._fail_job(s, job, job_reason, now, out)
-
-    def _fail_job(self, s: Session, job: Job, reason: str, now: float, out: Outgoing) -> None:
-        if job.status not in (JobStatus.queued.value, JobStatus.active.value, JobStatus.rejected.value):
-            return
-        job.error = reason
-        for t in s.exec(select(Task).where(Task.job_id == job.id)
-                        .where(Task.status.in_([TaskStatus.waiting.value, TaskStatus.queued.value, *LEASED]))):
-            if t.status in LEASED:  # end the attempt even when its worker is offline (not reconnected yet)
-                self._end_attempt(s, t, "canceled", "the job failed", now)
-                if t.worker_id in self.by_worker:
-                    out.append((self.by_worker[t.worker_id], P.Cancel(t.id, t.attempt, "the job failed")))
-            t.worker_id, t.lease_expires = None, None
-            transition(s, t, TaskStatus.canceled, reason="the job failed", attempt=t.attempt, now=now)
-        transition(s, job, JobStatus.failed, reason=reason, now=now)
-        self._job_changed(s, job, now)
-
-    def _lose(self, s: Session, task: Task, now: float, reason: str, out: Outgoing) -> None:
-        """The lease of ``task`` ended without a result: requeue it (or fail it when out of attempts)."""
-        if task.status not in LEASED:  # ended already in this step: its job failed or was canceled by an
-            return                     # earlier loss of the same worker (found with prefetching: a 500)
-        worker_id = task.worker_id
-        log.info("lease lost: %s", reason, extra=ctx(task.job_id, task.id, task.attempt, worker_id))
-        self._end_attempt(s, task, "lost", reason, now)
-        task.worker_id, task.lease_expires = None, None
-        self.stats["lost"] += 1
-        w = s.get(Worker, worker_id) if worker_id else None
-        if w:
-            self.evidence(s, w, "lease_lost", now, task.job_id, task.id, reason[:200])
-        ident = self.by_worker.get(worker_id)
-        if ident in self.conns:  # still connected (lease expired): it does not hold the task, so the slot is free
-            self._freed(self.conns[ident], task.id)
-        # a lease lost before it showed any progress never started (a prefetched task of a worker that died
-        # with its current one; a crash right after the lease): it spends none of the task's attempts, only
-        # the hard cap (found with prefetching: one killed worker cost a task two attempts)
-        spent = task.attempt - self._unstarted(s, task)
-        if spent >= C.TASK_MAX_ATTEMPTS and task.attempt - self._released(s, task) < 4 * C.TASK_MAX_ATTEMPTS:
-            # leases lost by workers since blocked from the job (a staller that never finished a frame of it,
-            # a worker that failed it too often) are their fault, not the task's: sybils must not burn a
-            # task's attempts until its job fails (a hard cap of 4 × TASK_MAX_ATTEMPTS still ends it)
-            theirs = (JobWorker.job_id == Attempt.job_id) & (JobWorker.worker_id == Attempt.worker_id)
-            spent -= s.exec(select(func.count()).select_from(Attempt).join(JobWorker, theirs)
-                            .where(Attempt.task_id == task.id).where(Attempt.outcome == "lost")
-                            .where(Attempt.progressed).where(JobWorker.blocked)).one() + self._released(s, task)
-        if spent >= C.TASK_MAX_ATTEMPTS and is_check(task):
-            transition(s, task, TaskStatus.queued, reason=f"lease lost: {reason}", worker_id=worker_id,
-                       attempt=task.attempt, now=now)
-            self.verifier.check_failed(s, task, f"lost {task.attempt} leases: {reason}", now)
-        elif spent >= C.TASK_MAX_ATTEMPTS:
-            self._task_failed(s, task, s.get(Job, task.job_id), f"lost {task.attempt} leases: {reason}",
-                              f"task {task.index} lost {task.attempt} leases", worker_id, now, out)
-        else:
-            transition(s, task, TaskStatus.queued, reason=f"lease lost: {reason}", worker_id=worker_id,
-                       attempt=task.attempt, now=now)
-        self.want_assign = True
+        attempts.end(s, task, outcome, error, now)
 
     def revoke_one(self, s: Session, task: Task, reason: str, now: float) -> None:
         """End a live lease on the coordinator's side (CANCEL to its worker); the caller moves the task."""
-        self._end_attempt(s, task, "canceled", reason, now)
+        self.end_attempt(s, task, "canceled", reason, now)
         ident = self.by_worker.get(task.worker_id)
         if ident in self.conns:
             self.pending.append((ident, P.Cancel(task.id, task.attempt, reason)))
-            self._freed(self.conns[ident], task.id)
+            self.freed(self.conns[ident], task.id)
         task.worker_id, task.lease_expires = None, None
         self.want_assign = True
 
@@ -809,20 +606,10 @@ class Coordinator:
                 self._drop(s, self.conns[ident], now, "its send queue stayed full: it reads none of its messages", out)
         for task in s.exec(select(Task).where(Task.status.in_(LEASED)).where(Task.lease_expires < now)):
             if self.progress.take_stall(task):  # its worker heart-beat but made no progress
-                # not this worker again while another can take it (as after a failure); one that never
-                # finished a frame of this job is off the job (a flock of fresh ids must not pass the task
-                # round, each sitting on it for a stall limit)
-                task.failed_workers = sorted(set(task.failed_workers) | {task.worker_id})
-                if task.worker_id and not s.exec(select(Attempt.id).where(Attempt.job_id == task.job_id)
-                                                  .where(Attempt.worker_id == task.worker_id)
-                                                  .where(Attempt.outcome == "done").limit(1)).first():
-                    jw = (s.get(JobWorker, (task.job_id, task.worker_id))
-                          or JobWorker(job_id=task.job_id, worker_id=task.worker_id))
-                    jw.failures, jw.blocked = jw.failures + 1, True
-                    s.add(jw)
-                self._lose(s, task, now, "lease expired: no progress for longer than this job's frames take", out)
+                attempts.mark_staller(s, task)  # not this worker again; off the job if it never finished a frame
+                self.failures.lose(s, task, now, "lease expired: no progress for longer than this job's frames take", out)
             else:
-                self._lose(s, task, now, "lease expired", out)
+                self.failures.lose(s, task, now, "lease expired", out)
         if self.verifier.enabled:
             self.verifier.expire(s, now)
         self._finish_cancels(s, now)
@@ -842,75 +629,3 @@ class Coordinator:
         for job_id in sorted(self._canceling)[:1]:
             if jobs.cancel_rest(s, job_id, f"job {job_id} was canceled", now) < C.CANCEL_BATCH:
                 self._canceling.discard(job_id)
-
-    # ------------------------------------------------------------------ blobs over the worker plane
-    def _on_blobget(self, s, conn: Conn, msg: P.BlobGet, now, out) -> None:
-        # credit: a worker has at most BLOB_CREDIT requests in flight per blob (a few blobs at once); past
-        # that in one step, or while its send queue is full, requests are not served (nothing is read for them)
-        n = self._gets[conn.identity] = self._gets.get(conn.identity, 0) + 1
-        if n > C.BLOB_GETS_PER_STEP or conn.identity in self.congested:
-            self.stats["blob_gets_dropped"] += 1
-            return
-        if not self._may_fetch(s, conn, msg.sha256):
-            self.stats["blob_refused"] += 1
-            out.append((conn.identity, P.Blob(msg.sha256, msg.offset, 0, b"", error=(
-                "not an input of a task you hold: a worker fetches only the inputs of its own leases"))))
-            return
-        try:
-            total = self.blobs.size(msg.sha256)
-        except (BlobError, OSError):
-            out.append((conn.identity, P.Blob(msg.sha256, msg.offset, 0, b"", error="unknown blob")))
-            return
-        length = max(0, min(msg.length, L.BLOB_CHUNK_SIZE))
-        offset = max(0, msg.offset)
-        data = self.blobs.read(msg.sha256, offset, length) if offset < total else b""
-        self.stats["chunks_out"] += 1
-        out.append((conn.identity, P.Blob(msg.sha256, offset, total, data)))
-
-    def _on_blobput(self, s, conn: Conn, msg: P.BlobPut, now, out) -> None:
-        if not self._leases_of(s, conn):
-            out.append((conn.identity, P.BlobAck(msg.sha256, 0, False, "uploads need a task lease")))
-            return
-        if msg.sha256 not in conn.uploading and len(conn.uploading) >= C.UPLOADS_PER_CONNECTION:
-            # each begun upload is a partial file on disk: one connection may not start them without end
-            out.append((conn.identity, P.BlobAck(msg.sha256, 0, False, (
-                f"{len(conn.uploading)} uploads of this connection are unfinished, the most one may have: "
-                "finish them (or reconnect) before starting another"))))
-            return
-        try:
-            stored, done, taken = self.blobs.put_chunk(msg.sha256, msg.offset, msg.total, msg.data)
-        except BlobError as exc:
-            out.append((conn.identity, P.BlobAck(msg.sha256, 0, False, str(exc))))
-            return
-        if done:
-            conn.uploading.discard(msg.sha256)
-        elif taken and msg.data:
-            conn.uploading.add(msg.sha256)
-        if done and not s.get(BlobRow, msg.sha256):
-            s.add(BlobRow(sha256=msg.sha256, size=stored, origin="worker"))
-        # Acks go to taken chunks and to probes (empty chunks, asking where to resume); an out-of-order
-        # chunk gets none: the sender times out and resumes from its last acked offset.
-        if taken or done or not msg.data:
-            out.append((conn.identity, P.BlobAck(msg.sha256, stored, done)))
-
-    def _may_fetch(self, s: Session, conn: Conn, sha: str) -> bool:
-        """Whether ``conn`` holds a lease whose inputs name blob ``sha``: blobs go to workers by need only
-        (another job's frames, or this job's before approval, are no one else's to download). A grant
-        stays for the connection's life once seen (the worker may fetch it again, resuming)."""
-        if sha in conn.granted:
-            return True
-        for row in self.book.rows.values():  # live leases, in memory
-            if row.worker_id == conn.worker_id and sha in row.inputs:
-                conn.granted.add(sha)
-                return True
-        leased = s.exec(select(Task.inputs).where(Task.worker_id == conn.worker_id)
-                        .where(Task.status.in_(LEASED)).limit(256)).all()
-        if any(sha in inputs for inputs in leased):
-            conn.granted.add(sha)
-            return True
-        return False
-
-    def _leases_of(self, s: Session, conn: Conn) -> list[Task]:
-        return list(s.exec(select(Task).where(Task.worker_id == conn.worker_id).where(Task.status.in_(LEASED))
-                           .limit(1)))
-

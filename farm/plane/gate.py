@@ -369,7 +369,7 @@ def expel(coord, gate: Gate, keys: set[str], worker_ids: set[str], reason: str) 
                 coord._drop(s, conn, now, reason, out)  # requeues the leases it holds
             out.append((ident, P.Disconnect(reason)))
         for task in s.exec(select(Task).where(Task.worker_id.in_(ids)).where(Task.status.in_(leased_states))):
-            coord._lose(s, task, now, reason, out)  # a worker of the key that is offline right now
+            coord.failures.lose(s, task, now, reason, out)  # a worker of the key that is offline right now
         s.commit()
     coord.pending.extend(out)
     coord.want_assign = True
