@@ -1,6 +1,7 @@
 """Project upload cost: `farm submit`'s project path against a plain HTTP PUT of the same bytes, side by side.
 
     python bench/upload.py [--quick] [--textures N] [--mib M] [--keep]
+    python bench/upload.py --small N [--bytes B]
 
 A project of N textures (default 200) of random bytes behind a PNG signature, M MiB in all (default 1024;
 ``--quick``: 64), and a .blend built with bpy (in a child process) whose 200 images read ``//tex/t_NNN.png``.
@@ -15,6 +16,12 @@ c. **plain PUT**: every file of the project PUT once over one keep-alive connect
 Prints bytes sent and seconds of each, and their ratios to (c). Checks that the farm stored every blob of the
 manifest with the right hash, that (b) sent exactly the changed texture, and that (c)'s server received
 every byte. bpy runs only in a child process.
+
+``--small N`` (2,000 is the case of issue 19) measures instead a project of N small textures (B bytes each,
+default 500) against the farm's default upload rate (600 at once, then 600 a minute): the same project
+uploaded by two users of one ``farm serve``, (d) one PUT a file, waiting out the 429s as the client does,
+and (e) in batches (``POST /api/blobs/batch``, up to 100 files a request). Prints requests, bytes, seconds
+and seconds waited of each, and checks every blob on the farm.
 """
 from __future__ import annotations
 
@@ -116,13 +123,65 @@ def plain_put(files: list[Path], port: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "bytes": sent}
 
 
+def small_files(tmp: Path, n: int, each: int) -> int:
+    """(d) one PUT a file against (e) batches, for a project of ``n`` files of ``each`` bytes."""
+    (tmp / "proj" / "tex").mkdir(parents=True)
+    for i in range(n):
+        (tmp / "proj" / "tex" / f"t_{i:03d}.png").write_bytes(PNG + i.to_bytes(4, "big") + os.urandom(each - 12))
+    env = {**os.environ, "BLENDER_USER_RESOURCES": str(tmp / ".bu")}
+    res = subprocess.run([sys.executable, "-c", BLEND, str(tmp / "proj"), str(n)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    if res.returncode != 0:
+        raise SystemExit(f"building the .blend failed:\n{res.stderr[-2000:]}")
+    scene = tmp / "proj" / "scene.blend"
+    farm = Coordinator(tmp / "farm").start()
+    try:
+        rows = {}
+        for label, below in (("one PUT a file", 0), ("batches of <= 100", None)):
+            client = Client(farm.url, farm.admin.create_user(f"bench{len(rows)}")["token"], timeout=600)
+            t0 = time.perf_counter()
+            pr = P.build(scene)
+            try:
+                stats = P.upload(client, pr, batch_below=below)
+            finally:
+                pr.close()
+            rows[label] = {**stats, "seconds": time.perf_counter() - t0}
+            blobs = farm.data / "blobs"
+            for rel, sha in pr.manifest.files.items():
+                with open(blobs / sha[:2] / sha, "rb") as f:
+                    assert hashlib.file_digest(f, "sha256").hexdigest() == sha, rel
+            if label.startswith("one PUT"):   # the second user's upload must send everything again:
+                for sha in pr.manifest.files.values():   # drop the blobs (the farm dedups across users)
+                    (blobs / sha[:2] / sha).unlink()
+        print(f"project: {n + 1} files ({n} textures of {each} bytes + scene.blend), the farm's default upload rate; "
+              "the machine was loaded by other work")
+        print(f"{'':22}{'requests':>10}{'bytes sent':>12}{'seconds':>10}{'waited s':>10}")
+        for label, r in rows.items():
+            print(f"{label:22}{r['requests']:10}{r['bytes_sent']:12}{r['seconds']:10.2f}{r['waited_s']:10.0f}")
+        a, b = rows.values()
+        print(f"ratios (PUT a file / batches): requests {a['requests'] / b['requests']:.0f}x, seconds "
+              f"{a['seconds'] / b['seconds']:.1f}x")
+        print(json.dumps(rows, default=str))
+        return 0
+    finally:
+        farm.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="64 MiB instead of 1 GiB")
     ap.add_argument("--textures", type=int, default=200)
     ap.add_argument("--mib", type=float, default=None, help="total texture MiB (default 1024, --quick 64)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--small", type=int, default=0, help="instead: a project of this many small files")
+    ap.add_argument("--bytes", type=int, default=500, help="bytes of each small file (--small)")
     args = ap.parse_args()
+    if args.small:
+        tmp = Path(tempfile.mkdtemp(prefix="renderhive-bench-upload-"))
+        try:
+            return small_files(tmp, args.small, args.bytes)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     total = int((args.mib or (64 if args.quick else 1024)) * (1 << 20))
     tmp = Path(tempfile.mkdtemp(prefix="renderhive-bench-upload-"))
     farm = sink = None

@@ -22,12 +22,42 @@ RESUMABLE_ABOVE = int(float(os.environ.get("RENDERHIVE_RESUMABLE_MIB", 64)) * (1
 connection costs only what was in flight. Smaller files go in one PUT (one request instead of two)."""
 RESUME_ATTEMPTS = 5
 """Connections an upload may lose before it gives up (each resumes where the farm's copy ends)."""
+WAIT_LIMIT_S = float(os.environ.get("RENDERHIVE_WAIT_LIMIT_S", 900))
+"""Longest one upload waits, all its waits together, when the farm answers 429 (its per-user upload rate)
+or 503 (too many connections) with a ``Retry-After`` (``RENDERHIVE_WAIT_LIMIT_S``, 15 minutes): a
+2,000-file project at the default 600 a minute waits about 2 minutes in all, and a farm that keeps saying
+no for longer gets a clear error instead of a client that hangs."""
+WAIT_STATUSES = (429, 503)
+BATCH_BELOW = int(float(os.environ.get("RENDERHIVE_BATCH_BELOW_KIB", 256)) * 1024)
+"""Files smaller than this go in batches (:meth:`Client.upload_batch`, ``RENDERHIVE_BATCH_BELOW_KIB``,
+256 KiB; 0: never): one request for many small textures, which the farm's upload rate counts once
+(farm/web/api_blobs.py)."""
+BATCH_BYTES, BATCH_FILES = 3 << 20, 100
+"""Most bytes and files of one batch: under the farm's 4 MiB bound on such a body, and its 100 files."""
 
 
 class ApiError(RuntimeError):
-    def __init__(self, message: str, status: int = 0):
+    def __init__(self, message: str, status: int = 0, retry_after: float | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after   # seconds from the answer's Retry-After (429, 503), else None
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds of a ``Retry-After`` header (delta-seconds; an HTTP date is not sent by the farm), or None."""
+    raw = (headers.get("Retry-After") if headers is not None else None) or ""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def wait_message(status: int, seconds: float) -> str:
+    """What progress shows while the client waits out a 429/503."""
+    if status == 429:
+        return f"waiting {seconds:.0f} s for the farm's upload limit"
+    return f"waiting {seconds:.0f} s: the farm is busy (too many connections)"
 
 
 def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
@@ -61,10 +91,17 @@ class _ProgressReader:
 
 
 class Client:
-    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0):
+    batch_below, batch_bytes, batch_files = BATCH_BELOW, BATCH_BYTES, BATCH_FILES
+
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0,
+                 wait_limit: float | None = None, on_wait: Callable[[str], None] | None = None):
         self.url = (url or os.environ.get("RENDERHIVE_URL") or DEFAULT_URL).rstrip("/")
         self.token = token if token is not None else os.environ.get("RENDERHIVE_TOKEN", "")
         self.timeout = timeout
+        self.wait_limit = WAIT_LIMIT_S if wait_limit is None else wait_limit
+        self.on_wait = on_wait     # told wait_message(...) before each wait (the CLI's progress line)
+        self.waited = 0.0          # seconds this client has waited out 429/503 answers, in all
+        self.sleep = time.sleep
 
     # ------------------------------------------------------------------ plumbing
     def _open(self, method: str, path: str, body: Any = None, data: Any = None,
@@ -85,7 +122,8 @@ class Client:
                 detail = exc.reason
             if isinstance(detail, list):  # FastAPI validation errors
                 detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
-            raise ApiError(f"{method} {path}: {detail} (HTTP {exc.code})", exc.code) from None
+            raise ApiError(f"{method} {path}: {detail} (HTTP {exc.code})", exc.code,
+                           _retry_after(exc.headers) if exc.code in WAIT_STATUSES else None) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ApiError(f"cannot reach the coordinator at {self.url} ({reason}): is `farm serve` running, "
@@ -95,6 +133,28 @@ class Client:
         with self._open(method, path, body=body) as resp:
             raw = resp.read()
         return json.loads(raw) if raw else None
+
+    def patiently(self, call: Callable[[], Any]) -> Any:
+        """``call()``, again after each 429/503 answer that says when to come back (``Retry-After``), for at
+        most ``wait_limit`` seconds of waiting in all; the farm refuses those before reading the body, so
+        sending it again is safe and loses nothing."""
+        waited = 0.0
+        while True:
+            try:
+                return call()
+            except ApiError as exc:
+                if exc.status not in WAIT_STATUSES or exc.retry_after is None:
+                    raise
+                wait = max(exc.retry_after, 0.05)
+                if waited + wait > self.wait_limit:
+                    raise ApiError(f"{exc}; gave up after waiting {waited:.0f} s (the most this client waits is "
+                                   f"{self.wait_limit:g} s, RENDERHIVE_WAIT_LIMIT_S): submit again later, it "
+                                   "uploads only what the farm still lacks", exc.status, exc.retry_after) from None
+                if self.on_wait:
+                    self.on_wait(wait_message(exc.status, wait))
+                self.sleep(wait)
+                waited += wait
+                self.waited += wait
 
     # ------------------------------------------------------------------ API
     def health(self) -> dict[str, Any]:
@@ -107,22 +167,52 @@ class Client:
         return self.request("PUT", f"/api/users/{quote(name, safe='')}/credit", {"credit_line": credit_line})
 
     def missing(self, hashes: list[str]) -> list[str]:
-        return self.request("POST", "/api/blobs/missing", {"hashes": hashes})["missing"]
+        return self.patiently(lambda: self.request("POST", "/api/blobs/missing", {"hashes": hashes}))["missing"]
 
     def upload_blob(self, path: Path, sha: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """PUT blob ``sha`` whole, waiting out the farm's upload rate (429) and connection limit (503).
+        ``progress`` gets each byte once, however many times the body had to be sent."""
         size = Path(path).stat().st_size
-        reader = _ProgressReader(Path(path), progress)
-        try:
-            with self._open("PUT", f"/api/blobs/{sha}", data=reader,
-                            headers={"Content-Type": "application/octet-stream",
-                                     "Content-Length": str(size)}) as resp:
+        shown = 0
+
+        def put() -> dict[str, Any]:
+            def tick(n: int) -> None:
+                nonlocal shown
+                if progress and reader.sent > shown:
+                    progress(reader.sent - shown)
+                    shown = reader.sent
+            reader = _ProgressReader(Path(path), tick)
+            try:
+                with self._open("PUT", f"/api/blobs/{sha}", data=reader,
+                                headers={"Content-Type": "application/octet-stream",
+                                         "Content-Length": str(size)}) as resp:
+                    return json.loads(resp.read())
+            finally:
+                reader.close()
+        return self.patiently(put)
+
+    def upload_batch(self, items: list[tuple[str, Path]],
+                     progress: Callable[[Path, int], None] | None = None) -> dict[str, Any]:
+        """POST small blobs (sha256, path) in one request (at most BATCH_FILES, BATCH_BYTES in all: the caller
+        groups them), waiting out 429/503. ``progress(path, bytes)`` once per file when the farm has them.
+        Returns {"stored": [sha, ...], "had": n, "bytes": n}; ApiError 404/405 from a farm without batches."""
+        datas = [Path(path).read_bytes() for _, path in items]
+        head = json.dumps({"blobs": [[sha, len(d)] for (sha, _), d in zip(items, datas)]}).encode()
+        body = head + b"\n" + b"".join(datas)
+
+        def post() -> dict[str, Any]:
+            with self._open("POST", "/api/blobs/batch", data=body,
+                            headers={"Content-Type": "application/octet-stream"}) as resp:
                 return json.loads(resp.read())
-        finally:
-            reader.close()
+        done = self.patiently(post)
+        if progress:
+            for (_, path), d in zip(items, datas):
+                progress(Path(path), len(d))
+        return done
 
     def upload_standing(self, sha: str) -> dict[str, Any]:
         """Where this user's resumable upload of ``sha`` stands: {"offset", "size", "complete"}."""
-        return self.request("GET", f"/api/blobs/{sha}/upload")
+        return self.patiently(lambda: self.request("GET", f"/api/blobs/{sha}/upload"))
 
     def upload_resumable(self, path: Path, sha: str, progress: Callable[[int], None] | None = None,
                          attempts: int = RESUME_ATTEMPTS, pause: float = 1.0) -> int:
@@ -157,11 +247,15 @@ class Client:
                         progress(min(n, reader.sent + offset - shown))
                         shown = reader.sent + offset
                 reader.progress = tick
-            try:
+            def patch() -> dict[str, Any]:
+                reader.f.seek(offset)   # sent again after a 429/503: the farm read none of it
+                reader.sent = 0
                 with self._open("PATCH", f"/api/blobs/{sha}/upload?offset={offset}&size={size}", data=reader,
                                 headers={"Content-Type": "application/octet-stream",
                                          "Content-Length": str(size - offset)}) as resp:
-                    done = json.loads(resp.read())
+                    return json.loads(resp.read())
+            try:
+                done = self.patiently(patch)
                 sent += reader.sent
                 if done["complete"]:
                     return sent

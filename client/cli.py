@@ -84,8 +84,12 @@ def upload_project(client: Client, scene: Path, args) -> tuple[str, int, dict[st
         else:
             with _progress() as prog:
                 t = prog.add_task("uploading", total=pr.total_bytes)
+                client.on_wait = lambda message: prog.update(t, description=message)   # a 429/503 waited out
                 stats = proj.upload(client, pr, lambda name, n: prog.update(t, advance=n, description=name),
                                     resumable_above=above)
+        if stats.get("waited_s"):
+            say(f"waited {stats['waited_s']:.0f} s in all for the farm's upload limit ({stats['requests']} upload "
+                "requests)")
         fields: dict[str, Any] = {"project": pr.manifest.to_json()}
         if pr.missing:
             fields["missing"] = pr.missing_report()

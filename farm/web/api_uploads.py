@@ -29,9 +29,18 @@ from farm.web.deps import Api
 
 def record_blob(engine, sha: str, size: int, origin: str = "upload") -> None:
     """The database row of a blob just stored (once)."""
+    record_blobs(engine, [(sha, size)], origin)
+
+
+def record_blobs(engine, stored: list[tuple[str, int]], origin: str = "upload") -> None:
+    """The database rows of blobs just stored (each once), in one transaction (a batch upload)."""
     with new_session(engine) as s:
-        if not s.get(Blob, sha):
-            s.add(Blob(sha256=sha, size=size, origin=origin))
+        added = False
+        for sha, size in stored:
+            if not s.get(Blob, sha):
+                s.add(Blob(sha256=sha, size=size, origin=origin))
+                added = True
+        if added:
             s.commit()
 
 

@@ -90,7 +90,7 @@ def rate_kind(method: str, path: str) -> str | None:
     """Which rate limit a request counts against, if any."""
     if method == "POST" and path in ("/api/jobs", "/api/jobs/diffusion"):
         return "submit"
-    if _is_upload(method, path):
+    if _is_upload(method, path) or (method == "POST" and path == "/api/blobs/batch"):  # a batch: one token
         return "upload"
     return None
 

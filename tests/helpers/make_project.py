@@ -13,7 +13,9 @@ Writes under ROOT (all tiny, for 32x32 renders):
   linked from ``//sub/deep.blend``;
 * ``lib/sub/deep.blend``: a plane reading ``//deep.png``.
 
-With ``--missing`` the scene also reads ``//tex/gone.png``, which is not there. Prints one JSON line:
+With ``--missing`` the scene also reads ``//tex/gone.png``, which is not there. With ``--many N`` it is
+instead a scene of N small textures, ``//many/t_0000.png`` …, each its own image node of one material and
+each a distinct file (a project of many small files, for the upload rate). Prints one JSON line:
 {"scene": path, "version": bpy version}.
 """
 from __future__ import annotations
@@ -30,6 +32,12 @@ def main(argv: list[str]) -> int:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     import bpy
+
+    if "--many" in argv:
+        scene = _many(bpy, root, int(argv[argv.index("--many") + 1]))
+        out.write(json.dumps({"scene": scene, "version": bpy.app.version_string}) + "\n")
+        out.flush()
+        return 0
 
     def fresh():
         bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -176,6 +184,44 @@ def main(argv: list[str]) -> int:
     out.write(json.dumps({"scene": scene, "version": bpy.app.version_string}) + "\n")
     out.flush()
     return 0
+
+
+def _png_bytes(i: int, w: int = 8, h: int = 8) -> bytes:
+    """A tiny RGB PNG whose pixels encode ``i`` (so every file is a distinct blob), written without bpy:
+    saving thousands of images through Blender is slow."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    px = bytes([i & 255, (i >> 8) & 255, (i * 37) & 255])
+    raw = b"".join(b"\0" + px * w for _ in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _many(bpy, root: str, n: int) -> str:
+    """A scene whose one material reads ``n`` textures from ``//many/`` (see the module docstring)."""
+    os.makedirs(os.path.join(root, "many"), exist_ok=True)
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    sc = bpy.context.scene
+    sc.render.resolution_x = sc.render.resolution_y = 16
+    mat = bpy.data.materials.new("many")
+    mat.use_nodes = True
+    for i in range(n):
+        path = os.path.join(root, "many", f"t_{i:04d}.png")
+        with open(path, "wb") as f:
+            f.write(_png_bytes(i))
+        im = bpy.data.images.load(path, check_existing=False)
+        im.filepath = f"//many/t_{i:04d}.png"
+        mat.node_tree.nodes.new("ShaderNodeTexImage").image = im
+    mesh = bpy.data.meshes.new("plane")
+    mesh.from_pydata([(-1, -1, 0), (1, -1, 0), (1, 1, 0), (-1, 1, 0)], [], [(0, 1, 2, 3)])
+    mesh.materials.append(mat)
+    sc.collection.objects.link(bpy.data.objects.new("plane", mesh))
+    scene = os.path.join(root, "scene.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=scene)
+    return scene
 
 
 def _font() -> str:
