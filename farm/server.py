@@ -2,7 +2,7 @@
 
 Start-up order: data dir, database (schema migrated to the newest revision), blob store, admin token on
 first start, the CurveZMQ keyring (keypair and enrollment token on first start, :mod:`farm.plane.gate`), then
-the broker, the payment settler (:class:`farm.payments.ledger.Settler`, unless ``--chain-rpc
+the broker, the payment settler (:class:`farm.payments.settler.Settler`, unless ``--chain-rpc
 off``) and uvicorn on one asyncio loop. SIGINT/SIGTERM stop both; state is durable at every commit, so
 a ``kill -9`` loses nothing that was acknowledged.
 """
@@ -19,8 +19,9 @@ from common.keys import KeyFileError
 from common.limits import cap_recursion
 from farm.core.coordinator import Coordinator
 from farm.payments.earnings import WorkerEarnings
-from farm.payments.ledger import Ledger, Settler, chain_factory
+from farm.payments.ledger import Ledger, chain_factory
 from farm.payments.market import Market
+from farm.payments.settler import Settler
 from farm.plane.broker import Broker, tune_gc
 from farm.plane.gate import Keyring, resolve_mode
 from farm.store.blobs import BlobStore

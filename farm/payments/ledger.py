@@ -6,8 +6,10 @@ posted, an approved job gets the creator's approval relayed, a rejected job gets
 canceled job pays the work it had accepted (its list posted and approved: cancelling approves that work)
 and gets the rest back, and a failed job, or a canceled one with no accepted work, gets its deposit
 released; a job left rendered past the review window is approved (:meth:`Ledger.auto_approve`). Each :meth:`Ledger.sync` reads the escrow's state of
-each unsettled job and sends at most the one transaction that moves it on. :class:`Settler` runs it as an
-asyncio background task of ``farm serve``, and moves approved jobs to ``paid`` on the coordinator's thread.
+each unsettled job and sends at most the one transaction that moves it on. :class:`farm.payments.settler.Settler` runs it
+as an asyncio background task of ``farm serve``, and moves approved jobs to ``paid`` on the coordinator's
+thread. Transactions go through :class:`farm.payments.txs.TxJournal`; custodial creator keys are
+:class:`farm.payments.custody.Custody`'s.
 
 Invariants:
 
@@ -22,22 +24,21 @@ Invariants:
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import secrets
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from sqlmodel import Session, select
 
-from common import eth_sign
 from farm.payments import chain as ch
 from farm.payments import pricing as pr
 from farm.payments.chain import EscrowState
+from farm.payments.custody import Custody
+from farm.payments.txs import UNRESOLVED, TxJournal
 from farm.store.db import session as new_session
 from farm.store.ledger_models import (
     SETTLEMENT_FINAL,
@@ -63,7 +64,6 @@ ENDED = (JobStatus.canceled.value, JobStatus.failed.value)
 EVENT_RANGE = 2000      # blocks per eth_getLogs
 STEPS_PER_JOB = 8       # transactions one job may advance by in one pass (automining chains answer at once)
 WAITING = (SettlementStatus.open, SettlementStatus.posted, SettlementStatus.disputed)  # on the chain, still rendering
-UNRESOLVED = (TxStatus.signed.value, TxStatus.sent.value)
 RENDERING = tuple(s.value for s in (JobStatus.funding, JobStatus.queued, JobStatus.active, JobStatus.paused, JobStatus.rejected))
 REVIEW_WINDOW_SECONDS = float(os.environ.get("RENDERHIVE_REVIEW_WINDOW", 72 * 3600))
 """Seconds a rendered job waits for its creator's approval or rejection before it is approved (and paid)."""
@@ -112,35 +112,18 @@ class Ledger:
         self.factory = factory
         self.pricing = pricing or pr.Pricing.from_env()
         self.token_address = token_address or os.environ.get("RENDERHIVE_TOKEN_ADDRESS") or None
-        self.tx_wait = tx_wait
         self.chain: ch.Chain | None = None
         self.deployment: dict[str, Any] = {}
         self.namespace = ""
-        self.seed = self._seed()
-        self.tx_lock = threading.RLock()  # one transaction at a time: nonces never collide
+        self.custody = Custody(self.data_dir)  # custodial creator keys, and whose key signs for an escrow
+        self.txs = TxJournal(engine, tx_wait)  # signed before sent, one at a time
+        self.tx_lock = self.txs.lock
         self.report: dict[str, Any] = {}
         self.wake_hook: Callable[[], None] | None = None  # set by the Settler: run a pass soon
         self._looked: dict[int, float] = {}  # job id → when its escrow was last read (monotonic)
         self._event_mark = 0  # newest ChainEvent row seen by _due
-        # test seam: called as seam(kind, stage) after a transaction is "signed" and "sent";
-        # RENDERHIVE_LEDGER_CRASH_AFTER=kind:stage makes the process exit there (kill -9 in the middle)
-        self.seam: Callable[[str, str], None] | None = None
-        self._crash_after = os.environ.get("RENDERHIVE_LEDGER_CRASH_AFTER", "")
 
     # ------------------------------------------------------------------ setup and reconciliation
-    def _seed(self) -> bytes:
-        """The secret from which custodial creator keys are derived (DATA/wallet.seed, mode 600)."""
-        path = self.data_dir / "wallet.seed"
-        try:
-            return bytes.fromhex(path.read_text().strip())
-        except FileNotFoundError:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            seed = secrets.token_bytes(32)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(seed.hex() + "\n")
-            return seed
-
     def _meta(self, s: Session, key: str, default: str = "") -> str:
         row = s.get(ChainMeta, key)
         return row.value if row else default
@@ -218,7 +201,7 @@ class Ledger:
         chain = self.ensure_ready()
         report: dict[str, Any] = {"checked": 0, "adopted": [], "mismatch": []}
         with self.tx_lock:
-            report["unresolved"] = self._resolve_pending()
+            report["unresolved"] = self.txs.resolve_pending(self.chain)
         self._scan_events()
         expect = {  # the escrow's state that each settlement status stands for
             SettlementStatus.new: EscrowState.none, SettlementStatus.funding: EscrowState.none,
@@ -247,77 +230,20 @@ class Ledger:
         self.report = report
         return report
 
-    # ------------------------------------------------------------------ transactions
-    def _seam_point(self, kind: str, stage: str) -> None:
-        if self.seam:
-            self.seam(kind, stage)
-        if self._crash_after == f"{kind}:{stage}":
-            log.warning("RENDERHIVE_LEDGER_CRASH_AFTER=%s: exiting now (test seam)", self._crash_after)
-            os._exit(86)
-
-    def _send(self, s: Session, job_id: int | None, kind: str, key: str, call=None, *, to: str | None = None,
-              value: int = 0, detail: str = "") -> ChainTx:
+    # ------------------------------------------------------------------ transactions (farm/payments/txs.py)
+    def send(self, s: Session, job_id: int | None, kind: str, key: str, call=None, *, to: str | None = None,
+             value: int = 0, detail: str = "") -> ChainTx:
         """Sign, persist, broadcast, and briefly wait for the receipt of one transaction."""
-        chain = self.chain
-        with self.tx_lock:
-            signed = chain.sign(key, call, to=to, value=value)
-            row = ChainTx(epoch=self.epoch, job_id=job_id, kind=kind, sender=signed.sender, nonce=signed.nonce,
-                          tx_hash=signed.tx_hash, raw=signed.raw, detail=detail[:500])
-            s.add(row)
-            st = s.get(Settlement, job_id) if job_id is not None else None
-            if st is not None and st.error:  # the step that was refused before goes through now
-                st.error = ""
-                s.add(st)
-            s.commit()
-            self._seam_point(kind, "signed")
-            chain.broadcast(signed)
-            row.status, row.updated_at = TxStatus.sent.value, time.time()
-            s.add(row)
-            s.commit()
-            self._seam_point(kind, "sent")
-            self._await(s, row, self.tx_wait)
-            log.info("tx %s %s job=%s nonce=%d %s", kind, row.tx_hash, job_id, row.nonce, row.status)
-            return row
+        return self.txs.send(self.chain, self.epoch, s, job_id, kind, key, call, to=to, value=value, detail=detail)
 
-    def _await(self, s: Session, row: ChainTx, timeout: float) -> bool:
-        deadline, delay = time.monotonic() + timeout, 0.02
-        while True:
-            rcpt = self.chain.receipt(row.tx_hash)
-            if rcpt is not None:
-                row.status = (TxStatus.mined if rcpt.ok else TxStatus.reverted).value
-                row.block, row.gas_used, row.updated_at = rcpt.block, rcpt.gas_used, time.time()
-                if not rcpt.ok:
-                    row.error = "reverted on chain"
-                    log.warning("tx %s (%s, job %s) reverted", row.tx_hash, row.kind, row.job_id)
-                s.add(row)
-                s.commit()
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
+    @property
+    def seam(self) -> Callable[[str, str], None] | None:
+        """Test seam: called as seam(kind, stage) after a transaction is "signed" and "sent"."""
+        return self.txs.seam
 
-    def _resolve_pending(self) -> int:
-        """Settle the fate of transactions sent (or only signed) earlier; returns how many are in flight."""
-        pending = 0
-        with new_session(self.engine) as s:
-            for row in s.exec(select(ChainTx).where(ChainTx.status.in_(UNRESOLVED)).order_by(ChainTx.id)).all():
-                if self._await(s, row, 0):
-                    continue
-                if not self.chain.knows(row.tx_hash):
-                    try:  # never reached the node (crash before broadcast, node restarted without it)
-                        self.chain.broadcast(ch.SignedTx(row.sender, row.nonce, row.tx_hash, row.raw))
-                    except ch.TxRejected as exc:  # its nonce went to another transaction: it can never mine
-                        row.status, row.error = TxStatus.dropped.value, str(exc)[:500]
-                        s.add(row)
-                        s.commit()
-                        continue
-                    row.status = TxStatus.sent.value
-                    s.add(row)
-                    s.commit()
-                if not self._await(s, row, self.tx_wait):
-                    pending += 1
-        return pending
+    @seam.setter
+    def seam(self, fn: Callable[[str, str], None] | None) -> None:
+        self.txs.seam = fn
 
     def _scan_events(self) -> int:
         """Mirror the escrow's events into ChainEvent rows (idempotent, from a persisted cursor)."""
@@ -350,7 +276,7 @@ class Ledger:
         self.ensure_ready()
         self.auto_approve()
         with self.tx_lock:
-            if self._resolve_pending():
+            if self.txs.resolve_pending(self.chain):
                 return  # a transaction is still in flight: its effect decides what comes next
             self._open_settlements()
             self._scan_events()
@@ -362,7 +288,7 @@ class Ledger:
                     except ch.TxRejected as exc:
                         self._note_error(job_id, str(exc))
                         break
-                    if self._resolve_pending():
+                    if self.txs.resolve_pending(self.chain):
                         return
         self._scan_events()
 
@@ -448,7 +374,7 @@ class Ledger:
                     s.add(st)
                     s.commit()
                     return False
-                self._send(s, job_id, "release", chain.operator_key, chain.release(int(st.escrow_job)))
+                self.send(s, job_id, "release", chain.operator_key, chain.release(int(st.escrow_job)))
                 return True
             if ej.state == EscrowState.none:
                 return self._deposit(s, st, job)
@@ -469,9 +395,9 @@ class Ledger:
             if st.reject_pending:
                 if ej.state in (EscrowState.open, EscrowState.posted) and ej.disputes < MAX_DISPUTES:
                     reason = ch.text_hash(st.reject_reason)
-                    sig = self._creator_sig(s, st, "reject", ej, reason)
+                    sig = self.custody.creator_sig(self.chain, s, st, "reject", ej, reason)
                     if sig is not None:
-                        self._send(s, job_id, "reject", chain.operator_key,
+                        self.send(s, job_id, "reject", chain.operator_key,
                                    chain.reject_by_sig(int(st.escrow_job), reason, sig))
                         return True
                 st.reject_pending, st.reject_sig = False, ""
@@ -480,20 +406,20 @@ class Ledger:
                     self._compute(s, st, job, ej.deposit)
                 if ej.state in (EscrowState.open, EscrowState.disputed) or ej.payouts_hash != st.payouts_hash:
                     wallets, amounts = self._current_list(s, st)
-                    self._send(s, job_id, "post", chain.operator_key,
+                    self.send(s, job_id, "post", chain.operator_key,
                                chain.post_payouts(int(st.escrow_job), wallets, amounts),
                                detail=f"round {st.payout_round}: {len(wallets)} wallets")
                     return True
                 if job.status == JobStatus.approved.value or pays_done_work:
                     wallets, amounts = self._current_list(s, st)
-                    sig = self._creator_sig(s, st, "approve", ej, ej.payouts_hash)
+                    sig = self.custody.creator_sig(self.chain, s, st, "approve", ej, ej.payouts_hash)
                     if sig is not None:
-                        self._send(s, job_id, "approve", chain.operator_key,
+                        self.send(s, job_id, "approve", chain.operator_key,
                                    chain.approve_by_sig(int(st.escrow_job), wallets, amounts, sig))
                         return True
                     if chain.timestamp() >= ej.changed_at + self.review_seconds:
                         # a creator's own wallet that neither signed nor disputed within the review window
-                        self._send(s, job_id, "settle", chain.operator_key,
+                        self.send(s, job_id, "settle", chain.operator_key,
                                    chain.settle_unreviewed(int(st.escrow_job), wallets, amounts),
                                    detail=f"unreviewed for {self.review_seconds} s: settled by the operator")
                         return True
@@ -509,7 +435,7 @@ class Ledger:
         job's creator's wallet and hold at least the deposit the job's quote asked for (the token is the
         escrow's own, checked when the ledger attached it). Checked before the job is leased, and at every
         step after, so approval and release never act on someone else's escrow."""
-        creator = st.creator or self.creator_wallet(s, job.owner_id)[0]
+        creator = st.creator or self.custody.creator_wallet(s, job.owner_id)[0]
         if ej.creator.lower() != creator.lower():
             return (f"escrow job {st.escrow_job} was opened by {ej.creator}, not by the creator's wallet {creator}: "
                     "it is not this job's deposit; the job deposits under a new escrow id")
@@ -548,8 +474,8 @@ class Ledger:
         then the token allowance, then open_job. One transaction per call."""
         chain = self.chain
         if not st.creator:
-            st.creator = self.creator_wallet(s, job.owner_id)[0]  # chosen once: linking later changes new jobs only
-        address, key = st.creator, self._key_for(s, st, job.owner_id)
+            st.creator = self.custody.creator_wallet(s, job.owner_id)[0]  # chosen once: linking later changes new jobs only
+        address, key = st.creator, self.custody.key_for(s, st, job.owner_id)
         deposit = int(st.deposit)
         if st.status != SettlementStatus.funding.value:
             st.status = SettlementStatus.funding.value
@@ -559,11 +485,11 @@ class Ledger:
             return False  # the creator's own wallet deposits (the job page, or farm deposit): nothing to send
         if self.deployment.get("dev_token"):
             if chain.eth_balance(address) < ch.DEV_ETH // 10:
-                self._send(s, None, "fund", chain.operator_key, to=address, value=ch.DEV_ETH, detail=address)
+                self.send(s, None, "fund", chain.operator_key, to=address, value=ch.DEV_ETH, detail=address)
                 return True
             balance = chain.token_balance(address)
             if balance < deposit:
-                self._send(s, None, "mint", chain.operator_key,
+                self.send(s, None, "mint", chain.operator_key,
                            chain.mint(address, max(self.pricing.demo_tokens, deposit - balance)),
                            detail=address)
                 wallet = s.get(CreatorWallet, job.owner_id)
@@ -578,10 +504,10 @@ class Ledger:
                                          f"deposit needs {pr.tokens(deposit)} and some gas money: send both to it")
                 return False
         if chain.allowance(address) < deposit:
-            self._send(s, job.id, "allow", key, chain.approve_spend(chain.escrow.address, deposit))
+            self.send(s, job.id, "allow", key, chain.approve_spend(chain.escrow.address, deposit))
             return True
         deadline = chain.timestamp() + self.pricing.deadline_seconds
-        self._send(s, job.id, "open", key, chain.open_job(int(st.escrow_job), deposit, deadline),
+        self.send(s, job.id, "open", key, chain.open_job(int(st.escrow_job), deposit, deadline),
                    detail=f"deposit {pr.tokens(deposit)}")
         return True
 
@@ -652,60 +578,6 @@ class Ledger:
             s.add(st)
             s.commit()
 
-    # ------------------------------------------------------------------ wallets
-    def _creator_key(self, user_id: int) -> str:
-        return ch.derive_key(self.seed, f"creator:{user_id}")
-
-    def custodial_wallet(self, s: Session, user_id: int) -> tuple[str, str]:
-        """The creator's custodial wallet (address, key), created on first use."""
-        key = self._creator_key(user_id)
-        address = ch.address_of(key)
-        if s.get(CreatorWallet, user_id) is None:
-            s.add(CreatorWallet(user_id=user_id, address=address))
-            s.commit()
-        return address, key
-
-    def creator_wallet(self, s: Session, user_id: int) -> tuple[str, str | None]:
-        """The wallet the creator's new jobs deposit from: (address, key), the key None for a wallet of their
-        own (linked by signing in with it; the farm holds no key of it)."""
-        address, key = self.custodial_wallet(s, user_id)
-        row = s.get(CreatorWallet, user_id)
-        if row.own_address:
-            return row.own_address, None
-        return address, key
-
-    def _key_for(self, s: Session, st: Settlement, user_id: int) -> str | None:
-        """The key that signs for this escrow: the custodial one when it deposited, else none."""
-        address, key = self.custodial_wallet(s, user_id)
-        return key if st.creator.lower() == address.lower() else None
-
-    def _creator_sig(self, s: Session, st: Settlement, kind: str, ej: ch.EscrowJob, h: str) -> bytes | None:
-        """The creator's EIP-712 signature of Approve/Reject(escrow job, the escrow's round, ``h``): made here
-        with the custodial key, or the one the creator's own wallet gave (checked: a signature for another
-        round or list is dropped, and None returned)."""
-        job = s.get(Job, st.job_id)
-        key = self._key_for(s, st, job.owner_id)
-        chain = self.chain
-        if key is not None:
-            return (chain.sign_approve if kind == "approve" else chain.sign_reject)(key, int(st.escrow_job), ej.round, h)
-        sig = st.approve_sig if kind == "approve" else st.reject_sig
-        if not sig:
-            return None
-        typed = (eth_sign.approve_typed if kind == "approve" else eth_sign.reject_typed)(
-            chain.chain_id(), chain.escrow.address, int(st.escrow_job), ej.round, h)
-        try:
-            good = eth_sign.recover_typed(typed, sig).lower() == st.creator.lower()
-        except eth_sign.SignatureError:
-            good = False
-        if not good:
-            setattr(st, "approve_sig" if kind == "approve" else "reject_sig", "")
-            st.error = (f"the creator's {kind} signature is not for round {ej.round} of escrow job {st.escrow_job}: "
-                        "sign again on the job page")
-            s.add(st)
-            s.commit()
-            return None
-        return bytes.fromhex(sig[2:])
-
     @property
     def review_seconds(self) -> int:
         return int(self.deployment.get("review_seconds") or REVIEW_WINDOW_SECONDS)
@@ -730,7 +602,7 @@ class Ledger:
             raise LedgerError(f"{addr} has nothing to withdraw (its escrow credit is 0)")
         with new_session(self.engine) as s:
             try:
-                row = self._send(s, None, "withdraw", chain.operator_key, chain.withdraw_for(addr),
+                row = self.send(s, None, "withdraw", chain.operator_key, chain.withdraw_for(addr),
                                  detail=addr)
             except ch.TxRejected as exc:
                 raise LedgerError(str(exc)) from None
@@ -741,49 +613,3 @@ class Ledger:
         if self.chain is None:
             raise LedgerError("the chain is not connected yet (starting, or its node is down): retry shortly", 503)
         return self.chain
-
-
-class Settler:
-    """The ledger as an asyncio background task: sync in a thread, then finalize paid jobs through
-    ``serial`` (the coordinator's thread). A chain that is down is retried with backoff, never skipped."""
-
-    def __init__(self, ledger: Ledger, serial: Callable[..., Any], interval: float | None = None,
-                 max_backoff: float | None = None):
-        self.ledger, self.serial = ledger, serial
-        self.interval = interval or float(os.environ.get("RENDERHIVE_SETTLE_INTERVAL", "1.0"))
-        self.max_backoff = max_backoff or float(os.environ.get("RENDERHIVE_SETTLE_MAX_BACKOFF", "10"))
-        self._wake = asyncio.Event()
-        self._stop = False
-        ledger.wake_hook = self.wake
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop = True
-        self._wake.set()
-
-    async def run(self) -> None:
-        delay, down = self.interval, False
-        while not self._stop:
-            try:
-                await asyncio.to_thread(self.ledger.sync)
-                for job_id in await asyncio.to_thread(self.ledger.to_fund):
-                    await self.serial(self.ledger.fund, job_id)
-                for job_id in await asyncio.to_thread(self.ledger.to_finalize):
-                    await self.serial(self.ledger.finalize, job_id)
-                if down:
-                    log.info("chain reachable again: settlement resumed")
-                delay, down = self.interval, False
-            except ch.ChainUnavailable as exc:
-                if not down:
-                    log.warning("%s: settlement waits and retries (nothing is lost)", exc)
-                down, delay = True, min(self.max_backoff, delay * 2)
-            except Exception:
-                log.exception("settlement pass failed; retrying")
-                delay = min(self.max_backoff, delay * 2)
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()

@@ -40,7 +40,7 @@ MAX_OPEN_CHALLENGES = 8  # unexpired sign-in messages one account may hold (more
 
 def wallet_view(ledger: Ledger, s: Session, user: User) -> dict[str, Any]:
     """The account's wallets: the custodial one (its key on the farm) and the linked one, with balances."""
-    custodial, _ = ledger.custodial_wallet(s, user.id)
+    custodial, _ = ledger.custody.custodial_wallet(s, user.id)
     row = s.get(CreatorWallet, user.id)
     view = {**ledger.balances(row.own_address or custodial), "custodial": not row.own_address,
             "custodial_address": custodial, "own_address": row.own_address or None, "linked_at": row.linked_at,
@@ -97,7 +97,7 @@ def link(ledger: Ledger, s: Session, user: User, message: str, signature: str,
         address = eth_sign.siwe_verify(message, signature, expected=row.message, now=now)
     except eth_sign.SignatureError as exc:
         raise LedgerError(str(exc), 403) from None
-    ledger.custodial_wallet(s, user.id)
+    ledger.custody.custodial_wallet(s, user.id)
     taken = s.exec(select(CreatorWallet).where(CreatorWallet.own_address == address)
                    .where(CreatorWallet.user_id != user.id)).first()
     if taken is not None:
@@ -115,11 +115,11 @@ def move_custodial(ledger: Ledger, s: Session, user: User) -> dict[str, Any]:
     w = s.get(CreatorWallet, user.id)
     if w is None or not w.own_address:
         raise LedgerError("link a wallet of your own first (Connect wallet on the page, or farm wallet link)", 409)
-    address, key = ledger.custodial_wallet(s, user.id)
+    address, key = ledger.custody.custodial_wallet(s, user.id)
     txs = []
     try:
         if chain.credit(address):
-            txs.append(ledger._send(s, None, "withdraw", chain.operator_key, chain.withdraw_for(address),
+            txs.append(ledger.send(s, None, "withdraw", chain.operator_key, chain.withdraw_for(address),
                                     detail=address).tx_hash)
         amount = chain.token_balance(address)
         if amount == 0:
@@ -127,9 +127,9 @@ def move_custodial(ledger: Ledger, s: Session, user: User) -> dict[str, Any]:
                 raise LedgerError(f"the custodial wallet {address} holds no tokens: nothing to move", 409)
         else:
             if chain.eth_balance(address) < ch.DEV_ETH // 100 and ledger.deployment.get("dev_token"):
-                txs.append(ledger._send(s, None, "fund", chain.operator_key, to=address, value=ch.DEV_ETH // 10,
+                txs.append(ledger.send(s, None, "fund", chain.operator_key, to=address, value=ch.DEV_ETH // 10,
                                         detail=address).tx_hash)
-            txs.append(ledger._send(s, None, "move", key, chain.transfer(w.own_address, amount),
+            txs.append(ledger.send(s, None, "move", key, chain.transfer(w.own_address, amount),
                                     detail=f"{address} -> {w.own_address}").tx_hash)
     except ch.TxRejected as exc:
         raise LedgerError(f"the move was refused on chain: {exc}") from None
@@ -143,10 +143,10 @@ def _own_settlement(ledger: Ledger, s: Session, job: Job) -> Settlement:
     if st is None:
         raise LedgerError(f"job {job.id} has no escrow yet (the ledger opens one within a second): retry", 409)
     if not st.creator:
-        st.creator = ledger.creator_wallet(s, job.owner_id)[0]
+        st.creator = ledger.custody.creator_wallet(s, job.owner_id)[0]
         s.add(st)
         s.commit()
-    if ledger._key_for(s, st, job.owner_id) is not None:
+    if ledger.custody.key_for(s, st, job.owner_id) is not None:
         raise LedgerError(f"job {job.id} is paid from your custodial wallet: the farm deposits and signs for it "
                           "(POST /api/jobs/{id}/approve with no signature)", 409)
     return st
@@ -155,8 +155,8 @@ def _own_settlement(ledger: Ledger, s: Session, job: Job) -> Settlement:
 def is_own(ledger: Ledger, s: Session, job: Job) -> bool:
     """Whether the job's escrow is (or will be) the creator's own wallet's: then only its signatures count."""
     st = s.get(Settlement, job.id)
-    creator = (st.creator if st is not None and st.creator else ledger.creator_wallet(s, job.owner_id)[0])
-    return creator.lower() != ledger.custodial_wallet(s, job.owner_id)[0].lower()
+    creator = (st.creator if st is not None and st.creator else ledger.custody.creator_wallet(s, job.owner_id)[0])
+    return creator.lower() != ledger.custody.custodial_wallet(s, job.owner_id)[0].lower()
 
 
 def deposit_terms(ledger: Ledger, s: Session, job: Job) -> dict[str, Any]:

@@ -284,7 +284,7 @@ def test_refund_after_the_deadline_is_mirrored(tmp_path):
     f = Farm(tmp_path / "farm", pricing=pr.Pricing(deadline_seconds=60))
     job_id = make_job(f.engine, f.blobs, f.alice, frames="1")
     f.settle()
-    key = f.ledger._creator_key(f.alice.id)
+    key = f.ledger.custody.key_of(f.alice.id)
     escrow_job = int(f.st(job_id).escrow_job)
     with pytest.raises(ch.TxRejected, match="deadline not reached"):
         f.chain.sign(key, f.chain.refund(escrow_job))

@@ -141,7 +141,7 @@ def test_deposit_from_the_own_wallet_then_approval_by_its_signature_pays_the_wor
     assert r.status_code == 409 and "your own wallet" in r.json()["detail"], "no approval without the signature"
     req = c.http.get(f"/api/jobs/{job_id}/approval", headers=c.auth).json()
     assert req["signer"] == c.address and req["payouts"][0]["wallet"] == wallet_of("w1")
-    custodial_key = f.ledger._creator_key(f.alice.id)  # what the farm could sign with: not the creator's wallet
+    custodial_key = f.ledger.custody.key_of(f.alice.id)  # what the farm could sign with: not the creator's wallet
     for bad, why in ((c.sign(req["typed_data"], custodial_key), "the farm's own key"),
                      (c.sign({**req["typed_data"], "message": {**req["typed_data"]["message"], "round": 7}}), "round"),
                      ("0x" + "11" * 65, "garbage")):
