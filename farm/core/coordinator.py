@@ -18,6 +18,11 @@ coordinator owns; the in-memory copies the hot path reads (live leases, the head
 :mod:`farm.core.leases`. Verification (:mod:`farm.verify`) is owned too, and reaches back only through
 the typed port it declares (:class:`farm.verify.port.Core`: accept, evidence, revoke, request an
 assignment round, the connected workers).
+
+What a step does is split by responsibility: HELLO's checks (:mod:`farm.core.admission`), blobs over the
+plane (:mod:`farm.core.blob_requests`), a RESULT's check and the tasks it sets free
+(:mod:`farm.core.results`), failures and lost leases (:mod:`farm.core.failures`, through the typed port
+it declares) and what they spend of a task's attempts (:mod:`farm.core.attempts`).
 """
 from __future__ import annotations
 
