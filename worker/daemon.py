@@ -528,14 +528,19 @@ class WorkerDaemon:
         async with lock:
             if self.cache.has(sha):
                 return self.cache.path(sha)
+            while (f := self.cache.claim(sha)) is None:  # a worker sharing this cache folder fetches it
+                await asyncio.sleep(0.05)
+            if self.cache.has(sha):  # it did meanwhile
+                self.cache.release(f, sha)
+                return self.cache.path(sha)
             part = self.cache.partial(sha)
-            offset = part.stat().st_size if part.exists() else 0
+            offset = os.fstat(f.fileno()).st_size
             q = self.inbox[sha] = asyncio.Queue()
             chunk = L.BLOB_CHUNK_SIZE
             total: int | None = None
             next_req = offset
             try:
-                with open(part, "ab") as f:
+                with f:  # the claim (an flock) is held until the blob is in place or the fetch stops
                     while total is None or offset < total:
                         window = L.BLOB_CREDIT if total is not None else 1
                         while next_req - offset < window * chunk and (total is None or next_req < total):
@@ -556,10 +561,12 @@ class WorkerDaemon:
                             self.stats["bytes_downloaded"] += len(m.data)
                         elif m.offset == offset and offset >= total:
                             break
-                if await asyncio.to_thread(file_sha256, part) != sha:
-                    part.unlink(missing_ok=True)
-                    raise TaskFailure(f"downloaded blob {sha} failed its hash check; it will be fetched again", True)
-                return self.cache.commit(part, sha)
+                    f.flush()
+                    if await asyncio.to_thread(file_sha256, part) != sha:
+                        part.unlink(missing_ok=True)
+                        raise TaskFailure(f"downloaded blob {sha} failed its hash check; it will be fetched "
+                                          "again", True)
+                    return self.cache.commit(part, sha)
             finally:
                 self.inbox.pop(sha, None)
 

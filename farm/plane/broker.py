@@ -19,6 +19,7 @@ import asyncio
 import gc
 import logging
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import zmq
@@ -39,6 +40,14 @@ log = logging.getLogger("farm.plane.broker")
 # (and a getsockopt(RCVMORE) builds an enum: a Frame's .more is read instead)
 _SEND, _RECV = zmq.backend.Socket.send, zmq.backend.Socket.recv
 _NB, _MORE_NB = int(zmq.NOBLOCK), int(zmq.SNDMORE | zmq.NOBLOCK)
+_BLOB_COMMAND = P.encode(P.Blob("", 0, 0, b""))[1]
+
+SHARED_BODY_BYTES = 64 * 1024
+"""A BLOB reply whose chunk is at least this big is encoded once for every peer that asks for the same
+chunk (the blob store hands them the same ``bytes``) and sent without a copy (pyzmq ``copy=False``)."""
+
+SHARED_BODIES = 128
+"""Encoded BLOB bodies kept for the next peer asking for the same chunk (≤ 128 × a chunk, ~32 MiB)."""
 
 GC_GEN0_THRESHOLD = 10_000
 """Allocations between young-generation collections in a coordinator process (Python's default: 700)."""
@@ -74,6 +83,8 @@ class Broker:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="coordinator")
         self._early: list[list[bytes]] = []  # the next batch, drained while a step commits
         self._loop: asyncio.AbstractEventLoop | None = None
+        # (sha256, offset, total) → (the chunk's bytes, its encoded body): the fan-out of one scene
+        self._bodies: OrderedDict[tuple, tuple[bytes, bytes]] = OrderedDict()
 
     def wake(self) -> None:
         """Ask for an assignment round soon (new job submitted, lease revoked). Call from the loop."""
@@ -98,12 +109,17 @@ class Broker:
         raw, send = self._raw, _SEND
         congested, clock = self.coord.congested, self.coord.clock
         for ident, msg in out:
-            header, command, body = P.encode(msg)
+            if type(msg) is P.Blob and len(msg.data) >= SHARED_BODY_BYTES:
+                header, command, body = self._blob_frames(msg)
+                copy = False  # libzmq holds a reference to the shared body until its I/O thread sent it
+            else:
+                header, command, body = P.encode(msg)
+                copy = True
             try:  # ROUTER refuses (or drops) a message at its first frame only
                 send(raw, ident, _MORE_NB)
                 send(raw, header, _MORE_NB)
                 send(raw, command, _MORE_NB)
-                send(raw, body, _NB)
+                send(raw, body, _NB, copy)
             except zmq.Again:  # the peer's queue is full: it reads nothing (the coordinator decides what next)
                 congested.setdefault(ident, clock())
                 log.debug("dropped %s to %s: its send queue is full", type(msg).__name__, ident.hex())
@@ -114,6 +130,21 @@ class Broker:
                 continue
             if congested:
                 congested.pop(ident, None)
+
+    def _blob_frames(self, msg: P.Blob) -> list[bytes]:
+        """The frames of BLOB chunk ``msg``, its body encoded once for all the peers sent the same chunk
+        object (the same bytes: :class:`farm.store.blobs.ChunkCache`) while it is among SHARED_BODIES."""
+        key = (msg.sha256, msg.offset, msg.total)
+        bodies = self._bodies
+        hit = bodies.get(key)
+        if hit is not None and hit[0] is msg.data:
+            bodies.move_to_end(key)
+            return [P.PROTOCOL_HEADER, _BLOB_COMMAND, hit[1]]
+        frames = P.encode(msg)
+        bodies[key] = (msg.data, frames[2])
+        if len(bodies) > SHARED_BODIES:
+            bodies.popitem(last=False)
+        return frames
 
     def _recv(self) -> list[bytes] | None:
         """The next waiting message (raises zmq.Again when none is), or None when the gate refused it."""

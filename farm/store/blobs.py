@@ -6,6 +6,12 @@ workers (chunked over ZeroMQ) live under ``ROOT/partial/`` until complete, so an
 reconnect from the bytes already stored. Partial files are bounded: each by its declared size (at most
 ``max_bytes``), their number by ``max_partials``; one left idle for ``partial_idle`` seconds is deleted
 when another upload starts. A probe (an empty chunk) never creates one.
+
+Reads of at most a chunk go through a small LRU of recently read chunks (``READ_CACHE_BYTES`` in all):
+several workers fetching one scene at once ask for the same chunks within moments, and each is then
+read from the file once and handed out as the same ``bytes`` object (which the broker then encodes and
+sends once for all of them, :mod:`farm.plane.broker`). A blob never changes under its name, so a cached
+chunk is never stale; the cache is bounded whatever the requests (bench/fanout.py measures it).
 """
 from __future__ import annotations
 
@@ -14,7 +20,9 @@ import hashlib
 import os
 import stat
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
@@ -27,11 +35,18 @@ MAX_PARTIALS = 256
 PARTIAL_IDLE_SECONDS = 3600.0
 """An unfinished upload that got no chunk for this long is abandoned (its worker resumes from scratch)."""
 
+READ_CACHE_BYTES = int(float(os.environ.get("RENDERHIVE_BLOB_READ_CACHE", 32 * 1024**2)))
+"""Bytes of recently read chunks kept for the next worker asking for the same ones (0: none)."""
+
+READ_CACHE_MAX_READ = 1024**2
+"""Reads longer than this bypass the read cache (whole-blob reads are not worker-plane chunks)."""
+
 
 class BlobStore:
     def __init__(self, root: Path, max_bytes: int = MAX_UPLOAD_BYTES, max_partials: int = MAX_PARTIALS,
-                 partial_idle: float = PARTIAL_IDLE_SECONDS):
+                 partial_idle: float = PARTIAL_IDLE_SECONDS, read_cache_bytes: int | None = None):
         self.root = Path(root)
+        self.read_cache = ChunkCache(READ_CACHE_BYTES if read_cache_bytes is None else read_cache_bytes)
         self._root = str(self.root)
         self.max_bytes = max_bytes
         self.max_partials = max_partials
@@ -47,7 +62,8 @@ class BlobStore:
         return self.path(sha).is_file()
 
     def size(self, sha: str) -> int:
-        return self.path(sha).stat().st_size
+        check_sha(sha)  # os.stat of a joined string: this runs for every chunk a worker asks for
+        return os.stat(os.path.join(self._root, sha[:2], sha)).st_size
 
     def file_size(self, sha: str) -> int | None:
         """The size of blob ``sha``, None when it is not stored (``has`` and ``size`` in one stat)."""
@@ -68,6 +84,16 @@ class BlobStore:
     def read(self, sha: str, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:  # f.read(-1) would read the whole blob into memory
             raise BlobError(f"offset {offset} and length {length} must not be negative")
+        if length > READ_CACHE_MAX_READ or not self.read_cache.cap:
+            return self._read(sha, offset, length)
+        key = (sha, offset, length)
+        data = self.read_cache.get(key)
+        if data is None:
+            data = self._read(sha, offset, length)
+            self.read_cache.put(key, data)
+        return data
+
+    def _read(self, sha: str, offset: int, length: int) -> bytes:
         with open(self.path(sha), "rb") as f:
             size = os.fstat(f.fileno()).st_size  # bounded by the blob: a length of 2**63 reads no more
             if offset >= size:
@@ -172,6 +198,40 @@ class BlobStore:
         if live >= self.max_partials:
             raise BlobError(f"{live} uploads are in progress on the coordinator, its limit: send this output "
                             "again later")
+
+
+class ChunkCache:
+    """An LRU of ``bytes`` by key, at most ``cap`` bytes of values in all; safe from several threads."""
+
+    def __init__(self, cap: int):
+        self.cap = max(0, cap)
+        self.size = 0
+        self.hits = self.misses = 0
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return data
+
+    def put(self, key: tuple, data: bytes) -> None:
+        if len(data) > self.cap:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.size -= len(old)
+            self._items[key] = data
+            self.size += len(data)
+            while self.size > self.cap:
+                _, gone = self._items.popitem(last=False)
+                self.size -= len(gone)
 
 
 def read_chunks(f: BinaryIO, size: int = 1 << 20) -> Iterable[bytes]:
