@@ -74,7 +74,7 @@ def upload_project(client: Client, scene: Path, args) -> tuple[str, int, dict[st
         say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
         say(f"project {pr.root}: {len(pr.manifest.files)} files, {pr.total_bytes} bytes (traced by {pr.tracer} "
             f"in {pr.seconds:.2f} s)" + (f"; absolute paths made relative in a copy of {', '.join(pr.rewritten)}"
-                                         if pr.rewritten else ""))
+                                         if pr.rewritten else "") + (f"; {pr.tracer_note}" if pr.tracer_note else ""))
         if pr.missing:
             say(f"warning: rendering without {len(pr.missing)} missing file(s) (--allow-missing): "
                 + ", ".join(repr(d.written) for d in pr.missing[:10]))

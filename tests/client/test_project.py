@@ -23,10 +23,12 @@ EXPECTED = {"abs/abs.png", "fonts/dejavu.ttf", "lib/lib.blend", "lib/sub/deep.bl
             "tex/a.png", "tex/udim/col.1001.png", "tex/udim/col.1002.png", "wood.png"}
 
 
-def make_project(root: Path, missing: bool = False) -> Path:
+def make_project(root: Path, missing: bool = False, strips: bool = False, python: str | None = None) -> Path:
+    """Build a project with bpy (tests/helpers/make_project.py), by this Python or ``python`` (an older bpy)."""
     env = {**os.environ, "BLENDER_USER_RESOURCES": str(root.parent / ".bu"), "XDG_CACHE_HOME": str(root.parent / ".xc")}
-    res = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "make_project.py"), str(root)]
-                         + (["--missing"] if missing else []), capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([python or sys.executable, str(REPO / "tests" / "helpers" / "make_project.py"), str(root)]
+                         + (["--missing"] if missing else []) + (["--strips"] if strips else []),
+                         capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     return Path(json.loads(res.stdout.strip().splitlines()[-1])["scene"])
 
@@ -107,3 +109,35 @@ def test_files_outside_the_root_are_refused_until_the_root_holds_them(built, tmp
         assert {p.removeprefix("p/") for p in pr.manifest.files} == EXPECTED
     finally:
         pr.close()
+
+
+@pytest.fixture(scope="module")
+def built_strips(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("edit") / "p", strips=True)
+
+
+def test_sequencer_strips_are_traced_by_bat_and_bpy_alike(built_strips):
+    scene = built_strips
+    by_bat = {(d.written, d.used_by, len(d.files)) for d in P.trace_bat(scene)}
+    by_bpy = {(d.written, len(d.files)) for d in P.trace_bpy(scene)}
+    assert by_bat == {("//strips/still.png", "sequencer strip", 1), ("//strips/s_0001.png", "sequencer strip", 3)}
+    assert by_bpy == {(w, n) for w, _, n in by_bat}
+    pr = P.build(scene)
+    try:
+        assert set(pr.manifest.files) == {"scene.blend", "strips/still.png", "strips/s_0001.png",
+                                          "strips/s_0002.png", "strips/s_0003.png"}
+    finally:
+        pr.close()
+
+
+def test_without_bat_blender_traces_the_project_and_says_so(built_strips):
+    """Where BAT cannot be imported (or cannot read the file), the bpy child traces it, with a note."""
+    code = ("import sys, json; sys.modules['blender_asset_tracer'] = None\n"
+            "from client import project as P\n"
+            f"pr = P.build({str(built_strips)!r})\n"
+            "print(json.dumps([pr.tracer, pr.tracer_note, sorted(pr.manifest.files)]))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    tracer, note, files = json.loads(res.stdout.strip().splitlines()[-1])
+    assert tracer == "bpy" and note == "BAT is not installed here; Blender traced it instead"
+    assert files == ["scene.blend", "strips/s_0001.png", "strips/s_0002.png", "strips/s_0003.png", "strips/still.png"]

@@ -79,3 +79,23 @@ def test_a_missing_texture_is_reported_at_submit_as_written(farm, worker, tmp_pa
     job = alice.job(int(ok.stdout.strip().splitlines()[-1]))
     assert job["status"] == "rendered", job
     assert job["spec"]["missing"][0]["path"] == "//tex/gone.png"
+
+
+def test_a_sequencer_edit_renders_from_its_project_as_blender_renders_it(farm, worker, tmp_path):
+    """Image strips (a 3-frame sequence over a still) read their media from the project tree: traced at
+    submit, confined to the tree on the worker, and the frames equal Blender's own render of the folder."""
+    scene = make_project(tmp_path / "edit", strips=True)
+    f = farm()
+    worker(f, "w1")
+    alice = f.creator("alice")
+    wait_workers(alice, 1)
+    res = farm_cli(f, alice, "submit", str(scene), "--frames", "1-4", "--wait", "--approve",
+                   "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "5 files" in res.stderr   # the scene, the still and the sequence's 3 frames
+    ref = direct_render(scene, tmp_path / "ref", [1, 2, 3, 4])
+    for frame, path in ref.items():
+        got, want = pixels(tmp_path / "out" / f"frame_{frame:04d}.png"), pixels(path)
+        assert np.array_equal(got, want), f"frame {frame} differs from Blender's own render"
+    # the strips really show: the sequence changes frame to frame over the still, then ends (frame 4)
+    assert len({pixels(ref[i]).tobytes() for i in (1, 2, 3, 4)}) == 4

@@ -15,7 +15,10 @@ Writes under ROOT (all tiny, for 32x32 renders):
 
 With ``--missing`` the scene also reads ``//tex/gone.png``, which is not there. With ``--many N`` it is
 instead a scene of N small textures, ``//many/t_0000.png`` …, each its own image node of one material and
-each a distinct file (a project of many small files, for the upload rate). Prints one JSON line:
+each a distinct file (a project of many small files, for the upload rate). With ``--strips`` it is a
+sequencer edit: an image-sequence strip reading ``//strips/s_0001.png`` … ``s_0003.png`` (frames 1-3) over
+a single-image strip ``//strips/still.png`` (frames 1-5), 32x32, rendered through the sequencer (a scene
+with no camera object: the strips are the picture). Prints one JSON line:
 {"scene": path, "version": bpy version}.
 """
 from __future__ import annotations
@@ -33,6 +36,11 @@ def main(argv: list[str]) -> int:
     os.dup2(2, 1)
     import bpy
 
+    if "--strips" in argv:
+        scene = _strips(bpy, root)
+        out.write(json.dumps({"scene": scene, "version": bpy.app.version_string}) + "\n")
+        out.flush()
+        return 0
     if "--many" in argv:
         scene = _many(bpy, root, int(argv[argv.index("--many") + 1]))
         out.write(json.dumps({"scene": scene, "version": bpy.app.version_string}) + "\n")
@@ -221,6 +229,40 @@ def _many(bpy, root: str, n: int) -> str:
     sc.collection.objects.link(bpy.data.objects.new("plane", mesh))
     scene = os.path.join(root, "scene.blend")
     bpy.ops.wm.save_as_mainfile(filepath=scene)
+    return scene
+
+
+def _strips(bpy, root: str) -> str:
+    """A sequencer edit reading its media from ``//strips/`` (see the module docstring)."""
+    folder = os.path.join(root, "strips")
+    os.makedirs(folder, exist_ok=True)
+    for i in range(1, 4):
+        with open(os.path.join(folder, f"s_{i:04d}.png"), "wb") as f:
+            f.write(_png_bytes(i * 60, 16, 16))
+    with open(os.path.join(folder, "still.png"), "wb") as f:
+        f.write(_png_bytes(200, 32, 32))
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    sc = bpy.context.scene
+    sc.render.resolution_x = sc.render.resolution_y = 32
+    sc.render.resolution_percentage = 100
+    sc.render.use_sequencer = True
+    sc.frame_start, sc.frame_end = 1, 5
+    cam = bpy.data.objects.new("cam", bpy.data.cameras.new("cam"))   # the farm wants one; strips cover it
+    sc.collection.objects.link(cam)
+    sc.camera = cam
+    scene = os.path.join(root, "scene.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=scene)   # first, so that the strips' paths can be relative
+    ed = sc.sequence_editor_create()
+    strips = ed.strips if hasattr(ed, "strips") else ed.sequences
+    still = strips.new_image("still", os.path.join(folder, "still.png"), 1, 1)
+    still.frame_final_duration = 5
+    seq = strips.new_image("seq", os.path.join(folder, "s_0001.png"), 2, 1)
+    for i in (2, 3):
+        seq.elements.append(f"s_{i:04d}.png")
+    seq.transform.scale_x = seq.transform.scale_y = 0.5
+    for st in (still, seq):
+        st.directory = "//strips/"
+    bpy.ops.wm.save_as_mainfile(filepath=scene, relative_remap=False)
     return scene
 
 

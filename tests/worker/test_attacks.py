@@ -34,7 +34,7 @@ ATTACKS = {
     "volume_external": ("1", {}, ["volume 'Smoke'", "external file"]),
     "sound_external": ("1", {}, ["sound", "external file"]),
     "font_external": ("1", {}, ["font", "external file"]),
-    "sequencer_strip": ("1", {}, ["video sequencer strip 'plate'", "remove it"]),
+    "sequencer_strip": ("1", {}, ["sequencer strip 'plate' uses the external file", "ship it in the project"]),
     "geometry_nodes_import": ("1", {}, ["imports a file by path", "apply"]),
     "linked_library": ("1", {}, ["links data from other .blend files", "Make Local"]),
     "fluid_cache_outside": ("1", {}, ["fluid domain 'Cube'"]),

@@ -294,7 +294,7 @@ def test_scene_without_camera_is_refused(loop, rt, scenes, tmp_path):
 
 @pytest.mark.parametrize("name, words", [
     ("osl", "Open Shading Language is not allowed"),
-    ("vse", "video sequencer strip 'plate' reads external media"),
+    ("vse", "sequencer strip 'plate' uses the external file"),
     ("gn_import", "imports a file by path"),
     ("fluid", "fluid domain 'Cube'"),
 ])

@@ -12,7 +12,8 @@ What is checked, and when:
 * before every frame, after ``frame_set`` (:func:`check_frame`): everything a keyframe or driver can
   switch on after load, as the frame will render it — Open Shading Language, every image of any source
   (single, sequence, UDIM, movie) whose pixels come from a path, IES textures with an external file, fonts,
-  volumes, sounds, Alembic/USD caches, movie clips, sequencer strips reading media;
+  volumes, sounds, Alembic/USD caches, movie clips, sequencer image and movie strips (each allowed only
+  when its file lies inside the project tree, as every path above);
 * :func:`mute_file_outputs`: compositor File Output nodes write wherever the scene says, scripts or not.
 
 This module imports no bpy itself: the child passes its ``bpy`` in (it stays the only importer).
@@ -119,12 +120,18 @@ def check_loaded(bpy, sc, root: str | None = None) -> None:
                                  "time; apply or realize its result (e.g. apply the modifier) and resubmit")
     # Refusing a fluid domain stops it from rendering, but Blender has already simulated it once while
     # loading and written cache files to the domain's cache_directory, a path the scene chooses: the
-    # sandbox keeps those writes inside the child's own folder.
+    # sandbox keeps those writes inside the child's own folder. A baked cache shipped in the project is
+    # refused too: measured (issue 19), the bpy module this runtime is (4.2 and 5.0 alike) aborts the
+    # whole process in mantaflow ("can't clean grid cache") as soon as a domain with a flow is evaluated,
+    # so a domain cannot even replay its cache here. Its baked result as a volume or a mesh cache can.
     for obj in bpy.data.objects:
         for mod in obj.modifiers:
             if mod.type == "FLUID" and mod.fluid_type == "DOMAIN":
                 raise SceneError(f"fluid domain {obj.name!r}: fluid simulations are not supported on "
-                                 "the farm (their cache is read and written in a folder on disk)")
+                                 "the farm (their cache is read and written in a folder on disk, and the "
+                                 "farm's Blender cannot replay one); render the baked result instead: a gas "
+                                 "as a Volume object reading the cache's .vdb files, a liquid exported to "
+                                 "Alembic (File > Export), both shipped by `farm submit` with the project")
     for scene in bpy.data.scenes:
         for vl in scene.view_layers:
             if scene.render.use_freestyle and vl.use_freestyle and vl.freestyle_settings.mode == "SCRIPT":
@@ -200,11 +207,15 @@ def check_frame(bpy, sc, frame: int, root: str | None = None, allow_missing: boo
             if node.bl_idname == "ShaderNodeScript" and node.mode == "EXTERNAL":
                 raise SceneError(f"OSL script node {node.name!r} reads an external file: OSL is not allowed")
     if sc.sequence_editor is not None and sc.render.use_sequencer:
+        # Image and movie strips read their media by path, like images: allowed when every file lies inside
+        # the project tree (which `farm submit` traces: BAT and the bpy tracer both list strips). A sound
+        # strip reads its sound data-block, checked above with the other sounds.
         for st in sc.sequence_editor.strips_all:
-            if st.type in {"IMAGE", "MOVIE", "SOUND"}:
-                raise SceneError(f"video sequencer strip {st.name!r} reads external media, which the "
-                                 "farm cannot ship; remove it or turn off Output > Post Processing > "
-                                 "Sequencer and resubmit")
+            if st.type == "IMAGE":
+                for el in st.elements:
+                    _external(f"sequencer strip {st.name!r}", st.directory + el.filename, sc.library, movie=True)
+            elif st.type == "MOVIE":
+                _external(f"sequencer strip {st.name!r}", st.filepath, sc.library, movie=True)
 
 
 def _refuse_external(bpy, what: str, filepath: str, library, movie: bool, root: str | None) -> None:
