@@ -100,6 +100,18 @@ def upscale(args) -> dict[str, Any] | None:
             **({"noise_level": args.upscale_noise} if args.upscale_noise is not None else {})}
 
 
+def refiner(text: str | None) -> dict[str, Any] | None:
+    """``--refiner NAME[:SWITCH]`` (NAME may pin a hash as NAME@SHA256) → the API's ``refiner``."""
+    if not text:
+        return None
+    name, _, switch = text.partition(":")
+    name, _, digest = name.partition("@")
+    try:
+        return {"name": name, **({"switch": float(switch)} if switch else {}), **({"hash": digest} if digest else {})}
+    except ValueError:
+        raise ApiError(f"--refiner {text!r}: give NAME or NAME:SWITCH, e.g. --refiner refiner:0.8") from None
+
+
 def controls(args, client: Client) -> list[dict[str, Any]] | None:
     """``--control NAME[:WEIGHT]`` with ``--control-image FILE`` (in the same order): uploaded, by sha256."""
     names, images = args.control or [], args.control_image or []
@@ -145,6 +157,7 @@ def cmd_submit_diffusion(args, client: Client) -> int:
         "loras": parse_loras(args.lora) or None, "controls": controls(args, client), **upload_inpaint(args, client),
         "control_from_job": args.control_from_job, "mask_from_job": args.mask_from_job,
         "embeddings": parse_embeddings(args.embedding) or None, "upscale": upscale(args),
+        "refiner": refiner(args.refiner),
         "name": args.name, **{k: v for k, v in payments_cli.priced_args(args).items() if v is not None}}
     job = client.submit_diffusion(**body)
     spec = job["spec"]
@@ -157,6 +170,8 @@ def cmd_submit_diffusion(args, client: Client) -> int:
         loras = "".join(f" + LoRA {lo['name']} ({lo['hash'][:12]}) x{lo['weight']:g}" for lo in spec.get("loras") or [])
         loras += "".join(f" + ControlNet {c['name']} ({c['hash'][:12]}) x{c['weight']:g}" for c in spec.get("controls") or [])
         loras += "".join(f" + embedding {e['name']} ({e['hash'][:12]}) as {e['token']}" for e in spec.get("embeddings") or [])
+        if spec.get("refiner"):
+            loras += f", refined by {spec['refiner']['name']} ({spec['refiner']['hash'][:12]}) from {spec['refiner']['switch']:g}"
         if spec.get("upscale"):
             loras += f", upscaled x{spec['upscale']['scale']} by {spec['upscale']['name']} ({spec['upscale']['hash'][:12]})"
         print(f"job {job['id']} {job['status']}: {spec['images_total']} images ({what}) of {spec['model']} "
@@ -190,8 +205,8 @@ def cmd_models(args) -> int:
         print(f"tiny LoRA ({model_folders.HashCache(None).file_sha256(path)[:12]}) written to {path.resolve()}; workers serving "
               f"--models {path.resolve().parent.parent} hold it as {path.stem!r}")
         return 0
-    if args.action in ("tiny-upscaler", "tiny-embedding"):
-        from worker.runtimes.tiny_pipeline import build_embedding, build_upscaler
+    if args.action in ("tiny-upscaler", "tiny-refiner", "tiny-embedding"):
+        from worker.runtimes.tiny_pipeline import build_embedding, build_refiner, build_upscaler
         if args.action == "tiny-embedding":
             if not args.out or not str(args.out).endswith(".safetensors"):
                 print("error: farm models tiny-embedding needs --out MODELS/embeddings/NAME.safetensors", file=sys.stderr)
@@ -200,9 +215,9 @@ def cmd_models(args) -> int:
             digest = model_folders.HashCache(None).file_sha256(path)
         else:
             if not args.out:
-                print("error: farm models tiny-upscaler needs --out MODELS/upscalers/NAME", file=sys.stderr)
+                print(f"error: farm models {args.action} needs --out MODELS/{args.action[5:]}s/NAME", file=sys.stderr)
                 return 2
-            path = build_upscaler(Path(args.out))
+            path = (build_upscaler if args.action == "tiny-upscaler" else build_refiner)(Path(args.out))
             digest = model_folders.folder_hash(path)
         print(f"tiny {args.action[5:]} ({digest[:12]}) written to {path.resolve()}; workers serving "
               f"--models {path.resolve().parent.parent} hold it as {(path.stem if path.is_file() else path.name)!r}")
@@ -270,16 +285,20 @@ def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
                     help="upscale each image x4 with this upscaler workers hold (their upscalers/ folder)")
     sd.add_argument("--upscale-steps", type=int, default=None, help="the upscaler's steps (default: --steps)")
     sd.add_argument("--upscale-noise", type=int, default=None, help="noise level added before upscaling (default 20)")
+    sd.add_argument("--refiner", default=None, metavar="NAME[:SWITCH]",
+                    help="SDXL: a refiner workers hold (their refiners/ folder) runs the steps after SWITCH "
+                         "(default 0.8 of them)")
     sd.add_argument("--lora", action="append", metavar="NAME[:WEIGHT]",
                     help="apply a LoRA that workers hold (their loras/ folder), weight default 1; repeatable")
     add_follow_args(sd, "images")
     sd.set_defaults(func=cmd_submit_diffusion)
 
     m = sub.add_parser("models", help="diffusion model folders and LoRAs: build tiny test ones, list local ones")
-    m.add_argument("action", choices=["tiny", "tiny-lora", "tiny-controlnet", "tiny-upscaler", "tiny-embedding", "list"],
+    m.add_argument("action", choices=["tiny", "tiny-lora", "tiny-controlnet", "tiny-upscaler", "tiny-refiner",
+                                       "tiny-embedding", "list"],
                    help="tiny: build the tiny test pipeline; tiny-lora / tiny-controlnet / tiny-embedding: a random "
-                        "LoRA / ControlNet / textual inversion for it; tiny-upscaler: a tiny x4 upscaler; list: local "
-                        "models")
+                        "LoRA / ControlNet / textual inversion for it; tiny-upscaler / tiny-refiner: a tiny x4 upscaler / SDXL "
+                        "refiner; list: local models")
     m.add_argument("--out", default=None, help="tiny: the model folder to write (its name is the model's name); "
                                                "tiny-lora: MODELS/loras/NAME.safetensors")
     m.add_argument("--model", default=None, help="tiny-lora: the tiny model folder the LoRA is for")

@@ -11,7 +11,8 @@ of model folders, one level down) and in the local Hugging Face hub cache (``mod
 models folder (``models/loras/NAME.safetensors``, named NAME), advertised with ``kind: "lora"``; ControlNets are folders in
 a ``controlnets/`` folder (``models/controlnets/NAME/`` as ``ControlNetModel.save_pretrained`` writes it),
 advertised with ``kind: "controlnet"``; upscalers are pipeline folders (a ``StableDiffusionUpscalePipeline``) in an
-``upscalers/`` folder, ``kind: "upscaler"``; textual-inversion embeddings are safetensors files in an ``embeddings/``
+``upscalers/`` folder, ``kind: "upscaler"``; SDXL refiners are ``StableDiffusionXLImg2ImgPipeline`` folders in a
+``refiners/`` folder, ``kind: "refiner"``; textual-inversion embeddings are safetensors files in an ``embeddings/``
 (or ``textual_inversions/``) folder, ``kind: "embedding"``. Invariants:
 
 * a model's **hash** is the sha256 over the sorted (relative path, sha256 of the file) of all its files
@@ -24,7 +25,8 @@ advertised with ``kind: "controlnet"``; upscalers are pipeline folders (a ``Stab
   is the file's sha256; any other file in ``loras/`` (pickles above all) is reported with its error;
 * a ControlNet folder holds a config.json naming ControlNetModel and safetensors weights only (no pickle),
   at most :data:`CONTROLNET_MAX_BYTES` in all; its hash is the folder hash, like a model's;
-* an upscaler folder passes :func:`check` like a model and its model_index names one of :data:`UPSCALERS`;
+* an upscaler (refiner) folder passes :func:`check` like a model and its model_index names one of
+  :data:`UPSCALERS` (:data:`REFINERS`);
 * an embedding is a safetensors file of at most :data:`EMBEDDING_MAX_BYTES` whose header holds one or two
   float tensors of at most :data:`EMBEDDING_MAX_VECTORS` vectors (``emb_params``, ``<token>``, or SDXL's
   ``clip_l``/``clip_g``); its hash is the file's sha256;
@@ -61,6 +63,10 @@ UPSCALER_DIR = "upscalers"
 """The folder of upscaler pipeline folders inside a models folder (never itself a model)."""
 UPSCALERS = {"StableDiffusionUpscalePipeline": 4}
 """Upscale pipeline classes accepted (model_index ``_class_name``) → their scale factor."""
+REFINER_DIR = "refiners"
+"""The folder of SDXL refiner pipeline folders inside a models folder (never itself a model)."""
+REFINERS = ("StableDiffusionXLImg2ImgPipeline",)
+"""Refiner pipeline classes accepted (model_index ``_class_name``)."""
 EMBEDDING_DIRS = ("embeddings", "textual_inversions")
 """The folders of textual-inversion embeddings inside a models folder (never themselves models)."""
 EMBEDDING_MAX_BYTES = 16 << 20
@@ -68,7 +74,7 @@ EMBEDDING_MAX_BYTES = 16 << 20
 EMBEDDING_MAX_VECTORS = 75
 """Most vectors one embedding may add (the prompt itself holds 75 tokens)."""
 EMBEDDING_DTYPES = ("F16", "BF16", "F32", "F64")
-NOT_MODELS = (LORA_DIR, CONTROLNET_DIR, UPSCALER_DIR, *EMBEDDING_DIRS)
+NOT_MODELS = (LORA_DIR, CONTROLNET_DIR, UPSCALER_DIR, REFINER_DIR, *EMBEDDING_DIRS)
 """Folders of a models folder that hold pieces, never pipelines."""
 LORA_KEY_MARKS = ("lora_A", "lora_B", "lora_up", "lora_down", "lora.up", "lora.down")
 """Substrings of the tensor names of a LoRA in the diffusers/peft or kohya layouts."""
@@ -404,25 +410,19 @@ def scan_controlnets(dirs: Iterable[Path], cache: HashCache) -> list[ModelFolder
     return out
 
 
-def check_upscaler(folder: Path) -> str:
-    """What makes ``folder`` unusable as an upscaler ("" when it looks complete). Reads headers only."""
+def check_upscaler(folder: Path, kind: str = "upscaler") -> str:
+    """What makes ``folder`` unusable as an upscaler (or, with kind "refiner", an SDXL refiner); "" when it
+    looks complete. Reads headers only."""
+    classes, where = (tuple(UPSCALERS), UPSCALER_DIR) if kind == "upscaler" else (REFINERS, REFINER_DIR)
     problem = check(folder)
     if problem:
-        return problem.replace(BUILD_HINT, "save it with StableDiffusionUpscalePipeline.save_pretrained(DIR) (for a "
-                               "test upscaler: `farm models tiny-upscaler --out DIR`)")
+        return problem.replace(BUILD_HINT, f"save it with {classes[0]}.save_pretrained(DIR) (for a test one: "
+                               f"`farm models tiny-{kind} --out DIR`)")
     cls = json.loads((Path(folder) / MODEL_INDEX).read_text()).get("_class_name")
-    if cls not in UPSCALERS:
-        return (f"{folder} is a {cls}, not an upscaler ({', '.join(UPSCALERS)}): only upscale pipelines belong in "
-                f"{UPSCALER_DIR}/")
+    if cls not in classes:
+        article = "an" if kind[0] in "aeiou" else "a"
+        return f"{folder} is a {cls}, not {article} {kind} ({', '.join(classes)}): only those belong in {where}/"
     return ""
-
-
-def upscale_factor(folder: Path) -> int:
-    """The scale of the upscaler folder (1 when it is none)."""
-    try:
-        return UPSCALERS.get(json.loads((Path(folder) / MODEL_INDEX).read_text()).get("_class_name"), 1)
-    except (OSError, ValueError, AttributeError):
-        return 1
 
 
 def check_embedding(path: Path) -> str:
@@ -459,21 +459,21 @@ def check_embedding(path: Path) -> str:
 
 
 def scan_pieces(dirs: Iterable[Path], cache: HashCache) -> list[ModelFolder]:
-    """Every upscaler folder and embedding file found, checked and hashed (first name wins)."""
+    """Every upscaler and refiner folder and embedding file found, checked and hashed (first name wins)."""
     found: dict[tuple[str, str], Path] = {}
     for d in dirs:
-        for kind, subs in (("upscaler", (UPSCALER_DIR,)), ("embedding", EMBEDDING_DIRS)):
+        for kind, subs in (("upscaler", (UPSCALER_DIR,)), ("refiner", (REFINER_DIR,)), ("embedding", EMBEDDING_DIRS)):
             for sub in subs:
                 folder = Path(d) / sub
                 for p in sorted(folder.iterdir()) if folder.is_dir() else []:
-                    if not p.name.startswith(".") and (p.is_dir() if kind == "upscaler" else p.is_file()):
+                    if not p.name.startswith(".") and (p.is_file() if kind == "embedding" else p.is_dir()):
                         found.setdefault((kind, p.stem if kind == "embedding" else p.name), p)
     out = []
     for (kind, name), path in sorted(found.items()):
-        problem, digest = (check_upscaler if kind == "upscaler" else check_embedding)(path), ""
+        problem, digest = (check_embedding(path) if kind == "embedding" else check_upscaler(path, kind)), ""
         if not problem:
             try:
-                digest = folder_hash(path, cache) if kind == "upscaler" else cache.file_sha256(path)
+                digest = cache.file_sha256(path) if kind == "embedding" else folder_hash(path, cache)
             except OSError as exc:
                 problem = f"cannot read {kind} {path}: {exc}"
         out.append(ModelFolder(name, path.resolve(), digest, problem, kind=kind))

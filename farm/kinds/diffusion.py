@@ -8,7 +8,8 @@ An inpainting job (``mask`` and ``init_image``: uploaded PNG blobs, :mod:`farm.k
 makes ``count`` images of each prompt like txt2img, each repainting the white part of the mask in the image.
 Any of them may name ControlNets (``controls``: name, weight, control image blob), all applied to every image,
 or take them from a render job's passes (``control_from_job``); ``mask_from_job`` J inpaints over J's frames with
-each frame's mask pass; ``embeddings`` and an ``upscale`` post-process are pieces pinned like LoRAs.
+each frame's mask pass; ``embeddings``, an ``upscale`` post-process and an SDXL ``refiner`` are pieces pinned
+like LoRAs.
 Images are grouped ``per_task`` to a task (micro-batches); one more task, ``contact_sheet``, waits for all
 of them. Every seed, prompt and setting is in the task's spec and in the job's spec, so any image can be
 made again. Invariants:
@@ -46,11 +47,13 @@ from farm.kinds.diffusion_pieces import (
     parse_controls,
     parse_embeddings,
     parse_loras,
+    parse_refiner,
     parse_upscale,
     resolve_controls,
     resolve_embeddings,
     resolve_loras,
     resolve_model,
+    resolve_refiner,
     resolve_upscale,
 )
 from farm.kinds.frames import TaskPlan
@@ -171,6 +174,7 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     controls = parse_controls(req.get("controls"))
     embeddings = parse_embeddings(req.get("embeddings"))
     upscale = parse_upscale(req.get("upscale"), settings)
+    refiner = parse_refiner(req.get("refiner"), settings["steps"])
     per_task = _int(req, "per_task", 1, 1, C.MAX_DIFFUSION_PER_TASK, " images per task")
     seed = req.get("seed")
     seed = random.SystemRandom().randrange(2**32) if seed is None else seed
@@ -245,8 +249,12 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     controls = [{"name": c["name"], "hash": c["hash"], "weight": c["weight"],
                  **({"pass": passes[i]} if control_src is not None else {"image_sha256": c["image"]})}
                 for i, c in enumerate(resolve_controls(session, controls))]
+    if refiner and (mode != "txt2img" or controls):
+        raise JobError("the SDXL refiner follows text-to-image only: leave out --refiner, or the image, mask, source "
+                       "job and ControlNets")
     embeddings, upscale = resolve_embeddings(session, embeddings), resolve_upscale(session, upscale)
-    extra = embeddings + ([upscale] if upscale else [])  # pieces beyond LoRAs and ControlNets
+    refiner = resolve_refiner(session, refiner)
+    extra = embeddings + [p for p in (upscale, refiner) if p]  # pieces beyond LoRAs and ControlNets
     check_held_together(session, model, model_hash, loras + controls + extra)
     need = vram.job_need(session, model, model_hash, loras, controls, *vram.booked_size(settings, src), per_task)
     vram.check_some_worker_fits(session, need, model, {model_hash, *(p["hash"] for p in loras + controls)})
@@ -255,6 +263,7 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     common = {"model": model, "model_hash": model_hash, "mode": mode, **settings,
               **({"loras": loras} if loras else {}), **({"controls": controls} if controls else {}),
               **({"embeddings": embeddings} if embeddings else {}), **({"upscale": upscale} if upscale else {}),
+              **({"refiner": refiner} if refiner else {}),
               **({"pieces": sorted({p["hash"] for p in loras + controls + extra})} if loras or controls or extra
                  else {}),
               **({"strength": float(strength)} if mode in ("img2img", "inpaint") else {}),

@@ -1,5 +1,5 @@
 """The pieces a diffusion job needs on a worker — its model, its LoRAs, ControlNets, textual-inversion
-embeddings and upscaler — resolved at submit from what registered workers advertise, and pinned by hash.
+embeddings, upscaler and SDXL refiner — resolved at submit from what registered workers advertise, and pinned by hash.
 
 A worker advertises each model folder and each LoRA file it holds as ``{name, hash[, kind][, error]}`` in
 HELLO ``capabilities["models"]`` (``kind`` absent for a pipeline, ``"lora"`` for LoRA weights, ``"controlnet"`` for a ControlNet; see
@@ -41,10 +41,13 @@ HOW_TO_ADD_EMBEDDING = ("put the embedding's .safetensors file in the embeddings
 HOW_TO_ADD_UPSCALER = ("put the upscaler folder (StableDiffusionUpscalePipeline.save_pretrained) in the upscalers/ "
                        "folder of a worker's --models DIR and restart the worker (for a test upscaler: `farm models "
                        "tiny-upscaler --out DIR/upscalers/NAME`)")
+HOW_TO_ADD_REFINER = ("put the SDXL refiner folder (StableDiffusionXLImg2ImgPipeline.save_pretrained) in the refiners/ "
+                      "folder of a worker's --models DIR and restart the worker (for a test refiner: `farm models "
+                      "tiny-refiner --out DIR/refiners/NAME`)")
 HOW_TO = {"pipeline": HOW_TO_ADD, "lora": HOW_TO_ADD_LORA, "controlnet": HOW_TO_ADD_CONTROLNET,
-          "embedding": HOW_TO_ADD_EMBEDDING, "upscaler": HOW_TO_ADD_UPSCALER}
+          "embedding": HOW_TO_ADD_EMBEDDING, "upscaler": HOW_TO_ADD_UPSCALER, "refiner": HOW_TO_ADD_REFINER}
 KIND_WORDS = {"pipeline": "model", "lora": "LoRA", "controlnet": "ControlNet", "embedding": "embedding",
-              "upscaler": "upscaler"}
+              "upscaler": "upscaler", "refiner": "refiner"}
 MAX_EMBEDDINGS = 8
 """Textual-inversion embeddings one job may use (each adds its token to the prompt's vocabulary)."""
 TOKEN = re.compile(r"^[^\s,:@]{1,64}$")
@@ -245,3 +248,32 @@ def resolve_upscale(session: Session, up: dict[str, Any] | None) -> dict | None:
     if up is None:
         return None
     return {**up, "hash": resolve(session, up["name"], up["hash"], "upscaler"), "scale": 4}
+
+
+def parse_refiner(value: Any, steps: int) -> dict[str, Any] | None:
+    """``{name, switch, hash?}`` from the request's ``refiner`` (a name, or that object): the SDXL refiner runs
+    the last ``1 - switch`` of the job's denoising (default switch 0.8, as in diffusers' recipe)."""
+    if value in (None, "", {}):
+        return None
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"].strip():
+        raise JobError("refiner must name an SDXL refiner workers hold, e.g. {\"name\": \"refiner\", \"switch\": "
+                       "0.8} (--refiner refiner:0.8)")
+    name, switch = value["name"].strip(), value.get("switch")
+    switch = 0.8 if switch is None else switch
+    if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0 < switch < 1:
+        raise JobError(f"refiner {name!r}: switch must be a number between 0 and 1, the share of the steps the base "
+                       f"model runs (got {switch!r})")
+    if int(steps * switch) < 1 or steps - int(steps * switch) < 1:
+        raise JobError(f"refiner {name!r}: {steps} steps split at {switch:g} leave the base or the refiner no step: "
+                       "raise --steps")
+    want = value.get("hash") or ""
+    if not isinstance(want, str) or len(want) > 64:
+        raise JobError(f"refiner {name!r}: hash must be the sha256 of its folder (64 hex digits)")
+    return {"name": name, "switch": float(switch), "hash": want}
+
+
+def resolve_refiner(session: Session, ref: dict[str, Any] | None) -> dict | None:
+    """Pin the refiner's hash."""
+    return None if ref is None else {**ref, "hash": resolve(session, ref["name"], ref["hash"], "refiner")}

@@ -100,6 +100,13 @@ class UpscaleRef(BaseModel):
     hash: str = Field("", max_length=64, description="pin this version (sha256 of the upscaler folder)")
 
 
+class RefinerRef(BaseModel):
+    """The SDXL refiner of a diffusion job (a refiner pipeline workers hold in refiners/)."""
+    name: str = Field(min_length=1, max_length=300)
+    switch: float = Field(0.8, gt=0, lt=1, description="share of the steps the base model runs, the refiner the rest")
+    hash: str = Field("", max_length=64, description="pin this version (sha256 of the refiner folder)")
+
+
 class DiffusionJobCreate(BaseModel):
     """A Stable Diffusion batch. Ranges are checked by farm.kinds.diffusion, whose errors say what to change."""
     model: str = Field(min_length=1, max_length=300, description="model name or hub id that workers advertise")
@@ -129,6 +136,7 @@ class DiffusionJobCreate(BaseModel):
     embeddings: list[EmbeddingRef] = Field([], max_length=8, description="textual-inversion embeddings workers "
                                            "hold (their embeddings/ folders), each written in prompts as its token")
     upscale: UpscaleRef | None = Field(None, description="upscale each image after generation (x4)")
+    refiner: RefinerRef | None = Field(None, description="SDXL: the refiner finishes each image's last steps")
     mask_from_job: int | None = Field(None, description="inpainting over this job's frames, each with its mask "
                                       "pass: image i from frame i")
     priority: int = Field(0, ge=-100, le=100)

@@ -14,6 +14,7 @@ Protocol (one JSON object per line; replies on the original stdout):
         "steps","guidance","width","height","scheduler","strength","out_dir":ABS,
         "loras":[{"name","hash","weight","path":ABS}..], "controls":[{"name","hash","weight","path","image"}..],
         "embeddings":[{"name","hash","token","path":ABS}..], "upscale":{"name","hash","path","steps","noise_level"}|null,
+        "refiner":{"name","hash","path","switch"}|null,
         "images":[{"name","index","seed","prompt","negative","init":ABS|null,"mask":ABS|null,"control_images":[ABS..],
                    "source":{...}}..]}
        <- {"event":"image","id":N,"name","path","index","seconds"}   after each image
@@ -40,7 +41,8 @@ Invariants:
   and unloaded after it (the cached pipeline is dropped when that cannot be verified). ControlNets combine
   with text-to-image, img2img and inpainting (diffusers' ControlNet, ControlNet img2img and inpaint pipelines).
 - An upscaler (:mod:`worker.runtimes.upscale`) runs on each generated image after generation, in the same
-  request; the PNG is the upscaled image and its metadata names the upscaler and its hash.
+  request; the PNG is the upscaled image and its metadata names the upscaler and its hash. An SDXL refiner
+  finishes the base's denoising from ``switch`` on (before any upscaler).
 - PNGs carry their generation parameters as text chunks (LoRA names, hashes and weights too) and no
   dates, so the same image has the same bytes (and blob hash) on every worker that produces it.
 """
@@ -306,14 +308,22 @@ class Runtime:
                         width=int(width), height=int(height))
         elif mode == "txt2img" or controls:
             args.update(width=int(width), height=int(height))
+        refiner = req.get("refiner")
+        if refiner:
+            if entry["family"] != "sdxl" or mode != "txt2img" or controls:
+                raise RequestError("the SDXL refiner follows text-to-image on an SDXL model only: leave out --refiner "
+                                   "or pick an SDXL model (without --image, --init-from-job or --control)")
+            args.update(output_type="latent", denoising_end=float(refiner["switch"]))
         t0 = time.perf_counter()
         with torch.inference_mode():
             result = pipe(**args).images
-        if req.get("upscale"):
-            try:
+        try:
+            if refiner:
+                result = self.upscalers.refine(refiner, images, result, int(req["steps"]), float(req["guidance"]))
+            if req.get("upscale"):
                 result = self.upscalers.run({**req["upscale"], "guidance": req["guidance"]}, images, result)
-            except UpscaleError as e:
-                raise (WorkerFault if e.retryable else RequestError)(str(e)) from None
+        except UpscaleError as e:
+            raise (WorkerFault if e.retryable else RequestError)(str(e)) from None
         seconds = round((time.perf_counter() - t0) / len(images), 4)
         out_dir = Path(req["out_dir"])
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -366,6 +376,8 @@ class Runtime:
             meta["upscaler"], meta["upscaler_hash"] = req["upscale"]["name"], req["upscale"]["hash"]
             meta["upscale"] = {k: req["upscale"][k] for k in ("name", "hash", "steps", "noise_level", "scale")
                                if k in req["upscale"]}
+        if req.get("refiner"):
+            meta["refiner"] = {k: req["refiner"][k] for k in ("name", "hash", "switch")}
         if req.get("controls"):
             meta["controls"] = [{k: c[k] for k in ("name", "hash", "weight", "image_sha256", "pass") if k in c}
                                 for c in req["controls"]]

@@ -287,6 +287,50 @@ def build_upscaler(out: Path) -> Path:
     return out
 
 
+def build_refiner(out: Path) -> Path:
+    """A tiny SDXL refiner: a ``StableDiffusionXLImg2ImgPipeline`` with only the second text encoder (as
+    stabilityai's refiner), a UNet whose text-time embedding takes the aesthetic score (5 time ids × 8 + the
+    pooled 32) and cross-attention of that encoder's 32, saved into ``out`` (``models/refiners/NAME``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_source(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED + 5)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=5 * 8 + 32, cross_attention_dim=32)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(8, 16, 16, 16), sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLImg2ImgPipeline(vae=vae.eval(), text_encoder=None, text_encoder_2=te2.eval(),
+                                            tokenizer=None, tokenizer_2=tokenizer, unet=unet.eval(),
+                                            scheduler=scheduler, requires_aesthetics_score=True,
+                                            force_zeros_for_empty_prompt=False)
+    tmp_out = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    pipe.save_pretrained(tmp_out, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_out.rename(out)
+    return out
+
+
 def build_embedding(out: Path, seed: int = 1, vectors: int = 2, width: int = 32) -> Path:
     """A random textual-inversion embedding of ``vectors`` vectors for the tiny pipeline's text encoder
     (width 32), saved as the safetensors file ``out`` (``models/embeddings/NAME.safetensors``, key

@@ -1,16 +1,20 @@
-"""The upscaler post-process of the diffusion runtime: a diffusers upscale pipeline (x4,
+"""The post-processes of the diffusion runtime: a diffusers upscale pipeline (x4,
 ``StableDiffusionUpscalePipeline``) from a worker's ``upscalers/`` folder, run on each generated image in the
-same task.
+same task, and the SDXL refiner (``StableDiffusionXLImg2ImgPipeline`` from ``refiners/``), which finishes the
+base pipeline's last denoising steps on its latents.
 
 Used only by :mod:`worker.runtimes.diffusion` (inside the sandboxed child, after torch is imported). A
 request's upscaler is ``{name, hash, path, steps, noise_level}``; the path comes from the worker's own scan
 (:func:`common.model_folders.scan`), never from a job. Invariants:
 
-* the folder is re-checked (:func:`common.model_folders.check_upscaler`) and loaded with
+* the folder is re-checked (:func:`common.model_folders.check_upscaler`, also for refiners) and loaded with
   ``use_safetensors=True, local_files_only=True``: never a pickle, never a download;
 * image k is upscaled alone with a fresh ``torch.Generator(device).manual_seed(seed_k)`` (its own seed), the
   image's prompt and negative prompt and the job's guidance, from the PIL image the base pipeline returned, so the result
   equals the upscale pipeline called directly on that base image with that seed (tested within 1/255);
+* the refiner takes the base pipeline's latents (``output_type="latent"``, ``denoising_end=switch``) and runs
+  from ``denoising_start=switch`` with a fresh generator per image seeded with the image's seed, as the
+  diffusers SDXL base + refiner recipe does (tested against it called directly);
 * each call gets a fresh copy of the upscaler's saved scheduler (no sampler state leaks between tasks);
   at most :data:`MAX_UPSCALERS` stay loaded, least recently used dropped first, and their bytes count in the
   runtime's cache budget through the returned size.
@@ -49,15 +53,15 @@ class Upscalers:
     def bytes(self) -> int:
         return sum(size for _p, _s, size in self.loaded.values())
 
-    def _get(self, up: dict):
+    def _get(self, up: dict, kind: str = "upscaler"):
         key = str(up["hash"])
         if key in self.loaded:
             self.loaded.move_to_end(key)
             return self.loaded[key]
         path = Path(up["path"])
-        problem = check_upscaler(path)
+        problem = check_upscaler(path, kind)
         if problem:
-            raise UpscaleError(f"upscaler {up.get('name')!r} cannot be used on this worker: {problem}", True)
+            raise UpscaleError(f"{kind} {up.get('name')!r} cannot be used on this worker: {problem}", True)
         while len(self.loaded) >= MAX_UPSCALERS:
             self.loaded.popitem(last=False)
         cls = json.loads((path / "model_index.json").read_text())["_class_name"]
@@ -65,7 +69,7 @@ class Upscalers:
             pipe = getattr(self.diffusers, cls).from_pretrained(str(path), local_files_only=True, use_safetensors=True,
                                                                 **self.dtype_arg).to(self.device)
         except Exception as e:
-            raise UpscaleError(f"cannot load upscaler {up.get('name')!r} from {path}: {type(e).__name__}: "
+            raise UpscaleError(f"cannot load {kind} {up.get('name')!r} from {path}: {type(e).__name__}: "
                                f"{str(e)[:300]}", True) from None
         pipe.set_progress_bar_config(disable=True)
         size = sum(p.numel() * p.element_size() for m in pipe.components.values()
@@ -99,3 +103,14 @@ class Upscalers:
                                 generator=gen, **({"negative_prompt": im["negative"]} if im.get("negative") else {}),
                                 ).images[0])
         return out
+
+    def refine(self, ref: dict, images: list[dict], latents, steps: int, guidance: float) -> list:
+        """PIL images of the refiner ``ref`` (``{name, hash, path, switch}``) finishing ``latents``."""
+        pipe, sched, _size = self._get(ref, "refiner")
+        pipe.scheduler = type(pipe.scheduler).from_config(sched)
+        negatives = [im.get("negative") or "" for im in images]
+        gens = [self.torch.Generator(device=self.device).manual_seed(int(im["seed"])) for im in images]
+        with self.torch.inference_mode():
+            return pipe(prompt=[im["prompt"] for im in images], image=latents, num_inference_steps=steps,
+                        denoising_start=float(ref["switch"]), guidance_scale=guidance, generator=gens,
+                        output_type="pil", **({"negative_prompt": negatives} if any(negatives) else {})).images

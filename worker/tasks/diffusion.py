@@ -88,9 +88,12 @@ def runtime_request(ctx: TaskContext) -> dict:
     up = spec.get("upscale")
     upscale = {**{k: up[k] for k in ("name", "hash", "steps", "noise_level", "scale") if k in up},
                "path": str(_piece(ctx, up, "upscaler"))} if up else None
+    ref = spec.get("refiner")
+    refiner = {**{k: ref[k] for k in ("name", "hash", "switch")}, "path": str(_piece(ctx, ref, "refiner"))} \
+        if ref else None
     return {"op": "generate", "model_path": str(path), "model_name": spec.get("model", ""),
             "model_hash": spec["model_hash"], "out_dir": str(ctx.out_dir), "images": images, "loras": loras,
-            "controls": controls, "embeddings": embeddings, "upscale": upscale,
+            "controls": controls, "embeddings": embeddings, "upscale": upscale, "refiner": refiner,
             **{k: spec.get(k) for k in REQUEST_KEYS}}
 
 

@@ -1,0 +1,82 @@
+"""The SDXL refiner on the farm: a tiny refiner (``farm models tiny-refiner``: a ``StableDiffusionXLImg2ImgPipeline``
+with only the second text encoder) in a worker's ``refiners/`` folder, checked and hashed at worker start, pinned
+at submit, and images equal to diffusers' base + refiner recipe (``denoising_end`` / ``denoising_start``) called
+directly with the same seed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.api import ApiError
+from common import model_folders
+from tests.conftest import pixels, wait_job, wait_workers
+from tests.kinds.test_diffusion import SD_ENV, STEPS, outputs_by_name
+from tests.kinds.test_diffusion_sdxl import xl_model  # noqa: F401  (fixture)
+
+PROMPT = "a lighthouse at dusk"
+
+
+@pytest.fixture(scope="session")
+def refiner_models(xl_model, tmp_path_factory) -> Path:  # noqa: F811
+    """tiny-xl and ``refiners/refiner``."""
+    from worker.runtimes.tiny_pipeline import build_refiner
+    root = tmp_path_factory.mktemp("refiner-models")
+    shutil.copytree(xl_model, root / "tiny-xl")
+    build_refiner(root / "refiners" / "refiner")
+    return root
+
+
+def direct(models: Path, seed: int, switch: float) -> np.ndarray:
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    torch.set_num_threads(int(SD_ENV["RENDERHIVE_DIFFUSION_THREADS"]))
+    base = StableDiffusionXLPipeline.from_pretrained(models / "tiny-xl", local_files_only=True)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(models / "refiners" / "refiner", local_files_only=True)
+    for p in (base, refiner):
+        p.set_progress_bar_config(disable=True)
+    latents = base(PROMPT, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=STEPS,
+                   guidance_scale=7.5, width=64, height=64, denoising_end=switch, output_type="latent").images
+    return np.asarray(refiner(PROMPT, image=latents, generator=torch.Generator("cpu").manual_seed(seed),
+                              num_inference_steps=STEPS, guidance_scale=7.5, denoising_start=switch).images[0])
+
+
+def test_a_refiner_folder_is_checked_and_is_no_model(refiner_models, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(refiner_models, root)
+    shutil.copytree(root / "tiny-xl", root / "refiners" / "a-base")
+    found = {m.name: m for m in model_folders.scan([root], hub=False)}
+    assert [n for n, m in found.items() if m.kind == "pipeline"] == ["tiny-xl"]
+    assert found["refiner"].ok and found["refiner"].kind == "refiner"
+    assert found["refiner"].hash == model_folders.folder_hash(root / "refiners" / "refiner")
+    assert "not a refiner" in found["a-base"].error
+
+
+@pytest.mark.slow
+def test_refined_sdxl_images_equal_the_base_and_refiner_called_directly(farm, worker, refiner_models, tmp_path):
+    f = farm()
+    worker(f, "w1", env=SD_ENV, models=[refiner_models])
+    alice = f.creator("alice")
+    wait_workers(alice, 1)
+    for req, message in ((dict(refiner={"name": "refiner", "switch": 1.5}), "refiner.switch: Input should be less than 1"),
+                         (dict(refiner={"name": "nope"}), "no worker has refiner 'nope'"),
+                         (dict(refiner={"name": "tiny-xl"}), "no worker has refiner 'tiny-xl'")):
+        with pytest.raises(ApiError, match=message):
+            alice.submit_diffusion(model="tiny-xl", prompts=[PROMPT], steps=STEPS, width=64, height=64, **req)
+    job = alice.submit_diffusion(model="tiny-xl", prompts=[PROMPT], count=2, seed=12, steps=STEPS, width=64,
+                                 height=64, refiner={"name": "refiner", "switch": 0.5})
+    done = wait_job(alice, job["id"], timeout=120)
+    assert done["status"] == "rendered", done
+    files = outputs_by_name(alice, job["id"], tmp_path / "out")
+    digest = model_folders.folder_hash(refiner_models / "refiners" / "refiner")
+    for k in range(2):
+        with Image.open(files[f"image_{k:04d}.png"]) as im:
+            meta = json.loads(im.text["renderhive"])
+        assert meta["refiner"] == {"name": "refiner", "hash": digest, "switch": 0.5}
+        got = pixels(files[f"image_{k:04d}.png"])
+        assert np.abs(got.astype(int) - direct(refiner_models, 12 + k, 0.5).astype(int)).max() <= 1, f"image {k}"
