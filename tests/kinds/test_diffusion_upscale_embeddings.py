@@ -208,3 +208,27 @@ def test_upscaled_and_embedding_images_equal_diffusers_and_tokens_never_leak(far
         ("x4", x4, {"name": "x4", "hash": x4, "steps": UP_STEPS, "noise_level": 30, "scale": 4})
     want = direct(post_models, PROMPT, 60, upscale=(UP_STEPS, 30))
     assert worst(pixels(files["image_0000.png"]), want) <= 1
+
+
+def test_a_refused_or_half_failed_embedding_load_leaves_the_pipeline_as_it_was(post_models, tmp_path):
+    """The runtime's side, in process: a token the model already has is the job's fault; an embedding of
+    another text width fails after the first one loaded, and both are gone afterwards."""
+    from worker.runtimes.adapters import AdapterError, load_embeddings, unload_embeddings
+    from worker.runtimes.tiny_pipeline import build_embedding
+    pipe = _pipe(post_models)
+    entry = {"pipe": pipe, "name": "tiny-sd", "family": "sd"}
+    before = (len(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().weight.clone())
+    ink = {"name": "ink", "hash": "x", "token": "ink-style", "path": str(post_models / "embeddings" / "ink.safetensors")}
+    wide = {"name": "wide", "hash": "y", "token": "wide-style",
+            "path": str(build_embedding(tmp_path / "embeddings" / "wide.safetensors", width=64))}
+    with pytest.raises(AdapterError, match="already a word of model 'tiny-sd'") as err:
+        load_embeddings(entry, [{**ink, "token": "<|endoftext|>"}])
+    assert not err.value.retryable
+    with pytest.raises(AdapterError, match="does not fit model 'tiny-sd'"):
+        load_embeddings(entry, [ink, wide])
+    state = load_embeddings(entry, [ink])
+    assert pipe.maybe_convert_prompt("a ink-style cat", pipe.tokenizer) == "a ink-style ink-style_1 cat"
+    assert unload_embeddings(entry, state)
+    after = pipe.text_encoder.get_input_embeddings().weight
+    assert len(pipe.tokenizer) == before[0] and after.shape == before[1].shape and bool((after == before[1]).all())
+    assert pipe.maybe_convert_prompt("a ink-style cat", pipe.tokenizer) == "a ink-style cat"
