@@ -36,21 +36,35 @@ class RejectionRequest(BaseModel):
 
 
 def wallet_router(engine, get_user: Callable, ledger: Ledger | None) -> APIRouter:
+    """The API's wallet routes, behind the bearer token (``get_user``)."""
     router = APIRouter(prefix="/api", tags=["wallets"])
+    add_routes(router, engine, ledger, get_user)
+    return router
 
-    async def run(fn: Callable[..., Any], *args) -> Any:
+
+def add_routes(router: APIRouter, engine, ledger: Ledger | None, get_user: Callable,
+               job_path: str = "/jobs/{job_id}") -> None:
+    """Add the wallet routes to ``router``, each for the user ``get_user`` (a FastAPI dependency) gives:
+    the API's bearer token, or the page's session cookie and CSRF header (farm/web/wallet_pages.py)."""
+
+    async def run(fn: Callable[..., Any]) -> Any:
         if ledger is None:
             raise HTTPException(503, "payments are off on this coordinator (farm serve --chain-rpc off)")
 
         def work():
             with new_session(engine) as s:
-                return fn(s, *args)
+                return fn(s)
         try:
             return await asyncio.to_thread(work)
         except LedgerError as exc:
             raise HTTPException(exc.status, str(exc)) from None
         except jobs.JobError as exc:
             raise HTTPException(exc.status, str(exc)) from None
+
+    @router.get("/wallet/state")
+    async def wallet_state(user: User = Depends(get_user)) -> dict[str, Any]:
+        """Your wallet: custodial or your own, its address and balances, and the chain to use."""
+        return await run(lambda s: own_wallets.wallet_view(ledger, s, user))
 
     @router.post("/wallet/challenge")
     async def wallet_challenge(body: ChallengeRequest, request: Request,
@@ -72,23 +86,24 @@ def wallet_router(engine, get_user: Callable, ledger: Ledger | None) -> APIRoute
         """Send what your custodial wallet holds (tokens, and escrow credit) to your linked wallet."""
         return await run(lambda s: own_wallets.move_custodial(ledger, s, user))
 
-    @router.get("/jobs/{job_id}/deposit")
+    @router.get(job_path + "/deposit")
     async def job_deposit(job_id: int, user: User = Depends(get_user)) -> dict[str, Any]:
         """A job paid from your own wallet: the transactions that wallet sends to deposit (token allowance,
         then open_job), and whether the deposit is there."""
         return await run(lambda s: own_wallets.deposit_terms(ledger, s, review._own_job(s, job_id, user)))
 
-    @router.get("/jobs/{job_id}/approval")
+    @router.get(job_path + "/approval")
     async def job_approval(job_id: int, user: User = Depends(get_user)) -> dict[str, Any]:
         """The EIP-712 Approve of the payout list on chain, for your wallet's eth_signTypedData_v4, with the
         list itself."""
         return await run(lambda s: own_wallets.approval_request(ledger, s, review._own_job(s, job_id, user)))
 
-    @router.post("/jobs/{job_id}/rejection")
+    @router.post(job_path + "/rejection")
     async def job_rejection(job_id: int, body: RejectionRequest, user: User = Depends(get_user)) -> dict[str, Any]:
         """The EIP-712 Reject of these frames and reason, for your wallet to sign; then POST the same frames,
         reason and the signature to /api/jobs/{id}/reject."""
-        _, _, record = review.reject_record(body.frames, body.reason)
+        try:
+            _, _, record = review.reject_record(body.frames, body.reason)
+        except (jobs.JobError, ValueError, TypeError) as exc:
+            raise HTTPException(getattr(exc, "status", 422), str(exc)) from None
         return await run(lambda s: own_wallets.rejection_request(ledger, s, review._own_job(s, job_id, user), record))
-
-    return router

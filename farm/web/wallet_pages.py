@@ -2,42 +2,47 @@
 
 The browser wallet (any EIP-1193 provider: ``window.ethereum`` of MetaMask, Rabby, Frame, a WalletConnect
 bridge) signs; these routes hand it what to sign or send and take the signatures back. They are the API's
-wallet routes (:mod:`farm.web.wallet_api`, :mod:`farm.web.payments`) behind the page's session cookie
-instead of a bearer token, and every POST carries the session's CSRF token in an ``X-CSRF-Token`` header
-(a JSON body cannot be sent cross-site without CORS, and the header is checked anyway).
+wallet routes (:func:`farm.web.wallet_api.add_routes`, the same code) behind the page's session cookie
+instead of a bearer token, under ``/jobs/{id}/wallet/…``, plus approve and reject with a signature (the
+API's are in :mod:`farm.web.payments`); every POST carries the session's CSRF token in an
+``X-CSRF-Token`` header (a JSON body cannot be sent cross-site without CORS, and the header is checked
+anyway).
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from typing import Any, Callable
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, Field
 
+from common import eth_sign
 from farm.kinds.jobs import JobError
 from farm.payments import own_wallets
 from farm.payments.ledger import LedgerError
 from farm.store.db import session as new_session
-from farm.web import review
+from farm.store.models import User
+from farm.web import review, wallet_api
 
-MAX_BODY = 8 * 1024  # bytes of a wallet call's JSON body (a signed SIWE message is ~600)
+
+class SignedApproval(BaseModel):
+    signature: str = Field(max_length=eth_sign.MAX_SIGNATURE, description="the wallet's EIP-712 signature")
+
+
+class SignedRejection(wallet_api.RejectionRequest):
+    signature: str = Field(max_length=eth_sign.MAX_SIGNATURE, description="the wallet's EIP-712 signature")
 
 
 def add_wallet_routes(router: APIRouter, engine, serial: Callable, ledger, current: Callable) -> None:
-    async def body_of(request: Request, ws) -> dict[str, Any]:
-        if not secrets.compare_digest(request.headers.get("x-csrf-token", ""), ws.csrf):
+    def page_user(request: Request) -> User:
+        """The signed-in creator; a POST must carry the session's CSRF token."""
+        user, ws = current(request)
+        if request.method != "GET" and not secrets.compare_digest(request.headers.get("x-csrf-token", ""), ws.csrf):
             raise HTTPException(403, "this request did not come from this site's page: reload the page and try again")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise HTTPException(413, f"a wallet call's body is at most {MAX_BODY} bytes")
-        try:
-            data = json.loads(raw or b"{}")
-        except ValueError:
-            raise HTTPException(422, "the body must be JSON") from None
-        if not isinstance(data, dict):
-            raise HTTPException(422, "the body must be a JSON object")
-        return data
+        return user
+
+    wallet_api.add_routes(router, engine, ledger, page_user, job_path="/jobs/{job_id}/wallet")
 
     async def run(fn: Callable[..., Any], *args) -> Any:
         if ledger is None:
@@ -49,85 +54,25 @@ def add_wallet_routes(router: APIRouter, engine, serial: Callable, ledger, curre
         except JobError as exc:
             raise HTTPException(exc.status, str(exc)) from None
 
-    def with_session(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args):
-            with new_session(engine) as s:
-                return fn(s, *args)
-        return call
-
     def wake() -> None:
         if ledger is not None and getattr(ledger, "wake_hook", None):
             ledger.wake_hook()
 
-    @router.get("/wallet/state")
-    async def state(request: Request) -> dict[str, Any]:
-        user, _ = current(request)
-        return await run(with_session(lambda s: own_wallets.wallet_view(ledger, s, user)))
-
-    @router.post("/wallet/challenge")
-    async def challenge(request: Request) -> dict[str, Any]:
-        user, ws = current(request)
-        data = await body_of(request, ws)
-        domain = request.headers.get("host", "renderhive")[:200]
-        return await run(with_session(lambda s: own_wallets.challenge(ledger, s, user, str(data.get("address", "")),
-                                                                      domain, str(request.base_url))))
-
-    @router.post("/wallet/link")
-    async def link(request: Request) -> dict[str, Any]:
-        user, ws = current(request)
-        data = await body_of(request, ws)
-        return await run(with_session(lambda s: own_wallets.link(ledger, s, user, str(data.get("message", "")),
-                                                                 str(data.get("signature", "")))))
-
-    @router.post("/wallet/move")
-    async def move(request: Request) -> dict[str, Any]:
-        user, ws = current(request)
-        await body_of(request, ws)
-        return await run(with_session(lambda s: own_wallets.move_custodial(ledger, s, user)))
-
-    @router.get("/jobs/{job_id}/wallet/deposit")
-    async def deposit(request: Request, job_id: int) -> dict[str, Any]:
-        user, _ = current(request)
-        return await run(with_session(lambda s: own_wallets.deposit_terms(ledger, s, review._own_job(s, job_id, user))))
-
-    @router.get("/jobs/{job_id}/wallet/approval")
-    async def approval(request: Request, job_id: int) -> dict[str, Any]:
-        user, _ = current(request)
-        return await run(with_session(
-            lambda s: own_wallets.approval_request(ledger, s, review._own_job(s, job_id, user))))
-
     @router.post("/jobs/{job_id}/wallet/approve")
-    async def approve(request: Request, job_id: int) -> dict[str, Any]:
-        user, ws = current(request)
-        data = await body_of(request, ws)
-        await run(own_wallets.accept_signature, ledger, engine, job_id, user, "approve", str(data.get("signature", "")))
+    async def approve(job_id: int, body: SignedApproval, user: User = Depends(page_user)) -> dict[str, Any]:
+        await run(own_wallets.accept_signature, ledger, engine, job_id, user, "approve", body.signature)
         view = await serial(review.approve_job, engine, job_id, user)
         wake()
         return {"status": view["status"]}
 
-    @router.post("/jobs/{job_id}/wallet/rejection")
-    async def rejection(request: Request, job_id: int) -> dict[str, Any]:
-        user, ws = current(request)
-        data = await body_of(request, ws)
-        try:
-            _, _, record = review.reject_record(data.get("frames", ""), str(data.get("reason", "")))
-        except (JobError, ValueError, TypeError) as exc:
-            raise HTTPException(getattr(exc, "status", 422), str(exc)) from None
-        return await run(with_session(
-            lambda s: own_wallets.rejection_request(ledger, s, review._own_job(s, job_id, user), record)))
-
     @router.post("/jobs/{job_id}/wallet/reject")
-    async def reject(request: Request, job_id: int) -> dict[str, Any]:
-        user, ws = current(request)
-        data = await body_of(request, ws)
-        frames, reason = data.get("frames", ""), str(data.get("reason", ""))
+    async def reject(job_id: int, body: SignedRejection, user: User = Depends(page_user)) -> dict[str, Any]:
         try:
-            _, _, record = review.reject_record(frames, reason)
+            _, _, record = review.reject_record(body.frames, body.reason)
         except (JobError, ValueError, TypeError) as exc:
             raise HTTPException(getattr(exc, "status", 422), str(exc)) from None
-        sig = await run(own_wallets.accept_signature, ledger, engine, job_id, user, "reject",
-                        str(data.get("signature", "")), record)
-        view = await serial(review.reject_job, engine, job_id, user, frames, reason, None, sig)
+        sig = await run(own_wallets.accept_signature, ledger, engine, job_id, user, "reject", body.signature, record)
+        view = await serial(review.reject_job, engine, job_id, user, body.frames, body.reason, None, sig)
         wake()
         return {"status": view["status"], "requeued_tasks": view.get("requeued_tasks", 0)}
 

@@ -138,6 +138,16 @@ def test_security_rules(farm, worker):
     assert a.post(f"/jobs/{jid}/approve", data={"csrf": "forged"}).status_code == 403
     assert a.post(f"/jobs/{jid}/reject", data={"csrf": "x", "frames": "1", "reason": "r"}).status_code == 403
     assert a.post("/login", data={"token": alice.token}).status_code == 403
+    # the page's wallet calls (JSON, the API's wallet routes behind the cookie) need the CSRF header too
+    sig = {"signature": "0x" + "11" * 65}
+    for path, body in (("/wallet/challenge", {"address": "0x" + "22" * 20}), ("/wallet/move", {}),
+                       (f"/jobs/{jid}/wallet/approve", sig),
+                       (f"/jobs/{jid}/wallet/reject", {**sig, "frames": "1", "reason": "r"})):
+        for headers in ({}, {"X-CSRF-Token": "forged"}):
+            r = a.post(path, json=body, headers=headers)
+            assert r.status_code == 403 and "reload the page" in r.text, (path, headers, r.status_code, r.text[:300])
+    assert anon.get("/wallet/state", follow_redirects=False).status_code in (303, 401)
+    assert m.get(f"/jobs/{jid}/wallet/approval").status_code in (404, 503)  # not hers (or payments off)
     assert alice.job(jid)["status"] == "rendered"
 
     # approve twice: approved once, then the files are released
