@@ -211,7 +211,7 @@ def cmd_models(args) -> int:
             if not args.out or not str(args.out).endswith(".safetensors"):
                 print("error: farm models tiny-embedding needs --out MODELS/embeddings/NAME.safetensors", file=sys.stderr)
                 return 2
-            path = build_embedding(Path(args.out), seed=args.seed)
+            path = build_embedding(Path(args.out), seed=args.seed, xl=args.xl)
             digest = model_folders.HashCache(None).file_sha256(path)
         else:
             if not args.out:
@@ -304,7 +304,8 @@ def add_commands(sub: argparse._SubParsersAction, client_cmd) -> None:
     m.add_argument("--model", default=None, help="tiny-lora: the tiny model folder the LoRA is for")
     m.add_argument("--seed", type=int, default=1, help="tiny-lora: seed of the random weights")
     m.add_argument("--inpaint", action="store_true", help="tiny: an inpainting pipeline (9-channel UNet)")
-    m.add_argument("--xl", action="store_true", help="tiny: a Stable Diffusion XL pipeline (two text encoders)")
+    m.add_argument("--xl", action="store_true", help="tiny: a Stable Diffusion XL pipeline (two text encoders); "
+                                                     "tiny-embedding: one for it (clip_l, clip_g)")
     m.add_argument("--models", action="append", help="list: folders to search (default RENDERHIVE_MODELS)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models, needs_client=False)

@@ -19,7 +19,8 @@ request's LoRAs are ``[{name, hash, weight, path}]``; the path comes from the wo
   with ``use_safetensors=True``, and one built for another UNet (cross-attention width, blocks) is the
   job's fault, refused before generating; at most :data:`MAX_CONTROLNETS` stay loaded per pipeline;
 * an embedding file is re-checked (:func:`common.model_folders.check_embedding`) and loaded with diffusers'
-  ``load_textual_inversion`` under the job's token for that request only; :func:`unload_embeddings` removes
+  ``load_textual_inversion`` under the job's token for that request only (SDXL: ``clip_l`` and ``clip_g`` into
+  the two text encoders); :func:`unload_embeddings` removes
   the tokens afterwards and verifies that the tokenizer and the text encoder's embedding table are back to
   their size before, so one job's tokens never reach another job's prompts (tested: a later job writing the
   token gets the pixels of the pipeline that never loaded it); when that cannot be verified the caller
@@ -143,17 +144,24 @@ def controlnets(entry: dict, controls: list[dict], load) -> tuple[list, list[flo
     return nets, [float(c["weight"]) for c in controls]
 
 
+def _encoders(pipe) -> list[tuple]:
+    """(tokenizer, text encoder) pairs of the pipeline: one for SD 1.x/2.x, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
 def load_embeddings(entry: dict, embeddings: list[dict]) -> dict | None:
-    """Load ``embeddings`` (``[{name, hash, token, path}]``) into ``entry["pipe"]``'s tokenizer and text encoder
-    for one request. Returns what :func:`unload_embeddings` needs (None when there are none)."""
+    """Load ``embeddings`` (``[{name, hash, token, path}]``) into ``entry["pipe"]``'s tokenizers and text encoders
+    for one request (an SDXL embedding's ``clip_l`` into the first, its ``clip_g`` into the second). Returns
+    what :func:`unload_embeddings` needs (None when there are none)."""
     if not embeddings:
         return None
     pipe = entry["pipe"]
-    if entry.get("family") == "sdxl":
-        raise AdapterError("textual-inversion embeddings are not supported on SDXL models yet: leave out "
-                           "--embedding or pick an SD 1.x/2.x model", False)
-    before = {"tokens": [], "vocab": len(pipe.tokenizer), "added": set(pipe.tokenizer.get_added_vocab()),
-              "rows": pipe.text_encoder.get_input_embeddings().weight.shape[0]}
+    xl = entry.get("family") == "sdxl"
+    before = {"tokens": [], "pairs": [(set(tok.get_added_vocab()), len(tok), enc.get_input_embeddings().weight.shape[0])
+                                      for tok, enc in _encoders(pipe)]}
     try:
         for emb in embeddings:
             path = Path(emb["path"])
@@ -161,16 +169,24 @@ def load_embeddings(entry: dict, embeddings: list[dict]) -> dict | None:
             if problem:
                 raise AdapterError(f"embedding {emb.get('name')!r} cannot be used on this worker: {problem}", True)
             token = str(emb["token"])
-            if token in pipe.tokenizer.get_vocab():
+            if any(token in tok.get_vocab() for tok, _enc in _encoders(pipe)):
                 raise AdapterError(f"embedding {emb.get('name')!r}: its token {token!r} is already a word of model "
                                    f"{entry.get('name', '')!r}: give another token (--embedding NAME:TOKEN)", False)
+            before["tokens"].append(token)  # before loading: a half-done load is undone too
             try:
-                pipe.load_textual_inversion(str(path), token=token)
+                if xl:
+                    from safetensors.torch import load_file
+                    tensors = load_file(str(path))
+                    if set(tensors) != {"clip_l", "clip_g"}:
+                        raise ValueError(f"an SDXL embedding holds clip_l and clip_g, this one {sorted(tensors)}")
+                    for key, (tok, enc) in zip(("clip_l", "clip_g"), _encoders(pipe)):
+                        pipe.load_textual_inversion(tensors[key], token=token, tokenizer=tok, text_encoder=enc)
+                else:
+                    pipe.load_textual_inversion(str(path), token=token)
             except Exception as e:  # the file was checked: what is left is an embedding of another text width
                 raise AdapterError(f"embedding {emb.get('name')!r} does not fit model {entry.get('name', '')!r}: "
                                    f"{type(e).__name__}: {str(e)[:300]} (an embedding is trained for one text "
                                    "encoder: pick one made for this model)", False) from None
-            before["tokens"].append(token)
     except BaseException:
         unload_embeddings(entry, before)
         raise
@@ -178,16 +194,19 @@ def load_embeddings(entry: dict, embeddings: list[dict]) -> dict | None:
 
 
 def unload_embeddings(entry: dict, state: dict | None) -> bool:
-    """Remove the tokens :func:`load_embeddings` added; True when the tokenizer and the embedding table are
-    exactly their size before (False: the caller must drop this cached pipeline)."""
+    """Remove the tokens :func:`load_embeddings` added; True when every tokenizer and embedding table is
+    exactly its size before (False: the caller must drop this cached pipeline)."""
     if state is None:
         return True
     pipe = entry["pipe"]
-    try:
-        new = [t for t in pipe.tokenizer.get_added_vocab() if t not in state["added"]]  # with multi-vector
-        if new:  # tokens' extra ones (TOKEN_1, ...), and even half of a failed load
-            pipe.unload_textual_inversion(new)
-    except Exception:
-        return False
-    return (len(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().weight.shape[0]) == \
-        (state["vocab"], state["rows"]) and not any(t in pipe.tokenizer.get_vocab() for t in state["tokens"])
+    ok = True
+    for (added, vocab, rows), (tok, enc) in zip(state["pairs"], _encoders(pipe)):
+        try:
+            new = [t for t in tok.get_added_vocab() if t not in added]  # with multi-vector tokens' extra ones
+            if new:  # (TOKEN_1, ...), and even half of a failed load
+                pipe.unload_textual_inversion(new, tokenizer=tok, text_encoder=enc)
+        except Exception:
+            return False
+        ok = ok and (len(tok), enc.get_input_embeddings().weight.shape[0]) == (vocab, rows) \
+            and not any(t in tok.get_vocab() for t in state["tokens"])
+    return ok

@@ -331,18 +331,20 @@ def build_refiner(out: Path) -> Path:
     return out
 
 
-def build_embedding(out: Path, seed: int = 1, vectors: int = 2, width: int = 32) -> Path:
+def build_embedding(out: Path, seed: int = 1, vectors: int = 2, width: int = 32, xl: bool = False) -> Path:
     """A random textual-inversion embedding of ``vectors`` vectors for the tiny pipeline's text encoder
     (width 32), saved as the safetensors file ``out`` (``models/embeddings/NAME.safetensors``, key
-    ``emb_params`` as A1111 writes it)."""
+    ``emb_params`` as A1111 writes it); with ``xl`` one for the tiny SDXL pipeline (``clip_l`` and ``clip_g``,
+    one per text encoder, as SDXL embeddings are published)."""
     import torch
     from safetensors.torch import save_file
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        emb = torch.randn(vectors, width)
+        tensors = {"clip_l": torch.randn(vectors, width), "clip_g": torch.randn(vectors, width)} if xl else \
+            {"emb_params": torch.randn(vectors, width)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"emb_params": emb}, str(out))
+    save_file(tensors, str(out))
     return Path(out)
 
 
