@@ -174,9 +174,19 @@ def role_worker(endpoint: str, server_key: str, cache: str, worker_id: str, sha:
         say({"welcomed": worker_id})
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, sys.stdin.readline)
+        prof = None
+        if os.environ.get("FANOUT_PROFILE") and worker_id.endswith("-0"):  # one worker's CPU, by function
+            import cProfile
+            prof = cProfile.Profile(time.process_time)
+            prof.enable()
         t0, c0 = time.monotonic(), cpu_seconds(os.getpid())
         path = await d.fetch(sha)
         t1, c1 = time.monotonic(), cpu_seconds(os.getpid())
+        if prof is not None:
+            import pstats
+            prof.disable()
+            print(f"--- worker {worker_id} (CPU seconds)", file=sys.stderr)
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(15)
         got = await asyncio.to_thread(file_sha, path)  # after the clock: the fetch checked it already
         say({"t0": t0, "t1": t1, "bytes": d.stats["bytes_downloaded"], "sha_ok": got == sha, "cpu": c1 - c0})
         d.stop()

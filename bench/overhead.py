@@ -15,6 +15,14 @@ b. **farm**: ``farm serve`` and one ``farm worker --gpus none`` as subprocesses 
    Blender runtime, until the worker shows online) is excluded, and reported.
 c. **process per frame**: one new Python process per frame: ``import bpy``, open, render that frame.
 
+``--phases``: the worker daemon records when each task reached each phase (``RENDERHIVE_PHASES``,
+:func:`worker.pipeline.mark`), its Blender runtime adds wall-clock marks per frame (request, setup done,
+frame start, render call, render end), and the coordinator's event log (its SQLite file) says when each
+lease was granted and each result stored; printed per farm run: the median of each phase over the tasks,
+and the farm's time outside render calls split into head (submit → first render call), the gaps between
+one render call's end and the next one's start (the per-frame overhead on the critical path) and tail
+(last render end → job rendered).
+
 bpy runs only in child processes; this process never imports it. The farm's frames are downloaded and
 compared pixel by pixel (numpy + Pillow) with (a)'s, and so are (c)'s.
 """
@@ -25,6 +33,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -114,12 +123,15 @@ def free_port() -> int:
 class Farm:
     """``farm serve`` + one ``farm worker`` as subprocesses, stopped with SIGTERM (then SIGKILL)."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, phases: bool = False):
         self.tmp = tmp
         self.data, self.cache = tmp / "farm-data", tmp / "worker-cache"
         self.http, self.zmq = free_port(), free_port()
         self.procs: list[subprocess.Popen] = []
         self.env = {**os.environ, "RENDERHIVE_LOG": "WARNING", "PYTHONPATH": str(ROOT)}
+        self.phases = tmp / "phases.jsonl" if phases else None
+        if self.phases:
+            self.env["RENDERHIVE_PHASES"] = str(self.phases)
         self.client: Client | None = None
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
@@ -177,6 +189,7 @@ class Farm:
             raise SystemExit(f"job {job['id']} {view['status']}: {view['error']}; logs in {self.tmp}")
         cpu = sum(cpu_seconds(p.pid) for p in self.procs) - cpu0
         render_s = sum(o["render_seconds"] for o in c.outputs(job["id"]))
+        self.last = (t_submit, view["updated_at"])
         return view["updated_at"] - t_submit, job["id"], render_s, cpu  # updated_at: when marked rendered
 
     def stop(self) -> None:
@@ -188,6 +201,92 @@ class Farm:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+
+
+def phases(farm: Farm, job_id: int, t_submit: float, t_rendered: float) -> dict[str, float]:
+    """Per-phase medians (seconds) of job ``job_id``'s tasks, from the worker's phase log, its runtime's
+    frame marks and the coordinator's event log; and the critical path split into head, gaps and tail."""
+    db = sqlite3.connect(f"file:{farm.data / 'farm.db'}?mode=ro", uri=True)
+    events = db.execute("SELECT task_id, attempt, new, at FROM event WHERE job_id = ? AND kind = 'task'",
+                        (job_id,)).fetchall()
+    job_events = db.execute("SELECT new, at FROM event WHERE job_id = ? AND kind = 'job' ORDER BY id",
+                            (job_id,)).fetchall()
+    db.close()
+    job_at: dict[str, float] = {}
+    for new, at in job_events:
+        job_at.setdefault(new, at)
+    coord: dict[tuple, dict[str, float]] = {}
+    for task, attempt, new, at in events:
+        coord.setdefault((task, attempt), {}).setdefault(new, at)
+    work: dict[tuple, dict] = {}
+    for line in farm.phases.read_text().splitlines():
+        m = json.loads(line)
+        work.setdefault((m["task"], m["attempt"]), {})[m["phase"]] = m
+    spans: dict[str, list[float]] = {}
+
+    def span(name: str, a, b) -> None:
+        if a is not None and b is not None:
+            spans.setdefault(name, []).append(b - a)
+    calls = []  # (render call start, render end) of every frame
+    tasks = []  # (first render call, phases at the worker, its frames' marks) of every task
+    for key, c in coord.items():
+        w = work.get(key)
+        if not w or "rendered" not in w:
+            continue
+        at = {k: v["at"] for k, v in w.items()}
+        frames = w["rendered"].get("frames") or []
+        span("coordinator lease -> worker has TASK", c.get("assigned"), at.get("leased"))
+        span("TASK -> inputs fetched", at.get("leased"), at.get("fetched"))
+        span("fetched -> slot's turn (waits while the previous task renders)", at.get("fetched"), at.get("turn"))
+        for i, f in enumerate(frames):
+            t_req, t_ready, t_frame, t_call, t_end = f["marks"]
+            if i == 0:
+                span("turn -> request in the runtime (stage, PROGRESS, pipe)", at.get("turn"), t_req)
+                span("runtime: scene load / settings", t_req, t_ready)
+                span("setup done -> frame start", t_ready, t_frame)
+            span("runtime: frame_set + frame checks", t_frame, t_call)
+            span("runtime: render call (render + PNG write)", t_call, t_end)
+            span("render end -> daemon has the frame event", t_end, f["at"])
+            calls.append((t_call, t_end))
+        if frames:
+            tasks.append((frames[0]["marks"][3], at, frames, c))
+            span("last frame event -> render done (request's end, turn passes)", frames[-1]["at"], at.get("rendered"))
+        span("rendered -> outputs hashed and uploaded (off the path with prefetch)", at.get("rendered"), at.get("uploaded"))
+        span("uploaded -> RESULT sent", at.get("uploaded"), at.get("reported"))
+        span("RESULT sent -> stored by the coordinator (task done)", at.get("reported"), c.get("done"))
+        span("stored -> ACK at the worker", c.get("done"), at.get("acked"))
+    calls.sort()
+    gaps = [b[0] - a[1] for a, b in zip(calls, calls[1:])]
+    tasks.sort(key=lambda t: t[0])
+    for (_, a, fa, _), (_, b, fb, _) in zip(tasks, tasks[1:]):  # one frame a task: the gap, part by part
+        span("~gap: render end -> frame event at the daemon", fa[-1]["marks"][4], fa[-1]["at"])
+        span("~gap: frame event -> render done (done event, watch stopped)", fa[-1]["at"], a.get("rendered"))
+        span("~gap: render done -> next task's turn (outputs taken, recycle check)", a.get("rendered"), b.get("turn"))
+        span("~gap: turn -> request read by the runtime", b.get("turn"), fb[0]["marks"][0])
+        span("~gap: request -> render call (settings, frame_set, checks)", fb[0]["marks"][0], fb[0]["marks"][3])
+    out = {name: statistics.median(v) for name, v in spans.items()}
+    if tasks:
+        first_at, first_c = tasks[0][1], tasks[0][3]
+        out["@head: submit -> job queued (payments: deposit)"] = job_at.get("queued", t_submit) - t_submit
+        out["@head: job queued -> first lease"] = (first_c.get("assigned") or 0) - job_at.get("queued", t_submit)
+        out["@head: first lease -> inputs fetched"] = first_at.get("fetched", 0) - (first_c.get("assigned") or 0)
+        out["@head: fetched -> first request in the runtime"] = tasks[0][2][0]["marks"][0] - first_at.get("fetched", 0)
+        out["@head: first request -> render call (scene load)"] = tasks[0][0] - tasks[0][2][0]["marks"][0]
+    if calls:
+        out["@head: submit -> first render call"] = calls[0][0] - t_submit
+        out["@gaps: sum of render end -> next render call"] = sum(gaps)
+        out["@gap median (per frame on the critical path)"] = statistics.median(gaps) if gaps else 0.0
+        out["@tail: last render end -> job rendered"] = t_rendered - calls[-1][1]
+    return out
+
+
+def print_phases(runs: list[dict[str, float]], frames: int) -> None:
+    names = list(dict.fromkeys(k for r in runs for k in r))
+    print(f"phases of b (ms; per-task medians, then the critical path), median over {len(runs)} run(s):")
+    for name in names:
+        vals = [r[name] for r in runs if name in r]
+        label = name.lstrip("@~")
+        print(f"  {label:<70} {statistics.median(vals) * 1000:9.1f}")
 
 
 def compare(ref_dir: Path, other_dir: Path, frames: list[int]) -> tuple[int, str]:
@@ -216,6 +315,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=None, help="runs of (a) and (b), alternating; medians "
                     "(default 3, quick 1)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, frames)")
+    ap.add_argument("--phases", action="store_true", help="print where the farm's time goes, phase by phase")
     ap.add_argument("--frames", type=int, default=None, help="frames 1..N (default 24, quick 6)")
     ap.add_argument("--percent", type=int, default=None, help="resolution %% of 320x240 (default 100, quick 50)")
     args = ap.parse_args()
@@ -230,8 +330,8 @@ def main() -> int:
           f"{samples} samples, PNG 8-bit, Cycles on the CPU ({os.cpu_count()} cores); bpy only in child "
           f"processes", flush=True)
 
-    a_runs, b_runs = [], []
-    farm = Farm(tmp)
+    a_runs, b_runs, p_runs = [], [], []
+    farm = Farm(tmp, args.phases)
     try:
         startup = farm.start()
         print(f"farm start-up (excluded from b): coordinator + API {startup['serve_s']:.1f} s, "
@@ -245,6 +345,8 @@ def main() -> int:
             farm.client.approve(job_id)  # full-resolution frames are released on approval
             farm.client.download_results(job_id, tmp / f"b{i}")
             b_runs.append({"s": b, "render_s": b_render, "cpu": b_cpu})
+            if args.phases:
+                p_runs.append(phases(farm, job_id, *farm.last))
             print(f"  b: farm         {b:6.2f} s (job {job_id}, submit → rendered; {b_render:.2f} s inside "
                   f"render calls; coordinator + worker daemon used {b_cpu:.2f} s CPU)", flush=True)
     finally:
@@ -290,6 +392,8 @@ def main() -> int:
     print(f"CPU of the coordinator + worker daemon processes during b: {med(r['cpu'] for r in b_runs):.2f} s "
           f"(taken from the {os.cpu_count()} cores the render uses)")
     print(f"farm start-up, excluded from b: {startup['total_s']:.1f} s")
+    if p_runs:
+        print_phases(p_runs, len(frames))
     ok = True
     for i in range(args.repeat):
         same, note = compare(tmp / f"a{i}", tmp / f"b{i}", frames)

@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -67,6 +68,21 @@ class Running:
     total: int = 0
     released: bool = False
     phase: str = pipe.WAITING  # waiting → rendering → uploading (worker.pipeline)
+
+
+RECV_BATCH = 256
+"""Messages taken off the socket after one poll (then the loop's own work: heartbeats, owner rules)."""
+
+
+def _waiting(raw: zmq.Socket) -> list[list[bytes]]:
+    """The messages waiting on ``raw`` (at most RECV_BATCH), read without blocking."""
+    out = []
+    while len(out) < RECV_BATCH:
+        try:
+            out.append(raw.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            break
+    return out
 
 
 def gpu_assignment(gpus: str, slots: int) -> list[str]:
@@ -255,8 +271,8 @@ class WorkerDaemon:
     # ------------------------------------------------------------------ connection
     def send(self, msg: Any) -> None:
         if self.sock is not None:
-            try:
-                self.sock.send_multipart(P.encode(msg), flags=zmq.NOBLOCK)
+            try:  # on the plain socket: an asyncio one makes a future for every message (a BLOB_GET a chunk)
+                self._raw.send_multipart(P.encode(msg), flags=zmq.NOBLOCK)
             except zmq.Again:
                 log.debug("send queue full, dropped %s", type(msg).__name__)
 
@@ -322,6 +338,9 @@ class WorkerDaemon:
             poller.register(watch.socket, zmq.POLLIN)
         sock.connect(self.endpoint)
         self.sock = sock
+        # the same libzmq socket without asyncio's futures, for what never waits (this loop's thread only)
+        self._raw = raw = zmq.Socket.shadow(sock.underlying)
+        pending: collections.deque = collections.deque()  # messages received, not handled yet
         interval = L.HEARTBEAT_INTERVAL
         welcomed = False
         try:
@@ -338,16 +357,20 @@ class WorkerDaemon:
                     if welcomed:
                         self.send(P.Heartbeat(self._held()))
                     next_hb = now + interval
-                ready = dict(await poller.poll(int(max(0.01, min(next_hb - now, interval)) * 1000)))
+                ready = {} if pending else dict(await poller.poll(int(max(0.01, min(next_hb - now, interval)) * 1000)))
                 if watch is not None and watch.socket in ready:
                     failure = await watch.drain()
                     if failure:  # libzmq would retry the handshake every 100 ms: back off instead
                         log.error("%s", failure)
                         return welcomed
-                if sock not in ready:
-                    continue
+                if not pending:
+                    if sock not in ready:
+                        continue
+                    pending.extend(_waiting(raw))  # all that waits: one poll for a window of chunks
+                    if not pending:
+                        continue
                 try:
-                    msg = P.decode(await sock.recv_multipart())
+                    msg = P.decode(pending.popleft())
                 except P.ProtocolError as exc:
                     log.warning("malformed message from the coordinator: %s", exc)
                     continue
@@ -384,6 +407,7 @@ class WorkerDaemon:
             self.outbox.pop((msg.task_id, msg.attempt), None)
         elif isinstance(msg, P.Ack):
             self.outbox.pop((msg.task_id, msg.attempt), None)
+            pipe.mark(msg.task_id, msg.attempt, "acked")
             if not msg.accepted:
                 log.warning("task %s/%s not accepted: %s", msg.task_id, msg.attempt, msg.reason)
         elif isinstance(msg, (P.Blob, P.BlobAck)):
@@ -411,6 +435,7 @@ class WorkerDaemon:
             return
         job = asyncio.create_task(self._run_task(msg, slot))
         self.running[key] = Running(msg, slot, job)
+        pipe.mark(*key, "leased")
 
     async def _run_task(self, msg: P.Task, slot: int) -> None:
         key = (msg.task_id, msg.attempt)
@@ -442,6 +467,7 @@ class WorkerDaemon:
             if final is not None:
                 self.outbox[key] = final
                 self.send(final)
+                pipe.mark(*key, "reported")
             self.stats["tasks"] += 1
             self.send(P.Ready(self.free_slots()))
 
@@ -450,8 +476,12 @@ class WorkerDaemon:
             raise TaskFailure(f"this worker cannot run {msg.kind!r} tasks", True)
         runtime_name, executor = EXECUTORS[msg.kind]
         files = {sha: await self.fetch(sha) for sha in msg.inputs}  # meanwhile the slot may still render
+        pipe.mark(msg.task_id, msg.attempt, "fetched")
         async with self.pipeline.turn(self.running[(msg.task_id, msg.attempt)], lambda: self._kill_slot(slot)):
+            pipe.mark(msg.task_id, msg.attempt, "turn")
             produced = await self._render(msg, slot, out_dir, runtime_name, executor, files)
+            rt = self.runtimes.get((runtime_name, slot))
+            pipe.mark(msg.task_id, msg.attempt, "rendered", frames=rt.marks if rt else [])
             await self._recycle_if_bloated(slot)
             produced = pipe.take_outputs(produced, out_dir, self._taken_dir(out_dir))  # out of the child's reach
         result, seconds = [], 0.0  # the next task renders in the slot while these upload
@@ -461,6 +491,7 @@ class WorkerDaemon:
             result.append({"frame": p.frame, "sha256": sha, "size": p.path.stat().st_size, "name": p.name,
                            "seconds": p.seconds})
             seconds += p.seconds
+        pipe.mark(msg.task_id, msg.attempt, "uploaded")
         return P.Result(msg.task_id, msg.attempt, result, seconds)
 
     def _taken_dir(self, out_dir: Path) -> Path:

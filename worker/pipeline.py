@@ -26,13 +26,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 
 WAITING, RENDERING, UPLOADING = "waiting", "rendering", "uploading"
+
+PHASES_FILE = os.environ.get("RENDERHIVE_PHASES", "")
+"""Where the daemon appends one JSON line per phase of each task (bench/overhead.py --phases); off when
+empty. A line is {task, attempt, phase, at (wall clock)}; ``rendered`` lines carry the runtime's marks."""
+
+
+def mark(task_id: int, attempt: int, phase: str, **extra: Any) -> None:
+    """Record that task (task_id, attempt) reached ``phase`` now (only with RENDERHIVE_PHASES set)."""
+    if PHASES_FILE:
+        with open(PHASES_FILE, "a") as f:  # one short append a phase: a few µs, and only when measuring
+            f.write(json.dumps({"task": task_id, "attempt": attempt, "phase": phase, "at": time.time(),
+                                **extra}) + "\n")
 
 
 class Pipeline:

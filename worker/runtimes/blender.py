@@ -124,9 +124,10 @@ class Runtime:
         self.devices, self.gpu = self._setup_devices(gpus)
 
     # ---- plumbing -------------------------------------------------------
-    def emit(self, **event) -> None:
+    def emit(self, flush: bool = True, **event) -> None:
         self.proto.write(json.dumps(event) + "\n")
-        self.proto.flush()
+        if flush:
+            self.proto.flush()
 
     def serve(self, stdin) -> int:
         engines = ["BLENDER_EEVEE", "BLENDER_WORKBENCH"] + [
@@ -385,6 +386,7 @@ class Runtime:
         os.remove(src)
 
     def render(self, rid, req: dict) -> None:
+        t_request = time.time()  # wall clock, comparable with the daemon's and coordinator's (bench --phases)
         scene, key, frames, out_dir = (req.get(k) for k in ("scene", "scene_key", "frames", "out_dir"))
         settings = req.get("settings") or {}
         if not isinstance(scene, str) or not os.path.isabs(scene):
@@ -422,7 +424,9 @@ class Runtime:
         except OSError as e:                    # the worker's disk, not the scene
             raise RenderFailed(f"cannot create the output folder: {e}") from None
         outputs = []
+        t_ready = time.time()
         for f in frames:
+            t_frame = time.time()
             sc.frame_set(f)
             if sc.camera is None:               # camera markers can switch it per frame
                 raise SceneError(f"scene {sc.name!r} has no active camera at frame {f}")
@@ -436,6 +440,7 @@ class Runtime:
             for stale in {path, render_path}:   # a stale file must not pass for output
                 if os.path.exists(stale):
                     os.remove(stale)
+            t_call = time.time()
             t0 = time.perf_counter()
             try:
                 bpy.ops.render.render(animation=False, write_still=True)
@@ -447,7 +452,13 @@ class Runtime:
                 self._crop(render_path, path, part["crop"])
             seconds = round(time.perf_counter() - t0, 4)
             outputs.append({"frame": f, "path": path, "seconds": seconds})
-            self.emit(event="frame", id=rid, **outputs[-1])
+            # when the request came, its setup ended (scene load, settings), the frame began (frame_set,
+            # checks), the render call began and ended: where a frame's time outside render() goes
+            # the last frame's event leaves with "done" (one write, one wake-up of the daemon: that wake-up
+            # is on the path to the next task's render; bench/overhead.py --phases measured ~4 ms under load)
+            self.emit(f != frames[-1], event="frame", id=rid, **outputs[-1],
+                      marks=[t_request, t_ready, t_frame, t_call, time.time()])
+            t_request = t_ready = None
             if passes:  # from the same render result: no second render
                 try:
                     outputs += [{"frame": f, "path": p, "seconds": 0.0}

@@ -78,6 +78,7 @@ class RuntimeProcess:
         self._ids = itertools.count(1)
         self.limit_hit = ""
         self.peak_data = 0
+        self.marks: list[dict] = []  # the last request's per-frame timing marks (worker.pipeline.PhaseLog)
 
     # ---- lifecycle ------------------------------------------------------
     @property
@@ -228,6 +229,7 @@ class RuntimeProcess:
             if not self.alive:
                 raise await self._crashed()
             rid = next(self._ids)
+            self.marks = []
             line = json.dumps({**payload, "id": rid}).encode() + b"\n"
             try:
                 self.proc.stdin.write(line)
@@ -239,6 +241,8 @@ class RuntimeProcess:
                 if event.get("id") != rid:
                     log.debug("runtime %s: dropping stale event %r", self.module, event)
                     continue
+                if "marks" in event:
+                    self.marks.append({"frame": event.get("frame"), "marks": event.pop("marks"), "at": time.time()})
                 if event.get("event") in TERMINAL_EVENTS:
                     # Release before the last yield: a caller that raises on
                     # "error" (leaving the generator unfinished) must not keep
