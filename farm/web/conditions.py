@@ -1,6 +1,6 @@
 """What made each image of a diffusion job, for the job page to show beside it: prompt, negative prompt,
 seed, LoRAs and their weights, ControlNets with their weights and condition images, the inpainting mask,
-the init frame of an img2img job, the strength.
+the init frame of an img2img job, the strength, textual-inversion embeddings, the refiner and the upscaler.
 
 Read from the image tasks' specs (the same records the worker was given, so the page says what was
 really used), keyed by output name. Condition images are the job's own inputs: uploaded control images
@@ -36,7 +36,9 @@ def _image(spec: dict[str, Any], im: dict[str, Any]) -> dict[str, Any]:
             "loras": [{"name": lo.get("name", ""), "weight": lo.get("weight", 1.0)} for lo in spec.get("loras") or []],
             "controls": controls, "mask_sha256": mask, "init_sha256": init,
             "source": {"job": source["job"], "frame": source.get("frame")} if source.get("job") else None,
-            "strength": spec.get("strength"), "mode": spec.get("mode", "")}
+            "strength": spec.get("strength"), "mode": spec.get("mode", ""),
+            "embeddings": [{"name": e.get("name", ""), "token": e.get("token", "")} for e in spec.get("embeddings") or []],
+            "upscale": spec.get("upscale"), "refiner": spec.get("refiner")}
 
 
 def image_conditions(session: Session, job: Job) -> dict[str, dict[str, Any]]:

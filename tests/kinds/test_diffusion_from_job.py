@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -123,3 +124,18 @@ def test_mask_from_job_and_controlnets_with_img2img_and_inpainting_equal_diffuse
             want = direct(job_models, kind, frame, seed + i, mask=None if kind == "control_img2img" else mask,
                           depth=dep, strength=strength)
             assert np.abs(pixels(files[name]).astype(int) - want.astype(int)).max() <= 1, (kind, name)
+    page = job_page(f.url, alice.token, inpaint["id"])  # the page of a job inpainting a render's frames
+    assert f"inpainting the frames of job {render['id']} where their mask pass is white, strength 1.0" in page
+    page = job_page(f.url, alice.token, both["id"])  # ControlNets over render passes: no uploaded image
+    assert "<code>depth</code> × 0.8 (" in page and ", render pass depth)" in page and 'class="mask"' in page
+
+
+def job_page(url: str, token: str, job_id: int) -> str:
+    """The job page as the creator sees it (logged in through the form)."""
+    import httpx
+    with httpx.Client(base_url=url, timeout=30) as http:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', http.get("/login").text).group(1)
+        http.post("/login", data={"csrf": csrf, "token": token})
+        res = http.get(f"/jobs/{job_id}")
+    assert res.status_code == 200, res.text[-2000:]
+    return " ".join(res.text.split())

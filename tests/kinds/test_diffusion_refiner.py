@@ -18,6 +18,7 @@ from client.api import ApiError
 from common import model_folders
 from tests.conftest import pixels, wait_job, wait_workers
 from tests.kinds.test_diffusion import SD_ENV, STEPS, outputs_by_name
+from tests.kinds.test_diffusion_from_job import job_page
 from tests.kinds.test_diffusion_sdxl import xl_model  # noqa: F401  (fixture)
 
 PROMPT = "a lighthouse at dusk in ink-style"  # ink-style: the SDXL embedding's token in one job, plain text in the next
@@ -104,3 +105,6 @@ def test_refined_sdxl_images_equal_the_base_and_refiner_called_directly(farm, wo
         assert meta["refiner"] == {"name": "refiner", "hash": digest, "switch": 0.5}
         got = pixels(files[f"image_{k:04d}.png"])
         assert np.abs(got.astype(int) - direct(refiner_models, 12 + k, 0.5).astype(int)).max() <= 1, f"image {k}"
+    page = job_page(f.url, alice.token, job["id"])
+    assert f"· refiner <code>refiner</code> from 0.5 ({digest[:12]})" in page
+    assert '<dd class="refiner"><code>refiner</code> from 0.5</dd>' in page

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -208,6 +209,11 @@ def test_upscaled_and_embedding_images_equal_diffusers_and_tokens_never_leak(far
         ("x4", x4, {"name": "x4", "hash": x4, "steps": UP_STEPS, "noise_level": 30, "scale": 4})
     want = direct(post_models, PROMPT, 60, upscale=(UP_STEPS, 30))
     assert worst(pixels(files["image_0000.png"]), want) <= 1
+    page = job_page(f.url, alice.token, ti["id"])
+    assert f"· embedding <code>ink</code> as ink-style ({sha['ink'][:12]})," in page, page
+    assert '<dd class="embedding"><code>grain</code> as grain</dd>' in page
+    page = job_page(f.url, alice.token, up["id"])
+    assert f"· upscaled × 4 by <code>x4</code> ({x4[:12]})" in page and '<dd class="upscale">× 4 by <code>x4</code></dd>' in page
 
 
 def test_a_refused_or_half_failed_embedding_load_leaves_the_pipeline_as_it_was(post_models, tmp_path):
@@ -232,3 +238,14 @@ def test_a_refused_or_half_failed_embedding_load_leaves_the_pipeline_as_it_was(p
     after = pipe.text_encoder.get_input_embeddings().weight
     assert len(pipe.tokenizer) == before[0] and after.shape == before[1].shape and bool((after == before[1]).all())
     assert pipe.maybe_convert_prompt("a ink-style cat", pipe.tokenizer) == "a ink-style cat"
+
+
+def job_page(url: str, token: str, job_id: int) -> str:
+    """The job page as the creator sees it (logged in through the form)."""
+    import httpx
+    with httpx.Client(base_url=url, timeout=30) as http:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', http.get("/login").text).group(1)
+        http.post("/login", data={"csrf": csrf, "token": token})
+        res = http.get(f"/jobs/{job_id}")
+    assert res.status_code == 200, res.text[-2000:]
+    return " ".join(res.text.split())
