@@ -6,10 +6,15 @@ explanation (``detail``) or, when the coordinator cannot be reached, what to che
 from __future__ import annotations
 
 import hashlib
+import http.client
+import io
 import json
 import os
+import select
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,6 +56,45 @@ def _retry_after(headers) -> float | None:
     except ValueError:
         return None
     return value if value >= 0 else None
+
+
+SEND_BLOCK = 64 << 10
+"""Bytes an upload reads from its file and sends at a time."""
+CONTINUE_WAIT_S = 10.0
+"""How long an upload waits for the farm's ``100 Continue`` (or its refusal) before it sends the body anyway."""
+
+
+def _go_on(sock, wait: float = CONTINUE_WAIT_S) -> bool:
+    """After an upload's head: True to send the body (``100 Continue`` came, and is consumed here; or nothing
+    came within ``wait``), False when the farm's final answer came instead (left for ``getresponse``)."""
+    deadline = time.monotonic() + wait
+    seen = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([sock], [], [], left)[0]:
+            return True
+        seen = sock.recv(1024, socket.MSG_PEEK)
+        if not seen:
+            return False   # closed: getresponse reports it
+        if len(seen) >= 12 and seen[9:12] != b"100":
+            return False
+        end = seen.find(b"\r\n\r\n")
+        if len(seen) >= 12 and end >= 0:
+            sock.recv(end + 4)   # the interim answer, exactly: what follows is the final one
+            return True
+        time.sleep(0.01)   # part of the status line so far
+
+
+def _answer_error(method: str, path: str, code: int, reason: str, raw: bytes, headers) -> ApiError:
+    """An ApiError carrying the farm's explanation (``detail``) of an error answer, and its Retry-After."""
+    try:
+        detail = json.loads(raw.decode() or "{}").get("detail", reason)
+    except (ValueError, AttributeError):
+        detail = reason
+    if isinstance(detail, list):  # FastAPI validation errors
+        detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+    return ApiError(f"{method} {path}: {detail} (HTTP {code})", code,
+                    _retry_after(headers) if code in WAIT_STATUSES else None)
 
 
 def wait_message(status: int, seconds: float) -> str:
@@ -116,18 +160,54 @@ class Client:
         try:
             return urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            try:
-                detail = json.loads(exc.read().decode() or "{}").get("detail", exc.reason)
-            except (ValueError, AttributeError):
-                detail = exc.reason
-            if isinstance(detail, list):  # FastAPI validation errors
-                detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
-            raise ApiError(f"{method} {path}: {detail} (HTTP {exc.code})", exc.code,
-                           _retry_after(exc.headers) if exc.code in WAIT_STATUSES else None) from None
+            raise _answer_error(method, path, exc.code, exc.reason, exc.read(), exc.headers) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ApiError(f"cannot reach the coordinator at {self.url} ({reason}): is `farm serve` running, "
-                           "and is --url / RENDERHIVE_URL right?") from None
+            raise self._unreachable(getattr(exc, "reason", exc)) from None
+
+    def _unreachable(self, reason: Any) -> ApiError:
+        return ApiError(f"cannot reach the coordinator at {self.url} ({reason}): is `farm serve` running, "
+                        "and is --url / RENDERHIVE_URL right?")
+
+    def _send(self, method: str, path: str, data: Any, length: int) -> Any:
+        """An upload's request (``data``: bytes, or a file-like read in CHUNKs), its JSON answer back.
+
+        The head goes first with ``Expect: 100-continue`` and the body only once the farm says go on: the
+        farm refuses (429 for its upload rate, 401, 413) before it reads a byte of a body and then closes
+        the connection, so a body sent blind meets a reset instead of the answer (measured: 3 MB PUTs at
+        a burst of 1 failed that way in 3 runs of 4) and the client could not wait out the 429. A server
+        that says nothing within CONTINUE_WAIT_S gets the body anyway; over HTTPS the body is sent blind."""
+        u = urllib.parse.urlsplit(self.url)
+        https = u.scheme == "https"
+        conn = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(
+            u.hostname, u.port, timeout=self.timeout)
+        hdrs = {"Accept": "application/json", "Content-Type": "application/octet-stream",
+                "Content-Length": str(length)}
+        if not https:
+            hdrs["Expect"] = "100-continue"
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        try:
+            try:
+                conn.putrequest(method, u.path.rstrip("/") + path, skip_accept_encoding=True)
+                for k, v in hdrs.items():
+                    conn.putheader(k, v)
+                conn.endheaders()
+                if https or _go_on(conn.sock):
+                    read = (io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data).read
+                    for block in iter(lambda: read(SEND_BLOCK), b""):   # a local read error ends it all
+                        try:
+                            conn.send(block)
+                        except OSError:   # cut off mid-body: the farm may have said why before it closed
+                            break
+                resp = conn.getresponse()
+                raw = resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                raise self._unreachable(exc) from None
+            if resp.status >= 400:
+                raise _answer_error(method, path, resp.status, resp.reason, raw, resp.headers)
+            return json.loads(raw) if raw else None
+        finally:
+            conn.close()
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         with self._open(method, path, body=body) as resp:
@@ -183,10 +263,7 @@ class Client:
                     shown = reader.sent
             reader = _ProgressReader(Path(path), tick)
             try:
-                with self._open("PUT", f"/api/blobs/{sha}", data=reader,
-                                headers={"Content-Type": "application/octet-stream",
-                                         "Content-Length": str(size)}) as resp:
-                    return json.loads(resp.read())
+                return self._send("PUT", f"/api/blobs/{sha}", reader, size)
             finally:
                 reader.close()
         return self.patiently(put)
@@ -201,9 +278,7 @@ class Client:
         body = head + b"\n" + b"".join(datas)
 
         def post() -> dict[str, Any]:
-            with self._open("POST", "/api/blobs/batch", data=body,
-                            headers={"Content-Type": "application/octet-stream"}) as resp:
-                return json.loads(resp.read())
+            return self._send("POST", "/api/blobs/batch", body, len(body))
         done = self.patiently(post)
         if progress:
             for (_, path), d in zip(items, datas):
@@ -250,10 +325,8 @@ class Client:
             def patch() -> dict[str, Any]:
                 reader.f.seek(offset)   # sent again after a 429/503: the farm read none of it
                 reader.sent = 0
-                with self._open("PATCH", f"/api/blobs/{sha}/upload?offset={offset}&size={size}", data=reader,
-                                headers={"Content-Type": "application/octet-stream",
-                                         "Content-Length": str(size - offset)}) as resp:
-                    return json.loads(resp.read())
+                return self._send("PATCH", f"/api/blobs/{sha}/upload?offset={offset}&size={size}", reader,
+                                  size - offset)
             try:
                 done = self.patiently(patch)
                 sent += reader.sent

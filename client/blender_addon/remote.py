@@ -310,6 +310,14 @@ def _submit(req: SubmitRequest, emit: Callable, cancelled: Callable[[], bool], h
     emit(Progress("asking the farm which files it lacks"))
     todo = project.lacking(client, pr)
     total = sum(p.stat().st_size for p in todo.values())
+    client.on_wait = lambda message: emit(Progress(message))   # a 429/503 from the farm, waited out
+
+    def sleep(seconds: float) -> None:   # the wait is in slices, so that Esc ends it at once
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            _check(cancelled)
+            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+    client.sleep = sleep
     stats = project.upload(client, pr, _counter(emit, cancelled, "uploading", total), todo=todo)
     _check(cancelled)
     sha = pr.manifest.files[pr.scene]

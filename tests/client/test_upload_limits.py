@@ -191,3 +191,47 @@ def test_a_project_over_the_file_limit_is_refused_with_advice_not_a_traceback(tm
     monkeypatch.setattr(M, "MAX_PROJECT_FILES", 5)
     with pytest.raises(P.ProjectError, match="7 files, more than the 5 a job may ship: pack small textures"):
         P.build(scene)
+
+
+def addon_remote():
+    """The add-on's network side (client/blender_addon/remote.py never imports bpy), loaded from the source
+    tree with its own copies of client/api.py and client/project.py, as it runs inside Blender."""
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location("renderhive_remote_test",
+                                                  REPO / "client" / "blender_addon" / "remote.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_addon_shows_the_wait_and_esc_ends_it(serve, tmp_path, monkeypatch):
+    monkeypatch.setenv("RENDERHIVE_UPLOAD_BURST", "2")
+    monkeypatch.setenv("RENDERHIVE_UPLOADS_PER_MINUTE", "120")
+    farm = serve()
+    scene = many_files(tmp_path / "proj", 6)
+    remote = addon_remote()
+    monkeypatch.setattr(remote.api.Client, "batch_below", 0)   # one PUT a file, to meet the limit
+    conn = remote.Connection(farm["url"], farm["alice"])
+    msgs: list = []
+    remote.submit(remote.SubmitRequest(conn, str(scene), {"frames": "1", "scene_name": "scene.blend"}),
+                  msgs.append, lambda: False)
+    assert isinstance(msgs[-1], remote.Submitted), msgs[-1]
+    waits = [m.text for m in msgs if isinstance(m, remote.Progress) and m.text.startswith("waiting")]
+    assert waits and all(t == "waiting 1 s for the farm's upload limit" for t in waits)
+    assert on_farm(Client(farm["url"], farm["alice"]), tmp_path / "proj") == 0
+
+    # a second user at a token every 100 s: Esc during the wait cancels at once, and no job is made
+    monkeypatch.setenv("RENDERHIVE_UPLOADS_PER_MINUTE", "0.6")
+    farm = serve()
+    conn = remote.Connection(farm["url"], farm["alice"])
+    msgs, t0 = [], time.monotonic()
+    waiting = lambda: any(isinstance(m, remote.Progress) and m.text.startswith("waiting") for m in msgs)  # noqa: E731
+    remote.run_guarded(remote.submit, remote.SubmitRequest(conn, str(scene), {"frames": "1",
+                                                                             "scene_name": "scene.blend"}),
+                       msgs.append, waiting)
+    assert isinstance(msgs[-1], remote.Canceled) and time.monotonic() - t0 < 60, msgs[-1]
+    assert msgs[-1].message == "submission canceled: no job was created"
+    assert "waiting 100 s for the farm's upload limit" in [m.text for m in msgs if isinstance(m, remote.Progress)]
+    assert Client(farm["url"], farm["alice"]).jobs() == []

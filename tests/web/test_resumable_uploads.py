@@ -122,7 +122,7 @@ def test_the_client_resumes_by_itself_when_the_connection_drops(serve, tmp_path,
 
     def flaky(self, n=-1):
         calls["n"] += 1
-        if calls["n"] == 40:   # 320 KiB in (http.client sends 8 KiB blocks): the link breaks
+        if calls["n"] == 40:   # 2.5 MiB in (the client sends 64 KiB blocks): the link breaks
             raise ConnectionResetError("link down")
         return real_read(self, n)
     monkeypatch.setattr(client_api._ProgressReader, "read", flaky)
