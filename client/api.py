@@ -2,6 +2,11 @@
 
 Used by the CLI and the Blender add-on. Errors come back as :class:`ApiError` carrying the server's
 explanation (``detail``) or, when the coordinator cannot be reached, what to check.
+
+Uploads (whole PUTs, resumable PATCHes, batches of small files) send their head first and the body only
+once the farm says go on (``Expect: 100-continue``), and wait out a 429/503 that says when to come back
+(``Retry-After``), for at most ``RENDERHIVE_WAIT_LIMIT_S`` in all per upload; a body sent again is counted
+once by progress. Nothing is lost by a wait: the farm refuses before it reads or stores any byte.
 """
 from __future__ import annotations
 
