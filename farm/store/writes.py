@@ -182,7 +182,10 @@ class _Pipeline:
             self.ctx.__enter__()
         cursor = self.dbapi.cursor()
         self.queued.append((cursor, key, rows))
-        cursor.executemany(stmt.sql, stmt.params(rows))  # rides the open pipeline: no Sync of its own
+        if stmt.unnest is not None:  # one statement for all the rows
+            cursor.execute(stmt.unnest.sql, stmt.unnest.params(rows), binary=True)  # binary: no quoting of each value
+        else:  # rides the open pipeline: no Sync of its own
+            cursor.executemany(stmt.sql, stmt.params(rows))
 
     def sync(self) -> None:
         """Send what is queued and wait for it; check the fenced statements' counts."""
@@ -274,10 +277,11 @@ class _Compiled:
             procs = [None if isinstance(cols[n].type, (Float, Boolean)) else p for n, p in zip(self.names, procs)]
         # parameter name → (row key, processor): row dicts hold column names (and _pk0 …)
         self.fields = [(n[2:] if n.startswith("v_") else n, p) for n, p in zip(self.names, procs)]
-        keys = [k for k, _p in self.fields]
+        names = [k for k, _p in self.fields]
         # no processor to run (SQLite's types, mostly): a row's parameters are one C call away
         self.plain = not any(procs) and self.positional
-        self.getter = operator.itemgetter(*keys) if len(keys) > 1 else (lambda r, k=keys[0]: (r[k],))
+        self.getter = operator.itemgetter(*names) if len(names) > 1 else (lambda r, k=names[0]: (r[k],))
+        self.unnest = _Unnest(dialect, table, op, keys, fence, by) if dialect.name == "postgresql" and self.raw else None
 
     def params(self, rows: list[dict[str, Any]]) -> list:
         """The driver's parameters for ``rows``, through the columns' bind processors."""
@@ -316,6 +320,42 @@ def _compiled(dialect, model: type, op: str, keys: tuple[str, ...], fence: tuple
     if stmt is None:
         stmt = _COMPILED[key] = _Compiled(dialect, model, op, keys, fence, by)
     return stmt
+
+
+class _Unnest:
+    """PostgreSQL: the same INSERT or UPDATE for all rows as **one** statement over arrays, one per column
+    (``INSERT … SELECT * FROM unnest(%s::integer[], …)``, ``UPDATE … FROM unnest(…) AS v(…) WHERE …``),
+    instead of executemany's one Bind/Execute per row, which the server plans and runs row by row and
+    psycopg adapts row by row. The statement text does not depend on the number of rows, so psycopg
+    prepares it once. Rows matched = the statement's row count (the keys of one group are distinct)."""
+
+    def __init__(self, dialect, table, op: str, keys: tuple[str, ...], fence: tuple[str, ...],
+                 by: tuple[str, ...] | None):
+        q = dialect.identifier_preparer
+        t = q.format_table(table)
+        if op == "insert":
+            cols = [(k, table.c[k]) for k in keys]
+        else:
+            pks = list(inspect(table).primary_key) if by is None else [table.c[k] for k in by]
+            cols = ([(f"_pk{i}", c) for i, c in enumerate(pks)] + [(f"_f_{k}", table.c[k]) for k in fence]
+                    + [(k, table.c[k]) for k in keys])
+        arrays = ", ".join(f"%s::{c.type.compile(dialect=dialect)}[]" for _k, c in cols)
+        if op == "insert":
+            self.sql = f"INSERT INTO {t} ({', '.join(q.quote(k) for k in keys)}) SELECT * FROM unnest({arrays})"
+        else:
+            v = {k: f"v.c{j}" for j, (k, _c) in enumerate(cols)}
+            sets = ", ".join(f"{q.quote(k)} = " + (v[k] if op == "update" else f"{t}.{q.quote(k)} + {v[k]}")
+                             for k in keys)
+            where = [f"{t}.{q.quote(c.name)} = {v[f'_pk{i}']}" for i, c in enumerate(pks)]
+            where += [f"{t}.{q.quote(k)} = {v[f'_f_{k}']}" for k in fence]
+            self.sql = (f"UPDATE {t} SET {sets} FROM unnest({arrays}) AS v({', '.join(f'c{j}' for j in range(len(cols)))}) "
+                        f"WHERE {' AND '.join(where)}")
+        self.fields = [(k, c.type.bind_processor(dialect)) for k, c in cols]
+
+    def params(self, rows: list[dict[str, Any]]) -> tuple[list, ...]:
+        """One list per column, the values through the columns' bind processors."""
+        return tuple([r[k] for r in rows] if p is None else [None if r[k] is None else p(r[k]) for r in rows]
+                     for k, p in self.fields)
 
 
 class StepSession(Session):
