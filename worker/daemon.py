@@ -271,8 +271,9 @@ class WorkerDaemon:
     # ------------------------------------------------------------------ connection
     def send(self, msg: Any) -> None:
         if self.sock is not None:
-            try:  # on the plain socket: an asyncio one makes a future for every message (a BLOB_GET a chunk)
-                self._raw.send_multipart(P.encode(msg), flags=zmq.NOBLOCK)
+            try:  # on the asyncio socket, not the plain one: a plain send while the session's poll waits can
+                # take the edge that would have woken it (libzmq's FD is edge-triggered), a stall of up to 1 s
+                self.sock.send_multipart(P.encode(msg), flags=zmq.NOBLOCK)
             except zmq.Again:
                 log.debug("send queue full, dropped %s", type(msg).__name__)
 
@@ -338,8 +339,9 @@ class WorkerDaemon:
             poller.register(watch.socket, zmq.POLLIN)
         sock.connect(self.endpoint)
         self.sock = sock
-        # the same libzmq socket without asyncio's futures, for what never waits (this loop's thread only)
-        self._raw = raw = zmq.Socket.shadow(sock.underlying)
+        # the same libzmq socket without asyncio's futures, to drain what waits right after a poll (this
+        # loop's thread only, never while the poll waits: see send)
+        raw = zmq.Socket.shadow(sock.underlying)
         pending: collections.deque = collections.deque()  # messages received, not handled yet
         interval = L.HEARTBEAT_INTERVAL
         welcomed = False
