@@ -331,24 +331,31 @@ def find_loras(dirs: Iterable[Path]) -> list[tuple[str, Path]]:
     return sorted(found.items())
 
 
-def check_lora(path: Path) -> str:
-    """What makes ``path`` unusable as LoRA weights ("" when it looks right). Reads the header only."""
-    path = Path(path)
+def _weights_file_problem(path: Path, what: str, max_bytes: int, convert: str) -> str:
+    """Why the single weights file ``path`` (a LoRA, an embedding: ``what``) cannot be loaded, from its suffix,
+    size and safetensors header ("" when those are right); ``convert`` says how to turn a pickle into one."""
     if path.suffix != ".safetensors":
-        what = "holds pickled weights, which can run code when loaded" if path.suffix in PICKLE_SUFFIXES else \
+        why = "holds pickled weights, which can run code when loaded" if path.suffix in PICKLE_SUFFIXES else \
             "is not a .safetensors file"
-        return (f"LoRA file {path.name} {what}: only safetensors LoRAs are accepted (convert it on a machine you "
-                "trust, e.g. safetensors.torch.save_file(torch.load(F), F.with_suffix('.safetensors')), and "
-                "delete the original)")
+        return (f"{what} {path.name} {why}: only safetensors files are accepted (convert it on a machine you trust, "
+                f"e.g. {convert}, and delete the original)")
     try:
         size = path.stat().st_size
     except OSError as exc:
-        return f"LoRA file {path} cannot be read ({exc})"
-    if size > LORA_MAX_BYTES:
-        return f"LoRA file {path.name} is {size / 2**30:.1f} GiB, over the limit of {LORA_MAX_BYTES / 2**30:.0f} GiB"
+        return f"{what} {path} cannot be read ({exc})"
+    if size > max_bytes:
+        return f"{what} {path.name} is {size / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:.0f} MiB"
     problem = _safetensors_problem(path)
+    return f"{what} {path.name} {problem}: copy it again" if problem else ""
+
+
+def check_lora(path: Path) -> str:
+    """What makes ``path`` unusable as LoRA weights ("" when it looks right). Reads the header only."""
+    path = Path(path)
+    problem = _weights_file_problem(path, "LoRA file", LORA_MAX_BYTES,
+                                    "safetensors.torch.save_file(torch.load(F), F.with_suffix('.safetensors'))")
     if problem:
-        return f"LoRA file {path.name} {problem}: copy it again"
+        return problem
     keys = [k for k in safetensors_header(path)[1] if k != "__metadata__"]
     if not any(mark in k for k in keys for mark in LORA_KEY_MARKS):
         return (f"{path.name} holds no LoRA tensors (no names with lora_A/lora_B or lora_up/lora_down): only LoRA "
@@ -428,22 +435,10 @@ def check_upscaler(folder: Path, kind: str = "upscaler") -> str:
 def check_embedding(path: Path) -> str:
     """What makes ``path`` unusable as a textual-inversion embedding ("" when it looks right). Header only."""
     path = Path(path)
-    if path.suffix != ".safetensors":
-        what = "holds pickled weights, which can run code when loaded" if path.suffix in PICKLE_SUFFIXES else \
-            "is not a .safetensors file"
-        return (f"embedding {path.name} {what}: only safetensors embeddings are accepted (convert it on a machine "
-                "you trust, e.g. safetensors.torch.save_file({'emb_params': torch.load(F)['string_to_param']['*']}, "
-                "NAME.safetensors), and delete the original)")
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        return f"embedding {path} cannot be read ({exc})"
-    if size > EMBEDDING_MAX_BYTES:
-        return (f"embedding {path.name} is {size / 2**20:.1f} MiB, over the limit of {EMBEDDING_MAX_BYTES >> 20} MiB: "
-                "no textual inversion is that big (is it a LoRA or a model?)")
-    problem = _safetensors_problem(path)
+    problem = _weights_file_problem(path, "embedding", EMBEDDING_MAX_BYTES, "safetensors.torch.save_file("
+                                    "{'emb_params': torch.load(F)['string_to_param']['*']}, 'NAME.safetensors')")
     if problem:
-        return f"embedding {path.name} {problem}: copy it again"
+        return problem
     tensors = {k: v for k, v in safetensors_header(path)[1].items() if k != "__metadata__"}
     if not 1 <= len(tensors) <= 2:
         return (f"embedding {path.name} holds {len(tensors)} tensors: a textual inversion holds one (emb_params or "

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import re
 import shutil
 import struct
 import subprocess
@@ -24,8 +23,10 @@ from common import protocol as P
 from farm.kinds.jobs import JobError
 from farm.store.models import Task
 from tests.conftest import PY, REPO, pixels, wait_workers
-from tests.fixtures_inproc import Driver, make_engine_and_store, make_user, new_coordinator, of, rows
+from tests.fixtures_inproc import of, rows
 from tests.kinds.test_diffusion import RUNTIMES, SD_ENV, STEPS, _Payload, create, outputs_by_name, tiny_model  # noqa: F401
+from tests.kinds.test_diffusion_from_job import job_page
+from tests.kinds.test_diffusion_lora import env  # noqa: F401  (fixture: an in-process farm)
 
 PROMPT = "a painting of a cat in ink-style"
 EMBEDDINGS = {"ink": 1, "grain": 2}  # name → seed of its random vectors
@@ -123,20 +124,12 @@ def test_upscaler_folders_and_embedding_files_are_checked_and_hashed(post_models
 
 
 # ------------------------------------------------------------------ submit and routing, in process
-@pytest.fixture
-def env(tmp_path):
-    engine, blobs = make_engine_and_store(tmp_path / "farm")
-    user, _ = make_user(engine, "alice")
-    coord = new_coordinator(engine, blobs)
-    return engine, blobs, user, coord, Driver(coord)
-
-
 TINY = {"name": "tiny-sd", "hash": "ab" * 32}
 X4 = {"name": "x4", "hash": "c1" * 32, "kind": "upscaler"}
 INK = {"name": "ink", "hash": "d2" * 32, "kind": "embedding"}
 
 
-def test_upscale_and_embedding_jobs_are_pinned_and_go_only_where_they_are(env):
+def test_upscale_and_embedding_jobs_are_pinned_and_go_only_where_they_are(env):  # noqa: F811
     engine, blobs, user, coord, d = env
     d.hello(b"plain", runtimes=RUNTIMES, models=[TINY])
     d.hello(b"only-x4", runtimes=RUNTIMES, models=[TINY, X4])
@@ -239,13 +232,3 @@ def test_a_refused_or_half_failed_embedding_load_leaves_the_pipeline_as_it_was(p
     assert len(pipe.tokenizer) == before[0] and after.shape == before[1].shape and bool((after == before[1]).all())
     assert pipe.maybe_convert_prompt("a ink-style cat", pipe.tokenizer) == "a ink-style cat"
 
-
-def job_page(url: str, token: str, job_id: int) -> str:
-    """The job page as the creator sees it (logged in through the form)."""
-    import httpx
-    with httpx.Client(base_url=url, timeout=30) as http:
-        csrf = re.search(r'name="csrf" value="([^"]+)"', http.get("/login").text).group(1)
-        http.post("/login", data={"csrf": csrf, "token": token})
-        res = http.get(f"/jobs/{job_id}")
-    assert res.status_code == 200, res.text[-2000:]
-    return " ".join(res.text.split())

@@ -104,6 +104,42 @@ def write_tokenizer_source(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
+def _tokenizer():
+    """The tiny CLIP tokenizer (from :func:`write_tokenizer_source`'s files), 77 tokens."""
+    from transformers import CLIPTokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_source(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
+
+
+def _text_config(tokenizer):
+    """A 2-layer CLIP text encoder of width 32 over ``tokenizer``'s vocabulary."""
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=32,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+
+
+def _vae(blocks: tuple[int, ...], **extra):
+    """A tiny AutoencoderKL: one block per entry of ``blocks``, so it scales by 2 ** (len(blocks) - 1)."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                         block_out_channels=blocks, sample_size=64, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                         up_block_types=("UpDecoderBlock2D",) * len(blocks), **extra)
+
+
+def _save(pipe, out: Path) -> Path:
+    """``pipe.save_pretrained`` into ``out`` (replaced): written beside it, then renamed, so a half-written
+    folder never carries the model's name."""
+    tmp_out = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    pipe.save_pretrained(tmp_out, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_out.rename(out)
+    return out
+
+
 def build(out: Path, inpaint: bool = False) -> Path:
     """Build the tiny pipeline and save it into ``out`` (replaced if it exists). Returns ``out``. With
     ``inpaint``: a ``StableDiffusionInpaintPipeline`` whose UNet takes 9 channels (latents, mask, masked
@@ -111,18 +147,15 @@ def build(out: Path, inpaint: bool = False) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from diffusers import (
-        AutoencoderKL,
         PNDMScheduler,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     out = Path(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_source(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
+    tokenizer = _tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         unet = UNet2DConditionModel(
@@ -130,26 +163,14 @@ def build(out: Path, inpaint: bool = False) -> Path:
             block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-        vae = AutoencoderKL(  # four blocks: downsamples by 8 like SD's VAE
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-            block_out_channels=(8, 16, 16, 16), sample_size=64,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
+        vae = _vae((8, 16, 16, 16))  # four blocks: downsamples by 8 like SD's VAE
+        text_encoder = CLIPTextModel(_text_config(tokenizer))
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
     cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
     pipe = cls(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    tmp_out = out.with_name(out.name + ".building")
-    shutil.rmtree(tmp_out, ignore_errors=True)
-    pipe.save_pretrained(tmp_out, safe_serialization=True)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp_out.rename(out)  # a half-written folder never carries the model's name
-    return out
+    return _save(pipe, out)
 
 
 def build_xl(out: Path) -> Path:
@@ -157,17 +178,11 @@ def build_xl(out: Path) -> Path:
     into ``out`` like :func:`build`. The UNet's cross-attention takes both encoders' hidden states (32 + 32)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     out = Path(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_source(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=32,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
+    tokenizer = _tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         unet = UNet2DConditionModel(  # time ids: 6 × 8, plus the pooled text embedding of 32
@@ -176,21 +191,13 @@ def build_xl(out: Path) -> Path:
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-            block_out_channels=(8, 16, 16, 16), sample_size=64,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-        te, te2 = CLIPTextModel(CLIPTextConfig(**text)), CLIPTextModelWithProjection(CLIPTextConfig(**text))
+        vae = _vae((8, 16, 16, 16))
+        te, te2 = CLIPTextModel(_text_config(tokenizer)), CLIPTextModelWithProjection(_text_config(tokenizer))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=vae.eval(), text_encoder=te.eval(), text_encoder_2=te2.eval(),
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet.eval(), scheduler=scheduler)
-    tmp_out = out.with_name(out.name + ".building")
-    shutil.rmtree(tmp_out, ignore_errors=True)
-    pipe.save_pretrained(tmp_out, safe_serialization=True)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp_out.rename(out)
-    return out
+    return _save(pipe, out)
 
 
 def build_lora(model: Path, out: Path, seed: int = 1, rank: int = 4) -> Path:
@@ -247,18 +254,15 @@ def build_upscaler(out: Path) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         DDPMScheduler,
         StableDiffusionUpscalePipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     out = Path(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_source(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
+    tokenizer = _tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED + 4)
         unet = UNet2DConditionModel(
@@ -266,25 +270,13 @@ def build_upscaler(out: Path) -> Path:
             norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4, num_class_embeds=400,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-        vae = AutoencoderKL(  # three blocks: latents at a quarter of the image size, as in the x4 upscaler
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-            block_out_channels=(8, 8, 16), sample_size=64, scaling_factor=0.08333,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
+        vae = _vae((8, 8, 16), scaling_factor=0.08333)  # latents at a quarter of the image size, as in the x4 upscaler
+        text_encoder = CLIPTextModel(_text_config(tokenizer))
     pipe = StableDiffusionUpscalePipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
         low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear"),
         scheduler=DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction"), max_noise_level=350)
-    tmp_out = out.with_name(out.name + ".building")
-    shutil.rmtree(tmp_out, ignore_errors=True)
-    pipe.save_pretrained(tmp_out, safe_serialization=True)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp_out.rename(out)
-    return out
+    return _save(pipe, out)
 
 
 def build_refiner(out: Path) -> Path:
@@ -293,13 +285,11 @@ def build_refiner(out: Path) -> Path:
     pooled 32) and cross-attention of that encoder's 32, saved into ``out`` (``models/refiners/NAME``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
 
     out = Path(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_source(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
+    tokenizer = _tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED + 5)
         unet = UNet2DConditionModel(
@@ -308,27 +298,15 @@ def build_refiner(out: Path) -> Path:
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=5 * 8 + 32, cross_attention_dim=32)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-            block_out_channels=(8, 16, 16, 16), sample_size=64,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
+        vae = _vae((8, 16, 16, 16))
+        te2 = CLIPTextModelWithProjection(_text_config(tokenizer))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLImg2ImgPipeline(vae=vae.eval(), text_encoder=None, text_encoder_2=te2.eval(),
                                             tokenizer=None, tokenizer_2=tokenizer, unet=unet.eval(),
                                             scheduler=scheduler, requires_aesthetics_score=True,
                                             force_zeros_for_empty_prompt=False)
-    tmp_out = out.with_name(out.name + ".building")
-    shutil.rmtree(tmp_out, ignore_errors=True)
-    pipe.save_pretrained(tmp_out, safe_serialization=True)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp_out.rename(out)
-    return out
+    return _save(pipe, out)
 
 
 def build_embedding(out: Path, seed: int = 1, vectors: int = 2, width: int = 32, xl: bool = False) -> Path:
