@@ -139,3 +139,38 @@ def job_page(url: str, token: str, job_id: int) -> str:
         res = http.get(f"/jobs/{job_id}")
     assert res.status_code == 200, res.text[-2000:]
     return " ".join(res.text.split())
+
+
+def test_uploaded_controls_with_an_uploaded_image_and_mask_are_all_the_tasks_inputs(tmp_path):
+    """ControlNet inpainting from uploads, in process: each task takes the image, the mask and every control
+    image (and names them for the worker), the job pins the ControlNet with the model."""
+    import io
+
+    from farm.kinds import diffusion
+    from farm.store.db import session
+    from farm.store.models import Task
+    from tests.fixtures_inproc import Driver, make_engine_and_store, make_user, new_coordinator, rows
+    from tests.kinds.test_diffusion import RUNTIMES
+
+    engine, blobs = make_engine_and_store(tmp_path / "farm")
+    user, _ = make_user(engine, "alice")
+    Driver(new_coordinator(engine, blobs)).hello(b"w", runtimes=RUNTIMES, models=[
+        {"name": "tiny-inpaint", "hash": "ab" * 32}, {"name": "depth", "hash": "cd" * 32, "kind": "controlnet"}])
+
+    def upload(color, mode="RGB") -> str:
+        buf = io.BytesIO()
+        Image.new(mode, (64, 48), color).save(buf, "PNG")
+        return blobs.write_bytes(buf.getvalue())
+    image, mask, control = upload((200, 10, 10)), upload(255, "L"), upload((0, 0, 255))
+    with session(engine) as s:
+        job = diffusion.create_diffusion_job(s, user, {
+            "model": "tiny-inpaint", "prompts": [PROMPT], "count": 2, "steps": 4, "per_task": 2, "init_image": image,
+            "mask": mask, "controls": [{"name": "depth", "weight": 0.5, "image": control}]}, blobs)
+        s.commit()
+        job_id = job.id
+    [task] = [t for t in rows(engine, Task, Task.job_id == job_id) if t.kind == "diffusion"]
+    assert task.spec["mode"] == "inpaint" and (task.spec["width"], task.spec["height"]) == (64, 48)
+    assert task.spec["input_names"] == {"control_0.png": control, "init.png": image, "mask.png": mask}
+    assert sorted(task.inputs) == sorted([control, image, mask])
+    assert task.spec["controls"] == [{"name": "depth", "hash": "cd" * 32, "weight": 0.5, "image_sha256": control}]
+    assert task.spec["pieces"] == ["cd" * 32]
