@@ -70,8 +70,9 @@ limiter's memory (about 200 bytes a bucket) whatever happens."""
 
 RATE_ADVICE = {
     "submit": ("job submissions", "put more frames in one job (frames 1-250, --chunk) instead of many jobs"),
-    "upload": ("uploads", ("pack the scene's files into one .blend, and let the client skip blobs the farm "
-                           "has (POST /api/blobs/missing)")),
+    "upload": ("uploads", ("send small files in batches (POST /api/blobs/batch, up to 100 a request; `farm "
+                           "submit` does) and skip blobs the farm has (POST /api/blobs/missing); `farm submit` "
+                           "waits out this answer by itself")),
 }
 
 

@@ -305,7 +305,7 @@ def test_submits_and_uploads_are_rate_limited_per_user(serve, monkeypatch):
         retry = r.headers.get("retry-after")
         assert r.status_code == 429 and 1 <= int(retry) <= 10, (r.status_code, retry)  # a token each 10 s
         assert r.json()["detail"].startswith(f"too many uploads: 6 a minute are allowed, 3 at once; try again in "
-                                             f"{retry} s, and pack the scene's files into one .blend")
+                                             f"{retry} s, and send small files in batches (POST /api/blobs/batch")
         assert "POST /api/blobs/missing" in r.json()["detail"]
         assert not farm["blobs"].has(sha256(b"x"))
         r = http.post("/api/jobs", json={}, headers={"Authorization": "Bearer nobody"})
