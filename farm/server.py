@@ -21,6 +21,7 @@ from farm.core.coordinator import Coordinator
 from farm.payments.earnings import WorkerEarnings
 from farm.payments.ledger import Ledger, chain_factory
 from farm.payments.market import Market
+from farm.payments.quotes import ProbeQuotes
 from farm.payments.settler import Settler
 from farm.plane.broker import Broker, tune_gc
 from farm.plane.gate import Keyring, resolve_mode
@@ -29,6 +30,7 @@ from farm.store.db import DatabaseUnavailable, database_url, make_engine, sessio
 from farm.store.migrate import SchemaMismatch
 from farm.web import auth, connections
 from farm.web.app import create_app
+from farm.web.queue import queue_view
 
 log = logging.getLogger("farm.server")
 
@@ -65,7 +67,9 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
     # one market (the price by load, farm.payments.market) for the workers' PRICE, the pages and the quotes
     market = Market.for_farm(engine)
     coord = Coordinator(engine, blobs, require_sandbox=require_sandbox,
-                        earnings=WorkerEarnings(payments=bool(factory), market=market))
+                        earnings=WorkerEarnings(payments=bool(factory), market=market),
+                        # a probed job's quote is re-made on the coordinator's thread, its ETA the queue view's
+                        quoting=ProbeQuotes(eta=lambda s, job: (queue_view(s, job) or {}).get("eta_seconds")))
     if require_sandbox:
         print("workers must sandbox their runtime children (a worker started with --no-sandbox is refused)",
               flush=True)

@@ -27,6 +27,7 @@ from common.logs import ctx
 from farm import constants as C
 from farm.core import attempts
 from farm.core.scheduler import Conn, fits
+from farm.kinds import probe as probes
 from farm.store.models import Job, JobWorker, Task, Worker
 from farm.store.states import TASK_LEASED, JobStatus, TaskStatus, transition
 from farm.verify import reputation as R
@@ -116,15 +117,20 @@ class Failures:
 
     def task_failed(self, s: Session, task: Task, job: Job, reason: str, job_reason: str, worker_id: str | None,
                      now: float, out: Outgoing) -> None:
-        """Fail ``task`` for good; fail its job once more than JOB_MAX_FAILED_FRACTION of its tasks failed."""
+        """Fail ``task`` for good; fail its job once more than JOB_MAX_FAILED_FRACTION of its tasks failed (at
+        once when it is the job's probe render: the scene cannot be rendered, farm.kinds.probe)."""
         transition(s, task, TaskStatus.failed, reason=reason, worker_id=worker_id, attempt=task.attempt, now=now)
+        if probes.is_probe(task, job):
+            self.fail_job(s, job, probes.fail(s, job, reason), now, out)
+            return
         job.tasks_failed += 1
         s.add(job)
         if job.tasks_failed > C.JOB_MAX_FAILED_FRACTION * job.tasks_total:
             self.fail_job(s, job, job_reason, now, out)
 
     def fail_job(self, s: Session, job: Job, reason: str, now: float, out: Outgoing) -> None:
-        if job.status not in (JobStatus.queued.value, JobStatus.active.value, JobStatus.rejected.value):
+        if job.status not in (JobStatus.probing.value, JobStatus.queued.value, JobStatus.active.value,
+                              JobStatus.rejected.value):
             return
         job.error = reason
         for t in s.exec(select(Task).where(Task.job_id == job.id)
