@@ -61,3 +61,32 @@ def test_the_workers_page_shows_the_current_price(tmp_path, monkeypatch):
     text = re.sub(r"<[^>]+>", "", re.search(r'<p class="price".*?</p>', page, re.S).group(0))
     assert text == ("Current price: 0.025 tokens per reference second of measured work — payments are off on "
                     "this farm: no job pays.")
+
+
+def test_a_moved_price_is_sent_to_connected_workers_past_a_step_and_at_most_every_n_seconds(tmp_path, monkeypatch):
+    """PRICE after WELCOME, then again to every connected worker when the market moved by more than
+    PRICE_STEP (2 %) of the price last told, at most every PRICE_EVERY seconds: `farm worker` shows the live
+    price. The market here is a real one fed load samples (a source would read the farm's queue)."""
+    from farm.payments.market import Market, MarketTerms
+    monkeypatch.setattr(earnings, "PRICE_EVERY", 30.0)
+    engine, blobs = make_engine_and_store(tmp_path / "farm")
+    market = Market(MarketTerms(half_life=1.0, sample_seconds=0), None, clock=lambda: 0.0)
+    coord = Coordinator(engine, blobs, Scheduler(seed=0), verify=False,
+                        earnings=earnings.WorkerEarnings(pricing.Pricing(), market=market))
+    d = Driver(coord)
+    assert of(d.hello(b"w1"), P.Price)[0].tokens_per_unit == "0.01", "an idle farm: the floor"
+    d.hello(b"w2")
+
+    def prices(dt):
+        out = d.send((b"w1", P.Heartbeat([])), (b"w2", P.Heartbeat([])), dt=dt)
+        return sorted((i, m.tokens_per_unit) for i, m in out if isinstance(m, P.Price))
+
+    market.observe(3, 1, now=1.0)  # load 0.005: 0.01012, a 1.2 % move
+    assert prices(1) == [], "a move within the step is not sent"
+    market.observe(600, 1, now=100.0)  # load ≈ 1: half-way up the band
+    assert prices(1) == [(b"w1", "0.025"), (b"w2", "0.025")]
+    market.observe(6000, 1, now=200.0)  # load ≈ 10
+    assert prices(5) == [], "at most every PRICE_EVERY seconds"
+    got = prices(30)
+    assert [i for i, _ in got] == [b"w1", b"w2"] and float(got[0][1]) > 0.035, got
+    assert prices(31) == [], "a price that stayed is not sent again"
