@@ -15,15 +15,16 @@ from farm.payments import pricing as pr
 from farm.store.db import make_engine
 from farm.store.db import session as new_session
 from farm.store.models import Attempt, Job, Output, Task
-from tests.conftest import submit_sample, wait_for, wait_job, wait_workers
+from tests.client.test_cli import farm_cli
+from tests.conftest import SAMPLE, submit_sample, wait_for, wait_job, wait_workers
 
 FRAME = {"resolution_percent": 50, "samples": 16}  # 160x120, 16 samples: the probe renders 80x60 at 4
 
 ESTIMATE_BOUND = 3.0
 """The probe's estimate of the job's cost is within this factor of the actual cost, either way. Measured on
-this loaded 2-core machine (3 runs, one worker): estimate / actual 0.77, 1.53, 1.19 (the probe 0.26-0.31 s
-at 1/16 of the pixel-samples, ≈ 2.0-2.2 s a unit); the guess without a probe (10 s a frame) was 3.8, 7.0
-and 5.7 times the actual cost of the same jobs."""
+this loaded 2-core machine (4 runs, one worker): estimate / actual 0.77, 1.53, 1.19, 0.71 (the probe
+0.19-0.31 s at 1/16 of the pixel-samples, ≈ 1.3-2.2 s a unit); the guess without a probe (10 s a frame)
+was 3.8, 7.0, 5.7 and 5.3 times the actual cost of the same jobs."""
 
 
 def actual_cost(data: Path, job_id: int) -> tuple[int, int]:
@@ -89,3 +90,8 @@ def test_a_new_scene_is_probed_its_estimate_holds_and_a_second_job_is_not_probed
     assert "earlier tasks of this scene and settings" in again["spec"]["quote"]["basis"]
     assert alice.estimate(frames="1-2", scene_sha256=job["spec"]["scene_sha256"], **FRAME)["probe"][
         "would_probe"] is False
+
+    # `farm submit` of other settings (no history for them): it says it probes, then prints the probed quote
+    res = farm_cli(f, alice, "submit", str(SAMPLE), "--frames", "1-2", "--resolution-percent", "40", "--samples", "8")
+    assert "probing: the farm has not rendered this scene yet" in res.stdout and "probed in" in res.stdout, res.stdout
+    assert "from the probe render (probe render: one frame at 0.0625" in res.stdout, res.stdout
