@@ -359,6 +359,8 @@ class WorkerDaemon:
                     if welcomed:
                         self.send(P.Heartbeat(self._held()))
                     next_hb = now + interval
+                if pending:  # the fetch or upload just handed a chunk runs first: it asks for the next at once
+                    await asyncio.sleep(0)
                 ready = {} if pending else dict(await poller.poll(int(max(0.01, min(next_hb - now, interval)) * 1000)))
                 if watch is not None and watch.socket in ready:
                     failure = await watch.drain()
