@@ -118,6 +118,11 @@ def piece_size(path: Path) -> dict[str, Any]:
     return {"params": file_params(path)}
 
 
+PIPELINE_KINDS = ("pipeline", "refiner", "upscaler")
+"""Model folder kinds laid out as whole pipelines (save_pretrained's folders of components)."""
+
+
 def size_of(path: Path, kind: str) -> dict[str, Any]:
-    """The size figures of a model folder entry of kind ``pipeline``, ``lora`` or ``controlnet``."""
-    return pipeline_size(path) if kind == "pipeline" else piece_size(path)
+    """The size figures of a model folder entry: a pipeline (a model, an SDXL refiner, an upscaler), or a
+    piece (a LoRA or textual-inversion file, a ControlNet folder)."""
+    return pipeline_size(path) if kind in PIPELINE_KINDS else piece_size(path)

@@ -256,8 +256,9 @@ def create_diffusion_job(session: Session, owner: User, req: dict[str, Any], blo
     refiner = resolve_refiner(session, refiner)
     extra = embeddings + [p for p in (upscale, refiner) if p]  # pieces beyond LoRAs and ControlNets
     check_held_together(session, model, model_hash, loras + controls + extra)
-    need = vram.job_need(session, model, model_hash, loras, controls, *vram.booked_size(settings, src), per_task)
-    vram.check_some_worker_fits(session, need, model, {model_hash, *(p["hash"] for p in loras + controls)})
+    need = vram.job_need(session, model, model_hash, loras, controls, *vram.booked_size(settings, src), per_task,
+                         refiner, upscale)
+    vram.check_some_worker_fits(session, need, model, {model_hash, *(p["hash"] for p in loras + controls + extra)})
     checked = check_prompts(model, [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
                             + ([("the negative prompt", negative)] if negative else []))
     common = {"model": model, "model_hash": model_hash, "mode": mode, **settings,

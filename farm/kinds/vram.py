@@ -12,9 +12,14 @@ CUDA and float32 on the CPU). It is computed here, on the coordinator, from the 
     unet    = K_UNET[family] × unet_channels × px × n × 2 × b      (× 2: guidance doubles the batch)
             + Σ ControlNets: K_UNET[family] × their channels × px × n × 2 × b × CONTROLNET_SHARE
     vae     = K_VAE × vae_channels × width × height × n × b       (the decode, after the last step)
-    need    = (weights + max(unet, vae)) × (1 + MARGIN) + FIXED[device]
+    up      = an upscaler (x4, one image at a time, after the decode): its UNet on latents of the image's
+              own pixels, K_UNET[sd1] × its channels × width × height × 2 × b, or its VAE decoding the
+              4x image, K_VAE × its vae_channels × 16 × width × height × b, whichever is more
+    need    = (weights + max(unet, vae, up)) × (1 + MARGIN) + FIXED[device]
 
-Denoising and decoding do not overlap, hence the max. The constants are fitted to published peak figures
+with an SDXL refiner's and an upscaler's weights in ``weights`` (the runtime keeps them loaded beside the
+base model; textual-inversion embeddings are a few KB and not counted). Denoising, decoding and upscaling
+do not overlap, hence the max. The constants are fitted to published peak figures
 of diffusers with PyTorch's scaled-dot-product attention (SD 1.5 at 512² in float16 about 3.5 GB, SDXL at
 1024² about 11-12 GB without VAE tiling), not measured on this farm's GPUs: ``bench/diffusion.py`` prints
 the formula beside the measured peak where a GPU is lent, and a worker that runs out of memory fails the
@@ -65,6 +70,8 @@ DEFAULTS = {"sd1": {"params": 1_066_000_000, "unet_channels": 320, "vae_channels
             "sd2": {"params": 1_290_000_000, "unet_channels": 320, "vae_channels": 128},
             "sdxl": {"params": 3_470_000_000, "unet_channels": 320, "vae_channels": 128}}
 """Published sizes (UNet + text encoders + VAE) by family, for an advert that gives a family but no count."""
+UPSCALER_CHANNELS = 256
+"""The first block of Stable Diffusion's x4 upscaler's UNet, for an advert that gives no channels."""
 FAMILIES = tuple(K_UNET)
 MAX_CHANNELS = 1 << 14
 
@@ -118,18 +125,24 @@ def local_size(name: str, kind: str) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------ the need
 def estimate(model: dict[str, Any], loras: list[dict[str, Any]], controls: list[dict[str, Any]], width: int,
-             height: int, per_task: int, device: str) -> int:
+             height: int, per_task: int, device: str, refiner: dict[str, Any] | None = None,
+             upscaler: dict[str, Any] | None = None) -> int:
     """Bytes one task needs on ``device`` (``cuda`` or ``cpu``): the formula of the module docstring."""
     family = model.get("family", "sd1")
     base = DEFAULTS.get(family, DEFAULTS["sd1"])
     b = BYTES_PER_WEIGHT[device]
     params = model.get("params", base["params"]) + sum(p["params"] for p in loras + controls)
+    params += sum(p.get("params", 0) for p in (refiner, upscaler) if p)
     px, k = (width // 8) * (height // 8), K_UNET.get(family, K_UNET["sd1"])
     unet = k * model.get("unet_channels", base["unet_channels"]) * px * per_task * 2 * b
     unet += sum(k * c.get("unet_channels", base["unet_channels"]) * px * per_task * 2 * b * CONTROLNET_SHARE
                 for c in controls)
     vae = K_VAE * model.get("vae_channels", base["vae_channels"]) * width * height * per_task * b
-    return int((params * b + max(unet, vae)) * (1 + MARGIN) + FIXED[device])
+    up = 0.0
+    if upscaler:
+        up = max(K_UNET["sd1"] * upscaler.get("unet_channels", UPSCALER_CHANNELS) * width * height * 2 * b,
+                 K_VAE * upscaler.get("vae_channels", base["vae_channels"]) * 16 * width * height * b)
+    return int((params * b + max(unet, vae, up)) * (1 + MARGIN) + FIXED[device])
 
 
 def booked_size(settings: dict[str, Any], src: Any) -> tuple[int, int]:
@@ -147,10 +160,12 @@ def booked_size(settings: dict[str, Any], src: Any) -> tuple[int, int]:
 
 
 def job_need(session: Session, model: str, model_hash: str, loras: list[dict], controls: list[dict],
-             width: int, height: int, per_task: int) -> dict[str, int] | None:
+             width: int, height: int, per_task: int, refiner: dict | None = None,
+             upscale: dict | None = None) -> dict[str, int] | None:
     """``{"cuda": bytes, "cpu": bytes}`` for a job of these pinned pieces, or None when the size of the
     model or of a piece is known to nobody (then nothing is booked)."""
-    hashes = {model_hash, *(p["hash"] for p in loras + controls)}
+    pipes = [p for p in (refiner, upscale) if p]
+    hashes = {model_hash, *(p["hash"] for p in loras + controls + pipes)}
     ads = advertised_sizes(session, hashes)
 
     def size(name: str, h: str, kind: str) -> dict[str, Any] | None:
@@ -158,9 +173,11 @@ def job_need(session: Session, model: str, model_hash: str, loras: list[dict], c
     m = size(model, model_hash, "pipeline")
     pieces = [size(p["name"], p["hash"], "lora") for p in loras]
     nets = [size(c["name"], c["hash"], "controlnet") for c in controls]
-    if m is None or None in pieces or None in nets:
+    ref = ads.get(refiner["hash"]) if refiner else None  # advertised only: not in the coordinator's models
+    up = ads.get(upscale["hash"]) if upscale else None
+    if m is None or None in pieces or None in nets or (refiner and ref is None) or (upscale and up is None):
         return None
-    return {dev: estimate(m, pieces, nets, width, height, per_task, dev) for dev in BYTES_PER_WEIGHT}
+    return {dev: estimate(m, pieces, nets, width, height, per_task, dev, ref, up) for dev in BYTES_PER_WEIGHT}
 
 
 # ------------------------------------------------------------------ the worker's side

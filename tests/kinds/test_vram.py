@@ -53,6 +53,22 @@ def test_need_grows_with_size_batch_pieces_family_and_float32():
     assert 12 * GiB < big < 20 * GiB, big / GiB  # SDXL at 1024²: about 11-12 GB measured by others
 
 
+def test_a_refiner_adds_its_weights_and_an_upscaler_its_weights_and_its_4x_decode():
+    xl = {"family": "sdxl", **vram.DEFAULTS["sdxl"]}
+    e = vram.estimate
+    base = e(xl, [], [], 1024, 1024, 1, "cuda")
+    refiner = {"family": "sdxl", "params": 2_300_000_000, "unet_channels": 384, "vae_channels": 128}
+    assert abs(e(xl, [], [], 1024, 1024, 1, "cuda", refiner=refiner) - base - 2_300_000_000 * 2 * 1.25) <= 1
+    sd = {"family": "sd1", "params": 1_066_000_000, "unet_channels": 320, "vae_channels": 128}
+    up = {"params": 473_000_000, "unet_channels": 256, "vae_channels": 128}
+    weights = (1_066_000_000 + 473_000_000) * 2
+    up_unet = 230.0 * 256 * 512 * 512 * 2 * 2  # its UNet on latents at the image's own pixels
+    up_vae = 20.0 * 128 * 2048 * 2048 * 2      # its VAE decoding the 2048² result
+    want = int((weights + max(up_unet, up_vae)) * 1.25 + (768 << 20))
+    assert e(sd, [], [], 512, 512, 1, "cuda", upscaler=up) == want
+    assert want > e(sd, [], [], 512, 512, 4, "cuda")  # more than four 512² images: the x4 result dominates
+
+
 # ------------------------------------------------------------------ sizes from real files
 def test_sizes_of_a_real_pipeline_folder_match_the_loaded_models(tiny):
     import torch  # the test may load the model; the daemon and the coordinator only read headers
