@@ -142,11 +142,37 @@ def cmd_submit(args, client: Client) -> int:
                         min_tier=args.min_tier or "", name=args.name or scene.stem,
                         **{k: v for k, v in {**optional, **payments_cli.priced_args(args)}.items() if v is not None})
     if not args.json:
-        print(f"job {job['id']} queued: {job['tasks']['total']} tasks, {job['frames_total']} frames "
+        print(f"job {job['id']} {'submitted' if job['status'] == 'probing' else 'queued'}: {job['tasks']['total']} "
+              f"tasks, {job['frames_total']} frames "
               f"({str(sent) + ' bytes uploaded' if sent else 'everything already on the farm, 0 bytes uploaded'})")
+        if job["status"] == "probing":
+            job = wait_for_probe(client, job)
         if quote := (job.get("spec") or {}).get("quote"):
             print(payments_cli.quote_line(quote))
     return follow_submitted(args, client, job)
+
+
+PROBE_WAIT = 600.0
+"""Seconds `farm submit` waits for a probe render before it prints the quote it has."""
+
+
+def wait_for_probe(client: Client, job: dict[str, Any]) -> dict[str, Any]:
+    """A new scene is probed first (one frame at low resolution): say so, wait for it, and return the job
+    with the quote made from it (or ended: a failed probe fails the job, a max price cancels it)."""
+    print("probing: the farm has not rendered this scene yet, so one frame at low resolution and samples "
+          "measures it before the quote (cost, deposit, ETA) is made...", flush=True)
+    deadline = time.monotonic() + PROBE_WAIT
+    while job["status"] == "probing" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        job = client.job(job["id"])
+    probe = job.get("probe") or {}
+    if "seconds" in probe:
+        print(f"probed in {probe['seconds']:.2f} s: about {probe['seconds_per_unit']:.3f} s a unit of work")
+    elif job["status"] == "probing":
+        print(f"still probing after {PROBE_WAIT:.0f} s (no free worker?): the quote below is the guess until then")
+    if job["status"] in ("failed", "canceled"):
+        print(f"job {job['id']} {job['status']}: {job['error']}")
+    return job
 
 
 def add_follow_args(parser: argparse.ArgumentParser, what: str) -> None:
