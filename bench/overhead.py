@@ -276,6 +276,9 @@ def phases(farm: Farm, job_id: int, t_submit: float, t_rendered: float) -> dict[
         out["@head: submit -> first render call"] = calls[0][0] - t_submit
         out["@gaps: sum of render end -> next render call"] = sum(gaps)
         out["@gap median (per frame on the critical path)"] = statistics.median(gaps) if gaps else 0.0
+        # with the probe render on (farm serve's default), one task renders before the deposit: the gap
+        # after it holds the quote and the deposit, not a frame's overhead
+        out["@largest gap (after a probe render: quote + deposit)"] = max(gaps) if gaps else 0.0
         out["@tail: last render end -> job rendered"] = t_rendered - calls[-1][1]
     return out
 
@@ -317,6 +320,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, frames)")
     ap.add_argument("--phases", action="store_true", help="print where the farm's time goes, phase by phase")
     ap.add_argument("--skip-c", action="store_true", help="leave out (c), one Blender process per frame")
+    ap.add_argument("--probe", choices=("auto", "off"), default="auto", help="the farm's probe render before "
+                    "the deposit (RENDERHIVE_PROBE; auto, farm serve's default, counts it in b)")
     ap.add_argument("--frames", type=int, default=None, help="frames 1..N (default 24, quick 6)")
     ap.add_argument("--percent", type=int, default=None, help="resolution %% of 320x240 (default 100, quick 50)")
     args = ap.parse_args()
@@ -333,6 +338,7 @@ def main() -> int:
 
     a_runs, b_runs, p_runs = [], [], []
     farm = Farm(tmp, args.phases)
+    farm.env["RENDERHIVE_PROBE"] = args.probe
     try:
         startup = farm.start()
         print(f"farm start-up (excluded from b): coordinator + API {startup['serve_s']:.1f} s, "
@@ -401,8 +407,9 @@ def main() -> int:
         ok &= same == len(frames)
         print(f"pixels: farm run {i + 1}: {same}/{len(frames)} frames identical to direct (a)" +
               (f" — {note}" if note else ""))
-    same, note = compare(tmp / "a0", c_dir, frames[:1] if args.skip_c else frames)
-    print(f"pixels: per-process (c): {same}/{len(frames)} frames identical to direct (a)" + (f" — {note}" if note else ""))
+    c_frames = frames[:1] if args.skip_c else frames
+    same, note = compare(tmp / "a0", c_dir, c_frames)
+    print(f"pixels: per-process (c): {same}/{len(c_frames)} frames identical to direct (a)" + (f" — {note}" if note else ""))
     if args.keep:
         print(f"kept {tmp}")
     else:
