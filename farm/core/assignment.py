@@ -140,7 +140,13 @@ class Assignment:
                 pools[key] = pool
             failed = task.failed_workers
             candidates = [c for c in pool if c.worker_id not in failed] if failed else pool
-            conn = self.scheduler.choose(task.inputs, candidates or pool, task.spec.get("model_hash"))
+            candidates = candidates or pool
+            # a slot that would render the task now before a lease that would wait behind another render
+            # (prefetch): an idle worker must not watch an established one hold the last tasks in its
+            # queue (found by the cheater suite: new workers got no task to be checked on; it also
+            # lengthens the makespan)
+            idle = [c for c in candidates if len(c.held.leases) < c.held.slots]
+            conn = self.scheduler.choose(task.inputs, idle or candidates, task.spec.get("model_hash"))
             if conn is None:
                 continue
             self._lease(s, task, job, conn, now, out)

@@ -197,3 +197,16 @@ def test_a_worker_whose_loss_fails_the_job_drops_cleanly_with_its_other_lease(en
     assert get(engine, Job, job_id).status == "failed"
     assert sorted(t.status for t in rows(engine, Task)) == ["canceled", "failed"]
     assert not [w for w in coord.conns.values() if w.worker_id.startswith("crashy")], "every BYE was processed"
+
+
+def test_a_task_goes_to_an_idle_worker_before_a_prefetch_slot_of_a_busy_one(env):
+    engine, blobs, user, coord, d = env
+    make_job(engine, blobs, user, "1-3")
+    a1, a2 = connect(d, b"busy", 2, prefetch=1)  # renders frame 1, holds frame 2 behind it
+    assert of(d.hello(b"idle", 1), P.Welcome, b"idle")
+    # without the rule the busy worker would win the draw nearly always: it holds the scene, and its
+    # reputation is far higher
+    coord.conns[b"busy"].reputation, coord.conns[b"idle"].reputation = 1.0, 0.001
+    out = d.send((b"busy", result_for(blobs, a1)), (b"busy", P.Ready(1)), (b"idle", P.Ready(1)))
+    assert [t.spec["frames"] for t in of(out, P.Task, b"idle")] == [[3]]  # the last task: to the idle worker
+    assert not of(out, P.Task, b"busy")
