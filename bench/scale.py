@@ -46,7 +46,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import zmq
 import zmq.asyncio
