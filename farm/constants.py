@@ -103,6 +103,12 @@ UPLOADS_PER_CONNECTION = int(_env_float("UPLOADS_PER_CONNECTION", 64))
 BATCH_MAX_MESSAGES = 512
 """Messages the coordinator handles per step: one transaction, one commit, then all replies."""
 
+BACKLOG_GRACE = _env_float("BACKLOG_GRACE", 30.0)
+"""Seconds of a backlog (steps with full batches: the queue holds more than a step reads) that do not count
+as a worker's silence: its heartbeats may be waiting unread behind the backlog, as when a thousand workers
+reconnect to a restarted coordinator at once. Past it, silence counts again, so a flood cannot keep dead
+peers connected for ever."""
+
 MAX_DIFFUSION_IMAGES = 4096
 """Most images in one diffusion job (prompts × count, or source frames): at about 2 s an image on one GPU
 that is over two hours of work; a bigger batch is better split into jobs that can be reviewed one by one."""

@@ -106,6 +106,7 @@ class Coordinator:
         self.require_sandbox = require_sandbox  # refuse workers whose runtime children are not sandboxed
         self.earnings = earnings         # prices and credited shares for workers (payments' port), or None
         self._last_sweep = 0.0
+        self.caught_up: float | None = None  # the last step that read every message waiting (its batch not full)
         self.stats = defaultdict(int)
         self.dependents = Dependents()   # tasks waiting for others (assemble, encode), released on accept
         self.progress = ProgressWatch()  # leases need progress: heartbeats alone do not keep them
@@ -133,6 +134,8 @@ class Coordinator:
     def step(self, batch: list[list[bytes]], now: float | None = None) -> Outgoing:
         """Handle ``batch`` (ROUTER frames: routing id first), assign, sweep if due; commit; return replies."""
         now = self.clock() if now is None else now
+        if len(batch) < C.BATCH_MAX_MESSAGES or self.caught_up is None:
+            self.caught_up = now
         out: Outgoing = []
         if self._jobs_epoch != QUEUE_EPOCH.value:
             self._jobs.clear()
@@ -609,9 +612,14 @@ class Coordinator:
             self.conns[ident].set_standing(w)
 
     def _sweep(self, s: Session, now: float, out: Outgoing) -> None:
-        deadline = now - L.HEARTBEAT_INTERVAL * L.HEARTBEAT_LIVENESS
+        liveness = L.HEARTBEAT_INTERVAL * L.HEARTBEAT_LIVENESS
+        deadline = now - liveness
+        # silence counts from when the coordinator last read all that waited: behind a backlog a worker's
+        # heartbeats may be queued unread (1,000 workers reconnecting at once kept it busy for seconds, and it
+        # dropped the first ones, which reconnected: bench/scale.py); for at most BACKLOG_GRACE seconds
+        silent_before = max(now - C.BACKLOG_GRACE, min(now, self.caught_up or now)) - liveness
         self.median_speed = yardstick(self.conns.values())
-        for conn in [c for c in self.conns.values() if c.last_seen < deadline]:
+        for conn in [c for c in self.conns.values() if c.last_seen < silent_before]:
             self._drop(s, conn, now, "missed heartbeats", out)
             out.append((conn.identity, P.Disconnect("missed heartbeats: reconnect")))
         for ident, since in list(self.congested.items()):

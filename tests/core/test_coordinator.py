@@ -659,3 +659,22 @@ def test_a_lease_without_progress_is_taken_back_though_its_worker_heartbeats(env
         d.send((b"w2", P.Heartbeat([[again.task_id, again.attempt]])), dt=1.0)
     assert get(engine, Task, again.task_id).worker_id == "w2"
     assert get(engine, Job, job).status == "active"
+
+
+def test_heartbeats_queued_behind_a_backlog_are_not_silence_for_a_bounded_time(tmp_path):
+    """A thousand workers reconnecting at once keep the coordinator busy for seconds: steps with full
+    batches. A worker whose heartbeats wait unread behind them is not dropped, for BACKLOG_GRACE seconds."""
+    engine, blobs = make_engine_and_store(tmp_path / "farm")
+    coord = new_coordinator(engine, blobs)
+    d = Driver(coord)
+    assert of(d.hello(b"quiet"), P.Welcome)
+    assert of(d.hello(b"busy"), P.Welcome)
+    flood = [(b"busy", P.Heartbeat())] * C.BATCH_MAX_MESSAGES  # a full batch: more is waiting
+    d.send(*flood, dt=L.HEARTBEAT_INTERVAL * L.HEARTBEAT_LIVENESS + 1)
+    assert b"quiet" in coord.conns, "dropped while its heartbeats may be queued behind the backlog"
+    d.send((b"quiet", P.Heartbeat()), dt=0.1)  # the backlog read: its heartbeat was there
+    assert b"quiet" in coord.conns
+    # a backlog that never ends: silence counts again after the grace
+    for _ in range(3):
+        d.send(*flood, dt=C.BACKLOG_GRACE / 2)
+    assert b"quiet" not in coord.conns and b"busy" in coord.conns
