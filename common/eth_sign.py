@@ -21,9 +21,14 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from eth_account import Account
-from eth_account.messages import encode_defunct, encode_typed_data
 from eth_utils import is_hex_address, to_checksum_address
+
+
+def _account():
+    """eth_account, imported when a signature is made or checked: importing it takes ~0.75 s (py_ecc's
+    pairing tables), which every `farm` command, `farm worker` included, paid at start for nothing."""
+    from eth_account import Account, messages
+    return Account, messages
 
 EIP712_DOMAIN = ("RenderhiveEscrow", "1")
 DOMAIN_TYPE = [{"name": "name", "type": "string"}, {"name": "version", "type": "string"},
@@ -107,7 +112,8 @@ def siwe_verify(message: str, signature: str, *, expected: str, now: float | Non
     if now > fields["expires_at"]:
         raise SignatureError("the sign-in message expired: ask for a new one (POST /api/wallet/challenge)")
     try:
-        signer = Account.recover_message(encode_defunct(text=message), signature=signature_bytes(signature))
+        Account, messages = _account()
+        signer = Account.recover_message(messages.encode_defunct(text=message), signature=signature_bytes(signature))
     except SignatureError:
         raise
     except Exception:
@@ -158,6 +164,7 @@ def _for_eth_account(data: dict[str, Any]) -> dict[str, Any]:
 
 def sign_typed(key: str, data: dict[str, Any]) -> str:
     """Sign typed data with a private key (the CLI's ``--key-file``; tests): the wallet's signature."""
+    Account, _ = _account()
     return "0x" + bytes(Account.sign_typed_data(key, full_message=_for_eth_account(data)).signature).hex()
 
 
@@ -165,7 +172,8 @@ def recover_typed(data: dict[str, Any], signature: str) -> str:
     """The address that signed the typed data; :class:`SignatureError` when the signature is malformed."""
     sig = signature_bytes(signature)
     try:
-        return Account.recover_message(encode_typed_data(full_message=_for_eth_account(data)), signature=sig)
+        Account, messages = _account()
+        return Account.recover_message(messages.encode_typed_data(full_message=_for_eth_account(data)), signature=sig)
     except Exception:
         raise SignatureError("the signature does not verify against this typed data: sign it with "
                              "eth_signTypedData_v4") from None
@@ -173,4 +181,5 @@ def recover_typed(data: dict[str, Any], signature: str) -> str:
 
 def sign_message(key: str, message: str) -> str:
     """personal_sign with a private key (the CLI's ``farm wallet link --key-file``)."""
-    return "0x" + bytes(Account.sign_message(encode_defunct(text=message), private_key=key).signature).hex()
+    Account, messages = _account()
+    return "0x" + bytes(Account.sign_message(messages.encode_defunct(text=message), private_key=key).signature).hex()

@@ -70,7 +70,9 @@ class Plane:
             job = Job(owner_id=self._owner.id, kind="blender", spec={}, tasks_total=1)
             s.add(job)
             s.flush()
-            task = Task(job_id=job.id, index=0, kind="render", spec={}, inputs=list(shas), status="assigned",
+            # a kind no worker runs: requeued by a HELLO that does not list it, it is never leased again as a
+            # real render (a Blender start that a test's teardown then waits on is outside what these test)
+            task = Task(job_id=job.id, index=0, kind="transfer-test", spec={}, inputs=list(shas), status="assigned",
                         attempt=1, worker_id=worker_id, lease_expires=time.time() + 3600)
             s.add(task)
             s.commit()
@@ -174,7 +176,7 @@ def test_interrupted_download_resumes_in_a_new_daemon(tmp_path):
         assert not d1.cache.has(sha)
 
         d2 = await p.daemon(worker_id="w1")  # a restarted worker: same cache dir, same id
-        await p.need(d2, sha)  # its HELLO requeued the lease it did not list: it is leased the task again
+        await p.need(d2, sha)  # its HELLO requeued the lease it did not list: it gets a new one
         path = await d2.fetch(sha)
         assert path.read_bytes() == data and not part.exists()
         assert d2.stats["bytes_downloaded"] == len(data) - have, "resumed from the partial file"

@@ -393,7 +393,8 @@ def test_jobs_are_capped_in_tasks_per_job_and_per_creator(farm, monkeypatch):
     detail = r.json()["detail"]
     assert r.status_code == 413 and "more than the farm's 20000" in detail and "--chunk" in detail
     with new_session(engine) as s:
-        assert time.monotonic() - t0 < 5 and s.exec(select(Task)).first() is None, "nothing written"
+        # refused from the count alone (the attack took 58 s); the bound leaves room for a loaded machine
+        assert time.monotonic() - t0 < 15 and s.exec(select(Task)).first() is None, "nothing written"
     assert submit(http, alice, scene_sha256=scene, frames="1-100000", chunk=10).status_code == 201  # 10,000 tasks
     monkeypatch.setattr(C, "MAX_ACTIVE_TASKS_PER_CREATOR", 10_005)
     r = submit(http, alice, scene_sha256=scene, frames="1-10")
