@@ -53,6 +53,17 @@ class ApiError(RuntimeError):
         self.retry_after = retry_after   # seconds from the answer's Retry-After (429, 503), else None
 
 
+def parse_wxh(text: str | None, option: str, example: str) -> tuple[int, int] | None:
+    """A command line's ``WIDTHxHEIGHT`` (``x`` or ``×``), or None when not given; ApiError naming ``option``."""
+    if not text:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().replace("×", "x").split("x"))
+    except ValueError:
+        raise ApiError(f"{option} {text!r}: write WIDTHxHEIGHT, e.g. {example}") from None
+    return w, h
+
+
 def _retry_after(headers) -> float | None:
     """Seconds of a ``Retry-After`` header (delta-seconds; an HTTP date is not sent by the farm), or None."""
     raw = (headers.get("Retry-After") if headers is not None else None) or ""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from client import payments_cli
-from client.api import ApiError, Client, file_sha256
+from client.api import ApiError, Client, file_sha256, parse_wxh
 
 FINAL = {"rendered", "approved", "paid", "canceled", "failed", "rejected"}
 
@@ -127,12 +127,7 @@ def cmd_submit(args, client: Client) -> int:
     scene = Path(args.scene)
     if not scene.is_file():
         raise ApiError(f"{scene} does not exist: give the path of a saved .blend file")
-    resolution = None
-    if args.resolution:
-        try:
-            resolution = [int(v) for v in args.resolution.lower().split("x")]
-        except ValueError:
-            raise ApiError(f"--resolution {args.resolution}: write WIDTHxHEIGHT, e.g. 1920x1080") from None
+    resolution = parse_wxh(args.resolution, "--resolution", "1920x1080")
     sha, sent, project = upload_project(client, scene, args)
     optional = {"resolution": resolution, "tiles": args.tiles, "overscan": args.overscan, "video": args.video or None,
                 "time_limit": args.time_limit, "passes": args.passes or None, **project}

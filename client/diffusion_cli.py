@@ -21,17 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from client import payments_cli
-from client.api import ApiError, Client
+from client.api import ApiError, Client, parse_wxh
 
 
 def parse_size(text: str | None) -> tuple[int | None, int | None]:
-    if not text:
-        return None, None
-    try:
-        w, h = (int(v) for v in text.lower().replace("×", "x").split("x"))
-    except ValueError:
-        raise ApiError(f"--size {text!r}: give WIDTHxHEIGHT, e.g. 512x512") from None
-    return w, h
+    return parse_wxh(text, "--size", "512x512") or (None, None)
 
 
 def read_prompts(args) -> list[str]:

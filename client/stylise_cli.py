@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client.api import ApiError, Client
+from client.api import ApiError, Client, parse_wxh
 from common.limits import RENDER_PASSES
 
 
@@ -95,12 +95,7 @@ def cmd_stylise(args, client: Client) -> int:
     prompts = read_prompts(args)
     width, height = parse_size(args.size)
     model, digest = model_ref(args.model)
-    resolution = None
-    if args.resolution:
-        try:
-            resolution = [int(v) for v in args.resolution.lower().split("x")]
-        except ValueError:
-            raise ApiError(f"--resolution {args.resolution}: write WIDTHxHEIGHT, e.g. 1920x1080") from None
+    resolution = parse_wxh(args.resolution, "--resolution", "1920x1080")
     sha, _ = upload_scene(client, scene, args.json)
     render = client.submit(**{k: v for k, v in {
         "scene_sha256": sha, "scene_name": scene.name, "frames": args.frames, "passes": passes, "format": "PNG",

@@ -57,6 +57,8 @@ def test_submit_review_results_from_the_command_line(farm, worker, tmp_path):
     assert missing.returncode == 2 and "saved .blend" in missing.stderr
     bad = farm_cli(f, alice, "submit", str(SAMPLE), "--frames", "5-1", check=False)
     assert bad.returncode == 2 and "ends before it starts" in bad.stderr
+    size = farm_cli(f, alice, "submit", str(SAMPLE), "--resolution", "1920by1080", check=False)
+    assert size.returncode == 2 and "--resolution '1920by1080': write WIDTHxHEIGHT" in size.stderr
     alice.token = "rh_wrong"
     denied = farm_cli(f, alice, "status", check=False)
     assert denied.returncode == 2 and "token" in denied.stderr
