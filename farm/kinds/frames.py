@@ -96,6 +96,42 @@ def render_settings(fmt: str = "PNG", color_depth: str | None = None, samples: i
     return settings
 
 
+PER_TASK_SETTINGS = ("tile", "stamp_fps")
+"""Keys a task's render settings may add to its job's (tiles.plan_job: the tile it renders, and for a video
+job the frame rate stamped in its frames): a job's history is matched on the settings without them."""
+
+
+def same_settings(task_settings: dict[str, Any] | None, job_settings: dict[str, Any] | None) -> bool:
+    """Whether a task rendered with ``task_settings`` is history for a job with ``job_settings`` (None: any
+    settings): equal but for the per-task keys, so a tiled or video job's tasks count for the same scene."""
+    if job_settings is None:
+        return True
+    if not isinstance(task_settings, dict):
+        return False
+    drop = PER_TASK_SETTINGS
+    return ({k: v for k, v in task_settings.items() if k not in drop}
+            == {k: v for k, v in job_settings.items() if k not in drop})
+
+
+def tiles_per_frame(task_settings: dict[str, Any] | None) -> int:
+    """How many tasks like this one render a frame: a tile task's grid size, else 1."""
+    tile = task_settings.get("tile") if isinstance(task_settings, dict) else None
+    try:
+        return max(1, int(tile["cols"]) * int(tile["rows"])) if isinstance(tile, dict) else 1
+    except (KeyError, TypeError, ValueError):
+        return 1
+
+
+def job_tiles(job_spec: dict[str, Any]) -> int:
+    """Tiles a frame of a Blender job has (1 untiled): a tiled job's unit is a tile."""
+    t = job_spec.get("tiles")
+    try:
+        cols, rows = (int(v) for v in str(t).lower().split("x")) if t else (1, 1)
+    except ValueError:
+        return 1
+    return max(1, cols * rows)
+
+
 @dataclass
 class TaskPlan:
     """One task to create: its kind, spec, input blobs, the output names it must return, whether those

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from sqlmodel import Session, select
 
-from farm.kinds.frames import frame_name
+from farm.kinds.frames import frame_name, job_tiles, same_settings
 from farm.store.models import Event, Job, Task
 from farm.store.states import JobStatus, TaskStatus, transition
 
@@ -84,7 +84,7 @@ def has_history(s: Session, scene: str, settings: dict[str, Any] | None) -> bool
                   .where(Job.spec["scene_sha256"].as_string() == scene)
                   .where(Task.status == TaskStatus.accepted.value).where(Task.kind == "render")
                   .where(Task.check_id.is_(None)).order_by(Task.id.desc()).limit(HISTORY_ROWS)).all()
-    return any(settings is None or (spec or {}).get("settings") == settings for spec in rows)
+    return any(same_settings((spec or {}).get("settings"), settings) for spec in rows)
 
 
 def reduced(settings: dict[str, Any]) -> tuple[dict[str, Any], float]:
@@ -107,16 +107,6 @@ def reduced(settings: dict[str, Any]) -> tuple[dict[str, Any], float]:
         out["samples"] = probe_n
         samples = probe_n / n
     return out, pixels * samples
-
-
-def _tiles(spec: dict[str, Any]) -> int:
-    """Tiles a frame of the job has (1 untiled): a tiled job's unit is a tile."""
-    t = spec.get("tiles")
-    try:
-        cols, rows = (int(v) for v in str(t).lower().split("x")) if t else (1, 1)
-    except ValueError:
-        return 1
-    return max(1, cols * rows)
 
 
 def wanted(s: Session, job: Job) -> bool:
@@ -154,7 +144,7 @@ def start(s: Session, job: Job) -> Task | None:
         s.add(ev)
     job.status = JobStatus.probing.value
     job.spec = {**job.spec, "probe": {"task_id": task.id, "frame": frame, "settings": settings,
-                                      "fraction": round(fraction, 6), "tiles": _tiles(job.spec), "then": then}}
+                                      "fraction": round(fraction, 6), "tiles": job_tiles(job.spec), "then": then}}
     s.add(job)
     return task
 

@@ -91,26 +91,30 @@ class Pricing:
 
 # ------------------------------------------------------------------ estimate
 def seconds_per_unit(s: Session, pricing: Pricing, scene: str | None, settings: dict[str, Any] | None,
-                     kind: str = "render") -> tuple[float, str]:
-    """A guess of render seconds per frame and how it was made: from earlier accepted tasks of the same
-    scene and settings, else the farm's recent median, else a configured default. (Once workers report a
-    benchmark score, the unit becomes benchmark-normalised and this guess divides by the farm's score.)"""
+                     kind: str = "render", tiles: int = 1) -> tuple[float, str]:
+    """A guess of render seconds per unit and how it was made: from earlier accepted tasks of the same
+    scene and settings (tiled or not: :func:`farm.kinds.frames.same_settings`), else the farm's recent
+    median, else a configured default. History is counted per frame (a tile task's seconds × its grid's
+    tiles) and a unit is a frame, or with ``tiles`` > 1 one tile of that many a frame. (Once workers report
+    a benchmark score, the unit becomes benchmark-normalised and this guess divides by the farm's score.)"""
     rows = s.exec(select(Task.render_seconds, Task.progress_total, Task.spec, Job.spec)
                   .join(Job, Job.id == Task.job_id)
                   .where(Task.status == TaskStatus.accepted.value).where(Task.kind == kind)
                   .where(Task.render_seconds > 0)
                   .order_by(Task.id.desc()).limit(HISTORY_TASKS)).all()
     same, any_ = [], []
+    tiles = max(1, int(tiles))
     for secs, units, tspec, jspec in rows:
-        per = secs / max(1, units or 1)
+        task_settings = (tspec or {}).get("settings")
+        per = secs / max(1, units or 1) * splitter.tiles_per_frame(task_settings)  # seconds a frame
         any_.append(per)
-        if scene and jspec.get("scene_sha256") == scene and (settings is None or tspec.get("settings") == settings):
+        if scene and jspec.get("scene_sha256") == scene and splitter.same_settings(task_settings, settings):
             same.append(per)
     if same:
-        return statistics.median(same), f"median of {len(same)} earlier tasks of this scene and settings"
+        return statistics.median(same) / tiles, f"median of {len(same)} earlier tasks of this scene and settings"
     if any_:
-        return statistics.median(any_), f"median of the farm's last {len(any_)} accepted tasks"
-    return pricing.default_seconds_per_frame, "default (no render history yet)"
+        return statistics.median(any_) / tiles, f"median of the farm's last {len(any_)} accepted tasks"
+    return pricing.default_seconds_per_frame / tiles, "default (no render history yet)"
 
 
 def estimate(s: Session, pricing: Pricing, units: int, scene: str | None = None,
@@ -164,7 +168,8 @@ def estimate_job(s: Session, pricing: Pricing, job: Job, rate: int | None = None
     mine = (Task.job_id == job.id) & Task.probe.is_(False)  # a probe render is not the job's work
     kind = s.exec(select(Task.kind).where(mine).order_by(Task.index)).first() or "render"
     units = sum(s.exec(select(Task.progress_total).where(mine).where(Task.kind == kind)).all())
-    per, basis = seconds_per_unit(s, pricing, job.spec.get("scene_sha256"), job.spec.get("settings"), kind)
+    tiles = splitter.job_tiles(job.spec) if kind == "render" else 1
+    per, basis = seconds_per_unit(s, pricing, job.spec.get("scene_sha256"), job.spec.get("settings"), kind, tiles)
     return _priced(pricing, units or job.tasks_total, per, basis, job_rate(pricing, job) if rate is None else rate)
 
 

@@ -134,6 +134,11 @@ def test_a_new_scene_is_probed_first_measured_discarded_quoted_and_paid_like_a_c
     scene = job.spec["scene_sha256"]
     again, probing = submit(engine, blobs, alice, "5-6", scene=scene)
     assert not probing and job_of(engine, again)[0].status == "queued"
+    # nor is a tiled one (its tasks' settings add the tile): quoted per tile, a quarter of the frames' 0.9 s
+    tiled, probing = submit(engine, blobs, alice, "7-8", scene=scene, tiles="2x2")
+    quote = job_of(engine, tiled)[1]["spec"]["quote"]
+    assert not probing and quote["units"] == 8 and quote["seconds_per_unit"] == pytest.approx(0.9 / 4)
+    assert quote["basis"] == "median of 4 earlier tasks of this scene and settings"
 
 
 def test_a_failing_probe_fails_the_job_with_the_workers_words_once_a_second_worker_agrees(farm):
@@ -172,3 +177,29 @@ def test_the_measure_scales_the_render_by_pixels_times_samples_and_bounds_a_liar
     assert probe.per_unit(p, 2.0, 0.5) == (pytest.approx(9.5 / 4), pytest.approx(9.5))
     assert probe.per_unit(p, 2.0, 0.0)[1] == 2.0, "a worker claiming no render time: the coordinator's time"
     assert probe.per_unit(p, 2.0, 99.0)[1] == pytest.approx(32.0), "a claim is capped by the coordinator's time"
+
+
+def test_tiled_history_counts_for_the_scene_per_frame_and_per_tile(farm):
+    """A scene rendered only tiled (its tasks' settings carry the tile; a video job's, the stamped frame
+    rate) has history: a later job of it, tiled or not, is not probed and is estimated from those tiles."""
+    engine, blobs, alice, d = farm
+    scene = put_scene(blobs)
+    first, probing = submit(engine, blobs, alice, "1-2", scene=scene, tiles="2x2", video=True)
+    assert probing
+    with new_session(engine) as s:  # its eight tiles accepted, 0.3 s each: 1.2 s a frame
+        tiles = s.exec(select(Task).where(Task.job_id == first).where(Task.kind == "render")
+                       .where(Task.probe.is_(False))).all()
+        assert len(tiles) == 8 and all(t.spec["settings"]["tile"] and t.spec["settings"]["stamp_fps"] for t in tiles)
+        for t in tiles:
+            t.status, t.render_seconds = "accepted", 0.3
+            s.add(t)
+        s.commit()
+    plain, probing = submit(engine, blobs, alice, "3-5", scene=scene)
+    quote = job_of(engine, plain)[1]["spec"]["quote"]
+    assert not probing and quote["units"] == 3 and quote["seconds_per_unit"] == pytest.approx(1.2)
+    tiled, probing = submit(engine, blobs, alice, "6", scene=scene, tiles="3x2")
+    quote = job_of(engine, tiled)[1]["spec"]["quote"]
+    assert not probing and quote["units"] == 6 and quote["seconds_per_unit"] == pytest.approx(0.2)
+    with new_session(engine) as s:  # other settings are not this history
+        other = pr.seconds_per_unit(s, PRICING, scene, {**job_of(engine, plain)[0].spec["settings"], "samples": 64})
+    assert other == (pytest.approx(1.2), "median of the farm's last 8 accepted tasks")
