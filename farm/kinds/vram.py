@@ -110,13 +110,21 @@ def advertised_sizes(session: Session, hashes: set[str]) -> dict[str, dict[str, 
     return out
 
 
+PIECE_DIRS = {"lora": model_folders.LORA_DIR, "controlnet": model_folders.CONTROLNET_DIR,
+              "refiner": model_folders.REFINER_DIR, "upscaler": model_folders.UPSCALER_DIR}
+"""Where a models folder keeps each kind of piece (a model itself is found by name, hub cache included)."""
+
+
 def local_size(name: str, kind: str) -> dict[str, Any] | None:
-    """The size of the coordinator's own copy of ``name`` (a model, LoRA or ControlNet), if it has one."""
+    """The size of the coordinator's own copy of ``name`` (a model, LoRA, ControlNet, SDXL refiner or
+    upscaler: ``kind``), if it has one. The name is a file or folder name, never a path."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
     if kind != "pipeline":
-        sub = model_folders.LORA_DIR if kind == "lora" else model_folders.CONTROLNET_DIR
+        sub = PIECE_DIRS[kind]
         for d in model_folders.configured_dirs():
             for p in ((d / sub / f"{name}.safetensors"), (d / sub / name)):
-                if p.exists():
+                if p.exists() and (p.is_dir() or kind == "lora"):
                     return _clean(model_size.size_of(p, kind))
         return None
     path = dict(model_folders.find(model_folders.configured_dirs(), hub=True)).get(name)
@@ -173,8 +181,8 @@ def job_need(session: Session, model: str, model_hash: str, loras: list[dict], c
     m = size(model, model_hash, "pipeline")
     pieces = [size(p["name"], p["hash"], "lora") for p in loras]
     nets = [size(c["name"], c["hash"], "controlnet") for c in controls]
-    ref = ads.get(refiner["hash"]) if refiner else None  # advertised only: not in the coordinator's models
-    up = ads.get(upscale["hash"]) if upscale else None
+    ref = size(refiner["name"], refiner["hash"], "refiner") if refiner else None
+    up = size(upscale["name"], upscale["hash"], "upscaler") if upscale else None
     if m is None or None in pieces or None in nets or (refiner and ref is None) or (upscale and up is None):
         return None
     return {dev: estimate(m, pieces, nets, width, height, per_task, dev, ref, up) for dev in BYTES_PER_WEIGHT}

@@ -81,6 +81,19 @@ def test_sizes_of_a_real_pipeline_folder_match_the_loaded_models(tiny):
         ("sd1", p.unet.config.block_out_channels[0], p.vae.config.block_out_channels[0])
 
 
+def test_the_coordinators_own_refiner_and_upscaler_are_sized_from_their_folders(tiny, tmp_path, monkeypatch):
+    from worker.runtimes.tiny_pipeline import build_refiner, build_upscaler
+    models = tmp_path / "models"
+    up = build_upscaler(models / "upscalers" / "x4")
+    ref = build_refiner(models / "refiners" / "xl-ref")
+    monkeypatch.setenv("RENDERHIVE_MODELS", str(models))
+    assert vram.local_size("x4", "upscaler") == vram._clean(model_size.pipeline_size(up))
+    assert vram.local_size("xl-ref", "refiner")["params"] == model_size.pipeline_size(ref)["params"] > 0
+    assert vram.local_size("xl-ref", "upscaler") is None, "a refiner is not an upscaler"
+    assert vram.local_size("../refiners/xl-ref", "upscaler") is None, "a name, never a path"
+    assert vram.local_size(".", "refiner") is None
+
+
 def test_a_hostile_header_counts_nothing(tmp_path):
     bad = tmp_path / "x.safetensors"
     bad.write_bytes((10**12).to_bytes(8, "little") + b"{}")  # a header length far past the file
