@@ -53,6 +53,7 @@ from worker import settings as C
 from worker.blobcache import BlobCache
 from worker.earnings import EarningsLog
 from worker.runtimes.process import RuntimeCrashed, RuntimeProcess
+from worker.tasks import project as project_files
 from worker.tasks.executors import EXECUTORS, RUNTIMES, TaskContext, TaskFailure
 
 log = logging.getLogger("worker")
@@ -68,6 +69,7 @@ class Running:
     total: int = 0
     released: bool = False
     phase: str = pipe.WAITING  # waiting → rendering → uploading (worker.pipeline)
+    pins: list[str] = field(default_factory=list)  # blobs pinned in the cache beyond its inputs (a project's files)
 
 
 RECV_BATCH = 256
@@ -189,8 +191,7 @@ class WorkerDaemon:
         policy.inputs.mkdir(parents=True, exist_ok=True)
         for old in policy.inputs.iterdir():
             if old.is_dir() and not old.is_symlink():  # a project tree a crashed task left (worker.tasks.project)
-                from worker.tasks.project import remove
-                remove(old)
+                project_files.remove(old)
             elif old.name not in files:
                 old.unlink(missing_ok=True)
         staged = {}
@@ -463,7 +464,8 @@ class WorkerDaemon:
             log.exception("task %s failed", key)
             final = P.Failed(msg.task_id, msg.attempt, f"worker error: {exc!r}", True)
         finally:
-            for sha in msg.inputs:
+            run = self.running.get(key)
+            for sha in [*msg.inputs, *(run.pins if run else [])]:
                 self.cache.unpin(sha)
             shutil.rmtree(out_dir, ignore_errors=True)
             shutil.rmtree(self._taken_dir(out_dir), ignore_errors=True)
@@ -480,6 +482,14 @@ class WorkerDaemon:
             raise TaskFailure(f"this worker cannot run {msg.kind!r} tasks", True)
         runtime_name, executor = EXECUTORS[msg.kind]
         files = {sha: await self.fetch(sha) for sha in msg.inputs}  # meanwhile the slot may still render
+        try:
+            more = project_files.named_blobs(msg.spec, files)  # a project's: named by its manifest
+        except project_files.LayoutError as exc:
+            raise TaskFailure(str(exc), False) from None
+        for sha in more:
+            self.cache.pin(sha)  # unpinned with the inputs (_run_task)
+            self.running[(msg.task_id, msg.attempt)].pins.append(sha)
+            files[sha] = await self.fetch(sha)
         pipe.mark(msg.task_id, msg.attempt, "fetched")
         async with self.pipeline.turn(self.running[(msg.task_id, msg.attempt)], lambda: self._kill_slot(slot)):
             pipe.mark(msg.task_id, msg.attempt, "turn")

@@ -3,7 +3,8 @@
 Handlers of the coordinator's step, on its thread, in its transaction. Invariants:
 
 * blobs go to workers by need only: a chunk is served only to a connection holding a lease whose inputs
-  name the blob (another job's frames, or this job's before approval, are no one else's to download);
+  name the blob, or name the project manifest that names it (another job's frames, or this job's before
+  approval, are no one else's to download);
   a grant stays for the connection's life once seen, so a worker may fetch it again, resuming;
 * every request kind has credit: at most ``BLOB_GETS_PER_STEP`` GETs a connection are served a step,
   none while its send queue is full (``congested``, kept by the broker), so a flood is never read from
@@ -22,6 +23,7 @@ from common import protocol as P
 from farm import constants as C
 from farm.core.leases import LeaseBook
 from farm.core.scheduler import Conn
+from farm.kinds.projects import ManifestFiles
 from farm.store.blobs import BlobError, BlobStore
 from farm.store.models import Blob as BlobRow
 from farm.store.models import Task
@@ -42,6 +44,7 @@ class BlobRequests:
         self.congested = congested
         self.stats = stats
         self.gets: dict[bytes, int] = {}  # BLOB_GETs handled per connection in this step
+        self.manifests = ManifestFiles(blobs)  # a project lease may fetch the files of its manifest
 
     def new_step(self) -> None:
         self.gets.clear()
@@ -96,16 +99,15 @@ class BlobRequests:
             out.append((conn.identity, P.BlobAck(msg.sha256, stored, done)))
 
     def may_fetch(self, s: Session, conn: Conn, sha: str) -> bool:
-        """Whether ``conn`` holds a lease whose inputs name blob ``sha`` (or did, on this connection)."""
+        """Whether ``conn`` holds a lease whose inputs name blob ``sha`` — itself, or as a file of the
+        project manifest among them — (or did, on this connection)."""
         if sha in conn.granted:
             return True
-        for row in self.book.rows.values():  # live leases, in memory
-            if row.worker_id == conn.worker_id and sha in row.inputs:
-                conn.granted.add(sha)
-                return True
-        leased = s.exec(select(Task.inputs).where(Task.worker_id == conn.worker_id)
-                        .where(Task.status.in_(LEASED)).limit(256)).all()
-        if any(sha in inputs for inputs in leased):
+        def names(rows) -> bool:
+            return any(sha in row.inputs or self.manifests.names(row.spec, sha) for row in rows)
+        if names(row for row in self.book.rows.values() if row.worker_id == conn.worker_id) or names(
+                s.exec(select(Task.inputs, Task.spec).where(Task.worker_id == conn.worker_id)  # live leases, in memory first
+                       .where(Task.status.in_(LEASED)).limit(256)).all()):
             conn.granted.add(sha)
             return True
         return False

@@ -10,18 +10,20 @@ checked here before anything is written; a refused manifest stores nothing (no b
 * the scene's blob must be the manifest's scene, and a .blend (its header).
 
 Accepted, the canonical manifest is stored as a blob of its own, and every task that opens the scene gets
-``spec["project"] = {"manifest_sha256", "scene"}`` and the manifest and every file's blob as inputs: a
-worker fetches only blobs its leases name, so it can fetch the whole tree and nothing else.
+``spec["project"] = {"manifest_sha256", "scene"}`` and the manifest as an input, which stands for every
+file it names: a worker fetches only blobs its leases name (the manifest's files through it,
+:class:`ManifestFiles`), so it can fetch the whole tree and nothing else.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 from sqlmodel import Session
 
-from common.manifest import MAX_PROJECT_BYTES, Manifest, ManifestError, parse
+from common.manifest import MAX_MANIFEST_BYTES, MAX_PROJECT_BYTES, Manifest, ManifestError, loads, parse
 from farm.kinds.frames import TaskPlan
-from farm.store.blobs import BlobStore
+from farm.store.blobs import BlobError, BlobStore
 from farm.store.models import Blob
 
 MAX_MISSING_LISTED = 200
@@ -81,12 +83,44 @@ def store(session: Session, blobs: BlobStore, manifest: Manifest) -> str:
 
 
 def attach(plans: list[TaskPlan], manifest: Manifest, manifest_sha: str, allow_missing: bool = False) -> None:
-    """Give every task that opens the scene the project: its spec names it, its inputs hold every blob.
+    """Give every task that opens the scene the project: its spec names it, its inputs the manifest, which
+    stands for every file it names (the worker fetches them after it, and a lease holding the manifest may:
+    farm.core.blob_requests). A task row holds two hashes however many files the project has: listing them
+    all made a 2,000-file project's 20,000-task job write 2.7 GB of task rows, and every TASK carry 134 KB.
     ``allow_missing``: the creator chose to render without the files it listed as missing."""
-    extra = [manifest_sha, *manifest.hashes()]
     for p in plans:
         if "scene_sha256" in p.spec:
             p.spec["project"] = {"manifest_sha256": manifest_sha, "scene": manifest.scene}
             if allow_missing:
                 p.spec["allow_missing"] = True
-            p.inputs = list(dict.fromkeys([*p.inputs, *extra]))
+            p.inputs = list(dict.fromkeys([*p.inputs, manifest_sha]))
+
+
+class ManifestFiles:
+    """The blobs each stored project manifest names, read from the blob store and kept for the ``size``
+    manifests used last (each at most MAX_PROJECT_FILES hashes)."""
+
+    def __init__(self, blobs: BlobStore, size: int = 64):
+        self.blobs, self.size = blobs, size
+        self.sets: OrderedDict[str, frozenset[str]] = OrderedDict()
+
+    def files(self, manifest_sha: str) -> frozenset[str]:
+        """The hashes manifest ``manifest_sha`` names; empty when it is no stored manifest."""
+        if manifest_sha in self.sets:
+            self.sets.move_to_end(manifest_sha)
+            return self.sets[manifest_sha]
+        try:
+            raw = self.blobs.read(manifest_sha, 0, MAX_MANIFEST_BYTES + 1)
+            names = frozenset(loads(raw).hashes()) if len(raw) <= MAX_MANIFEST_BYTES else frozenset()
+        except (BlobError, OSError, ManifestError):
+            names = frozenset()
+        self.sets[manifest_sha] = names
+        while len(self.sets) > self.size:
+            self.sets.popitem(last=False)
+        return names
+
+    def names(self, task_spec: Any, sha: str) -> bool:
+        """Whether the project of a task with ``task_spec`` (if any) names blob ``sha``."""
+        project = task_spec.get("project") if isinstance(task_spec, dict) else None
+        msha = project.get("manifest_sha256") if isinstance(project, dict) else None
+        return isinstance(msha, str) and sha in self.files(msha)

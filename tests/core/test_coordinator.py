@@ -21,6 +21,7 @@ from tests.fixtures_inproc import (
     new_coordinator,
     of,
     output_blob,
+    put_scene,
     rows,
     sha256,
 )
@@ -508,6 +509,31 @@ def test_blob_get(env):
     for unknown in (sha256(b"nope"), "not-a-hash"):
         [(_, blob)] = d.send((b"w1", P.BlobGet(unknown, 0, 100)))
         assert blob.error == "unknown blob" and blob.data == b""
+
+
+def test_a_project_lease_names_its_manifest_only_and_may_fetch_the_files_it_names(env):
+    """A 300-file project: each task row holds two hashes (scene, manifest) instead of 301; the lease
+    holder may fetch every file of the manifest, a worker without the lease none, and nobody a blob the
+    manifest does not name."""
+    engine, blobs, user, coord, d = env
+    scene = put_scene(blobs)
+    files = [{"path": "shot.blend", "sha256": scene}]
+    files += [{"path": f"tex/{i:03d}.png", "sha256": blobs.write_bytes(b"\x89PNG %d" % i)} for i in range(300)]
+    stranger = blobs.write_bytes(b"another creator's texture")
+    job_id = make_job(engine, blobs, user, "1-3", scene=scene, project={"scene": "shot.blend", "files": files})
+    tasks = tasks_of(engine, job_id)
+    msha = tasks[0].spec["project"]["manifest_sha256"]
+    assert [t.inputs for t in tasks] == [[scene, msha]] * 3, "the manifest stands for the project's files"
+    d.hello(b"w1")
+    d.hello(b"w2")
+    [task] = of(d.send((b"w1", P.Ready(1))), P.Task, b"w1")
+    assert task.inputs == [scene, msha]
+    for f in (files[1], files[150], files[300]):
+        [(_, blob)] = d.send((b"w1", P.BlobGet(f["sha256"], 0, 100)))
+        assert blob.error == "" and blob.data.startswith(b"\x89PNG"), f["path"]
+    for who, sha in ((b"w2", files[1]["sha256"]), (b"w1", stranger)):
+        [(_, blob)] = d.send((who, P.BlobGet(sha, 0, 100)))
+        assert blob.data == b"" and "not an input of a task you hold" in blob.error
 
 
 def test_blob_put_needs_a_lease(env):

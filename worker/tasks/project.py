@@ -1,7 +1,8 @@
 """Lay a project out on the worker: the tree of a manifest, made of hard links to the task's input blobs.
 
 The daemon has fetched (hash-verified) and staged every input of the lease; for a project task those are
-the manifest and every file it names (the coordinator put them all in the lease's inputs). :func:`lay_out`
+the manifest and, fetched after it, every file it names (:func:`named_blobs`: the lease's inputs name the
+manifest, and the coordinator serves its files to the lease holder). :func:`lay_out`
 reads the manifest from its staged blob, checks it with the same :func:`common.manifest.loads` as the
 coordinator (never trusting that it did), and builds ``ROOT/<path>`` for every entry as a hard link to the
 staged blob (a copy across filesystems). Invariants:
@@ -37,6 +38,17 @@ def read_manifest(path: Path) -> Manifest:
         return loads(path.read_bytes())
     except ManifestError as exc:
         raise LayoutError(f"project manifest refused: {exc}") from None
+
+
+def named_blobs(spec: dict, fetched: dict[str, Path]) -> list[str]:
+    """The blobs a project task's manifest names that its inputs did not (the coordinator names the
+    manifest only; the daemon fetches these after it, each verified by its hash as any input). Empty for a
+    task without a project, or before its manifest is fetched."""
+    project = spec.get("project") if isinstance(spec, dict) else None
+    msha = project.get("manifest_sha256") if isinstance(project, dict) else None
+    if not isinstance(msha, str) or msha not in fetched:
+        return []
+    return [h for h in dict.fromkeys(read_manifest(fetched[msha]).hashes()) if h not in fetched]
 
 
 def lay_out(root: Path, manifest: Manifest, staged: dict[str, Path]) -> Path:
