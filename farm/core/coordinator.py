@@ -52,6 +52,7 @@ from farm.kinds import jobs
 from farm.kinds import probe as probes
 from farm.kinds.registry import JOB_STATUS_LISTENERS, SWEEPS, JobListener, Sweep
 from farm.store.blobs import BlobStore
+from farm.store.changes import touched
 from farm.store.db import session as new_session
 from farm.store.models import Attempt, Job, Output, Task, Worker
 from farm.store.states import QUEUE_EPOCH, TASK_LEASED, JobStatus, TaskStatus, transition
@@ -471,6 +472,7 @@ class Coordinator:
         done = max(0, min(msg.done, task.progress_total or msg.done))
         if self.progress.progressed(task, done, now):  # a repeated count renews nothing
             set_values(s, task, progress_done=done, lease_expires=now + C.LEASE_SECONDS)
+            touched(s, task.job_id)  # the job's live page shows the count at this step's commit
             prefetch.carry(self.progress, conn.held, now)  # what waits behind a visible render is not stalled
 
     def _on_result(self, s, conn: Conn, msg: P.Result, now, out) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import time
 
+from farm.store.changes import touched
 from farm.store.writes import PlainRow, add_row, set_columns
 
 
@@ -143,9 +144,11 @@ def transition(session, row, new: str | enum.Enum, *, reason: str = "", worker_i
         writes.fence(row.model if isinstance(row, PlainRow) else type(row), row.id, {"status": old_s})
     columns = {**values, "status": new_s, "updated_at": now} if values else {"status": new_s, "updated_at": now}
     set_columns(session, row, columns)
-    add_row(session, models.Event, at=now, kind=kind, job_id=row.id if kind == "job" else row.job_id,
+    job_id = row.id if kind == "job" else row.job_id
+    add_row(session, models.Event, at=now, kind=kind, job_id=job_id,
             task_id=row.id if kind == "task" else None, attempt=attempt, worker_id=worker_id,
             old=old_s, new=new_s, detail=reason[:2000])
+    touched(session, job_id)  # its live page wakes when this commits
 
 
 def transition_tasks(session, task_ids: list[int], olds: tuple[str, ...], new: str | enum.Enum, *, reason: str,

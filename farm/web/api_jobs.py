@@ -18,6 +18,7 @@ from farm.kinds import jobs
 from farm.kinds import probe as probes
 from farm.kinds.registry import create_job
 from farm.payments import quotes
+from farm.store import changes
 from farm.store.db import session as new_session
 from farm.store.models import Job
 from farm.store.states import JOB_TERMINAL, JobStatus
@@ -129,9 +130,12 @@ def job_router(api: Api) -> APIRouter:
         def snapshot():
             with new_session(engine) as s:
                 return jobs.job_view(s, jobs.get_job(s, job_id, user))
+        loop = asyncio.get_running_loop()
+        seq, read_at = changes.HUB.seq(job_id), loop.time()  # before the read: no change is missed
         first = await asyncio.to_thread(snapshot)  # raises 404 before the stream starts
 
         async def stream():
+            nonlocal seq, read_at
             last, view = None, first
             while True:
                 data = json.dumps(view, sort_keys=True)
@@ -140,7 +144,8 @@ def job_router(api: Api) -> APIRouter:
                     last = data
                 if view["status"] in {s.value for s in JOB_TERMINAL} | {JobStatus.rendered.value, JobStatus.approved.value}:
                     return
-                await asyncio.sleep(0.5)
+                await changes.next_change(job_id, seq, read_at)  # woken by the commit that changed it
+                seq, read_at = changes.HUB.seq(job_id), loop.time()
                 view = await asyncio.to_thread(snapshot)
         return StreamingResponse(stream(), media_type="text/event-stream")
 

@@ -33,6 +33,7 @@ from farm.kinds import jobs
 from farm.kinds.jobs import JobError
 from farm.payments import own_wallets
 from farm.payments.ledger import LedgerError
+from farm.store import changes
 from farm.store.blobs import BlobStore
 from farm.store.db import session as new_session
 from farm.store.models import Job, User, WebSession, Worker
@@ -194,20 +195,24 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
     async def live(request: Request, job_id: int) -> StreamingResponse:
         """Server-sent events for the job page: a small JSON view whenever it changes."""
         user, _ = current(request)
+        loop = asyncio.get_running_loop()
+        seq, read_at = changes.HUB.seq(job_id), loop.time()  # before the read: no change is missed
         first = await asyncio.to_thread(own_job, job_id, user)
 
         async def stream():
-            last, view = None, first
-            for _ in range(3600 * 2):  # bounded: the browser reconnects after an hour
+            nonlocal seq, read_at
+            last, view, end = None, first, read_at + 3600  # bounded: the browser reconnects after an hour
+            while loop.time() < end:
                 data = json.dumps(_live(view), sort_keys=True)
                 if data != last:
                     yield f"event: job\ndata: {data}\n\n"
                     last = data
                 if view["status"] in {x.value for x in JOB_TERMINAL}:
                     return
-                await asyncio.sleep(0.5)
+                await changes.next_change(job_id, seq, read_at)  # woken by the commit that changed it
                 if await request.is_disconnected():
                     return
+                seq, read_at = changes.HUB.seq(job_id), loop.time()
                 view = await asyncio.to_thread(own_job, job_id, user)
         return StreamingResponse(stream(), media_type="text/event-stream")
 
