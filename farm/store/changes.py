@@ -11,7 +11,8 @@ Invariants:
   (:meth:`JobChanges.seq`) *before* it reads the job, and :meth:`JobChanges.wait` returns at once when a
   change came since (every commit that touched the job moved it past that number);
 * waiting is bounded: a stream wakes after ``timeout`` however quiet the job is (what a change made by
-  another process, which this hub cannot hear, waits at most), and each stream holds one waiter;
+  another process, which this hub cannot hear, waits at most), and each stream holds one waiter; its
+  reads are paced (:class:`Follow`: a burst of 3, then 20 a second);
 * the hub's memory is bounded: the last change of at most :data:`KEEP` jobs is kept (an older job's
   ``seq`` is 0: a stream waiting on it wakes on its next change or its timeout).
 """
@@ -123,18 +124,35 @@ def _after_rollback(session) -> None:
     session.info.pop(KEY, None)
 
 
+
 POLL_SECONDS = 0.5
 """Longest a stream waits without hearing a change before it reads the job again (changes made by another
 process: the settler's, an operator's script)."""
-MIN_GAP = 0.05
-"""Shortest time between two reads of one stream: a job changing at every step is read 20 times a second."""
+READS_PER_SECOND, READ_BURST = 20.0, 3
+"""A stream's reads of its job, paced as a token bucket: a few changes in a row are read at once (a
+frame's last PROGRESS and its RESULT a few ms apart), a job changing at every step at most 20 times a second."""
 
 
-async def next_change(job_id: int, since: int, last_read: float) -> None:
-    """Wait for a stream's next read of ``job_id``: its change after ``since`` (or POLL_SECONDS), and at
-    least MIN_GAP after the stream's last read at loop time ``last_read``."""
-    loop = asyncio.get_running_loop()
-    await HUB.wait(job_id, since, POLL_SECONDS)
-    rest = last_read + MIN_GAP - loop.time()
-    if rest > 0:
-        await asyncio.sleep(rest)
+class Follow:
+    """One stream's view of one job's changes: take it before the stream's first read, then ``await
+    follow.next()`` before each further read."""
+
+    def __init__(self, job_id: int, hub: JobChanges | None = None):
+        self.job_id, self.hub = job_id, hub or HUB
+        self.seq = self.hub.seq(job_id)  # before the read: a change from now on is not missed
+        self.tokens, self.at = float(READ_BURST), None
+
+    async def next(self) -> None:
+        """Wait for the job's next change (at most POLL_SECONDS), paced by the stream's read budget."""
+        await self.hub.wait(self.job_id, self.seq, POLL_SECONDS)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self.at is not None:
+            self.tokens = min(float(READ_BURST), self.tokens + (now - self.at) * READS_PER_SECOND)
+        if self.tokens < 1.0:
+            await asyncio.sleep((1.0 - self.tokens) / READS_PER_SECOND)
+            now = loop.time()
+            self.tokens = 1.0
+        self.tokens -= 1.0
+        self.at = now
+        self.seq = self.hub.seq(self.job_id)

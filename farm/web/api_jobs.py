@@ -130,12 +130,10 @@ def job_router(api: Api) -> APIRouter:
         def snapshot():
             with new_session(engine) as s:
                 return jobs.job_view(s, jobs.get_job(s, job_id, user))
-        loop = asyncio.get_running_loop()
-        seq, read_at = changes.HUB.seq(job_id), loop.time()  # before the read: no change is missed
+        changed = changes.Follow(job_id)  # before the read: no change is missed
         first = await asyncio.to_thread(snapshot)  # raises 404 before the stream starts
 
         async def stream():
-            nonlocal seq, read_at
             last, view = None, first
             while True:
                 data = json.dumps(view, sort_keys=True)
@@ -144,8 +142,7 @@ def job_router(api: Api) -> APIRouter:
                     last = data
                 if view["status"] in {s.value for s in JOB_TERMINAL} | {JobStatus.rendered.value, JobStatus.approved.value}:
                     return
-                await changes.next_change(job_id, seq, read_at)  # woken by the commit that changed it
-                seq, read_at = changes.HUB.seq(job_id), loop.time()
+                await changed.next()  # woken by the commit that changed it
                 view = await asyncio.to_thread(snapshot)
         return StreamingResponse(stream(), media_type="text/event-stream")
 

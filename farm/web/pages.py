@@ -87,14 +87,15 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
             raise HTTPException(403, "this form has expired or did not come from this site: reload the page and try again")
         return form
 
-    def own_job(job_id: int, user: User) -> dict[str, Any]:
+    def own_job(job_id: int, user: User, money: bool = True) -> dict[str, Any]:
+        """The creator's job view; ``money``: with its payment and payouts (the live stream needs neither)."""
         with new_session(engine) as s:
             job = jobs.get_job(s, job_id, user)
             if job.owner_id != user.id:  # the admin sees the API, not other creators' previews
                 raise JobError(f"job {job_id} not found", 404)
             view = jobs.job_view(s, job, detail=True)
             view["outputs"] = [o.model_dump() for o in jobs.outputs(s, job)]
-            if payments is not None:
+            if payments is not None and money:
                 view["payment"] = payments.payment_view(s, ledger, job)
                 view["payouts"] = payments.payouts_view(s, ledger, job)
             return view
@@ -195,13 +196,12 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
     async def live(request: Request, job_id: int) -> StreamingResponse:
         """Server-sent events for the job page: a small JSON view whenever it changes."""
         user, _ = current(request)
-        loop = asyncio.get_running_loop()
-        seq, read_at = changes.HUB.seq(job_id), loop.time()  # before the read: no change is missed
-        first = await asyncio.to_thread(own_job, job_id, user)
+        follow = changes.Follow(job_id)  # before the read: no change is missed
+        first = await asyncio.to_thread(own_job, job_id, user, False)
 
         async def stream():
-            nonlocal seq, read_at
-            last, view, end = None, first, read_at + 3600  # bounded: the browser reconnects after an hour
+            loop = asyncio.get_running_loop()
+            last, view, end = None, first, loop.time() + 3600  # bounded: the browser reconnects after an hour
             while loop.time() < end:
                 data = json.dumps(_live(view), sort_keys=True)
                 if data != last:
@@ -209,11 +209,10 @@ def web_router(engine, blobs: BlobStore, previews: PreviewCache, serial: Callabl
                     last = data
                 if view["status"] in {x.value for x in JOB_TERMINAL}:
                     return
-                await changes.next_change(job_id, seq, read_at)  # woken by the commit that changed it
+                await follow.next()  # woken by the commit that changed it
                 if await request.is_disconnected():
                     return
-                seq, read_at = changes.HUB.seq(job_id), loop.time()
-                view = await asyncio.to_thread(own_job, job_id, user)
+                view = await asyncio.to_thread(own_job, job_id, user, False)
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     @router.get("/jobs/{job_id}/previews/{name}")

@@ -74,6 +74,26 @@ def test_the_hub_keeps_a_bounded_number_of_jobs():
     asyncio.run(main())
 
 
+def test_a_streams_reads_are_paced_a_burst_then_20_a_second():
+    """A job changing without pause (every step) costs one stream at most 20 reads a second after a burst
+    of 3: the bound on what a busy job's open pages cost the database."""
+    hub = changes.JobChanges()
+
+    async def main():
+        follow = changes.Follow(7, hub)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i in range(23):
+            hub.changed([7])
+            await follow.next()
+            if i == 2:
+                burst = loop.time() - t0
+        return burst, loop.time() - t0
+    burst, total = asyncio.run(main())
+    assert burst < 0.25, "the first changes are read at once"
+    assert total >= (23 - changes.READ_BURST) / changes.READS_PER_SECOND - 0.01
+
+
 def test_the_event_stream_sends_a_new_output_at_the_step_that_stored_it(farm, monkeypatch):
     """Real uvicorn on loopback (its own thread and loop, as ``farm serve``'s web side), the coordinator's
     step on this thread. The stream would read again only after 60 s by itself (POLL_SECONDS raised): the
