@@ -504,7 +504,10 @@ class Ledger:
                                          f"deposit needs {pr.tokens(deposit)} and some gas money: send both to it")
                 return False
         if chain.allowance(address) < deposit:
-            self.send(s, job.id, "allow", key, chain.approve_spend(chain.escrow.address, deposit))
+            # the whole balance, not this deposit: the creator's next jobs open with one transaction, not
+            # two. Only this key can spend it (open_job pulls from msg.sender alone), and the farm holds it.
+            allow = max(deposit, chain.token_balance(address))
+            self.send(s, job.id, "allow", key, chain.approve_spend(chain.escrow.address, allow))
             return True
         deadline = chain.timestamp() + self.pricing.deadline_seconds
         self.send(s, job.id, "open", key, chain.open_job(int(st.escrow_job), deposit, deadline),

@@ -133,6 +133,26 @@ def rendered_job(f: Farm, frames: str = "1-4", split=((b"w1", 2, 2.5), (b"w2", 2
     return job_id
 
 
+def test_a_custodial_creators_next_jobs_open_with_one_transaction(farm):
+    """The first deposit allows the escrow the wallet's whole balance (only this wallet's key can spend it:
+    open_job pulls from msg.sender), so the next jobs' deposits are one transaction, not two."""
+    f = farm
+    first = make_job(f.engine, f.blobs, f.alice, frames="1-2", hold_for_deposit=True)
+    f.settle()
+    creator = f.st(first).creator
+    assert [t.kind for t in f.txs("allow", first)] == ["allow"] and f.st(first).status == "open"
+    left = f.chain.token_balance(creator)
+    assert f.chain.allowance(creator) == left > int(f.st(first).deposit), "the rest of the balance is allowed"
+    for frames in ("3-4", "5-6"):
+        job_id = make_job(f.engine, f.blobs, f.alice, frames=frames, hold_for_deposit=True)
+        f.settle()
+        assert f.st(job_id).status == "open" and f.job(job_id).status == "queued"
+        assert f.txs("allow", job_id) == [] and len(f.txs("open", job_id)) == 1
+        assert f.chain.escrow_job(int(f.st(job_id).escrow_job)).deposit == int(f.st(job_id).deposit)
+        left -= int(f.st(job_id).deposit)
+        assert f.chain.token_balance(creator) == left == f.chain.allowance(creator)
+
+
 def test_approval_pays_each_worker_exactly_its_share_once(farm):
     f = farm
     job_id = rendered_job(f)
