@@ -234,6 +234,53 @@ async def _worker_proc_main(endpoint, ids, shared, go, stop, ready_q, result_q, 
         ctx.destroy(0)
 
 
+def drain(poller: zmq.Poller, wait_ms: float):
+    """(socket, decoded message) for every message waiting on the sockets ``poller`` finds readable within
+    ``wait_ms``, read without blocking: the receive half of the harness's poller loops."""
+    for sock, _ in poller.poll(wait_ms):
+        while True:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            yield sock, P.decode(frames)
+
+
+class Ticks:
+    """The harness loop's two clocks: whether ``stop`` is set (looked at every 50 ms) and whether a
+    heartbeat is due (every HEARTBEAT_INTERVAL: the coordinator drops workers silent for
+    HEARTBEAT_LIVENESS intervals)."""
+
+    def __init__(self, stop):
+        self.stop = stop
+        self.next_hb = self.next_stop = time.monotonic()
+
+    def stopped(self) -> bool:
+        now = time.monotonic()
+        if now < self.next_stop:
+            return False
+        self.next_stop = now + 0.05
+        return self.stop.is_set()
+
+    def heartbeat_due(self) -> bool:
+        now = time.monotonic()
+        if now < self.next_hb:
+            return False
+        self.next_hb = now + L.HEARTBEAT_INTERVAL
+        return True
+
+
+def tally(msg, acks: list[tuple[int, int, bool]]) -> int:
+    """Count a coordinator's reply that is not a TASK: an ACK is kept (task, attempt, accepted) and counts
+    1; a DISCONNECT or ERROR ends the run (a harness worker never deserves one); anything else counts 0."""
+    if isinstance(msg, P.Ack):
+        acks.append((msg.task_id, msg.attempt, msg.accepted))
+        return 1
+    if isinstance(msg, (P.Disconnect, P.Error)):
+        raise RuntimeError(f"a worker got {msg}")
+    return 0
+
+
 def _poller_proc(endpoint: str, ids: list[str], shared: Shared, go, stop, ready_q, result_q, out_sha: str,
                  out_size: int) -> None:
     """A child process running some of the workers (``--procs``, the default ``--proc-loop poller``): the
@@ -242,8 +289,8 @@ def _poller_proc(endpoint: str, ids: list[str], shared: Shared, go, stop, ready_
     would make it the larger load of the two."""
     logging.basicConfig(level=logging.WARNING)
     ctx = zmq.Context()
-    acks: list[tuple[int, int]] = []
-    rejected, error = 0, ""
+    acks: list[tuple[int, int, bool]] = []
+    error = ""
     nb = int(zmq.NOBLOCK)
 
     def send(sock, msg) -> None:
@@ -268,40 +315,24 @@ def _poller_proc(endpoint: str, ids: list[str], shared: Shared, go, stop, ready_
         go.wait()
         for sock in socks:
             send(sock, P.Ready(1))
-        next_hb = next_stop_check = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if now >= next_stop_check:
-                if stop.is_set():
-                    break
-                next_stop_check = now + 0.05
-            if now >= next_hb:  # the coordinator drops workers silent for HEARTBEAT_LIVENESS intervals
-                next_hb = now + L.HEARTBEAT_INTERVAL
+        ticks = Ticks(stop)
+        while not ticks.stopped():
+            if ticks.heartbeat_due():
                 for sock in socks:
                     send(sock, P.Heartbeat([]))
             acked = 0
-            for sock, _ in poller.poll(50):
-                while True:
-                    try:
-                        frames = sock.recv_multipart(flags=nb)
-                    except zmq.Again:
-                        break
-                    msg = P.decode(frames)
-                    if isinstance(msg, P.Task):
-                        for reply in answer(msg, out_sha, out_size):
-                            send(sock, reply)
-                    elif isinstance(msg, P.Ack):
-                        acks.append((msg.task_id, msg.attempt))
-                        rejected += not msg.accepted
-                        acked += 1
-                    elif isinstance(msg, (P.Disconnect, P.Error)):
-                        raise RuntimeError(f"a worker got {msg}")
+            for sock, msg in drain(poller, 50):
+                if isinstance(msg, P.Task):
+                    for reply in answer(msg, out_sha, out_size):
+                        send(sock, reply)
+                else:
+                    acked += tally(msg, acks)
             if acked:
                 shared.count(None, acked)
     except Exception as exc:  # noqa: BLE001  (reported to the parent)
         error = repr(exc)
     finally:
-        result_q.put((acks, rejected, error))
+        result_q.put(([(t, a) for t, a, _ in acks], sum(not ok for *_, ok in acks), error))
         ctx.destroy(0)
 
 

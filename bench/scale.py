@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.databases import Backend, backends, stop_all  # noqa: E402
-from bench.dispatch import OUTPUT, SCENE, Shared, verify  # noqa: E402
+from bench.dispatch import OUTPUT, SCENE, Shared, Ticks, drain, tally, verify  # noqa: E402
 from common import limits as L  # noqa: E402
 from common import protocol as P  # noqa: E402
 from farm import constants as C  # noqa: E402
@@ -199,7 +199,7 @@ def _proc(endpoint: str, ids: list[str], slots: int, length: list[float], offset
     logging.basicConfig(level=logging.WARNING)
     ctx = zmq.Context()
     nb = int(zmq.NOBLOCK)
-    acks, latencies, rejected, error = [], [], 0, ""
+    acks, latencies, error = [], [], ""
     try:
         socks, index = [], {}
         poller = zmq.Poller()
@@ -240,12 +240,8 @@ def _proc(endpoint: str, ids: list[str], slots: int, length: list[float], offset
             idle_heartbeats()
         ready_q.put(len(ids))
         while not go.wait(0.2):
-            for sock, _ in poller.poll(0):  # HEARTBEATs from the coordinator: read and forgotten
-                while True:
-                    try:
-                        sock.recv_multipart(flags=nb)
-                    except zmq.Again:
-                        break
+            for _ in drain(poller, 0):  # HEARTBEATs from the coordinator: read and forgotten
+                pass
             idle_heartbeats()
         running: list[dict[tuple[int, int], None]] = [{} for _ in socks]
         free_since: list[list[float]] = [[] for _ in socks]
@@ -255,15 +251,9 @@ def _proc(endpoint: str, ids: list[str], slots: int, length: list[float], offset
         for i, sock in enumerate(socks):
             free_since[i].extend([t0] * slots)
             sock.send_multipart(P.encode(P.Ready(slots)), nb)
-        next_hb = next_stop = time.monotonic()
-        while True:
-            now_m = time.monotonic()
-            if now_m >= next_stop:
-                if stop.is_set():
-                    break
-                next_stop = now_m + 0.05
-            if now_m >= next_hb:  # the coordinator drops workers silent for HEARTBEAT_LIVENESS intervals
-                next_hb = now_m + L.HEARTBEAT_INTERVAL
+        ticks = Ticks(stop)
+        while not ticks.stopped():
+            if ticks.heartbeat_due():
                 for i, sock in enumerate(socks):
                     sock.send_multipart(P.encode(P.Heartbeat([list(k) for k in running[i]])), nb)
             now = time.perf_counter()
@@ -277,34 +267,23 @@ def _proc(endpoint: str, ids: list[str], slots: int, length: list[float], offset
                 sock.send_multipart(P.encode(P.Ready(slots - len(running[i]))), nb)
             wait = 50.0 if not timers else max(0.0, min(50.0, (timers[0][0] - time.perf_counter()) * 1000))
             acked = 0
-            for sock, _ in poller.poll(wait):
-                i = index[sock]
-                while True:
-                    try:
-                        frames = sock.recv_multipart(flags=nb)
-                    except zmq.Again:
-                        break
-                    msg = P.decode(frames)
-                    if isinstance(msg, P.Task):
-                        now = time.perf_counter()
-                        latencies.append(now - free_since[i].pop(0))
-                        running[i][(msg.task_id, msg.attempt)] = None
-                        sock.send_multipart(P.encode(P.Progress(msg.task_id, msg.attempt, 0, 1, "inputs ready")), nb)
-                        _outs, seconds = outputs(msg, length, offsets[msg.job_id], out_sha)
-                        seq += 1
-                        heapq.heappush(timers, (now + seconds, seq, i, msg))
-                    elif isinstance(msg, P.Ack):
-                        acks.append((msg.task_id, msg.attempt))
-                        rejected += not msg.accepted
-                        acked += 1
-                    elif isinstance(msg, (P.Disconnect, P.Error)):
-                        raise RuntimeError(f"a worker got {msg}")
+            for sock, msg in drain(poller, wait):
+                if isinstance(msg, P.Task):
+                    i, now = index[sock], time.perf_counter()
+                    latencies.append(now - free_since[i].pop(0))
+                    running[i][(msg.task_id, msg.attempt)] = None
+                    sock.send_multipart(P.encode(P.Progress(msg.task_id, msg.attempt, 0, 1, "inputs ready")), nb)
+                    _outs, seconds = outputs(msg, length, offsets[msg.job_id], out_sha)
+                    seq += 1
+                    heapq.heappush(timers, (now + seconds, seq, i, msg))
+                else:
+                    acked += tally(msg, acks)
             if acked:
                 shared.count(None, acked)
     except Exception as exc:  # noqa: BLE001  (reported to the parent)
         error = repr(exc)
     finally:
-        result_q.put((acks, latencies, rejected, error))
+        result_q.put(([(t, a) for t, a, _ in acks], latencies, sum(not ok for *_, ok in acks), error))
         ctx.destroy(0)
 
 
