@@ -31,6 +31,8 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 from sqlmodel import Session
 
+from farm.store import begins
+
 
 class StaleRow(Exception):
     """A fenced update matched no row: the database no longer holds what the in-memory copy said."""
@@ -167,20 +169,25 @@ class _Pipeline:
     27 waits for the server a step before). Matched row counts are read once the Sync has returned
     them; a failed statement raises at the Sync, and the session rolls back as for any error."""
 
-    def __init__(self, dbapi_conn):
+    def __init__(self, dbapi_conn, info: dict):
         self.dbapi = dbapi_conn
+        self.info = info  # the connection's (farm.store.begin: a BEGIN it still owes)
         self.ctx = None
         self.queued: list[tuple[Any, tuple, list]] = []  # (cursor, group key, rows) waiting for the Sync
 
     @staticmethod
     def of(conn) -> "_Pipeline | None":
         dbapi = conn.connection.dbapi_connection
-        return _Pipeline(dbapi) if hasattr(dbapi, "pipeline") and conn.dialect.name == "postgresql" else None
+        if hasattr(dbapi, "pipeline") and conn.dialect.name == "postgresql":
+            return _Pipeline(dbapi, conn.info)
+        return None
 
     def add(self, stmt: "_Compiled", key: tuple, rows: list) -> None:
         if self.ctx is None:
             self.ctx = self.dbapi.pipeline()
             self.ctx.__enter__()
+            if (begin := begins.owed(self.info)) is not None:  # the transaction's BEGIN, in the same round trip
+                self.dbapi.execute(begin)
         cursor = self.dbapi.cursor()
         self.queued.append((cursor, key, rows))
         if stmt.unnest is not None:  # one statement for all the rows
@@ -437,6 +444,10 @@ class StepSession(Session):
     def rollback(self) -> None:
         self.writes.clear()
         super().rollback()
+
+
+# PostgreSQL: a step's BEGIN is sent with its first statement, in the write pipeline when that comes first
+event.listen(StepSession, "after_begin", begins.defer)
 
 
 @event.listens_for(StepSession, "do_orm_execute")

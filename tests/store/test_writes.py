@@ -152,6 +152,36 @@ def test_fenced_update_lands_only_on_the_row_it_expects(engine, job):
         assert (s.get(Task, t3).status, s.get(Task, t3).worker_id) == ("running", "w3")
 
 
+@pytest.mark.parametrize("first", ["write", "read"])
+def test_a_step_session_is_one_transaction_from_its_first_statement(engine, job, first):
+    """On PostgreSQL the step's BEGIN rides its first statement (farm.store.begins): whichever comes first, the
+    write pipeline or a read, everything after it is in the transaction, seen by nobody else until the
+    commit and undone by a rollback; the connection goes back to the pool as it came."""
+    job_id, (t1, *_) = job
+    with StepSession(engine) as s:
+        if first == "read":
+            assert s.exec(select(Task.id).where(Task.id == t1)).all() == [t1]
+        update_row(s, Task, t1, progress_done=7)
+        s.flush()
+        add_row(s, Event, kind="task", job_id=job_id, task_id=t1, detail="in-one-transaction")
+        assert s.exec(select(Event.id).where(Event.detail == "in-one-transaction")).all(), "the session sees it"
+        with session(engine) as other:
+            assert other.get(Task, t1).progress_done != 7, "not committed: nobody else sees it"
+            assert not other.exec(select(Event.id).where(Event.detail == "in-one-transaction")).all()
+        s.rollback()
+    with session(engine) as s:
+        assert s.get(Task, t1).progress_done != 7
+        assert not s.exec(select(Event.id).where(Event.detail == "in-one-transaction")).all()
+    with StepSession(engine) as s:
+        update_row(s, Task, t1, progress_done=8)
+        s.commit()
+    with engine.connect() as c:  # every pooled connection is back out of autocommit mode
+        dbapi = c.connection.dbapi_connection
+        assert not getattr(dbapi, "autocommit", False) and not c.info.get("farm_begin_deferred")
+    with session(engine) as s:
+        assert s.get(Task, t1).progress_done == 8
+
+
 AWKWARD_STRINGS = ["", "NULL", "null", " padded ", 'say "hi"', "back\\slash", "\\", '\\"', "{a,b}", "a,b", "tab\tnew\nline",
                    "\u3000wide\u2028space", "émoji 🎞", "'quote'"]
 AWKWARD_FLOATS = [0.0, -0.0, 0.1, 1 / 3, 1e-300, 5e-324, 1.7976931348623157e308, -2.5, 1e16, float("inf"),
