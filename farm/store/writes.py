@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Enum, Float, Integer, String, and_, bindparam, event, insert, inspect, update
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session
 
 from farm.store import begins
@@ -373,7 +374,7 @@ class _Unnest:
 # PostgreSQL array literals of the unnest statements' columns, written by us instead of psycopg's list
 # dumper: it runs a regular expression and a few Python calls for every element (~0.5 µs each; a step of
 # 50 tasks sends ~4,000 values: 2 ms of the step's CPU, bench/dispatch.py --profile --db pg), where these
-# write a column of plain ints, floats or strings with a few C-level joins. A column holding anything else
+# write a column of plain ints, floats, strings or bools with a few C-level joins. A column holding anything else
 # (bool in an int column, a subclass, bytes) is handed to psycopg as a list, which adapts any type. The
 # text goes with a cast (``%s::INTEGER[]``), so the server parses it with the column type's own input.
 _NONE = type(None)
@@ -411,10 +412,22 @@ def _strs(values: list) -> str | list:
     return values
 
 
+_BOOLS = {True: "t", False: "f", None: "NULL"}
+
+
+def _bools(values: list) -> str | list:
+    if set(map(type, values)) <= {bool, _NONE}:
+        return "{" + ",".join(map(_BOOLS.__getitem__, values)) + "}"
+    return values
+
+
 def _array_text_for(sql_type) -> Callable[[list], str | list] | None:
-    """How to write a column of ``sql_type`` as a PostgreSQL array literal, or None (psycopg adapts it)."""
+    """How to write a column of ``sql_type`` as a PostgreSQL array literal, or None (psycopg adapts it).
+    A TypeDecorator (sqlmodel's AutoString) is written as the type it stores, its bind processor having run."""
+    while isinstance(sql_type, TypeDecorator):
+        sql_type = sql_type.impl_instance
     if isinstance(sql_type, Boolean):
-        return None
+        return _bools
     if isinstance(sql_type, Integer):  # Integer, BigInteger, SmallInteger
         return _ints
     if isinstance(sql_type, Float):

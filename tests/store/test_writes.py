@@ -199,7 +199,13 @@ def test_inserted_and_updated_values_read_back_exactly(engine, job):
             add_row(s, Event, at=AWKWARD_FLOATS[i % len(AWKWARD_FLOATS)], kind="task", job_id=job_id,
                     task_id=None if i % 3 == 0 else t1, attempt=AWKWARD_INTS[i % len(AWKWARD_INTS)],
                     worker_id=None if i % 2 else text, old=text, new=text[::-1], detail="awkward")
+            add_row(s, Attempt, task_id=t1, job_id=job_id, attempt=100 + i, worker_id=text, started_at=1.0,
+                    progressed=i % 3 == 0, error=text)
         s.commit()
+    with session(engine) as s:
+        attempts = s.exec(select(Attempt).where(Attempt.attempt >= 100).order_by(Attempt.attempt)).all()
+        assert [(a.progressed, a.error, a.worker_id) for a in attempts] == [
+            (i % 3 == 0, text, text) for i, text in enumerate(AWKWARD_STRINGS)]
     with session(engine) as s:
         rows = s.exec(select(Event).where(Event.detail == "awkward").order_by(Event.id)).all()
         assert len(rows) == n
