@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Enum, Float, Integer, String, and_, bindparam, event, insert, inspect, update
+from sqlalchemy import JSON, Boolean, Float, and_, bindparam, event, insert, inspect, update
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
-from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session
 
 from farm.store import begins
+from farm.store.pg_arrays import array_text_for
 
 
 class StaleRow(Exception):
@@ -359,82 +358,16 @@ class _Unnest:
             where += [f"{t}.{q.quote(k)} = {v[f'_f_{k}']}" for k in fence]
             self.sql = (f"UPDATE {t} SET {sets} FROM unnest({arrays}) AS v({', '.join(f'c{j}' for j in range(len(cols)))}) "
                         f"WHERE {' AND '.join(where)}")
-        self.fields = [(k, c.type.bind_processor(dialect), _array_text_for(c.type)) for k, c in cols]
+        self.fields = [(k, c.type.bind_processor(dialect), array_text_for(c.type)) for k, c in cols]
 
     def params(self, rows: list[dict[str, Any]]) -> tuple[Any, ...]:
         """One array per column, the values through the columns' bind processors: as the array's text
-        when :func:`_array_text_for` knows how to write it, else as a list for psycopg to adapt."""
+        when :func:`farm.store.pg_arrays.array_text_for` knows how to write it, else as a list for psycopg to adapt."""
         out = []
         for k, p, text in self.fields:
             values = [r[k] for r in rows] if p is None else [None if r[k] is None else p(r[k]) for r in rows]
             out.append(values if text is None else text(values))
         return tuple(out)
-
-
-# PostgreSQL array literals of the unnest statements' columns, written by us instead of psycopg's list
-# dumper: it runs a regular expression and a few Python calls for every element (~0.5 µs each; a step of
-# 50 tasks sends ~4,000 values: 2 ms of the step's CPU, bench/dispatch.py --profile --db pg), where these
-# write a column of plain ints, floats, strings or bools with a few C-level joins. A column holding anything else
-# (bool in an int column, a subclass, bytes) is handed to psycopg as a list, which adapts any type. The
-# text goes with a cast (``%s::INTEGER[]``), so the server parses it with the column type's own input.
-_NONE = type(None)
-
-
-def _ints(values: list) -> str | list:
-    kinds = set(map(type, values))
-    if kinds <= {int}:
-        return "{" + ",".join(map(str, values)) + "}"
-    if kinds <= {int, _NONE}:
-        return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
-    return values
-
-
-def _floats(values: list) -> str | list:
-    kinds = set(map(type, values))
-    if kinds <= {float, int}:  # repr: the shortest text that reads back as the same double (inf, nan too)
-        return "{" + ",".join(map(repr, values)) + "}"
-    if kinds <= {float, int, _NONE}:
-        return "{" + ",".join("NULL" if v is None else repr(v) for v in values) + "}"
-    return values
-
-
-def _quoted(v: str) -> str:
-    # inside double quotes only backslash and the quote are special (no trimming, NULL is a string)
-    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _strs(values: list) -> str | list:
-    kinds = set(map(type, values))
-    if kinds <= {str}:
-        return "{" + ",".join(map(_quoted, values)) + "}"
-    if kinds <= {str, _NONE}:
-        return "{" + ",".join("NULL" if v is None else _quoted(v) for v in values) + "}"
-    return values
-
-
-_BOOLS = {True: "t", False: "f", None: "NULL"}
-
-
-def _bools(values: list) -> str | list:
-    if set(map(type, values)) <= {bool, _NONE}:
-        return "{" + ",".join(map(_BOOLS.__getitem__, values)) + "}"
-    return values
-
-
-def _array_text_for(sql_type) -> Callable[[list], str | list] | None:
-    """How to write a column of ``sql_type`` as a PostgreSQL array literal, or None (psycopg adapts it).
-    A TypeDecorator (sqlmodel's AutoString) is written as the type it stores, its bind processor having run."""
-    while isinstance(sql_type, TypeDecorator):
-        sql_type = sql_type.impl_instance
-    if isinstance(sql_type, Boolean):
-        return _bools
-    if isinstance(sql_type, Integer):  # Integer, BigInteger, SmallInteger
-        return _ints
-    if isinstance(sql_type, Float):
-        return _floats
-    if isinstance(sql_type, String) and not isinstance(sql_type, Enum):
-        return _strs
-    return None
 
 
 class StepSession(Session):
