@@ -7,8 +7,10 @@ coordinator, whose first statements are usually the write buffer's pipeline (far
 psycopg connection in autocommit mode (psycopg then sends no BEGIN of its own) and records that it owes
 one; whoever sends the transaction's first statement sends the BEGIN first: the write pipeline queues it
 ahead of its statements (:func:`owed`, same round trip), and any other statement through SQLAlchemy sends
-it just before (:func:`_begin_first`, as psycopg would have). ``COMMIT`` and ``ROLLBACK`` are psycopg's
-own: it sends them whenever the server says a transaction is open, autocommit or not.
+it just before (:func:`_begin_first`, as psycopg would have). ``ROLLBACK`` is psycopg's own (it sends it
+whenever the server says a transaction is open, autocommit or not), and so is ``COMMIT``, unless the write
+buffer queued it behind its last writes (:func:`deferred`; farm/store/writes.py): a step that writes is
+then one round trip, BEGIN, statements and COMMIT.
 
 Invariants:
 
@@ -19,7 +21,8 @@ Invariants:
   API's sessions and everything else on the engine get psycopg's ordinary transactions; one that cannot
   (a transaction still open) is rolled back first, and invalidated if even that fails.
 
-Measured (bench/dispatch.py --db pg, N = 50): 3 → 2 waits for the server in a step that writes.
+Measured (bench/dispatch.py --db pg, N = 50): 3 → 2 waits for the server in a step that writes (→ 1 with
+the COMMIT in the pipeline too).
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ OWED = "farm_begin_owed"
 """``Connection.info`` key: the BEGIN statement the connection's transaction has not sent yet."""
 
 DEFERRED = "farm_begin_deferred"
-"""``Connection.info`` key: the connection was put in autocommit mode by :func:`defer` (undone at checkin)."""
+"""``Connection.info`` key: the connection was put in autocommit mode by :func:`defer` (undone at checkin);
+the value is its BEGIN statement."""
 
 
 def defer(_session, _transaction, connection) -> None:
@@ -51,13 +55,26 @@ def defer(_session, _transaction, connection) -> None:
     begin = b"BEGIN" if level is None else b"BEGIN ISOLATION LEVEL " + level.name.replace("_", " ").encode()
     dbapi.autocommit = True
     info = connection.info
-    info[DEFERRED] = True
+    info[DEFERRED] = begin
     info[OWED] = begin
 
 
 def owed(info: dict) -> bytes | None:
     """The BEGIN the connection owes (taken: the caller sends it before anything else), or None."""
     return info.pop(OWED, None) if info else None
+
+
+def deferred(info: dict) -> bool:
+    """Whether the connection's transaction is ours to end: COMMIT can be sent as a statement (the write
+    buffer queues it behind its writes: farm/store/writes.py)."""
+    return bool(info.get(DEFERRED))
+
+
+def rearm(info: dict) -> None:
+    """The transaction was committed by a statement: a statement after it owes a BEGIN again (so that
+    nothing ever runs outside a transaction; the session commits whatever that one holds)."""
+    if info.get(DEFERRED):
+        info[OWED] = info[DEFERRED]
 
 
 @event.listens_for(Engine, "before_cursor_execute")

@@ -182,6 +182,31 @@ def test_a_step_session_is_one_transaction_from_its_first_statement(engine, job,
         assert s.get(Task, t1).progress_done == 8
 
 
+@pytest.mark.parametrize("pending", ["buffer", "orm", "nothing"])
+def test_commit_calls_before_wait_once_and_commits_everything(engine, job, pending):
+    """``StepSession.commit(before_wait)`` (the coordinator's on_commit) runs it exactly once, whether the
+    buffer and the COMMIT go in one round trip (PostgreSQL, the ORM clean), the ORM has changes to flush
+    after the buffer, or there is nothing to write; and everything is committed."""
+    job_id, (t1, t2, _) = job
+    calls = []
+    with StepSession(engine) as s:
+        if pending != "nothing":
+            update_row(s, Task, t1, progress_done=11)
+            add_row(s, Event, kind="task", job_id=job_id, task_id=t1, detail=f"before-wait-{pending}")
+        if pending == "orm":
+            task = s.get(Task, t2)
+            task.progress_done = 12  # an ORM change, flushed after the buffer
+            s.add(task)
+        s.commit(before_wait=lambda: calls.append(1))
+    assert calls == [1]
+    with session(engine) as s:
+        if pending != "nothing":
+            assert s.get(Task, t1).progress_done == 11
+            assert s.exec(select(Event.id).where(Event.detail == f"before-wait-{pending}")).all()
+        if pending == "orm":
+            assert s.get(Task, t2).progress_done == 12
+
+
 AWKWARD_STRINGS = ["", "NULL", "null", " padded ", 'say "hi"', "back\\slash", "\\", '\\"', "{a,b}", "a,b", "tab\tnew\nline",
                    "\u3000wide\u2028space", "émoji 🎞", "'quote'"]
 AWKWARD_FLOATS = [0.0, -0.0, 0.1, 1 / 3, 1e-300, 5e-324, 1.7976931348623157e308, -2.5, 1e16, float("inf"),
