@@ -19,21 +19,14 @@ from sqlalchemy.types import TypeDecorator
 _NONE = type(None)
 
 
-def _ints(values: list) -> str | list:
-    kinds = set(map(type, values))
-    if kinds <= {int}:
-        return "{" + ",".join(map(str, values)) + "}"
-    if kinds <= {int, _NONE}:
-        return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
-    return values
-
-
-def _floats(values: list) -> str | list:
-    kinds = set(map(type, values))
-    if kinds <= {float, int}:  # repr: the shortest text that reads back as the same double (inf, nan too)
-        return "{" + ",".join(map(repr, values)) + "}"
-    if kinds <= {float, int, _NONE}:
-        return "{" + ",".join("NULL" if v is None else repr(v) for v in values) + "}"
+def _array(values: list, kinds: frozenset, text: Callable[[object], str]) -> str | list:
+    """``values`` as an array literal when every one is of ``kinds`` or None (``text`` writes one), else
+    ``values`` itself."""
+    seen = set(map(type, values))
+    if seen <= kinds:
+        return "{" + ",".join(map(text, values)) + "}"
+    if seen <= kinds | {_NONE}:
+        return "{" + ",".join("NULL" if v is None else text(v) for v in values) + "}"
     return values
 
 
@@ -42,22 +35,24 @@ def _quoted(v: str) -> str:
     return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+_INTS, _FLOATS, _STRS, _BOOLS = frozenset({int}), frozenset({float, int}), frozenset({str}), frozenset({bool})
+_BOOL_TEXT = {True: "t", False: "f"}.__getitem__
+
+
+def _ints(values: list) -> str | list:
+    return _array(values, _INTS, str)
+
+
+def _floats(values: list) -> str | list:
+    return _array(values, _FLOATS, repr)  # repr: the shortest text that reads back as the same double (inf, nan)
+
+
 def _strs(values: list) -> str | list:
-    kinds = set(map(type, values))
-    if kinds <= {str}:
-        return "{" + ",".join(map(_quoted, values)) + "}"
-    if kinds <= {str, _NONE}:
-        return "{" + ",".join("NULL" if v is None else _quoted(v) for v in values) + "}"
-    return values
-
-
-_BOOLS = {True: "t", False: "f", None: "NULL"}
+    return _array(values, _STRS, _quoted)
 
 
 def _bools(values: list) -> str | list:
-    if set(map(type, values)) <= {bool, _NONE}:
-        return "{" + ",".join(map(_BOOLS.__getitem__, values)) + "}"
-    return values
+    return _array(values, _BOOLS, _BOOL_TEXT)
 
 
 def array_text_for(sql_type) -> Callable[[list], str | list] | None:
