@@ -150,10 +150,8 @@ class Coordinator:
                     for ident, msg in msgs:
                         self._dispatch(s, ident, msg, now, out)
                     self._maintain(s, now, out)
-                    if self.on_commit is not None:
-                        s.flush()  # the statements run first: the commit that follows only writes and syncs
-                        self.on_commit()
-                    s.commit()
+                    # on_commit once the statements are sent: the commit that follows only waits for the disk
+                    s.commit(before_wait=self.on_commit)
                     self._committed(s)
         except Exception as exc:  # a handler bug must not take the coordinator down: retry one by one
             if isinstance(exc, StaleRow):  # the lease book was stale (it is emptied): read from the database

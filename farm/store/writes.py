@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import functools
 import operator
+import re
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, Float, and_, bindparam, event, insert, inspect, update
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 from sqlmodel import Session
+
+from farm.store import begins
+from farm.store.pg_arrays import array_text_for
 
 
 class StaleRow(Exception):
@@ -111,9 +116,13 @@ class Writes:
                 values[name] = default.arg if default.is_scalar else default.arg(None)
         self.inserts.append((model, values))
 
-    def flush(self) -> None:
+    def flush(self, commit: bool = False, before_wait: Callable[[], None] | None = None) -> bool:
+        """Write the buffer. With ``commit`` (the ORM has nothing left to flush), on PostgreSQL the
+        transaction's COMMIT goes in the same pipeline as the writes, each fenced statement checking its
+        count in the server (a mismatch fails it, so the COMMIT never runs): returns whether it was
+        committed. ``before_wait``: called then, once everything is sent, before waiting for the server."""
         if not (self.inserts or self.updates or self.adds):
-            return
+            return False
         inserts, updates, adds, fences = self.inserts, self.updates, self.adds, self.fences
         self.inserts, self.updates, self.adds = [], {}, {}
         conn = self.session.connection()
@@ -136,19 +145,42 @@ class Writes:
             for key, rows in groups.items():
                 _check(key, rows, _compiled(conn.dialect, *key).run(conn, rows))
                 self.statements += 1
-            return
+            return False
+        inline = commit and begins.deferred(conn.info)  # COMMIT is a statement like others on that connection
+        committed = False
         try:
             for key, rows in groups.items():
                 stmt = _compiled(conn.dialect, *key)
                 if stmt.raw:
-                    pipe.add(stmt, key, rows)
+                    pipe.add(stmt, key, rows, checked=inline)
                 else:  # through SQLAlchemy, which reads its result at once: what was queued goes first
                     pipe.sync()
                     _check(key, rows, stmt.run(conn, rows))
                 self.statements += 1
+            if inline and pipe.ctx is not None:
+                pipe.commit()
+                committed = True
+                if before_wait is not None:
+                    before_wait()
             pipe.sync()
+        except Exception as exc:  # (a pipeline raises a failed statement's error at any later call)
+            stale = _STALE.search(str(exc)) if getattr(exc, "sqlstate", None) == "22P02" else None
+            if stale is None:
+                raise
+            matched, total, model = int(stale[1]), int(stale[2]), stale[3]
+            raise StaleRow(f"{total - matched} of {total} fenced {model} rows changed in the database since they "
+                           "were read") from exc
         finally:
             pipe.close()
+        if committed:  # anything after this would begin a transaction of its own, never run outside one
+            begins.rearm(conn.info)
+        return committed
+
+
+STALE_MARK = "farm: fenced rows changed, matched"
+"""Text of the error a fenced statement checked in the server raises (a failed cast of this text, the
+counts and the model: plain SQL has no RAISE), turned back into :class:`StaleRow` at the Sync."""
+_STALE = re.compile(re.escape(STALE_MARK) + r" (\d+) of (\d+) (\w+)")
 
 
 def _check(key: tuple, rows: list, matched: int) -> None:
@@ -164,28 +196,46 @@ class _Pipeline:
     syncs a pipeline of its own per call). A step writes ~8 statements: on a loaded 2-core machine each
     round trip to the server process costs a context switch or two (bench/dispatch.py --db pg:
     27 waits for the server a step before). Matched row counts are read once the Sync has returned
-    them; a failed statement raises at the Sync, and the session rolls back as for any error."""
+    them; a failed statement raises at the Sync (or at a later call), and the session rolls back as for
+    any error. The step's BEGIN (farm/store/begins.py) and, when committing, its COMMIT ride the same
+    pipeline; the fenced statements then check their counts in the server, so a stale row fails its
+    statement, the server skips the rest up to the Sync, COMMIT included, and nothing is committed."""
 
-    def __init__(self, dbapi_conn):
+    def __init__(self, dbapi_conn, info: dict):
         self.dbapi = dbapi_conn
+        self.info = info  # the connection's (farm.store.begin: a BEGIN it still owes)
         self.ctx = None
-        self.queued: list[tuple[Any, tuple, list]] = []  # (cursor, group key, rows) waiting for the Sync
+        self.queued: list[tuple[Any, tuple, list, bool]] = []  # (cursor, group key, rows, checked) before the Sync
 
     @staticmethod
     def of(conn) -> "_Pipeline | None":
         dbapi = conn.connection.dbapi_connection
-        return _Pipeline(dbapi) if hasattr(dbapi, "pipeline") and conn.dialect.name == "postgresql" else None
+        if hasattr(dbapi, "pipeline") and conn.dialect.name == "postgresql":
+            return _Pipeline(dbapi, conn.info)
+        return None
 
-    def add(self, stmt: "_Compiled", key: tuple, rows: list) -> None:
+    def add(self, stmt: "_Compiled", key: tuple, rows: list, checked: bool = False) -> None:
+        """Queue ``stmt`` for ``rows``; ``checked``: a fenced statement checks its count in the server."""
         if self.ctx is None:
             self.ctx = self.dbapi.pipeline()
             self.ctx.__enter__()
+            if (begin := begins.owed(self.info)) is not None:  # the transaction's BEGIN, in the same round trip
+                self.dbapi.execute(begin)
         cursor = self.dbapi.cursor()
-        self.queued.append((cursor, key, rows))
-        if stmt.unnest is not None:  # one statement for all the rows
-            cursor.execute(stmt.unnest.sql, stmt.unnest.params(rows), binary=True)  # binary: no quoting of each value
+        unnest = stmt.unnest
+        checked = checked and unnest is not None and unnest.checked is not None
+        self.queued.append((cursor, key, rows, checked))
+        if checked:  # its count comes back as a row (a mismatch has failed it)
+            cursor.execute(unnest.checked, (*unnest.params(rows), len(rows), len(rows)), binary=True)
+        elif unnest is not None:  # one statement for all the rows
+            cursor.execute(unnest.sql, unnest.params(rows), binary=True)  # binary: no quoting of each value
         else:  # rides the open pipeline: no Sync of its own
             cursor.executemany(stmt.sql, stmt.params(rows))
+
+    def commit(self) -> None:
+        """Queue the transaction's COMMIT behind the statements (the connection is in autocommit mode,
+        farm.store.begins): when one of them fails, the server skips it and the transaction stays aborted."""
+        self.dbapi.execute(b"COMMIT")
 
     def sync(self) -> None:
         """Send what is queued and wait for it; check the fenced statements' counts."""
@@ -194,8 +244,8 @@ class _Pipeline:
         ctx, self.ctx = self.ctx, None
         ctx.__exit__(None, None, None)  # the Sync: raises the first failed statement's error
         queued, self.queued = self.queued, []
-        for cursor, key, rows in queued:
-            _check(key, rows, cursor.rowcount)
+        for cursor, key, rows, checked in queued:
+            _check(key, rows, cursor.fetchone()[0] if checked else cursor.rowcount)
             cursor.close()
 
     def close(self) -> None:
@@ -206,7 +256,7 @@ class _Pipeline:
                 ctx.__exit__(None, None, None)
             except Exception:  # noqa: BLE001  (the error being raised already says what failed)
                 pass
-        for cursor, _key, _rows in self.queued:
+        for cursor, *_ in self.queued:
             cursor.close()
         self.queued = []
 
@@ -281,7 +331,8 @@ class _Compiled:
         # no processor to run (SQLite's types, mostly): a row's parameters are one C call away
         self.plain = not any(procs) and self.positional
         self.getter = operator.itemgetter(*names) if len(names) > 1 else (lambda r, k=names[0]: (r[k],))
-        self.unnest = _Unnest(dialect, table, op, keys, fence, by) if dialect.name == "postgresql" and self.raw else None
+        self.unnest = (_Unnest(dialect, model, op, keys, fence, by) if dialect.name == "postgresql" and self.raw
+                       else None)
 
     def params(self, rows: list[dict[str, Any]]) -> list:
         """The driver's parameters for ``rows``, through the columns' bind processors."""
@@ -329,8 +380,9 @@ class _Unnest:
     psycopg adapts row by row. The statement text does not depend on the number of rows, so psycopg
     prepares it once. Rows matched = the statement's row count (the keys of one group are distinct)."""
 
-    def __init__(self, dialect, table, op: str, keys: tuple[str, ...], fence: tuple[str, ...],
+    def __init__(self, dialect, model: type, op: str, keys: tuple[str, ...], fence: tuple[str, ...],
                  by: tuple[str, ...] | None):
+        table = model.__table__
         q = dialect.identifier_preparer
         t = q.format_table(table)
         if op == "insert":
@@ -350,12 +402,22 @@ class _Unnest:
             where += [f"{t}.{q.quote(k)} = {v[f'_f_{k}']}" for k in fence]
             self.sql = (f"UPDATE {t} SET {sets} FROM unnest({arrays}) AS v({', '.join(f'c{j}' for j in range(len(cols)))}) "
                         f"WHERE {' AND '.join(where)}")
-        self.fields = [(k, c.type.bind_processor(dialect)) for k, c in cols]
+        # a fenced update that checks its own count, for a pipeline that commits: it fails unless it matched
+        # every row (the cast of text that is no integer; the text names the count, so it is not folded at
+        # planning), and returns the count
+        self.checked = None if not fence else (
+            f"WITH u AS ({self.sql} RETURNING 1) SELECT CASE WHEN count(*) = %s THEN count(*) "
+            f"ELSE CAST('{STALE_MARK} ' || count(*) || ' of ' || %s || ' {model.__name__}' AS bigint) END FROM u")
+        self.fields = [(k, c.type.bind_processor(dialect), array_text_for(c.type)) for k, c in cols]
 
-    def params(self, rows: list[dict[str, Any]]) -> tuple[list, ...]:
-        """One list per column, the values through the columns' bind processors."""
-        return tuple([r[k] for r in rows] if p is None else [None if r[k] is None else p(r[k]) for r in rows]
-                     for k, p in self.fields)
+    def params(self, rows: list[dict[str, Any]]) -> tuple[Any, ...]:
+        """One array per column, the values through the columns' bind processors: as the array's text
+        when :func:`farm.store.pg_arrays.array_text_for` knows how to write it, else as a list for psycopg to adapt."""
+        out = []
+        for k, p, text in self.fields:
+            values = [r[k] for r in rows] if p is None else [None if r[k] is None else p(r[k]) for r in rows]
+            out.append(values if text is None else text(values))
+        return tuple(out)
 
 
 class StepSession(Session):
@@ -370,14 +432,27 @@ class StepSession(Session):
         self.writes.flush()
         super().flush(objects)
 
-    def commit(self) -> None:
-        self.writes.flush()
-        super().commit()
+    def commit(self, before_wait: Callable[[], None] | None = None) -> None:
+        """Commit; ``before_wait`` is called once every statement is sent, before the commit waits for the
+        database (the broker drains its socket meanwhile). On PostgreSQL, when the ORM has nothing to
+        flush, the buffer's writes and the COMMIT go in one round trip (:meth:`Writes.flush`)."""
+        if self._new or self._deleted or self.identity_map._modified:
+            self.flush()  # the buffer, then the ORM's changes (made after it)
+            committed = False
+        else:
+            committed = self.writes.flush(commit=True, before_wait=before_wait)
+        if before_wait is not None and not committed:
+            before_wait()
+        super().commit()  # SQLAlchemy's bookkeeping and events; psycopg sends no COMMIT when it was sent
         self.writes.fences.clear()  # rows read, never written: nothing left to check
 
     def rollback(self) -> None:
         self.writes.clear()
         super().rollback()
+
+
+# PostgreSQL: a step's BEGIN is sent with its first statement, in the write pipeline when that comes first
+event.listen(StepSession, "after_begin", begins.defer)
 
 
 @event.listens_for(StepSession, "do_orm_execute")

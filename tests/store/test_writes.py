@@ -152,6 +152,106 @@ def test_fenced_update_lands_only_on_the_row_it_expects(engine, job):
         assert (s.get(Task, t3).status, s.get(Task, t3).worker_id) == ("running", "w3")
 
 
+@pytest.mark.parametrize("first", ["write", "read"])
+def test_a_step_session_is_one_transaction_from_its_first_statement(engine, job, first):
+    """On PostgreSQL the step's BEGIN rides its first statement (farm.store.begins): whichever comes first, the
+    write pipeline or a read, everything after it is in the transaction, seen by nobody else until the
+    commit and undone by a rollback; the connection goes back to the pool as it came."""
+    job_id, (t1, *_) = job
+    with StepSession(engine) as s:
+        if first == "read":
+            assert s.exec(select(Task.id).where(Task.id == t1)).all() == [t1]
+        update_row(s, Task, t1, progress_done=7)
+        s.flush()
+        add_row(s, Event, kind="task", job_id=job_id, task_id=t1, detail="in-one-transaction")
+        assert s.exec(select(Event.id).where(Event.detail == "in-one-transaction")).all(), "the session sees it"
+        with session(engine) as other:
+            assert other.get(Task, t1).progress_done != 7, "not committed: nobody else sees it"
+            assert not other.exec(select(Event.id).where(Event.detail == "in-one-transaction")).all()
+        s.rollback()
+    with session(engine) as s:
+        assert s.get(Task, t1).progress_done != 7
+        assert not s.exec(select(Event.id).where(Event.detail == "in-one-transaction")).all()
+    with StepSession(engine) as s:
+        update_row(s, Task, t1, progress_done=8)
+        s.commit()
+    with engine.connect() as c:  # every pooled connection is back out of autocommit mode
+        dbapi = c.connection.dbapi_connection
+        assert not getattr(dbapi, "autocommit", False) and not c.info.get("farm_begin_deferred")
+    with session(engine) as s:
+        assert s.get(Task, t1).progress_done == 8
+
+
+@pytest.mark.parametrize("pending", ["buffer", "orm", "nothing"])
+def test_commit_calls_before_wait_once_and_commits_everything(engine, job, pending):
+    """``StepSession.commit(before_wait)`` (the coordinator's on_commit) runs it exactly once, whether the
+    buffer and the COMMIT go in one round trip (PostgreSQL, the ORM clean), the ORM has changes to flush
+    after the buffer, or there is nothing to write; and everything is committed."""
+    job_id, (t1, t2, _) = job
+    calls = []
+    with StepSession(engine) as s:
+        if pending != "nothing":
+            update_row(s, Task, t1, progress_done=11)
+            add_row(s, Event, kind="task", job_id=job_id, task_id=t1, detail=f"before-wait-{pending}")
+        if pending == "orm":
+            task = s.get(Task, t2)
+            task.progress_done = 12  # an ORM change, flushed after the buffer
+            s.add(task)
+        s.commit(before_wait=lambda: calls.append(1))
+    assert calls == [1]
+    with session(engine) as s:
+        if pending != "nothing":
+            assert s.get(Task, t1).progress_done == 11
+            assert s.exec(select(Event.id).where(Event.detail == f"before-wait-{pending}")).all()
+        if pending == "orm":
+            assert s.get(Task, t2).progress_done == 12
+
+
+AWKWARD_STRINGS = ["", "NULL", "null", " padded ", 'say "hi"', "back\\slash", "\\", '\\"', "{a,b}", "a,b", "tab\tnew\nline",
+                   "\u3000wide\u2028space", "émoji 🎞", "'quote'"]
+AWKWARD_FLOATS = [0.0, -0.0, 0.1, 1 / 3, 1e-300, 5e-324, 1.7976931348623157e308, -2.5, 1e16, float("inf"),
+                  float("-inf"), 3]
+AWKWARD_INTS = [0, -1, 2**31 - 1, -(2**31), 7]
+
+
+def test_inserted_and_updated_values_read_back_exactly(engine, job):
+    """Every value a buffered INSERT or UPDATE writes reads back as written (on PostgreSQL the columns go
+    as array literals the buffer writes itself: quoting, NULL, the floats' shortest repr)."""
+    job_id, (t1, *_) = job
+    n = len(AWKWARD_STRINGS)
+    with StepSession(engine) as s:
+        for i, text in enumerate(AWKWARD_STRINGS):
+            add_row(s, Event, at=AWKWARD_FLOATS[i % len(AWKWARD_FLOATS)], kind="task", job_id=job_id,
+                    task_id=None if i % 3 == 0 else t1, attempt=AWKWARD_INTS[i % len(AWKWARD_INTS)],
+                    worker_id=None if i % 2 else text, old=text, new=text[::-1], detail="awkward")
+            add_row(s, Attempt, task_id=t1, job_id=job_id, attempt=100 + i, worker_id=text, started_at=1.0,
+                    progressed=i % 3 == 0, error=text)
+        s.commit()
+    with session(engine) as s:
+        attempts = s.exec(select(Attempt).where(Attempt.attempt >= 100).order_by(Attempt.attempt)).all()
+        assert [(a.progressed, a.error, a.worker_id) for a in attempts] == [
+            (i % 3 == 0, text, text) for i, text in enumerate(AWKWARD_STRINGS)]
+    with session(engine) as s:
+        rows = s.exec(select(Event).where(Event.detail == "awkward").order_by(Event.id)).all()
+        assert len(rows) == n
+        for i, (e, text) in enumerate(zip(rows, AWKWARD_STRINGS)):
+            assert (e.old, e.new, e.worker_id) == (text, text[::-1], None if i % 2 else text)
+            assert (e.task_id, e.attempt) == (None if i % 3 == 0 else t1, AWKWARD_INTS[i % len(AWKWARD_INTS)])
+            f = AWKWARD_FLOATS[i % len(AWKWARD_FLOATS)]
+            assert e.at == f, (e.at, f)  # (SQLite keeps no sign of zero)
+        ids = [e.id for e in rows]
+    with StepSession(engine) as s:  # updates of plain rows (by key) and of loaded ones, NULLs among values
+        for i, eid in enumerate(ids):
+            update_row(s, Event, eid, detail=AWKWARD_STRINGS[-1 - i], worker_id=None if i % 2 == 0 else "w",
+                       at=AWKWARD_FLOATS[-1 - i % len(AWKWARD_FLOATS)])
+        s.commit()
+    with session(engine) as s:
+        for i, eid in enumerate(ids):
+            e = s.get(Event, eid)
+            assert (e.detail, e.worker_id) == (AWKWARD_STRINGS[-1 - i], None if i % 2 == 0 else "w")
+            assert e.at == AWKWARD_FLOATS[-1 - i % len(AWKWARD_FLOATS)]
+
+
 def test_add_to_adds_in_the_database_and_update_by_names_a_unique_key(engine, job):
     job_id, (t1, *_) = job
     with session(engine) as s:
