@@ -3,8 +3,9 @@
 The event loop only moves bytes: it drains whatever messages are waiting (up to BATCH_MAX_MESSAGES),
 hands the batch to the coordinator in a single dedicated thread (database work and fsync never block the
 loop, which also serves HTTP), then sends the replies the coordinator returned after its commit.
-Heartbeats go to every connected worker each HEARTBEAT_INTERVAL. Once the step's statements have run and
-its commit starts, it tells the loop (``Coordinator.on_commit``), which drains the messages that arrived
+Heartbeats go to every connected worker each HEARTBEAT_INTERVAL. Once the step's statements have run (on
+PostgreSQL: once they and the COMMIT are sent, farm.store.writes) and its commit starts, it tells the loop
+(``Coordinator.on_commit``), which drains the messages that arrived
 meanwhile into the next batch while the commit writes and fsyncs without the GIL: that receiving costs no
 time of the step's thread.
 
