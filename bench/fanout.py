@@ -110,7 +110,7 @@ def role_coordinator(data: str, plain: bool) -> None:
     if os.environ.get("FANOUT_PROFILE"):  # --profile: the step thread's and the loop's time, by function
         import cProfile
         import pstats
-        prof, loop_prof = cProfile.Profile(), cProfile.Profile()
+        prof, loop_prof = cProfile.Profile(time.thread_time), cProfile.Profile(time.thread_time)  # CPU, not wall
         step = coord.step
 
         def profiled_step(batch, now=None):

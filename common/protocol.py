@@ -4,7 +4,8 @@ A message is three frames: ``[PROTOCOL_HEADER, command byte, msgpack body]`` (th
 peer's routing id in front). Every message is a frozen dataclass; :func:`encode` turns one into frames and
 :func:`decode` turns frames back into one, raising :class:`ProtocolError` on anything malformed: a wrong
 version, an unknown command, a body that is not a msgpack map, a missing or extra field, a field of the
-wrong type, or a body larger than :data:`~common.limits.MAX_MESSAGE_BYTES`. See PROTOCOL.md.
+wrong type, or a body larger than :data:`~common.limits.MAX_MESSAGE_BYTES` (a BLOB's: larger than
+:data:`~common.limits.MAX_BLOB_MESSAGE_BYTES`, its chunks being bigger). See PROTOCOL.md.
 
 Every value a message carries may end up in a database row or a JSON column, so decoding accepts only what
 those can hold: integers within int64, finite floats, strings without NUL characters (PostgreSQL text
@@ -22,7 +23,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from common.limits import MAX_MESSAGE_BYTES, PROTOCOL_HEADER
+from common.limits import MAX_BLOB_MESSAGE_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_HEADER
 
 
 class ProtocolError(ValueError):
@@ -99,7 +100,8 @@ class Failed:
 
 @dataclass(frozen=True)
 class BlobGet:
-    """Request one chunk of a blob (credit-based: a worker keeps at most BLOB_CREDIT requests open)."""
+    """Request one chunk of a blob (credit-based: a worker keeps at most WELCOME's ``credit`` requests of
+    its ``chunk_size`` open a blob). A longer ``length`` is served as one chunk."""
     command: ClassVar[int] = 0x07
     sha256: str
     offset: int
@@ -108,7 +110,7 @@ class BlobGet:
 
 @dataclass(frozen=True)
 class BlobPut:
-    """One chunk of an output blob, written at ``offset`` of ``total`` bytes."""
+    """One chunk of an output blob, written at ``offset`` of ``total`` bytes (at most UPLOAD_CHUNK_SIZE)."""
     command: ClassVar[int] = 0x08
     sha256: str
     offset: int
@@ -137,7 +139,9 @@ class Release:
 # ---------------------------------------------------------------- coordinator → worker
 @dataclass(frozen=True)
 class Welcome:
-    """Answer to HELLO: the worker is registered; timing parameters it must follow."""
+    """Answer to HELLO: the worker is registered; timing parameters it must follow. ``chunk_size`` and
+    ``credit``: the BLOB chunk this coordinator serves and how many a worker keeps asked for (a worker
+    fetches with these, so old and new coordinators, 256 KiB and 1 MiB chunks, both serve it)."""
     command: ClassVar[int] = 0x21
     worker_id: str
     heartbeat_interval: float
@@ -403,9 +407,10 @@ def decode(frames: list[bytes]) -> Message:
             "coordinator's version")
     if len(command) != 1 or command[0] not in MESSAGES:
         raise ProtocolError(f"unknown command {command[:4].hex()}")
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"body of {len(body)} bytes exceeds the {MAX_MESSAGE_BYTES} byte limit")
     cls = MESSAGES[command[0]]
+    limit = MAX_BLOB_MESSAGE_BYTES if cls is Blob else MAX_MESSAGE_BYTES
+    if len(body) > limit:
+        raise ProtocolError(f"body of {len(body)} bytes exceeds the {limit} byte limit")
     try:
         data = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated exception types

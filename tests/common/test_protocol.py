@@ -1,4 +1,6 @@
 """Every protocol message round-trips; malformed frames raise ProtocolError and never reach handlers."""
+import os
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -87,3 +89,16 @@ def test_random_bodies_never_raise_anything_but_protocol_error(cmd, body):
         P.decode(_frames(cmd, body))
     except P.ProtocolError:
         pass
+
+
+def test_blob_chunks_may_be_bigger_than_other_bodies_and_no_bigger_than_their_own_limit():
+    """BLOB (coordinator → worker) carries download chunks of BLOB_CHUNK_SIZE; every other body, BLOB_PUT's
+    upload chunks included, stays within MAX_MESSAGE_BYTES (what the coordinator receives)."""
+    from common import limits as L
+    assert L.MAX_MESSAGE_BYTES < L.MAX_BLOB_MESSAGE_BYTES and L.UPLOAD_CHUNK_SIZE < L.MAX_MESSAGE_BYTES
+    chunk = os.urandom(L.BLOB_CHUNK_SIZE)
+    assert P.decode(P.encode(P.Blob("a" * 64, 0, len(chunk), chunk))).data == chunk
+    with pytest.raises(P.ProtocolError, match="byte limit"):
+        P.decode([PROTOCOL_HEADER, bytes([P.Blob.command]), b"\x00" * (L.MAX_BLOB_MESSAGE_BYTES + 1)])
+    with pytest.raises(P.ProtocolError, match="byte limit"):
+        P.decode(P.encode(P.BlobPut("a" * 64, 0, len(chunk), chunk)))
