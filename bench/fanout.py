@@ -310,7 +310,8 @@ def run_farm(tmp: Path, farm_dir: Path, sha: str, size: int, n: int, plain: bool
         r = finish("farm", workers, coord, t_go, cpu0, size)
         coord.write("stats")
         after = coord.read()["stats"]
-        r["stats"] = {k: after.get(k, 0) - before.get(k, 0) for k in ("chunks_out", "blob_gets_dropped")}
+        r["stats"] = {k: after.get(k, 0) - before.get(k, 0)
+                      for k in ("chunks_out", "chunks_cached", "blob_gets_dropped", "steps_skipped")}
         return r
     finally:
         for w in workers:
@@ -398,8 +399,10 @@ def main() -> int:
                 r = (run_farm(tmp, farm_dir, sha, size, args.workers, args.plain, i) if kind == "farm"
                      else run_http(tmp, blob, sha, size, args.workers))
                 runs[kind].append(r)
-                extra = (f"; chunks served {r['stats']['chunks_out']}, BLOB_GETs dropped "
-                         f"{r['stats']['blob_gets_dropped']}" if kind == "farm" else "")
+                st = r.get("stats", {})
+                extra = (f"; chunks served {st['chunks_out']} ({st['chunks_cached']} from the cache without a "
+                         f"step, {st['steps_skipped']} steps skipped), BLOB_GETs dropped {st['blob_gets_dropped']}"
+                         if kind == "farm" else "")
                 print(f"  {kind:<4} {r['wall']:7.2f} s  {r['bytes'] / 2**20:8.0f} MiB  {r['mib_s']:7.0f} MiB/s  "
                       f"server CPU {r['server_cpu']:6.2f} s  client CPU {r['client_cpu']:5.2f} s (median)  "
                       f"verified {sum(r['ok'])}/{len(r['ok'])}{extra}", flush=True)
