@@ -396,11 +396,22 @@ def encode(msg: Message) -> list[bytes]:
     return [PROTOCOL_HEADER, command, msgpack.packb(body, use_bin_type=True)]
 
 
-def decode(frames: list[bytes]) -> Message:
-    """The message carried by ``frames`` (without a routing id). Raises ProtocolError if malformed."""
+def decode(frames: list) -> Message:
+    """The message carried by ``frames`` (without a routing id). Raises ProtocolError if malformed.
+
+    Frames are ``bytes``, or buffers received without a copy (``zmq.Frame``): a BLOB's chunk then stays a
+    ``memoryview`` of the received frame (what the worker writes and hashes, 1 MiB a chunk, copied zero
+    times instead of twice); a BLOB of any other layout than :func:`encode` writes is decoded as usual."""
     if len(frames) != 3:
         raise ProtocolError(f"expected 3 frames (header, command, body), got {len(frames)}")
-    header, command, body = (bytes(f) for f in frames)
+    header, command, body = frames
+    if type(body) is not bytes:
+        if bytes(command) == _BLOB_COMMAND and bytes(header) == PROTOCOL_HEADER:
+            view = memoryview(body)
+            if len(view) <= MAX_BLOB_MESSAGE_BYTES and (blob := _blob_in_place(view)) is not None:
+                return blob
+        body = bytes(body)
+    header, command = bytes(header), bytes(command)
     if header != PROTOCOL_HEADER:
         raise ProtocolError(
             f"protocol header {header[:16]!r} is not {PROTOCOL_HEADER!r}: upgrade the worker to this "
@@ -433,6 +444,51 @@ def decode(frames: list[bytes]) -> Message:
 
 
 _HELLO_COMMAND = bytes([Hello.command])
+_BLOB_COMMAND = bytes([Blob.command])
+_BLOB_KEYS = (b"\xa6sha256", b"\xa6offset", b"\xa5total", b"\xa4data", b"\xa5error")  # encode's order
+
+
+def _blob_in_place(view: memoryview) -> Blob | None:
+    """The BLOB in msgpack body ``view`` as :func:`encode` lays it out (a map of its five fields in order,
+    non-negative ints), its chunk a slice of ``view``; None for any other layout (decode's general path
+    then takes it, and says what is wrong with it). Checks what decode's validators check."""
+    n, pos, values = len(view), 1, []
+    if n < 1 or view[0] != 0x85:
+        return None
+    try:
+        for key in _BLOB_KEYS:
+            if view[pos:pos + len(key)] != key:
+                return None
+            pos += len(key)
+            t = view[pos]
+            if t <= 0x7F or 0xCC <= t <= 0xCF:  # non-negative int: fixint, uint 8/16/32/64
+                width = 0 if t <= 0x7F else 1 << (t - 0xCC)
+                value = t if not width else int.from_bytes(view[pos + 1:pos + 1 + width], "big")
+                if width and pos + 1 + width > n or value >= 2**63:
+                    return None
+                pos += 1 + width
+            elif 0xA0 <= t <= 0xBF or 0xD9 <= t <= 0xDB or 0xC4 <= t <= 0xC6:  # str (fix, 8/16/32), bin (8/16/32)
+                width = 0 if t <= 0xBF else 1 << (t - (0xD9 if t >= 0xD9 else 0xC4))
+                size = t - 0xA0 if not width else int.from_bytes(view[pos + 1:pos + 1 + width], "big")
+                start = pos + 1 + width
+                if start + size > n:
+                    return None
+                value = view[start:start + size]
+                if t < 0xC4 or t >= 0xD9:  # a str
+                    value = str(value, "utf-8")
+                    if "\x00" in value:
+                        return None
+                pos = start + size
+            else:
+                return None
+            values.append(value)
+    except (IndexError, UnicodeDecodeError):
+        return None
+    sha, offset, total, data, error = values
+    if pos != n or type(sha) is not str or type(offset) is not int or type(total) is not int \
+            or type(data) is not memoryview or type(error) is not str:
+        return None
+    return Blob(sha, offset, total, data, error)
 
 
 def decode_hello(frames: list[bytes]) -> Hello | None:
