@@ -414,13 +414,14 @@ def main() -> int:
     f_cpu, h_cpu = med(r["server_cpu"] for r in runs["farm"]), med(r["server_cpu"] for r in runs["http"])
     ok = all(all(r["ok"]) and r["complete"] for rs in runs.values() for r in rs)
     print()
-    print(f"{'':<6} {'wall s':>8} {'MiB/s':>8} {'server CPU s':>13} {'CPU s / GiB':>12}   "
-          f"(median of {rounds}, alternating)")
+    print(f"{'':<6} {'wall s':>8} {'MiB/s':>8} {'server CPU s':>13} {'CPU s / GiB':>12} {'client CPU s / GiB':>19}"
+          f"   (median of {rounds}, alternating)")
     for kind in ("farm", "http"):
         rs = runs[kind]
         gib = med(r["bytes"] for r in rs) / 2**30
         print(f"{kind:<6} {med(r['wall'] for r in rs):>8.2f} {med(r['mib_s'] for r in rs):>8.0f} "
-              f"{med(r['server_cpu'] for r in rs):>13.2f} {med(r['server_cpu'] for r in rs) / gib:>12.2f}")
+              f"{med(r['server_cpu'] for r in rs):>13.2f} {med(r['server_cpu'] for r in rs) / gib:>12.2f} "
+              f"{med(r['client_cpu'] for r in rs) / (size / 2**30):>19.2f}")
     print(f"throughput farm/http = {f_mib / h_mib:.3f} (goal >= 0.8); coordinator CPU {f_cpu:.2f} s vs the "
           f"HTTP server's {h_cpu:.2f} s; per-worker sha256 verified: {'all' if ok else 'NOT ALL'}")
     if args.keep:
