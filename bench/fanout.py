@@ -110,7 +110,7 @@ def role_coordinator(data: str, plain: bool) -> None:
     if os.environ.get("FANOUT_PROFILE"):  # --profile: the step thread's and the loop's time, by function
         import cProfile
         import pstats
-        prof, loop_prof = cProfile.Profile(), cProfile.Profile()
+        prof, loop_prof = cProfile.Profile(time.thread_time), cProfile.Profile(time.thread_time)  # CPU, not wall
         step = coord.step
 
         def profiled_step(batch, now=None):
@@ -310,7 +310,8 @@ def run_farm(tmp: Path, farm_dir: Path, sha: str, size: int, n: int, plain: bool
         r = finish("farm", workers, coord, t_go, cpu0, size)
         coord.write("stats")
         after = coord.read()["stats"]
-        r["stats"] = {k: after.get(k, 0) - before.get(k, 0) for k in ("chunks_out", "blob_gets_dropped")}
+        r["stats"] = {k: after.get(k, 0) - before.get(k, 0)
+                      for k in ("chunks_out", "chunks_cached", "blob_gets_dropped", "steps_skipped")}
         return r
     finally:
         for w in workers:
@@ -345,6 +346,20 @@ def run_http(tmp: Path, blob: Path, sha: str, size: int, n: int) -> dict:
             (tmp / f"h{i}.bin").unlink(missing_ok=True)
 
 
+def warm_memory(tmp: Path, size: int, n: int) -> float:
+    """Write and delete ``n`` files of ``size`` bytes in ``tmp``: on this VM the first touch of guest memory
+    costs ~5x a write to recycled pages (8 processes writing 512 MiB each to /dev/shm: 0.79 s of CPU each
+    the first time, 0.15 s the next), and without this the first round's first run (the farm's) paid it."""
+    t0 = time.monotonic()
+    zeros = bytes(CHUNK)
+    for i in range(n):
+        with open(tmp / f"warm{i}", "wb") as f:
+            f.writelines(zeros for _ in range(0, size, len(zeros)))
+    for i in range(n):
+        (tmp / f"warm{i}").unlink()
+    return time.monotonic() - t0
+
+
 def make_blob(farm_dir: Path, size: int) -> tuple[str, Path]:
     from farm.store.blobs import BlobStore
     store = BlobStore(farm_dir / "blobs")
@@ -370,6 +385,8 @@ def main() -> int:
                     help="set a numeric module constant in the coordinator and worker processes (repeatable)")
     ap.add_argument("--profile", action="store_true", help="cProfile the coordinator's step and sends "
                     "(printed by the coordinator process on stderr)")
+    ap.add_argument("--no-warm", action="store_true", help="skip writing (and deleting) the downloads' worth "
+                    "of files before the first round")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     size = int((args.size or (128 if args.quick else 1024)) * 2**20)
@@ -385,6 +402,9 @@ def main() -> int:
           f"worker plane {'plain ZMTP' if args.plain else 'CurveZMQ'}; files in {tmp}; {os.cpu_count()} cores (shared with "
           "whatever else runs: ratios are side by side)", flush=True)
     sha, blob = make_blob(farm_dir, size)
+    if not args.no_warm:
+        print(f"memory warmed: {args.workers} x {size / 2**20:.0f} MiB written and deleted in "
+              f"{warm_memory(tmp, size, args.workers):.1f} s", flush=True)
     runs: dict[str, list[dict]] = {"farm": [], "http": []}
     if args.profile:
         os.environ["FANOUT_PROFILE"] = "1"
@@ -398,8 +418,10 @@ def main() -> int:
                 r = (run_farm(tmp, farm_dir, sha, size, args.workers, args.plain, i) if kind == "farm"
                      else run_http(tmp, blob, sha, size, args.workers))
                 runs[kind].append(r)
-                extra = (f"; chunks served {r['stats']['chunks_out']}, BLOB_GETs dropped "
-                         f"{r['stats']['blob_gets_dropped']}" if kind == "farm" else "")
+                st = r.get("stats", {})
+                extra = (f"; chunks served {st['chunks_out']} ({st['chunks_cached']} from the cache without a "
+                         f"step, {st['steps_skipped']} steps skipped), BLOB_GETs dropped {st['blob_gets_dropped']}"
+                         if kind == "farm" else "")
                 print(f"  {kind:<4} {r['wall']:7.2f} s  {r['bytes'] / 2**20:8.0f} MiB  {r['mib_s']:7.0f} MiB/s  "
                       f"server CPU {r['server_cpu']:6.2f} s  client CPU {r['client_cpu']:5.2f} s (median)  "
                       f"verified {sum(r['ok'])}/{len(r['ok'])}{extra}", flush=True)
@@ -411,13 +433,14 @@ def main() -> int:
     f_cpu, h_cpu = med(r["server_cpu"] for r in runs["farm"]), med(r["server_cpu"] for r in runs["http"])
     ok = all(all(r["ok"]) and r["complete"] for rs in runs.values() for r in rs)
     print()
-    print(f"{'':<6} {'wall s':>8} {'MiB/s':>8} {'server CPU s':>13} {'CPU s / GiB':>12}   "
-          f"(median of {rounds}, alternating)")
+    print(f"{'':<6} {'wall s':>8} {'MiB/s':>8} {'server CPU s':>13} {'CPU s / GiB':>12} {'client CPU s / GiB':>19}"
+          f"   (median of {rounds}, alternating)")
     for kind in ("farm", "http"):
         rs = runs[kind]
         gib = med(r["bytes"] for r in rs) / 2**30
         print(f"{kind:<6} {med(r['wall'] for r in rs):>8.2f} {med(r['mib_s'] for r in rs):>8.0f} "
-              f"{med(r['server_cpu'] for r in rs):>13.2f} {med(r['server_cpu'] for r in rs) / gib:>12.2f}")
+              f"{med(r['server_cpu'] for r in rs):>13.2f} {med(r['server_cpu'] for r in rs) / gib:>12.2f} "
+              f"{med(r['client_cpu'] for r in rs) / (size / 2**30):>19.2f}")
     print(f"throughput farm/http = {f_mib / h_mib:.3f} (goal >= 0.8); coordinator CPU {f_cpu:.2f} s vs the "
           f"HTTP server's {h_cpu:.2f} s; per-worker sha256 verified: {'all' if ok else 'NOT ALL'}")
     if args.keep:

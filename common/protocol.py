@@ -4,7 +4,8 @@ A message is three frames: ``[PROTOCOL_HEADER, command byte, msgpack body]`` (th
 peer's routing id in front). Every message is a frozen dataclass; :func:`encode` turns one into frames and
 :func:`decode` turns frames back into one, raising :class:`ProtocolError` on anything malformed: a wrong
 version, an unknown command, a body that is not a msgpack map, a missing or extra field, a field of the
-wrong type, or a body larger than :data:`~common.limits.MAX_MESSAGE_BYTES`. See PROTOCOL.md.
+wrong type, or a body larger than :data:`~common.limits.MAX_MESSAGE_BYTES` (a BLOB's: larger than
+:data:`~common.limits.MAX_BLOB_MESSAGE_BYTES`, its chunks being bigger). See PROTOCOL.md.
 
 Every value a message carries may end up in a database row or a JSON column, so decoding accepts only what
 those can hold: integers within int64, finite floats, strings without NUL characters (PostgreSQL text
@@ -22,7 +23,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from common.limits import MAX_MESSAGE_BYTES, PROTOCOL_HEADER
+from common.limits import MAX_BLOB_MESSAGE_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_HEADER
 
 
 class ProtocolError(ValueError):
@@ -99,7 +100,8 @@ class Failed:
 
 @dataclass(frozen=True)
 class BlobGet:
-    """Request one chunk of a blob (credit-based: a worker keeps at most BLOB_CREDIT requests open)."""
+    """Request one chunk of a blob (credit-based: a worker keeps at most WELCOME's ``credit`` requests of
+    its ``chunk_size`` open a blob). A longer ``length`` is served as one chunk."""
     command: ClassVar[int] = 0x07
     sha256: str
     offset: int
@@ -108,7 +110,7 @@ class BlobGet:
 
 @dataclass(frozen=True)
 class BlobPut:
-    """One chunk of an output blob, written at ``offset`` of ``total`` bytes."""
+    """One chunk of an output blob, written at ``offset`` of ``total`` bytes (at most UPLOAD_CHUNK_SIZE)."""
     command: ClassVar[int] = 0x08
     sha256: str
     offset: int
@@ -137,7 +139,9 @@ class Release:
 # ---------------------------------------------------------------- coordinator → worker
 @dataclass(frozen=True)
 class Welcome:
-    """Answer to HELLO: the worker is registered; timing parameters it must follow."""
+    """Answer to HELLO: the worker is registered; timing parameters it must follow. ``chunk_size`` and
+    ``credit``: the BLOB chunk this coordinator serves and how many a worker keeps asked for (a worker
+    fetches with these, so old and new coordinators, 256 KiB and 1 MiB chunks, both serve it)."""
     command: ClassVar[int] = 0x21
     worker_id: str
     heartbeat_interval: float
@@ -392,20 +396,32 @@ def encode(msg: Message) -> list[bytes]:
     return [PROTOCOL_HEADER, command, msgpack.packb(body, use_bin_type=True)]
 
 
-def decode(frames: list[bytes]) -> Message:
-    """The message carried by ``frames`` (without a routing id). Raises ProtocolError if malformed."""
+def decode(frames: list) -> Message:
+    """The message carried by ``frames`` (without a routing id). Raises ProtocolError if malformed.
+
+    Frames are ``bytes``, or buffers received without a copy (``zmq.Frame``): a BLOB's chunk then stays a
+    ``memoryview`` of the received frame (what the worker writes and hashes, 1 MiB a chunk, copied zero
+    times instead of twice); a BLOB of any other layout than :func:`encode` writes is decoded as usual."""
     if len(frames) != 3:
         raise ProtocolError(f"expected 3 frames (header, command, body), got {len(frames)}")
-    header, command, body = (bytes(f) for f in frames)
+    header, command, body = frames
+    if type(body) is not bytes:
+        if bytes(command) == _BLOB_COMMAND and bytes(header) == PROTOCOL_HEADER:
+            view = memoryview(body)
+            if len(view) <= MAX_BLOB_MESSAGE_BYTES and (blob := _blob_in_place(view)) is not None:
+                return blob
+        body = bytes(body)
+    header, command = bytes(header), bytes(command)
     if header != PROTOCOL_HEADER:
         raise ProtocolError(
             f"protocol header {header[:16]!r} is not {PROTOCOL_HEADER!r}: upgrade the worker to this "
             "coordinator's version")
     if len(command) != 1 or command[0] not in MESSAGES:
         raise ProtocolError(f"unknown command {command[:4].hex()}")
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"body of {len(body)} bytes exceeds the {MAX_MESSAGE_BYTES} byte limit")
     cls = MESSAGES[command[0]]
+    limit = MAX_BLOB_MESSAGE_BYTES if cls is Blob else MAX_MESSAGE_BYTES
+    if len(body) > limit:
+        raise ProtocolError(f"body of {len(body)} bytes exceeds the {limit} byte limit")
     try:
         data = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated exception types
@@ -428,6 +444,51 @@ def decode(frames: list[bytes]) -> Message:
 
 
 _HELLO_COMMAND = bytes([Hello.command])
+_BLOB_COMMAND = bytes([Blob.command])
+_BLOB_KEYS = (b"\xa6sha256", b"\xa6offset", b"\xa5total", b"\xa4data", b"\xa5error")  # encode's order
+
+
+def _blob_in_place(view: memoryview) -> Blob | None:
+    """The BLOB in msgpack body ``view`` as :func:`encode` lays it out (a map of its five fields in order,
+    non-negative ints), its chunk a slice of ``view``; None for any other layout (decode's general path
+    then takes it, and says what is wrong with it). Checks what decode's validators check."""
+    n, pos, values = len(view), 1, []
+    if n < 1 or view[0] != 0x85:
+        return None
+    try:
+        for key in _BLOB_KEYS:
+            if view[pos:pos + len(key)] != key:
+                return None
+            pos += len(key)
+            t = view[pos]
+            if t <= 0x7F or 0xCC <= t <= 0xCF:  # non-negative int: fixint, uint 8/16/32/64
+                width = 0 if t <= 0x7F else 1 << (t - 0xCC)
+                value = t if not width else int.from_bytes(view[pos + 1:pos + 1 + width], "big")
+                if width and pos + 1 + width > n or value >= 2**63:
+                    return None
+                pos += 1 + width
+            elif 0xA0 <= t <= 0xBF or 0xD9 <= t <= 0xDB or 0xC4 <= t <= 0xC6:  # str (fix, 8/16/32), bin (8/16/32)
+                width = 0 if t <= 0xBF else 1 << (t - (0xD9 if t >= 0xD9 else 0xC4))
+                size = t - 0xA0 if not width else int.from_bytes(view[pos + 1:pos + 1 + width], "big")
+                start = pos + 1 + width
+                if start + size > n:
+                    return None
+                value = view[start:start + size]
+                if t < 0xC4 or t >= 0xD9:  # a str
+                    value = str(value, "utf-8")
+                    if "\x00" in value:
+                        return None
+                pos = start + size
+            else:
+                return None
+            values.append(value)
+    except (IndexError, UnicodeDecodeError):
+        return None
+    sha, offset, total, data, error = values
+    if pos != n or type(sha) is not str or type(offset) is not int or type(total) is not int \
+            or type(data) is not memoryview or type(error) is not str:
+        return None
+    return Blob(sha, offset, total, data, error)
 
 
 def decode_hello(frames: list[bytes]) -> Hello | None:

@@ -87,12 +87,18 @@ REJECT_GRACE_FRAMES = int(_env_float("REJECT_GRACE_FRAMES", 8))
 """Rejected frames a creator may always have, whatever their rate (a new creator's first test job)."""
 
 PEER_SEND_QUEUE = int(_env_float("PEER_SEND_QUEUE", 128))
-"""Messages queued for one worker that has not read them (ZeroMQ's per-peer SNDHWM): at most 128 × a
-chunk (~40 MB) per peer; a peer whose queue stays full for the liveness time is dropped (it reads nothing)."""
+"""Messages queued for one worker that has not read them (ZeroMQ's per-peer SNDHWM); a peer whose queue
+stays full for the liveness time is dropped (it reads nothing). The bytes of BLOB chunks among them are
+bounded by PEER_SEND_BYTES: a count alone would let 128 × a 1 MiB chunk wait for one peer."""
 
-BLOB_GETS_PER_STEP = int(_env_float("BLOB_GETS_PER_STEP", 32))
-"""BLOB_GETs served per connection in one step: a worker keeps BLOB_CREDIT (8) in flight per blob; a
-flood past this is not read from disk or answered."""
+PEER_SEND_BYTES = int(_env_float("PEER_SEND_BYTES", 32 * 1024**2))
+"""Bytes of BLOB chunks queued for one worker and not yet taken by ZeroMQ's I/O thread (the broker counts
+them: farm.plane.broker): past this its chunks are not sent and it is congested, as with a full queue. An
+honest worker has its credit in flight (4 MiB a blob), far below this."""
+
+BLOB_GETS_PER_STEP = int(_env_float("BLOB_GETS_PER_STEP", 16))
+"""BLOB_GETs served per connection in one step: a worker keeps BLOB_CREDIT (4) in flight per blob, a few
+blobs at once with prefetch; a flood past this is not read from disk or answered."""
 
 CANCEL_BATCH = int(_env_float("CANCEL_BATCH", 2000))
 """Tasks of a canceled job moved to ``canceled`` at once (two statements); the rest by the next sweeps."""

@@ -55,6 +55,7 @@ from worker.earnings import EarningsLog
 from worker.runtimes.process import RuntimeCrashed, RuntimeProcess
 from worker.tasks import project as project_files
 from worker.tasks.executors import EXECUTORS, RUNTIMES, TaskContext, TaskFailure
+from worker.transfer import Transfers
 
 log = logging.getLogger("worker")
 
@@ -81,7 +82,7 @@ def _waiting(raw: zmq.Socket) -> list[list[bytes]]:
     out = []
     while len(out) < RECV_BATCH:
         try:
-            out.append(raw.recv_multipart(zmq.NOBLOCK))
+            out.append(raw.recv_multipart(zmq.NOBLOCK, copy=False))  # a BLOB chunk is not copied (P.decode)
         except zmq.Again:
             break
     return out
@@ -129,10 +130,9 @@ class WorkerDaemon:
         self.sock: zmq.asyncio.Socket | None = None
         self.running: dict[tuple[int, int], Running] = {}
         self.outbox: dict[tuple[int, int], Any] = {}
-        self.inbox: dict[str, asyncio.Queue] = {}   # blob transfers waiting for BLOB / BLOB_ACK
-        self.fetch_locks: dict[str, asyncio.Lock] = {}
         self.stopping = asyncio.Event()
         self.stats = {"bytes_downloaded": 0, "bytes_uploaded": 0, "tasks": 0, "reconnects": 0, "welcomes": 0}
+        self.transfers = Transfers(self.cache, self.send, self.stats)  # fetches and uploads (BLOB, BLOB_ACK)
         # the OS sandbox of every runtime child (worker.sandbox); False only with --no-sandbox
         self.sandboxed = sandbox
         self.limits = limits or sandboxing.Limits()
@@ -384,6 +384,7 @@ class WorkerDaemon:
                     welcomed = True
                     self.stats["welcomes"] += 1  # the coordinator committed this HELLO (persist, then ack)
                     interval = msg.heartbeat_interval
+                    self.transfers.welcome(msg.chunk_size, msg.credit)
                     print(f"worker {self.id}: connected to {self.endpoint}", flush=True)
                     for final in list(self.outbox.values()):
                         self.send(final)
@@ -416,9 +417,7 @@ class WorkerDaemon:
             if not msg.accepted:
                 log.warning("task %s/%s not accepted: %s", msg.task_id, msg.attempt, msg.reason)
         elif isinstance(msg, (P.Blob, P.BlobAck)):
-            q = self.inbox.get(msg.sha256)
-            if q is not None:
-                q.put_nowait(msg)
+            self.transfers.deliver(msg)
         elif isinstance(msg, P.Error):
             log.error("coordinator says: %s", msg.reason)
         elif isinstance(msg, P.Price):
@@ -566,90 +565,14 @@ class WorkerDaemon:
                 log.warning("%s runtime of slot %d uses %d MB, over the ceiling: restarting it", name, slot, rss >> 20)
                 await rt.stop()
 
-    # ------------------------------------------------------------------ blob transfer
+    # ------------------------------------------------------------------ blob transfer (worker.transfer)
     async def fetch(self, sha: str) -> Path:
         """The cached path of blob ``sha``, downloading what is missing (resumes a partial download)."""
-        lock = self.fetch_locks.setdefault(sha, asyncio.Lock())
-        async with lock:
-            if self.cache.has(sha):
-                return self.cache.path(sha)
-            while (f := self.cache.claim(sha)) is None:  # a worker sharing this cache folder fetches it
-                await asyncio.sleep(0.05)
-            if self.cache.has(sha):  # it did meanwhile
-                self.cache.release(f, sha)
-                return self.cache.path(sha)
-            part = self.cache.partial(sha)
-            offset = os.fstat(f.fileno()).st_size
-            q = self.inbox[sha] = asyncio.Queue()
-            chunk = L.BLOB_CHUNK_SIZE
-            total: int | None = None
-            next_req = offset
-            try:
-                with f:  # the claim (an flock) is held until the blob is in place or the fetch stops
-                    while total is None or offset < total:
-                        window = L.BLOB_CREDIT if total is not None else 1
-                        while next_req - offset < window * chunk and (total is None or next_req < total):
-                            self.send(P.BlobGet(sha, next_req, chunk))
-                            next_req += chunk
-                        try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a task's CANCEL
-                            async with asyncio.timeout(C.BLOB_TRANSFER_TIMEOUT):
-                                m = await q.get()
-                        except TimeoutError:
-                            next_req = offset  # lost requests (reconnect): ask again from what we have
-                            continue
-                        if m.error:
-                            raise TaskFailure(f"the coordinator has no blob {sha}: {m.error}", True)
-                        total = m.total
-                        if m.offset == offset and m.data:
-                            f.write(m.data)
-                            offset += len(m.data)
-                            self.stats["bytes_downloaded"] += len(m.data)
-                        elif m.offset == offset and offset >= total:
-                            break
-                    f.flush()
-                    if await asyncio.to_thread(file_sha256, part) != sha:
-                        part.unlink(missing_ok=True)
-                        raise TaskFailure(f"downloaded blob {sha} failed its hash check; it will be fetched "
-                                          "again", True)
-                    return self.cache.commit(part, sha)
-            finally:
-                self.inbox.pop(sha, None)
+        return await self.transfers.fetch(sha)
 
     async def upload(self, path: Path, sha: str) -> None:
-        """Send ``path`` as blob ``sha``: probe where the coordinator stands, then stream with credit."""
-        total = path.stat().st_size
-        chunk = L.BLOB_CHUNK_SIZE
-        q = self.inbox[sha] = asyncio.Queue()
-        try:
-            with open(path, "rb") as f:
-                acked = None
-                self.send(P.BlobPut(sha, 0, total, b""))  # probe: answered with the bytes already stored
-                next_send = 0
-                while True:
-                    if acked is not None:
-                        while next_send < total and next_send - acked < L.BLOB_CREDIT * chunk:
-                            f.seek(next_send)
-                            data = f.read(chunk)
-                            self.send(P.BlobPut(sha, next_send, total, data))
-                            self.stats["bytes_uploaded"] += len(data)
-                            next_send += len(data)
-                    try:
-                        async with asyncio.timeout(C.BLOB_TRANSFER_TIMEOUT):
-                            ack = await q.get()
-                    except TimeoutError:
-                        acked = None
-                        self.send(P.BlobPut(sha, 0, total, b""))
-                        continue
-                    if ack.error:
-                        raise TaskFailure(f"upload of {path.name} refused: {ack.error}", True)
-                    if ack.done:
-                        return
-                    if acked is None or ack.offset > acked:
-                        if acked is None:
-                            next_send = ack.offset
-                        acked = ack.offset
-        finally:
-            self.inbox.pop(sha, None)
+        """Send ``path`` as blob ``sha`` (resumes from the bytes the coordinator stored)."""
+        await self.transfers.upload(path, sha)
 
     # ------------------------------------------------------------------ shutdown
     async def shutdown(self) -> None:

@@ -10,6 +10,12 @@ Handlers of the coordinator's step, on its thread, in its transaction. Invariant
   none while its send queue is full (``congested``, kept by the broker), so a flood is never read from
   disk; at most ``UPLOADS_PER_CONNECTION`` unfinished uploads (each a partial file) a connection;
 * uploads need a lease, and a finished upload is recorded as a blob row of origin ``worker``.
+
+:meth:`BlobRequests.serve_cached` answers, on the broker's loop before the step, the BLOB_GETs it can
+answer without the database or the disk: of a blob already granted to the connection, a chunk in the
+store's read cache (fan-out: the first of 8 workers' GETs of a chunk reads it in the step, the other 7
+are served so). The same bounds hold (congested, BLOB_GETS_PER_STEP, counted with the step's own); a
+connection's GETs after one left for the step go to the step too, so its chunks leave in the order asked.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from farm.store.states import TASK_LEASED
 
 Outgoing = list[tuple[bytes, Any]]
 LEASED = tuple(s.value for s in TASK_LEASED)
+_GET_COMMAND = bytes([P.BlobGet.command])
 
 
 class BlobRequests:
@@ -45,9 +52,49 @@ class BlobRequests:
         self.stats = stats
         self.gets: dict[bytes, int] = {}  # BLOB_GETs handled per connection in this step
         self.manifests = ManifestFiles(blobs)  # a project lease may fetch the files of its manifest
+        self._early: dict[bytes, int] = {}  # those serve_cached handled for the step that comes next
+        self.sizes: dict[str, int] = {}  # blob → its size, for serve_cached (a blob never changes under its name)
 
     def new_step(self) -> None:
-        self.gets.clear()
+        """A step begins: its GETs count on from those serve_cached answered just before it."""
+        self.gets, self._early = self._early, {}
+
+    def serve_cached(self, conns: dict[bytes, Conn], batch: list[list[bytes]], now: float,
+                     out: Outgoing) -> list[list[bytes]]:
+        """Answer the BLOB_GETs of ``batch`` (ROUTER frames) that need neither the database nor the disk into
+        ``out``; returns the messages left for the step, in their order. Broker loop, between steps."""
+        rest: list[list[bytes]] = []
+        early = self._early = {}  # a budget of BLOB_GETS_PER_STEP a connection for this batch and its step
+        cache, sizes, congested = self.blobs.read_cache, self.sizes, self.congested
+        stepped: set[bytes] = set()  # connections with a GET left for the step: the rest of theirs follow it
+        for frames in batch:
+            ident = frames[0]
+            if len(frames) != 4 or frames[2] != _GET_COMMAND or ident in stepped:
+                rest.append(frames)
+                continue
+            conn = conns.get(ident)
+            try:
+                msg = P.decode(frames[1:])
+            except P.ProtocolError:
+                msg = None
+            total = sizes.get(msg.sha256) if msg is not None else None
+            data = None
+            if conn is not None and total is not None and msg.sha256 in conn.granted:
+                offset, length = max(0, msg.offset), max(0, min(msg.length, L.BLOB_CHUNK_SIZE))
+                data = cache.peek((msg.sha256, offset, length)) if offset < total else b""
+            if data is None:
+                stepped.add(ident)
+                rest.append(frames)
+                continue
+            conn.last_seen = now
+            n = early[ident] = early.get(ident, 0) + 1
+            if n > C.BLOB_GETS_PER_STEP or ident in congested:
+                self.stats["blob_gets_dropped"] += 1
+                continue
+            self.stats["chunks_out"] += 1
+            self.stats["chunks_cached"] += 1
+            out.append((ident, P.Blob(msg.sha256, offset, total, data)))
+        return rest
 
     def on_get(self, s: Session, conn: Conn, msg: P.BlobGet, now: float, out: Outgoing) -> None:
         # credit: a worker has at most BLOB_CREDIT requests in flight per blob (a few blobs at once); past
@@ -66,6 +113,10 @@ class BlobRequests:
         except (BlobError, OSError):
             out.append((conn.identity, P.Blob(msg.sha256, msg.offset, 0, b"", error="unknown blob")))
             return
+        if msg.sha256 not in self.sizes:
+            if len(self.sizes) >= 4096:
+                self.sizes.clear()
+            self.sizes[msg.sha256] = total
         length = max(0, min(msg.length, L.BLOB_CHUNK_SIZE))
         offset = max(0, msg.offset)
         data = self.blobs.read(msg.sha256, offset, length) if offset < total else b""

@@ -13,10 +13,15 @@ With a :class:`farm.plane.gate.Keyring` (``farm serve`` always has one) the sock
 ZAP authenticator decides each handshake, and every received message passes the :class:`farm.plane.gate.Gate`
 (which reads the connection's key off the routing-id frame) before it joins a batch. Without one (the
 in-process tests and benchmarks) the socket speaks plain ZMTP.
+
+What waits for a peer that reads nothing is bounded twice: PEER_SEND_QUEUE messages (ZeroMQ's SNDHWM,
+ROUTER_MANDATORY) and PEER_SEND_BYTES of BLOB chunks (their zero-copy bodies are tracked until libzmq lets
+go of them): past either the peer is ``congested``, served nothing, and dropped after the liveness time.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import logging
 import time
@@ -47,8 +52,8 @@ SHARED_BODY_BYTES = 64 * 1024
 """A BLOB reply whose chunk is at least this big is encoded once for every peer that asks for the same
 chunk (the blob store hands them the same ``bytes``) and sent without a copy (pyzmq ``copy=False``)."""
 
-SHARED_BODIES = 128
-"""Encoded BLOB bodies kept for the next peer asking for the same chunk (≤ 128 × a chunk, ~32 MiB)."""
+SHARED_BODIES = 32
+"""Encoded BLOB bodies kept for the next peer asking for the same chunk (≤ 32 × a 1 MiB chunk)."""
 
 GC_GEN0_THRESHOLD = 10_000
 """Allocations between young-generation collections in a coordinator process (Python's default: 700)."""
@@ -86,6 +91,9 @@ class Broker:
         self._loop: asyncio.AbstractEventLoop | None = None
         # (sha256, offset, total) → (the chunk's bytes, its encoded body): the fan-out of one scene
         self._bodies: OrderedDict[tuple, tuple[bytes, bytes]] = OrderedDict()
+        # routing id → (tracker, bytes) of the BLOB chunks libzmq still holds for it (PEER_SEND_BYTES)
+        self._tracked: dict[bytes, collections.deque] = {}
+        self._queued_bytes: dict[bytes, int] = {}
 
     def wake(self) -> None:
         """Ask for an assignment round soon (new job submitted, lease revoked). Call from the loop."""
@@ -111,6 +119,9 @@ class Broker:
         congested, clock = self.coord.congested, self.coord.clock
         for ident, msg in out:
             if type(msg) is P.Blob and len(msg.data) >= SHARED_BODY_BYTES:
+                if self.queued_bytes(ident) + len(msg.data) > C.PEER_SEND_BYTES:  # as if its queue were full
+                    congested.setdefault(ident, clock())
+                    continue
                 header, command, body = self._blob_frames(msg)
                 copy = False  # libzmq holds a reference to the shared body until its I/O thread sent it
             else:
@@ -120,7 +131,11 @@ class Broker:
                 send(raw, ident, _MORE_NB)
                 send(raw, header, _MORE_NB)
                 send(raw, command, _MORE_NB)
-                send(raw, body, _NB, copy)
+                if copy:
+                    send(raw, body, _NB)
+                else:  # tracked: done once libzmq let go of the body (taken off the peer's queue)
+                    self._queue(ident).append((send(raw, body, _NB, False, True), len(msg.data)))
+                    self._queued_bytes[ident] += len(msg.data)
             except zmq.Again:  # the peer's queue is full: it reads nothing (the coordinator decides what next)
                 congested.setdefault(ident, clock())
                 log.debug("dropped %s to %s: its send queue is full", type(msg).__name__, ident.hex())
@@ -129,8 +144,34 @@ class Broker:
                 if exc.errno != zmq.EHOSTUNREACH:
                     raise
                 continue
-            if congested:
-                congested.pop(ident, None)
+            # a message went out: its queue is not full, unless its chunks' bytes still are
+            if congested and ident in congested and self.queued_bytes(ident) + L.BLOB_CHUNK_SIZE <= C.PEER_SEND_BYTES:
+                del congested[ident]
+
+    def _queue(self, ident: bytes) -> collections.deque:
+        q = self._tracked.get(ident)
+        if q is None:
+            q = self._tracked[ident] = collections.deque()
+            self._queued_bytes[ident] = 0
+        return q
+
+    def queued_bytes(self, ident: bytes) -> int:
+        """Bytes of BLOB chunks sent to ``ident`` that libzmq still holds (its queue, the one being written):
+        PEER_SEND_BYTES bounds them. Their trackers end in about the order they were queued."""
+        q = self._tracked.get(ident)
+        if not q:
+            return 0
+        while q and q[0][0].done:
+            self._queued_bytes[ident] -= q.popleft()[1]
+        if not q:
+            del self._tracked[ident], self._queued_bytes[ident]
+            return 0
+        return self._queued_bytes[ident]
+
+    def _prune_tracked(self) -> None:
+        """Forget peers whose chunks all went (or were dropped with their connection): bounded by peers."""
+        for ident in list(self._tracked):
+            self.queued_bytes(ident)
 
     def _blob_frames(self, msg: P.Blob) -> list[bytes]:
         """The frames of BLOB chunk ``msg``, its body encoded once for all the peers sent the same chunk
@@ -229,7 +270,7 @@ class Broker:
         log.info("worker plane listening on %s", self.endpoint)
         loop = self._loop = asyncio.get_running_loop()
         self.coord.on_commit = self._on_commit
-        next_hb = time.monotonic()
+        next_hb = last_step = time.monotonic()
         try:
             while not self._stop.is_set():
                 timeout = max(0.0, min(next_hb - time.monotonic(), C.SWEEP_INTERVAL))
@@ -244,12 +285,24 @@ class Broker:
                             f.cancel()
                     self._wake.clear()
                 self._drain(batch)
-                out = await loop.run_in_executor(self._pool, self.coord.step, batch)
+                # granted BLOB_GETs of cached chunks leave now, without a step (its session and commit cost
+                # ~1 ms, as much as serving 8 chunks); a step still runs at least every SWEEP_INTERVAL / 2
+                cached: list = []
+                batch = self.coord.blob_requests.serve_cached(self.coord.conns, batch, self.coord.clock(), cached)
+                if cached:
+                    await self._send(cached)  # before the step's replies: the order each connection asked in
+                if batch or not cached or self.coord.want_assign or time.monotonic() - last_step >= C.SWEEP_INTERVAL / 2:
+                    last_step = time.monotonic()
+                    out = await loop.run_in_executor(self._pool, self.coord.step, batch)
+                else:
+                    out = []
+                    self.coord.stats["steps_skipped"] += 1
                 if self.gate is not None and self.gate.out:
                     out, self.gate.out = self.gate.out + out, []
                 if time.monotonic() >= next_hb:
                     next_hb = time.monotonic() + L.HEARTBEAT_INTERVAL
                     out += self.coord.heartbeats()
+                    self._prune_tracked()
                     if self.gate is not None:
                         self.gate.prune(self.coord.conns)
                         await self._reload_keys()

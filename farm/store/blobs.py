@@ -220,6 +220,15 @@ class ChunkCache:
             self.hits += 1
             return data
 
+    def peek(self, key: tuple) -> bytes | None:
+        """``get`` for a caller that reads the chunk elsewhere on a miss (not counted as one here)."""
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+            return data
+
     def put(self, key: tuple, data: bytes) -> None:
         if len(data) > self.cap:
             return

@@ -1,4 +1,6 @@
 """Every protocol message round-trips; malformed frames raise ProtocolError and never reach handlers."""
+import os
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -87,3 +89,46 @@ def test_random_bodies_never_raise_anything_but_protocol_error(cmd, body):
         P.decode(_frames(cmd, body))
     except P.ProtocolError:
         pass
+
+
+def test_blob_chunks_may_be_bigger_than_other_bodies_and_no_bigger_than_their_own_limit():
+    """BLOB (coordinator → worker) carries download chunks of BLOB_CHUNK_SIZE; every other body, BLOB_PUT's
+    upload chunks included, stays within MAX_MESSAGE_BYTES (what the coordinator receives)."""
+    from common import limits as L
+    assert L.MAX_MESSAGE_BYTES < L.MAX_BLOB_MESSAGE_BYTES and L.UPLOAD_CHUNK_SIZE < L.MAX_MESSAGE_BYTES
+    chunk = os.urandom(L.BLOB_CHUNK_SIZE)
+    assert P.decode(P.encode(P.Blob("a" * 64, 0, len(chunk), chunk))).data == chunk
+    with pytest.raises(P.ProtocolError, match="byte limit"):
+        P.decode([PROTOCOL_HEADER, bytes([P.Blob.command]), b"\x00" * (L.MAX_BLOB_MESSAGE_BYTES + 1)])
+    with pytest.raises(P.ProtocolError, match="byte limit"):
+        P.decode(P.encode(P.BlobPut("a" * 64, 0, len(chunk), chunk)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=70), st.integers(-(2**64), 2**64), st.integers(0, 2**64), st.binary(max_size=3000),
+       st.text(max_size=300), st.integers(0, 400), st.integers(0, 255))
+def test_a_blob_received_without_a_copy_decodes_as_from_bytes(sha, offset, total, data, error, at, byte):
+    """The worker receives frames without a copy (zmq.Frame, here a bytearray) and a BLOB's chunk stays a
+    view of them: decoded so, every body (also a corrupted one) means the same as decoded from bytes."""
+    def dec(frames):
+        try:
+            m = P.decode(frames)
+        except P.ProtocolError as exc:
+            return ("error", str(exc).split(":")[0])
+        return (type(m).__name__, *(bytes(v) if isinstance(v, memoryview) else v for v in vars(m).values()))
+    try:
+        frames = P.encode(P.Blob(sha, offset, total, data, error))
+    except (OverflowError, ValueError):
+        return  # msgpack cannot pack the int: nothing to receive
+    bodies = [frames[2]]
+    if frames[2]:
+        corrupt = bytearray(frames[2])
+        corrupt[at % len(corrupt)] = byte
+        bodies += [bytes(corrupt), frames[2][:at % len(frames[2])]]
+    for body in bodies:
+        plain = dec([frames[0], frames[1], body])
+        viewed = dec([bytearray(frames[0]), bytearray(frames[1]), bytearray(body)])
+        assert viewed == plain or (viewed[0] == plain[0] == "error")
+    m = P.decode([bytearray(f) for f in frames]) if dec(frames)[0] == "Blob" else None
+    if m is not None and offset >= 0:
+        assert type(m.data) is memoryview, "the chunk is a view of the received frame, not a copy"

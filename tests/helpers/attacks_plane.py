@@ -118,7 +118,7 @@ class RawWorker:
                 return ""
             if msg.offset != offset:
                 offset = msg.offset
-                self.send(P.BlobPut(sha, offset, len(data), data[offset:offset + L.BLOB_CHUNK_SIZE]))
+                self.send(P.BlobPut(sha, offset, len(data), data[offset:offset + L.UPLOAD_CHUNK_SIZE]))
         return "no BLOB_ACK in time"
 
     def close(self) -> None:

@@ -124,3 +124,44 @@ def test_the_read_cache_stays_within_its_bound_whatever_is_asked(tmp_path):
     assert store.read_cache.hits == hits + 2
     assert store.read(sha, 0, len(data) + 1) == data, "a whole-blob read bypasses the cache"
     assert store.read_cache.size <= 4 * CHUNK
+
+
+def test_granted_gets_of_cached_chunks_are_served_before_the_step_within_the_same_bounds(tmp_path):
+    """serve_cached (the broker's loop, no database): a chunk in the read cache goes to a connection whose
+    grant is known; anything else is left for the step, and so is every later GET of a connection that had
+    one left (its chunks leave in the order asked); BLOB_GETS_PER_STEP and congestion hold as in the step."""
+    from common import protocol as P
+    from farm import constants as FC
+    data = os.urandom(8 * CHUNK)
+
+    async def body(p):
+        sha = p.blobs.write_bytes(data)
+        a, b = await p.daemon(cache="a", worker_id="a"), await p.daemon(cache="b", worker_id="b")
+        await p.need(a, sha)
+        await until(lambda: b.stats["welcomes"] > 0, what="b welcomed")
+        await a.fetch(sha)  # a's grant is known, every chunk is in the read cache
+        ida = next(i for i, c in p.coord.conns.items() if c.worker_id == "a")
+        idb = next(i for i, c in p.coord.conns.items() if c.worker_id == "b")
+        req = p.coord.blob_requests
+
+        def get(ident, offset, length=CHUNK):
+            return [ident, *P.encode(P.BlobGet(sha, offset, length))]
+        out: list = []
+        batch = [get(ida, 0), get(idb, 0), get(ida, CHUNK, 1000), get(ida, 2 * CHUNK), [ida, *P.encode(P.Ready(1))]]
+        rest = req.serve_cached(p.coord.conns, batch, p.coord.clock(), out)
+        assert [(i, m.offset, m.data) for i, m in out] == [(ida, 0, data[:CHUNK])], "only a's cached chunk"
+        assert rest == batch[1:], "b holds no grant; a's 1000-byte chunk is not cached, and its next GET follows it"
+        out.clear()
+        many = [get(ida, (k % 8) * CHUNK) for k in range(FC.BLOB_GETS_PER_STEP + 5)]
+        assert req.serve_cached(p.coord.conns, many, p.coord.clock(), out) == []
+        assert len(out) == FC.BLOB_GETS_PER_STEP, "the step's credit a connection, not more"
+        req.new_step()
+        assert req.gets[ida] == FC.BLOB_GETS_PER_STEP + 5, "the step that follows counts on from them"
+        out.clear()
+        p.coord.congested[ida] = p.coord.clock()
+        try:
+            assert req.serve_cached(p.coord.conns, [get(ida, 0)], p.coord.clock(), out) == [] and not out
+        finally:
+            p.coord.congested.pop(ida, None)
+
+    run(tmp_path, body)

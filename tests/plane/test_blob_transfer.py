@@ -188,7 +188,7 @@ def test_interrupted_download_resumes_in_a_new_daemon(tmp_path):
 
 
 def test_corrupted_partial_fails_the_hash_check_then_refetches(tmp_path):
-    data = os.urandom(1024 * 1024 + 777)
+    data = os.urandom(4 * CHUNK + 777)
 
     async def body(p: Plane):
         sha = p.blobs.write_bytes(data)
@@ -326,5 +326,27 @@ def test_a_worker_cannot_fetch_blobs_it_holds_no_lease_for(tmp_path):
             assert not thief.cache.has(sha) and (not part.exists() or part.stat().st_size == 0)
         assert thief.stats["bytes_downloaded"] == 0 and p.coord.stats["blob_refused"] >= 2
         assert (await honest.fetch(scene)).read_bytes() == p.blobs.read(scene, 0, 1 << 20)  # its own input
+
+    run(tmp_path, body)
+
+
+def test_a_worker_fetches_with_the_chunk_and_credit_its_coordinator_serves(tmp_path, monkeypatch):
+    """WELCOME's chunk_size and credit are what the worker asks with (so an older coordinator of 256 KiB
+    chunks serves a newer worker); a coordinator serving less than was asked is read on from where its
+    chunk ended, not left with a gap."""
+    data = os.urandom(3 * CHUNK + 12345)
+
+    async def body(p: Plane):
+        sha = p.blobs.write_bytes(data)
+        d = await p.daemon()
+        await p.need(d, sha)
+        assert (d.transfers.chunk_size, d.transfers.credit) == (C.BLOB_CHUNK_SIZE, C.BLOB_CREDIT)
+        d.transfers.welcome(64 * 1024, 1000)  # a coordinator of small chunks: the window stays bounded
+        assert d.transfers.chunk_size == 64 * 1024 and d.transfers.credit * 64 * 1024 <= 64 * 1024**2
+        d.transfers.welcome(C.BLOB_CHUNK_SIZE, C.BLOB_CREDIT)
+        monkeypatch.setattr(C, "BLOB_CHUNK_SIZE", 100_000)  # the coordinator now serves 100 kB of each 1 MiB asked
+        path = await d.fetch(sha)
+        assert path.read_bytes() == data
+        assert d.stats["bytes_downloaded"] == len(data), "every byte fetched once"
 
     run(tmp_path, body)

@@ -81,6 +81,45 @@ def test_a_peer_that_floods_blob_gets_and_reads_nothing_is_bounded_then_dropped(
     run(tmp_path, body, timeout=60)
 
 
+
+def test_the_chunks_queued_for_a_peer_that_reads_nothing_are_bounded_in_bytes(tmp_path, monkeypatch):
+    """PEER_SEND_BYTES: BLOB chunks (1 MiB) waiting for one peer are counted in bytes until libzmq lets go
+    of them; past the bound the peer's chunks are not sent and it is congested (so it is served nothing
+    and dropped after the liveness time), whatever the message count (SNDHWM) would still allow."""
+    from common import limits as L
+    bound = 6 * L.BLOB_CHUNK_SIZE
+    monkeypatch.setattr(FC, "PEER_SEND_BYTES", bound)
+    data = os.urandom(64 * L.BLOB_CHUNK_SIZE)
+
+    async def body(p):
+        sha = p.blobs.write_bytes(data)
+        honest = await p.daemon(worker_id="honest")
+        await p.need(honest, sha)
+        bad = p.ctx.socket(zmq.DEALER)
+        bad.setsockopt(zmq.RCVHWM, 1)
+        bad.setsockopt(zmq.RCVBUF, 4096)
+        bad.setsockopt(zmq.LINGER, 0)
+        bad.connect(p.endpoint)
+        await bad.send_multipart(P.encode(P.Hello("mallory", "", 1, {"runtimes": ["blender"]}, [])))
+        assert isinstance(P.decode(await asyncio.wait_for(bad.recv_multipart(), 10)), P.Welcome)
+        lease = [await asyncio.to_thread(p.lease_row, "mallory", sha), 1]
+        await bad.send_multipart(P.encode(P.Heartbeat([lease])))
+        ident = next(i for i, c in p.coord.conns.items() if c.worker_id == "mallory")
+        most = 0
+        for i in range(64):
+            await bad.send_multipart(P.encode(P.BlobGet(sha, i * L.BLOB_CHUNK_SIZE, L.BLOB_CHUNK_SIZE)))
+            await asyncio.sleep(0.005)
+            most = max(most, p.broker.queued_bytes(ident))
+        await until(lambda: ident in p.coord.congested, timeout=10, what="the peer congested by its bytes")
+        most = max(most, p.broker.queued_bytes(ident))
+        assert 0 < most <= bound, f"{most} bytes of chunks queued for a peer that reads nothing (bound {bound})"
+        path = await honest.fetch(sha)  # meanwhile an honest worker is served in full
+        assert path.read_bytes() == data
+        assert p.broker.queued_bytes(ident) <= bound and ident in p.coord.congested, "still congested: it read nothing"
+        bad.close(0)
+
+    run(tmp_path, body, timeout=60)
+
 def test_a_connection_may_have_only_so_many_unfinished_uploads(tmp_path):
     """The attack: a worker holding one lease begins uploads of thousands of made-up blobs, each a partial
     file on the coordinator's disk. A connection has at most UPLOADS_PER_CONNECTION unfinished ones; the

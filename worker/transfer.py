@@ -1,0 +1,165 @@
+"""Blob transfer on the worker's side of the plane: downloads of task inputs (BLOB_GET → BLOB) and uploads
+of outputs (BLOB_PUT → BLOB_ACK), over the daemon's one socket.
+
+The daemon's connection loop hands every BLOB and BLOB_ACK to :meth:`Transfers.deliver`; a fetch or an
+upload waits on its own queue. Invariants:
+
+* credit: a download keeps at most ``credit`` requests of ``chunk_size`` open (WELCOME's values: the
+  coordinator's, so a worker fetches from an older coordinator of 256 KiB chunks as from a newer one of
+  1 MiB), an upload at most UPLOAD_CREDIT chunks of UPLOAD_CHUNK_SIZE unacknowledged;
+* resumable: a download continues from the partial file in the cache folder (also after a restart), an
+  upload from the bytes the coordinator says it stored (its probe's BLOB_ACK); after
+  BLOB_TRANSFER_TIMEOUT without an answer (a reconnect lost requests) both ask again from what they have;
+* verified: a download enters the cache only when the sha256 of the bytes written matches its name. The
+  hash is taken while writing (a resumed download first hashes the partial file's bytes from disk), so
+  the finished file is not read back (one pass over its bytes fewer; the hashing itself stays).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common import limits as L
+from common import protocol as P
+from worker import settings as C
+from worker.blobcache import BlobCache
+from worker.tasks.executors import TaskFailure
+
+MAX_WINDOW_BYTES = 64 * 1024 * 1024
+"""Most bytes of requests a download keeps open, whatever a coordinator's WELCOME says."""
+
+
+def _hash_prefix(path: Path, size: int) -> Any:
+    """A sha256 object fed the first ``size`` bytes of ``path`` (what a resumed download already has)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = size
+        while left > 0:
+            data = f.read(min(left, 1 << 20))
+            if not data:
+                break
+            h.update(data)
+            left -= len(data)
+    return h
+
+
+class Transfers:
+    """The daemon's blob transfers. ``send``: the daemon's send (drops while disconnected; the timeouts
+    recover); ``stats``: the daemon's counters (``bytes_downloaded``, ``bytes_uploaded``)."""
+
+    def __init__(self, cache: BlobCache, send: Callable[[Any], None], stats: dict[str, int]):
+        self.cache = cache
+        self.send = send
+        self.stats = stats
+        self.inbox: dict[str, asyncio.Queue] = {}  # blob transfers waiting for BLOB / BLOB_ACK
+        self.fetch_locks: dict[str, asyncio.Lock] = {}
+        self.chunk_size = L.BLOB_CHUNK_SIZE
+        self.credit = L.BLOB_CREDIT
+
+    def welcome(self, chunk_size: int, credit: int) -> None:
+        """Fetch with the chunk and credit the coordinator serves (WELCOME), within what this worker's
+        decoder takes (MAX_BLOB_MESSAGE_BYTES) and MAX_WINDOW_BYTES."""
+        self.chunk_size = max(4096, min(int(chunk_size), L.BLOB_CHUNK_SIZE))
+        self.credit = max(1, min(int(credit), MAX_WINDOW_BYTES // self.chunk_size))
+
+    def deliver(self, msg: P.Blob | P.BlobAck) -> None:
+        q = self.inbox.get(msg.sha256)
+        if q is not None:
+            q.put_nowait(msg)
+
+    async def fetch(self, sha: str) -> Path:
+        """The cached path of blob ``sha``, downloading what is missing (resumes a partial download)."""
+        lock = self.fetch_locks.setdefault(sha, asyncio.Lock())
+        async with lock:
+            if self.cache.has(sha):
+                return self.cache.path(sha)
+            while (f := self.cache.claim(sha)) is None:  # a worker sharing this cache folder fetches it
+                await asyncio.sleep(0.05)
+            if self.cache.has(sha):  # it did meanwhile
+                self.cache.release(f, sha)
+                return self.cache.path(sha)
+            part = self.cache.partial(sha)
+            q = self.inbox[sha] = asyncio.Queue()
+            try:
+                with f:  # the claim (an flock) is held until the blob is in place or the fetch stops
+                    offset = os.fstat(f.fileno()).st_size
+                    h = await asyncio.to_thread(_hash_prefix, part, offset) if offset else hashlib.sha256()
+                    await self._download(sha, f, offset, q, h)
+                    f.flush()
+                    if h.hexdigest() != sha:
+                        part.unlink(missing_ok=True)
+                        raise TaskFailure(f"downloaded blob {sha} failed its hash check; it will be fetched "
+                                          "again", True)
+                    return self.cache.commit(part, sha)
+            finally:
+                self.inbox.pop(sha, None)
+
+    async def _download(self, sha: str, f, offset: int, q: asyncio.Queue, h) -> None:
+        """Write blob ``sha`` from ``offset`` to its end into ``f``, feeding ``h``: requests in flight up to
+        the credit, chunks taken in order (an out-of-order or repeated one is ignored)."""
+        chunk, credit = self.chunk_size, self.credit  # one fetch keeps its window (a WELCOME may change it)
+        total: int | None = None
+        next_req = offset
+        while total is None or offset < total:
+            window = credit if total is not None else 1
+            while next_req - offset < window * chunk and (total is None or next_req < total):
+                self.send(P.BlobGet(sha, next_req, chunk))
+                next_req += chunk
+            try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a task's CANCEL
+                async with asyncio.timeout(C.BLOB_TRANSFER_TIMEOUT):
+                    m = await q.get()
+            except TimeoutError:
+                next_req = offset  # lost requests (reconnect): ask again from what we have
+                continue
+            if m.error:
+                raise TaskFailure(f"the coordinator has no blob {sha}: {m.error}", True)
+            total = m.total
+            if m.offset == offset and m.data:
+                f.write(m.data)
+                h.update(m.data)
+                offset += len(m.data)
+                self.stats["bytes_downloaded"] += len(m.data)
+                if len(m.data) != chunk and offset < total:  # a coordinator serving smaller chunks than
+                    next_req = offset                       # asked: ask again from where it stopped
+            elif m.offset == offset and offset >= total:
+                break
+
+    async def upload(self, path: Path, sha: str) -> None:
+        """Send ``path`` as blob ``sha``: probe where the coordinator stands, then stream with credit."""
+        total = path.stat().st_size
+        chunk = L.UPLOAD_CHUNK_SIZE
+        q = self.inbox[sha] = asyncio.Queue()
+        try:
+            with open(path, "rb") as f:
+                acked = None
+                self.send(P.BlobPut(sha, 0, total, b""))  # probe: answered with the bytes already stored
+                next_send = 0
+                while True:
+                    if acked is not None:
+                        while next_send < total and next_send - acked < L.UPLOAD_CREDIT * chunk:
+                            f.seek(next_send)
+                            data = f.read(chunk)
+                            self.send(P.BlobPut(sha, next_send, total, data))
+                            self.stats["bytes_uploaded"] += len(data)
+                            next_send += len(data)
+                    try:
+                        async with asyncio.timeout(C.BLOB_TRANSFER_TIMEOUT):
+                            ack = await q.get()
+                    except TimeoutError:
+                        acked = None
+                        self.send(P.BlobPut(sha, 0, total, b""))
+                        continue
+                    if ack.error:
+                        raise TaskFailure(f"upload of {path.name} refused: {ack.error}", True)
+                    if ack.done:
+                        return
+                    if acked is None or ack.offset > acked:
+                        if acked is None:
+                            next_send = ack.offset
+                        acked = ack.offset
+        finally:
+            self.inbox.pop(sha, None)
