@@ -24,6 +24,19 @@ def rss_mb() -> float:
     raise AssertionError("no VmRSS")
 
 
+async def leech(p, sha: str):
+    """A raw DEALER worker "mallory" that reads next to nothing (a one-message receive queue, a 4 KiB socket
+    buffer), welcomed, with a lease naming blob ``sha``: (its socket, the lease's [task, attempt])."""
+    bad = p.ctx.socket(zmq.DEALER)
+    bad.setsockopt(zmq.RCVHWM, 1)
+    bad.setsockopt(zmq.RCVBUF, 4096)
+    bad.setsockopt(zmq.LINGER, 0)
+    bad.connect(p.endpoint)
+    await bad.send_multipart(P.encode(P.Hello("mallory", "", 1, {"runtimes": ["blender"]}, [])))
+    assert isinstance(P.decode(await asyncio.wait_for(bad.recv_multipart(), 10)), P.Welcome)  # HELLO committed
+    return bad, [await asyncio.to_thread(p.lease_row, "mallory", sha), 1]
+
+
 def test_a_peer_that_floods_blob_gets_and_reads_nothing_is_bounded_then_dropped(tmp_path):
     data = os.urandom(4 * 1024 * 1024)
 
@@ -33,15 +46,7 @@ def test_a_peer_that_floods_blob_gets_and_reads_nothing_is_bounded_then_dropped(
         await p.need(honest, sha)
         # the attacker: a raw DEALER that holds a lease on the same blob, then asks for it 3,000 times over
         # and never reads (its own receive queue is one message, its socket buffer small)
-        bad = p.ctx.socket(zmq.DEALER)
-        bad.setsockopt(zmq.RCVHWM, 1)
-        bad.setsockopt(zmq.RCVBUF, 4096)
-        bad.setsockopt(zmq.LINGER, 0)
-        bad.connect(p.endpoint)
-        await bad.send_multipart(P.encode(P.Hello("mallory", "", 1, {"runtimes": ["blender"]}, [])))
-        welcome = P.decode(await asyncio.wait_for(bad.recv_multipart(), 10))  # its HELLO is committed
-        assert isinstance(welcome, P.Welcome)
-        lease = [await asyncio.to_thread(p.lease_row, "mallory", sha), 1]
+        bad, lease = await leech(p, sha)
         before = rss_mb()
         t0 = time.monotonic()
         await bad.send_multipart(P.encode(P.Heartbeat([lease])))
@@ -95,14 +100,7 @@ def test_the_chunks_queued_for_a_peer_that_reads_nothing_are_bounded_in_bytes(tm
         sha = p.blobs.write_bytes(data)
         honest = await p.daemon(worker_id="honest")
         await p.need(honest, sha)
-        bad = p.ctx.socket(zmq.DEALER)
-        bad.setsockopt(zmq.RCVHWM, 1)
-        bad.setsockopt(zmq.RCVBUF, 4096)
-        bad.setsockopt(zmq.LINGER, 0)
-        bad.connect(p.endpoint)
-        await bad.send_multipart(P.encode(P.Hello("mallory", "", 1, {"runtimes": ["blender"]}, [])))
-        assert isinstance(P.decode(await asyncio.wait_for(bad.recv_multipart(), 10)), P.Welcome)
-        lease = [await asyncio.to_thread(p.lease_row, "mallory", sha), 1]
+        bad, lease = await leech(p, sha)
         await bad.send_multipart(P.encode(P.Heartbeat([lease])))
         ident = next(i for i, c in p.coord.conns.items() if c.worker_id == "mallory")
         most = 0
