@@ -173,12 +173,12 @@ class Farm:
         self._wait("the worker to come online", lambda: any(w["online"] for w in self.client.workers()))
         return {"serve_s": t_serve, "total_s": time.perf_counter() - t0}
 
-    def render(self, frames: list[int], samples: int, percent: int, key: str) -> tuple[float, int, float, float]:
+    def render(self, frames: list[int], samples: int, percent: int, key: str) -> tuple[float, int, float, list[float]]:
         """Submit a job of ``frames``. Returns seconds from submit (upload included) to ``rendered``, the
         job id, the seconds the worker's runtime spent inside its render calls (from the outputs), and the
         CPU seconds the coordinator and the worker daemon (not its Blender child) used meanwhile."""
         c = self.client
-        cpu0 = sum(cpu_seconds(p.pid) for p in self.procs)
+        cpu0 = [cpu_seconds(p.pid) for p in self.procs]
         t_submit = time.time()
         sha, _ = c.upload_if_missing(SCENE)
         job = c.submit(scene_sha256=sha, scene_name=SCENE.name, frames=",".join(map(str, frames)), chunk=1,
@@ -187,7 +187,7 @@ class Farm:
                           ("rendered", "failed", "canceled") and v, timeout=1200, interval=0.5)
         if view["status"] != "rendered":
             raise SystemExit(f"job {job['id']} {view['status']}: {view['error']}; logs in {self.tmp}")
-        cpu = sum(cpu_seconds(p.pid) for p in self.procs) - cpu0
+        cpu = [cpu_seconds(p.pid) - c0 for p, c0 in zip(self.procs, cpu0)]  # coordinator, worker daemon
         render_s = sum(o["render_seconds"] for o in c.outputs(job["id"]))
         self.last = (t_submit, view["updated_at"])
         return view["updated_at"] - t_submit, job["id"], render_s, cpu  # updated_at: when marked rendered
@@ -351,11 +351,12 @@ def main() -> int:
             b, job_id, b_render, b_cpu = farm.render(frames, samples, percent, key=f"bench-{i}")
             farm.client.approve(job_id)  # full-resolution frames are released on approval
             farm.client.download_results(job_id, tmp / f"b{i}")
-            b_runs.append({"s": b, "render_s": b_render, "cpu": b_cpu})
+            b_runs.append({"s": b, "render_s": b_render, "cpu": sum(b_cpu), "cpu_coord": b_cpu[0],
+                           "cpu_daemon": b_cpu[-1]})
             if args.phases:
                 p_runs.append(phases(farm, job_id, *farm.last))
             print(f"  b: farm         {b:6.2f} s (job {job_id}, submit → rendered; {b_render:.2f} s inside "
-                  f"render calls; coordinator + worker daemon used {b_cpu:.2f} s CPU)", flush=True)
+                  f"render calls; coordinator + worker daemon used {b_cpu[0]:.2f} + {b_cpu[-1]:.2f} s CPU)", flush=True)
     finally:
         farm.stop()
 
@@ -397,7 +398,7 @@ def main() -> int:
           f"1 + ({b_out:.2f} - {a_out:.2f}) / {best_render:.2f} (a's fastest render total) = "
           f"{1 + (b_out - a_out) / best_render:.3f}")
     print(f"CPU of the coordinator + worker daemon processes during b: {med(r['cpu'] for r in b_runs):.2f} s "
-          f"(taken from the {os.cpu_count()} cores the render uses)")
+          f"= {med(r['cpu_coord'] for r in b_runs):.2f} + {med(r['cpu_daemon'] for r in b_runs):.2f} (taken from the {os.cpu_count()} cores the render uses)")
     print(f"farm start-up, excluded from b: {startup['total_s']:.1f} s")
     if p_runs:
         print_phases(p_runs, len(frames))
