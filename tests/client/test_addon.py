@@ -142,7 +142,9 @@ def test_make_addon_zip_installs_offline_and_its_operators_work(farm, addon_zip,
     assert len(res["registered"]["classes"]) == 10 and res["registered"]["scene_prop"]
     assert res["submit"]["error"] == "", res["submit"]
     job = alice.job(res["job_id"])
-    assert job["frames_total"] == 2 and job["name"] == "turntable" and job["status"] == "funding"
+    assert job["frames_total"] == 2 and job["name"] == "turntable"
+    # the custodial deposit may already be mined when the add-on reads the job back (~50 ms on the embedded chain)
+    assert job["status"] in ("funding", "queued"), job["status"]
     accepted = set(alice.request("GET", "/openapi.json")["components"]["schemas"]["JobCreate"]["properties"])
     if "tiles" not in accepted:
         assert "does not support tiles" in res["warning"]
@@ -155,7 +157,8 @@ def test_make_addon_zip_installs_offline_and_its_operators_work(farm, addon_zip,
         assert "no price estimate" in res["estimate"]["error"] and res["estimate_shown"][:2] == ["n/a", "n/a"]
     # payments are on: the job waits for its deposit ("funding"), then queues
     follow_jobs = res["follow"].pop("jobs")
-    assert res["follow"] == {"first": 0.2, "last": 3.0} and follow_jobs == [[res["job_id"], "funding"]]
+    assert res["follow"] == {"first": 0.2, "last": 3.0}
+    assert [j for j, _ in follow_jobs] == [res["job_id"]] and follow_jobs[0][1] in ("funding", "queued"), follow_jobs
     assert res["refresh"]["error"] == "" and res["jobs"][0][0] == res["job_id"]
     assert res["jobs"][0][1] in ("funding", "queued"), res["jobs"]
     assert res["draw_calls"] > 30

@@ -15,7 +15,7 @@ from eth_utils import keccak
 
 from tests.anvil import anvil  # noqa: F401  (fixture)
 from tests.conftest import submit_sample, wait_for, wait_job, wait_workers
-from tests.web.test_web import browser, sign_in  # noqa: F401  (fixture)
+from tests.web.test_web import browser, settled_page, sign_in  # noqa: F401  (fixture)
 
 PROVIDER = """
 window.ethereum = {
@@ -106,4 +106,5 @@ def test_link_deposit_and_approve_with_the_creators_own_wallet(farm, worker, bro
     credited = alice.wallet(pay_to)
     share = sum(int(w["amount"]) for w in alice.payouts(job["id"])["workers"] if w["wallet"])
     assert share > 0 and int(credited["escrow_credit"]) == share, "the worker is credited its share on chain"
+    settled_page(page, "paid")
     page.screenshot(path=tmp_path / "own-wallet-paid.png", full_page=True)

@@ -36,6 +36,13 @@ def sign_in(page, url: str, token: str) -> None:
     page.wait_for_url(re.compile(r".*/jobs$"))
 
 
+def settled_page(page, status: str, timeout: float = 60_000) -> None:
+    """Wait for a document the server rendered in ``status``. The job page reloads itself once when the
+    status changes (approved → paid re-renders the settlement); a screenshot taken while that reload is
+    under way hangs, so the shot waits for the page rendered in the final state, which no longer reloads."""
+    page.wait_for_selector(f"#job[data-live*='\"status\": \"{status}\"']", state="attached", timeout=timeout)
+
+
 def test_review_flow_in_a_browser(farm, worker, browser, tmp_path):
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -69,6 +76,8 @@ def test_review_flow_in_a_browser(farm, worker, browser, tmp_path):
     # approve (a double click approves once) and download the full-resolution zip
     page.get_by_role("button", name="Approve all and pay the workers").click()
     page.wait_for_selector("#download")
+    settled_page(page, "paid")  # the payout settles on the embedded chain; the page shows it
+    assert page.locator("#status").inner_text() == "paid"
     page.screenshot(path=shots / "job-approved.png", full_page=True)
     with page.expect_download() as dl:
         page.get_by_role("link", name=re.compile("Download all full-resolution")).click()
