@@ -6,7 +6,8 @@ Two measurements, each run alternately plain and CURVE ``--repeat`` times, media
 
 * **ping-pong**: a bare DEALER→ROUTER echo on tcp://127.0.0.1 (sync sockets, one thread each side), one
   message in flight: round trips a second for a 100-byte message (a control message: HEARTBEAT, READY,
-  ACK) and MB/s for a 256 KiB one (a blob chunk, BLOB_CHUNK_SIZE). This is the crypto's own cost.
+  ACK) and MB/s for a 1 MiB one (a download chunk, BLOB_CHUNK_SIZE) and a 256 KiB one (an upload chunk,
+  UPLOAD_CHUNK_SIZE). This is the crypto's own cost.
 * **dispatch**: the real :class:`farm.plane.broker.Broker` + coordinator + SQLite of ``bench/dispatch.py``
   (N in-process workers, null tasks: READY→TASK, RESULT→ACK), once plain and once with a
   :class:`farm.plane.gate.Keyring` (CURVE server, the ZAP handler, the per-message gate) and CURVE clients.
@@ -28,6 +29,7 @@ import zmq.asyncio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.limits import BLOB_CHUNK_SIZE, UPLOAD_CHUNK_SIZE  # noqa: E402
 from bench.dispatch import OUTPUT, BrokerHost, drive_workers, setup_farm, verify  # noqa: E402
 from farm.core.coordinator import Coordinator  # noqa: E402
 from farm.plane import gate as curve  # noqa: E402
@@ -121,7 +123,10 @@ def main() -> int:
     print(f"CurveZMQ overhead: plain vs CURVE alternating, {repeat} runs each, medians; pyzmq {zmq.__version__}, "
           f"libzmq {zmq.zmq_version()}, curve={zmq.has('curve')}", flush=True)
     rows = []
-    for label, size in (("ping-pong 100 B (round trips/s)", 100), ("ping-pong 256 KiB (MB/s)", 256 * 1024)):
+    sizes = (("ping-pong 100 B (round trips/s)", 100),
+             (f"ping-pong {BLOB_CHUNK_SIZE >> 10} KiB download chunk (MB/s)", BLOB_CHUNK_SIZE),
+             (f"ping-pong {UPLOAD_CHUNK_SIZE >> 10} KiB upload chunk (MB/s)", UPLOAD_CHUNK_SIZE))
+    for label, size in sizes:
         runs = {False: [], True: []}
         for _ in range(repeat):
             for secure in (False, True):
