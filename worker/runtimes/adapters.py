@@ -135,6 +135,7 @@ def controlnets(entry: dict, controls: list[dict], load) -> tuple[list, list[flo
             in_use = {str(x["hash"]) for x in controls}
             for old in [k for k in loaded if k not in in_use][:max(0, len(loaded) + 1 - MAX_CONTROLNETS)]:
                 del loaded[old]
+                entry.pop("control_pipe", None)  # the runtime's cached ControlNet pipeline may hold it
                 entry["bytes"] -= entry.get("controlnet_bytes", {}).pop(old, 0)
             loaded[key] = net
             size = sum(p.numel() * p.element_size() for p in net.parameters())
