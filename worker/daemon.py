@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import os
 import shutil
@@ -495,7 +494,7 @@ class WorkerDaemon:
             produced = await self._render(msg, slot, out_dir, runtime_name, executor, files)
             rt = self.runtimes.get((runtime_name, slot))
             pipe.mark(msg.task_id, msg.attempt, "rendered", frames=rt.marks if rt else [])
-            await self._recycle_if_bloated(slot)
+            await self._recycle_if_bloated(slot, runtime_name)
             produced = pipe.take_outputs(produced, out_dir, self._taken_dir(out_dir))  # out of the child's reach
         result, seconds = [], 0.0  # the next task renders in the slot while these upload
         for p in produced:
@@ -551,19 +550,20 @@ class WorkerDaemon:
         try:
             return await executor(ctx)
         finally:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
+            watch.cancel()  # not awaited: it ends at its next sleep, and the next task waits for this turn
 
-    async def _recycle_if_bloated(self, slot: int) -> None:
-        """Restart a runtime child that grew past RUNTIME_MAX_RSS_BYTES (it is started again lazily)."""
-        for (name, sl), rt in list(self.runtimes.items()):
-            if sl != slot or not rt.alive:
-                continue
-            rss = rt.usage()[2]  # the runtime itself (in a sandbox: bubblewrap's last descendant)
-            if rss > C.RUNTIME_MAX_RSS_BYTES:
-                log.warning("%s runtime of slot %d uses %d MB, over the ceiling: restarting it", name, slot, rss >> 20)
-                await rt.stop()
+    async def _recycle_if_bloated(self, slot: int, name: str | None) -> None:
+        """Restart the slot's ``name`` child, which just ran a task, if it grew past RUNTIME_MAX_RSS_BYTES (it
+        is started again lazily). Its size is the one it reported with the task's "done" (its own VmRSS: no
+        /proc walk of the sandbox's process tree while the next task waits for the turn), else /proc's.
+        The slot's other children were idle and were checked after their own last task."""
+        rt = self.runtimes.get((name, slot)) if name else None
+        if rt is None or not rt.alive:
+            return
+        rss = rt.reported_rss if rt.reported_rss is not None else rt.usage()[2]
+        if rss > C.RUNTIME_MAX_RSS_BYTES:
+            log.warning("%s runtime of slot %d uses %d MB, over the ceiling: restarting it", name, slot, rss >> 20)
+            await rt.stop()
 
     # ------------------------------------------------------------------ blob transfer (worker.transfer)
     async def fetch(self, sha: str) -> Path:

@@ -271,8 +271,11 @@ class Ledger:
         return added
 
     # ------------------------------------------------------------------ the settlement loop
-    def sync(self) -> None:
-        """One pass over every unsettled job (see the module docstring)."""
+    def sync(self, scan_after: bool = True) -> None:
+        """One pass over every unsettled job (see the module docstring). ``scan_after=False`` leaves the
+        closing scan of the escrow's events to the caller (:class:`farm.payments.settler.Settler` moves a
+        funded job to ``queued`` first: the scan is not needed for that, and it is on the job's path to its
+        first lease)."""
         self.ensure_ready()
         self.auto_approve()
         with self.tx_lock:
@@ -290,7 +293,13 @@ class Ledger:
                         break
                     if self.txs.resolve_pending(self.chain):
                         return
-        self._scan_events()
+        if scan_after:
+            self._scan_events()
+
+    def scan_events(self) -> int:
+        """Mirror the escrow's new events into ChainEvent rows now (the scan that closes :meth:`sync`)."""
+        self.ensure_ready()
+        return self._scan_events()
 
     def auto_approve(self, now: float | None = None) -> list[int]:
         """Approve every job left rendered, neither approved nor rejected, for longer than the review window

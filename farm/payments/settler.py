@@ -43,9 +43,10 @@ class Settler:
         delay, down = self.interval, False
         while not self._stop:
             try:
-                await asyncio.to_thread(self.ledger.sync)
+                await asyncio.to_thread(self.ledger.sync, False)
                 for job_id in await asyncio.to_thread(self.ledger.to_fund):
                     await self.serial(self.ledger.fund, job_id)
+                await asyncio.to_thread(self.ledger.scan_events)  # after funding: not on a job's path to its lease
                 for job_id in await asyncio.to_thread(self.ledger.to_finalize):
                     await self.serial(self.ledger.finalize, job_id)
                 if down:

@@ -79,6 +79,7 @@ class RuntimeProcess:
         self.limit_hit = ""
         self.peak_data = 0
         self.marks: list[dict] = []  # the last request's per-frame timing marks (worker.pipeline.PhaseLog)
+        self.reported_rss: int | None = None  # the resident size the child reported with its last "done"
 
     # ---- lifecycle ------------------------------------------------------
     @property
@@ -229,7 +230,7 @@ class RuntimeProcess:
             if not self.alive:
                 raise await self._crashed()
             rid = next(self._ids)
-            self.marks = []
+            self.marks, self.reported_rss = [], None
             line = json.dumps({**payload, "id": rid}).encode() + b"\n"
             try:
                 self.proc.stdin.write(line)
@@ -244,6 +245,8 @@ class RuntimeProcess:
                 if "marks" in event:
                     self.marks.append({"frame": event.get("frame"), "marks": event.pop("marks"), "at": time.time()})
                 if event.get("event") in TERMINAL_EVENTS:
+                    rss = event.get("rss_bytes")
+                    self.reported_rss = rss if type(rss) is int and rss >= 0 else None
                     # Release before the last yield: a caller that raises on
                     # "error" (leaving the generator unfinished) must not keep
                     # the child locked until the generator is garbage-collected.
