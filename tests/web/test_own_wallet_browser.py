@@ -92,7 +92,7 @@ def test_link_deposit_and_approve_with_the_creators_own_wallet(farm, worker, bro
                              f"{page.locator('#wallet-msg').inner_text()!r}; payment: {alice.payment(job['id'])}") from None
     done = wait_job(alice, job["id"], timeout=180)
     assert done["status"] == "rendered", done
-    page.goto(f"{f.url}/jobs/{job['id']}")
+    settled_page(page, "rendered")  # the page reloads itself on each status change: a goto now could race it
     assert page.locator("#approve").count() == 0, "no custodial approve form for a job paid from the own wallet"
     page.get_by_role("button", name="Approve with your wallet and pay the workers").click()
     page.wait_for_selector("#download", timeout=60_000)
