@@ -10,6 +10,10 @@ upload waits on its own queue. Invariants:
 * resumable: a download continues from the partial file in the cache folder (also after a restart), an
   upload from the bytes the coordinator says it stored (its probe's BLOB_ACK); after
   BLOB_TRANSFER_TIMEOUT without an answer (a reconnect lost requests) both ask again from what they have;
+* one transfer of a blob at a time: a fetch or an upload of blob X waits for the one of X already under way
+  (both wait on X's answers, which carry only X's hash). Two tasks of one worker may well make the same
+  bytes (two probes of one scene): their uploads ran at once, the second took the first's answers, and
+  the first then waited for answers forever, holding its task;
 * verified: a download enters the cache only when the sha256 of the bytes written matches its name. The
   hash is taken while writing (a resumed download first hashes the partial file's bytes from disk), so
   the finished file is not read back (one pass over its bytes fewer; the hashing itself stays).
@@ -17,6 +21,7 @@ upload waits on its own queue. Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable
@@ -56,7 +61,7 @@ class Transfers:
         self.send = send
         self.stats = stats
         self.inbox: dict[str, asyncio.Queue] = {}  # blob transfers waiting for BLOB / BLOB_ACK
-        self.fetch_locks: dict[str, asyncio.Lock] = {}
+        self.busy: dict[str, list] = {}  # blob → [lock, users]: one transfer of a blob at a time
         self.chunk_size = L.BLOB_CHUNK_SIZE
         self.credit = L.BLOB_CREDIT
 
@@ -71,10 +76,22 @@ class Transfers:
         if q is not None:
             q.put_nowait(msg)
 
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, sha: str):
+        """Held while blob ``sha`` is fetched or uploaded; its entry goes when no one holds or waits for it."""
+        entry = self.busy.setdefault(sha, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.busy[sha]
+
     async def fetch(self, sha: str) -> Path:
         """The cached path of blob ``sha``, downloading what is missing (resumes a partial download)."""
-        lock = self.fetch_locks.setdefault(sha, asyncio.Lock())
-        async with lock:
+        async with self._one_at_a_time(sha):
             if self.cache.has(sha):
                 return self.cache.path(sha)
             while (f := self.cache.claim(sha)) is None:  # a worker sharing this cache folder fetches it
@@ -129,7 +146,12 @@ class Transfers:
                 break
 
     async def upload(self, path: Path, sha: str) -> None:
-        """Send ``path`` as blob ``sha``: probe where the coordinator stands, then stream with credit."""
+        """Send ``path`` as blob ``sha``: probe where the coordinator stands, then stream with credit. After
+        another upload of the same bytes, the probe's answer is that they are stored: one round trip."""
+        async with self._one_at_a_time(sha):
+            await self._upload(path, sha)
+
+    async def _upload(self, path: Path, sha: str) -> None:
         total = path.stat().st_size
         chunk = L.UPLOAD_CHUNK_SIZE
         q = self.inbox[sha] = asyncio.Queue()

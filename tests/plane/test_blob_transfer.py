@@ -260,6 +260,30 @@ def test_upload_while_holding_a_lease(tmp_path):
     run(tmp_path, body)
 
 
+def test_two_uploads_of_the_same_bytes_at_once_both_finish(tmp_path):
+    """Two tasks of one worker can make identical outputs (two probe renders of one scene): their uploads,
+    at once, must both end — they once shared one answer queue, and the first waited forever."""
+    out = os.urandom(3 * CHUNK + 7)
+
+    async def body(p: Plane):
+        user, _ = make_user(p.engine, "alice")
+        make_job(p.engine, p.blobs, user, "1")
+        leases = []
+        d = await p.daemon(worker_id="w1")
+        d._start_task = leases.append
+        await until(lambda: leases, what="a TASK for w1")
+        a, b = p.root / "a.png", p.root / "b.png"
+        a.write_bytes(out)
+        b.write_bytes(out)
+        sha = sha256(out)
+        await asyncio.wait_for(asyncio.gather(d.upload(a, sha), d.upload(b, sha)), 15)
+        assert p.blobs.read(sha, 0, len(out) + 1) == out
+        assert d.stats["bytes_uploaded"] == len(out), "the second found the bytes stored: nothing sent twice"
+        assert not d.transfers.busy, "no transfer left registered"
+
+    run(tmp_path, body)
+
+
 def test_lru_cap_evicts_least_recently_used_but_never_pinned(tmp_path):
     size = 100_000
     blobs_data = {name: os.urandom(size) for name in "ABCD"}
