@@ -120,6 +120,9 @@ class Ledger:
         self.tx_lock = self.txs.lock
         self.report: dict[str, Any] = {}
         self.wake_hook: Callable[[], None] | None = None  # set by the Settler: run a pass soon
+        # set by the Settler: a job's deposit was just confirmed (called from the pass's thread, at once, so
+        # that the job is queued without waiting for the rest of the pass: other jobs' payouts, the scan)
+        self.funded_hook: Callable[[int], None] | None = None
         self._looked: dict[int, float] = {}  # job id → when its escrow was last read (monotonic)
         self._event_mark = 0  # newest ChainEvent row seen by _due
 
@@ -323,7 +326,7 @@ class Ledger:
     def _due(self) -> list[int]:
         """Unsettled jobs to look at now: those where the DB asks for a step, those with new escrow events
         (a creator's own refund or approval), and every other one once per RECHECK_SECONDS (a job still
-        rendering has nothing to settle)."""
+        rendering has nothing to settle); those waiting for their deposit first, then by job."""
         now, due = time.monotonic(), []
         with new_session(self.engine) as s:
             mark = self._event_mark
@@ -336,8 +339,9 @@ class Ledger:
                 idle = (status in RENDERING and st.status in WAITING and not st.reject_pending and not st.error)
                 if not idle or now - self._looked.get(st.job_id, -RECHECK_SECONDS) >= RECHECK_SECONDS:
                     self._looked[st.job_id] = now
-                    due.append(st.job_id)
-        return due
+                    due.append((st.status not in (SettlementStatus.new, SettlementStatus.funding), st.job_id))
+        # deposits first: a job waiting for its deposit has a worker waiting for it; payouts can wait a moment
+        return [job_id for _, job_id in sorted(due)]
 
     def _note_error(self, job_id: int, error: str) -> None:
         with new_session(self.engine) as s:
@@ -399,6 +403,8 @@ class Ledger:
                 s.commit()
                 log.warning("job %d: %s", job_id, problem)
                 return False
+            newly_funded = st.status in (SettlementStatus.new, SettlementStatus.funding) and job.status == \
+                JobStatus.funding.value
             if st.status in (SettlementStatus.new, SettlementStatus.funding):
                 st.status, st.deadline, st.error = ej.state, ej.deadline, ""
             if st.reject_pending:
@@ -437,6 +443,8 @@ class Ledger:
             st.updated_at = time.time()
             s.add(st)
             s.commit()
+            if newly_funded and self.funded_hook:
+                self.funded_hook(job_id)
             return False
 
     def _escrow_problem(self, s: Session, st: Settlement, job: Job, ej: ch.EscrowJob) -> str:

@@ -30,16 +30,35 @@ class Settler:
         self.max_backoff = max_backoff or float(os.environ.get("RENDERHIVE_SETTLE_MAX_BACKOFF", "10"))
         self._wake = asyncio.Event()
         self._stop = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._funding: set[asyncio.Future] = set()
         ledger.wake_hook = self.wake
+        ledger.funded_hook = self.funded
 
     def wake(self) -> None:
         self._wake.set()
+
+    def funded(self, job_id: int) -> None:
+        """From the pass's thread: a deposit was confirmed; queue the job now, on the coordinator's thread
+        (the pass's own ``to_fund`` afterwards finds it queued: ``fund`` is idempotent)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self.serial(self.ledger.fund, job_id), loop)
+        self._funding.add(fut)
+        fut.add_done_callback(self._funded_done)
+
+    def _funded_done(self, fut) -> None:
+        self._funding.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("queueing a funded job failed (the next pass retries it): %r", fut.exception())
 
     def stop(self) -> None:
         self._stop = True
         self._wake.set()
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         delay, down = self.interval, False
         while not self._stop:
             try:

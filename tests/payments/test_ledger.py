@@ -133,6 +133,24 @@ def rendered_job(f: Farm, frames: str = "1-4", split=((b"w1", 2, 2.5), (b"w2", 2
     return job_id
 
 
+def test_a_pass_takes_a_new_deposit_before_other_jobs_payouts_and_says_so_at_once(farm):
+    """A job waiting for its deposit has a worker waiting for it: in one pass its deposit goes before an
+    approved job's payout transactions, and the ledger announces it funded (the Settler queues it then)
+    before the pass moves on to the payouts."""
+    f = farm
+    done = rendered_job(f)
+    review.approve_job(f.engine, done, f.alice)
+    new = make_job(f.engine, f.blobs, f.alice, frames="1-2", hold_for_deposit=True)
+    assert new > done
+    order: list[str] = []
+    f.ledger.seam = lambda kind, at: order.append(f"{kind}:{at}") if at == "sent" else None
+    f.ledger.funded_hook = lambda job_id: order.append(f"funded {job_id}")
+    f.settle()
+    assert order[:2] == ["open:sent", f"funded {new}"], order
+    assert "approve:sent" in order[2:], order
+    assert f.job(new).status == "queued" and f.job(done).status == "paid"
+
+
 def test_a_custodial_creators_next_jobs_open_with_one_transaction(farm):
     """The first deposit allows the escrow the wallet's whole balance (only this wallet's key can spend it:
     open_job pulls from msg.sender), so the next jobs' deposits are one transaction, not two."""
