@@ -496,6 +496,7 @@ class WorkerDaemon:
             pipe.mark(msg.task_id, msg.attempt, "rendered", frames=rt.marks if rt else [])
             await self._recycle_if_bloated(slot, runtime_name)
             produced = pipe.take_outputs(produced, out_dir, self._taken_dir(out_dir))  # out of the child's reach
+        await asyncio.sleep(0)  # the turn passed: the next task's request reaches the child before this hashing
         result, seconds = [], 0.0  # the next task renders in the slot while these upload
         for p in produced:
             sha = await asyncio.to_thread(file_sha256, p.path)

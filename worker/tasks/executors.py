@@ -103,7 +103,8 @@ async def render(ctx: TaskContext) -> list[Produced]:
     def on_frame(ev: dict) -> None:
         nonlocal done
         done += 1
-        ctx.progress(done, len(frames), f"frame {ev['frame']}")
+        if done < len(frames):  # the last frame's RESULT follows (hash, upload): its PROGRESS would be one more
+            ctx.progress(done, len(frames), f"frame {ev['frame']}")  # commit, sent while the next task waits
     try:
         outputs = await _blender(ctx, request, on_frame)
     finally:
