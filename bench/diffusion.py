@@ -27,6 +27,12 @@ b. **farm**: ``farm serve`` and a fresh ``farm worker --models`` (its start-up e
 Both sides are timed warm because a worker keeps its pipelines loaded between jobs (and its start-up
 benchmark already loads the first model), so a cold direct run against a warm farm would flatter the
 farm; the load times are printed beside each pair.
+Each side also splits its time into the pipeline calls (direct: timed around each ``pipe(...)``; farm: the
+runtime's own "seconds" an image, summed over the job's outputs) and the rest: the farm's rest is its own
+cost (leases, inputs, the runtime's requests, PNGs, uploads, RESULTs, the deposit, the contact sheet), and
+``outside fig`` = 1 + (farm's rest − direct's rest) / direct's fastest pipeline total is the figure that
+does not move with the pipeline's speed, which on a shared 2-core VM changes by ±30 % from one process or
+run to the next (single-run farm/direct ratios of one kind went from 0.71 to 1.43 in one session).
 Every farm image is downloaded and compared with the direct run of the same kind and k: equal within
 1/255 (the exit status says so). Runs alternate direct, farm per kind; numbers are medians of ``--repeat``.
 The machine may be shared with other work: the spread between runs is load, and the ratio of a run pair is
@@ -179,8 +185,10 @@ def job_body(kind: str, n: int, steps: int, batch: int, shas: dict[str, str], re
 
 
 def wait_rendered(client, job_id: int, what: str, tmp: Path) -> dict:
+    # polled every 0.5 s, as `farm submit --wait` does (overhead.py too): the time is the coordinator's own
+    # timestamp, and 20 polls a second (~10 ms of the coordinator's CPU each) delayed its TASKs by ~25 ms
     view = localfarm.wait_for(lambda: (v := client.job(job_id))["status"] in ("rendered", "failed") and v,
-                              1200, 0.05, f"job {job_id}")
+                              1200, 0.5, f"job {job_id}")
     if view["status"] != "rendered":
         raise SystemExit(f"job {job_id} ({what}) failed: {view['error']} (logs in {tmp})")
     return view

@@ -479,7 +479,7 @@ class WorkerDaemon:
         if msg.kind not in EXECUTORS:
             raise TaskFailure(f"this worker cannot run {msg.kind!r} tasks", True)
         runtime_name, executor = EXECUTORS[msg.kind]
-        files = {sha: await self.fetch(sha) for sha in msg.inputs}  # meanwhile the slot may still render
+        files = await self._fetch_all(msg.inputs)  # meanwhile the slot may still render
         try:
             more = project_files.named_blobs(msg.spec, files)  # a project's: named by its manifest
         except project_files.LayoutError as exc:
@@ -487,7 +487,7 @@ class WorkerDaemon:
         for sha in more:
             self.cache.pin(sha)  # unpinned with the inputs (_run_task)
             self.running[(msg.task_id, msg.attempt)].pins.append(sha)
-            files[sha] = await self.fetch(sha)
+        files.update(await self._fetch_all(more))
         pipe.mark(msg.task_id, msg.attempt, "fetched")
         async with self.pipeline.turn(self.running[(msg.task_id, msg.attempt)], lambda: self._kill_slot(slot)):
             pipe.mark(msg.task_id, msg.attempt, "turn")
@@ -506,6 +506,23 @@ class WorkerDaemon:
             seconds += p.seconds
         pipe.mark(msg.task_id, msg.attempt, "uploaded")
         return P.Result(msg.task_id, msg.attempt, result, seconds)
+
+    async def _fetch_all(self, shas) -> dict[str, Path]:
+        """The cached paths of blobs ``shas`` (in their order), up to FETCH_PARALLEL fetched at once; the
+        first failure stops the others and is raised."""
+        gate = asyncio.Semaphore(C.FETCH_PARALLEL)
+
+        async def one(sha: str) -> tuple[str, Path]:
+            async with gate:
+                return sha, await self.fetch(sha)
+        jobs = [asyncio.ensure_future(one(sha)) for sha in dict.fromkeys(shas)]
+        try:
+            return dict(await asyncio.gather(*jobs))
+        except BaseException:
+            for j in jobs:
+                j.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            raise
 
     def _taken_dir(self, out_dir: Path) -> Path:
         """Where a finished task's outputs wait for upload: the daemon's own folder, not the child's."""

@@ -23,6 +23,12 @@ RECONNECT_MAX = 32.0
 BLOB_TRANSFER_TIMEOUT = 5.0
 """Seconds without a chunk after which a transfer re-requests from its last verified offset."""
 
+FETCH_PARALLEL = max(1, int(_env_float("FETCH_PARALLEL", 8)))
+"""Inputs of one task fetched at once (a contact sheet's images, a tiled frame's tiles, a project's files): one
+after the other, a 16-image sheet waited ~55 ms for its round trips. Each keeps its own credit window, so
+at most this many windows are open for one task (8 × 4 MiB: PEER_SEND_BYTES, what the coordinator queues
+for one peer)."""
+
 PREFETCH_DEPTH = int(_env_float("PREFETCH", 1))
 """Tasks a slot holds beyond the one it renders (0 or 1; HELLO capability ``prefetch``): the next task's
 lease and inputs arrive while the current one renders, so the slot starts it the moment that render ends

@@ -32,6 +32,7 @@ class Settler:
         self._stop = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._funding: set[asyncio.Future] = set()
+        self._funded = 0  # deposits announced by the ledger so far (funded_hook)
         ledger.wake_hook = self.wake
         ledger.funded_hook = self.funded
 
@@ -44,6 +45,7 @@ class Settler:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
+        self._funded += 1
         fut = asyncio.run_coroutine_threadsafe(self.serial(self.ledger.fund, job_id), loop)
         self._funding.add(fut)
         fut.add_done_callback(self._funded_done)
@@ -62,10 +64,15 @@ class Settler:
         delay, down = self.interval, False
         while not self._stop:
             try:
+                before = self._funded
                 await asyncio.to_thread(self.ledger.sync, False)
-                for job_id in await asyncio.to_thread(self.ledger.to_fund):
+                funding = await asyncio.to_thread(self.ledger.to_fund)
+                for job_id in funding:
                     await self.serial(self.ledger.fund, job_id)
-                await asyncio.to_thread(self.ledger.scan_events)  # after funding: not on a job's path to its lease
+                # a job just queued has its first leases going out now, and the closing scan (chain reads and
+                # a write) would compete with them: then the next pass's opening scan mirrors the events
+                if not funding and self._funded == before:
+                    await asyncio.to_thread(self.ledger.scan_events)
                 for job_id in await asyncio.to_thread(self.ledger.to_finalize):
                     await self.serial(self.ledger.finalize, job_id)
                 if down:

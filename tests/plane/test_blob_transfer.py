@@ -145,6 +145,36 @@ def test_multi_chunk_fetch_lands_verified_and_is_cached(tmp_path):
     run(tmp_path, body)
 
 
+def test_a_tasks_inputs_are_fetched_a_few_at_a_time(tmp_path, monkeypatch):
+    """A task's many inputs (a contact sheet's images, a tiled frame's tiles) are fetched at once, but never
+    more than FETCH_PARALLEL of them (each holds a credit window the coordinator queues for this peer)."""
+    from worker import settings
+    monkeypatch.setattr(settings, "FETCH_PARALLEL", 3)
+    blobs = [os.urandom(CHUNK + i) for i in range(10)]
+
+    async def body(p: Plane):
+        shas = [p.blobs.write_bytes(b) for b in blobs]
+        d = await p.daemon()
+        await p.need(d, *shas)
+        most, stop = 0, False
+
+        async def watch():
+            nonlocal most
+            while not stop:
+                most = max(most, len(d.transfers.busy))
+                await asyncio.sleep(0)
+        watcher = asyncio.ensure_future(watch())
+        files = await d._fetch_all(shas + shas[:2])  # a repeated input is fetched once
+        stop = True
+        await watcher
+        assert list(files) == shas, "in the task's order"
+        assert [files[s].read_bytes() for s in shas] == blobs
+        assert 1 < most <= 3, f"{most} fetches at once"
+        assert d.stats["bytes_downloaded"] == sum(map(len, blobs))
+
+    run(tmp_path, body)
+
+
 def test_unknown_blob_fails_the_fetch(tmp_path):
     async def body(p: Plane):
         d = await p.daemon()
