@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client.api import ApiError, Client  # noqa: E402
+from client.localfarm import free_ports  # noqa: E402
 
 SCENE = ROOT / "sample_scenes" / "turntable.blend"
 PY = sys.executable
@@ -114,19 +114,13 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Farm:
     """``farm serve`` + one ``farm worker`` as subprocesses, stopped with SIGTERM (then SIGKILL)."""
 
     def __init__(self, tmp: Path, phases: bool = False):
         self.tmp = tmp
         self.data, self.cache = tmp / "farm-data", tmp / "worker-cache"
-        self.http, self.zmq = free_port(), free_port()
+        self.http, self.zmq = free_ports(2)
         self.procs: list[subprocess.Popen] = []
         self.env = {**os.environ, "RENDERHIVE_LOG": "WARNING", "PYTHONPATH": str(ROOT)}
         self.phases = tmp / "phases.jsonl" if phases else None

@@ -25,6 +25,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: bound all at once, so none is handed out twice (two calls of
+    :func:`free_port` can return the same port: the kernel reuses the one just released)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -105,7 +120,9 @@ class Coordinator(Proc):
         self.data = self.root / "data"
         self.server_key_file = self.data / "curve" / "server.key"    # written by farm serve on first start
         self.enroll_token_file = self.data / "curve" / "enroll.token"
-        self.zport, self.hport = zmq_port or free_port(), http_port or free_port()
+        spare = iter(p for p in free_ports(3) if p not in (zmq_port, http_port))
+        self.zport = zmq_port or next(spare)
+        self.hport = http_port or next(spare)
         self.endpoint = f"tcp://{host}:{self.zport}"
         self.url = f"http://{host}:{self.hport}"
         super().__init__(["serve", "--data", str(self.data), "--bind", self.endpoint,

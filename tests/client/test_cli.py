@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,18 @@ def test_submit_review_results_from_the_command_line(farm, worker, tmp_path):
     alice.token = "rh_wrong"
     denied = farm_cli(f, alice, "status", check=False)
     assert denied.returncode == 2 and "token" in denied.stderr
+
+
+def test_a_local_farm_gets_distinct_ports():
+    """`farm serve` in the tests and benchmarks binds two ports; two calls of free_port() could return the same
+    one (the kernel hands the port just released out again: a PostgreSQL e2e run once bound both planes to
+    it and exited)."""
+    from client import localfarm
+    for _ in range(50):
+        ports = localfarm.free_ports(4)
+        assert len(set(ports)) == 4 and all(localfarm.port_free(p) for p in ports)
+    for _ in range(20):
+        c = localfarm.Coordinator(Path("/nonexistent"))
+        assert c.zport != c.hport
+    c = localfarm.Coordinator(Path("/nonexistent"), zmq_port=ports[0])
+    assert c.zport == ports[0] and c.hport != ports[0]
