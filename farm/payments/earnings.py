@@ -70,6 +70,7 @@ class WorkerEarnings:
         self.market = market
         self._waiting: set[int] | None = None  # jobs whose shares are not credited yet (None: not looked yet)
         self._looked = 0.0
+        self._newest = 0  # the newest settlement's job id at the last look
         self._told: int | None = None  # the price last announced (wei per unit)
         self._told_at = -math.inf      # when a moved price was last announced (the coordinator's clock)
 
@@ -105,7 +106,12 @@ class WorkerEarnings:
             return []
         self._looked = now
         waiting = set(s.exec(select(Settlement.job_id).where(Settlement.status.in_(_UNCREDITED))).all())
-        moved, self._waiting = (self._waiting or set()) - waiting, waiting
+        newest = max(s.exec(select(Settlement.job_id)).all() or [0]) if self._waiting is None else self._newest
+        fresh = set() if self._waiting is None else set(s.exec(
+            select(Settlement.job_id).where(Settlement.job_id > self._newest)
+            .where(Settlement.status.in_(_CREDITED))).all())  # created and credited between two looks
+        moved, self._waiting = ((self._waiting or set()) - waiting) | fresh, waiting
+        self._newest = max([newest, *waiting, *fresh])
         if not moved:
             return []
         rows = s.exec(select(Payout).where(Payout.job_id.in_(sorted(moved)))
