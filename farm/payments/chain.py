@@ -199,7 +199,7 @@ class Chain:
         self.escrow = None
         self._topics: dict[bytes, Any] = {}
         self._chain_id: int | None = None
-        self._views: dict[tuple[str, str], tuple[bytes, list[str], list[str]]] = {}
+        self._views: dict[tuple[str, str], tuple[bytes, list[str], list[str], list[dict]]] = {}
 
     # ---- construction
     @classmethod
@@ -462,12 +462,12 @@ class Chain:
             abi = next(e for e in contract.abi if e.get("type") == "function" and e.get("name") == fn)
             ins = [_abi_type(i) for i in abi.get("inputs", [])]
             outs = abi.get("outputs", [])
-            self._views[key] = (keccak(text=f"{fn}({','.join(ins)})")[:4], ins, outs)
-        selector, ins, outs = self._views[key]
+            self._views[key] = (keccak(text=f"{fn}({','.join(ins)})")[:4], ins, [_abi_type(o) for o in outs], outs)
+        selector, ins, out_types, outs = self._views[key]
         data = "0x" + (selector + abi_encode(ins, list(args))).hex()
         tester = self.w3.provider.ethereum_tester
         raw = self._io(lambda: tester.call({"from": self.operator, "to": contract.address, "data": data}, "latest"))
-        values = abi_decode([_abi_type(o) for o in outs], bytes.fromhex(raw[2:]))
+        values = abi_decode(out_types, bytes.fromhex(raw[2:]))
         out = [_checksummed(o, v) for o, v in zip(outs, values)]
         return out[0] if len(out) == 1 else out
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 
-from sqlmodel import Session, select
+from sqlmodel import Session, func, select
 
 from common import protocol as P
 from farm.payments import pricing as pr
@@ -106,12 +106,11 @@ class WorkerEarnings:
             return []
         self._looked = now
         waiting = set(s.exec(select(Settlement.job_id).where(Settlement.status.in_(_UNCREDITED))).all())
-        newest = max(s.exec(select(Settlement.job_id)).all() or [0]) if self._waiting is None else self._newest
+        newest = s.exec(select(func.max(Settlement.job_id))).one() or 0
         fresh = set() if self._waiting is None else set(s.exec(
             select(Settlement.job_id).where(Settlement.job_id > self._newest)
             .where(Settlement.status.in_(_CREDITED))).all())  # created and credited between two looks
-        moved, self._waiting = ((self._waiting or set()) - waiting) | fresh, waiting
-        self._newest = max([newest, *waiting, *fresh])
+        moved, self._waiting, self._newest = ((self._waiting or set()) - waiting) | fresh, waiting, newest
         if not moved:
             return []
         rows = s.exec(select(Payout).where(Payout.job_id.in_(sorted(moved)))

@@ -31,7 +31,6 @@ class Settler:
         self._wake = asyncio.Event()
         self._stop = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._funding: set[asyncio.Future] = set()
         self._funded = 0  # deposits announced by the ledger so far (funded_hook)
         ledger.wake_hook = self.wake
         ledger.funded_hook = self.funded
@@ -46,12 +45,11 @@ class Settler:
         if loop is None or loop.is_closed():
             return
         self._funded += 1
-        fut = asyncio.run_coroutine_threadsafe(self.serial(self.ledger.fund, job_id), loop)
-        self._funding.add(fut)
-        fut.add_done_callback(self._funded_done)
+        asyncio.run_coroutine_threadsafe(self.serial(self.ledger.fund, job_id), loop).add_done_callback(
+            self._funded_done)
 
-    def _funded_done(self, fut) -> None:
-        self._funding.discard(fut)
+    @staticmethod
+    def _funded_done(fut) -> None:
         if not fut.cancelled() and fut.exception() is not None:
             log.error("queueing a funded job failed (the next pass retries it): %r", fut.exception())
 
