@@ -73,7 +73,7 @@ def apply_settings() -> None:
         setattr(module, attr, type(getattr(module, attr))(float(value)))
 
 
-def role_coordinator(data: str, plain: bool) -> None:
+def role_coordinator(data: str, plain: bool, sealed: bool) -> None:
     """A broker + coordinator on a random loopback port. stdin: ``lease WID SHA`` (a task leased to WID
     whose input is SHA, written on the coordinator's thread), ``stats``, ``quit``."""
     from farm.core.coordinator import Coordinator
@@ -89,7 +89,10 @@ def role_coordinator(data: str, plain: bool) -> None:
     engine = make_engine(f"sqlite:///{root / 'farm.db'}")
     blobs = BlobStore(root / "blobs")
     keyring = None if plain else gate.Keyring(root, "open")
-    coord = Coordinator(engine, blobs)
+    from farm.plane.sealed_http import SealedServer
+    from farm.store.sealed import SealedChannel
+    channel = SealedChannel(blobs) if sealed else None
+    coord = Coordinator(engine, blobs, sealed=channel)
     with session(engine) as s:
         owner, _ = auth.create_user(s, f"fanout-{os.getpid()}")  # one database for every round
         s.commit()
@@ -135,6 +138,9 @@ def role_coordinator(data: str, plain: bool) -> None:
             broker._send = profiled_send
         task = asyncio.create_task(broker.run())
         endpoint = await broker.ready()
+        server = SealedServer(channel, "127.0.0.1", 0) if channel else None
+        if server:
+            await server.start()
         tune_gc()
         say({"endpoint": endpoint, "server_key": keyring.server_key if keyring else ""})
         loop = asyncio.get_running_loop()
@@ -145,9 +151,12 @@ def role_coordinator(data: str, plain: bool) -> None:
             if line[0] == "lease":
                 say({"task": await broker.call(lease, line[1], line[2])})
             elif line[0] == "stats":
-                say({"stats": dict(coord.stats)})
+                say({"stats": {**coord.stats, **(channel.stats if channel else {})}})
         broker.stop()
         await task
+        if server:
+            await server.stop()
+            channel.close()
 
     asyncio.run(main())
     if prof is not None:
@@ -188,7 +197,8 @@ def role_worker(endpoint: str, server_key: str, cache: str, worker_id: str, sha:
             print(f"--- worker {worker_id} (CPU seconds)", file=sys.stderr)
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(15)
         got = await asyncio.to_thread(file_sha, path)  # after the clock: the fetch checked it already
-        say({"t0": t0, "t1": t1, "bytes": d.stats["bytes_downloaded"], "sha_ok": got == sha, "cpu": c1 - c0})
+        say({"t0": t0, "t1": t1, "bytes": d.stats["bytes_downloaded"], "sha_ok": got == sha, "cpu": c1 - c0,
+             "sealed": d.stats["bytes_sealed"]})
         d.stop()
         session.cancel()
         await asyncio.gather(session, return_exceptions=True)
@@ -288,18 +298,19 @@ def finish(kind: str, clients: list[Child], server: Child, t_go: float, cpu0: fl
             "complete": all(r["bytes"] == size for r in results) or None}
 
 
-def run_farm(tmp: Path, farm_dir: Path, sha: str, size: int, n: int, plain: bool, rnd: int) -> dict:
-    coord = Child("_coordinator", str(farm_dir), "1" if plain else "0")
+def run_farm(tmp: Path, farm_dir: Path, sha: str, size: int, n: int, plain: bool, rnd: int, sealed: bool) -> dict:
+    coord = Child("_coordinator", str(farm_dir), "1" if plain else "0", "1" if sealed else "0")
     workers: list[Child] = []
     try:
         info = coord.read()
         for i in range(n):
             cache = tmp / f"w{i}"
             shutil.rmtree(cache, ignore_errors=True)
-            workers.append(Child("_worker", info["endpoint"], info["server_key"], str(cache), f"fan{rnd}-{i}", sha))
+            workers.append(Child("_worker", info["endpoint"], info["server_key"], str(cache),
+                                 f"fan{rnd}{'s' if sealed else 'c'}-{i}", sha))
         for i, w in enumerate(workers):
             w.read()  # welcomed
-            coord.write(f"lease fan{rnd}-{i} {sha}")  # a new id a round: its key is new too
+            coord.write(f"lease fan{rnd}{'s' if sealed else 'c'}-{i} {sha}")  # a new id a run: its key is new too
             coord.read()
         coord.write("stats")
         before = coord.read()["stats"]
@@ -307,11 +318,12 @@ def run_farm(tmp: Path, farm_dir: Path, sha: str, size: int, n: int, plain: bool
         t_go = time.monotonic()
         for w in workers:
             w.write("go")
-        r = finish("farm", workers, coord, t_go, cpu0, size)
+        r = finish("sealed" if sealed else "chunks", workers, coord, t_go, cpu0, size)
         coord.write("stats")
         after = coord.read()["stats"]
         r["stats"] = {k: after.get(k, 0) - before.get(k, 0)
-                      for k in ("chunks_out", "chunks_cached", "blob_gets_dropped", "steps_skipped")}
+                      for k in ("chunks_out", "chunks_cached", "blob_gets_dropped", "steps_skipped", "tickets",
+                                "streams", "bytes_sent", "sealed_bytes")}
         return r
     finally:
         for w in workers:
@@ -379,6 +391,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=None, help="rounds of farm and http (default 3, quick 1)")
     ap.add_argument("--plain", action="store_true", help="plain ZMTP instead of CurveZMQ on the worker plane")
+    ap.add_argument("--modes", default="sealed", help="the farm's ways, comma-separated, each run beside HTTP: "
+                    "sealed (farm serve's default: big inputs over the sealed channel, sendfile of one "
+                    "ciphertext), chunks (BLOB chunks over the worker plane, --sealed off)")
     ap.add_argument("--dir", default=None, help="where the blob and the downloads go (default /dev/shm when "
                     "it has room: a disk shared with other load measures the disk, not the transfer)")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
@@ -405,7 +420,11 @@ def main() -> int:
     if not args.no_warm:
         print(f"memory warmed: {args.workers} x {size / 2**20:.0f} MiB written and deleted in "
               f"{warm_memory(tmp, size, args.workers):.1f} s", flush=True)
-    runs: dict[str, list[dict]] = {"farm": [], "http": []}
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - {"sealed", "chunks"}:
+        ap.error("--modes: sealed and/or chunks")
+    kinds = [*modes, "http"]
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
     if args.profile:
         os.environ["FANOUT_PROFILE"] = "1"
     os.environ["FANOUT_SET"] = ";".join(args.set)
@@ -413,15 +432,18 @@ def main() -> int:
         print(f"settings: {', '.join(args.set)}")
     try:
         for i in range(rounds):
-            order = ["farm", "http"] if i % 2 == 0 else ["http", "farm"]
+            order = kinds if i % 2 == 0 else kinds[::-1]
             for kind in order:
-                r = (run_farm(tmp, farm_dir, sha, size, args.workers, args.plain, i) if kind == "farm"
-                     else run_http(tmp, blob, sha, size, args.workers))
+                r = (run_http(tmp, blob, sha, size, args.workers) if kind == "http"
+                     else run_farm(tmp, farm_dir, sha, size, args.workers, args.plain, i, kind == "sealed"))
                 runs[kind].append(r)
                 st = r.get("stats", {})
                 extra = (f"; chunks served {st['chunks_out']} ({st['chunks_cached']} from the cache without a "
                          f"step, {st['steps_skipped']} steps skipped), BLOB_GETs dropped {st['blob_gets_dropped']}"
-                         if kind == "farm" else "")
+                         if kind != "http" else "")
+                if kind == "sealed":
+                    extra += (f"; sealed {st['sealed_bytes'] / 2**20:.0f} MiB once, {st['tickets']} tickets, "
+                              f"{st['streams']} downloads, {st['bytes_sent'] / 2**20:.0f} MiB sent by sendfile")
                 print(f"  {kind:<4} {r['wall']:7.2f} s  {r['bytes'] / 2**20:8.0f} MiB  {r['mib_s']:7.0f} MiB/s  "
                       f"server CPU {r['server_cpu']:6.2f} s  client CPU {r['client_cpu']:5.2f} s (median)  "
                       f"verified {sum(r['ok'])}/{len(r['ok'])}{extra}", flush=True)
@@ -429,20 +451,22 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     med = statistics.median
-    f_mib, h_mib = med(r["mib_s"] for r in runs["farm"]), med(r["mib_s"] for r in runs["http"])
-    f_cpu, h_cpu = med(r["server_cpu"] for r in runs["farm"]), med(r["server_cpu"] for r in runs["http"])
+    h_mib, h_cpu = med(r["mib_s"] for r in runs["http"]), med(r["server_cpu"] for r in runs["http"])
     ok = all(all(r["ok"]) and r["complete"] for rs in runs.values() for r in rs)
     print()
     print(f"{'':<6} {'wall s':>8} {'MiB/s':>8} {'server CPU s':>13} {'CPU s / GiB':>12} {'client CPU s / GiB':>19}"
           f"   (median of {rounds}, alternating)")
-    for kind in ("farm", "http"):
+    for kind in kinds:
         rs = runs[kind]
         gib = med(r["bytes"] for r in rs) / 2**30
         print(f"{kind:<6} {med(r['wall'] for r in rs):>8.2f} {med(r['mib_s'] for r in rs):>8.0f} "
               f"{med(r['server_cpu'] for r in rs):>13.2f} {med(r['server_cpu'] for r in rs) / gib:>12.2f} "
               f"{med(r['client_cpu'] for r in rs) / (size / 2**30):>19.2f}")
-    print(f"throughput farm/http = {f_mib / h_mib:.3f} (goal >= 0.8); coordinator CPU {f_cpu:.2f} s vs the "
-          f"HTTP server's {h_cpu:.2f} s; per-worker sha256 verified: {'all' if ok else 'NOT ALL'}")
+    for kind in modes:
+        f_mib, f_cpu = med(r["mib_s"] for r in runs[kind]), med(r["server_cpu"] for r in runs[kind])
+        print(f"throughput farm ({kind})/http = {f_mib / h_mib:.3f} (goal >= 0.8); coordinator CPU {f_cpu:.2f} s "
+              f"vs the HTTP server's {h_cpu:.2f} s")
+    print(f"per-worker sha256 verified: {'all' if ok else 'NOT ALL'}")
     if args.keep:
         print(f"kept {tmp}")
     return 0 if ok else 1
@@ -452,7 +476,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
         role, rest = sys.argv[1], sys.argv[2:]
         if role == "_coordinator":
-            role_coordinator(rest[0], rest[1] == "1")
+            role_coordinator(rest[0], rest[1] == "1", rest[2] == "1")
         elif role == "_worker":
             role_worker(*rest)
         elif role == "_httpd":

@@ -321,7 +321,7 @@ def cmd_serve(args) -> int:
     from farm.payments.ledger import ChainConfigError
     try:
         asyncio.run(serve(Path(args.data), args.db, args.bind, args.http, args.chain_rpc, args.chain_key_file,
-                          args.admit, args.require_sandbox))
+                          args.admit, args.require_sandbox, args.sealed))
     except ChainConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -408,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(farm workers allow KEY); auto (default) = open on a loopback --bind, token otherwise")
     s.add_argument("--require-sandbox", action="store_true",
                    help="admit only workers that run scenes in the OS sandbox (refuse `farm worker --no-sandbox`)")
+    s.add_argument("--sealed", default=os.environ.get("RENDERHIVE_SEALED", "auto"),
+                   help="the sealed blob channel (big inputs sealed once and sent to every worker by sendfile over "
+                   "HTTP; their key goes over CurveZMQ): auto (default: --bind's host, its port + 1), PORT, "
+                   "HOST:PORT, or off (big inputs as CurveZMQ chunks, ~2x slower to many workers); or RENDERHIVE_SEALED")
     s.add_argument("--print-key", action="store_true",
                    help="print the coordinator's public key (made on first use) for workers' --server-key, and exit")
     s.set_defaults(func=cmd_serve, needs_client=False)

@@ -120,13 +120,15 @@ class Coordinator(Proc):
         self.data = self.root / "data"
         self.server_key_file = self.data / "curve" / "server.key"    # written by farm serve on first start
         self.enroll_token_file = self.data / "curve" / "enroll.token"
-        spare = iter(p for p in free_ports(3) if p not in (zmq_port, http_port))
+        spare = iter(p for p in free_ports(4) if p not in (zmq_port, http_port))
         self.zport = zmq_port or next(spare)
         self.hport = http_port or next(spare)
+        self.sport = next(spare)  # the sealed blob server's
         self.endpoint = f"tcp://{host}:{self.zport}"
         self.url = f"http://{host}:{self.hport}"
         super().__init__(["serve", "--data", str(self.data), "--bind", self.endpoint,
-                          "--http", f"{host}:{self.hport}", *(["--db", db] if db else []),
+                          "--http", f"{host}:{self.hport}", "--sealed", f"{host}:{self.sport}",
+                          *(["--db", db] if db else []),
                           *(["--admit", admit] if admit else [])],
                          self.root / "serve.log", env)
 

@@ -136,6 +136,15 @@ class Release:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class TicketGet:
+    """Ask for a ticket of the sealed blob channel (:mod:`common.sealed`) for blob ``sha256``, an input of
+    a lease this worker holds: answered with TICKET. A worker sends it with its first BLOB_GET of a blob
+    (no round trip is added) and fetches a big blob by HTTP with it; an older coordinator answers ERROR."""
+    command: ClassVar[int] = 0x0B
+    sha256: str
+
+
 # ---------------------------------------------------------------- coordinator → worker
 @dataclass(frozen=True)
 class Welcome:
@@ -246,8 +255,24 @@ class Earned:
     tokens_per_unit: str = ""
 
 
-WORKER_MESSAGES = (Hello, Ready, Heartbeat, Progress, Result, Failed, BlobGet, BlobPut, Bye, Release)
-COORDINATOR_MESSAGES = (Welcome, Task, Heartbeat, Cancel, Blob, BlobAck, Ack, Disconnect, Error, Price, Earned)
+@dataclass(frozen=True)
+class Ticket:
+    """Answer to TICKET_GET: blob ``sha256`` (``total`` bytes) may be downloaded sealed from the
+    coordinator's host at ``port`` with ``GET /sealed/<ticket>``, its records opened with ``key`` (32
+    bytes, AES-256-GCM). ``error``: why not (a small blob, no sealed server, not an input of a lease of
+    yours): fetch it with BLOB_GET."""
+    command: ClassVar[int] = 0x2B
+    sha256: str
+    ticket: str
+    key: bytes
+    total: int
+    port: int
+    error: str = ""
+
+
+WORKER_MESSAGES = (Hello, Ready, Heartbeat, Progress, Result, Failed, BlobGet, BlobPut, Bye, Release, TicketGet)
+COORDINATOR_MESSAGES = (Welcome, Task, Heartbeat, Cancel, Blob, BlobAck, Ack, Disconnect, Error, Price, Earned,
+                        Ticket)
 MESSAGES: dict[int, type] = {cls.command: cls for cls in WORKER_MESSAGES + COORDINATOR_MESSAGES}
 Message = Any  # any of the dataclasses above
 

@@ -25,7 +25,9 @@ from farm.payments.quotes import ProbeQuotes
 from farm.payments.settler import Settler
 from farm.plane.broker import Broker, tune_gc
 from farm.plane.gate import Keyring, resolve_mode
+from farm.plane.sealed_http import SealedServer
 from farm.store.blobs import BlobStore
+from farm.store.sealed import SealedChannel
 from farm.store.db import DatabaseUnavailable, database_url, make_engine, session
 from farm.store.migrate import SchemaMismatch
 from farm.web import auth, connections
@@ -42,8 +44,28 @@ _ADMISSION = {
 }
 
 
+def sealed_address(bind: str, sealed: str, http: str = "") -> tuple[str, int] | None:
+    """Where the sealed blob server listens: ``sealed`` is ``auto`` (the worker plane's host, its port + 1,
+    or + 2 when the API has that one; a random port when the worker plane's is random), ``off``, a port,
+    or ``host:port``."""
+    if sealed == "off":
+        return None
+    host, _, port = bind.removeprefix("tcp://").rpartition(":")
+    host = host.strip("[]")
+    if sealed == "auto":
+        if port in ("0", "*"):
+            return host, 0
+        nxt = int(port) + 1
+        return host, nxt + 1 if http.rpartition(":")[2] == str(nxt) else nxt
+    shost, _, sport = sealed.rpartition(":")
+    if not sport.isdigit() or int(sport) > 65535:
+        raise ValueError(f"--sealed {sealed!r}: give auto, off, a port or host:port")
+    return shost or host, int(sport)
+
+
 async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_rpc: str | None = None,
-                chain_key_file: str | None = None, admit: str = "auto", require_sandbox: bool = False) -> None:
+                chain_key_file: str | None = None, admit: str = "auto", require_sandbox: bool = False,
+                sealed: str = "auto") -> None:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     try:  # the schema is brought to the newest migration here (farm.store.migrate)
@@ -52,6 +74,11 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
         raise SystemExit(f"error: {exc}") from None
     factory = chain_factory(chain_rpc, chain_key_file)  # a bad --chain-rpc/--chain-key-file stops us here
     blobs = BlobStore(data_dir / "blobs")
+    try:
+        sealed_at = sealed_address(bind, sealed, http)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    channel = SealedChannel(blobs) if sealed_at else None
     with session(engine) as s:
         token = auth.ensure_admin(s, data_dir)
     if token:
@@ -69,13 +96,15 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
     coord = Coordinator(engine, blobs, require_sandbox=require_sandbox,
                         earnings=WorkerEarnings(payments=bool(factory), market=market),
                         # a probed job's quote is re-made on the coordinator's thread, its ETA the queue view's
-                        quoting=ProbeQuotes(eta=lambda s, job: (queue_view(s, job) or {}).get("eta_seconds")))
+                        quoting=ProbeQuotes(eta=lambda s, job: (queue_view(s, job) or {}).get("eta_seconds")),
+                        sealed=channel)
     if require_sandbox:
         print("workers must sandbox their runtime children (a worker started with --no-sandbox is refused)",
               flush=True)
     broker = Broker(coord, bind, keyring=keyring)
     broker_task = asyncio.create_task(broker.run())
     endpoint = await broker.ready()
+    sealed_server = await start_sealed(channel, sealed_at) if channel else None
     # payments: the settler runs beside the broker (chain I/O in a thread, job status changes on the
     # coordinator's thread through broker.call); the chain is connected by its first pass, not here
     ledger = Ledger(engine, data_dir, factory) if factory else None
@@ -105,8 +134,25 @@ async def serve(data_dir: Path, db_url: str | None, bind: str, http: str, chain_
         settler.stop()
     market_stop.set()
     market_task.cancel()
+    if sealed_server is not None:
+        await sealed_server.stop()
+        channel.close()
     await asyncio.gather(broker_task, http_task, market_task, *([settle_task] if settle_task else []),
                          return_exceptions=True)
     for t in done:
         if t.exception():
             raise t.exception()
+
+
+async def start_sealed(channel: SealedChannel, at: tuple[str, int]) -> SealedServer | None:
+    """The sealed blob server on ``at``; when its port is taken, none (workers fetch BLOB chunks, slower)."""
+    server = SealedServer(channel, *at)
+    try:
+        port = await server.start()
+    except OSError as exc:
+        print(f"sealed blob channel off: cannot listen on {at[0]}:{at[1]} ({exc.strerror or exc}); big inputs go "
+              "as BLOB chunks over CurveZMQ: choose a free port with --sealed PORT", flush=True)
+        return None
+    print(f"sealed blob channel on {at[0]}:{port} (big inputs, sealed once, sent by sendfile; open this port "
+          "to workers as you did the worker plane's)", flush=True)
+    return server

@@ -48,6 +48,7 @@ from worker import benchmark as bench
 from worker import device_memory, keys
 from worker import pipeline as pipe
 from worker import sandbox as sandboxing
+from worker import sealed_fetch
 from worker import settings as C
 from worker.blobcache import BlobCache
 from worker.earnings import EarningsLog
@@ -131,7 +132,8 @@ class WorkerDaemon:
         self.outbox: dict[tuple[int, int], Any] = {}
         self.stopping = asyncio.Event()
         self.stats = {"bytes_downloaded": 0, "bytes_uploaded": 0, "tasks": 0, "reconnects": 0, "welcomes": 0}
-        self.transfers = Transfers(self.cache, self.send, self.stats)  # fetches and uploads (BLOB, BLOB_ACK)
+        # fetches and uploads (BLOB, BLOB_ACK), big inputs over the sealed channel at the coordinator's host
+        self.transfers = Transfers(self.cache, self.send, self.stats, sealed_fetch.endpoint_host(coordinator))
         # the OS sandbox of every runtime child (worker.sandbox); False only with --no-sandbox
         self.sandboxed = sandbox
         self.limits = limits or sandboxing.Limits()
@@ -417,7 +419,12 @@ class WorkerDaemon:
                 log.warning("task %s/%s not accepted: %s", msg.task_id, msg.attempt, msg.reason)
         elif isinstance(msg, (P.Blob, P.BlobAck)):
             self.transfers.deliver(msg)
+        elif isinstance(msg, P.Ticket):
+            self.transfers.deliver_ticket(msg)
         elif isinstance(msg, P.Error):
+            if f"unknown command {P.TicketGet.command:02x}" in msg.reason:  # an older coordinator: no tickets
+                self.transfers.no_tickets()
+                return
             log.error("coordinator says: %s", msg.reason)
         elif isinstance(msg, P.Price):
             print(self.earnings.price_line(msg), flush=True)

@@ -14,6 +14,12 @@ upload waits on its own queue. Invariants:
   (both wait on X's answers, which carry only X's hash). Two tasks of one worker may well make the same
   bytes (two probes of one scene): their uploads ran at once, the second took the first's answers, and
   the first then waited for answers forever, holding its task;
+* sealed: a big input (common.sealed.MIN_BYTES and more) comes by HTTP from the coordinator's sealed server
+  (one ciphertext for every worker, sent by sendfile; worker.sealed_fetch) when the coordinator gives a
+  ticket: TICKET_GET leaves with the first BLOB_GET, so small blobs wait for nothing more. What the sealed
+  download does not bring (a server out of reach, a cut, a record that does not open) is fetched as BLOB
+  chunks from where it stopped; a connection whose coordinator never answers TICKET_GET (an older one)
+  fetches BLOB chunks only;
 * verified: a download enters the cache only when the sha256 of the bytes written matches its name. The
   hash is taken while writing (a resumed download first hashes the partial file's bytes from disk), so
   the finished file is not read back (one pass over its bytes fewer; the hashing itself stays).
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -30,12 +37,22 @@ from typing import Any
 
 from common import limits as L
 from common import protocol as P
+from common import sealed as S
+from worker import sealed_fetch
 from worker import settings as C
 from worker.blobcache import BlobCache
 from worker.tasks.executors import TaskFailure
 
 MAX_WINDOW_BYTES = 64 * 1024 * 1024
 """Most bytes of requests a download keeps open, whatever a coordinator's WELCOME says."""
+
+TICKET_WAIT = 5.0
+"""Seconds a big download waits for TICKET before it takes BLOB chunks (and stops asking this connection)."""
+
+SEALED_TRIES = 3
+"""Sealed downloads of one blob that may end without progress before the rest comes as BLOB chunks."""
+
+log = logging.getLogger("worker.transfer")
 
 
 def _hash_prefix(path: Path, size: int) -> Any:
@@ -54,10 +71,16 @@ def _hash_prefix(path: Path, size: int) -> Any:
 
 class Transfers:
     """The daemon's blob transfers. ``send``: the daemon's send (drops while disconnected; the timeouts
-    recover); ``stats``: the daemon's counters (``bytes_downloaded``, ``bytes_uploaded``)."""
+    recover); ``stats``: the daemon's counters (``bytes_downloaded``, ``bytes_uploaded``, ``bytes_sealed``);
+    ``host``: the coordinator's host (its sealed server's; None: BLOB chunks only)."""
 
-    def __init__(self, cache: BlobCache, send: Callable[[Any], None], stats: dict[str, int]):
+    def __init__(self, cache: BlobCache, send: Callable[[Any], None], stats: dict[str, int],
+                 host: str | None = None):
         self.cache = cache
+        self.host = host
+        self.sealed_ok = host is not None  # cleared for a connection whose coordinator ignores TICKET_GET
+        self.tickets: dict[str, asyncio.Future] = {}  # blob → the TICKET its download waits for
+        stats.setdefault("bytes_sealed", 0)
         self.send = send
         self.stats = stats
         self.inbox: dict[str, asyncio.Queue] = {}  # blob transfers waiting for BLOB / BLOB_ACK
@@ -70,6 +93,19 @@ class Transfers:
         decoder takes (MAX_BLOB_MESSAGE_BYTES) and MAX_WINDOW_BYTES."""
         self.chunk_size = max(4096, min(int(chunk_size), L.BLOB_CHUNK_SIZE))
         self.credit = max(1, min(int(credit), MAX_WINDOW_BYTES // self.chunk_size))
+        self.sealed_ok = self.host is not None  # a new connection: perhaps a newer coordinator
+
+    def no_tickets(self) -> None:
+        """The coordinator does not know TICKET_GET (an older one): BLOB chunks only on this connection."""
+        self.sealed_ok = False
+        for sha, fut in self.tickets.items():
+            if not fut.done():
+                fut.set_result(P.Ticket(sha, "", b"", 0, 0, error="the coordinator has no sealed channel"))
+
+    def deliver_ticket(self, msg: P.Ticket) -> None:
+        fut = self.tickets.get(msg.sha256)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
     def deliver(self, msg: P.Blob | P.BlobAck) -> None:
         q = self.inbox.get(msg.sha256)
@@ -119,9 +155,27 @@ class Transfers:
         """Write blob ``sha`` from ``offset`` to its end into ``f``, feeding ``h``: requests in flight up to
         the credit, chunks taken in order (an out-of-order or repeated one is ignored)."""
         chunk, credit = self.chunk_size, self.credit  # one fetch keeps its window (a WELCOME may change it)
+        ticket = None
+        if self.sealed_ok and sha not in self.tickets:  # asked with the first chunk: answered as soon
+            ticket = self.tickets[sha] = asyncio.get_running_loop().create_future()
+            self.send(P.TicketGet(sha))
+        try:
+            await self._chunks(sha, f, offset, q, h, chunk, credit, ticket)
+        finally:
+            if ticket is not None:
+                self.tickets.pop(sha, None)
+
+    async def _chunks(self, sha: str, f, offset: int, q: asyncio.Queue, h, chunk: int, credit: int,
+                      ticket: asyncio.Future | None) -> None:
         total: int | None = None
         next_req = offset
         while total is None or offset < total:
+            if ticket is not None and total is not None:  # the size is known: sealed if it is worth it
+                if total - offset >= S.MIN_BYTES and next_req == offset:
+                    offset = next_req = await self._sealed(sha, ticket, f, h, offset, total)
+                    if offset >= total:
+                        break
+                ticket = None
             window = credit if total is not None else 1
             while next_req - offset < window * chunk and (total is None or next_req < total):
                 self.send(P.BlobGet(sha, next_req, chunk))
@@ -144,6 +198,42 @@ class Transfers:
                     next_req = offset                       # asked: ask again from where it stopped
             elif m.offset == offset and offset >= total:
                 break
+
+    async def _sealed(self, sha: str, ticket: asyncio.Future, f, h, offset: int, total: int) -> int:
+        """Fetch blob ``sha`` from ``offset`` over the sealed channel, if the coordinator gives a ticket;
+        returns how far the file got (the rest comes as BLOB chunks)."""
+        try:
+            async with asyncio.timeout(TICKET_WAIT):
+                t = await ticket
+        except TimeoutError:
+            self.sealed_ok = False
+            log.warning("no TICKET from the coordinator in %.0f s (an older one?): fetching BLOB chunks only "
+                        "on this connection", TICKET_WAIT)
+            return offset
+        if t.error or t.total != total or len(t.key) != 32 or not 0 < t.port < 65536:
+            return offset
+        fruitless = 0
+        while offset < total and fruitless < SEALED_TRIES:
+            stop = sealed_fetch.Stop()
+            run = asyncio.ensure_future(asyncio.to_thread(
+                sealed_fetch.download, self.host, t.port, t.ticket, t.key, sha, total, f, h, offset, stop))
+            try:
+                out = await asyncio.shield(run)
+            except asyncio.CancelledError:  # the task went: the thread stops before the file is closed
+                stop.set()
+                with contextlib.suppress(Exception):
+                    await run
+                raise
+            self.stats["bytes_downloaded"] += out.offset - offset
+            self.stats["bytes_sealed"] += out.received
+            fruitless = 0 if out.offset > offset else fruitless + 1
+            offset = out.offset
+            if out.error and offset < total:
+                log.warning("sealed download of %s stopped at %d of %d bytes: %s", sha[:12], offset, total,
+                            out.error)
+                if out.error.startswith("record") or "answered" in out.error:
+                    break  # not a cut connection: the rest as BLOB chunks
+        return offset
 
     async def upload(self, path: Path, sha: str) -> None:
         """Send ``path`` as blob ``sha``: probe where the coordinator stands, then stream with credit. After

@@ -33,6 +33,7 @@ from farm.kinds.projects import ManifestFiles
 from farm.store.blobs import BlobError, BlobStore
 from farm.store.models import Blob as BlobRow
 from farm.store.models import Task
+from farm.store.sealed import SealedChannel
 from farm.store.states import TASK_LEASED
 
 Outgoing = list[tuple[bytes, Any]]
@@ -45,8 +46,9 @@ class BlobRequests:
     the broker, which sets and clears them); ``stats``: the coordinator's counters."""
 
     def __init__(self, blobs: BlobStore, book: LeaseBook, congested: dict[bytes, float],
-                 stats: defaultdict[str, int]):
+                 stats: defaultdict[str, int], sealed: SealedChannel | None = None):
         self.blobs = blobs
+        self.sealed = sealed
         self.book = book
         self.congested = congested
         self.stats = stats
@@ -122,6 +124,30 @@ class BlobRequests:
         data = self.blobs.read(msg.sha256, offset, length) if offset < total else b""
         self.stats["chunks_out"] += 1
         out.append((conn.identity, P.Blob(msg.sha256, offset, total, data)))
+
+    def on_ticket(self, s: Session, conn: Conn, msg: P.TicketGet, now: float, out: Outgoing) -> None:
+        """TICKET_GET: a ticket of the sealed channel for a big input of a lease of ``conn`` (counted with its
+        BLOB_GETs: a flood of them is dropped unread like theirs)."""
+        n = self.gets[conn.identity] = self.gets.get(conn.identity, 0) + 1
+        if n > C.BLOB_GETS_PER_STEP or conn.identity in self.congested:
+            self.stats["blob_gets_dropped"] += 1
+            return
+        def refuse(why: str) -> None:
+            out.append((conn.identity, P.Ticket(msg.sha256, "", b"", 0, 0, error=why)))
+        if not self.may_fetch(s, conn, msg.sha256):
+            self.stats["blob_refused"] += 1
+            refuse("not an input of a task you hold: a worker fetches only the inputs of its own leases")
+            return
+        try:
+            total = self.blobs.size(msg.sha256)
+        except (BlobError, OSError):
+            refuse("unknown blob")
+            return
+        if self.sealed is None or not self.sealed.fits(total):
+            refuse("fetch it with BLOB_GET (no sealed server here, or the blob is small)")
+            return
+        name = self.sealed.issue(conn.identity, msg.sha256, total)
+        out.append((conn.identity, P.Ticket(msg.sha256, name, self.sealed.key(msg.sha256), total, self.sealed.port)))
 
     def on_put(self, s: Session, conn: Conn, msg: P.BlobPut, now: float, out: Outgoing) -> None:
         if not self._holds_a_lease(s, conn):

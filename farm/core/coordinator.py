@@ -55,6 +55,7 @@ from farm.store.blobs import BlobStore
 from farm.store.changes import touched
 from farm.store.db import session as new_session
 from farm.store.models import Attempt, Job, Output, Task, Worker
+from farm.store.sealed import SealedChannel
 from farm.store.states import QUEUE_EPOCH, TASK_LEASED, JobStatus, TaskStatus, transition
 from farm.store.writes import StaleRow, StepSession, add_row, add_to, set_values, update_by
 from farm.verify import reputation as R
@@ -87,8 +88,9 @@ class Coordinator:
                  clock: Callable[[], float] = time.time, verify: bool = True,
                  listeners: tuple[JobListener, ...] = JOB_STATUS_LISTENERS, require_sandbox: bool = False,
                  sweeps: tuple[Sweep, ...] = SWEEPS, earnings: Earnings | None = None,
-                 quoting: probes.Quoting | None = None):
+                 quoting: probes.Quoting | None = None, sealed: SealedChannel | None = None):
         self.engine = engine
+        self.sealed = sealed  # the sealed blob channel's tickets and files (farm.store.sealed), or None
         self.quoting = quoting  # re-makes a probed job's quote (payments' port, farm.kinds.probe), or None
         self.blobs = blobs
         self.scheduler = scheduler or Scheduler()
@@ -112,7 +114,7 @@ class Coordinator:
         self.dependents = Dependents()   # tasks waiting for others (assemble, encode), released on accept
         self.progress = ProgressWatch()  # leases need progress: heartbeats alone do not keep them
         self.book = LeaseBook()  # live leases' tasks: RESULT and friends need not read them again
-        self.blob_requests = BlobRequests(blobs, self.book, self.congested, self.stats)
+        self.blob_requests = BlobRequests(blobs, self.book, self.congested, self.stats, sealed)
         # jobs as the last committed step left them (detached), good while QUEUE_EPOCH holds: every job
         # change made elsewhere moves it (farm/core/leases.py), and status changes are fenced (farm/store/states.py)
         self._jobs: dict[int, Job] = {}
@@ -127,6 +129,7 @@ class Coordinator:
                           if hasattr(self, f"_on_{cls.__name__.lower()}")}
         self._handlers[P.BlobGet] = self.blob_requests.on_get
         self._handlers[P.BlobPut] = self.blob_requests.on_put
+        self._handlers[P.TicketGet] = self.blob_requests.on_ticket
         with new_session(engine) as s:  # a restart: nobody is connected until they say HELLO again
             s.exec(update(Worker).where(Worker.online).values(online=False))
             s.commit()
@@ -353,6 +356,8 @@ class Coordinator:
         old = self.by_worker.get(msg.worker_id)
         if old is not None and old != ident:
             self.conns.pop(old, None)
+            if self.sealed is not None:
+                self.sealed.drop_connection(old)
             out.append((old, P.Disconnect("this worker id connected again from a new socket")))
         w = admission.worker_row(s, msg, now)
         conn = Conn(ident, msg.worker_id, msg.slots, msg.capabilities, now,
@@ -384,6 +389,8 @@ class Coordinator:
 
     def _drop(self, s: Session, conn: Conn, now: float, reason: str, out: Outgoing) -> None:
         self.conns.pop(conn.identity, None)
+        if self.sealed is not None:
+            self.sealed.drop_connection(conn.identity)
         if self.by_worker.get(conn.worker_id) == conn.identity:
             del self.by_worker[conn.worker_id]
         w = s.get(Worker, conn.worker_id)

@@ -23,6 +23,8 @@ SAMPLES = [
     P.Hello("w2", "", 1, {"runtimes": []}, enroll_token="rhe_token"),
     P.Release(7, 1, "outside the schedule 22:00-08:00"), P.Price("0.01", "reference second of measured work"),
     P.Earned(3, "12300000000000000", "0.0123", 1.23, 4, 0.2, 1, "0.01"),
+    P.TicketGet("a" * 64), P.Ticket("a" * 64, "tK3_x", bytes(32), 1 << 30, 5556),
+    P.Ticket("a" * 64, "", b"", 0, 0, "fetch it with BLOB_GET"),
 ]
 
 
