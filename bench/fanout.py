@@ -149,6 +149,11 @@ def role_coordinator(data: str, plain: bool, sealed: bool) -> None:
             if not line or line[0] == "quit":
                 break
             if line[0] == "lease":
+                if channel and os.environ.get("FANOUT_PRESEAL") and not (channel.dir / line[2]).exists():
+                    sealing = channel.acquire(line[2], blobs.size(line[2]))  # sealed before "go"
+                    while not sealing.complete:
+                        await asyncio.sleep(0.01)
+                    channel.release(sealing)
                 say({"task": await broker.call(lease, line[1], line[2])})
             elif line[0] == "stats":
                 say({"stats": {**coord.stats, **(channel.stats if channel else {})}})
@@ -402,8 +407,13 @@ def main() -> int:
                     "(printed by the coordinator process on stderr)")
     ap.add_argument("--no-warm", action="store_true", help="skip writing (and deleting) the downloads' worth "
                     "of files before the first round")
+    ap.add_argument("--preseal", action="store_true", help="sealed mode: seal the blob before the workers "
+                    "start (the transport alone, as for a scene sealed before its fan-out); default: the first "
+                    "download starts the sealing and all of them stream behind it")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
+    if args.preseal:
+        os.environ["FANOUT_PRESEAL"] = "1"
     size = int((args.size or (128 if args.quick else 1024)) * 2**20)
     rounds = args.repeat or (1 if args.quick else 3)
     base = args.dir

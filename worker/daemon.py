@@ -422,7 +422,8 @@ class WorkerDaemon:
         elif isinstance(msg, P.Ticket):
             self.transfers.deliver_ticket(msg)
         elif isinstance(msg, P.Error):
-            if f"unknown command {P.TicketGet.command:02x}" in msg.reason:  # an older coordinator: no tickets
+            if (f"unknown command {P.TicketGet.command:02x}" in msg.reason  # an older coordinator: no tickets
+                    or msg.reason.startswith("TicketGet is not")):
                 self.transfers.no_tickets()
                 return
             log.error("coordinator says: %s", msg.reason)

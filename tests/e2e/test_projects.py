@@ -99,3 +99,30 @@ def test_a_sequencer_edit_renders_from_its_project_as_blender_renders_it(farm, w
         assert np.array_equal(got, want), f"frame {frame} differs from Blender's own render"
     # the strips really show: the sequence changes frame to frame over the still, then ends (frame 4)
     assert len({pixels(ref[i]).tobytes() for i in (1, 2, 3, 4)}) == 4
+
+
+def test_a_big_texture_reaches_the_worker_sealed_and_renders_as_blender_renders_it(farm, worker, tmp_path):
+    """A texture over common.sealed.MIN_BYTES goes to the worker over the sealed channel of `farm serve`
+    (sealed once on the coordinator's disk, sent by sendfile, opened with the key from CurveZMQ); the frame
+    equals Blender's own render of the folder."""
+    from PIL import Image
+
+    from common import sealed as S
+    scene = make_project(tmp_path / "proj")
+    tex = tmp_path / "proj" / "tex" / "a.png"
+    noise = np.random.default_rng(7).integers(0, 256, (1800, 1800, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tex)  # noise does not compress: ~9.7 MB
+    size = tex.stat().st_size
+    assert size >= S.MIN_BYTES
+    f = farm()
+    worker(f, "w1")
+    alice = f.creator("alice")
+    wait_workers(alice, 1)
+    res = farm_cli(f, alice, "submit", str(scene), "--frames", "1", "--wait", "--approve",
+                   "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    ref = direct_render(scene, tmp_path / "ref", [1])
+    assert np.array_equal(pixels(tmp_path / "out" / "frame_0001.png"), pixels(ref[1]))
+    sealed = f.data / "blobs" / "sealed" / hashlib.sha256(tex.read_bytes()).hexdigest()
+    assert sealed.stat().st_size == S.sealed_size(size), "the texture went sealed"
+    assert "sealed blob channel on 127.0.0.1:" in (f.root / "serve.log").read_text()
