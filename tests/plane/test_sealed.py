@@ -429,3 +429,29 @@ def test_a_silent_sealed_server_is_left_after_the_read_bound(tmp_path, monkeypat
         out = sealed_fetch.download("127.0.0.1", srv.port, "t" * 32, os.urandom(32), "ab" * 32, 9 * MiB, f,
                                     hashlib.sha256(), 0, sealed_fetch.Stop())
     assert out.error and time.monotonic() - t0 < 3
+
+
+def test_a_flood_of_ticket_gets_is_bounded_like_blob_gets(tmp_path):
+    """One connection's 200 TICKET_GETs in one step: at most BLOB_GETS_PER_STEP are answered (the rest
+    dropped unread, as BLOB_GETs are), and it never holds more than TICKETS_PER_CONNECTION live tickets."""
+    from farm import constants as FC
+    from farm.store import sealed as FS
+    from tests.fixtures_inproc import Driver, make_engine_and_store, of
+    engine, blobs = make_engine_and_store(tmp_path / "farm")
+    channel = SealedChannel(blobs)
+    channel.port = 5556  # as if its server listened
+    coord = Coordinator(engine, blobs, Scheduler(seed=0), verify=False, sealed=channel)
+    drv = Driver(coord)
+    drv.hello(b"w1")
+    sha = blobs.write_bytes(os.urandom(S.MIN_BYTES))
+    coord.blob_requests.may_fetch = lambda s, conn, h: True  # as if a lease named it
+    answered = 0
+    for _ in range(5):
+        out = drv.send(*[(b"w1", P.TicketGet(sha))] * 200, dt=0.1)
+        answered += len(of(out, P.Ticket))
+        assert len(of(out, P.Ticket)) <= FC.BLOB_GETS_PER_STEP
+    assert answered == 5 * FC.BLOB_GETS_PER_STEP
+    assert len(channel.tickets) == FS.TICKETS_PER_CONNECTION
+    assert coord.stats["blob_gets_dropped"] == 5 * (200 - FC.BLOB_GETS_PER_STEP)
+    assert not any(channel.dir.iterdir()), "a ticket seals nothing until it is used"
+    channel.close()
