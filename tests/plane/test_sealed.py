@@ -136,8 +136,10 @@ def test_a_big_input_is_sealed_once_and_reaches_every_worker_intact(tmp_path):
     run(tmp_path, body)
 
 
-def test_small_inputs_stay_on_blob_chunks(tmp_path):
-    data = os.urandom(S.MIN_BYTES - 1)
+@pytest.mark.parametrize("size, server", [(S.MIN_BYTES - 1, True), (9 * MiB, False)],
+                         ids=["a small input", "no sealed server"])
+def test_blob_chunks_carry_small_inputs_and_all_inputs_without_a_sealed_server(tmp_path, size, server):
+    data = big(size)
 
     async def body(p: SealedPlane):
         sha = p.blobs.write_bytes(data)
@@ -145,22 +147,10 @@ def test_small_inputs_stay_on_blob_chunks(tmp_path):
         await p.need(d, sha)
         assert (await d.fetch(sha)).read_bytes() == data
         assert d.stats["bytes_sealed"] == 0 and p.channel.stats["tickets"] == 0
-        assert not any(p.channel.dir.iterdir()), "nothing sealed for a small blob"
+        assert p.coord.stats["chunks_out"] == -(-size // MiB)
+        assert not any(p.channel.dir.iterdir()), "nothing sealed"
 
-    run(tmp_path, body)
-
-
-def test_without_a_sealed_server_a_worker_fetches_blob_chunks(tmp_path):
-    data = big(9 * MiB)
-
-    async def body(p: SealedPlane):
-        sha = p.blobs.write_bytes(data)
-        d = await p.daemon()
-        await p.need(d, sha)
-        assert (await d.fetch(sha)).read_bytes() == data
-        assert d.stats["bytes_sealed"] == 0 and p.coord.stats["chunks_out"] == 9
-
-    run(tmp_path, body, with_server=False)
+    run(tmp_path, body, with_server=server)
 
 
 def test_a_coordinator_that_does_not_know_ticket_get_costs_no_wait(tmp_path):
