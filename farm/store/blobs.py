@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 from common.hashing import BlobError, check_sha, file_sha256
 from common.limits import MAX_UPLOAD_BYTES
@@ -53,6 +53,9 @@ class BlobStore:
         self.partial_idle = partial_idle
         (self.root / "partial").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        # told (sha, size) of every blob a creator stored (write_stream, adopt; not workers' outputs): the
+        # sealed channel seals big ones then, before workers ask (farm.store.sealed)
+        self.stored_hook: Callable[[str, int], None] | None = None
 
     def path(self, sha: str) -> Path:
         check_sha(sha)
@@ -110,7 +113,14 @@ class BlobStore:
     def adopt(self, verified: Path, sha: str) -> Path:
         """Move a file whose sha256 the caller has checked to be ``sha`` into place as that blob (a rename on
         the same disk: atomic; the resumable uploads of :mod:`farm.store.uploads`)."""
-        return self._commit(verified, sha)
+        size = verified.stat().st_size
+        dest = self._commit(verified, sha)
+        self._stored(sha, size)
+        return dest
+
+    def _stored(self, sha: str, size: int) -> None:
+        if self.stored_hook is not None:
+            self.stored_hook(sha, size)
 
     def write_stream(self, sha: str, chunks: Iterable[bytes]) -> int:
         """Store the bytes of ``chunks`` as blob ``sha``; raise BlobError (storing nothing) if they do
@@ -132,9 +142,10 @@ class BlobStore:
                 raise BlobError(f"content hashes to {h.hexdigest()}, not {sha}: the upload was corrupted, "
                                 "send it again")
             self._commit(tmp, sha)
-            return size
         finally:
             tmp.unlink(missing_ok=True)
+        self._stored(sha, size)
+        return size
 
     def write_bytes(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()

@@ -1,7 +1,8 @@
 """The coordinator's half of the sealed blob channel (format: :mod:`common.sealed`): sealed files and tickets.
 
-* **Sealed files** live under ``blobs/sealed/``, one per blob, made on the first ticket of a blob by one
-  sealing thread (a blob is read, sealed and written once, whatever number of workers want it) and
+* **Sealed files** live under ``blobs/sealed/``, one per blob, made when a creator stores a big blob
+  (the store's ``stored_hook``: sealed before any worker asks, the fan-out waits for nothing) or on the
+  first ticket of one (after a restart; a worker's own outputs) by one sealing thread (a blob is read, sealed and written once, whatever number of workers want it) and
   readable while they are being made: a download streams the records already written and waits for the
   rest (:meth:`Sealing.ready`). They are bounded by ``cap_bytes`` (least recently used go first; a file
   still open for a download stays readable until it is closed) and deleted at start: the sealing secret
@@ -98,7 +99,12 @@ class SealedChannel:
         self.tickets: dict[str, Ticket] = {}
         self._by_conn: dict[bytes, OrderedDict[str, None]] = {}
         self.stats = {"sealed_bytes": 0, "tickets": 0, "streams": 0, "bytes_sent": 0}
+        blobs.stored_hook = self.prepare
 
+    def prepare(self, sha: str, size: int) -> None:
+        """A creator stored blob ``sha``: seal it now if it will go sealed (any thread)."""
+        if self.fits(size):
+            self.release(self.acquire(sha, size))
     # ------------------------------------------------------------------ tickets (coordinator thread)
     def key(self, sha: str) -> bytes:
         return S.blob_key(self.secret, sha)

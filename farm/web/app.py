@@ -69,7 +69,9 @@ def create_app(engine, blobs: BlobStore, broker=None, info: dict[str, Any] | Non
         want = os.environ.get("RENDERHIVE_METRICS_TOKEN", "")
         if want and not hmac.compare_digest(authorization.encode(), f"Bearer {want}".encode()):
             raise HTTPException(401, "metrics need 'Authorization: Bearer <RENDERHIVE_METRICS_TOKEN>'")
-        return Response(metrics.render(s, broker.coord.stats if broker is not None else None),
+        sealed = getattr(broker.coord, "sealed", None) if broker is not None else None
+        stats = {**broker.coord.stats, **(sealed.stats if sealed else {})} if broker is not None else None
+        return Response(metrics.render(s, stats),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # payments and review: estimate, deposit status, approve, reject, payouts, wallets

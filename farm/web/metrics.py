@@ -13,6 +13,8 @@ renderhive_lease_expiries_total        leases lost: expired, or the worker died 
 renderhive_stale_messages_total        fenced-off messages from old attempts (counter)
 renderhive_malformed_messages_total    messages that failed to decode (counter)
 renderhive_blob_chunks_sent_total      blob chunks served to workers (counter)
+renderhive_sealed_bytes_total          bytes of big blobs sealed once for the sealed channel (counter)
+renderhive_sealed_bytes_sent_total     sealed bytes sent to workers by sendfile (counter)
 renderhive_workers{tier,online}        workers by reputation tier, connected or not (gauge)
 renderhive_checks{status}              spot checks by outcome; failures are status="failed" (gauge)
 renderhive_settlement_lag_seconds      age of the oldest approved job not paid yet (0: none)
@@ -36,6 +38,8 @@ COUNTERS = {  # coordinator.stats key → (metric name, help)
     "stale": ("renderhive_stale_messages_total", "Messages about attempts that are no longer current."),
     "malformed": ("renderhive_malformed_messages_total", "Worker messages that failed to decode."),
     "chunks_out": ("renderhive_blob_chunks_sent_total", "Blob chunks served to workers."),
+    "sealed_bytes": ("renderhive_sealed_bytes_total", "Bytes of big blobs sealed for the sealed channel."),
+    "bytes_sent": ("renderhive_sealed_bytes_sent_total", "Sealed bytes sent to workers by the sealed channel."),
 }
 
 
@@ -43,11 +47,19 @@ def _escape(v: Any) -> str:
     return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _number(value: float) -> str:
+    """A sample's value, exact: ``:g`` keeps 6 digits, so a byte counter of 8,685,844 read 8.68584e+06."""
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
 def _family(name: str, kind: str, help_: str, samples: Iterable[tuple[dict[str, Any], float]]) -> list[str]:
     lines = [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
     for labels, value in samples:
         lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-        lines.append(f"{name}{{{lab}}} {value:g}" if lab else f"{name} {value:g}")
+        num = _number(value)
+        lines.append(f"{name}{{{lab}}} {num}" if lab else f"{name} {num}")
     return lines
 
 

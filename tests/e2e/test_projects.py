@@ -125,4 +125,8 @@ def test_a_big_texture_reaches_the_worker_sealed_and_renders_as_blender_renders_
     assert np.array_equal(pixels(tmp_path / "out" / "frame_0001.png"), pixels(ref[1]))
     sealed = f.data / "blobs" / "sealed" / hashlib.sha256(tex.read_bytes()).hexdigest()
     assert sealed.stat().st_size == S.sealed_size(size), "the texture went sealed"
+    import urllib.request
+    page = urllib.request.urlopen(f.url + "/metrics", timeout=10).read().decode()
+    sent = float(re.search(r"^renderhive_sealed_bytes_sent_total (\S+)$", page, re.M).group(1))
+    assert sent >= S.sealed_size(size) - S.record_offset(1), "sent by the sealed server, all but the first record"
     assert "sealed blob channel on 127.0.0.1:" in (f.root / "serve.log").read_text()

@@ -171,6 +171,24 @@ def test_a_coordinator_that_does_not_know_ticket_get_costs_no_wait(tmp_path):
     run(tmp_path, body)
 
 
+def test_a_big_blob_a_creator_stores_is_sealed_before_any_worker_asks(tmp_path):
+    data = big()
+
+    async def body(p: SealedPlane):
+        sha = p.blobs.write_bytes(data)  # what PUT /api/blobs and a finished resumable upload do
+        await until(lambda: (p.channel.dir / sha).exists(), what="the blob sealed")
+        assert p.channel.stats["tickets"] == 0 and p.channel.stats["sealed_bytes"] == S.sealed_size(len(data))
+        d = await p.daemon()
+        await p.need(d, sha)
+        assert (await d.fetch(sha)).read_bytes() == data
+        assert p.channel.stats["sealed_bytes"] == S.sealed_size(len(data)), "not sealed again"
+        small = p.blobs.write_bytes(os.urandom(1000))
+        await asyncio.sleep(0.1)
+        assert not (p.channel.dir / small).exists() and not (p.channel.dir / f"{small}.part").exists()
+
+    run(tmp_path, body)
+
+
 def test_bytes_changed_on_the_coordinators_disk_never_reach_a_worker(tmp_path):
     data = big()
 
@@ -274,7 +292,7 @@ def test_the_server_answers_strangers_without_opening_anything(tmp_path):
             status, text = await asyncio.to_thread(http_get, port, path)
             assert status == want, (path, status, text)
         assert b"ask the coordinator for a new one" in (await asyncio.to_thread(http_get, port, "/sealed/" + "A" * 32))[1]
-        assert not any(p.channel.dir.iterdir()), "no blob was sealed for a request without a live ticket"
+        assert p.channel.stats["streams"] == 0, "no file was opened for a request without a live ticket"
         name = issue(p, sha, 9 * MiB)
         status, text = await asyncio.to_thread(http_get, port, f"/sealed/{name}", "Range: bytes=7-\r\n")
         assert status == 416 and b"record" in text
@@ -443,5 +461,4 @@ def test_a_flood_of_ticket_gets_is_bounded_like_blob_gets(tmp_path):
     assert answered == 5 * FC.BLOB_GETS_PER_STEP
     assert len(channel.tickets) == FS.TICKETS_PER_CONNECTION
     assert coord.stats["blob_gets_dropped"] == 5 * (200 - FC.BLOB_GETS_PER_STEP)
-    assert not any(channel.dir.iterdir()), "a ticket seals nothing until it is used"
     channel.close()
