@@ -153,7 +153,6 @@ def role_coordinator(data: str, plain: bool, sealed: bool) -> None:
                     sealing = channel.acquire(line[2], blobs.size(line[2]))  # sealed before "go"
                     while not sealing.complete:
                         await asyncio.sleep(0.01)
-                    channel.release(sealing)
                 say({"task": await broker.call(lease, line[1], line[2])})
             elif line[0] == "stats":
                 say({"stats": {**coord.stats, **(channel.stats if channel else {})}})

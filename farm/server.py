@@ -27,9 +27,9 @@ from farm.plane.broker import Broker, tune_gc
 from farm.plane.gate import Keyring, resolve_mode
 from farm.plane.sealed_http import SealedServer
 from farm.store.blobs import BlobStore
-from farm.store.sealed import SealedChannel
 from farm.store.db import DatabaseUnavailable, database_url, make_engine, session
 from farm.store.migrate import SchemaMismatch
+from farm.store.sealed import SealedChannel
 from farm.web import auth, connections
 from farm.web.app import create_app
 from farm.web.queue import queue_view

@@ -61,6 +61,7 @@ class Outcome:
     offset: int       # bytes of the blob in the file now
     received: int     # sealed bytes received
     error: str = ""   # why it stopped short ("" when it reached the end)
+    final: bool = False  # the server answered, and wrongly (a status, a record): asking again would not help
 
 
 def download(host: str, port: int, ticket: str, key: bytes, sha: str, total: int, f, h, offset: int,
@@ -93,7 +94,7 @@ def download(host: str, port: int, ticket: str, key: bytes, sha: str, total: int
         status = _STATUS.match(head)
         if status is None or status.group(1) not in (b"200", b"206"):
             first = head.split(b"\r\n", 1)[0][:120].decode("latin-1")
-            out.error = f"the sealed server answered {first!r}"
+            out.error, out.final = f"the sealed server answered {first!r}", True
             return out
         length = _LENGTH.search(head)
         want = S.sealed_size(total) - start
@@ -127,7 +128,7 @@ def download(host: str, port: int, ticket: str, key: bytes, sha: str, total: int
             out.error = "stopped"
         return out
     except S.SealError as exc:
-        out.error = str(exc)
+        out.error, out.final = str(exc), True
         return out
     except OSError as exc:  # timeouts included
         out.error = f"sealed download cut: {exc}"

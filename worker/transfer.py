@@ -231,7 +231,7 @@ class Transfers:
             if out.error and offset < total:
                 log.warning("sealed download of %s stopped at %d of %d bytes: %s", sha[:12], offset, total,
                             out.error)
-                if out.error.startswith("record") or "answered" in out.error:
+                if out.final:
                     break  # not a cut connection: the rest as BLOB chunks
         return offset
 

@@ -355,9 +355,7 @@ class Coordinator:
         running = P.running_pairs(msg.running)
         old = self.by_worker.get(msg.worker_id)
         if old is not None and old != ident:
-            self.conns.pop(old, None)
-            if self.sealed is not None:
-                self.sealed.drop_connection(old)
+            self._unlist(old)
             out.append((old, P.Disconnect("this worker id connected again from a new socket")))
         w = admission.worker_row(s, msg, now)
         conn = Conn(ident, msg.worker_id, msg.slots, msg.capabilities, now,
@@ -387,10 +385,14 @@ class Coordinator:
             out.append((ident, self.earnings.price()))
             out.extend((ident, m) for m in self.earnings.recent(s, msg.worker_id))
 
-    def _drop(self, s: Session, conn: Conn, now: float, reason: str, out: Outgoing) -> None:
-        self.conns.pop(conn.identity, None)
+    def _unlist(self, ident: bytes) -> None:
+        """Forget connection ``ident`` (and void its sealed-channel tickets)."""
+        self.conns.pop(ident, None)
         if self.sealed is not None:
-            self.sealed.drop_connection(conn.identity)
+            self.sealed.drop_connection(ident)
+
+    def _drop(self, s: Session, conn: Conn, now: float, reason: str, out: Outgoing) -> None:
+        self._unlist(conn.identity)
         if self.by_worker.get(conn.worker_id) == conn.identity:
             del self.by_worker[conn.worker_id]
         w = s.get(Worker, conn.worker_id)

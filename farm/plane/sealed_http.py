@@ -126,8 +126,7 @@ class SealedServer:
             head = await self._read_head(loop, conn)
             if head is None:
                 return  # a slow, cut or oversized head: nothing was opened for it
-            ticket, start = self._check(head)
-            await self._serve(loop, conn, ticket, start, b"\r\nrange:" in head.lower())
+            await self._serve(loop, conn, *self._check(head))
         except _Refused as r:
             body = (str(r) + "\n").encode()
             with contextlib.suppress(OSError, TimeoutError):
@@ -157,7 +156,8 @@ class SealedServer:
             return None
         return buf
 
-    def _check(self, head: bytes) -> tuple[Ticket, int]:
+    def _check(self, head: bytes) -> tuple[Ticket, int, bool]:
+        """The live ticket a request head presents, where its range starts and whether it asked for one."""
         m = _REQUEST.match(head)
         if m is None:
             raise _Refused(400, "only GET /sealed/<ticket> is served here (a worker's sealed downloads)")
@@ -174,7 +174,7 @@ class SealedServer:
         if start % (S.RECORD + S.TAG) or start > total:
             raise _Refused(416, f"a range starts at a record ({S.RECORD + S.TAG} bytes each) within the "
                                 f"{total} sealed bytes")
-        return ticket, start
+        return ticket, start, r is not None
 
     async def _serve(self, loop, conn: socket.socket, ticket: Ticket, start: int, ranged: bool) -> None:
         ticket.streams += 1
@@ -194,7 +194,6 @@ class SealedServer:
                     start, total)
                 self.stats["bytes_sent"] += sent  # after the await: concurrent downloads add their own
         finally:
-            self.channel.release(sealing)
             ticket.streams -= 1
             left = self._by_conn[ticket.identity] - 1
             if left:
@@ -213,7 +212,7 @@ class SealedServer:
             conn.sendall(head)
             fd, out = f.fileno(), conn.fileno()
             while pos < total and not self._stopping.is_set():
-                ready = sealing.ready()
+                ready = sealing.done
                 if sealing.error:
                     break  # cut short: the worker's length check sees it and fetches the rest as BLOB chunks
                 if ready <= pos:

@@ -57,7 +57,8 @@ class Ticket:
 @dataclass
 class Sealing:
     """One blob's sealed file, while it is being made and after. ``done``: bytes of the sealed file
-    written so far (all of ``sealed_size`` once complete); ``error``: why sealing stopped."""
+    written so far (all of ``sealed_size`` once complete: what a reader may send); ``error``: why sealing
+    stopped."""
     sha: str
     size: int
     path: Path
@@ -65,17 +66,12 @@ class Sealing:
     done: int = 0
     complete: bool = False
     error: str = ""
-    users: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def open(self):
         """A file object of the sealed file (the part being written, or the finished file)."""
         with self.lock:  # not while the sealer renames it
             return open(self.path, "rb")
-
-    def ready(self) -> int:
-        """Bytes of the sealed file a reader may send now."""
-        return self.done
 
 
 class SealedChannel:
@@ -104,7 +100,7 @@ class SealedChannel:
     def prepare(self, sha: str, size: int) -> None:
         """A creator stored blob ``sha``: seal it now if it will go sealed (any thread)."""
         if self.fits(size):
-            self.release(self.acquire(sha, size))
+            self.acquire(sha, size)
     # ------------------------------------------------------------------ tickets (coordinator thread)
     def key(self, sha: str) -> bytes:
         return S.blob_key(self.secret, sha)
@@ -148,27 +144,21 @@ class SealedChannel:
 
     # ------------------------------------------------------------------ sealed files (server's loop)
     def acquire(self, sha: str, size: int) -> Sealing:
-        """Blob ``sha``'s sealed file, sealing it (in the sealing thread) if it is not there; hand it back
-        with :meth:`release`."""
+        """Blob ``sha``'s sealed file, sealing it (in the sealing thread) if it is not there."""
         with self._lock:
             s = self._files.get(sha)
             if s is not None and not s.error:
                 self._files.move_to_end(sha)
-                s.users += 1
                 return s
             if s is not None:
                 self._forget(s)
-            s = Sealing(sha, size, self.dir / f"{sha}.part", S.sealed_size(size), users=1)
+            s = Sealing(sha, size, self.dir / f"{sha}.part", S.sealed_size(size))
             s.path.touch()  # readers open it at once; the sealer appends
             self._files[sha] = s
             self._bytes += s.sealed_size
             self._evict()
         self._pool.submit(self._seal, s)
         return s
-
-    def release(self, s: Sealing) -> None:
-        with self._lock:
-            s.users -= 1
 
     def _forget(self, s: Sealing) -> None:
         if self._files.get(s.sha) is s:
