@@ -31,20 +31,27 @@ def sent(res) -> int:
     return int(m.group(1)) if m else 0
 
 
-def test_a_project_renders_as_blender_renders_its_folder(farm, worker, tmp_path):
-    scene = make_project(tmp_path / "proj")
+def render_as_blender(farm, worker, tmp_path, scene, frames: list[int]):
+    """`farm submit SCENE --wait --approve` on a fresh farm with one worker; every frame must equal Blender's own
+    render of the folder. Returns the farm, the creator, the submit's result and the reference frames."""
     f = farm()
     worker(f, "w1")
     alice = f.creator("alice")
     wait_workers(alice, 1)
-    first = farm_cli(f, alice, "submit", str(scene), "--frames", "1-3", "--wait", "--approve",
-                     "--out", str(tmp_path / "out"))
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "14 files" in first.stderr and "approved; 3 files" in first.stdout
-    ref = direct_render(scene, tmp_path / "ref", [1, 2, 3])
+    res = farm_cli(f, alice, "submit", str(scene), "--frames", f"{frames[0]}-{frames[-1]}", "--wait", "--approve",
+                   "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    ref = direct_render(scene, tmp_path / "ref", frames)
     for frame, path in ref.items():
         got, want = pixels(tmp_path / "out" / f"frame_{frame:04d}.png"), pixels(path)
         assert np.array_equal(got, want), f"frame {frame} differs from Blender's own render"
+    return f, alice, res, ref
+
+
+def test_a_project_renders_as_blender_renders_its_folder(farm, worker, tmp_path):
+    scene = make_project(tmp_path / "proj")
+    f, alice, first, ref = render_as_blender(farm, worker, tmp_path, scene, [1, 2, 3])
+    assert "14 files" in first.stderr and "approved; 3 files" in first.stdout
     # the sequence really advanced, and textures are not pink (the farm read every file)
     assert not np.array_equal(pixels(ref[1]), pixels(ref[3]))
     magenta = (pixels(ref[1])[..., :3] == [255, 0, 255]).all(-1).sum()
@@ -85,18 +92,8 @@ def test_a_sequencer_edit_renders_from_its_project_as_blender_renders_it(farm, w
     """Image strips (a 3-frame sequence over a still) read their media from the project tree: traced at
     submit, confined to the tree on the worker, and the frames equal Blender's own render of the folder."""
     scene = make_project(tmp_path / "edit", strips=True)
-    f = farm()
-    worker(f, "w1")
-    alice = f.creator("alice")
-    wait_workers(alice, 1)
-    res = farm_cli(f, alice, "submit", str(scene), "--frames", "1-4", "--wait", "--approve",
-                   "--out", str(tmp_path / "out"))
-    assert res.returncode == 0, res.stdout + res.stderr
+    _, _, res, ref = render_as_blender(farm, worker, tmp_path, scene, [1, 2, 3, 4])
     assert "5 files" in res.stderr   # the scene, the still and the sequence's 3 frames
-    ref = direct_render(scene, tmp_path / "ref", [1, 2, 3, 4])
-    for frame, path in ref.items():
-        got, want = pixels(tmp_path / "out" / f"frame_{frame:04d}.png"), pixels(path)
-        assert np.array_equal(got, want), f"frame {frame} differs from Blender's own render"
     # the strips really show: the sequence changes frame to frame over the still, then ends (frame 4)
     assert len({pixels(ref[i]).tobytes() for i in (1, 2, 3, 4)}) == 4
 
@@ -114,15 +111,7 @@ def test_a_big_texture_reaches_the_worker_sealed_and_renders_as_blender_renders_
     Image.fromarray(noise).save(tex)  # noise does not compress: ~9.7 MB
     size = tex.stat().st_size
     assert size >= S.MIN_BYTES
-    f = farm()
-    worker(f, "w1")
-    alice = f.creator("alice")
-    wait_workers(alice, 1)
-    res = farm_cli(f, alice, "submit", str(scene), "--frames", "1", "--wait", "--approve",
-                   "--out", str(tmp_path / "out"))
-    assert res.returncode == 0, res.stdout + res.stderr
-    ref = direct_render(scene, tmp_path / "ref", [1])
-    assert np.array_equal(pixels(tmp_path / "out" / "frame_0001.png"), pixels(ref[1]))
+    f, _, _, _ = render_as_blender(farm, worker, tmp_path, scene, [1])
     sealed = f.data / "blobs" / "sealed" / hashlib.sha256(tex.read_bytes()).hexdigest()
     assert sealed.stat().st_size == S.sealed_size(size), "the texture went sealed"
     import urllib.request

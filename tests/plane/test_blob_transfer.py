@@ -78,6 +78,19 @@ class Plane:
             s.commit()
             return task.id
 
+    async def interrupted_fetch(self, sha: str, after: int) -> tuple[WorkerDaemon, Path]:
+        """A daemon "w1" holding a lease of ``sha`` starts fetching it and is cancelled (as a CANCEL of the task
+        that wanted the blob does) once ``after`` bytes are in its partial file; the daemon and that file."""
+        d = await self.daemon(worker_id="w1")
+        await self.need(d, sha)
+        part = d.cache.partial(sha)
+        fetch = asyncio.create_task(d.fetch(sha))
+        await until(lambda: part.exists() and part.stat().st_size >= after, what=f"{after} bytes downloaded")
+        fetch.cancel()
+        await asyncio.gather(fetch, return_exceptions=True)
+        assert fetch.cancelled(), "the cancellation was not swallowed by a chunk arriving at the same time"
+        return d, part
+
     async def kill(self, d: WorkerDaemon) -> None:
         """Stop a daemon abruptly, as a crash would: its tasks die, its socket closes, no BYE."""
         for daemon, task in self.sessions:
@@ -192,14 +205,7 @@ def test_interrupted_download_resumes_in_a_new_daemon(tmp_path):
 
     async def body(p: Plane):
         sha = p.blobs.write_bytes(data)
-        d1 = await p.daemon(worker_id="w1")
-        await p.need(d1, sha)
-        part = d1.cache.partial(sha)
-        fetch = asyncio.create_task(d1.fetch(sha))
-        await until(lambda: part.exists() and part.stat().st_size >= 1024 * 1024, what="1 MiB downloaded")
-        fetch.cancel()  # as a CANCEL of the task that wanted the blob does
-        await asyncio.gather(fetch, return_exceptions=True)
-        assert fetch.cancelled(), "the cancellation was not swallowed by a chunk arriving at the same time"
+        d1, part = await p.interrupted_fetch(sha, 1024 * 1024)
         await p.kill(d1)
         have = part.stat().st_size
         assert CHUNK <= have < len(data) and have % CHUNK == 0

@@ -217,14 +217,7 @@ def test_an_interrupted_sealed_download_resumes_from_its_partial_file(tmp_path):
 
     async def body(p: SealedPlane):
         sha = p.blobs.write_bytes(data)
-        d1 = await p.daemon(worker_id="w1")
-        await p.need(d1, sha)
-        part = d1.cache.partial(sha)
-        fetch = asyncio.create_task(d1.fetch(sha))
-        await until(lambda: part.exists() and part.stat().st_size >= 6 * MiB, what="6 MiB downloaded")
-        fetch.cancel()
-        await asyncio.gather(fetch, return_exceptions=True)
-        assert fetch.cancelled()
+        d1, part = await p.interrupted_fetch(sha, 6 * MiB)
         have = part.stat().st_size
         await asyncio.sleep(0.2)
         assert part.stat().st_size == have, "the download thread stopped when its task did"
