@@ -302,7 +302,8 @@ def finish(kind: str, clients: list[Child], server: Child, t_go: float, cpu0: fl
             "complete": all(r["bytes"] == size for r in results) or None}
 
 
-def run_farm(tmp: Path, farm_dir: Path, sha: str, size: int, n: int, plain: bool, rnd: int, sealed: bool) -> dict:
+def run_farm(tmp: Path, farm_dir: Path, sha: str, size: int, n: int, plain: bool, rnd: int, sealed: bool,
+             warm: bool) -> dict:
     coord = Child("_coordinator", str(farm_dir), "1" if plain else "0", "1" if sealed else "0")
     workers: list[Child] = []
     try:
@@ -318,6 +319,8 @@ def run_farm(tmp: Path, farm_dir: Path, sha: str, size: int, n: int, plain: bool
             coord.read()
         coord.write("stats")
         before = coord.read()["stats"]
+        if warm:
+            warm_memory(tmp, size, n)
         cpu0 = cpu_seconds(coord.p.pid)
         t_go = time.monotonic()
         for w in workers:
@@ -339,7 +342,7 @@ def run_farm(tmp: Path, farm_dir: Path, sha: str, size: int, n: int, plain: bool
             shutil.rmtree(tmp / f"w{i}", ignore_errors=True)
 
 
-def run_http(tmp: Path, blob: Path, sha: str, size: int, n: int) -> dict:
+def run_http(tmp: Path, blob: Path, sha: str, size: int, n: int, warm: bool) -> dict:
     httpd = Child("_httpd", str(blob))
     clients: list[Child] = []
     try:
@@ -347,6 +350,8 @@ def run_http(tmp: Path, blob: Path, sha: str, size: int, n: int) -> dict:
         clients = [Child("_client", str(port), str(tmp / f"h{i}.bin"), sha) for i in range(n)]
         for c in clients:
             c.read()
+        if warm:
+            warm_memory(tmp, size, n)
         cpu0 = cpu_seconds(httpd.p.pid)
         t_go = time.monotonic()
         for c in clients:
@@ -363,9 +368,14 @@ def run_http(tmp: Path, blob: Path, sha: str, size: int, n: int) -> dict:
 
 
 def warm_memory(tmp: Path, size: int, n: int) -> float:
-    """Write and delete ``n`` files of ``size`` bytes in ``tmp``: on this VM the first touch of guest memory
-    costs ~5x a write to recycled pages (8 processes writing 512 MiB each to /dev/shm: 0.79 s of CPU each
-    the first time, 0.15 s the next), and without this the first round's first run (the farm's) paid it."""
+    """Write and delete ``n`` files of ``size`` bytes in ``tmp``, once at the start and again right before
+    every run's "go". This VM (Firecracker, ``Free page reporting enabled`` in dmesg) hands freed guest
+    memory back to its host within seconds, and the next touch of such a page costs several times a write
+    to a page freed just now (8 processes writing 512 MiB each to /dev/shm: 0.79 s of CPU each the first
+    time, 0.15 s the next; 8 x 1 GiB written right after 8 GiB were deleted: 1.8-2.6 s of CPU each, 6 s
+    after: 3.0-3.8 s). A run's downloads take their pages from what the run before it freed, so without
+    this a run that starts slowly (the farm's: a coordinator and 8 worker daemons to start, several
+    seconds) paid ~1 s of CPU a GiB a worker more than one that starts at once (the HTTP clients')."""
     t0 = time.monotonic()
     zeros = bytes(CHUNK)
     for i in range(n):
@@ -405,7 +415,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile the coordinator's step and sends "
                     "(printed by the coordinator process on stderr)")
     ap.add_argument("--no-warm", action="store_true", help="skip writing (and deleting) the downloads' worth "
-                    "of files before the first round")
+                    "of files at the start and before every run (see warm_memory)")
     ap.add_argument("--preseal", action="store_true", help="sealed mode: seal the blob before the workers "
                     "start (the transport alone, as for a scene sealed before its fan-out); default: the first "
                     "download starts the sealing and all of them stream behind it")
@@ -443,8 +453,9 @@ def main() -> int:
         for i in range(rounds):
             order = kinds if i % 2 == 0 else kinds[::-1]
             for kind in order:
-                r = (run_http(tmp, blob, sha, size, args.workers) if kind == "http"
-                     else run_farm(tmp, farm_dir, sha, size, args.workers, args.plain, i, kind == "sealed"))
+                warm = not args.no_warm
+                r = (run_http(tmp, blob, sha, size, args.workers, warm) if kind == "http"
+                     else run_farm(tmp, farm_dir, sha, size, args.workers, args.plain, i, kind == "sealed", warm))
                 runs[kind].append(r)
                 st = r.get("stats", {})
                 extra = (f"; chunks served {st['chunks_out']} ({st['chunks_cached']} from the cache without a "
