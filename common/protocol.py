@@ -259,8 +259,10 @@ class Earned:
 class Ticket:
     """Answer to TICKET_GET: blob ``sha256`` (``total`` bytes) may be downloaded sealed from the
     coordinator's host at ``port`` with ``GET /sealed/<ticket>``, its records opened with ``key`` (32
-    bytes, AES-256-GCM). ``error``: why not (a small blob, no sealed server, not an input of a lease of
-    yours): fetch it with BLOB_GET."""
+    bytes, AES-256-GCM). ``digest``: the BLAKE3 digest (32 bytes) of the blob, taken by the coordinator as it
+    sealed the blob after checking its sha256, to check the download against (empty while the blob is
+    being sealed: check the sha256). ``error``: why not (a small blob, no sealed server, not an input of a
+    lease of yours): fetch it with BLOB_GET."""
     command: ClassVar[int] = 0x2B
     sha256: str
     ticket: str
@@ -268,6 +270,7 @@ class Ticket:
     total: int
     port: int
     error: str = ""
+    digest: bytes = b""
 
 
 WORKER_MESSAGES = (Hello, Ready, Heartbeat, Progress, Result, Failed, BlobGet, BlobPut, Bye, Release, TicketGet)

@@ -147,7 +147,8 @@ class BlobRequests:
             refuse("fetch it with BLOB_GET (no sealed server here, or the blob is small)")
             return
         name = self.sealed.issue(conn.identity, msg.sha256, total)
-        out.append((conn.identity, P.Ticket(msg.sha256, name, self.sealed.key(msg.sha256), total, self.sealed.port)))
+        out.append((conn.identity, P.Ticket(msg.sha256, name, self.sealed.key(msg.sha256), total, self.sealed.port,
+                                            digest=self.sealed.digest(msg.sha256))))
 
     def on_put(self, s: Session, conn: Conn, msg: P.BlobPut, now: float, out: Outgoing) -> None:
         if not self._holds_a_lease(s, conn):

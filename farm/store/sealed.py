@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -57,13 +58,14 @@ class Ticket:
 @dataclass
 class Sealing:
     """One blob's sealed file, while it is being made and after. ``done``: bytes of the sealed file
-    written so far (all of ``sealed_size`` once complete: what a reader may send); ``error``: why sealing
-    stopped."""
+    written so far (all of ``sealed_size`` once complete: what a reader may send); ``digest``: the
+    plaintext's BLAKE3 once complete (:func:`common.sealed.digest`); ``error``: why sealing stopped."""
     sha: str
     size: int
     path: Path
     sealed_size: int
     done: int = 0
+    digest: bytes = b""
     complete: bool = False
     error: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -138,6 +140,12 @@ class SealedChannel:
             return None
         return t
 
+    def digest(self, sha: str) -> bytes:
+        """The BLAKE3 digest of blob ``sha`` if its sealed file is complete, else b"" (any thread)."""
+        with self._lock:
+            s = self._files.get(sha)
+            return s.digest if s is not None and s.complete else b""
+
     def fits(self, size: int) -> bool:
         """Whether a blob of ``size`` bytes goes over the sealed channel."""
         return self.port > 0 and S.MIN_BYTES <= size and S.sealed_size(size) <= self.cap_bytes
@@ -178,14 +186,23 @@ class SealedChannel:
                 self._forget(s)
 
     def _seal(self, s: Sealing) -> None:
-        """Sealing thread: read the blob a record at a time, seal, append; then rename into place."""
+        """Sealing thread: read the blob a record at a time, hash, seal, append; then rename into place.
+        The last record is written only once the sha256 of all the bytes read matched the blob's name: a
+        blob changed on this disk never completes a download (its readers stop at the record before)."""
         try:
             sealer = S.Sealer(self.key(s.sha), s.sha, s.size)
             out = bytearray(S.RECORD + S.TAG)
             view = memoryview(out)
+            named, digest = hashlib.sha256(), S.digest()
+            last = S.records(s.size) - 1
             with open(self.blobs.path(s.sha), "rb") as src, open(s.path, "r+b", buffering=0) as dst:
-                for i in range(S.records(s.size)):
+                for i in range(last + 1):
                     plain = src.read(S.record_length(s.size, i))
+                    named.update(plain)
+                    digest.update(plain)
+                    if i == last and named.hexdigest() != s.sha:
+                        raise ValueError("its bytes on the coordinator's disk no longer match its sha256 (the "
+                                         "disk changed them): store the blob again")
                     n = sealer.seal(i, plain, out)
                     dst.write(view[:n])
                     s.done += n
@@ -193,6 +210,7 @@ class SealedChannel:
             with s.lock:
                 os.replace(s.path, final)
                 s.path = final
+            s.digest = digest.digest()
             s.complete = True
             self.stats["sealed_bytes"] += s.sealed_size
         except Exception as exc:  # the blob went (or the disk is full): its downloads stop, workers fall back

@@ -212,6 +212,79 @@ def test_bytes_changed_on_the_coordinators_disk_never_reach_a_worker(tmp_path):
     run(tmp_path, body)
 
 
+def test_a_sealed_download_is_checked_against_the_digest_its_ticket_carries(tmp_path, monkeypatch):
+    """The coordinator takes the BLAKE3 of a blob as it seals it and TICKET carries it; the worker checks
+    its file against that digest (not the sha256 of the name): a wrong digest fails a download whose
+    every byte is right, and the file never enters the cache."""
+    import blake3
+    data = big()
+
+    async def body(p: SealedPlane):
+        sha = p.blobs.write_bytes(data)
+        await until(lambda: p.channel.digest(sha), what="the blob sealed as it was stored")
+        assert p.channel.digest(sha) == blake3.blake3(data).digest()
+        d1 = await p.daemon("c1", worker_id="w1")
+        await p.need(d1, sha)
+        assert (await d1.fetch(sha)).read_bytes() == data
+        monkeypatch.setattr(p.channel, "digest", lambda sha: bytes(32))
+        d2 = await p.daemon("c2", worker_id="w2")
+        await p.need(d2, sha)
+        with pytest.raises(T.TaskFailure, match="the digest its sealed channel gave"):
+            await d2.fetch(sha)
+        assert not d2.cache.has(sha) and not d2.cache.partial(sha).exists()
+
+    run(tmp_path, body)
+
+
+def test_another_holder_of_the_key_cannot_slip_in_other_bytes(tmp_path):
+    """Every worker with a lease of a blob gets its key, so one of them between another worker and the
+    coordinator can seal other bytes under it: every record then opens, and the digest from the
+    coordinator (over CurveZMQ) is what refuses them."""
+    data = big(9 * MiB)
+    forged = bytearray(data)
+    forged[5 * MiB] ^= 1
+
+    async def body(p: SealedPlane):
+        sha = p.blobs.write_bytes(data)
+        await until(lambda: p.channel.digest(sha), what="the blob sealed as it was stored")
+        sealer = S.Sealer(p.channel.key(sha), sha, len(data))
+        out = bytearray(S.RECORD + S.TAG)
+        body_ = b"".join(bytes(out[:sealer.seal(i, forged[i * S.RECORD:(i + 1) * S.RECORD], out)])
+                         for i in range(1, S.records(len(data))))
+        mitm = OneShot(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n" % len(body_) + body_)
+        p.channel.port = mitm.port  # the worker's sealed connection reaches the forger
+        d = await p.daemon("c1", worker_id="w1")
+        await p.need(d, sha)
+        with pytest.raises(T.TaskFailure, match="failed its hash check"):
+            await d.fetch(sha)
+        assert d.stats["bytes_sealed"] == len(body_), "every forged record opened under the blob's key"
+        assert not d.cache.has(sha) and not d.cache.partial(sha).exists()
+
+    run(tmp_path, body)
+
+
+def test_a_blob_changed_on_disk_before_it_is_sealed_never_completes_a_sealed_download(tmp_path):
+    """Sealing hashes what it reads and writes the last record only if the sha256 matches: the worker's
+    sealed download stops before it, the rest comes as BLOB chunks, the sha256 check refuses the file."""
+    data = big(9 * MiB)
+
+    async def body(p: SealedPlane):
+        p.blobs.stored_hook = None  # sealed on the first ticket, after the change below
+        sha = p.blobs.write_bytes(data)
+        with open(p.blobs.path(sha), "r+b") as f:
+            f.seek(3 * MiB)
+            f.write(b"\0" * 16)
+        d = await p.daemon("c1", worker_id="w1")
+        await p.need(d, sha)
+        with pytest.raises(T.TaskFailure, match="failed its hash check"):
+            await d.fetch(sha)
+        assert not d.cache.has(sha)
+        assert d.stats["bytes_sealed"] < S.sealed_size(len(data)) - S.record_offset(1)
+        assert p.channel.digest(sha) == b"" and not (p.channel.dir / sha).exists()
+
+    run(tmp_path, body)
+
+
 def test_an_interrupted_sealed_download_resumes_from_its_partial_file(tmp_path):
     data = big()
 
