@@ -74,22 +74,30 @@ def _hash_prefix(path: Path, size: int, h: Any = None) -> Any:
 
 class _Check:
     """What a download's file is checked against before it enters the cache: the sha256 of its name, fed
-    as bytes are written; or, once a TICKET brought the coordinator's BLAKE3 digest of the blob
-    (:mod:`common.sealed`), that digest (~0.2 s of CPU a GiB instead of 0.6-2 s; the bytes already written
-    are hashed again from the file, the rest as they are written)."""
+    as bytes are written; or, once it goes sealed, the coordinator's BLAKE3 digest of the blob
+    (:mod:`common.sealed`; ~0.2 s of CPU a GiB instead of 0.6-2 s; the bytes already written are hashed
+    again from the file, the rest as they are written). ``digest`` comes with the TICKET, or, for a blob
+    that was still being sealed then, from a second TICKET_GET at the end; without one the file's sha256 is
+    taken from disk."""
 
     def __init__(self, sha: str, h: Any):
-        self.sha, self.h, self.digest = sha, h, b""
+        self.sha, self.h, self.digest, self.blake = sha, h, b"", False
 
     def update(self, data) -> None:
         self.h.update(data)
 
-    def use_digest(self, digest: bytes, part: Path, size: int) -> None:
-        """Check against BLAKE3 ``digest`` from now on; ``part`` holds ``size`` bytes already (a thread)."""
-        self.h, self.digest = _hash_prefix(part, size, S.digest()), digest
+    def use_blake3(self, digest: bytes, part: Path, size: int) -> None:
+        """Hash with BLAKE3 from now on (``digest``: b"" while unknown); ``part`` holds ``size`` bytes
+        already (a thread)."""
+        self.h, self.digest, self.blake = _hash_prefix(part, size, S.digest()), digest, True
 
-    def ok(self) -> bool:
-        return self.h.digest() == self.digest if self.digest else self.h.hexdigest() == self.sha
+    def ok(self, part: Path) -> bool:
+        """Whether the finished file ``part`` passes (a thread: it may read the file)."""
+        if not self.blake:
+            return self.h.hexdigest() == self.sha
+        if self.digest:
+            return self.h.digest() == self.digest
+        return _hash_prefix(part, part.stat().st_size).hexdigest() == self.sha
 
 
 class Transfers:
@@ -167,7 +175,9 @@ class Transfers:
                     check = _Check(sha, h)
                     await self._download(sha, f, offset, q, check)
                     f.flush()
-                    if not check.ok():
+                    if check.blake and not check.digest:
+                        check.digest = await self._late_digest(sha)
+                    if not await asyncio.to_thread(check.ok, part):
                         part.unlink(missing_ok=True)
                         what = "the digest its sealed channel gave" if check.digest else "its sha256"
                         raise TaskFailure(f"downloaded blob {sha} failed its hash check ({what}); it will be "
@@ -237,9 +247,9 @@ class Transfers:
             return offset
         if t.error or t.total != total or len(t.key) != 32 or not 0 < t.port < 65536:
             return offset
-        if len(t.digest) == 32:  # checked against the coordinator's BLAKE3 of the blob from here on
-            f.flush()
-            await asyncio.to_thread(h.use_digest, t.digest, self.cache.partial(sha), offset)
+        f.flush()  # checked against the coordinator's BLAKE3 of the blob from here on
+        await asyncio.to_thread(h.use_blake3, t.digest if len(t.digest) == 32 else b"", self.cache.partial(sha),
+                                offset)
         fruitless = 0
         while offset < total and fruitless < SEALED_TRIES:
             stop = sealed_fetch.Stop()
@@ -262,6 +272,22 @@ class Transfers:
                 if out.final:
                     break  # not a cut connection: the rest as BLOB chunks
         return offset
+
+    async def _late_digest(self, sha: str) -> bytes:
+        """The coordinator's BLAKE3 digest of blob ``sha`` from a second TICKET_GET (the blob was being
+        sealed at the first: it is known once its last record is written), or b"" (then the sha256)."""
+        if not self.sealed_ok or sha in self.tickets:
+            return b""
+        fut = self.tickets[sha] = asyncio.get_running_loop().create_future()
+        self.send(P.TicketGet(sha))
+        try:
+            async with asyncio.timeout(TICKET_WAIT):
+                t = await fut
+        except TimeoutError:
+            return b""
+        finally:
+            self.tickets.pop(sha, None)
+        return t.digest if not t.error and len(t.digest) == 32 else b""
 
     async def upload(self, path: Path, sha: str) -> None:
         """Send ``path`` as blob ``sha``: probe where the coordinator stands, then stream with credit. After

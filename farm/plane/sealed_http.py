@@ -28,7 +28,6 @@ import re
 import socket
 import struct
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from common import sealed as S
@@ -215,8 +214,8 @@ class SealedServer:
                 ready = sealing.done
                 if sealing.error:
                     break  # cut short: the worker's length check sees it and fetches the rest as BLOB chunks
-                if ready <= pos:
-                    time.sleep(0.005)  # the sealer is behind this reader (the first moments of a blob)
+                if ready <= pos:  # the sealer is behind this reader: woken by its next record
+                    sealing.wait(pos, 0.5)
                     continue
                 sent = os.sendfile(out, fd, pos, min(ready - pos, SEGMENT))
                 if not sent:

@@ -69,6 +69,16 @@ class Sealing:
     complete: bool = False
     error: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    grew: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    def wait(self, pos: int, timeout: float) -> None:
+        """Until more than ``pos`` bytes are written, sealing stopped, or ``timeout`` seconds passed."""
+        with self.grew:
+            self.grew.wait_for(lambda: self.done > pos or self.complete or self.error, timeout)
+
+    def _grown(self) -> None:
+        with self.grew:
+            self.grew.notify_all()
 
     def open(self):
         """A file object of the sealed file (the part being written, or the finished file)."""
@@ -141,10 +151,11 @@ class SealedChannel:
         return t
 
     def digest(self, sha: str) -> bytes:
-        """The BLAKE3 digest of blob ``sha`` if its sealed file is complete, else b"" (any thread)."""
+        """The BLAKE3 digest of blob ``sha`` once sealing checked its sha256 (from the moment its last
+        record is written), else b"" (any thread)."""
         with self._lock:
             s = self._files.get(sha)
-            return s.digest if s is not None and s.complete else b""
+            return s.digest if s is not None and not s.error else b""
 
     def fits(self, size: int) -> bool:
         """Whether a blob of ``size`` bytes goes over the sealed channel."""
@@ -200,21 +211,25 @@ class SealedChannel:
                     plain = src.read(S.record_length(s.size, i))
                     named.update(plain)
                     digest.update(plain)
-                    if i == last and named.hexdigest() != s.sha:
-                        raise ValueError("its bytes on the coordinator's disk no longer match its sha256 (the "
-                                         "disk changed them): store the blob again")
+                    if i == last:
+                        if named.hexdigest() != s.sha:
+                            raise ValueError("its bytes on the coordinator's disk no longer match its sha256 "
+                                             "(the disk changed them): store the blob again")
+                        s.digest = digest.digest()
                     n = sealer.seal(i, plain, out)
                     dst.write(view[:n])
                     s.done += n
+                    s._grown()
             final = self.dir / s.sha
             with s.lock:
                 os.replace(s.path, final)
                 s.path = final
-            s.digest = digest.digest()
             s.complete = True
+            s._grown()
             self.stats["sealed_bytes"] += s.sealed_size
         except Exception as exc:  # the blob went (or the disk is full): its downloads stop, workers fall back
             s.error = f"could not seal blob {s.sha[:12]}: {exc}"
+            s._grown()
             log.warning("%s", s.error)
             with self._lock:
                 self._forget(s)

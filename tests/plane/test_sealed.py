@@ -116,6 +116,7 @@ def test_a_big_input_is_sealed_once_and_reaches_every_worker_intact(tmp_path):
 
     async def body(p: SealedPlane):
         sha = p.blobs.write_bytes(data)
+        await until(lambda: p.channel.digest(sha), what="the blob sealed as it was stored")
         ds = [await p.daemon(f"c{i}", worker_id=f"w{i}") for i in range(3)]
         for d in ds:
             await p.need(d, sha)
@@ -232,6 +233,37 @@ def test_a_sealed_download_is_checked_against_the_digest_its_ticket_carries(tmp_
         with pytest.raises(T.TaskFailure, match="the digest its sealed channel gave"):
             await d2.fetch(sha)
         assert not d2.cache.has(sha) and not d2.cache.partial(sha).exists()
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("late", ["right", "wrong", "none"])
+def test_a_blob_sealed_while_it_is_fetched_is_checked_against_the_digest_asked_at_the_end(tmp_path, late,
+                                                                                           monkeypatch):
+    """Sealed on its first download (not when stored: after a restart, a worker's output), so the TICKET
+    has no digest yet: the worker asks again at the end, and checks the file against that digest, or,
+    without one, against its sha256 read back from the file."""
+    data = big(9 * MiB)
+
+    async def body(p: SealedPlane):
+        p.blobs.stored_hook = None
+        sha = p.blobs.write_bytes(data)
+        real = p.channel.digest
+        answers = {"right": real, "wrong": lambda sha: bytes(32), "none": lambda sha: b""}[late]
+        asked = []
+        monkeypatch.setattr(p.channel, "digest", lambda sha: (asked.append(sha) or (b"" if len(asked) == 1
+                                                                                    else answers(sha))))
+        d = await p.daemon("c1", worker_id="w1")
+        await p.need(d, sha)
+        if late == "wrong":
+            with pytest.raises(T.TaskFailure, match="the digest its sealed channel gave"):
+                await d.fetch(sha)
+            assert not d.cache.has(sha)
+        else:
+            assert (await d.fetch(sha)).read_bytes() == data
+        assert len(asked) == 2 and p.channel.stats["tickets"] == 2, "a second TICKET_GET, at the end"
+        assert d.stats["bytes_sealed"] == S.sealed_size(len(data)) - S.record_offset(1)
+        assert real(sha) == __import__("blake3").blake3(data).digest()
 
     run(tmp_path, body)
 
