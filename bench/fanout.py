@@ -9,11 +9,13 @@ a. **farm**: a coordinator process (the real :class:`farm.plane.broker.Broker` +
    SQLite file, CurveZMQ as ``farm serve`` has it; ``--plain`` for plain ZMTP) and N worker processes, each
    a real :class:`worker.daemon.WorkerDaemon` connection loop (``_session``) holding a lease of a task whose
    input is the blob (a worker fetches only the inputs of its leases: ``Coordinator._may_fetch``). On "go"
-   every worker runs ``WorkerDaemon.fetch`` (BLOB_GET with credit, write to the partial file, sha256 check,
-   move into the cache).
+   every worker runs ``WorkerDaemon.fetch`` (BLOB_GET with credit or the sealed channel, write to the
+   partial file, check, move into the cache; a sealed download is checked against the BLAKE3 digest its
+   ticket carried, a chunked one against its sha256).
 b. **http**: a stdlib ``http.server`` process serving the same file (``socket.sendfile``: zero-copy, the
    strictest baseline) and N client processes, each an ``http.client`` GET written to a file, then the
-   file's sha256 checked, as the worker does.
+   file's sha256 checked: what a plain HTTP download must do before it trusts the bytes (nothing on
+   the wire is authenticated; the name is the only check it has).
 
 Printed per run: wall time (first start to last verified file), bytes received, throughput, the serving
 process's CPU seconds (user + system, from /proc) and per-worker sha256 verification; then the ratio of
