@@ -370,8 +370,7 @@ def run_http(tmp: Path, blob: Path, sha: str, size: int, n: int, warm: bool) -> 
 
 
 def warm_memory(tmp: Path, size: int, n: int) -> float:
-    """Write and delete ``n`` files of ``size`` bytes in ``tmp``, once at the start and again right before
-    every run's "go". This VM (Firecracker, ``Free page reporting enabled`` in dmesg) hands freed guest
+    """Write and delete ``n`` files of ``size`` bytes in ``tmp``, right before every run's "go". This VM (Firecracker, ``Free page reporting enabled`` in dmesg) hands freed guest
     memory back to its host within seconds, and the next touch of such a page costs several times a write
     to a page freed just now (8 processes writing 512 MiB each to /dev/shm: 0.79 s of CPU each the first
     time, 0.15 s the next; 8 x 1 GiB written right after 8 GiB were deleted: 1.8-2.6 s of CPU each, 6 s
@@ -417,7 +416,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile the coordinator's step and sends "
                     "(printed by the coordinator process on stderr)")
     ap.add_argument("--no-warm", action="store_true", help="skip writing (and deleting) the downloads' worth "
-                    "of files at the start and before every run (see warm_memory)")
+                    "of files before every run (see warm_memory)")
     ap.add_argument("--preseal", action="store_true", help="sealed mode: seal the blob before the workers "
                     "start (the transport alone, as for a scene sealed before its fan-out); default: the first "
                     "download starts the sealing and all of them stream behind it")
@@ -438,9 +437,6 @@ def main() -> int:
           f"worker plane {'plain ZMTP' if args.plain else 'CurveZMQ'}; files in {tmp}; {os.cpu_count()} cores (shared with "
           "whatever else runs: ratios are side by side)", flush=True)
     sha, blob = make_blob(farm_dir, size)
-    if not args.no_warm:
-        print(f"memory warmed: {args.workers} x {size / 2**20:.0f} MiB written and deleted in "
-              f"{warm_memory(tmp, size, args.workers):.1f} s", flush=True)
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - {"sealed", "chunks"}:
         ap.error("--modes: sealed and/or chunks")

@@ -261,7 +261,7 @@ class Ticket:
     coordinator's host at ``port`` with ``GET /sealed/<ticket>``, its records opened with ``key`` (32
     bytes, AES-256-GCM). ``digest``: the BLAKE3 digest (32 bytes) of the blob, taken by the coordinator as it
     sealed the blob after checking its sha256, to check the download against (empty while the blob is
-    being sealed: check the sha256). ``error``: why not (a small blob, no sealed server, not an input of a
+    being sealed: ask again when the download ends). ``error``: why not (a small blob, no sealed server, not an input of a
     lease of yours): fetch it with BLOB_GET."""
     command: ClassVar[int] = 0x2B
     sha256: str

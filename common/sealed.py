@@ -16,8 +16,8 @@ sealed blob carries that BLAKE3 digest over CurveZMQ. The worker checks the BLAK
 it instead of the sha256 of the name: as strong a check of bytes that came from the coordinator (the
 record tags are no such check against another holder of the blob's key, who could seal other bytes
 under it: the digest is), at ~0.18 s of CPU a GiB instead of 0.64 with SHA instructions (~2 s without
-them, as on many GPU hosts' CPUs). A ticket without a digest (a blob still being sealed) leaves the
-download to the sha256 check.
+them, as on many GPU hosts' CPUs). A ticket without a digest (a blob still being sealed) is followed by a
+second TICKET_GET once the download ends; without a digest then, the file's sha256 is checked.
 
 Format: the sealed file is the records one after another; record ``i`` holds plaintext bytes
 ``[i*RECORD, min((i+1)*RECORD, size))`` as ``ciphertext || tag`` (16 bytes), so record ``i`` starts at

@@ -6,9 +6,9 @@ records are received into one buffer (RECV_RECORDS of them), each opened (AES-25
 TICKET over CurveZMQ) into another, then written to the partial file and fed to the download's hash — so
 only bytes that opened under the blob's key reach the file. It returns how far it got and why it stopped;
 the caller (``worker.transfer``) fetches what is left as BLOB chunks, and checks the finished file against
-the BLAKE3 digest TICKET carried (or its sha256). What a hostile or broken server can make it do is bounded: a response head of at most
-HEAD_BYTES, a length that must be the sealed size from the range's start, READ_SECONDS without a byte
-ends it, and a record that does not open ends it.
+the BLAKE3 digest TICKET carried (or its sha256). What a hostile or broken server can make it do is
+bounded: a response head of at most HEAD_BYTES, a length that must be the sealed size from the range's
+start, READ_SECONDS without a byte ends it, and a record that does not open ends it.
 """
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ from typing import Any
 from common import limits as L
 from common import protocol as P
 from common import sealed as S
+from common.hashing import file_sha256
 from worker import sealed_fetch
 from worker import settings as C
 from worker.blobcache import BlobCache
@@ -97,7 +98,7 @@ class _Check:
             return self.h.hexdigest() == self.sha
         if self.digest:
             return self.h.digest() == self.digest
-        return _hash_prefix(part, part.stat().st_size).hexdigest() == self.sha
+        return file_sha256(part) == self.sha
 
 
 class Transfers:
@@ -190,10 +191,7 @@ class Transfers:
         """Write blob ``sha`` from ``offset`` to its end into ``f``, feeding ``h``: requests in flight up to
         the credit, chunks taken in order (an out-of-order or repeated one is ignored)."""
         chunk, credit = self.chunk_size, self.credit  # one fetch keeps its window (a WELCOME may change it)
-        ticket = None
-        if self.sealed_ok and sha not in self.tickets:  # asked with the first chunk: answered as soon
-            ticket = self.tickets[sha] = asyncio.get_running_loop().create_future()
-            self.send(P.TicketGet(sha))
+        ticket = self._ask_ticket(sha)  # asked with the first chunk: answered as soon
         try:
             await self._chunks(sha, f, offset, q, h, chunk, credit, ticket)
         finally:
@@ -273,13 +271,20 @@ class Transfers:
                     break  # not a cut connection: the rest as BLOB chunks
         return offset
 
+    def _ask_ticket(self, sha: str) -> asyncio.Future | None:
+        """Send TICKET_GET for blob ``sha``: the future its TICKET sets (the caller pops it from
+        ``tickets``), or None when this connection does not ask (no sealed channel, or asked already)."""
+        if not self.sealed_ok or sha in self.tickets:
+            return None
+        fut = self.tickets[sha] = asyncio.get_running_loop().create_future()
+        self.send(P.TicketGet(sha))
+        return fut
+
     async def _late_digest(self, sha: str) -> bytes:
         """The coordinator's BLAKE3 digest of blob ``sha`` from a second TICKET_GET (the blob was being
         sealed at the first: it is known once its last record is written), or b"" (then the sha256)."""
-        if not self.sealed_ok or sha in self.tickets:
+        if (fut := self._ask_ticket(sha)) is None:
             return b""
-        fut = self.tickets[sha] = asyncio.get_running_loop().create_future()
-        self.send(P.TicketGet(sha))
         try:
             async with asyncio.timeout(TICKET_WAIT):
                 t = await fut

@@ -59,7 +59,8 @@ class Ticket:
 class Sealing:
     """One blob's sealed file, while it is being made and after. ``done``: bytes of the sealed file
     written so far (all of ``sealed_size`` once complete: what a reader may send); ``digest``: the
-    plaintext's BLAKE3 once complete (:func:`common.sealed.digest`); ``error``: why sealing stopped."""
+    plaintext's BLAKE3 (:func:`common.sealed.digest`), set once its sha256 matched, as the last record is
+    written; ``error``: why sealing stopped."""
     sha: str
     size: int
     path: Path
@@ -220,13 +221,13 @@ class SealedChannel:
                     dst.write(view[:n])
                     s.done += n
                     s._grown()
+            self.stats["sealed_bytes"] += s.sealed_size  # counted before the file shows under its name
             final = self.dir / s.sha
             with s.lock:
                 os.replace(s.path, final)
                 s.path = final
             s.complete = True
             s._grown()
-            self.stats["sealed_bytes"] += s.sealed_size
         except Exception as exc:  # the blob went (or the disk is full): its downloads stop, workers fall back
             s.error = f"could not seal blob {s.sha[:12]}: {exc}"
             s._grown()
